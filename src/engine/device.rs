@@ -1,0 +1,299 @@
+//! A copy-on-write device over a base and an overlay, with the synchronous
+//! executor: every plan from [`crate::engine::plan`] carried out with
+//! positional reads and writes on the calling thread.
+//!
+//! The device state — geometry, map, locks, overlay header — is what the
+//! io_uring executor in `crate::target` shares too; it only replaces the way
+//! the I/O of a plan is issued.
+
+use crate::engine::base::BaseIdentity;
+use crate::engine::geometry::Geometry;
+use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
+use crate::engine::map::{BlockMap, BlockState, MapMemory};
+use crate::engine::overlay::{OpenCheck, Overlay};
+use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
+use crate::engine::storage::Storage;
+use crate::engine::{Error, IoContext};
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Where the live map of an opened overlay comes from.
+pub enum MapSource {
+    /// Fresh memory, filled from the overlay's persisted map.
+    Load(MapMemory),
+    /// Memory that already holds the live map of a daemon that died (a shared
+    /// mapping under /run): it is newer than the overlay's map.
+    Live(MapMemory),
+}
+
+/// A device: base, overlay, live map and block locks.
+pub struct CowDevice<B: Storage, O: Storage> {
+    geo: Geometry,
+    base: B,
+    overlay: Overlay<O>,
+    map: BlockMap,
+    locks: BlockLocks,
+    /// Serializes flushes so that map pages are written in order.
+    flush: Mutex<()>,
+    was_clean: bool,
+}
+
+/// A block of base data read for copying into the overlay; installed by
+/// [`CowDevice::copy_install`] only if the block is still `Unallocated`.
+pub struct CopyJob {
+    pub block: u64,
+    pub data: Vec<u8>,
+}
+
+impl<B: Storage, O: Storage> CowDevice<B, O> {
+    /// A device with a new overlay written into the empty `overlay`.
+    pub fn create(
+        base: B,
+        id: &BaseIdentity,
+        overlay: O,
+        block_size: u32,
+        map: MapMemory,
+    ) -> Result<Self, Error> {
+        let geo = Geometry::new(id.size, block_size)?;
+        let overlay = Overlay::create(overlay, geo, id)?;
+        Ok(Self::assemble(base, overlay, BlockMap::new(map, geo.blocks()), false))
+    }
+
+    /// A device over an existing overlay, checked against the base. Marks the
+    /// overlay in use (not clean) before returning.
+    pub fn open(base: B, overlay: O, check: OpenCheck<'_>, map: MapSource) -> Result<Self, Error> {
+        let mut overlay = Overlay::open(overlay, check)?;
+        let blocks = overlay.geometry().blocks();
+        let was_clean = overlay.header().clean();
+        let map = match map {
+            MapSource::Load(mem) => {
+                let map = BlockMap::new(mem, blocks);
+                overlay.read_map(&map)?;
+                map
+            }
+            MapSource::Live(mem) => {
+                let map = BlockMap::new(mem, blocks);
+                map.mark_all_dirty();
+                map
+            }
+        };
+        overlay.set_clean(false)?;
+        Ok(Self::assemble(base, overlay, map, was_clean))
+    }
+
+    fn assemble(base: B, overlay: Overlay<O>, map: BlockMap, was_clean: bool) -> Self {
+        CowDevice {
+            geo: overlay.geometry(),
+            base,
+            overlay,
+            map,
+            locks: BlockLocks::default(),
+            flush: Mutex::new(()),
+            was_clean,
+        }
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    pub fn locks(&self) -> &BlockLocks {
+        &self.locks
+    }
+
+    pub fn base(&self) -> &B {
+        &self.base
+    }
+
+    pub fn overlay(&self) -> &Overlay<O> {
+        &self.overlay
+    }
+
+    /// Whether the overlay had been closed cleanly before this open.
+    pub fn was_clean(&self) -> bool {
+        self.was_clean
+    }
+
+    /// Waits (yielding the thread) until `blocks` are locked.
+    fn lock(&self, blocks: Range<u64>) -> RangeGuard<'_> {
+        loop {
+            if let Some(g) = self.locks.try_lock(blocks.start, blocks.end - blocks.start) {
+                return g;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// READ `buf.len()` bytes at `off`.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.geo.check_range(off, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut runs = Vec::new();
+        plan::plan_read(&self.map, &self.geo, off, buf.len() as u64, &mut runs);
+        for ReadRun {
+            source,
+            off,
+            len,
+            buf_off,
+        } in runs
+        {
+            let dst = &mut buf[buf_off..buf_off + len as usize];
+            match source {
+                ReadSource::Base => self.base.read_at(dst, off).ctx(|| format!("base read at {off}"))?,
+                ReadSource::Overlay => self
+                    .overlay
+                    .storage()
+                    .read_at(dst, self.overlay.data_pos(off))
+                    .ctx(|| format!("overlay read at {off}"))?,
+                ReadSource::Zero => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// WRITE `data` at `off`.
+    pub fn write(&self, off: u64, data: &[u8]) -> Result<(), Error> {
+        self.geo.check_range(off, data.len() as u64)?;
+        let chunk = MAX_LOCK_BLOCKS as usize * self.geo.block_size() as usize;
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            self.write_piece(off + (i * chunk) as u64, piece)?;
+        }
+        Ok(())
+    }
+
+    fn write_piece(&self, off: u64, data: &[u8]) -> Result<(), Error> {
+        let len = data.len() as u64;
+        let blocks = match plan::write_path(&self.map, &self.geo, off, len) {
+            WritePath::Direct => return self.overlay_write(data, off),
+            WritePath::Locked(blocks) => blocks,
+        };
+        let _guard = self.lock(blocks);
+        let plan = plan::plan_locked_write(&self.map, &self.geo, off, len);
+        for fill in plan.fills() {
+            self.fill(fill)?;
+        }
+        self.overlay_write(data, off)?;
+        for b in plan.mark {
+            if self.map.get(b) != BlockState::Allocated {
+                self.map.set(b, BlockState::Allocated);
+            }
+        }
+        Ok(())
+    }
+
+    fn fill(&self, fill: Fill) -> Result<(), Error> {
+        match fill {
+            Fill::FromBase { off, len } => {
+                let mut buf = vec![0u8; len as usize];
+                self.base
+                    .read_at(&mut buf, off)
+                    .ctx(|| format!("base read at {off}"))?;
+                self.overlay_write(&buf, off)
+            }
+            Fill::Zeros { off, len } => self.overlay_write(&vec![0u8; len as usize], off),
+        }
+    }
+
+    fn overlay_write(&self, data: &[u8], off: u64) -> Result<(), Error> {
+        self.overlay
+            .storage()
+            .write_at(data, self.overlay.data_pos(off))
+            .ctx(|| format!("overlay write at {off}"))
+    }
+
+    /// DISCARD or WRITE_ZEROES of `[off, off+len)`: whole blocks become
+    /// `Zero` and their overlay space is punched; partial blocks are written
+    /// with zeros.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), Error> {
+        self.geo.check_range(off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let plan = plan::plan_zero(&self.geo, off, len);
+        for (o, l) in plan.head.into_iter().chain(plan.tail) {
+            self.write(o, &vec![0u8; l as usize])?;
+        }
+        if let Some(whole) = plan.whole {
+            let mut first = whole.start;
+            while first < whole.end {
+                let end = whole.end.min(first + MAX_LOCK_BLOCKS);
+                let _guard = self.lock(first..end);
+                for b in first..end {
+                    self.map.set(b, BlockState::Zero);
+                }
+                let start = self.geo.block_start(first);
+                // Space is only reclaimed: the map already says Zero, so a
+                // file system without hole punching loses nothing.
+                let _ = self.overlay.storage().punch(
+                    self.overlay.data_pos(start),
+                    self.geo.block_end(end - 1) - start,
+                );
+                first = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// FLUSH: overlay data durable, then the map pages that changed, then
+    /// durable again. Only map states whose data was written before the
+    /// snapshot are persisted, so a persisted `Allocated` always has its data.
+    pub fn flush(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.flush.lock().unwrap();
+        let pages = self.map.take_dirty_pages();
+        let disk = self.overlay.storage();
+        let res = disk
+            .sync()
+            .ctx(|| "syncing overlay data".into())
+            .and_then(|_| {
+                self.overlay
+                    .write_map_pages(&pages)
+                    .ctx(|| "writing the overlay map".into())
+            })
+            .and_then(|_| disk.sync().ctx(|| "syncing the overlay map".into()));
+        if res.is_err() {
+            self.map.redirty(&pages);
+        }
+        res
+    }
+
+    /// Flushes and marks the overlay clean; gives the storage back.
+    pub fn close(mut self) -> Result<(B, O), Error> {
+        self.flush()?;
+        self.overlay.set_clean(true)?;
+        let CowDevice { base, overlay, .. } = self;
+        Ok((base, overlay.into_storage()))
+    }
+
+    /// First half of a copy of `block` from the base into the overlay: reads
+    /// the base data, without any lock, if the block is `Unallocated`.
+    pub fn copy_read(&self, block: u64) -> Result<Option<CopyJob>, Error> {
+        if self.map.get(block) != BlockState::Unallocated {
+            return Ok(None);
+        }
+        let start = self.geo.block_start(block);
+        let mut data = vec![0u8; (self.geo.block_end(block) - start) as usize];
+        self.base
+            .read_at(&mut data, start)
+            .ctx(|| format!("base read at {start}"))?;
+        Ok(Some(CopyJob { block, data }))
+    }
+
+    /// Second half: under the block's lock, re-checks that the block is still
+    /// `Unallocated` and only then writes the copy and marks it `Allocated`.
+    /// Returns whether the copy was installed.
+    pub fn copy_install(&self, job: CopyJob) -> Result<bool, Error> {
+        let _guard = self.lock(job.block..job.block + 1);
+        if self.map.get(job.block) != BlockState::Unallocated {
+            return Ok(false);
+        }
+        self.overlay_write(&job.data, self.geo.block_start(job.block))?;
+        self.map.set(job.block, BlockState::Allocated);
+        Ok(true)
+    }
+}

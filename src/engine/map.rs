@@ -1,0 +1,280 @@
+//! The block-state map: two bits per COW block, shared by every queue thread.
+//!
+//! Each block is `Unallocated` (reads come from the base), `Allocated` (reads
+//! come from the overlay's data area) or `Zero` (reads are zeros, the base is
+//! hidden). Readers look a block up with one atomic load; writers change a
+//! block with an atomic read-modify-write on the word that holds it, so there
+//! is no global lock anywhere on the I/O path. Changes mark the 4 KiB map page
+//! they fall in as dirty; a flush writes only dirty pages to the overlay.
+//!
+//! The words live in a [`MapMemory`]: plain heap memory, or a file mapped
+//! shared (under `/run`) so that the live map outlives a crashed daemon.
+
+use crate::engine::Error;
+use crate::sys::MappedFile;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What a read of one block returns, and where a write to it must go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum BlockState {
+    /// Never written: reads come from the base.
+    Unallocated = 0,
+    /// Written: the overlay's data area holds the block.
+    Allocated = 1,
+    /// Discarded or zeroed as a whole block: reads return zeros.
+    Zero = 2,
+}
+
+impl BlockState {
+    fn from_bits(bits: u64) -> Option<BlockState> {
+        match bits {
+            0 => Some(BlockState::Unallocated),
+            1 => Some(BlockState::Allocated),
+            2 => Some(BlockState::Zero),
+            _ => None,
+        }
+    }
+}
+
+const BITS_PER_BLOCK: u64 = 2;
+const BLOCKS_PER_WORD: u64 = 64 / BITS_PER_BLOCK;
+/// Granularity of map persistence: a flush rewrites whole map pages.
+pub const MAP_PAGE: usize = 4096;
+const WORDS_PER_PAGE: usize = MAP_PAGE / 8;
+
+/// Bytes the map of `blocks` blocks takes, rounded up to whole map pages.
+pub fn map_bytes(blocks: u64) -> u64 {
+    let words = blocks.div_ceil(BLOCKS_PER_WORD);
+    (words * 8).div_ceil(MAP_PAGE as u64) * MAP_PAGE as u64
+}
+
+/// Where the map's words live.
+pub enum MapMemory {
+    /// Process memory: lost with the process.
+    Heap(Box<[AtomicU64]>),
+    /// A file mapped shared: survives the process (not a reboot on tmpfs).
+    Mapped(MappedFile),
+}
+
+impl MapMemory {
+    /// Zeroed heap memory (all blocks `Unallocated`) for `blocks` blocks.
+    pub fn heap(blocks: u64) -> MapMemory {
+        let words = map_bytes(blocks) as usize / 8;
+        MapMemory::Heap((0..words).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        match self {
+            MapMemory::Heap(w) => w,
+            MapMemory::Mapped(m) => m.words(),
+        }
+    }
+}
+
+/// The live map of one device. See the module documentation.
+pub struct BlockMap {
+    mem: MapMemory,
+    blocks: u64,
+    /// One bit per map page: set when a block in that page changed since the
+    /// page was last taken by [`BlockMap::take_dirty_pages`].
+    dirty: Box<[AtomicU64]>,
+}
+
+/// How many blocks are in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StateCounts {
+    pub unallocated: u64,
+    pub allocated: u64,
+    pub zero: u64,
+}
+
+impl BlockMap {
+    /// A map over `mem`, which must hold at least [`map_bytes`]`(blocks)`.
+    pub fn new(mem: MapMemory, blocks: u64) -> BlockMap {
+        assert!(mem.words().len() as u64 * 8 >= map_bytes(blocks));
+        let pages = map_bytes(blocks) as usize / MAP_PAGE;
+        BlockMap {
+            mem,
+            blocks,
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn slot(block: u64) -> (usize, u32) {
+        (
+            (block / BLOCKS_PER_WORD) as usize,
+            ((block % BLOCKS_PER_WORD) * BITS_PER_BLOCK) as u32,
+        )
+    }
+
+    pub fn get(&self, block: u64) -> BlockState {
+        debug_assert!(block < self.blocks);
+        let (w, shift) = Self::slot(block);
+        let bits = (self.mem.words()[w].load(Ordering::Acquire) >> shift) & 3;
+        BlockState::from_bits(bits).unwrap_or(BlockState::Allocated)
+    }
+
+    fn mark_dirty(&self, word: usize) {
+        let page = word / WORDS_PER_PAGE;
+        self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
+    }
+
+    /// Sets `block` to `state` if it is `from` now; returns whether it was.
+    pub fn compare_set(&self, block: u64, from: BlockState, state: BlockState) -> bool {
+        let (w, shift) = Self::slot(block);
+        let mask = 3u64 << shift;
+        let word = &self.mem.words()[w];
+        let swapped = word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                ((v & mask) >> shift == from as u64)
+                    .then_some((v & !mask) | ((state as u64) << shift))
+            })
+            .is_ok();
+        if swapped {
+            self.mark_dirty(w);
+        }
+        swapped
+    }
+
+    /// Sets `block` to `state` unconditionally.
+    pub fn set(&self, block: u64, state: BlockState) {
+        let (w, shift) = Self::slot(block);
+        let mask = 3u64 << shift;
+        let word = &self.mem.words()[w];
+        let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some((v & !mask) | ((state as u64) << shift))
+        });
+        self.mark_dirty(w);
+    }
+
+    /// The state of `block` and how many blocks from it, up to `end`, share it.
+    pub fn run_at(&self, block: u64, end: u64) -> (BlockState, u64) {
+        let state = self.get(block);
+        let mut next = block + 1;
+        while next < end && self.get(next) == state {
+            next += 1;
+        }
+        (state, next - block)
+    }
+
+    /// Whether every block in `blocks` is `Allocated`.
+    pub fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
+        blocks.into_iter().all(|b| self.get(b) == BlockState::Allocated)
+    }
+
+    pub fn counts(&self) -> StateCounts {
+        let mut c = StateCounts::default();
+        for b in 0..self.blocks {
+            match self.get(b) {
+                BlockState::Unallocated => c.unallocated += 1,
+                BlockState::Allocated => c.allocated += 1,
+                BlockState::Zero => c.zero += 1,
+            }
+        }
+        c
+    }
+
+    /// Replaces the whole map with its on-disk form (little-endian words).
+    /// Rejects bit patterns that are no state. Marks nothing dirty.
+    pub fn load(&self, bytes: &[u8]) -> Result<(), Error> {
+        let words = self.mem.words();
+        for (i, chunk) in bytes.chunks_exact(8).enumerate().take(words.len()) {
+            let v = u64::from_le_bytes(chunk.try_into().unwrap());
+            words[i].store(v, Ordering::Release);
+        }
+        match (0..self.blocks).find(|&b| {
+            let (w, shift) = Self::slot(b);
+            (words[w].load(Ordering::Relaxed) >> shift) & 3 == 3
+        }) {
+            Some(b) => Err(Error::corrupt(format!("the map has an invalid state for block {b}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks every page dirty, so that the next flush writes the whole map.
+    pub fn mark_all_dirty(&self) {
+        for w in (0..self.mem.words().len()).step_by(WORDS_PER_PAGE) {
+            self.mark_dirty(w);
+        }
+    }
+
+    /// Takes a snapshot of every dirty page and clears its dirty bit, as
+    /// `(page index, page bytes)`. A change racing with this either lands in
+    /// the snapshot or marks the page dirty again, never neither.
+    pub fn take_dirty_pages(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (i, d) in self.dirty.iter().enumerate() {
+            let mut bits = d.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let page = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                out.push((page as u64, self.page_bytes(page)));
+            }
+        }
+        out
+    }
+
+    /// Marks pages dirty again, after a flush that failed to write them.
+    pub fn redirty(&self, pages: &[(u64, Vec<u8>)]) {
+        for (page, _) in pages {
+            self.mark_dirty(*page as usize * WORDS_PER_PAGE);
+        }
+    }
+
+    fn page_bytes(&self, page: usize) -> Vec<u8> {
+        let words = &self.mem.words()[page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE];
+        words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_runs_merge() {
+        let m = BlockMap::new(MapMemory::heap(100), 100);
+        assert_eq!(m.get(99), BlockState::Unallocated);
+        m.set(5, BlockState::Allocated);
+        m.set(6, BlockState::Allocated);
+        m.set(7, BlockState::Zero);
+        assert_eq!(m.run_at(0, 100), (BlockState::Unallocated, 5));
+        assert_eq!(m.run_at(5, 100), (BlockState::Allocated, 2));
+        assert_eq!(m.run_at(7, 100), (BlockState::Zero, 1));
+        assert!(!m.compare_set(7, BlockState::Unallocated, BlockState::Allocated));
+        assert!(m.compare_set(7, BlockState::Zero, BlockState::Allocated));
+        assert_eq!(m.counts().allocated, 3);
+    }
+
+    #[test]
+    fn dirty_pages_are_taken_once() {
+        let blocks = 3 * 16384;
+        let m = BlockMap::new(MapMemory::heap(blocks), blocks);
+        m.set(16384 * 2 + 1, BlockState::Zero);
+        let pages = m.take_dirty_pages();
+        assert_eq!(pages.len(), 1);
+        assert_eq!(pages[0].0, 2);
+        assert!(m.take_dirty_pages().is_empty());
+        let copy = BlockMap::new(MapMemory::heap(blocks), blocks);
+        let mut image = vec![0u8; map_bytes(blocks) as usize];
+        image[2 * MAP_PAGE..3 * MAP_PAGE].copy_from_slice(&pages[0].1);
+        copy.load(&image).unwrap();
+        assert_eq!(copy.get(16384 * 2 + 1), BlockState::Zero);
+    }
+
+    #[test]
+    fn load_rejects_invalid_bits() {
+        let m = BlockMap::new(MapMemory::heap(10), 10);
+        let mut image = vec![0u8; map_bytes(10) as usize];
+        image[0] = 0b11 << 2;
+        assert!(m.load(&image).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! The copy-on-write engine, free of ublk and io_uring so that it runs and is
+//! tested on any host: the block-state map, per-block locks, request
+//! planning, the overlay's on-disk format, and a synchronous executor.
+//!
+//! Data flow: a request is turned into a plan by [`plan`] from the [`map`];
+//! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
+//! with plain positional I/O here, `crate::target` with io_uring.
+
+pub mod base;
+pub mod device;
+pub mod geometry;
+pub mod locks;
+pub mod map;
+pub mod overlay;
+pub mod plan;
+pub mod storage;
+
+use std::io;
+
+/// An engine error. Every variant reads as one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request or the arguments are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The overlay does not belong to this base or these options.
+    #[error("{0}")]
+    Mismatch(String),
+    /// A file is not what its header says.
+    #[error("{0}")]
+    Corrupt(String),
+    /// A system call failed; `context` says on what.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Error {
+        Error::Invalid(msg.into())
+    }
+
+    pub fn mismatch(msg: impl Into<String>) -> Error {
+        Error::Mismatch(msg.into())
+    }
+
+    pub fn corrupt(msg: impl Into<String>) -> Error {
+        Error::Corrupt(msg.into())
+    }
+
+    /// The errno to complete a block request with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Invalid(_) => libc::EINVAL,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Adds what was being done to an `io::Error`.
+pub trait IoContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, Error>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, Error> {
+        self.map_err(|source| Error::Io {
+            context: what(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! Request planning: what each READ, WRITE and DISCARD/WRITE_ZEROES must do,
+//! decided from the block-state map alone. Executors (the synchronous one in
+//! `device.rs`, the io_uring one in `target/`) only carry plans out.
+
+use crate::engine::geometry::Geometry;
+use crate::engine::map::{BlockMap, BlockState};
+use std::ops::Range;
+
+/// Where one run of a READ comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    Base,
+    Overlay,
+    Zero,
+}
+
+/// One run of a READ: `len` bytes at device offset `off`, landing at
+/// `buf_off` in the request's buffer. Adjacent blocks of one state are one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRun {
+    pub source: ReadSource,
+    pub off: u64,
+    pub len: u64,
+    pub buf_off: usize,
+}
+
+/// Splits the READ `[off, off+len)` into runs of equal block state.
+pub fn plan_read(map: &BlockMap, geo: &Geometry, off: u64, len: u64, out: &mut Vec<ReadRun>) {
+    out.clear();
+    let end = off + len;
+    let blocks = geo.blocks_touched(off, len);
+    let mut block = blocks.start;
+    while block < blocks.end {
+        let (state, n) = map.run_at(block, blocks.end);
+        let run_start = geo.block_start(block).max(off);
+        let run_end = geo.block_end(block + n - 1).min(end);
+        let source = match state {
+            BlockState::Unallocated => ReadSource::Base,
+            BlockState::Allocated => ReadSource::Overlay,
+            BlockState::Zero => ReadSource::Zero,
+        };
+        out.push(ReadRun {
+            source,
+            off: run_start,
+            len: run_end - run_start,
+            buf_off: (run_start - off) as usize,
+        });
+        block += n;
+    }
+}
+
+/// How a WRITE must be carried out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WritePath {
+    /// Every block it touches is `Allocated`: write the overlay, take no lock.
+    Direct,
+    /// Some block must change state: lock these blocks, then
+    /// [`plan_locked_write`].
+    Locked(Range<u64>),
+}
+
+pub fn write_path(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePath {
+    let blocks = geo.blocks_touched(off, len);
+    if map.all_allocated(blocks.clone()) {
+        WritePath::Direct
+    } else {
+        WritePath::Locked(blocks)
+    }
+}
+
+/// Bytes of a block not covered by a WRITE that must be filled in the overlay
+/// before the block can become `Allocated` (read-modify-write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Copy `[off, off+len)` from the base (the block was `Unallocated`).
+    FromBase { off: u64, len: u64 },
+    /// Write zeros to `[off, off+len)` (the block was `Zero`).
+    Zeros { off: u64, len: u64 },
+}
+
+/// A WRITE planned under the locks of the blocks it touches: write the fills
+/// and the guest data to the overlay (all disjoint, any order), then mark
+/// every block of `mark` that is not `Allocated` as `Allocated`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WritePlan {
+    pub head: Option<Fill>,
+    pub tail: Option<Fill>,
+    pub mark: Range<u64>,
+}
+
+impl WritePlan {
+    pub fn fills(&self) -> impl Iterator<Item = Fill> {
+        self.head.into_iter().chain(self.tail)
+    }
+}
+
+/// Plans a WRITE whose blocks are locked by the caller.
+pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePlan {
+    let end = off + len;
+    let blocks = geo.blocks_touched(off, len);
+    let fill = |block: u64, from: u64, to: u64| -> Option<Fill> {
+        if from >= to {
+            return None;
+        }
+        match map.get(block) {
+            BlockState::Allocated => None,
+            BlockState::Unallocated => Some(Fill::FromBase {
+                off: from,
+                len: to - from,
+            }),
+            BlockState::Zero => Some(Fill::Zeros {
+                off: from,
+                len: to - from,
+            }),
+        }
+    };
+    let first = blocks.start;
+    let last = blocks.end - 1;
+    WritePlan {
+        head: fill(first, geo.block_start(first), off),
+        tail: fill(last, end, geo.block_end(last)),
+        mark: blocks,
+    }
+}
+
+/// A DISCARD or WRITE_ZEROES: whole blocks become `Zero`; the partial head
+/// and tail are written with zeros like any WRITE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZeroPlan {
+    pub head: Option<(u64, u64)>,
+    pub whole: Option<Range<u64>>,
+    pub tail: Option<(u64, u64)>,
+}
+
+pub fn plan_zero(geo: &Geometry, off: u64, len: u64) -> ZeroPlan {
+    let end = off + len;
+    let touched = geo.blocks_touched(off, len);
+    let full_first = if off == geo.block_start(touched.start) {
+        touched.start
+    } else {
+        touched.start + 1
+    };
+    let full_end = if end == geo.block_end(touched.end - 1) {
+        touched.end
+    } else {
+        touched.end - 1
+    };
+    if full_first >= full_end {
+        return ZeroPlan {
+            head: Some((off, len)),
+            whole: None,
+            tail: None,
+        };
+    }
+    let whole_start = geo.block_start(full_first);
+    let whole_end = geo.block_end(full_end - 1);
+    ZeroPlan {
+        head: (off < whole_start).then(|| (off, whole_start - off)),
+        whole: Some(full_first..full_end),
+        tail: (end > whole_end).then(|| (whole_end, end - whole_end)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::map::MapMemory;
+
+    fn setup(states: &[BlockState]) -> (BlockMap, Geometry) {
+        let n = states.len() as u64;
+        let map = BlockMap::new(MapMemory::heap(n), n);
+        for (i, s) in states.iter().enumerate() {
+            map.set(i as u64, *s);
+        }
+        (map, Geometry::new(n * 4096, 4096).unwrap())
+    }
+
+    #[test]
+    fn read_merges_equal_blocks() {
+        use BlockState::*;
+        let (map, geo) = setup(&[Unallocated, Unallocated, Allocated, Allocated, Zero, Unallocated]);
+        let mut runs = Vec::new();
+        plan_read(&map, &geo, 512, 6 * 4096 - 1024, &mut runs);
+        let got: Vec<_> = runs.iter().map(|r| (r.source, r.off, r.len, r.buf_off)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ReadSource::Base, 512, 8192 - 512, 0),
+                (ReadSource::Overlay, 8192, 8192, 8192 - 512),
+                (ReadSource::Zero, 16384, 4096, 16384 - 512),
+                (ReadSource::Base, 20480, 4096 - 512, 20480 - 512),
+            ]
+        );
+    }
+
+    #[test]
+    fn unaligned_write_fills_head_and_tail() {
+        use BlockState::*;
+        let (map, geo) = setup(&[Unallocated, Allocated, Zero]);
+        assert_eq!(write_path(&map, &geo, 4096, 4096), WritePath::Direct);
+        assert_eq!(write_path(&map, &geo, 1024, 4096), WritePath::Locked(0..2));
+        let p = plan_locked_write(&map, &geo, 1024, 2 * 4096);
+        assert_eq!(p.head, Some(Fill::FromBase { off: 0, len: 1024 }));
+        assert_eq!(p.tail, Some(Fill::Zeros { off: 9216, len: 3072 }));
+        assert_eq!(p.mark, 0..3);
+        let p = plan_locked_write(&map, &geo, 4096 + 512, 512);
+        assert_eq!(p.fills().count(), 0);
+    }
+
+    #[test]
+    fn zero_plan_splits_partial_blocks() {
+        let geo = Geometry::new(4 * 4096, 4096).unwrap();
+        let p = plan_zero(&geo, 1024, 3 * 4096);
+        assert_eq!(p.head, Some((1024, 3072)));
+        assert_eq!(p.whole, Some(1..3));
+        assert_eq!(p.tail, Some((3 * 4096, 1024)));
+        let p = plan_zero(&geo, 1024, 1024);
+        assert_eq!((p.head, p.whole, p.tail), (Some((1024, 1024)), None, None));
+        // A short last block counts as whole when covered to the end.
+        let geo = Geometry::new(4096 + 512, 4096).unwrap();
+        assert_eq!(plan_zero(&geo, 4096, 512).whole, Some(1..2));
+    }
+}
