@@ -10,6 +10,9 @@
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
 //! - [`sys`]: the few raw system calls, each `unsafe` with its reason.
 
+pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod size;
 pub mod sys;
+pub mod target;

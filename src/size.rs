@@ -6,7 +6,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
     if num.is_empty() {
-        return Err(format!("'{s}' is not a size (expected e.g. 4096, 64K, 1M, 2G)"));
+        return Err(format!(
+            "'{s}' is not a size (expected e.g. 4096, 64K, 1M, 2G)"
+        ));
     }
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,

@@ -24,7 +24,7 @@ impl MappedFile {
     /// Maps the first `len` bytes of `file` (which must be at least that long;
     /// `len` a multiple of 8).
     pub fn map(file: &File, len: usize) -> io::Result<MappedFile> {
-        assert!(len % 8 == 0 && len > 0);
+        assert!(len.is_multiple_of(8) && len > 0);
         // SAFETY: a fresh mapping of a descriptor we own; the kernel checks
         // the arguments and returns MAP_FAILED on error, which we test.
         let ptr = unsafe {
@@ -110,4 +110,88 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Which side of a fork this is.
+pub enum Forked {
+    Parent,
+    Child,
+}
+
+/// Forks the process. Call only while the process has a single thread.
+pub fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller guarantees a single-threaded process, so the child
+    // inherits no lock held by another thread.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        _ => Ok(Forked::Parent),
+    }
+}
+
+/// Detaches from the terminal's session and points stdin/stdout at
+/// /dev/null and stderr at `log` (a file we own).
+pub fn detach(log: &File) -> io::Result<()> {
+    let null = File::options().read(true).write(true).open("/dev/null")?;
+    // SAFETY: setsid and dup2 take no memory; the descriptors are valid for
+    // the duration of the calls.
+    unsafe {
+        libc::setsid();
+        for (src, dst) in [
+            (null.as_raw_fd(), 0),
+            (null.as_raw_fd(), 1),
+            (log.as_raw_fd(), 2),
+        ] {
+            if libc::dup2(src, dst) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the local set we pass.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it
+/// starts afterwards, so that only [`wait_termination`] receives them.
+pub fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: the set is initialised; the old-mask pointer may be null.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGTERM, SIGINT or SIGHUP (blocked beforehand).
+pub fn wait_termination() -> i32 {
+    let set = termination_set();
+    let mut sig = 0;
+    // SAFETY: sigwait writes the signal number to a live local.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+    sig
+}
+
+/// Sends `sig` to `pid`; Ok(false) if there is no such process.
+pub fn kill(pid: i32, sig: i32) -> io::Result<bool> {
+    // SAFETY: kill takes no memory.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Ok(false),
+        _ => Err(e),
+    }
 }

@@ -97,7 +97,10 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
     }
     let file = File::open(path).ctx(|| format!("opening base {shown}"))?;
     let (size, mtime_ns) = if ft.is_block_device() {
-        (crate::sys::block_device_size(&file).ctx(|| format!("size of {shown}"))?, 0)
+        (
+            crate::sys::block_device_size(&file).ctx(|| format!("size of {shown}"))?,
+            0,
+        )
     } else {
         (
             meta.len(),

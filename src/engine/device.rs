@@ -56,7 +56,12 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     ) -> Result<Self, Error> {
         let geo = Geometry::new(id.size, block_size)?;
         let overlay = Overlay::create(overlay, geo, id)?;
-        Ok(Self::assemble(base, overlay, BlockMap::new(map, geo.blocks()), false))
+        Ok(Self::assemble(
+            base,
+            overlay,
+            BlockMap::new(map, geo.blocks()),
+            false,
+        ))
     }
 
     /// A device over an existing overlay, checked against the base. Marks the
@@ -145,7 +150,10 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         {
             let dst = &mut buf[buf_off..buf_off + len as usize];
             match source {
-                ReadSource::Base => self.base.read_at(dst, off).ctx(|| format!("base read at {off}"))?,
+                ReadSource::Base => self
+                    .base
+                    .read_at(dst, off)
+                    .ctx(|| format!("base read at {off}"))?,
                 ReadSource::Overlay => self
                     .overlay
                     .storage()

@@ -29,7 +29,7 @@ impl Geometry {
         if size == 0 {
             return Err(Error::invalid("the base is empty (size 0)"));
         }
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(Error::invalid(format!(
                 "the base size {size} is not a multiple of 512 bytes"
             )));
@@ -74,7 +74,7 @@ impl Geometry {
 
     /// Checks that `[off, off+len)` is sector aligned and inside the device.
     pub fn check_range(&self, off: u64, len: u64) -> Result<(), Error> {
-        if off % SECTOR != 0 || len % SECTOR != 0 {
+        if !off.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(Error::invalid(format!(
                 "range {off}+{len} is not aligned to 512 bytes"
             )));

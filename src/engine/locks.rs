@@ -37,7 +37,10 @@ impl Default for BlockLocks {
 impl BlockLocks {
     /// Locks blocks `first..first+count`, or none of them if any is held.
     pub fn try_lock(&self, first: u64, count: u64) -> Option<RangeGuard<'_>> {
-        assert!(count > 0 && count <= MAX_LOCK_BLOCKS, "lock range of {count} blocks");
+        assert!(
+            count > 0 && count <= MAX_LOCK_BLOCKS,
+            "lock range of {count} blocks"
+        );
         for i in 0..count {
             let stripe = &self.stripes[((first + i) % STRIPES) as usize];
             if stripe

@@ -164,7 +164,9 @@ impl BlockMap {
 
     /// Whether every block in `blocks` is `Allocated`.
     pub fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
-        blocks.into_iter().all(|b| self.get(b) == BlockState::Allocated)
+        blocks
+            .into_iter()
+            .all(|b| self.get(b) == BlockState::Allocated)
     }
 
     pub fn counts(&self) -> StateCounts {
@@ -191,7 +193,9 @@ impl BlockMap {
             let (w, shift) = Self::slot(b);
             (words[w].load(Ordering::Relaxed) >> shift) & 3 == 3
         }) {
-            Some(b) => Err(Error::corrupt(format!("the map has an invalid state for block {b}"))),
+            Some(b) => Err(Error::corrupt(format!(
+                "the map has an invalid state for block {b}"
+            ))),
             None => Ok(()),
         }
     }

@@ -101,7 +101,9 @@ impl Header {
         let mut h = Fnv::default();
         h.write(&b[..HEADER_USED - 8]);
         if h.finish() != u64_at(HEADER_USED - 8) {
-            return Err(Error::corrupt("overlay header checksum mismatch: the header is corrupt"));
+            return Err(Error::corrupt(
+                "overlay header checksum mismatch: the header is corrupt",
+            ));
         }
         let geometry = Geometry::new(u64_at(24), u32_at(16))
             .map_err(|e| Error::corrupt(format!("overlay header: {e}")))?;
@@ -245,13 +247,13 @@ impl<S: Storage> Overlay<S> {
 }
 
 fn check_match(h: &Header, check: &OpenCheck<'_>) -> Result<(), Error> {
-    if let Some(bs) = check.block_size {
-        if bs != h.geometry.block_size() {
-            return Err(Error::mismatch(format!(
-                "overlay has block size {} but --block-size {bs} was given",
-                h.geometry.block_size()
-            )));
-        }
+    if let Some(bs) = check.block_size
+        && bs != h.geometry.block_size()
+    {
+        return Err(Error::mismatch(format!(
+            "overlay has block size {} but --block-size {bs} was given",
+            h.geometry.block_size()
+        )));
     }
     let base = check.base;
     if base.size != h.base.size || base.size != h.geometry.size() {
@@ -302,9 +304,15 @@ mod tests {
         let o2 = Overlay::open(disk, check).unwrap();
         assert_eq!(o2.header(), o.header());
         assert!(!o2.header().clean());
-        let other = OpenCheck { base: &id(2), ..check };
+        let other = OpenCheck {
+            base: &id(2),
+            ..check
+        };
         let disk = SimDisk::new(o.storage().contents());
-        assert!(matches!(Overlay::open(disk, other), Err(Error::Mismatch(_))));
+        assert!(matches!(
+            Overlay::open(disk, other),
+            Err(Error::Mismatch(_))
+        ));
         let bs = OpenCheck {
             block_size: Some(4096),
             ..check
@@ -324,10 +332,19 @@ mod tests {
         };
         let mut bytes = o.storage().contents();
         bytes[30] ^= 1;
-        assert!(matches!(Overlay::open(SimDisk::new(bytes), check), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            Overlay::open(SimDisk::new(bytes), check),
+            Err(Error::Corrupt(_))
+        ));
         let bytes = o.storage().contents()[..100].to_vec();
-        assert!(matches!(Overlay::open(SimDisk::new(bytes), check), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            Overlay::open(SimDisk::new(bytes), check),
+            Err(Error::Corrupt(_))
+        ));
         let bytes = o.storage().contents()[..5000].to_vec();
-        assert!(matches!(Overlay::open(SimDisk::new(bytes), check), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            Overlay::open(SimDisk::new(bytes), check),
+            Err(Error::Corrupt(_))
+        ));
     }
 }

@@ -178,10 +178,20 @@ mod tests {
     #[test]
     fn read_merges_equal_blocks() {
         use BlockState::*;
-        let (map, geo) = setup(&[Unallocated, Unallocated, Allocated, Allocated, Zero, Unallocated]);
+        let (map, geo) = setup(&[
+            Unallocated,
+            Unallocated,
+            Allocated,
+            Allocated,
+            Zero,
+            Unallocated,
+        ]);
         let mut runs = Vec::new();
         plan_read(&map, &geo, 512, 6 * 4096 - 1024, &mut runs);
-        let got: Vec<_> = runs.iter().map(|r| (r.source, r.off, r.len, r.buf_off)).collect();
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| (r.source, r.off, r.len, r.buf_off))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -201,7 +211,13 @@ mod tests {
         assert_eq!(write_path(&map, &geo, 1024, 4096), WritePath::Locked(0..2));
         let p = plan_locked_write(&map, &geo, 1024, 2 * 4096);
         assert_eq!(p.head, Some(Fill::FromBase { off: 0, len: 1024 }));
-        assert_eq!(p.tail, Some(Fill::Zeros { off: 9216, len: 3072 }));
+        assert_eq!(
+            p.tail,
+            Some(Fill::Zeros {
+                off: 9216,
+                len: 3072
+            })
+        );
         assert_eq!(p.mark, 0..3);
         let p = plan_locked_write(&map, &geo, 4096 + 512, 512);
         assert_eq!(p.fills().count(), 0);

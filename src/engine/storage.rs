@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 /// What the engine needs from a base or overlay file.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait Storage: Send + Sync {
     /// Fills `buf` from `off`; bytes past the end of the file read as zeros.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
@@ -56,6 +57,27 @@ impl Storage for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        (**self).read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        (**self).write_at(buf, off)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).punch(off, len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
     }
 }
 

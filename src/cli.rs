@@ -1,0 +1,135 @@
+//! The command line: `add`, `del`, `list`. Every option is documented here,
+//! with its default and why; `--help` shows it.
+
+use crate::daemon::{self, AddRequest};
+use crate::size::parse_size;
+use crate::target::TargetConfig;
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ublk-cow",
+    version,
+    about = "A copy-on-write block device served from user space through ublk",
+    long_about = "A copy-on-write block device served from user space through ublk.\n\n\
+        `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \
+        until a block is written; writes land in an overlay file. The base is opened \
+        read-only and never written."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a device over a base image; prints /dev/ublkbN when it is ready.
+    Add(AddArgs),
+    /// Stop a device: flush its overlay, mark it clean, remove the device.
+    Del(DelArgs),
+    /// List ublk-cow devices.
+    List(ListArgs),
+}
+
+fn block_size_arg(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("block size {s} is too large"))
+}
+
+fn default_queues() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16)
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// The base image: a regular file or block device whose size is a
+    /// multiple of 512. Opened read-only; never written.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+
+    /// Keep the overlay in this file. If it exists it must have been made for
+    /// this base; the device continues where it left off. If it does not
+    /// exist it is created. Default: a temporary overlay in $TMPDIR (or /tmp),
+    /// removed at `del`.
+    #[arg(long, value_name = "PATH")]
+    pub overlay: Option<PathBuf>,
+
+    /// Copy-on-write block size: a power of two from 4K to 1M. Default 4K (a
+    /// page; small first writes copy little). Larger blocks make the map
+    /// smaller and sequential first writes cheaper, but a small first write
+    /// then copies a whole block from the base. An existing overlay keeps the
+    /// block size it was made with.
+    #[arg(long, value_name = "SIZE", value_parser = block_size_arg)]
+    pub block_size: Option<u32>,
+
+    /// Hardware queues, each served by its own thread and io_uring.
+    /// Default: one per CPU.
+    #[arg(long, value_name = "N", default_value_t = default_queues())]
+    pub queues: u16,
+
+    /// Requests in flight per queue. Default 128: enough to keep a fast
+    /// overlay busy, small enough for the per-request 1 MiB buffers.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub depth: u16,
+
+    /// Device number N for /dev/ublkbN. Default: the first free one.
+    #[arg(long, value_name = "N")]
+    pub id: Option<u32>,
+
+    /// Make the device read-only.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Stay in the foreground instead of starting a daemon; stop with Ctrl-C
+    /// or `ublk-cow del`.
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// Use an existing overlay even if the base's contents or modification
+    /// time differ from when the overlay was made (the size must match).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["number", "all"]))]
+pub struct DelArgs {
+    /// The device number N of /dev/ublkbN.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub number: Option<u32>,
+    /// Every ublk-cow device.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Add(a) => daemon::add(AddRequest {
+            base: a.base,
+            overlay: a.overlay,
+            block_size: a.block_size,
+            target: TargetConfig {
+                id: a.id,
+                queues: a.queues,
+                depth: a.depth,
+            },
+            read_only: a.read_only,
+            foreground: a.foreground,
+            force: a.force,
+        }),
+        Command::Del(d) => match d.number {
+            Some(n) => daemon::del(n),
+            None => daemon::del_all(),
+        },
+        Command::List(l) => daemon::list(l.json),
+    }
+}

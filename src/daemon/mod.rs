@@ -1,0 +1,388 @@
+//! Device lifetime: `add` checks everything it can before touching anything,
+//! then (unless `--foreground`) forks a daemon that creates the ublk device,
+//! opens or creates the overlay, serves I/O, and on SIGTERM or `del` stops
+//! the device, flushes and closes the overlay clean, and removes its files.
+
+pub mod state;
+
+use crate::engine::base::{Base, open_base};
+use crate::engine::device::{CowDevice, MapSource};
+use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
+use crate::engine::map::{MapMemory, map_bytes};
+use crate::engine::overlay::{OpenCheck, Overlay};
+use crate::sys::{Forked, MappedFile};
+use crate::target::exec::Shared;
+use crate::target::{self, TargetConfig};
+use anyhow::{Context, Result, anyhow, bail};
+use state::DeviceState;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What `add` was asked for.
+#[derive(Clone, Debug)]
+pub struct AddRequest {
+    pub base: PathBuf,
+    pub overlay: Option<PathBuf>,
+    pub block_size: Option<u32>,
+    pub target: TargetConfig,
+    pub read_only: bool,
+    pub foreground: bool,
+    pub force: bool,
+}
+
+/// Where the overlay comes from.
+enum OverlaySource {
+    /// `--overlay` names an existing overlay, already checked.
+    Existing(PathBuf),
+    /// `--overlay` names a file to create.
+    New(PathBuf),
+    /// No `--overlay`: a temporary file, removed at `del`.
+    Temporary,
+}
+
+/// An `add` whose inputs have all been checked; nothing was written yet.
+struct Prepared {
+    req: AddRequest,
+    base: Base,
+    overlay: OverlaySource,
+    block_size: u32,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("{}", p.display()))
+}
+
+/// Checks the base, the overlay and the options, and that ublk devices can
+/// be created. Opens files read-only (the overlay read-write, to learn early
+/// that it is not writable) and writes nothing.
+fn prepare(mut req: AddRequest) -> Result<Prepared> {
+    if let Some(bs) = req.block_size {
+        check_block_size(bs)?;
+    }
+    if req.target.queues == 0 || req.target.depth == 0 || req.target.depth > 4096 {
+        bail!("--queues must be at least 1 and --depth from 1 to 4096");
+    }
+    req.base = absolute(&req.base)?;
+    let base = open_base(&req.base)?;
+    let overlay = match req.overlay.clone() {
+        None => OverlaySource::Temporary,
+        Some(p) => {
+            let p = absolute(&p)?;
+            if p == req.base {
+                bail!("the overlay cannot be the base itself");
+            }
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => bail!("overlay {} is a directory", p.display()),
+                Ok(_) => {
+                    let f = File::options()
+                        .read(true)
+                        .write(true)
+                        .open(&p)
+                        .with_context(|| format!("opening overlay {}", p.display()))?;
+                    let check = OpenCheck {
+                        base: &base.identity,
+                        block_size: req.block_size,
+                        force: req.force,
+                    };
+                    Overlay::open(f, check).with_context(|| format!("overlay {}", p.display()))?;
+                    OverlaySource::Existing(p)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match p.parent() {
+                        Some(d) if d.is_dir() => {}
+                        _ => bail!("overlay {}: its directory does not exist", p.display()),
+                    }
+                    OverlaySource::New(p)
+                }
+                Err(e) => return Err(e).with_context(|| format!("overlay {}", p.display())),
+            }
+        }
+    };
+    let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    Geometry::new(base.size, block_size)?;
+    target::check_available()?;
+    if let Some(id) = req.target.id
+        && target::device_exists(id)
+    {
+        bail!("ublk device {id} already exists");
+    }
+    Ok(Prepared {
+        req,
+        base,
+        overlay,
+        block_size,
+    })
+}
+
+/// `ublk-cow add`: prints the device path once it is ready for I/O.
+pub fn add(req: AddRequest) -> Result<()> {
+    let p = prepare(req)?;
+    if p.req.foreground {
+        return serve(p, Box::new(|path| println!("{path}")));
+    }
+    let (mut parent_end, child_end) = UnixStream::pair().context("creating a pipe")?;
+    match crate::sys::fork().context("fork")? {
+        Forked::Child => {
+            drop(parent_end);
+            let report = child_end.try_clone().context("pipe")?;
+            let ready = Box::new(move |path: &str| {
+                let _ = writeln!(&report, "ready {path}");
+            });
+            let code = match serve(p, ready) {
+                Ok(()) => 0,
+                Err(e) => {
+                    let _ = writeln!(&child_end, "error {e:#}");
+                    log::error!("{e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        Forked::Parent => {
+            drop(child_end);
+            let mut line = String::new();
+            BufReader::new(&mut parent_end)
+                .read_line(&mut line)
+                .context("waiting for the daemon")?;
+            match line.trim_end().split_once(' ') {
+                Some(("ready", path)) => {
+                    println!("{path}");
+                    Ok(())
+                }
+                Some(("error", msg)) => Err(anyhow!("{msg}")),
+                _ => Err(anyhow!("the daemon exited before the device was ready")),
+            }
+        }
+    }
+}
+
+/// Opens the overlay, creating it if needed; returns it and whether it is new.
+fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
+    let (path, create) = match src {
+        OverlaySource::Existing(p) => (p.clone(), false),
+        OverlaySource::New(p) => (p.clone(), true),
+        OverlaySource::Temporary => (
+            std::env::temp_dir().join(format!("ublk-cow-{id}-{}.overlay", std::process::id())),
+            true,
+        ),
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(&path)
+        .with_context(|| format!("opening overlay {}", path.display()))?;
+    Ok((path, file, create))
+}
+
+/// The live map: a file under the run directory, mapped shared.
+fn map_memory(id: u32, blocks: u64) -> Result<MapMemory> {
+    let path = state::map_path(id);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let len = map_bytes(blocks);
+    f.set_len(len)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    let m =
+        MappedFile::map(&f, len as usize).with_context(|| format!("mapping {}", path.display()))?;
+    Ok(MapMemory::Mapped(m))
+}
+
+/// Creates the device and serves it until it is stopped. Runs in the daemon
+/// (or in the foreground). On failure before `ready`, removes what it made.
+fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> {
+    crate::sys::block_termination_signals();
+    let ctrl = target::create(&p.req.target)?;
+    let id = ctrl.dev_info().dev_id;
+    state::ensure_run_dir()?;
+    if !p.req.foreground {
+        let log = File::create(state::log_path(id)).context("creating the daemon log")?;
+        crate::sys::detach(&log).context("detaching the daemon")?;
+    }
+    let (overlay_path, overlay_file, created) = open_overlay(&p.overlay, id)?;
+    let cleanup = |created: bool| {
+        if created {
+            let _ = std::fs::remove_file(&overlay_path);
+        }
+        let _ = std::fs::remove_file(state::map_path(id));
+    };
+    let geo = Geometry::new(p.base.size, p.block_size)?;
+    let opened = map_memory(id, geo.blocks()).and_then(|mem| {
+        let dev = if created {
+            CowDevice::create(
+                p.base.file,
+                &p.base.identity,
+                overlay_file,
+                p.block_size,
+                mem,
+            )?
+        } else {
+            let check = OpenCheck {
+                base: &p.base.identity,
+                block_size: p.req.block_size,
+                force: p.req.force,
+            };
+            CowDevice::open(p.base.file, overlay_file, check, MapSource::Load(mem))?
+        };
+        Ok(dev)
+    });
+    let dev = match opened {
+        Ok(d) => d,
+        Err(e) => {
+            cleanup(created);
+            return Err(e);
+        }
+    };
+    let unclean = !created && !dev.was_clean();
+    if unclean {
+        log::warn!(
+            "overlay {} was not closed cleanly; using it as of its last flush",
+            overlay_path.display()
+        );
+    }
+    let st = DeviceState {
+        id,
+        pid: std::process::id() as i32,
+        device: ctrl.get_bdev_path(),
+        base: p.req.base.clone(),
+        overlay: overlay_path.clone(),
+        temporary_overlay: matches!(p.overlay, OverlaySource::Temporary),
+        block_size: p.block_size,
+        size: geo.size(),
+        queues: p.req.target.queues,
+        depth: p.req.target.depth,
+        read_only: p.req.read_only,
+        recovered_unclean: unclean,
+    };
+    let shared = Arc::new(Shared::new(dev));
+    std::thread::spawn(move || {
+        let sig = crate::sys::wait_termination();
+        log::info!("signal {sig}: stopping device {id}");
+        let _ = target::stop(id);
+    });
+    let st_ready = st.clone();
+    let served = target::serve(&ctrl, shared.clone(), p.req.read_only, move |c| {
+        let path = c.get_bdev_path();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Path::new(&path).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        match st_ready.save() {
+            Ok(()) => ready(&path),
+            Err(e) => {
+                log::error!("{e:#}");
+                let _ = target::stop(id);
+            }
+        }
+    });
+    // The device is stopped: no request is in flight any more.
+    let closed = match Arc::try_unwrap(shared) {
+        Ok(sh) => sh.dev.close().map(|_| ()).map_err(anyhow::Error::from),
+        Err(sh) => sh.dev.flush().map_err(anyhow::Error::from),
+    };
+    st.remove_files();
+    if let Err(e) = &closed {
+        log::error!("closing the overlay: {e:#}");
+    }
+    drop(ctrl);
+    served.map_err(|e| anyhow!("serving ublk device {id}: {e}"))?;
+    closed
+}
+
+/// `ublk-cow del -n N`: asks the daemon to stop (it flushes and closes the
+/// overlay) and waits for it; cleans up after a daemon that is gone.
+pub fn del(id: u32) -> Result<()> {
+    let Some(st) = DeviceState::load(id)? else {
+        if target::device_exists(id) {
+            bail!("ublk device {id} is not a ublk-cow device");
+        }
+        bail!("there is no ublk-cow device {id}");
+    };
+    if st.daemon_alive() {
+        crate::sys::kill(st.pid, libc::SIGTERM).context("signalling the daemon")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while st.daemon_alive() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the daemon of device {id} (pid {}) did not stop in 120 s",
+                    st.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        if target::device_exists(id) {
+            target::delete(id)?;
+        }
+        st.remove_files();
+    }
+    Ok(())
+}
+
+/// `ublk-cow del --all`.
+pub fn del_all() -> Result<()> {
+    let mut failed = None;
+    for st in state::all()? {
+        if let Err(e) = del(st.id) {
+            eprintln!("ublk-cow: device {}: {e:#}", st.id);
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(_) => bail!("some devices could not be removed"),
+        None => Ok(()),
+    }
+}
+
+/// `ublk-cow list [--json]`.
+pub fn list(json: bool) -> Result<()> {
+    let all = state::all()?;
+    if json {
+        let rows: Vec<_> = all
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::to_value(s).unwrap();
+                v["running"] = serde_json::Value::Bool(s.daemon_alive());
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} OVERLAY",
+        "ID", "DEVICE", "SIZE", "BLOCK", "STATE", "BASE"
+    );
+    for s in all {
+        let state = match (s.daemon_alive(), s.recovered_unclean) {
+            (false, _) => "dead",
+            (true, true) => "unclean",
+            (true, false) => "running",
+        };
+        println!(
+            "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} {}{}",
+            s.id,
+            s.device,
+            s.size,
+            s.block_size,
+            state,
+            s.base.display(),
+            s.overlay.display(),
+            if s.temporary_overlay {
+                " (temporary)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}

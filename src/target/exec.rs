@@ -1,0 +1,294 @@
+//! The io_uring executor: carries out the engine's plans as operations on
+//! the queue's ring (`request → plan → io_uring ops → completion`).
+//!
+//! Every operation is submitted with `UblkQueue::ublk_submit_sqe`, which
+//! pushes it at once and returns a future; the runs of one request are all
+//! pushed before the first is awaited, so they are in flight together. Fixed
+//! file 1 is the base (opened read-only), fixed file 2 the overlay. No
+//! blocking system call is made here.
+
+use crate::engine::device::CowDevice;
+use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
+use crate::engine::map::BlockState;
+use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
+use io_uring::{opcode, squeue, types};
+use libublk::io::UblkQueue;
+use std::fs::File;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub const BASE_FD: types::Fixed = types::Fixed(1);
+pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
+
+pub type Device = CowDevice<File, File>;
+
+/// What every queue shares: the device and the flush serializer.
+pub struct Shared {
+    pub dev: Device,
+    /// Held while a flush writes map pages, so snapshots land in order.
+    flushing: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(dev: Device) -> Shared {
+        Shared {
+            dev,
+            flushing: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Per-queue buffers reused by every request of the queue.
+pub struct QueueBufs {
+    /// Zeros for zero-fill writes: two blocks, the most a partial
+    /// WRITE_ZEROES without a whole block can cover.
+    zeros: Vec<u8>,
+}
+
+impl QueueBufs {
+    pub fn new(block_size: u32) -> QueueBufs {
+        QueueBufs {
+            zeros: vec![0u8; 2 * block_size as usize],
+        }
+    }
+}
+
+/// Per-tag scratch space, reused across requests.
+#[derive(Default)]
+pub struct TagScratch {
+    runs: Vec<ReadRun>,
+    fill: Vec<u8>,
+}
+
+/// Completes each pushed operation, in order; the first failure (negative
+/// result, or fewer bytes than asked) is the result.
+async fn await_all(ops: Vec<(libublk::uring_async::UblkUringOpFuture, u32)>) -> i32 {
+    let mut res = 0;
+    for (f, want) in ops {
+        let r = f.await;
+        if res == 0 {
+            if r < 0 {
+                res = r;
+            } else if (r as u32) != want {
+                res = -libc::EIO;
+            }
+        }
+    }
+    res
+}
+
+fn read_sqe(fd: types::Fixed, buf: *mut u8, len: u32, off: u64) -> squeue::Entry {
+    opcode::Read::new(fd, buf, len).offset(off).build()
+}
+
+fn write_sqe(fd: types::Fixed, buf: *const u8, len: u32, off: u64) -> squeue::Entry {
+    opcode::Write::new(fd, buf, len).offset(off).build()
+}
+
+/// Waits until `blocks` are locked. Another queue's thread may hold them, and
+/// this thread must keep its ring turning meanwhile, so the wait is a short
+/// io_uring timeout between tries.
+async fn lock<'a>(q: &UblkQueue<'_>, locks: &'a BlockLocks, blocks: Range<u64>) -> RangeGuard<'a> {
+    loop {
+        if let Some(g) = locks.try_lock(blocks.start, blocks.end - blocks.start) {
+            return g;
+        }
+        let ts = types::Timespec::new().nsec(20_000);
+        q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
+    }
+}
+
+/// READ of `buf.len()` bytes at `off`.
+pub async fn read(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    s: &mut TagScratch,
+    off: u64,
+    buf: &mut [u8],
+) -> i32 {
+    let dev = &sh.dev;
+    plan::plan_read(
+        dev.map(),
+        dev.geometry(),
+        off,
+        buf.len() as u64,
+        &mut s.runs,
+    );
+    let mut ops = Vec::with_capacity(s.runs.len());
+    for run in &s.runs {
+        let dst = &mut buf[run.buf_off..run.buf_off + run.len as usize];
+        let (fd, pos) = match run.source {
+            ReadSource::Zero => {
+                dst.fill(0);
+                continue;
+            }
+            ReadSource::Base => (BASE_FD, run.off),
+            ReadSource::Overlay => (OVERLAY_FD, dev.overlay().data_pos(run.off)),
+        };
+        let len = run.len as u32;
+        ops.push((
+            q.ublk_submit_sqe(read_sqe(fd, dst.as_mut_ptr(), len, pos)),
+            len,
+        ));
+    }
+    match await_all(ops).await {
+        0 => buf.len() as i32,
+        e => e,
+    }
+}
+
+/// WRITE of `data` at `off`: straight to the overlay when every block is
+/// allocated; otherwise under the blocks' locks, with read-modify-write of
+/// partial blocks, then the blocks are marked allocated.
+pub async fn write(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    qb: &QueueBufs,
+    s: &mut TagScratch,
+    off: u64,
+    data: &[u8],
+) -> i32 {
+    let dev = &sh.dev;
+    let len = data.len() as u64;
+    let pos = dev.overlay().data_pos(off);
+    let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
+        WritePath::Direct => {
+            let op = q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos));
+            return match await_all(vec![(op, len as u32)]).await {
+                0 => len as i32,
+                e => e,
+            };
+        }
+        WritePath::Locked(blocks) => blocks,
+    };
+    let _guard = lock(q, dev.locks(), blocks).await;
+    let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
+
+    // Base data for the fills first: head in fill[..bs], tail in fill[bs..].
+    let bs = dev.geometry().block_size() as usize;
+    if s.fill.len() < 2 * bs {
+        s.fill.resize(2 * bs, 0);
+    }
+    let mut reads = Vec::new();
+    for (i, f) in [p.head, p.tail].into_iter().enumerate() {
+        if let Some(Fill::FromBase { off, len }) = f {
+            let dst = s.fill[i * bs..].as_mut_ptr();
+            reads.push((
+                q.ublk_submit_sqe(read_sqe(BASE_FD, dst, len as u32, off)),
+                len as u32,
+            ));
+        }
+    }
+    let r = await_all(reads).await;
+    if r < 0 {
+        return r;
+    }
+    let mut writes = Vec::with_capacity(3);
+    for (i, f) in [p.head, p.tail].into_iter().enumerate() {
+        let (src, off, len) = match f {
+            Some(Fill::FromBase { off, len }) => (s.fill[i * bs..].as_ptr(), off, len),
+            Some(Fill::Zeros { off, len }) => (qb.zeros.as_ptr(), off, len),
+            None => continue,
+        };
+        let at = dev.overlay().data_pos(off);
+        writes.push((
+            q.ublk_submit_sqe(write_sqe(OVERLAY_FD, src, len as u32, at)),
+            len as u32,
+        ));
+    }
+    writes.push((
+        q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos)),
+        len as u32,
+    ));
+    let r = await_all(writes).await;
+    if r < 0 {
+        return r;
+    }
+    for b in p.mark {
+        if dev.map().get(b) != BlockState::Allocated {
+            dev.map().set(b, BlockState::Allocated);
+        }
+    }
+    len as i32
+}
+
+/// DISCARD / WRITE_ZEROES of `[off, off+len)`.
+pub async fn write_zeroes(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    qb: &QueueBufs,
+    s: &mut TagScratch,
+    off: u64,
+    len: u64,
+) -> i32 {
+    let dev = &sh.dev;
+    let geo = *dev.geometry();
+    let p = plan::plan_zero(&geo, off, len);
+    for (o, l) in p.head.into_iter().chain(p.tail) {
+        let r = write(q, sh, qb, s, o, &qb.zeros[..l as usize]).await;
+        if r < 0 {
+            return r;
+        }
+    }
+    if let Some(whole) = p.whole {
+        let mut first = whole.start;
+        while first < whole.end {
+            let end = whole.end.min(first + MAX_LOCK_BLOCKS);
+            let _guard = lock(q, dev.locks(), first..end).await;
+            for b in first..end {
+                dev.map().set(b, BlockState::Zero);
+            }
+            let start = geo.block_start(first);
+            let bytes = geo.block_end(end - 1) - start;
+            let punch = opcode::Fallocate::new(OVERLAY_FD, bytes)
+                .offset(dev.overlay().data_pos(start))
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build();
+            // Space is only reclaimed: the map already says Zero, so a file
+            // system without hole punching loses nothing.
+            let _ = q.ublk_submit_sqe(punch).await;
+            first = end;
+        }
+    }
+    0
+}
+
+/// FLUSH: overlay data durable, then the changed map pages, then durable
+/// again (see `CowDevice::flush`, the same order). One flush at a time.
+pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
+    while sh
+        .flushing
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        let ts = types::Timespec::new().nsec(50_000);
+        q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
+    }
+    let dev = &sh.dev;
+    let pages = dev.map().take_dirty_pages();
+    let datasync = || {
+        opcode::Fsync::new(OVERLAY_FD)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+    };
+    let mut r = await_all(vec![(q.ublk_submit_sqe(datasync()), 0)]).await;
+    if r == 0 && !pages.is_empty() {
+        let ops = pages
+            .iter()
+            .map(|(page, bytes)| {
+                let at = dev.overlay().map_page_pos(*page);
+                let sqe = write_sqe(OVERLAY_FD, bytes.as_ptr(), bytes.len() as u32, at);
+                (q.ublk_submit_sqe(sqe), bytes.len() as u32)
+            })
+            .collect();
+        r = await_all(ops).await;
+        if r == 0 {
+            r = await_all(vec![(q.ublk_submit_sqe(datasync()), 0)]).await;
+        }
+    }
+    if r != 0 {
+        dev.map().redirty(&pages);
+    }
+    sh.flushing.store(false, Ordering::Release);
+    r
+}

@@ -1,0 +1,119 @@
+//! The ublk target: creates the ublk device, hands the base and overlay to
+//! each queue as fixed files, and runs one thread with its own io_uring per
+//! queue. Set-up lives here and in `params`; I/O handling in `queue` (the
+//! request loop) and `exec` (plans carried out as io_uring operations).
+
+pub mod exec;
+pub mod params;
+pub mod queue;
+
+use crate::engine::Error;
+use exec::Shared;
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{UblkError, UblkFlags, sys};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The ublk control device; without it there is no ublk_drv.
+pub const CONTROL: &str = "/dev/ublk-control";
+
+/// How the device is to be created.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// Device id, or None for the first free one.
+    pub id: Option<u32>,
+    pub queues: u16,
+    pub depth: u16,
+}
+
+/// Checks that ublk devices can be created here at all.
+pub fn check_available() -> Result<(), Error> {
+    if !Path::new(CONTROL).exists() {
+        return Err(Error::invalid(
+            "ublk_drv is not available: /dev/ublk-control is missing (try: modprobe ublk_drv)",
+        ));
+    }
+    if !crate::sys::is_root() {
+        return Err(Error::invalid("creating a ublk device needs root"));
+    }
+    Ok(())
+}
+
+/// Whether ublk device `id` exists.
+pub fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+/// Adds a ublk device (not started yet) and returns its control handle.
+/// Dropping the handle deletes the device.
+pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
+    if let Some(id) = cfg.id
+        && device_exists(id)
+    {
+        return Err(Error::invalid(format!("ublk device {id} already exists")));
+    }
+    UblkCtrlBuilder::default()
+        .name("ublk-cow")
+        .id(cfg.id.map_or(-1, |i| i as i32))
+        .nr_queues(cfg.queues)
+        .depth(cfg.depth)
+        .io_buf_bytes(params::IO_BUF_BYTES)
+        .ctrl_flags(sys::UBLK_F_USER_RECOVERY as u64)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| Error::invalid(format!("creating the ublk device failed: {e}")))
+}
+
+/// Starts the device and serves it until it is stopped. `ready` runs once
+/// `/dev/ublkbN` accepts I/O.
+pub fn serve(
+    ctrl: &UblkCtrl,
+    shared: Arc<Shared>,
+    read_only: bool,
+    ready: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
+) -> Result<(), UblkError> {
+    let geo = *shared.dev.geometry();
+    let base_fd = shared.dev.base().as_raw_fd();
+    let overlay_fd = shared.dev.overlay().storage().as_raw_fd();
+    let depth = ctrl.dev_info().queue_depth;
+    let init = move |dev: &mut UblkDev| {
+        let tgt = &mut dev.tgt;
+        let n = tgt.nr_fds as usize;
+        // Fixed files 1 and 2: exec::BASE_FD and exec::OVERLAY_FD.
+        tgt.fds[n] = base_fd;
+        tgt.fds[n + 1] = overlay_fd;
+        tgt.nr_fds += 2;
+        // A request may need several operations on the ring at once.
+        tgt.sq_depth = depth.saturating_mul(4);
+        tgt.cq_depth = depth.saturating_mul(4);
+        tgt.dev_size = geo.size();
+        tgt.params = params::device_params(&params::DeviceShape {
+            size: geo.size(),
+            block_size: geo.block_size(),
+            read_only,
+        });
+        Ok(())
+    };
+    let q_fn = move |qid: u16, dev: &UblkDev| queue::run_queue(qid, dev, shared.clone());
+    ctrl.run_target(init, q_fn, ready).map(|_| ())
+}
+
+/// Stops device `id` (its queues go down and its daemon's `serve` returns).
+pub fn stop(id: u32) -> Result<(), Error> {
+    let ctrl = UblkCtrl::new_simple(id as i32)
+        .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
+    ctrl.kill_dev()
+        .map(|_| ())
+        .map_err(|e| Error::invalid(format!("stopping ublk device {id}: {e}")))
+}
+
+/// Deletes device `id` outright (for a device whose daemon is gone).
+pub fn delete(id: u32) -> Result<(), Error> {
+    let ctrl = UblkCtrl::new_simple(id as i32)
+        .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
+    ctrl.del_dev()
+        .map(|_| ())
+        .map_err(|e| Error::invalid(format!("deleting ublk device {id}: {e}")))
+}
