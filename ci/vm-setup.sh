@@ -13,7 +13,7 @@ for c in qemu-system-x86_64 fio dmsetup mkfs.ext4 e2fsck blkdiscard losetup nbdk
     command -v "$c" >/dev/null || need=1
 done
 ls /boot/vmlinuz-6.12.*cloud* >/dev/null 2>&1 || need=1
-dpkg -s libclang-dev >/dev/null 2>&1 || need=1
+for p in libclang-dev busybox-static; do dpkg -s "$p" >/dev/null 2>&1 || need=1; done
 if [ -n "$need" ]; then
     echo "vm-setup: installing Debian packages (kernel image, QEMU, fio, ...)" >&2
     apt-get update -qq
@@ -23,7 +23,7 @@ if [ -n "$need" ]; then
         exit 1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        qemu-system-x86 fio nbdkit nbd-client dmsetup e2fsprogs util-linux \
+        qemu-system-x86 fio nbdkit nbd-client dmsetup e2fsprogs util-linux busybox-static \
         libclang-dev libseccomp-dev libcap-ng-dev kmod "$K" >/dev/null
 fi
 command -v vng >/dev/null || {

@@ -295,7 +295,10 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     }
     drop(ctrl);
     served.map_err(|e| anyhow!("serving ublk device {id}: {e}"))?;
-    closed
+    closed?;
+    // A clean stop leaves nothing behind; a failed one keeps its log.
+    let _ = std::fs::remove_file(state::log_path(id));
+    Ok(())
 }
 
 /// `ublk-cow del -n N`: asks the daemon to stop (it flushes and closes the

@@ -1,0 +1,36 @@
+# ublk-cow. `make demo` and `make test` are the README's two commands.
+CARGO ?= cargo
+BIN := target/release/ublk-cow
+
+.PHONY: all build setup demo test test-host test-vm lint bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+# Build dependencies and the VM tools (kernel with ublk_drv, QEMU, vng,
+# virtiofsd, fio); idempotent, cached under /opt/ublk-cow-ci.
+setup:
+	bash ci/setup.sh
+
+# The main job: a device over a sample image, ext4 on it, files written and
+# read back, base unchanged. In a VM when this host has no ublk_drv.
+demo: setup build
+	bash ci/in-ublk-env.sh tests/e2e/demo.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+# Host tests (engine, model, race, CLI), then the end-to-end suite in a VM.
+test-host:
+	$(CARGO) test --release --locked -- --show-output
+
+test-vm: build
+	bash ci/in-ublk-env.sh tests/e2e/suite.sh
+
+test: setup lint test-host test-vm
+
+clean:
+	$(CARGO) clean

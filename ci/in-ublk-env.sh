@@ -1,0 +1,12 @@
+#!/bin/bash
+# Runs a guest script where ublk_drv is: directly on a host that has
+# /dev/ublk-control (or can load ublk_drv), otherwise in a VM booted by
+# ci/vm-run.sh.
+set -eu
+cd "$(dirname "$0")/.."
+modprobe ublk_drv 2>/dev/null || true
+if [ -e /dev/ublk-control ]; then
+    exec bash "$@"
+fi
+echo "in-ublk-env: this host has no ublk_drv; running $1 in a VM" >&2
+exec bash ci/vm-run.sh "$@"

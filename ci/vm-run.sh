@@ -1,0 +1,27 @@
+#!/bin/bash
+# Boots a guest kernel that has ublk_drv (Debian 6.12 cloud image) under
+# QEMU's software emulation, with this machine's root file system shared
+# read-only and /tmp writable, and runs SCRIPT inside. SCRIPT's exit status
+# comes back as this script's. Environment for the guest goes in VM_ENV.
+#   usage: [VM_ENV="A=1 B=2"] [VM_MEM=3G] [VM_TIMEOUT=2400] ci/vm-run.sh SCRIPT [ARGS...]
+set -eu
+CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
+K=$(ls /boot/vmlinuz-6.12.*cloud* 2>/dev/null | sort -V | tail -n1)
+if [ -z "$K" ]; then
+    echo "vm-run: no 6.12 cloud kernel in /boot; run ci/vm-setup.sh first" >&2
+    exit 1
+fi
+script=$(readlink -f "$1"); shift
+log=$(mktemp /tmp/ublk-cow-vm.XXXXXX.log)
+set +e
+PATH=$CACHE/virtiofsd/bin:$PATH timeout "${VM_TIMEOUT:-2400}" \
+    vng -r "$K" --disable-kvm -p 2 -m "${VM_MEM:-3G}" \
+    --exec "env ${VM_ENV:-} bash $script $*" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" = 124 ]; then
+    echo "vm-run: the guest did not finish within ${VM_TIMEOUT:-2400} s" >&2
+elif [ "$rc" != 0 ] && ! grep -q "ublk-cow-guest:" "$log"; then
+    echo "vm-run: the VM did not start or the guest script did not run (exit $rc); see $log" >&2
+fi
+exit "$rc"

@@ -1,0 +1,62 @@
+# Shared helpers of the guest scripts (sourced). Runs as root inside the VM.
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+UC=${UBLK_COW_BIN:-$ROOT/target/release/ublk-cow}
+WORK=${WORK:-/tmp/ublk-cow-e2e}
+export UBLK_COW_RUN_DIR=${UBLK_COW_RUN_DIR:-/run/ublk-cow}
+PASS=0
+FAIL=0
+FAILED=()
+
+say() { echo "ublk-cow-guest: $*"; }
+
+# Loads ublk_drv; its absence is a failure, not a skip.
+need_ublk() {
+    modprobe ublk_drv 2>/dev/null
+    if [ ! -e /dev/ublk-control ]; then
+        say "FATAL: /dev/ublk-control is missing: this kernel has no ublk_drv"
+        exit 1
+    fi
+}
+
+# Device number of a /dev/ublkbN path.
+dev_id() { echo "${1#/dev/ublkb}"; }
+
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# Fails the current case with a message.
+die() { say "  FAILED: $*"; return 1; }
+
+# expect_fail DESC CMD...: CMD must fail with exactly one line on stderr.
+expect_fail() {
+    local desc=$1; shift
+    local err rc
+    err=$("$@" 2>&1 >/dev/null) && rc=0 || rc=$?
+    if [ "$rc" = 0 ]; then die "$desc: succeeded but should fail"; return 1; fi
+    if [ "$(printf '%s\n' "$err" | wc -l)" != 1 ] || [ -z "$err" ]; then
+        die "$desc: expected one error line, got: $err"; return 1
+    fi
+    say "  refused as expected ($desc): $err"
+}
+
+# run_case NAME FUNCTION: runs one case and records pass/fail.
+run_case() {
+    local name=$1 fn=$2
+    say "case: $name"
+    # A subshell of its own (not an `if` condition), so that `set -e` holds
+    # and the first failing command fails the case.
+    ( set -e; "$fn" )
+    if [ $? = 0 ]; then
+        PASS=$((PASS + 1)); say "ok - $name"
+    else
+        FAIL=$((FAIL + 1)); FAILED+=("$name"); say "not ok - $name"
+        "$UC" del --all >/dev/null 2>&1 || true
+    fi
+}
+
+summary() {
+    "$UC" del --all >/dev/null 2>&1 || true
+    for n in "${FAILED[@]}"; do say "failed case: $n"; done
+    echo "$PASS passed, $FAIL failed"
+    [ "$FAIL" = 0 ]
+}

@@ -1,0 +1,155 @@
+#!/bin/bash
+# The end-to-end suite, run inside a guest with ublk_drv (ci/vm-run.sh boots
+# one). Each case asserts; the base's sha256 is checked after every case.
+source "$(dirname "$0")/lib.sh"
+need_ublk
+rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
+
+BASE=$WORK/base.img
+BASE_MB=192
+say "making a ${BASE_MB} MiB base of random data"
+head -c $((BASE_MB << 20)) /dev/urandom > "$BASE"
+BASE_SHA=$(sha "$BASE")
+
+add() { "$UC" add "$@"; }
+
+base_unchanged() {
+    [ "$(sha "$BASE")" = "$BASE_SHA" ] || die "the base changed"
+}
+
+case_ext4() {
+    local dev; dev=$(add --base "$BASE")
+    [ -b "$dev" ] || die "$dev is not a block device"
+    mkfs.ext4 -q -F "$dev"
+    mkdir -p mnt; mount "$dev" mnt
+    mkdir -p mnt/tree/a/b
+    for i in $(seq 1 40); do head -c $((i * 7919)) /dev/urandom > "mnt/tree/a/f$i"; done
+    head -c 20M /dev/urandom > mnt/tree/a/b/big
+    cp -a mnt/tree ref-tree
+    sync; umount mnt
+    e2fsck -fn "$dev" >e2fsck.log 2>&1 || { cat e2fsck.log; die "e2fsck found errors"; }
+    mount "$dev" mnt
+    diff -r ref-tree mnt/tree || die "files differ after remount"
+    umount mnt; rm -rf ref-tree
+    "$UC" del -n "$(dev_id "$dev")"
+    [ ! -e "$dev" ] || die "$dev still exists after del"
+    base_unchanged
+}
+
+case_fio_verify() {
+    local dev; dev=$(add --base "$BASE")
+    local common=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32
+        --numjobs=2 --size=64M --offset_increment=80M --rw=randwrite
+        --bssplit=4k/50:64k/30:1m/20 --verify=crc32c --randseed=4242 --group_reporting)
+    fio --name=write "${common[@]}" --do_verify=0 >fio-w.log || { cat fio-w.log; die "fio write failed"; }
+    fio --name=write "${common[@]}" --verify_only --verify_fatal=1 >fio-v.log 2>&1 \
+        || { cat fio-v.log; die "fio verify failed"; }
+    grep -q "err= 0" fio-v.log || { cat fio-v.log; die "fio reported errors"; }
+    "$UC" del -n "$(dev_id "$dev")"
+    base_unchanged
+}
+
+case_unaligned_direct() {
+    local dev; dev=$(add --base "$BASE")
+    head -c 4096 /dev/urandom > pat
+    # 512-byte direct writes at odd sectors inside 4 KiB blocks.
+    for s in 1 3 9 15 4097 8191; do
+        dd if=pat of="$dev" bs=512 count=1 skip=$((s % 8)) seek="$s" oflag=direct status=none
+    done
+    cp "$BASE" expect.img
+    for s in 1 3 9 15 4097 8191; do
+        dd if=pat of=expect.img bs=512 count=1 skip=$((s % 8)) seek="$s" conv=notrunc status=none
+    done
+    cmp <(dd if="$dev" bs=1M count=8 iflag=direct status=none) <(head -c 8M expect.img) \
+        || die "unaligned writes read back wrong"
+    rm -f expect.img
+    "$UC" del -n "$(dev_id "$dev")"
+    base_unchanged
+}
+
+case_discard() {
+    local dev; dev=$(add --base "$BASE")
+    dd if=/dev/urandom of="$dev" bs=1M count=4 seek=10 oflag=direct status=none
+    blkdiscard -o $((10 << 20)) -l $((2 << 20)) "$dev"
+    blkdiscard -z -o $((40 << 20)) -l $((3 << 20)) "$dev"
+    # Unaligned zeroing: partial blocks are written with zeros.
+    blkdiscard -z -o $((60 << 20 | 1024)) -l 8192 "$dev"
+    for r in "10 2" "40 3"; do
+        set -- $r
+        cmp -n $(($2 << 20)) <(dd if="$dev" bs=1M skip="$1" count="$2" iflag=direct status=none) /dev/zero \
+            || die "range at ${1}M does not read as zeros"
+        cmp -s -n $(($2 << 20)) <(dd if="$BASE" bs=1M skip="$1" count="$2" status=none) /dev/zero \
+            && die "the base has zeros at ${1}M (test is meaningless)"
+    done
+    cmp -n 8192 <(dd if="$dev" bs=1024 skip=$((60 << 10 | 1)) count=8 iflag=direct status=none) /dev/zero \
+        || die "unaligned zeroed range is not zeros"
+    cmp <(dd if="$dev" bs=1024 skip=$((60 << 10)) count=1 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1024 skip=$((60 << 10)) count=1 status=none) \
+        || die "bytes before the unaligned zeroed range changed"
+    "$UC" del -n "$(dev_id "$dev")"
+    base_unchanged
+}
+
+case_persistent_overlay() {
+    local dev ov=$WORK/keep.overlay
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov")
+    head -c 3M /dev/urandom > data
+    dd if=data of="$dev" bs=1M seek=20 oflag=direct status=none
+    "$UC" del -n "$(dev_id "$dev")"
+    dev=$(add --base "$BASE" --overlay "$ov")
+    cmp <(dd if="$dev" bs=1M skip=20 count=3 iflag=direct status=none) data \
+        || die "data written before del is not there after add"
+    "$UC" list | grep -q "$ov" || die "list does not show the overlay"
+    "$UC" del -n "$(dev_id "$dev")"
+    head -c 1M /dev/urandom > other.img
+    local ov_sha; ov_sha=$(sha "$ov")
+    expect_fail "overlay of another base" "$UC" add --base other.img --overlay "$ov"
+    [ "$(sha "$ov")" = "$ov_sha" ] || die "the refused add changed the overlay"
+    ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc && die "a device was left behind"
+    base_unchanged
+}
+
+case_two_devices() {
+    local d1 d2
+    d1=$(add --base "$BASE"); d2=$(add --base "$BASE")
+    [ "$d1" != "$d2" ] || die "same device twice"
+    head -c 1M /dev/urandom > one; head -c 1M /dev/urandom > two
+    dd if=one of="$d1" bs=1M seek=5 oflag=direct status=none
+    dd if=two of="$d2" bs=1M seek=5 oflag=direct status=none
+    cmp <(dd if="$d1" bs=1M skip=5 count=1 iflag=direct status=none) one || die "device 1 wrong"
+    cmp <(dd if="$d2" bs=1M skip=5 count=1 iflag=direct status=none) two || die "device 2 wrong"
+    cmp <(dd if="$d1" bs=1M skip=6 count=4 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1M skip=6 count=4 status=none) || die "untouched range differs from base"
+    "$UC" del --all
+    [ ! -e "$d1" ] && [ ! -e "$d2" ] || die "devices left after del --all"
+    base_unchanged
+}
+
+case_bad_input() {
+    mkdir -p adir; head -c 1000 /dev/urandom > odd.img
+    local before; before=$(ls /sys/class/ublk-char/ 2>/dev/null | wc -l)
+    expect_fail "missing base" "$UC" add --base "$WORK/nope.img"
+    expect_fail "base is a directory" "$UC" add --base adir
+    expect_fail "odd size" "$UC" add --base odd.img
+    expect_fail "block size 3000" "$UC" add --base "$BASE" --block-size 3000
+    expect_fail "block size 2M" "$UC" add --base "$BASE" --block-size 2M
+    expect_fail "del of a missing device" "$UC" del -n 77
+    local dev; dev=$(add --base "$BASE" --id 5)
+    [ "$dev" = /dev/ublkb5 ] || die "--id 5 gave $dev"
+    expect_fail "add twice with --id 5" "$UC" add --base "$BASE" --id 5
+    "$UC" del -n 5
+    local after; after=$(ls /sys/class/ublk-char/ 2>/dev/null | wc -l)
+    [ "$before" = "$after" ] || die "devices left behind ($before before, $after after)"
+    [ -z "$(ls "$UBLK_COW_RUN_DIR" 2>/dev/null)" ] || die "state files left: $(ls "$UBLK_COW_RUN_DIR")"
+    base_unchanged
+}
+
+run_case "ext4: mkfs, files, e2fsck, remount" case_ext4
+run_case "fio crc32c verify, mixed sizes, QD32 x2" case_fio_verify
+run_case "unaligned 512-byte direct writes" case_unaligned_direct
+run_case "discard and write-zeroes read as zeros" case_discard
+run_case "persistent overlay across del/add" case_persistent_overlay
+run_case "two devices from one base" case_two_devices
+run_case "bad input refused, nothing left behind" case_bad_input
+summary
