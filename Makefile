@@ -28,9 +28,13 @@ test-host:
 	$(CARGO) test --release --locked -- --show-output
 
 test-vm: build
-	bash ci/in-ublk-env.sh tests/e2e/suite.sh
+	bash ci/in-ublk-env.sh tests/e2e/run.sh
 
 test: setup lint test-host test-vm
 
 clean:
 	$(CARGO) clean
+
+# Benchmarks against peers (not part of `make test`): in a VM when needed.
+bench: setup build
+	VM_MEM=4G bash ci/in-ublk-env.sh ci/bench/guest.sh

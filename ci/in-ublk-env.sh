@@ -9,4 +9,12 @@ if [ -e /dev/ublk-control ]; then
     exec bash "$@"
 fi
 echo "in-ublk-env: this host has no ublk_drv; running $1 in a VM" >&2
+# The guest does not inherit this environment: pass on the knobs of the
+# guest scripts that are set here.
+for v in E2E_ONLY CRASH_CYCLES REPLAY_STEPS ROUNDS RUNTIME SYSTEMS WORKLOADS; do
+    if [ -n "${!v:-}" ]; then
+        VM_ENV="${VM_ENV:-} $v='${!v}'"
+    fi
+done
+export VM_ENV
 exec bash ci/vm-run.sh "$@"

@@ -31,6 +31,19 @@ pub enum Command {
     Del(DelArgs),
     /// List ublk-cow devices.
     List(ListArgs),
+    /// Start a new daemon for a device whose daemon died (killed, crashed);
+    /// the device kept its requests waiting and loses no completed write.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The device number N of /dev/ublkbN.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub number: u32,
+    /// Stay in the foreground instead of starting a daemon.
+    #[arg(long)]
+    pub foreground: bool,
 }
 
 fn block_size_arg(s: &str) -> Result<u32, String> {
@@ -131,5 +144,6 @@ pub fn run(cli: Cli) -> Result<()> {
             None => daemon::del_all(),
         },
         Command::List(l) => daemon::list(l.json),
+        Command::Recover(r) => daemon::recover(r.number, r.foreground),
     }
 }

@@ -40,16 +40,20 @@ enum OverlaySource {
     Existing(PathBuf),
     /// `--overlay` names a file to create.
     New(PathBuf),
-    /// No `--overlay`: a temporary file, removed at `del`.
-    Temporary,
+    /// No `--overlay`: a temporary file, removed at `del`; its path once
+    /// made (when recovering).
+    Temporary(PathBuf),
 }
 
-/// An `add` whose inputs have all been checked; nothing was written yet.
+/// An `add` or `recover` whose inputs have all been checked; nothing was
+/// written yet.
 struct Prepared {
     req: AddRequest,
     base: Base,
     overlay: OverlaySource,
     block_size: u32,
+    /// Take over this device (whose daemon died) instead of adding one.
+    recover: Option<u32>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -69,7 +73,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     req.base = absolute(&req.base)?;
     let base = open_base(&req.base)?;
     let overlay = match req.overlay.clone() {
-        None => OverlaySource::Temporary,
+        None => OverlaySource::Temporary(PathBuf::new()),
         Some(p) => {
             let p = absolute(&p)?;
             if p == req.base {
@@ -115,12 +119,77 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
         base,
         overlay,
         block_size,
+        recover: None,
     })
 }
 
 /// `ublk-cow add`: prints the device path once it is ready for I/O.
 pub fn add(req: AddRequest) -> Result<()> {
-    let p = prepare(req)?;
+    start(prepare(req)?)
+}
+
+/// `ublk-cow recover -n N`: starts a new daemon for device N, whose daemon
+/// died, with the options and the live map the old one left.
+pub fn recover(id: u32, foreground: bool) -> Result<()> {
+    let Some(st) = DeviceState::load(id)? else {
+        bail!("there is no ublk-cow device {id}");
+    };
+    if st.daemon_alive() {
+        bail!(
+            "device {id} is alive (daemon pid {}): nothing to recover",
+            st.pid
+        );
+    }
+    if !target::device_exists(id) {
+        bail!("ublk device {id} is gone; `ublk-cow del -n {id}` cleans up, `add` starts anew");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !target::is_quiesced(id) {
+        if Instant::now() > deadline {
+            bail!("ublk device {id} is not waiting for recovery");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !state::map_path(id).exists() {
+        bail!("the live map {} is missing", state::map_path(id).display());
+    }
+    let req = AddRequest {
+        base: st.base.clone(),
+        overlay: Some(st.overlay.clone()),
+        block_size: Some(st.block_size),
+        target: TargetConfig {
+            id: Some(id),
+            queues: st.queues,
+            depth: st.depth,
+        },
+        read_only: st.read_only,
+        foreground,
+        force: st.forced,
+    };
+    let base = open_base(&req.base)?;
+    if base.size != st.size {
+        bail!(
+            "base {} changed size since the device was added",
+            req.base.display()
+        );
+    }
+    let overlay = if st.temporary_overlay {
+        OverlaySource::Temporary(st.overlay.clone())
+    } else {
+        OverlaySource::Existing(st.overlay.clone())
+    };
+    start(Prepared {
+        req,
+        base,
+        overlay,
+        block_size: st.block_size,
+        recover: Some(id),
+    })
+}
+
+/// Serves a prepared device: in the foreground, or in a daemon while this
+/// process waits to print the device path.
+fn start(p: Prepared) -> Result<()> {
     if p.req.foreground {
         return serve(p, Box::new(|path| println!("{path}")));
     }
@@ -165,7 +234,8 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
     let (path, create) = match src {
         OverlaySource::Existing(p) => (p.clone(), false),
         OverlaySource::New(p) => (p.clone(), true),
-        OverlaySource::Temporary => (
+        OverlaySource::Temporary(p) if !p.as_os_str().is_empty() => (p.clone(), false),
+        OverlaySource::Temporary(_) => (
             std::env::temp_dir().join(format!("ublk-cow-{id}-{}.overlay", std::process::id())),
             true,
         ),
@@ -179,19 +249,24 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
     Ok((path, file, create))
 }
 
-/// The live map: a file under the run directory, mapped shared.
-fn map_memory(id: u32, blocks: u64) -> Result<MapMemory> {
+/// The live map: a file under the run directory, mapped shared. `fresh`
+/// starts it empty; otherwise it is the map a dead daemon left.
+fn map_memory(id: u32, blocks: u64, fresh: bool) -> Result<MapMemory> {
     let path = state::map_path(id);
     let f = File::options()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create(fresh)
+        .truncate(fresh)
         .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .with_context(|| format!("opening {}", path.display()))?;
     let len = map_bytes(blocks);
-    f.set_len(len)
-        .with_context(|| format!("sizing {}", path.display()))?;
+    if fresh {
+        f.set_len(len)
+            .with_context(|| format!("sizing {}", path.display()))?;
+    } else if f.metadata()?.len() != len {
+        bail!("the live map {} has the wrong size", path.display());
+    }
     let m =
         MappedFile::map(&f, len as usize).with_context(|| format!("mapping {}", path.display()))?;
     Ok(MapMemory::Mapped(m))
@@ -200,8 +275,18 @@ fn map_memory(id: u32, blocks: u64) -> Result<MapMemory> {
 /// Creates the device and serves it until it is stopped. Runs in the daemon
 /// (or in the foreground). On failure before `ready`, removes what it made.
 fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> {
+    // A panic in any thread ends the whole daemon at once: the kernel then
+    // quiesces the device and keeps its requests for `recover`, instead of a
+    // queue dying alone and leaving the device hung.
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("panic: {info}; the device waits for `ublk-cow recover`");
+        std::process::abort();
+    }));
     crate::sys::block_termination_signals();
-    let ctrl = target::create(&p.req.target)?;
+    let ctrl = match p.recover {
+        None => target::create(&p.req.target)?,
+        Some(id) => target::attach_for_recovery(id)?,
+    };
     let id = ctrl.dev_info().dev_id;
     state::ensure_run_dir()?;
     if !p.req.foreground {
@@ -213,10 +298,12 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         if created {
             let _ = std::fs::remove_file(&overlay_path);
         }
-        let _ = std::fs::remove_file(state::map_path(id));
+        if p.recover.is_none() {
+            let _ = std::fs::remove_file(state::map_path(id));
+        }
     };
     let geo = Geometry::new(p.base.size, p.block_size)?;
-    let opened = map_memory(id, geo.blocks()).and_then(|mem| {
+    let opened = map_memory(id, geo.blocks(), p.recover.is_none()).and_then(|mem| {
         let dev = if created {
             CowDevice::create(
                 p.base.file,
@@ -231,7 +318,11 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
                 block_size: p.req.block_size,
                 force: p.req.force,
             };
-            CowDevice::open(p.base.file, overlay_file, check, MapSource::Load(mem))?
+            let source = match p.recover {
+                None => MapSource::Load(mem),
+                Some(_) => MapSource::Live(mem),
+            };
+            CowDevice::open(p.base.file, overlay_file, check, source)?
         };
         Ok(dev)
     });
@@ -255,13 +346,14 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         device: ctrl.get_bdev_path(),
         base: p.req.base.clone(),
         overlay: overlay_path.clone(),
-        temporary_overlay: matches!(p.overlay, OverlaySource::Temporary),
+        temporary_overlay: matches!(p.overlay, OverlaySource::Temporary(_)),
         block_size: p.block_size,
         size: geo.size(),
         queues: p.req.target.queues,
         depth: p.req.target.depth,
         read_only: p.req.read_only,
         recovered_unclean: unclean,
+        forced: p.req.force,
     };
     let shared = Arc::new(Shared::new(dev));
     std::thread::spawn(move || {
@@ -294,6 +386,10 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         log::error!("closing the overlay: {e:#}");
     }
     drop(ctrl);
+    if p.recover.is_some() {
+        // A control handle made for recovery does not delete the device.
+        let _ = target::delete(id);
+    }
     served.map_err(|e| anyhow!("serving ublk device {id}: {e}"))?;
     closed?;
     // A clean stop leaves nothing behind; a failed one keeps its log.

@@ -25,6 +25,9 @@ pub struct DeviceState {
     pub read_only: bool,
     /// The overlay had not been closed cleanly when this daemon opened it.
     pub recovered_unclean: bool,
+    /// `--force` was given: the base's identity was not checked strictly.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 pub fn run_dir() -> PathBuf {

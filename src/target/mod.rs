@@ -60,10 +60,42 @@ pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
         .nr_queues(cfg.queues)
         .depth(cfg.depth)
         .io_buf_bytes(params::IO_BUF_BYTES)
-        .ctrl_flags(sys::UBLK_F_USER_RECOVERY as u64)
+        .ctrl_flags(CTRL_FLAGS)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
         .map_err(|e| Error::invalid(format!("creating the ublk device failed: {e}")))
+}
+
+/// Devices survive their daemon: when it dies the kernel quiesces the device
+/// and requeues the requests it had taken, and `recover` serves them again
+/// (re-issuing a write is harmless: it writes the same data again).
+const CTRL_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+/// Whether device `id` is waiting for a new daemon (its daemon died).
+pub fn is_quiesced(id: u32) -> bool {
+    UblkCtrl::new_simple(id as i32)
+        .map(|c| c.dev_info().state == sys::UBLK_S_DEV_QUIESCED as u16)
+        .unwrap_or(false)
+}
+
+/// Takes over device `id`, whose daemon died, for a new daemon. Dropping
+/// the handle leaves the device; [`delete`] removes it.
+pub fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
+    let old = UblkCtrl::new_simple(id as i32)
+        .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
+    let info = old.dev_info();
+    old.start_user_recover()
+        .map_err(|e| Error::invalid(format!("starting recovery of ublk device {id}: {e}")))?;
+    UblkCtrlBuilder::default()
+        .name("ublk-cow")
+        .id(id as i32)
+        .nr_queues(info.nr_hw_queues)
+        .depth(info.queue_depth)
+        .io_buf_bytes(params::IO_BUF_BYTES)
+        .ctrl_flags(CTRL_FLAGS)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| Error::invalid(format!("recovering ublk device {id}: {e}")))
 }
 
 /// Starts the device and serves it until it is stopped. `ready` runs once

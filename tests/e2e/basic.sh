@@ -1,18 +1,5 @@
-#!/bin/bash
-# The end-to-end suite, run inside a guest with ublk_drv (ci/vm-run.sh boots
-# one). Each case asserts; the base's sha256 is checked after every case.
-source "$(dirname "$0")/lib.sh"
-need_ublk
-rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
-
-BASE=$WORK/base.img
-BASE_MB=192
-say "making a ${BASE_MB} MiB base of random data"
-head -c $((BASE_MB << 20)) /dev/urandom > "$BASE"
-BASE_SHA=$(sha "$BASE")
-
-add() { "$UC" add "$@"; }
-
+# Basic cases: file system, fio verify, unaligned I/O, discard, persistence,
+# several devices, bad input. Sourced by run.sh.
 base_unchanged() {
     [ "$(sha "$BASE")" = "$BASE_SHA" ] || die "the base changed"
 }
@@ -145,11 +132,10 @@ case_bad_input() {
     base_unchanged
 }
 
-run_case "ext4: mkfs, files, e2fsck, remount" case_ext4
-run_case "fio crc32c verify, mixed sizes, QD32 x2" case_fio_verify
-run_case "unaligned 512-byte direct writes" case_unaligned_direct
-run_case "discard and write-zeroes read as zeros" case_discard
-run_case "persistent overlay across del/add" case_persistent_overlay
-run_case "two devices from one base" case_two_devices
-run_case "bad input refused, nothing left behind" case_bad_input
-summary
+CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
+CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
+CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")
+CASES+=("discard and write-zeroes read as zeros|case_discard")
+CASES+=("persistent overlay across del/add|case_persistent_overlay")
+CASES+=("two devices from one base|case_two_devices")
+CASES+=("bad input refused, nothing left behind|case_bad_input")

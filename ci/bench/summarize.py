@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Medians (with min..max spread) per system and workload from runs.jsonl,
+and each system's ratio to kernel loop, as a Markdown table."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+by = defaultdict(list)
+systems, workloads = [], []
+for r in runs:
+    by[(r["workload"], r["system"])].append(r)
+    if r["system"] not in systems:
+        systems.append(r["system"])
+    if r["workload"] not in workloads:
+        workloads.append(r["workload"])
+
+def metric(wl):
+    return "mib_s" if wl.startswith("seq") else "iops"
+
+print("| workload | system | median | spread (min..max) | rounds | ratio to loop |")
+print("| --- | --- | ---: | --- | ---: | ---: |")
+for wl in workloads:
+    m = metric(wl)
+    unit = "MiB/s" if m == "mib_s" else "IOPS"
+    ref = by.get((wl, "loop"))
+    ref_med = statistics.median(r[m] for r in ref) if ref else None
+    for s in systems:
+        vals = [r[m] for r in by.get((wl, s), [])]
+        if not vals:
+            continue
+        med = statistics.median(vals)
+        ratio = f"{med / ref_med:.2f}x" if ref_med else "-"
+        print(f"| {wl} | {s} | {med:,.0f} {unit} | {min(vals):,.0f}..{max(vals):,.0f} | {len(vals)} | {ratio} |")

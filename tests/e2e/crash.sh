@@ -1,0 +1,102 @@
+# Crash cases: the daemon killed with SIGKILL mid-I/O and recovered, a full
+# overlay file system. Sourced by run.sh.
+
+daemon_pid() { grep -o '"pid": *[0-9]*' "$UBLK_COW_RUN_DIR/$1.json" | grep -o '[0-9]*$'; }
+
+# kill -9 the daemon of device $1 and start a new one with `recover`.
+kill_and_recover() {
+    local id=$1 pid; pid=$(daemon_pid "$id")
+    kill -9 "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    "$UC" recover -n "$id" >/dev/null
+    [ "$(daemon_pid "$id")" != "$pid" ] || die "recover did not start a new daemon"
+}
+
+CYCLES=${CRASH_CYCLES:-20}
+
+case_kill9_fio() {
+    local dev id ov=$WORK/crash.overlay
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    for c in $(seq 0 $((CYCLES - 1))); do
+        local region=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32
+            --offset=$((c * 8))M --size=8M --rw=randwrite --bssplit=4k/60:64k/30:256k/10
+            --verify=crc32c --randseed=$((1000 + c)) --name=c$c)
+        fio "${region[@]}" --do_verify=0 > "fio-$c.log" 2>&1 &
+        local fpid=$!
+        sleep "0.$((RANDOM % 9 + 1))"
+        kill_and_recover "$id"
+        wait "$fpid" || { cat "fio-$c.log"; die "cycle $c: fio saw an error across the crash"; }
+        fio "${region[@]}" --verify_only --verify_fatal=1 > "fio-v$c.log" 2>&1 \
+            || { cat "fio-v$c.log"; die "cycle $c: verify failed after recover"; }
+    done
+    say "  $CYCLES kill -9 / recover cycles, every cycle verified"
+    # Everything written in every cycle is still there.
+    for c in $(seq 0 $((CYCLES - 1))); do
+        fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
+            --offset=$((c * 8))M --size=8M --rw=randwrite --bssplit=4k/60:64k/30:256k/10 \
+            --verify=crc32c --randseed=$((1000 + c)) --name=c$c --verify_only --verify_fatal=1 \
+            > "fio-all$c.log" 2>&1 || { cat "fio-all$c.log"; die "region $c lost data"; }
+    done
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+case_kill9_ext4() {
+    local dev id
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    mkfs.ext4 -q -F "$dev"
+    mkdir -p mnt; mount "$dev" mnt
+    (for i in $(seq 1 400); do head -c $((i * 1531)) /dev/urandom > mnt/f$i; done; sync) &
+    local wpid=$!
+    for k in 1 2 3; do
+        sleep 0.7
+        kill_and_recover "$id"
+    done
+    wait "$wpid" || die "writing files failed across daemon crashes"
+    sync; umount mnt
+    e2fsck -fn "$dev" > e2fsck.log 2>&1 || { cat e2fsck.log; die "e2fsck after recover"; }
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+case_full_disk() {
+    local dev id small=$WORK/small
+    mkdir -p "$small"; mount -t tmpfs -o size=24M tmpfs "$small"
+    dev=$(add --base "$BASE" --overlay "$small/ov"); id=$(dev_id "$dev")
+    head -c 4M /dev/urandom > first
+    dd if=first of="$dev" bs=1M seek=100 oflag=direct status=none
+    # 40 MiB of writes into a 24 MiB file system must fail, not hang.
+    if dd if=/dev/urandom of="$dev" bs=1M count=40 oflag=direct status=none 2>dd.err; then
+        die "writing past a full overlay succeeded"
+    fi
+    grep -qiE "no space|input/output" dd.err || { cat dd.err; die "unexpected error: $(cat dd.err)"; }
+    kill -0 "$(daemon_pid "$id")" || die "the daemon died on a full disk"
+    cmp <(dd if="$dev" bs=1M skip=100 count=4 iflag=direct status=none) first \
+        || die "data written before the disk filled is damaged"
+    cmp <(dd if="$dev" bs=1M skip=150 count=4 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1M skip=150 count=4 status=none) || die "reads fail on a full disk"
+    # Free space (discard punches holes in the overlay), then write again.
+    blkdiscard -o 0 -l $((40 << 20)) "$dev"
+    head -c 2M /dev/urandom > again
+    dd if=again of="$dev" bs=1M seek=60 oflag=direct status=none || die "writes fail after space was freed"
+    cmp <(dd if="$dev" bs=1M skip=60 count=2 iflag=direct status=none) again || die "new write reads back wrong"
+    cmp <(dd if="$dev" bs=1M skip=100 count=4 iflag=direct status=none) first || die "old data damaged"
+    "$UC" del -n "$id"
+    umount "$small"
+    base_unchanged
+}
+
+case_recover_bad_input() {
+    local dev id
+    expect_fail "recover of an unknown device" "$UC" recover -n 99
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    expect_fail "recover of a live device" "$UC" recover -n "$id"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
+CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck after|case_kill9_ext4")
+CASES+=("full overlay file system: errors, no damage, recovers|case_full_disk")
+CASES+=("recover: bad input|case_recover_bad_input")

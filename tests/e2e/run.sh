@@ -1,0 +1,29 @@
+#!/bin/bash
+# The end-to-end suite, run inside a guest with ublk_drv (ci/vm-run.sh boots
+# one). Sources every case file; each case asserts, and the base's sha256 is
+# checked after each. E2E_ONLY=WORD runs only the cases whose name has WORD.
+source "$(dirname "$0")/lib.sh"
+need_ublk
+rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
+
+BASE=$WORK/base.img
+BASE_MB=192
+say "making a ${BASE_MB} MiB base of random data"
+head -c $((BASE_MB << 20)) /dev/urandom > "$BASE"
+BASE_SHA=$(sha "$BASE")
+
+add() { "$UC" add "$@"; }
+
+base_unchanged() {
+    [ "$(sha "$BASE")" = "$BASE_SHA" ] || die "the base changed"
+}
+
+CASES=()
+for f in basic.sh crash.sh; do
+    source "$(dirname "${BASH_SOURCE[0]}")/$f"
+done
+for c in "${CASES[@]}"; do
+    name=${c%|*}
+    case $name in *"${E2E_ONLY:-}"*) run_case "$name" "${c#*|}" ;; esac
+done
+summary
