@@ -37,4 +37,4 @@ clean:
 
 # Benchmarks against peers (not part of `make test`): in a VM when needed.
 bench: setup build
-	VM_MEM=4G bash ci/in-ublk-env.sh ci/bench/guest.sh
+	bash ci/bench/run.sh

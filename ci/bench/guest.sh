@@ -2,7 +2,8 @@
 # Benchmark inside a guest with ublk_drv: fio (io_uring, O_DIRECT) against
 # ublk-cow and its peers over the same base, in one boot, in interleaved
 # rounds (A B ... A B ...), a fresh device for every first-write job.
-# Writes one JSON line per run to $OUT/runs.jsonl, then the summary.
+# Prints one "bench-json: {...}" line per run (ci/bench/run.sh collects
+# them on the host), then the summary table.
 #   env: ROUNDS (3), SYSTEMS ("loop ublk-cow"), WORKLOADS (all), RUNTIME (10)
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
@@ -12,10 +13,10 @@ ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
 SYSTEMS=${SYSTEMS:-"loop ublk-cow"}
 WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first seqread-1m"}
-OUT=${OUT:-$ROOT/target/bench}
+OUT=${OUT:-/tmp/ublk-cow-bench-out}
 mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 
-B=/mnt/ublk-cow-bench
+B=/tmp/ublk-cow-bench
 mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
 export TMPDIR=$B
 BASE=$B/base.img
@@ -48,7 +49,7 @@ rw = "write" if j["write"]["io_bytes"] > 0 else "read"
 print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
                   "iops": j[rw]["iops"], "mib_s": j[rw]["bw_bytes"] / 2**20}))
 PY
-            say "  $wl round $round $sys: $(tail -n1 "$OUT/runs.jsonl")"
+            echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
         done
     done
 done

@@ -12,6 +12,7 @@ say() { echo "ublk-cow-guest: $*"; }
 
 # Loads ublk_drv; its absence is a failure, not a skip.
 need_ublk() {
+    modprobe loop 2>/dev/null || true
     modprobe ublk_drv 2>/dev/null
     if [ ! -e /dev/ublk-control ]; then
         say "FATAL: /dev/ublk-control is missing: this kernel has no ublk_drv"
