@@ -30,11 +30,15 @@ fn device(blocks: usize) -> (CowDevice<Arc<SimDisk>, Arc<SimDisk>>, Vec<u8>) {
 #[test]
 fn copy_after_full_write_is_dropped() {
     let (dev, _) = device(8);
-    let job = dev.copy_read(3).unwrap().expect("block 3 is unallocated");
+    let job = dev
+        .copy_read(3..4)
+        .unwrap()
+        .expect("block 3 is unallocated");
     let new = vec![0x11u8; BS];
     dev.write(3 * BS as u64, &new).unwrap();
-    assert!(
-        !dev.copy_install(job).unwrap(),
+    assert_eq!(
+        dev.copy_install(job).unwrap(),
+        0,
         "a stale copy was installed"
     );
     let mut got = vec![0u8; BS];
@@ -46,9 +50,9 @@ fn copy_after_full_write_is_dropped() {
 #[test]
 fn copy_after_partial_write_is_dropped() {
     let (dev, base) = device(8);
-    let job = dev.copy_read(5).unwrap().unwrap();
+    let job = dev.copy_read(5..6).unwrap().unwrap();
     dev.write(5 * BS as u64 + 1024, &[0x22u8; 512]).unwrap();
-    assert!(!dev.copy_install(job).unwrap());
+    assert_eq!(dev.copy_install(job).unwrap(), 0);
     let mut got = vec![0u8; BS];
     dev.read(5 * BS as u64, &mut got).unwrap();
     let mut want = base[5 * BS..6 * BS].to_vec();
@@ -60,18 +64,32 @@ fn copy_after_partial_write_is_dropped() {
 #[test]
 fn copy_after_discard_is_dropped() {
     let (dev, _) = device(8);
-    let job = dev.copy_read(2).unwrap().unwrap();
+    let job = dev.copy_read(2..3).unwrap().unwrap();
     dev.write_zeroes(2 * BS as u64, BS as u64).unwrap();
-    assert!(!dev.copy_install(job).unwrap());
+    assert_eq!(dev.copy_install(job).unwrap(), 0);
     assert_eq!(dev.map().get(2), BlockState::Zero);
+}
+
+/// A copy over several blocks installs only those no write reached.
+#[test]
+fn range_copy_skips_written_blocks() {
+    let (dev, base) = device(8);
+    let job = dev.copy_read(0..4).unwrap().unwrap();
+    dev.write(BS as u64, &[0x33u8; BS]).unwrap();
+    assert_eq!(dev.copy_install(job).unwrap(), 3);
+    let mut got = vec![0u8; 4 * BS];
+    dev.read(0, &mut got).unwrap();
+    let mut want = base[..4 * BS].to_vec();
+    want[BS..2 * BS].fill(0x33);
+    assert_eq!(got, want);
 }
 
 /// An uncontended copy is installed and changes no data.
 #[test]
 fn copy_of_untouched_block_is_installed() {
     let (dev, base) = device(8);
-    let job = dev.copy_read(1).unwrap().unwrap();
-    assert!(dev.copy_install(job).unwrap());
+    let job = dev.copy_read(1..2).unwrap().unwrap();
+    assert_eq!(dev.copy_install(job).unwrap(), 1);
     assert_eq!(dev.map().get(1), BlockState::Allocated);
     let mut got = vec![0u8; BS];
     dev.read(BS as u64, &mut got).unwrap();
@@ -109,8 +127,9 @@ fn concurrent_copies_never_undo_writes() {
             let dev = dev.clone();
             std::thread::spawn(move || {
                 for _ in 0..40 {
-                    for b in 0..blocks as u64 {
-                        if let Some(job) = dev.copy_read(b).unwrap() {
+                    for b in (0..blocks as u64).step_by(3) {
+                        let end = (b + 3).min(blocks as u64);
+                        if let Some(job) = dev.copy_read(b..end).unwrap() {
                             dev.copy_install(job).unwrap();
                         }
                     }

@@ -7,6 +7,7 @@
 //! the I/O of a plan is issued.
 
 use crate::engine::base::BaseIdentity;
+use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, plan_cache};
 use crate::engine::geometry::Geometry;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::{BlockMap, BlockState, MapMemory};
@@ -38,10 +39,10 @@ pub struct CowDevice<B: Storage, O: Storage> {
     was_clean: bool,
 }
 
-/// A block of base data read for copying into the overlay; installed by
-/// [`CowDevice::copy_install`] only if the block is still `Unallocated`.
+/// Base data of consecutive blocks read for copying into the overlay;
+/// [`CowDevice::copy_install`] installs only blocks still `Unallocated`.
 pub struct CopyJob {
-    pub block: u64,
+    pub first: u64,
     pub data: Vec<u8>,
 }
 
@@ -278,30 +279,105 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         Ok((base, overlay.into_storage()))
     }
 
-    /// First half of a copy of `block` from the base into the overlay: reads
-    /// the base data, without any lock, if the block is `Unallocated`.
-    pub fn copy_read(&self, block: u64) -> Result<Option<CopyJob>, Error> {
-        if self.map.get(block) != BlockState::Unallocated {
+    /// First half of a copy of `blocks` from the base into the overlay:
+    /// reads the base data, without any lock, if any block is `Unallocated`.
+    pub fn copy_read(&self, blocks: Range<u64>) -> Result<Option<CopyJob>, Error> {
+        if !blocks
+            .clone()
+            .any(|b| self.map.get(b) == BlockState::Unallocated)
+        {
             return Ok(None);
         }
-        let start = self.geo.block_start(block);
-        let mut data = vec![0u8; (self.geo.block_end(block) - start) as usize];
+        let start = self.geo.block_start(blocks.start);
+        let mut data = vec![0u8; (self.geo.block_end(blocks.end - 1) - start) as usize];
         self.base
             .read_at(&mut data, start)
             .ctx(|| format!("base read at {start}"))?;
-        Ok(Some(CopyJob { block, data }))
+        Ok(Some(CopyJob {
+            first: blocks.start,
+            data,
+        }))
     }
 
-    /// Second half: under the block's lock, re-checks that the block is still
-    /// `Unallocated` and only then writes the copy and marks it `Allocated`.
-    /// Returns whether the copy was installed.
-    pub fn copy_install(&self, job: CopyJob) -> Result<bool, Error> {
-        let _guard = self.lock(job.block..job.block + 1);
-        if self.map.get(job.block) != BlockState::Unallocated {
-            return Ok(false);
+    /// Second half: under the blocks' locks, re-checks which blocks are still
+    /// `Unallocated` and writes only those, marking them `Allocated`. A block
+    /// that a write or discard reached since [`CowDevice::copy_read`] keeps
+    /// what that write or discard left. Returns the blocks installed.
+    pub fn copy_install(&self, job: CopyJob) -> Result<u64, Error> {
+        let bs = self.geo.block_size() as u64;
+        let n = (job.data.len() as u64).div_ceil(bs);
+        let blocks = job.first..job.first + n;
+        let _guard = self.lock(blocks.clone());
+        let mut installed = 0;
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let (state, run) = self.map.run_at(b, blocks.end);
+            if state == BlockState::Unallocated {
+                let from = ((b - job.first) * bs) as usize;
+                let to = (((b + run - job.first) * bs) as usize).min(job.data.len());
+                self.overlay_write(&job.data[from..to], self.geo.block_start(b))?;
+                for x in b..b + run {
+                    self.map.set(x, BlockState::Allocated);
+                }
+                installed += run;
+            }
+            b += run;
         }
-        self.overlay_write(&job.data, self.geo.block_start(job.block))?;
-        self.map.set(job.block, BlockState::Allocated);
-        Ok(true)
+        Ok(installed)
     }
+
+    /// A cache request (see `cache.rs`), carried out synchronously. Copies
+    /// go in pieces of at most 1 MiB so that locks are held briefly.
+    pub fn cache(&self, off: u64, len: u64, mode: CacheMode) -> Result<CacheDone, Error> {
+        let blocks = cache_blocks(&self.geo, off, len)?;
+        let mut steps = Vec::new();
+        plan_cache(&self.map, &self.geo, blocks, mode, &mut steps);
+        let mut done = CacheDone::default();
+        let piece_blocks = ((1u64 << 20) / self.geo.block_size() as u64).max(1);
+        for st in steps {
+            match st.action {
+                CacheAction::FadviseOverlay => {
+                    let _ = self
+                        .overlay
+                        .storage()
+                        .will_need(self.overlay.data_pos(st.off), st.len);
+                    done.fadvised_overlay += st.len;
+                }
+                CacheAction::FadviseBase => {
+                    let _ = self.base.will_need(st.off, st.len);
+                    done.fadvised_base += st.len;
+                }
+                CacheAction::ReadBase | CacheAction::CopyToOverlay => {
+                    let first = self.geo.block_of(st.off);
+                    let end = self.geo.block_of(st.off + st.len - 1) + 1;
+                    let mut b = first;
+                    while b < end {
+                        let e = end.min(b + piece_blocks);
+                        if st.action == CacheAction::ReadBase {
+                            let start = self.geo.block_start(b);
+                            let mut buf = vec![0u8; (self.geo.block_end(e - 1) - start) as usize];
+                            self.base
+                                .read_at(&mut buf, start)
+                                .ctx(|| format!("base read at {start}"))?;
+                            done.read += buf.len() as u64;
+                        } else if let Some(job) = self.copy_read(b..e)? {
+                            let installed = self.copy_install(job)?;
+                            done.copied += installed * self.geo.block_size() as u64;
+                        }
+                        b = e;
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// What a cache request did, in bytes per action.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheDone {
+    pub fadvised_overlay: u64,
+    pub fadvised_base: u64,
+    pub read: u64,
+    pub copied: u64,
 }

@@ -7,6 +7,7 @@
 //! with plain positional I/O here, `crate::target` with io_uring.
 
 pub mod base;
+pub mod cache;
 pub mod device;
 pub mod geometry;
 pub mod locks;

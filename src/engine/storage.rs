@@ -20,6 +20,10 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Sets the length (extending leaves a hole).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Hints that `[off, off+len)` will be read soon (`fadvise WILLNEED`).
+    fn will_need(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Storage for File {
@@ -58,6 +62,10 @@ impl Storage for File {
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
     }
+
+    fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
+        crate::sys::fadvise(self, off, len, libc::POSIX_FADV_WILLNEED)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -78,6 +86,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).will_need(off, len)
     }
 }
 

@@ -1,0 +1,202 @@
+//! Cache requests: the cow_on_cache state machine.
+//!
+//! A cache request for `[offset, offset+len)` is rounded out to whole blocks
+//! and each block gets an action from its state and the [`CacheMode`]:
+//!
+//! | state       | action                                              |
+//! |-------------|-----------------------------------------------------|
+//! | Allocated   | `fadvise(WILLNEED)` on the overlay range            |
+//! | Zero        | nothing                                             |
+//! | Unallocated | by mode: `ignore` nothing; `passthrough` fadvise on |
+//! |             | the base; `read` read the base and drop the data;   |
+//! |             | `cow` read the base and install it in the overlay   |
+//!
+//! Adjacent blocks with the same action become one step. A cache request
+//! never changes what a read returns; `cow` installs copies under the block
+//! lock rule (see `locks.rs`), so a copy never lands over a newer write.
+
+use crate::engine::Error;
+use crate::engine::geometry::Geometry;
+use crate::engine::map::{BlockMap, BlockState};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a cache request does with blocks still on the base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Nothing.
+    Ignore,
+    /// `fadvise(WILLNEED)` on the base: the base's page cache reads ahead.
+    Passthrough,
+    /// Read the base and drop the data: warms caches that fadvise cannot
+    /// reach (a base opened with O_DIRECT, a network file system's cache).
+    Read,
+    /// Read the base and write the data into the overlay (copy-on-cache).
+    Cow,
+}
+
+impl CacheMode {
+    /// The default for a base: one with a page cache (a regular file or a
+    /// block device opened without O_DIRECT) is warmed by fadvise; one
+    /// opened with O_DIRECT has no page cache to warm, so it is read.
+    pub fn default_for(base_direct: bool) -> CacheMode {
+        if base_direct {
+            CacheMode::Read
+        } else {
+            CacheMode::Passthrough
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CacheMode::Ignore => "ignore",
+            CacheMode::Passthrough => "passthrough",
+            CacheMode::Read => "read",
+            CacheMode::Cow => "cow",
+        })
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ignore" => Ok(CacheMode::Ignore),
+            "passthrough" => Ok(CacheMode::Passthrough),
+            "read" => Ok(CacheMode::Read),
+            "cow" => Ok(CacheMode::Cow),
+            _ => Err(format!(
+                "'{s}' is not a cache mode (ignore, passthrough, read, cow)"
+            )),
+        }
+    }
+}
+
+/// What one step of a cache request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheAction {
+    FadviseOverlay,
+    FadviseBase,
+    ReadBase,
+    CopyToOverlay,
+}
+
+/// One step: `action` over device bytes `[off, off+len)`, whole blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheStep {
+    pub action: CacheAction,
+    pub off: u64,
+    pub len: u64,
+}
+
+fn action(state: BlockState, mode: CacheMode) -> Option<CacheAction> {
+    match (state, mode) {
+        (BlockState::Allocated, _) => Some(CacheAction::FadviseOverlay),
+        (BlockState::Zero, _) => None,
+        (BlockState::Unallocated, CacheMode::Ignore) => None,
+        (BlockState::Unallocated, CacheMode::Passthrough) => Some(CacheAction::FadviseBase),
+        (BlockState::Unallocated, CacheMode::Read) => Some(CacheAction::ReadBase),
+        (BlockState::Unallocated, CacheMode::Cow) => Some(CacheAction::CopyToOverlay),
+    }
+}
+
+/// The blocks a cache request of `[off, off+len)` covers, rounded out and
+/// clipped to the device; an error if the range starts past the end.
+pub fn cache_blocks(geo: &Geometry, off: u64, len: u64) -> Result<std::ops::Range<u64>, Error> {
+    if off >= geo.size() || len == 0 {
+        return Err(Error::invalid(format!(
+            "cache range {off}+{len} is outside the device ({} bytes)",
+            geo.size()
+        )));
+    }
+    let end = off.saturating_add(len).min(geo.size());
+    Ok(geo.block_of(off)..geo.block_of(end - 1) + 1)
+}
+
+/// Plans the blocks `blocks` in `mode`, merging adjacent equal actions.
+pub fn plan_cache(
+    map: &BlockMap,
+    geo: &Geometry,
+    blocks: std::ops::Range<u64>,
+    mode: CacheMode,
+    out: &mut Vec<CacheStep>,
+) {
+    out.clear();
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let (state, n) = map.run_at(b, blocks.end);
+        if let Some(action) = action(state, mode) {
+            let off = geo.block_start(b);
+            let len = geo.block_end(b + n - 1) - off;
+            match out.last_mut() {
+                Some(last) if last.action == action && last.off + last.len == off => {
+                    last.len += len
+                }
+                _ => out.push(CacheStep { action, off, len }),
+            }
+        }
+        b += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::map::MapMemory;
+    use BlockState::*;
+
+    fn setup(states: &[BlockState]) -> (BlockMap, Geometry) {
+        let n = states.len() as u64;
+        let map = BlockMap::new(MapMemory::heap(n), n);
+        for (i, s) in states.iter().enumerate() {
+            map.set(i as u64, *s);
+        }
+        (map, Geometry::new(n * 4096, 4096).unwrap())
+    }
+
+    #[test]
+    fn every_mode_over_every_state() {
+        let (map, geo) = setup(&[Allocated, Zero, Unallocated, Unallocated, Allocated]);
+        let mut out = Vec::new();
+        let step = |a, b: u64, n: u64| CacheStep {
+            action: a,
+            off: b * 4096,
+            len: n * 4096,
+        };
+        plan_cache(&map, &geo, 0..5, CacheMode::Ignore, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                step(CacheAction::FadviseOverlay, 0, 1),
+                step(CacheAction::FadviseOverlay, 4, 1)
+            ]
+        );
+        plan_cache(&map, &geo, 0..5, CacheMode::Passthrough, &mut out);
+        assert_eq!(out[1], step(CacheAction::FadviseBase, 2, 2));
+        plan_cache(&map, &geo, 0..5, CacheMode::Read, &mut out);
+        assert_eq!(out[1], step(CacheAction::ReadBase, 2, 2));
+        plan_cache(&map, &geo, 0..5, CacheMode::Cow, &mut out);
+        assert_eq!(out[1], step(CacheAction::CopyToOverlay, 2, 2));
+        assert_eq!(out.len(), 3, "Zero blocks get no step");
+    }
+
+    #[test]
+    fn ranges_round_out_and_clip() {
+        let geo = Geometry::new(10 * 4096, 4096).unwrap();
+        assert_eq!(cache_blocks(&geo, 4095, 2).unwrap(), 0..2);
+        assert_eq!(cache_blocks(&geo, 4096, u64::MAX).unwrap(), 1..10);
+        assert!(cache_blocks(&geo, 10 * 4096, 1).is_err());
+        assert!(cache_blocks(&geo, 0, 0).is_err());
+    }
+
+    #[test]
+    fn modes_parse() {
+        for m in ["ignore", "passthrough", "read", "cow"] {
+            assert_eq!(m.parse::<CacheMode>().unwrap().to_string(), m);
+        }
+        assert!("copy".parse::<CacheMode>().is_err());
+    }
+}
