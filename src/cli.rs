@@ -2,6 +2,8 @@
 //! with its default and why; `--help` shows it.
 
 use crate::daemon::{self, AddRequest};
+use crate::engine::cache::{CacheMode, CachePolicy};
+use crate::engine::readahead::Readahead;
 use crate::size::parse_size;
 use crate::target::TargetConfig;
 use anyhow::Result;
@@ -31,6 +33,12 @@ pub enum Command {
     Del(DelArgs),
     /// List ublk-cow devices.
     List(ListArgs),
+    /// Cache a range of a device: warm it (fadvise or read) or, with
+    /// --cow-on-cache, copy it into the overlay. Returns when done.
+    Cache(CacheArgs),
+    /// Show a device's counters: reads by source, writes, cache requests by
+    /// source and action, blocks in each state.
+    Stats(StatsArgs),
     /// Start a new daemon for a device whose daemon died (killed, crashed);
     /// the device kept its requests waiting and loses no completed write.
     Recover(RecoverArgs),
@@ -104,6 +112,75 @@ pub struct AddArgs {
     /// time differ from when the overlay was made (the size must match).
     #[arg(long)]
     pub force: bool,
+
+    /// What cache requests (kernel readahead, the readahead detector,
+    /// `ublk-cow cache`) do with blocks still on the base: `ignore`;
+    /// `passthrough` = fadvise(WILLNEED) on the base; `read` = read the base
+    /// and drop the data (warms caches fadvise cannot reach); `cow` = copy
+    /// into the overlay. Allocated blocks are always fadvised in the overlay.
+    /// Default: passthrough, as the base is read through the page cache.
+    #[arg(long, value_name = "MODE", value_parser = cache_mode_arg)]
+    pub cache_mode: Option<CacheMode>,
+
+    /// Same as --cache-mode cow: pull what is cached (and what the kernel
+    /// reads ahead) into the overlay, e.g. from a slow base.
+    #[arg(long, conflicts_with = "cache_mode")]
+    pub cow_on_cache: bool,
+
+    /// Copy every base block that a read fully covers into the overlay (the
+    /// data is already in memory), so the next read of it needs no base.
+    #[arg(long)]
+    pub cow_on_read: bool,
+
+    /// Prefetch for sequential readers: `auto` (windows from 64K doubling up
+    /// to 4M), a maximum window size, or `off`. Serves readers that bypass
+    /// the page cache (O_DIRECT), whose reads carry no readahead hint, and
+    /// the hints of buffered readers. The kernel's own readahead on the base
+    /// is switched off (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
+    #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
+    pub readahead: Readahead,
+}
+
+fn cache_mode_arg(s: &str) -> Result<CacheMode, String> {
+    s.parse()
+}
+
+fn readahead_arg(s: &str) -> Result<Readahead, String> {
+    s.parse()
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    /// The device number N of /dev/ublkbN.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub number: u32,
+    /// Start of the range. Default 0.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
+    pub offset: u64,
+    /// Length of the range. Default: to the end of the device.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub length: Option<u64>,
+    /// Cache mode for this request (see `add --cache-mode`). Default: the
+    /// device's.
+    #[arg(long, value_name = "MODE", value_parser = cache_mode_arg)]
+    pub mode: Option<CacheMode>,
+    /// Same as --mode cow: copy the range's base blocks into the overlay.
+    #[arg(long, conflicts_with = "mode")]
+    pub cow_on_cache: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// The device number N of /dev/ublkbN.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub number: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +215,16 @@ pub fn run(cli: Cli) -> Result<()> {
             read_only: a.read_only,
             foreground: a.foreground,
             force: a.force,
+            policy: CachePolicy {
+                mode: if a.cow_on_cache {
+                    CacheMode::Cow
+                } else {
+                    a.cache_mode.unwrap_or(CacheMode::default_for(false))
+                },
+                readahead: a.readahead,
+                cow_on_read: a.cow_on_read,
+                ..CachePolicy::default()
+            },
         }),
         Command::Del(d) => match d.number {
             Some(n) => daemon::del(n),
@@ -145,5 +232,14 @@ pub fn run(cli: Cli) -> Result<()> {
         },
         Command::List(l) => daemon::list(l.json),
         Command::Recover(r) => daemon::recover(r.number, r.foreground),
+        Command::Cache(c) => {
+            let mode = if c.cow_on_cache {
+                Some(CacheMode::Cow)
+            } else {
+                c.mode
+            };
+            daemon::cache(c.number, c.offset, c.length, mode)
+        }
+        Command::Stats(s) => daemon::stats(s.number, s.json),
     }
 }

@@ -14,5 +14,6 @@ pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod size;
+pub mod stats;
 pub mod sys;
 pub mod target;

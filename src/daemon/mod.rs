@@ -3,9 +3,11 @@
 //! opens or creates the overlay, serves I/O, and on SIGTERM or `del` stops
 //! the device, flushes and closes the overlay clean, and removes its files.
 
+pub mod control;
 pub mod state;
 
 use crate::engine::base::{Base, open_base};
+use crate::engine::cache::{CacheMode, CachePolicy};
 use crate::engine::device::{CowDevice, MapSource};
 use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
 use crate::engine::map::{MapMemory, map_bytes};
@@ -32,6 +34,7 @@ pub struct AddRequest {
     pub read_only: bool,
     pub foreground: bool,
     pub force: bool,
+    pub policy: CachePolicy,
 }
 
 /// Where the overlay comes from.
@@ -165,6 +168,7 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
         read_only: st.read_only,
         foreground,
         force: st.forced,
+        policy: st.policy,
     };
     let base = open_base(&req.base)?;
     if base.size != st.size {
@@ -354,8 +358,16 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         read_only: p.req.read_only,
         recovered_unclean: unclean,
         forced: p.req.force,
+        policy: p.req.policy,
     };
-    let shared = Arc::new(Shared::new(dev));
+    // The prefetcher is ours alone (see engine::readahead): no kernel
+    // readahead on the base.
+    let _ = crate::sys::fadvise(dev.base(), 0, 0, libc::POSIX_FADV_RANDOM);
+    let shared = Arc::new(Shared::new(dev, p.req.policy));
+    if let Err(e) = control::serve(id, shared.clone()) {
+        cleanup(created);
+        return Err(e);
+    }
     std::thread::spawn(move || {
         let sig = crate::sys::wait_termination();
         log::info!("signal {sig}: stopping device {id}");
@@ -484,4 +496,84 @@ pub fn list(json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ublk-cow cache -n N`: a cache request through the daemon's socket;
+/// returns when the range is done, with progress on a terminal.
+pub fn cache(id: u32, offset: u64, length: Option<u64>, mode: Option<CacheMode>) -> Result<()> {
+    let st = live_device(id)?;
+    if offset >= st.size {
+        bail!(
+            "offset {offset} is past the end of device {id} ({} bytes)",
+            st.size
+        );
+    }
+    let length = length.unwrap_or(st.size - offset);
+    if length == 0 || length > st.size - offset {
+        bail!(
+            "range {offset}+{length} is past the end of device {id} ({} bytes)",
+            st.size
+        );
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && length >= (64 << 20);
+    let start = Instant::now();
+    let req = control::Request::Cache {
+        offset,
+        length,
+        mode,
+    };
+    let last = control::call(id, &req, |r| {
+        if let (true, Some(p), Some(t)) = (tty, r.progress, r.total) {
+            eprint!(
+                "\rcache: {:3}% ({} of {} MiB)",
+                p * 100 / t,
+                p >> 20,
+                t >> 20
+            );
+        }
+    });
+    if tty {
+        eprintln!();
+    }
+    let done = last?
+        .done
+        .ok_or_else(|| anyhow!("the daemon did not finish the request"))?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "cached {} MiB in {secs:.1} s: {} MiB copied to the overlay, {} MiB read, {} MiB advised (base), {} MiB advised (overlay)",
+        length >> 20,
+        done.copied >> 20,
+        done.read >> 20,
+        done.fadvised_base >> 20,
+        done.fadvised_overlay >> 20
+    );
+    Ok(())
+}
+
+/// `ublk-cow stats -n N [--json]`.
+pub fn stats(id: u32, json: bool) -> Result<()> {
+    live_device(id)?;
+    let reply = control::call(id, &control::Request::Stats, |_| {})?;
+    let s = reply
+        .stats
+        .ok_or_else(|| anyhow!("the daemon sent no stats"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        for (name, v) in s.rows() {
+            println!("{name:<28} {v}");
+        }
+    }
+    Ok(())
+}
+
+/// The state of device `id`, which must be ours and running.
+fn live_device(id: u32) -> Result<DeviceState> {
+    let Some(st) = DeviceState::load(id)? else {
+        bail!("there is no ublk-cow device {id}");
+    };
+    if !st.daemon_alive() {
+        bail!("the daemon of device {id} is not running (try: ublk-cow recover -n {id})");
+    }
+    Ok(st)
 }

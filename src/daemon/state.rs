@@ -4,6 +4,7 @@
 //! shared by the daemon so that it outlives a daemon crash; `<id>.log` is the
 //! daemon's log.
 
+use crate::engine::cache::CachePolicy;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ pub struct DeviceState {
     /// `--force` was given: the base's identity was not checked strictly.
     #[serde(default)]
     pub forced: bool,
+    /// Cache mode, readahead and copy-on-read.
+    #[serde(default)]
+    pub policy: CachePolicy,
 }
 
 pub fn run_dir() -> PathBuf {
@@ -42,6 +46,10 @@ pub fn state_path(id: u32) -> PathBuf {
 
 pub fn map_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.map"))
+}
+
+pub fn socket_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.sock"))
 }
 
 pub fn log_path(id: u32) -> PathBuf {
@@ -76,6 +84,7 @@ impl DeviceState {
     pub fn remove_files(&self) {
         let _ = std::fs::remove_file(state_path(self.id));
         let _ = std::fs::remove_file(map_path(self.id));
+        let _ = std::fs::remove_file(socket_path(self.id));
         if self.temporary_overlay {
             let _ = std::fs::remove_file(&self.overlay);
         }

@@ -200,3 +200,28 @@ mod tests {
         assert!("copy".parse::<CacheMode>().is_err());
     }
 }
+
+/// How a device serves cache requests and prefetches; fixed at `add`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CachePolicy {
+    /// What cache requests do with blocks still on the base.
+    pub mode: CacheMode,
+    /// Prefetch windows (kernel hints and the O_DIRECT detector).
+    pub readahead: crate::engine::readahead::Readahead,
+    /// Copy base blocks that a read fully covers into the overlay.
+    pub cow_on_read: bool,
+    /// Bytes of background cache work queued or in flight per queue;
+    /// requests beyond it are dropped (they are only prefetch).
+    pub budget: u64,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            mode: CacheMode::Passthrough,
+            readahead: crate::engine::readahead::Readahead::Auto,
+            cow_on_read: false,
+            budget: 8 << 20,
+        }
+    }
+}

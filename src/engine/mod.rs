@@ -14,6 +14,7 @@ pub mod locks;
 pub mod map;
 pub mod overlay;
 pub mod plan;
+pub mod readahead;
 pub mod storage;
 
 use std::io;

@@ -7,10 +7,12 @@
 //! file 1 is the base (opened read-only), fixed file 2 the overlay. No
 //! blocking system call is made here.
 
+use crate::engine::cache::{CacheAction, CacheMode, CachePolicy, cache_blocks, plan_cache};
 use crate::engine::device::CowDevice;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
+use crate::stats::Stats;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
@@ -22,17 +24,22 @@ pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
 
 pub type Device = CowDevice<File, File>;
 
-/// What every queue shares: the device and the flush serializer.
+/// What every queue shares: the device, its cache policy, the counters and
+/// the flush serializer.
 pub struct Shared {
     pub dev: Device,
+    pub policy: CachePolicy,
+    pub stats: Stats,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(dev: Device) -> Shared {
+    pub fn new(dev: Device, policy: CachePolicy) -> Shared {
         Shared {
             dev,
+            policy,
+            stats: Stats::default(),
             flushing: AtomicBool::new(false),
         }
     }
@@ -58,6 +65,13 @@ impl QueueBufs {
 pub struct TagScratch {
     runs: Vec<ReadRun>,
     fill: Vec<u8>,
+}
+
+impl TagScratch {
+    /// The runs of the last READ.
+    pub fn runs(&self) -> &[ReadRun] {
+        &self.runs
+    }
 }
 
 /// Completes each pushed operation, in order; the first failure (negative
@@ -117,13 +131,24 @@ pub async fn read(
     let mut ops = Vec::with_capacity(s.runs.len());
     for run in &s.runs {
         let dst = &mut buf[run.buf_off..run.buf_off + run.len as usize];
+        let st = &sh.stats;
         let (fd, pos) = match run.source {
             ReadSource::Zero => {
                 dst.fill(0);
+                Stats::add(&st.read_zero_ops, 1);
+                Stats::add(&st.read_zero_bytes, run.len);
                 continue;
             }
-            ReadSource::Base => (BASE_FD, run.off),
-            ReadSource::Overlay => (OVERLAY_FD, dev.overlay().data_pos(run.off)),
+            ReadSource::Base => {
+                Stats::add(&st.read_base_ops, 1);
+                Stats::add(&st.read_base_bytes, run.len);
+                (BASE_FD, run.off)
+            }
+            ReadSource::Overlay => {
+                Stats::add(&st.read_overlay_ops, 1);
+                Stats::add(&st.read_overlay_bytes, run.len);
+                (OVERLAY_FD, dev.overlay().data_pos(run.off))
+            }
         };
         let len = run.len as u32;
         ops.push((
@@ -151,6 +176,8 @@ pub async fn write(
     let dev = &sh.dev;
     let len = data.len() as u64;
     let pos = dev.overlay().data_pos(off);
+    Stats::add(&sh.stats.write_ops, 1);
+    Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
             let op = q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos));
@@ -163,6 +190,7 @@ pub async fn write(
     };
     let _guard = lock(q, dev.locks(), blocks).await;
     let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
+    Stats::add(&sh.stats.rmw_blocks, p.fills().count() as u64);
 
     // Base data for the fills first: head in fill[..bs], tail in fill[bs..].
     let bs = dev.geometry().block_size() as usize;
@@ -224,6 +252,7 @@ pub async fn write_zeroes(
     let dev = &sh.dev;
     let geo = *dev.geometry();
     let p = plan::plan_zero(&geo, off, len);
+    Stats::add(&sh.stats.zero_ops, 1);
     for (o, l) in p.head.into_iter().chain(p.tail) {
         let r = write(q, sh, qb, s, o, &qb.zeros[..l as usize]).await;
         if r < 0 {
@@ -265,6 +294,7 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
         q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
     }
     let dev = &sh.dev;
+    Stats::add(&sh.stats.flushes, 1);
     let pages = dev.map().take_dirty_pages();
     let datasync = || {
         opcode::Fsync::new(OVERLAY_FD)
@@ -291,4 +321,110 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
     }
     sh.flushing.store(false, Ordering::Release);
     r
+}
+
+/// Largest piece of base data a cache request reads or copies at once.
+const CACHE_PIECE: u64 = 1 << 20;
+
+/// A cache request on the queue's ring (see `engine::cache`): fadvise steps
+/// as io_uring `Fadvise`, reads and copies in pieces of at most 1 MiB.
+pub async fn cache_range(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    off: u64,
+    len: u64,
+    mode: CacheMode,
+) -> i32 {
+    let dev = &sh.dev;
+    let geo = *dev.geometry();
+    let Ok(blocks) = cache_blocks(&geo, off, len) else {
+        return -libc::EINVAL;
+    };
+    let mut steps = Vec::new();
+    plan_cache(dev.map(), &geo, blocks, mode, &mut steps);
+    let st = &sh.stats;
+    for step in steps {
+        let (fd, pos, counter) = match step.action {
+            CacheAction::FadviseOverlay => (
+                OVERLAY_FD,
+                dev.overlay().data_pos(step.off),
+                &st.fadvise_overlay_bytes,
+            ),
+            CacheAction::FadviseBase => (BASE_FD, step.off, &st.fadvise_base_bytes),
+            CacheAction::ReadBase | CacheAction::CopyToOverlay => {
+                let mut at = step.off;
+                while at < step.off + step.len {
+                    let n = CACHE_PIECE.min(step.off + step.len - at);
+                    let mut buf = vec![0u8; n as usize];
+                    let rd = read_sqe(BASE_FD, buf.as_mut_ptr(), n as u32, at);
+                    let r = await_all(vec![(q.ublk_submit_sqe(rd), n as u32)]).await;
+                    if r < 0 {
+                        return r;
+                    }
+                    if step.action == CacheAction::ReadBase {
+                        Stats::add(&st.cache_read_bytes, n);
+                    } else {
+                        let r = install(q, sh, at, &buf).await;
+                        if r < 0 {
+                            return r;
+                        }
+                    }
+                    at += n;
+                }
+                continue;
+            }
+        };
+        Stats::add(counter, step.len);
+        let sqe = opcode::Fadvise::new(fd, step.len as libc::off_t, libc::POSIX_FADV_WILLNEED)
+            .offset(pos)
+            .build();
+        // Advice only: its failure changes nothing.
+        let _ = q.ublk_submit_sqe(sqe).await;
+    }
+    0
+}
+
+/// Installs base data `data`, read at device offset `off`, into the overlay
+/// for every block it fully covers that is still `Unallocated` — under the
+/// blocks' locks, re-checking the state, so a copy never lands over a write
+/// or discard that came after the read. Returns 0 or a negative errno.
+pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i32 {
+    let dev = &sh.dev;
+    let geo = *dev.geometry();
+    let end = off + data.len() as u64;
+    let mut first = geo.block_of(off + geo.block_size() as u64 - 1);
+    let mut last = geo.block_of(end);
+    if end == geo.size() {
+        last = geo.blocks();
+    }
+    while first < last {
+        let chunk_end = last.min(first + MAX_LOCK_BLOCKS);
+        if !(first..chunk_end).any(|b| dev.map().get(b) == BlockState::Unallocated) {
+            first = chunk_end;
+            continue;
+        }
+        let _guard = lock(q, dev.locks(), first..chunk_end).await;
+        let mut b = first;
+        while b < chunk_end {
+            let (state, n) = dev.map().run_at(b, chunk_end);
+            if state == BlockState::Unallocated {
+                let from = geo.block_start(b);
+                let to = geo.block_end(b + n - 1);
+                let src = &data[(from - off) as usize..(to - off) as usize];
+                let at = dev.overlay().data_pos(from);
+                let w = write_sqe(OVERLAY_FD, src.as_ptr(), src.len() as u32, at);
+                let r = await_all(vec![(q.ublk_submit_sqe(w), src.len() as u32)]).await;
+                if r < 0 {
+                    return r;
+                }
+                for x in b..b + n {
+                    dev.map().set(x, BlockState::Allocated);
+                }
+                Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
+            }
+            b += n;
+        }
+        first = chunk_end;
+    }
+    0
 }

@@ -3,6 +3,7 @@
 //! queue. Set-up lives here and in `params`; I/O handling in `queue` (the
 //! request loop) and `exec` (plans carried out as io_uring operations).
 
+pub mod background;
 pub mod exec;
 pub mod params;
 pub mod queue;

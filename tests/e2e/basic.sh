@@ -132,6 +132,20 @@ case_bad_input() {
     base_unchanged
 }
 
+case_fua() {
+    local dev id
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    local before; before=$("$UC" stats -n "$id" --json | grep -o '"flushes": *[0-9]*' | grep -o '[0-9]*$')
+    # O_DIRECT|O_DSYNC writes reach the device as FUA writes.
+    dd if=/dev/urandom of="$dev" bs=4k count=4 seek=10 oflag=direct,dsync status=none
+    local after; after=$("$UC" stats -n "$id" --json | grep -o '"flushes": *[0-9]*' | grep -o '[0-9]*$')
+    say "  4 FUA writes: flushes $before -> $after"
+    [ "$after" -ge $((before + 4)) ] || die "FUA writes were not made durable"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+CASES+=("FUA writes are flushed|case_fua")
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
 CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")

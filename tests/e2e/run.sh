@@ -19,7 +19,7 @@ base_unchanged() {
 }
 
 CASES=()
-for f in basic.sh crash.sh powercut.sh; do
+for f in basic.sh cache.sh crash.sh powercut.sh; do
     source "$(dirname "${BASH_SOURCE[0]}")/$f"
 done
 for c in "${CASES[@]}"; do

@@ -1,0 +1,192 @@
+//! The daemon's control socket, `<run dir>/<id>.sock` (mode 0600): one JSON
+//! request per connection, answered with JSON lines.
+//!
+//! - `{"op":"stats"}` → `{"stats":{...}}`
+//! - `{"op":"cache","offset":O,"length":L,"mode":M|null}` → progress lines
+//!   `{"progress":done,"total":L}`, then `{"done":{...}}` or `{"error":"..."}`.
+//!
+//! Cache commands run on the socket's own thread with the synchronous
+//! executor, in pieces, so that a whole-device request neither blocks a
+//! queue nor holds any block lock for long.
+
+use crate::daemon::state;
+use crate::engine::cache::CacheMode;
+use crate::stats::{CacheSource, Stats, StatsSnapshot};
+use crate::target::exec::Shared;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Stats,
+    Cache {
+        offset: u64,
+        length: u64,
+        mode: Option<CacheMode>,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Reply {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StatsSnapshot>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done: Option<CacheReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Bytes per action of a finished `cache` command.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct CacheReport {
+    pub fadvised_overlay: u64,
+    pub fadvised_base: u64,
+    pub read: u64,
+    pub copied: u64,
+}
+
+/// A cache command is carried out in pieces of this many bytes, with a
+/// progress line after each.
+const PIECE: u64 = 16 << 20;
+
+/// Binds the socket of device `id` and serves it on a thread of its own.
+pub fn serve(id: u32, sh: Arc<Shared>) -> Result<()> {
+    let path = state::socket_path(id);
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Err(e) = handle(conn, &sh) {
+                    log::warn!("control request: {e:#}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn send(conn: &mut UnixStream, r: &Reply) -> Result<()> {
+    let mut line = serde_json::to_vec(r)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    Ok(())
+}
+
+pub fn snapshot(sh: &Shared) -> StatsSnapshot {
+    let mut s = sh.stats.snapshot();
+    let c = sh.dev.map().counts();
+    s.blocks_unallocated = c.unallocated;
+    s.blocks_allocated = c.allocated;
+    s.blocks_zero = c.zero;
+    s
+}
+
+fn handle(mut conn: UnixStream, sh: &Shared) -> Result<()> {
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let req: Request = serde_json::from_str(&line).context("bad request")?;
+    match req {
+        Request::Stats => send(
+            &mut conn,
+            &Reply {
+                stats: Some(snapshot(sh)),
+                ..Reply::default()
+            },
+        ),
+        Request::Cache {
+            offset,
+            length,
+            mode,
+        } => {
+            let mode = mode.unwrap_or(sh.policy.mode);
+            let size = sh.dev.geometry().size();
+            if offset >= size || length == 0 || length > size - offset {
+                let error = format!("range {offset}+{length} is outside the device ({size} bytes)");
+                return send(
+                    &mut conn,
+                    &Reply {
+                        error: Some(error),
+                        ..Reply::default()
+                    },
+                );
+            }
+            sh.stats.cache_request(CacheSource::Command);
+            let mut report = CacheReport::default();
+            let mut at = offset;
+            while at < offset + length {
+                let n = PIECE.min(offset + length - at);
+                match sh.dev.cache(at, n, mode) {
+                    Ok(d) => {
+                        report.fadvised_overlay += d.fadvised_overlay;
+                        report.fadvised_base += d.fadvised_base;
+                        report.read += d.read;
+                        report.copied += d.copied;
+                        let st = &sh.stats;
+                        Stats::add(&st.fadvise_overlay_bytes, d.fadvised_overlay);
+                        Stats::add(&st.fadvise_base_bytes, d.fadvised_base);
+                        Stats::add(&st.cache_read_bytes, d.read);
+                        Stats::add(&st.copied_to_overlay_bytes, d.copied);
+                    }
+                    Err(e) => {
+                        let error = format!("cache at {at}: {e}");
+                        return send(
+                            &mut conn,
+                            &Reply {
+                                error: Some(error),
+                                ..Reply::default()
+                            },
+                        );
+                    }
+                }
+                at += n;
+                let progress = Reply {
+                    progress: Some(at - offset),
+                    total: Some(length),
+                    ..Reply::default()
+                };
+                // A client that went away stops the work.
+                send(&mut conn, &progress)?;
+            }
+            send(
+                &mut conn,
+                &Reply {
+                    done: Some(report),
+                    ..Reply::default()
+                },
+            )
+        }
+    }
+}
+
+/// Client side: sends `req` to device `id`, calling `each` on every reply
+/// line; returns the last one. An `error` reply becomes an error.
+pub fn call(id: u32, req: &Request, mut each: impl FnMut(&Reply)) -> Result<Reply> {
+    let path = state::socket_path(id);
+    let mut conn = UnixStream::connect(&path)
+        .with_context(|| format!("device {id}: the daemon's control socket does not answer"))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    let mut last = None;
+    for l in BufReader::new(conn).lines() {
+        let r: Reply = serde_json::from_str(&l?).context("bad reply from the daemon")?;
+        if let Some(e) = r.error {
+            bail!("{e}");
+        }
+        each(&r);
+        last = Some(r);
+    }
+    last.ok_or_else(|| anyhow!("device {id}: the daemon closed the connection without answering"))
+}

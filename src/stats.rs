@@ -1,0 +1,87 @@
+//! Per-device counters: where reads were served from, writes, and cache
+//! requests by source and by action. Updated with relaxed atomics by every
+//! queue; `ublk-cow stats` reads a snapshot through the control socket.
+
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Where a cache request came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheSource {
+    /// A READ flagged fail-fast by the kernel: page-cache readahead above us.
+    KernelHint,
+    /// The per-queue detector of sequential reads (O_DIRECT readers).
+    Detector,
+    /// `ublk-cow cache`.
+    Command,
+    /// `--cow-on-read`: base blocks a read fully covered.
+    CowOnRead,
+}
+
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// The live counters.
+        #[derive(Default)]
+        pub struct Stats { $(pub $name: AtomicU64,)* }
+
+        /// A snapshot of the counters, as `stats --json` prints it.
+        #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+        pub struct StatsSnapshot { $(pub $name: u64,)* }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl StatsSnapshot {
+            /// `(name, value)` pairs in declaration order.
+            pub fn rows(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters!(
+    read_base_ops,
+    read_base_bytes,
+    read_overlay_ops,
+    read_overlay_bytes,
+    read_zero_ops,
+    read_zero_bytes,
+    readahead_flagged_reads,
+    write_ops,
+    write_bytes,
+    rmw_blocks,
+    flushes,
+    zero_ops,
+    cache_from_kernel_hint,
+    cache_from_detector,
+    cache_from_command,
+    cache_from_cow_on_read,
+    cache_dropped_over_budget,
+    fadvise_overlay_bytes,
+    fadvise_base_bytes,
+    cache_read_bytes,
+    copied_to_overlay_bytes,
+    blocks_unallocated,
+    blocks_allocated,
+    blocks_zero,
+);
+
+impl Stats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    pub fn cache_request(&self, source: CacheSource) {
+        let c = match source {
+            CacheSource::KernelHint => &self.cache_from_kernel_hint,
+            CacheSource::Detector => &self.cache_from_detector,
+            CacheSource::Command => &self.cache_from_command,
+            CacheSource::CowOnRead => &self.cache_from_cow_on_read,
+        };
+        Stats::add(c, 1);
+    }
+}

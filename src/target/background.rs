@@ -1,0 +1,92 @@
+//! Background cache work of one queue: prefetches and copies that the queue's
+//! requests asked for, run by one task on the queue's executor, on the
+//! queue's ring, after the request that asked has completed. Work queued or
+//! in flight is bounded by the policy's budget; what does not fit is dropped,
+//! since it is only prefetch, so foreground requests never wait behind more
+//! than the budget.
+
+use crate::stats::{CacheSource, Stats};
+use crate::target::exec::{self, Shared};
+use libublk::io::UblkQueue;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+
+/// One piece of background work.
+pub enum Job {
+    /// A cache request in the device's cache mode.
+    Cache { off: u64, len: u64 },
+    /// Install base data just read (`data`, at device offset `off`) into the
+    /// overlay for the blocks it fully covers that are still unallocated.
+    Install { off: u64, data: Vec<u8> },
+}
+
+impl Job {
+    fn bytes(&self) -> u64 {
+        match self {
+            Job::Cache { len, .. } => *len,
+            Job::Install { data, .. } => data.len() as u64,
+        }
+    }
+}
+
+/// The queue of background jobs.
+#[derive(Default)]
+pub struct Background {
+    jobs: RefCell<VecDeque<Job>>,
+    bytes: Cell<u64>,
+    busy: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Background {
+    /// Queues `job` if it fits the budget; counts it by source or as dropped.
+    pub fn push(&self, job: Job, source: CacheSource, sh: &Shared) {
+        let n = job.bytes();
+        if self.bytes.get() + n > sh.policy.budget {
+            Stats::add(&sh.stats.cache_dropped_over_budget, 1);
+            return;
+        }
+        sh.stats.cache_request(source);
+        self.bytes.set(self.bytes.get() + n);
+        self.jobs.borrow_mut().push_back(job);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Nothing queued and nothing running.
+    pub fn idle(&self) -> bool {
+        self.jobs.borrow().is_empty() && !self.busy.get()
+    }
+
+    async fn next(&self) -> Job {
+        poll_fn(|cx| match self.jobs.borrow_mut().pop_front() {
+            Some(j) => Poll::Ready(j),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The queue's background task: runs jobs one after another, forever.
+pub async fn worker(q: &UblkQueue<'_>, sh: &Shared, bg: &Background) {
+    loop {
+        let job = bg.next().await;
+        bg.busy.set(true);
+        let n = job.bytes();
+        let r = match job {
+            Job::Cache { off, len } => exec::cache_range(q, sh, off, len, sh.policy.mode).await,
+            Job::Install { off, data } => exec::install(q, sh, off, &data).await,
+        };
+        if r < 0 {
+            log::debug!("background cache work failed: {}", -r);
+        }
+        bg.bytes.set(bg.bytes.get() - n);
+        bg.busy.set(false);
+    }
+}

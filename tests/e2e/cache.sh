@@ -1,0 +1,122 @@
+# Cache requests: kernel readahead hints, the O_DIRECT detector, `cache`,
+# copy-on-cache under concurrent writes, a base that fails after a
+# copy-on-cache, copy-on-read. Sourced by run.sh.
+
+stat_of() { "$UC" stats -n "$1" --json | grep -o "\"$2\": *[0-9]*" | grep -o '[0-9]*$'; }
+
+case_readahead_hints() {
+    local dev id
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if="$dev" of=/dev/null bs=1M count=64 status=none
+    local flagged hinted
+    flagged=$(stat_of "$id" readahead_flagged_reads); hinted=$(stat_of "$id" cache_from_kernel_hint)
+    say "  buffered sequential read: $flagged reads flagged readahead, $hinted cache requests from hints"
+    [ "$flagged" -gt 0 ] || die "no READ arrived with the fail-fast (readahead) flags"
+    [ "$hinted" -gt 0 ] || die "no cache request from kernel readahead hints"
+    [ "$(stat_of "$id" fadvise_base_bytes)" -gt 0 ] || die "passthrough did not fadvise the base"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+case_detector() {
+    local dev id
+    for ra in auto off; do
+        dev=$(add --base "$BASE" --readahead $ra); id=$(dev_id "$dev")
+        dd if="$dev" of=/dev/null bs=4k count=2048 iflag=direct status=none
+        local n; n=$(stat_of "$id" cache_from_detector)
+        say "  O_DIRECT sequential 4K reads, --readahead $ra: $n detector requests"
+        if [ $ra = auto ]; then [ "$n" -gt 0 ] || die "the detector asked for nothing"; fi
+        if [ $ra = off ]; then [ "$n" = 0 ] || die "--readahead off still prefetched"; fi
+        "$UC" del -n "$id"
+    done
+    base_unchanged
+}
+
+case_cow_on_cache_race() {
+    local dev id
+    dev=$(add --base "$BASE" --cow-on-cache); id=$(dev_id "$dev")
+    local job=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --offset=32M
+        --size=32M --rw=randwrite --bssplit=4k/40:16k/30:64k/30 --verify=crc32c
+        --randseed=77 --name=race)
+    fio "${job[@]}" --do_verify=0 > race-w.log 2>&1 &
+    local fpid=$! rounds=0
+    while kill -0 $fpid 2>/dev/null; do
+        "$UC" cache -n "$id" --offset 32M --length 32M --cow-on-cache >/dev/null
+        rounds=$((rounds + 1))
+    done
+    wait $fpid || { cat race-w.log; die "fio failed"; }
+    fio "${job[@]}" --verify_only --verify_fatal=1 > race-v.log 2>&1 \
+        || { cat race-v.log; die "a copy-on-cache undid a write"; }
+    say "  $rounds whole-range copy-on-cache rounds ran during the writes; verify clean"
+    [ "$rounds" -ge 2 ] || die "the cache loop did not overlap the writes"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+case_base_fails_after_cow_cache() {
+    local dev id img=$WORK/failbase.img
+    head -c 48M /dev/urandom > "$img"
+    local want; want=$(sha "$img")
+    local lo; lo=$(losetup -f --show "$img")
+    local sz; sz=$(blockdev --getsz "$lo")
+    dmsetup create ucfail --table "0 $sz linear $lo 0"
+    dev=$(add --base /dev/mapper/ucfail --cow-on-cache); id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$dev" bs=4k count=16 seek=100 oflag=direct status=none
+    dd if="$dev" of=mid.bin bs=4k count=16 skip=100 iflag=direct status=none
+    "$UC" cache -n "$id" >/dev/null
+    # The base fails for real from now on, and no cache holds its data.
+    dmsetup reload ucfail --table "0 $sz error"
+    dmsetup resume ucfail
+    echo 3 > /proc/sys/vm/drop_caches
+    blockdev --flushbufs /dev/mapper/ucfail
+    if dd if=/dev/mapper/ucfail of=/dev/null bs=4k count=1 iflag=direct status=none 2>/dev/null; then
+        die "the base still reads after switching to the error target"
+    fi
+    cp "$img" expect.img
+    dd if=mid.bin of=expect.img bs=4k seek=100 conv=notrunc status=none
+    cmp <(dd if="$dev" bs=1M iflag=direct status=none) expect.img \
+        || die "a block did not read correctly from the overlay"
+    rm -f expect.img
+    "$UC" del -n "$id"
+    dmsetup remove ucfail; losetup -d "$lo"
+    [ "$(sha "$img")" = "$want" ] || die "the base file changed"
+}
+
+case_cow_on_read() {
+    local dev id
+    dev=$(add --base "$BASE" --cow-on-read --readahead off); id=$(dev_id "$dev")
+    cmp <(dd if="$dev" bs=64k skip=80 count=32 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=80 count=32 status=none) || die "read differs"
+    sleep 1
+    local copied; copied=$(stat_of "$id" copied_to_overlay_bytes)
+    say "  reading 2 MiB copied $copied bytes into the overlay"
+    [ "$copied" -ge $((2 << 20)) ] || die "cow-on-read copied $copied bytes"
+    [ "$(stat_of "$id" blocks_allocated)" -ge 512 ] || die "blocks not allocated"
+    # What is now read from the overlay is the base's data.
+    cmp <(dd if="$dev" bs=64k skip=80 count=32 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=80 count=32 status=none) || die "overlay copy differs"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+case_cache_bad_input() {
+    local dev id
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    expect_fail "cache past the end" "$UC" cache -n "$id" --offset 1G
+    expect_fail "cache range past the end" "$UC" cache -n "$id" --offset 100M --length 100M
+    expect_fail "cache of an unknown device" "$UC" cache -n 99
+    expect_fail "bad cache mode" "$UC" cache -n "$id" --mode fast
+    expect_fail "stats of an unknown device" "$UC" stats -n 99
+    expect_fail "bad --readahead" "$UC" add --base "$BASE" --readahead fast
+    [ "$(stat_of "$id" blocks_allocated)" = 0 ] || die "a refused cache changed the overlay"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+CASES+=("buffered reads arrive as readahead hints and prefetch|case_readahead_hints")
+CASES+=("O_DIRECT readahead detector, auto and off|case_detector")
+CASES+=("copy-on-cache racing fio verify writes|case_cow_on_cache_race")
+CASES+=("cow-on-cache, then the base fails (dm error)|case_base_fails_after_cow_cache")
+CASES+=("cow-on-read copies fully read blocks|case_cow_on_read")
+CASES+=("cache and stats: bad input|case_cache_bad_input")
