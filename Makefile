@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm lint bench clean
+.PHONY: all build setup demo test test-host test-vm lint bench bench-cache clean
 
 all: build
 
@@ -38,3 +38,7 @@ clean:
 # Benchmarks against peers (not part of `make test`): in a VM when needed.
 bench: setup build
 	bash ci/bench/run.sh
+
+# Cache benchmarks: readahead over a slow base, copy-on-cache against cp.
+bench-cache: setup build
+	BENCH_SCRIPT=ci/bench/cache-guest.sh bash ci/bench/run.sh

@@ -17,14 +17,19 @@ for r in runs:
         workloads.append(r["workload"])
 
 def metric(wl):
-    return "mib_s" if wl.startswith("seq") else "iops"
+    return "mib_s" if wl.startswith("seq") or wl.startswith("copy") else "iops"
 
-print("| workload | system | median | spread (min..max) | rounds | ratio to loop |")
+
+def reference(wl):
+    """Ratios are to kernel loop, or to cp for copies."""
+    return "cp" if wl.startswith("copy") else "loop"
+
+print("| workload | system | median | spread (min..max) | rounds | ratio to loop (cp for copies) |")
 print("| --- | --- | ---: | --- | ---: | ---: |")
 for wl in workloads:
     m = metric(wl)
     unit = "MiB/s" if m == "mib_s" else "IOPS"
-    ref = by.get((wl, "loop"))
+    ref = by.get((wl, reference(wl)))
     ref_med = statistics.median(r[m] for r in ref) if ref else None
     for s in systems:
         vals = [r[m] for r in by.get((wl, s), [])]
