@@ -36,9 +36,13 @@ clean:
 	$(CARGO) clean
 
 # Benchmarks against peers (not part of `make test`): in a VM when needed.
-bench: setup build
+bench:
+	bash ci/bench/setup.sh
+	$(MAKE) build
 	bash ci/bench/run.sh
 
 # Cache benchmarks: readahead over a slow base, copy-on-cache against cp.
-bench-cache: setup build
+bench-cache:
+	bash ci/bench/setup.sh
+	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/cache-guest.sh bash ci/bench/run.sh

@@ -26,6 +26,12 @@ if [ -n "$need" ]; then
         qemu-system-x86 fio nbdkit nbd-client dmsetup e2fsprogs util-linux busybox-static \
         libclang-dev libseccomp-dev libcap-ng-dev kmod "$K" >/dev/null
 fi
+# qemu-system-x86 from Debian replaces a newer qemu-utils (qemu-img,
+# qemu-nbd) if one was there; bring back the matching one.
+command -v qemu-nbd >/dev/null || {
+    echo "vm-setup: installing qemu-utils" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+}
 command -v vng >/dev/null || {
     echo "vm-setup: pip install virtme-ng" >&2
     pip install -q virtme-ng >/dev/null

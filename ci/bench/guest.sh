@@ -8,11 +8,12 @@
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
+modprobe nbd max_part=0 2>/dev/null || true
 need_ublk
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
-SYSTEMS=${SYSTEMS:-"loop ublk-cow"}
-WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first seqread-1m"}
+SYSTEMS=${SYSTEMS:-$SYSTEMS_ALL}
+WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first randread-4k-written seqread-1m seqwrite-1m-first randrw-4k"}
 OUT=${OUT:-/tmp/ublk-cow-bench-out}
 mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 
@@ -23,14 +24,28 @@ BASE=$B/base.img
 say "bench: 512 MiB base of random data in guest tmpfs"
 head -c 512M /dev/urandom > "$BASE"
 
-# fio arguments of each workload. First writes cover 128 MiB once (fio's
-# random map writes each block once), so every write is a first write.
+# fio arguments of each workload. Every run gets a fresh device. First
+# writes cover their range once (fio's random map writes each block once),
+# so every write is a first write.
+TIMED="--time_based --runtime=$RUNTIME --ramp_time=1"
 workload_args() {
     case $1 in
-        randread-4k) echo "--rw=randread --bs=4k --iodepth=32 --time_based --runtime=$RUNTIME --ramp_time=2" ;;
-        randwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --size=128M" ;;
-        seqread-1m) echo "--rw=read --bs=1m --iodepth=8 --time_based --runtime=$RUNTIME --ramp_time=2" ;;
+        randread-4k) echo "--rw=randread --bs=4k --iodepth=32 $TIMED" ;;
+        randwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --size=64M" ;;
+        randread-4k-written) echo "--rw=randread --bs=4k --iodepth=32 --size=64M $TIMED" ;;
+        seqread-1m) echo "--rw=read --bs=1m --iodepth=8 $TIMED" ;;
+        seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
+        randrw-4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 $TIMED" ;;
         *) echo "unknown workload $1" >&2; return 1 ;;
+    esac
+}
+
+# Untimed preparation of a fresh device for a workload.
+prepare() {
+    case $2 in
+        randread-4k-written)
+            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
+                --bs=4k --iodepth=32 --size=64M >/dev/null ;;
     esac
 }
 
@@ -39,15 +54,17 @@ for wl in $WORKLOADS; do
     for round in $(seq 1 "$ROUNDS"); do
         for sys in $SYSTEMS; do
             dev=$(sys_up "$sys")
+            prepare "$dev" "$wl"
             fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
                 --output-format=json $args > "$OUT/fio.json"
             sys_down "$sys" "$dev"
             python3 - "$OUT/fio.json" "$sys" "$wl" "$round" >> "$OUT/runs.jsonl" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-rw = "write" if j["write"]["io_bytes"] > 0 else "read"
+r, w = j["read"], j["write"]
 print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-                  "iops": j[rw]["iops"], "mib_s": j[rw]["bw_bytes"] / 2**20}))
+                  "iops": r["iops"] + w["iops"],
+                  "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
 PY
             echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
         done

@@ -1,16 +1,58 @@
-# The systems a benchmark compares (sourced). `sys_up NAME` prints the device
-# of a fresh instance over $BASE; `sys_down NAME DEV` removes it. Systems that
-# write to their backing file (kernel loop) get a private copy of the base.
+# The systems a benchmark compares (sourced by the guest scripts).
+# `sys_up NAME` prints the device of a fresh instance over $BASE (in $B);
+# `sys_down NAME DEV` removes it. Systems that write to their backing file
+# (kernel loop, rublk) get a private copy of the base; the others keep their
+# writes in an overlay/COW store in $B (guest tmpfs).
+RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
+SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2"
+
+base_loop() { # a read-only loop device over the base, made once
+    if [ -z "${BASE_RO_LOOP:-}" ]; then
+        BASE_RO_LOOP=$(losetup -f --show --read-only --direct-io=on "$BASE")
+    fi
+    echo "$BASE_RO_LOOP"
+}
+
+wait_dev() { # wait until a block device answers with its full size
+    for _ in $(seq 1 100); do
+        [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return 0
+        sleep 0.1
+    done
+    echo "device $1 did not come up" >&2; return 1
+}
 
 sys_up() {
+    local sz; sz=$(($(stat -c %s "$BASE") / 512))
     case $1 in
         loop)
             cp --sparse=never "$BASE" $B/loop.img
             losetup --find --show --direct-io=on $B/loop.img ;;
-        ublk-cow)
-            "$UC" add --base "$BASE" ;;
-        ublk-cow-q1)
-            "$UC" add --base "$BASE" --queues 1 ;;
+        dm-snap-4k|dm-snap-64k)
+            local chunk=8; [ "$1" = dm-snap-64k ] && chunk=128
+            truncate -s 700M $B/snap.cow
+            local cow; cow=$(losetup -f --show $B/snap.cow)
+            echo "$cow" > $B/snap.cowdev
+            dmsetup create ucbsnap --table "0 $sz snapshot $(base_loop) $cow N $chunk"
+            echo /dev/mapper/ucbsnap ;;
+        qemu-nbd)
+            modprobe nbd max_part=0 2>/dev/null || true
+            qemu-img create -q -f qcow2 -b "$BASE" -F raw $B/ov.qcow2
+            qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native $B/ov.qcow2 2>/dev/null \
+                || qemu-nbd -c /dev/nbd0 -f qcow2 $B/ov.qcow2
+            wait_dev /dev/nbd0 && echo /dev/nbd0 ;;
+        nbdkit-cow)
+            modprobe nbd max_part=0 2>/dev/null || true
+            # nbdkit forks into the background once it listens (loopback only).
+            nbdkit -P $B/nbdkit.pid -i 127.0.0.1 -p 10810 --filter=cow file "$BASE"
+            nbd-client -N default 127.0.0.1 10810 /dev/nbd1 -b 4096 >/dev/null
+            wait_dev /dev/nbd1 && echo /dev/nbd1 ;;
+        rublk)
+            cp --sparse=never "$BASE" $B/rublk.img
+            "$RUBLK" add loop -n 50 -f $B/rublk.img >/dev/null
+            wait_dev /dev/ublkb50 && echo /dev/ublkb50 ;;
+        ublk-cow) "$UC" add --base "$BASE" ;;
+        ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
+        ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         *) echo "unknown system $1" >&2; return 1 ;;
     esac
 }
@@ -18,6 +60,11 @@ sys_up() {
 sys_down() {
     case $1 in
         loop) losetup -d "$2"; rm -f $B/loop.img ;;
+        dm-snap-*) dmsetup remove ucbsnap; losetup -d "$(cat $B/snap.cowdev)"; rm -f $B/snap.cow ;;
+        qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $B/ov.qcow2 ;;
+        nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
+            while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
+        rublk) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac
 }

@@ -1,0 +1,12 @@
+#!/bin/bash
+# What `make bench` needs besides the VM tools: the rublk ublk loop target
+# (the ublk round-trip baseline) and matplotlib for the chart. Idempotent.
+set -eu
+cd "$(dirname "$0")/../.."
+bash ci/setup.sh
+CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
+[ -x "$CACHE/rublk/bin/rublk" ] || {
+    echo "bench-setup: cargo install rublk (a few minutes, once)" >&2
+    cargo install -q --locked rublk --no-default-features --root "$CACHE/rublk"
+}
+python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
