@@ -59,6 +59,81 @@ impl Drop for MappedFile {
     }
 }
 
+/// A file mapped read-only and shared: reading it is a memory copy, with no
+/// system call. Used for the base, which never changes, and for the
+/// overlay, which only the kernel writes (io_uring writes, hole punching);
+/// a read racing a write to the same bytes sees old or new bytes, as on any
+/// block device.
+pub struct ReadOnlyMap {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: this process only ever reads through the mapping; writes to the
+// file come from the kernel, so sharing reads across threads is sound.
+unsafe impl Send for ReadOnlyMap {}
+// SAFETY: as above.
+unsafe impl Sync for ReadOnlyMap {}
+
+impl ReadOnlyMap {
+    /// Maps the first `len` bytes of `file` read-only.
+    pub fn map(file: &File, len: usize) -> io::Result<ReadOnlyMap> {
+        assert!(len > 0);
+        // SAFETY: a fresh read-only mapping of a descriptor we own; failure
+        // is MAP_FAILED, which we test.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ReadOnlyMap {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    /// Copies `dst.len()` bytes from offset `off` into `dst`.
+    pub fn copy_out(&self, off: u64, dst: &mut [u8]) {
+        let off = off as usize;
+        assert!(
+            off.checked_add(dst.len())
+                .is_some_and(|end| end <= self.len)
+        );
+        // SAFETY: the source range is inside the mapping (checked above),
+        // which lives until drop and which the file backs in full (the file
+        // is never shortened while mapped); `dst` is a distinct, writable
+        // buffer of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) }
+    }
+}
+
+impl Drop for ReadOnlyMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `map`, once.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Whether `file` lives in memory (tmpfs): its "I/O" is memory copies.
+pub fn is_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    // SAFETY: fstatfs fills the local struct we pass.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut st) == 0 && st.f_type as libc::c_long == TMPFS_MAGIC
+    }
+}
+
 /// Frees `[off, off+len)` of `file`, which then reads as zeros; the size stays.
 pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a descriptor we own; no memory is passed.

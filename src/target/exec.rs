@@ -13,6 +13,7 @@ use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
+use crate::sys::ReadOnlyMap;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
@@ -30,16 +31,35 @@ pub struct Shared {
     pub dev: Device,
     pub policy: CachePolicy,
     pub stats: Stats,
+    /// The base and the overlay mapped read-only when they live in memory
+    /// (tmpfs). tmpfs has no non-blocking reads (RWF_NOWAIT fails with
+    /// EOPNOTSUPP on 6.12), so io_uring hands every one of its reads to a
+    /// worker thread; a copy from the mapping is the same memory copy
+    /// without the handoff. Writes still go through the ring: a write fault
+    /// on a full tmpfs would kill the daemon, an io_uring write returns
+    /// ENOSPC.
+    base_map: Option<ReadOnlyMap>,
+    overlay_map: Option<ReadOnlyMap>,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
 
 impl Shared {
     pub fn new(dev: Device, policy: CachePolicy) -> Shared {
+        let map_if_tmpfs = |f: &File, len: u64| {
+            crate::sys::is_tmpfs(f)
+                .then(|| ReadOnlyMap::map(f, len as usize).ok())
+                .flatten()
+        };
+        let size = dev.geometry().size();
+        let base_map = map_if_tmpfs(dev.base(), size);
+        let overlay_map = map_if_tmpfs(dev.overlay().storage(), dev.overlay().data_pos(size));
         Shared {
             dev,
             policy,
             stats: Stats::default(),
+            base_map,
+            overlay_map,
             flushing: AtomicBool::new(false),
         }
     }
@@ -142,12 +162,21 @@ pub async fn read(
             ReadSource::Base => {
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
+                if let Some(m) = &sh.base_map {
+                    m.copy_out(run.off, dst);
+                    continue;
+                }
                 (BASE_FD, run.off)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);
                 Stats::add(&st.read_overlay_bytes, run.len);
-                (OVERLAY_FD, dev.overlay().data_pos(run.off))
+                let pos = dev.overlay().data_pos(run.off);
+                if let Some(m) = &sh.overlay_map {
+                    m.copy_out(pos, dst);
+                    continue;
+                }
+                (OVERLAY_FD, pos)
             }
         };
         let len = run.len as u32;
@@ -356,10 +385,14 @@ pub async fn cache_range(
                 while at < step.off + step.len {
                     let n = CACHE_PIECE.min(step.off + step.len - at);
                     let mut buf = vec![0u8; n as usize];
-                    let rd = read_sqe(BASE_FD, buf.as_mut_ptr(), n as u32, at);
-                    let r = await_all(vec![(q.ublk_submit_sqe(rd), n as u32)]).await;
-                    if r < 0 {
-                        return r;
+                    if let Some(m) = &sh.base_map {
+                        m.copy_out(at, &mut buf);
+                    } else {
+                        let rd = read_sqe(BASE_FD, buf.as_mut_ptr(), n as u32, at);
+                        let r = await_all(vec![(q.ublk_submit_sqe(rd), n as u32)]).await;
+                        if r < 0 {
+                            return r;
+                        }
                     }
                     if step.action == CacheAction::ReadBase {
                         Stats::add(&st.cache_read_bytes, n);
