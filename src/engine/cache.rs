@@ -145,17 +145,9 @@ pub fn plan_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::map::MapMemory;
     use BlockState::*;
 
-    fn setup(states: &[BlockState]) -> (BlockMap, Geometry) {
-        let n = states.len() as u64;
-        let map = BlockMap::new(MapMemory::heap(n), n);
-        for (i, s) in states.iter().enumerate() {
-            map.set(i as u64, *s);
-        }
-        (map, Geometry::new(n * 4096, 4096).unwrap())
-    }
+    use crate::engine::map::test_map as setup;
 
     #[test]
     fn every_mode_over_every_state() {

@@ -239,6 +239,20 @@ impl BlockMap {
     }
 }
 
+/// A map of 4 KiB blocks in the given states, with its geometry (tests).
+#[cfg(test)]
+pub(crate) fn test_map(states: &[BlockState]) -> (BlockMap, crate::engine::geometry::Geometry) {
+    let n = states.len() as u64;
+    let map = BlockMap::new(MapMemory::heap(n), n);
+    for (i, s) in states.iter().enumerate() {
+        map.set(i as u64, *s);
+    }
+    (
+        map,
+        crate::engine::geometry::Geometry::new(n * 4096, 4096).unwrap(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,10 +135,10 @@ case_bad_input() {
 case_fua() {
     local dev id
     dev=$(add --base "$BASE"); id=$(dev_id "$dev")
-    local before; before=$("$UC" stats -n "$id" --json | grep -o '"flushes": *[0-9]*' | grep -o '[0-9]*$')
+    local before; before=$(stat_of "$id" flushes)
     # O_DIRECT|O_DSYNC writes reach the device as FUA writes.
     dd if=/dev/urandom of="$dev" bs=4k count=4 seek=10 oflag=direct,dsync status=none
-    local after; after=$("$UC" stats -n "$id" --json | grep -o '"flushes": *[0-9]*' | grep -o '[0-9]*$')
+    local after; after=$(stat_of "$id" flushes)
     say "  4 FUA writes: flushes $before -> $after"
     [ "$after" -ge $((before + 4)) ] || die "FUA writes were not made durable"
     "$UC" del -n "$id"

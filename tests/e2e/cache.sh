@@ -2,8 +2,6 @@
 # copy-on-cache under concurrent writes, a base that fails after a
 # copy-on-cache, copy-on-read. Sourced by run.sh.
 
-stat_of() { "$UC" stats -n "$1" --json | grep -o "\"$2\": *[0-9]*" | grep -o '[0-9]*$'; }
-
 case_readahead_hints() {
     local dev id
     dev=$(add --base "$BASE"); id=$(dev_id "$dev")

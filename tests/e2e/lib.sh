@@ -25,6 +25,9 @@ dev_id() { echo "${1#/dev/ublkb}"; }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
+# stat_of ID NAME: one counter of `ublk-cow stats`.
+stat_of() { "$UC" stats -n "$1" --json | grep -o "\"$2\": *[0-9]*" | grep -o '[0-9]*$'; }
+
 # Fails the current case with a message.
 die() { say "  FAILED: $*"; return 1; }
 
