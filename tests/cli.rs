@@ -134,6 +134,12 @@ fn bad_input_is_refused_without_changes() {
             &["--base", &base_s, "--overlay", &s(&scratch("new.overlay"))],
             "ublk_drv",
         );
+        // --force accepts an overlay whose base changed (same size): what
+        // stops it here is only the missing driver.
+        refused(
+            &["--base", &s(&other), "--overlay", &ov_s, "--force"],
+            "ublk_drv",
+        );
     }
     let out = bin().args(["del", "-n", "4000"]).output().unwrap();
     assert!(!out.status.success());
