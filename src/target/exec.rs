@@ -46,8 +46,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(dev: Device, policy: CachePolicy) -> Shared {
+        // Only a file that covers the whole mapping: reading a mapping past
+        // the end of its file raises SIGBUS.
         let map_if_tmpfs = |f: &File, len: u64| {
-            crate::sys::is_tmpfs(f)
+            let whole = f.metadata().is_ok_and(|m| m.len() >= len);
+            (whole && crate::sys::is_tmpfs(f))
                 .then(|| ReadOnlyMap::map(f, len as usize).ok())
                 .flatten()
         };
