@@ -389,10 +389,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         }
     });
     // The device is stopped: no request is in flight any more.
-    let closed = match Arc::try_unwrap(shared) {
-        Ok(sh) => sh.dev.close().map(|_| ()).map_err(anyhow::Error::from),
-        Err(sh) => sh.dev.flush().map_err(anyhow::Error::from),
-    };
+    // (The control socket's thread still holds the device, idle.)
+    let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
     st.remove_files();
     if let Err(e) = &closed {
         log::error!("closing the overlay: {e:#}");

@@ -271,10 +271,16 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         res
     }
 
-    /// Flushes and marks the overlay clean; gives the storage back.
-    pub fn close(mut self) -> Result<(B, O), Error> {
+    /// Flushes and marks the overlay clean, for a device no request will
+    /// reach any more (others may still hold a reference to it).
+    pub fn shut_down(&self) -> Result<(), Error> {
         self.flush()?;
-        self.overlay.set_clean(true)?;
+        self.overlay.write_clean_flag(true).map(|_| ())
+    }
+
+    /// Flushes and marks the overlay clean; gives the storage back.
+    pub fn close(self) -> Result<(B, O), Error> {
+        self.shut_down()?;
         let CowDevice { base, overlay, .. } = self;
         Ok((base, overlay.into_storage()))
     }

@@ -229,6 +229,14 @@ impl<S: Storage> Overlay<S> {
 
     /// Sets or clears the clean flag and makes the header durable.
     pub fn set_clean(&mut self, clean: bool) -> Result<(), Error> {
+        self.header = self.write_clean_flag(clean)?;
+        Ok(())
+    }
+
+    /// Writes the header with the clean flag set or cleared and makes it
+    /// durable; returns the header written. The header kept here still says
+    /// how the overlay was found at open.
+    pub fn write_clean_flag(&self, clean: bool) -> Result<Header, Error> {
         let mut h = self.header;
         h.flags = if clean {
             h.flags | FLAG_CLEAN
@@ -241,8 +249,7 @@ impl<S: Storage> Overlay<S> {
         self.storage
             .sync()
             .ctx(|| "syncing the overlay header".into())?;
-        self.header = h;
-        Ok(())
+        Ok(h)
     }
 }
 

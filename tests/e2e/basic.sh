@@ -87,7 +87,8 @@ case_persistent_overlay() {
     dev=$(add --base "$BASE" --overlay "$ov")
     cmp <(dd if="$dev" bs=1M skip=20 count=3 iflag=direct status=none) data \
         || die "data written before del is not there after add"
-    "$UC" list | grep -q "$ov" || die "list does not show the overlay"
+    "$UC" list | grep "$ov" | grep -qw running \
+        || die "the overlay was not marked clean by del: $("$UC" list)"
     "$UC" del -n "$(dev_id "$dev")"
     head -c 1M /dev/urandom > other.img
     local ov_sha; ov_sha=$(sha "$ov")

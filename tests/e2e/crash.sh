@@ -31,6 +31,8 @@ case_kill9_fio() {
             || { cat "fio-v$c.log"; die "cycle $c: verify failed after recover"; }
     done
     say "  $CYCLES kill -9 / recover cycles, every cycle verified"
+    "$UC" list | grep "$ov" | grep -qw unclean \
+        || die "list does not report the overlay a killed daemon left unclean"
     # Everything written in every cycle is still there.
     for c in $(seq 0 $((CYCLES - 1))); do
         fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
