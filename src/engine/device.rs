@@ -188,11 +188,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             self.fill(fill)?;
         }
         self.overlay_write(data, off)?;
-        for b in plan.mark {
-            if self.map.get(b) != BlockState::Allocated {
-                self.map.set(b, BlockState::Allocated);
-            }
-        }
+        self.map.allocate(plan.mark);
         Ok(())
     }
 
@@ -233,9 +229,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             while first < whole.end {
                 let end = whole.end.min(first + MAX_LOCK_BLOCKS);
                 let _guard = self.lock(first..end);
-                for b in first..end {
-                    self.map.set(b, BlockState::Zero);
-                }
+                self.map.set_range(first..end, BlockState::Zero);
                 let start = self.geo.block_start(first);
                 // Space is only reclaimed: the map already says Zero, so a
                 // file system without hole punching loses nothing.
@@ -322,9 +316,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
                 let from = ((b - job.first) * bs) as usize;
                 let to = (((b + run - job.first) * bs) as usize).min(job.data.len());
                 self.overlay_write(&job.data[from..to], self.geo.block_start(b))?;
-                for x in b..b + run {
-                    self.map.set(x, BlockState::Allocated);
-                }
+                self.map.set_range(b..b + run, BlockState::Allocated);
                 installed += run;
             }
             b += run;

@@ -124,23 +124,6 @@ impl BlockMap {
         self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
     }
 
-    /// Sets `block` to `state` if it is `from` now; returns whether it was.
-    pub fn compare_set(&self, block: u64, from: BlockState, state: BlockState) -> bool {
-        let (w, shift) = Self::slot(block);
-        let mask = 3u64 << shift;
-        let word = &self.mem.words()[w];
-        let swapped = word
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                ((v & mask) >> shift == from as u64)
-                    .then_some((v & !mask) | ((state as u64) << shift))
-            })
-            .is_ok();
-        if swapped {
-            self.mark_dirty(w);
-        }
-        swapped
-    }
-
     /// Sets `block` to `state` unconditionally.
     pub fn set(&self, block: u64, state: BlockState) {
         let (w, shift) = Self::slot(block);
@@ -150,6 +133,24 @@ impl BlockMap {
             Some((v & !mask) | ((state as u64) << shift))
         });
         self.mark_dirty(w);
+    }
+
+    /// Sets every block of `blocks` to `state`.
+    pub fn set_range(&self, blocks: std::ops::Range<u64>, state: BlockState) {
+        for b in blocks {
+            self.set(b, state);
+        }
+    }
+
+    /// Marks the blocks of `blocks` that are not `Allocated` as `Allocated`
+    /// (their data is in the overlay; the caller holds their locks). Blocks
+    /// already allocated are left alone, so their map pages stay clean.
+    pub fn allocate(&self, blocks: std::ops::Range<u64>) {
+        for b in blocks {
+            if self.get(b) != BlockState::Allocated {
+                self.set(b, BlockState::Allocated);
+            }
+        }
     }
 
     /// The state of `block` and how many blocks from it, up to `end`, share it.
@@ -279,8 +280,8 @@ mod tests {
         assert_eq!(m.run_at(0, 100), (BlockState::Unallocated, 5));
         assert_eq!(m.run_at(5, 100), (BlockState::Allocated, 2));
         assert_eq!(m.run_at(7, 100), (BlockState::Zero, 1));
-        assert!(!m.compare_set(7, BlockState::Unallocated, BlockState::Allocated));
-        assert!(m.compare_set(7, BlockState::Zero, BlockState::Allocated));
+        m.allocate(6..8);
+        assert_eq!(m.get(7), BlockState::Allocated);
         assert_eq!(m.counts().allocated, 3);
         m.set(40, BlockState::Zero);
         m.set(99, BlockState::Zero);

@@ -114,6 +114,15 @@ async fn await_all(ops: Vec<(libublk::uring_async::UblkUringOpFuture, u32)>) -> 
     res
 }
 
+/// Completes one pushed operation: 0, or the failure as `await_all` says.
+async fn await_one(f: libublk::uring_async::UblkUringOpFuture, want: u32) -> i32 {
+    match f.await {
+        r if r < 0 => r,
+        r if r as u32 != want => -libc::EIO,
+        _ => 0,
+    }
+}
+
 fn read_sqe(fd: types::Fixed, buf: *mut u8, len: u32, off: u64) -> squeue::Entry {
     opcode::Read::new(fd, buf, len).offset(off).build()
 }
@@ -213,7 +222,7 @@ pub async fn write(
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
             let op = q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos));
-            return match await_all(vec![(op, len as u32)]).await {
+            return match await_one(op, len as u32).await {
                 0 => len as i32,
                 e => e,
             };
@@ -264,11 +273,7 @@ pub async fn write(
     if r < 0 {
         return r;
     }
-    for b in p.mark {
-        if dev.map().get(b) != BlockState::Allocated {
-            dev.map().set(b, BlockState::Allocated);
-        }
-    }
+    dev.map().allocate(p.mark);
     len as i32
 }
 
@@ -296,9 +301,7 @@ pub async fn write_zeroes(
         while first < whole.end {
             let end = whole.end.min(first + MAX_LOCK_BLOCKS);
             let _guard = lock(q, dev.locks(), first..end).await;
-            for b in first..end {
-                dev.map().set(b, BlockState::Zero);
-            }
+            dev.map().set_range(first..end, BlockState::Zero);
             let start = geo.block_start(first);
             let bytes = geo.block_end(end - 1) - start;
             let punch = opcode::Fallocate::new(OVERLAY_FD, bytes)
@@ -333,7 +336,7 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
             .flags(types::FsyncFlags::DATASYNC)
             .build()
     };
-    let mut r = await_all(vec![(q.ublk_submit_sqe(datasync()), 0)]).await;
+    let mut r = await_one(q.ublk_submit_sqe(datasync()), 0).await;
     if r == 0 && !pages.is_empty() {
         let ops = pages
             .iter()
@@ -345,7 +348,7 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
             .collect();
         r = await_all(ops).await;
         if r == 0 {
-            r = await_all(vec![(q.ublk_submit_sqe(datasync()), 0)]).await;
+            r = await_one(q.ublk_submit_sqe(datasync()), 0).await;
         }
     }
     if r != 0 {
@@ -392,7 +395,7 @@ pub async fn cache_range(
                         m.copy_out(at, &mut buf);
                     } else {
                         let rd = read_sqe(BASE_FD, buf.as_mut_ptr(), n as u32, at);
-                        let r = await_all(vec![(q.ublk_submit_sqe(rd), n as u32)]).await;
+                        let r = await_one(q.ublk_submit_sqe(rd), n as u32).await;
                         if r < 0 {
                             return r;
                         }
@@ -449,13 +452,11 @@ pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i
                 let src = &data[(from - off) as usize..(to - off) as usize];
                 let at = dev.overlay().data_pos(from);
                 let w = write_sqe(OVERLAY_FD, src.as_ptr(), src.len() as u32, at);
-                let r = await_all(vec![(q.ublk_submit_sqe(w), src.len() as u32)]).await;
+                let r = await_one(q.ublk_submit_sqe(w), src.len() as u32).await;
                 if r < 0 {
                     return r;
                 }
-                for x in b..b + n {
-                    dev.map().set(x, BlockState::Allocated);
-                }
+                dev.map().set_range(b..b + n, BlockState::Allocated);
                 Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
             }
             b += n;
