@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
 /// A file mapped read-write and shared, viewed as 64-bit atomic words.
@@ -149,6 +149,72 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of
+/// `[off, off+buf.len())` without waiting for I/O. `EAGAIN` when the first
+/// page is not cached; `EOPNOTSUPP` when the file cannot do it (tmpfs).
+pub fn pread_nowait(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec describing `buf`, which is live and writable for the
+    // whole call; the caller keeps `fd` open.
+    let r = unsafe { libc::preadv2(fd, &iov, 1, off as libc::off_t, libc::RWF_NOWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// How many pages of `[off, off+len)` are in the page cache (`cachestat`,
+/// Linux 6.5). A page counts while its read is still in flight.
+pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> io::Result<u64> {
+    /// `__NR_cachestat`, the same on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off, len };
+    let mut cs = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes one `struct cachestat` into
+    // `cs`; both are live locals with the kernel's layout (repr(C), u64s).
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd,
+            &range as *const Range,
+            &mut cs as *mut Cachestat,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cs.nr_cache)
+}
+
+/// `pread`: may block.
+pub fn pread(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is live and writable for its length for the whole call;
+    // the caller keeps `fd` open.
+    let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
 }
 
 /// `posix_fadvise` on a descriptor we own.

@@ -360,9 +360,6 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         forced: p.req.force,
         policy: p.req.policy,
     };
-    // The prefetcher is ours alone (see engine::readahead): no kernel
-    // readahead on the base.
-    let _ = crate::sys::fadvise(dev.base(), 0, 0, libc::POSIX_FADV_RANDOM);
     let shared = Arc::new(Shared::new(dev, p.req.policy));
     if let Err(e) = control::serve(id, shared.clone()) {
         cleanup(created);

@@ -75,7 +75,7 @@ pub struct Base {
     pub is_block_device: bool,
 }
 
-/// Opens `path` read-only and checks that it can be a base: a regular file or
+/// Opens `path` read-only (with `POSIX_FADV_RANDOM`) and checks that it can be a base: a regular file or
 /// block device, non-empty, its size a multiple of 512.
 pub fn open_base(path: &Path) -> Result<Base, Error> {
     let shown = path.display();
@@ -96,6 +96,11 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
         )));
     }
     let file = File::open(path).ctx(|| format!("opening base {shown}"))?;
+    // No kernel readahead on the base (see `engine::readahead`), from the
+    // first read on: even the identity samples below would otherwise leave
+    // readahead marks in the page cache, and a later read that reaches a
+    // mark starts the kernel's asynchronous readahead regardless.
+    let _ = crate::sys::fadvise(&file, 0, 0, libc::POSIX_FADV_RANDOM);
     let (size, mtime_ns) = if ft.is_block_device() {
         (
             crate::sys::block_device_size(&file).ctx(|| format!("size of {shown}"))?,

@@ -21,6 +21,20 @@ use crate::engine::map::{BlockMap, BlockState};
 use std::fmt;
 use std::str::FromStr;
 
+/// Largest piece of one `fadvise(WILLNEED)`. The kernel reads ahead at most
+/// max(the file's readahead size, the device's largest I/O) per call and
+/// silently ignores the rest, and the readahead size is 128 KiB unless the
+/// administrator changed it; so a longer range is advised in pieces of this
+/// size, all in flight together.
+pub const FADVISE_PIECE: u64 = 128 << 10;
+
+/// `[off, off+len)` cut into pieces of at most [`FADVISE_PIECE`] bytes.
+pub fn fadvise_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    (off..off + len)
+        .step_by(FADVISE_PIECE as usize)
+        .map(move |at| (at, FADVISE_PIECE.min(off + len - at)))
+}
+
 /// What a cache request does with blocks still on the base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

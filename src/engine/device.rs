@@ -7,7 +7,7 @@
 //! the I/O of a plan is issued.
 
 use crate::engine::base::BaseIdentity;
-use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, plan_cache};
+use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
 use crate::engine::geometry::Geometry;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::{BlockMap, BlockState, MapMemory};
@@ -335,14 +335,16 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         for st in steps {
             match st.action {
                 CacheAction::FadviseOverlay => {
-                    let _ = self
-                        .overlay
-                        .storage()
-                        .will_need(self.overlay.data_pos(st.off), st.len);
+                    let at = self.overlay.data_pos(st.off);
+                    for (off, len) in fadvise_pieces(at, st.len) {
+                        let _ = self.overlay.storage().will_need(off, len);
+                    }
                     done.fadvised_overlay += st.len;
                 }
                 CacheAction::FadviseBase => {
-                    let _ = self.base.will_need(st.off, st.len);
+                    for (off, len) in fadvise_pieces(st.off, st.len) {
+                        let _ = self.base.will_need(off, len);
+                    }
                     done.fadvised_base += st.len;
                 }
                 CacheAction::ReadBase | CacheAction::CopyToOverlay => {

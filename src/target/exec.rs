@@ -7,13 +7,15 @@
 //! file 1 is the base (opened read-only), fixed file 2 the overlay. No
 //! blocking system call is made here.
 
-use crate::engine::cache::{CacheAction, CacheMode, CachePolicy, cache_blocks, plan_cache};
+use crate::engine::cache::{
+    CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
+};
 use crate::engine::device::CowDevice;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
-use crate::sys::ReadOnlyMap;
+use crate::target::inline::InlineReader;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
@@ -31,38 +33,28 @@ pub struct Shared {
     pub dev: Device,
     pub policy: CachePolicy,
     pub stats: Stats,
-    /// The base and the overlay mapped read-only when they live in memory
-    /// (tmpfs). tmpfs has no non-blocking reads (RWF_NOWAIT fails with
-    /// EOPNOTSUPP on 6.12), so io_uring hands every one of its reads to a
-    /// worker thread; a copy from the mapping is the same memory copy
-    /// without the handoff. Writes still go through the ring: a write fault
-    /// on a full tmpfs would kill the daemon, an io_uring write returns
-    /// ENOSPC.
-    base_map: Option<ReadOnlyMap>,
-    overlay_map: Option<ReadOnlyMap>,
+    /// Reads of the base and the overlay that can be served on the queue's
+    /// thread (see `inline`). Writes always go through the ring: a write
+    /// fault on a full tmpfs would kill the daemon, an io_uring write
+    /// returns ENOSPC.
+    base_reader: InlineReader,
+    overlay_reader: InlineReader,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
 
 impl Shared {
     pub fn new(dev: Device, policy: CachePolicy) -> Shared {
-        // Only a file that covers the whole mapping: reading a mapping past
-        // the end of its file raises SIGBUS.
-        let map_if_tmpfs = |f: &File, len: u64| {
-            let whole = f.metadata().is_ok_and(|m| m.len() >= len);
-            (whole && crate::sys::is_tmpfs(f))
-                .then(|| ReadOnlyMap::map(f, len as usize).ok())
-                .flatten()
-        };
         let size = dev.geometry().size();
-        let base_map = map_if_tmpfs(dev.base(), size);
-        let overlay_map = map_if_tmpfs(dev.overlay().storage(), dev.overlay().data_pos(size));
+        let base_reader = InlineReader::new(dev.base(), size);
+        let overlay_reader =
+            InlineReader::new(dev.overlay().storage(), dev.overlay().data_pos(size));
         Shared {
             dev,
             policy,
             stats: Stats::default(),
-            base_map,
-            overlay_map,
+            base_reader,
+            overlay_reader,
             flushing: AtomicBool::new(false),
         }
     }
@@ -127,6 +119,25 @@ fn read_sqe(fd: types::Fixed, buf: *mut u8, len: u32, off: u64) -> squeue::Entry
     opcode::Read::new(fd, buf, len).offset(off).build()
 }
 
+/// Reads `dst` from file offset `pos`: what the inline reader can serve now,
+/// and a ring read, pushed and returned, for the rest.
+fn read_op(
+    q: &UblkQueue<'_>,
+    fd: types::Fixed,
+    reader: &InlineReader,
+    pos: u64,
+    dst: &mut [u8],
+) -> Option<(libublk::uring_async::UblkUringOpFuture, u32)> {
+    let done = reader.read(pos, dst);
+    let rest = &mut dst[done..];
+    if rest.is_empty() {
+        return None;
+    }
+    let len = rest.len() as u32;
+    let sqe = read_sqe(fd, rest.as_mut_ptr(), len, pos + done as u64);
+    Some((q.ublk_submit_sqe(sqe), len))
+}
+
 fn write_sqe(fd: types::Fixed, buf: *const u8, len: u32, off: u64) -> squeue::Entry {
     opcode::Write::new(fd, buf, len).offset(off).build()
 }
@@ -164,7 +175,7 @@ pub async fn read(
     for run in &s.runs {
         let dst = &mut buf[run.buf_off..run.buf_off + run.len as usize];
         let st = &sh.stats;
-        let (fd, pos) = match run.source {
+        let (fd, reader, pos) = match run.source {
             ReadSource::Zero => {
                 dst.fill(0);
                 Stats::add(&st.read_zero_ops, 1);
@@ -174,28 +185,19 @@ pub async fn read(
             ReadSource::Base => {
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
-                if let Some(m) = &sh.base_map {
-                    m.copy_out(run.off, dst);
-                    continue;
-                }
-                (BASE_FD, run.off)
+                (BASE_FD, &sh.base_reader, run.off)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);
                 Stats::add(&st.read_overlay_bytes, run.len);
-                let pos = dev.overlay().data_pos(run.off);
-                if let Some(m) = &sh.overlay_map {
-                    m.copy_out(pos, dst);
-                    continue;
-                }
-                (OVERLAY_FD, pos)
+                (
+                    OVERLAY_FD,
+                    &sh.overlay_reader,
+                    dev.overlay().data_pos(run.off),
+                )
             }
         };
-        let len = run.len as u32;
-        ops.push((
-            q.ublk_submit_sqe(read_sqe(fd, dst.as_mut_ptr(), len, pos)),
-            len,
-        ));
+        ops.extend(read_op(q, fd, reader, pos, dst));
     }
     match await_all(ops).await {
         0 => buf.len() as i32,
@@ -241,11 +243,8 @@ pub async fn write(
     let mut reads = Vec::new();
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
         if let Some(Fill::FromBase { off, len }) = f {
-            let dst = s.fill[i * bs..].as_mut_ptr();
-            reads.push((
-                q.ublk_submit_sqe(read_sqe(BASE_FD, dst, len as u32, off)),
-                len as u32,
-            ));
+            let dst = &mut s.fill[i * bs..i * bs + len as usize];
+            reads.extend(read_op(q, BASE_FD, &sh.base_reader, off, dst));
         }
     }
     let r = await_all(reads).await;
@@ -362,7 +361,7 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
 const CACHE_PIECE: u64 = 1 << 20;
 
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
-/// as io_uring `Fadvise`, reads and copies in pieces of at most 1 MiB.
+/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads and copies in pieces of at most 1 MiB.
 pub async fn cache_range(
     q: &UblkQueue<'_>,
     sh: &Shared,
@@ -391,11 +390,8 @@ pub async fn cache_range(
                 while at < step.off + step.len {
                     let n = CACHE_PIECE.min(step.off + step.len - at);
                     let mut buf = vec![0u8; n as usize];
-                    if let Some(m) = &sh.base_map {
-                        m.copy_out(at, &mut buf);
-                    } else {
-                        let rd = read_sqe(BASE_FD, buf.as_mut_ptr(), n as u32, at);
-                        let r = await_one(q.ublk_submit_sqe(rd), n as u32).await;
+                    if let Some((rd, len)) = read_op(q, BASE_FD, &sh.base_reader, at, &mut buf) {
+                        let r = await_one(rd, len).await;
                         if r < 0 {
                             return r;
                         }
@@ -414,11 +410,18 @@ pub async fn cache_range(
             }
         };
         Stats::add(counter, step.len);
-        let sqe = opcode::Fadvise::new(fd, step.len as libc::off_t, libc::POSIX_FADV_WILLNEED)
-            .offset(pos)
-            .build();
+        let advice: Vec<_> = fadvise_pieces(pos, step.len)
+            .map(|(at, n)| {
+                let sqe = opcode::Fadvise::new(fd, n as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                    .offset(at)
+                    .build();
+                q.ublk_submit_sqe(sqe)
+            })
+            .collect();
         // Advice only: its failure changes nothing.
-        let _ = q.ublk_submit_sqe(sqe).await;
+        for f in advice {
+            let _ = f.await;
+        }
     }
     0
 }

@@ -5,6 +5,7 @@
 
 pub mod background;
 pub mod exec;
+pub mod inline;
 pub mod params;
 pub mod queue;
 

@@ -1,0 +1,165 @@
+//! Reads served on the queue's own thread, without a round trip through the
+//! ring, when they cannot block: a copy from a read-only mapping of a file in
+//! memory (tmpfs), or a read of pages the page cache already holds.
+//!
+//! io_uring tries a buffered read without blocking too, but hands it to a
+//! worker thread whenever the file cannot promise that (tmpfs has no
+//! RWF_NOWAIT on 6.12, nor do device-mapper devices such as dm-delay), and
+//! even a read it completes at once costs a ring round trip before the
+//! request can complete. A page-cache hit here is one memory copy. Whatever
+//! is not in memory is left to the ring.
+
+use crate::sys::{self, ReadOnlyMap};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// How cached pages are read without blocking; falls from one to the next
+/// the first time the file refuses.
+const NOWAIT: u8 = 0; // preadv2(RWF_NOWAIT)
+const CACHESTAT: u8 = 1; // cachestat says all pages are cached, then pread
+const RING_ONLY: u8 = 2; // neither: everything goes to the ring
+
+/// Pages are 4 KiB on every machine this runs on; `cachestat` counts them.
+const PAGE: u64 = 4096;
+
+/// The inline reader of one file (the base or the overlay).
+pub struct InlineReader {
+    /// The whole file mapped, when it lives in memory.
+    map: Option<ReadOnlyMap>,
+    /// The file's descriptor, owned by the device, which outlives this.
+    fd: RawFd,
+    way: AtomicU8,
+}
+
+impl InlineReader {
+    /// A reader for `file`, whose first `len` bytes are read through it.
+    pub fn new(file: &File, len: u64) -> InlineReader {
+        // Only a file that covers the whole mapping: reading a mapping past
+        // the end of its file raises SIGBUS.
+        let whole = file.metadata().is_ok_and(|m| m.len() >= len);
+        let map = (whole && len > 0 && sys::is_tmpfs(file))
+            .then(|| ReadOnlyMap::map(file, len as usize).ok())
+            .flatten();
+        InlineReader {
+            map,
+            fd: file.as_raw_fd(),
+            way: AtomicU8::new(NOWAIT),
+        }
+    }
+
+    /// Fills as much of `dst` from file offset `pos` as it can without
+    /// waiting for the device; returns how many leading bytes of `dst` it
+    /// filled (0 when the ring must read it all).
+    pub fn read(&self, pos: u64, dst: &mut [u8]) -> usize {
+        if let Some(m) = &self.map {
+            m.copy_out(pos, dst);
+            return dst.len();
+        }
+        match self.way.load(Ordering::Relaxed) {
+            NOWAIT => self.read_nowait(pos, dst),
+            CACHESTAT => self.read_if_cached(pos, dst),
+            _ => 0,
+        }
+    }
+
+    /// As much as `preadv2(RWF_NOWAIT)` gives.
+    fn read_nowait(&self, pos: u64, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < dst.len() {
+            match sys::pread_nowait(self.fd, &mut dst[done..], pos + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                        self.way.store(CACHESTAT, Ordering::Relaxed);
+                        return self.read_if_cached(pos, dst);
+                    }
+                    break;
+                }
+            }
+        }
+        done
+    }
+
+    /// All of `dst` when every page of it is cached, else nothing. A page
+    /// whose read is in flight counts as cached, so this may wait for that
+    /// read, never for a new one.
+    fn read_if_cached(&self, pos: u64, dst: &mut [u8]) -> usize {
+        let first = pos / PAGE;
+        let end = (pos + dst.len() as u64).div_ceil(PAGE);
+        match sys::cached_pages(self.fd, first * PAGE, (end - first) * PAGE) {
+            Ok(n) if n == end - first => {}
+            Ok(_) => return 0,
+            Err(_) => {
+                self.way.store(RING_ONLY, Ordering::Relaxed);
+                return 0;
+            }
+        }
+        let mut done = 0;
+        while done < dst.len() {
+            match sys::pread(self.fd, &mut dst[done..], pos + done as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A file with known content in `dir`, just written (so its pages are
+    /// cached), already unlinked.
+    fn file_in(dir: &std::path::Path, name: &str) -> (File, Vec<u8>) {
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.join(format!("ublk-cow-inline-{}-{name}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all(&data).unwrap();
+        (f, data)
+    }
+
+    fn check(r: &InlineReader, data: &[u8]) {
+        for (pos, len) in [(0, 4096), (512, 1000), (8192, 32768), (60000, 5536)] {
+            let mut buf = vec![0u8; len];
+            let n = r.read(pos as u64, &mut buf);
+            assert_eq!(&buf[..n], &data[pos..pos + n], "at {pos}+{len}");
+        }
+    }
+
+    #[test]
+    fn reads_cached_pages_of_a_file() {
+        let (f, data) = file_in(&std::env::temp_dir(), "file");
+        let r = InlineReader::new(&f, data.len() as u64);
+        check(&r, &data);
+        // Just written, so cached: some way served it inline.
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(r.read(4096, &mut buf), 4096);
+        // The cachestat way on its own gives the same bytes.
+        r.way.store(CACHESTAT, Ordering::Relaxed);
+        check(&r, &data);
+    }
+
+    #[test]
+    fn reads_a_tmpfs_file_through_its_mapping() {
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            panic!("/dev/shm is missing: the tmpfs case cannot run");
+        }
+        let (f, data) = file_in(shm, "shm");
+        let r = InlineReader::new(&f, data.len() as u64);
+        assert!(r.map.is_some(), "a tmpfs file is mapped");
+        check(&r, &data);
+        let mut buf = vec![0u8; 100];
+        assert_eq!(r.read(1, &mut buf), 100);
+    }
+}
