@@ -2,11 +2,14 @@
 //! data into the overlay (copy-on-cache, copy-on-read) that read the old base
 //! data must not land after a newer guest write and undo it.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use ublk_cow::engine::base::BaseIdentity;
+use ublk_cow::engine::cache::CacheMode;
 use ublk_cow::engine::device::CowDevice;
 use ublk_cow::engine::map::{BlockState, MapMemory};
-use ublk_cow::engine::storage::SimDisk;
+use ublk_cow::engine::storage::{SimDisk, Storage};
 
 const BS: usize = 4096;
 
@@ -101,10 +104,81 @@ fn copy_of_untouched_block_is_installed() {
 /// wrote or the base, never a copy of old data over a write.
 #[test]
 fn concurrent_copies_never_undo_writes() {
-    let blocks = 64;
-    let (dev, base) = device(blocks);
-    let dev = Arc::new(dev);
-    let mut want = base.clone();
+    let (dev, base) = device(64);
+    writers_race_copiers(Arc::new(dev), base, |dev, blocks| {
+        if let Some(job) = dev.copy_read(blocks).unwrap() {
+            dev.copy_install(job).unwrap();
+        }
+    });
+}
+
+/// The same with real files, where copies run inside the kernel
+/// (`copy_file_range`) under the blocks' locks.
+#[test]
+fn concurrent_kernel_copies_never_undo_writes() {
+    let (dev, base) = file_device(64, "race");
+    assert!(
+        dev.copy_in_kernel(0..1).unwrap().is_some(),
+        "files on tmpfs copy in the kernel"
+    );
+    writers_race_copiers(Arc::new(dev), base, |dev, blocks| {
+        dev.copy_in_kernel(blocks).unwrap().unwrap();
+    });
+}
+
+/// A whole-device copy-on-cache over real files copies every block still on
+/// the base, leaves written blocks alone and changes no data.
+#[test]
+fn kernel_copy_on_cache_installs_unwritten_blocks() {
+    let (dev, base) = file_device(64, "cache");
+    dev.write(5 * BS as u64 + 512, &[0x44u8; 512]).unwrap();
+    let done = dev.cache(0, base.len() as u64, CacheMode::Cow).unwrap();
+    assert_eq!(done.copied, 63 * BS as u64);
+    assert!((0..64).all(|b| dev.map().get(b) == BlockState::Allocated));
+    let mut want = base;
+    want[5 * BS + 512..5 * BS + 1024].fill(0x44);
+    let mut got = vec![0u8; want.len()];
+    dev.read(0, &mut got).unwrap();
+    assert!(got == want, "copy-on-cache changed data");
+}
+
+/// A device over real files in /dev/shm (tmpfs), already unlinked.
+fn file_device(blocks: usize, name: &str) -> (CowDevice<File, File>, Vec<u8>) {
+    let base: Vec<u8> = (0..blocks * BS).map(|i| (i / 512) as u8 | 0x80).collect();
+    let open = |what: &str| {
+        let path = format!(
+            "/dev/shm/ublk-cow-race-{}-{name}-{what}",
+            std::process::id()
+        );
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    };
+    let base_file = open("base");
+    base_file.write_all_at(&base, 0).unwrap();
+    let id = BaseIdentity::compute(&base_file, base.len() as u64, 0).unwrap();
+    let map = MapMemory::heap(blocks as u64);
+    let dev = CowDevice::create(base_file, &id, open("overlay"), BS as u32, map).unwrap();
+    (dev, base)
+}
+
+/// Four writers (each owning every fourth sector) and two copiers running
+/// `copy` over the device in 3-block pieces; then checks every byte.
+fn writers_race_copiers<B, O>(
+    dev: Arc<CowDevice<B, O>>,
+    base: Vec<u8>,
+    copy: fn(&CowDevice<B, O>, std::ops::Range<u64>),
+) where
+    B: Storage + 'static,
+    O: Storage + 'static,
+{
+    let blocks = base.len() / BS;
+    let mut want = base;
     // Writer w owns the sectors s with s % 4 == w, so writers never overlap
     // and the expected result does not depend on the interleaving.
     let writers: Vec<_> = (0..4u64)
@@ -128,10 +202,7 @@ fn concurrent_copies_never_undo_writes() {
             std::thread::spawn(move || {
                 for _ in 0..40 {
                     for b in (0..blocks as u64).step_by(3) {
-                        let end = (b + 3).min(blocks as u64);
-                        if let Some(job) = dev.copy_read(b..end).unwrap() {
-                            dev.copy_install(job).unwrap();
-                        }
+                        copy(&dev, b..(b + 3).min(blocks as u64));
                     }
                 }
             })

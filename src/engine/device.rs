@@ -17,6 +17,7 @@ use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where the live map of an opened overlay comes from.
 pub enum MapSource {
@@ -37,6 +38,9 @@ pub struct CowDevice<B: Storage, O: Storage> {
     /// Serializes flushes so that map pages are written in order.
     flush: Mutex<()>,
     was_clean: bool,
+    /// Whether copies from the base may still be tried inside the kernel;
+    /// cleared the first time base and overlay turn out unable to.
+    kernel_copy: AtomicBool,
 }
 
 /// Base data of consecutive blocks read for copying into the overlay;
@@ -96,6 +100,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             locks: BlockLocks::default(),
             flush: Mutex::new(()),
             was_clean,
+            kernel_copy: AtomicBool::new(true),
         }
     }
 
@@ -279,6 +284,56 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         Ok((base, overlay.into_storage()))
     }
 
+    /// A copy of the `Unallocated` blocks of `blocks` from the base into the
+    /// overlay inside the kernel (`copy_file_range`: no pass through user
+    /// space; a shared extent on file systems that reflink). The blocks'
+    /// locks are held through the copy, so a write to them waits for it;
+    /// keep `blocks` short. Returns the blocks installed, or `None` (nothing
+    /// written) when base and overlay cannot copy in the kernel: then use
+    /// [`CowDevice::copy_read`] and [`CowDevice::copy_install`].
+    pub fn copy_in_kernel(&self, blocks: Range<u64>) -> Result<Option<u64>, Error> {
+        let (Some(src), Some(dst)) = (self.base.as_file(), self.overlay.storage().as_file()) else {
+            return Ok(None);
+        };
+        if !self.kernel_copy.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let _guard = self.lock(blocks.clone());
+        let mut installed = 0;
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let (state, run) = self.map.run_at(b, blocks.end);
+            if state == BlockState::Unallocated {
+                let from = self.geo.block_start(b);
+                let to = self.geo.block_end(b + run - 1);
+                let mut at = from;
+                while at < to {
+                    let pos = self.overlay.data_pos(at);
+                    match crate::sys::copy_file_range(src, at, dst, pos, to - at) {
+                        Ok(0) => {
+                            return Err(Error::invalid(format!("base ends early, at {at}")));
+                        }
+                        Ok(n) => at += n,
+                        Err(e) if at == from && installed == 0 && cannot_copy(&e) => {
+                            self.kernel_copy.store(false, Ordering::Relaxed);
+                            return Ok(None);
+                        }
+                        Err(e) => {
+                            return Err(Error::Io {
+                                context: format!("copying base data at {at} into the overlay"),
+                                source: e,
+                            });
+                        }
+                    }
+                }
+                self.map.set_range(b..b + run, BlockState::Allocated);
+                installed += run;
+            }
+            b += run;
+        }
+        Ok(Some(installed))
+    }
+
     /// First half of a copy of `blocks` from the base into the overlay:
     /// reads the base data, without any lock, if any block is `Unallocated`.
     pub fn copy_read(&self, blocks: Range<u64>) -> Result<Option<CopyJob>, Error> {
@@ -360,8 +415,14 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
                                 .read_at(&mut buf, start)
                                 .ctx(|| format!("base read at {start}"))?;
                             done.read += buf.len() as u64;
-                        } else if let Some(job) = self.copy_read(b..e)? {
-                            let installed = self.copy_install(job)?;
+                        } else {
+                            let installed = match self.copy_in_kernel(b..e)? {
+                                Some(n) => n,
+                                None => match self.copy_read(b..e)? {
+                                    Some(job) => self.copy_install(job)?,
+                                    None => 0,
+                                },
+                            };
                             done.copied += installed * self.geo.block_size() as u64;
                         }
                         b = e;
@@ -371,6 +432,15 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         }
         Ok(done)
     }
+}
+
+/// Whether a `copy_file_range` error means these two files cannot copy in
+/// the kernel at all, rather than a failed copy.
+fn cannot_copy(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
 }
 
 /// What a cache request did, in bytes per action.

@@ -24,6 +24,11 @@ pub trait Storage: Send + Sync {
     fn will_need(&self, _off: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// The open file behind this storage, if it is one: lets two files copy
+    /// between them inside the kernel (`copy_file_range`).
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 impl Storage for File {
@@ -66,6 +71,10 @@ impl Storage for File {
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         crate::sys::fadvise(self, off, len, libc::POSIX_FADV_WILLNEED)
     }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(self)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -89,6 +98,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).will_need(off, len)
+    }
+    fn as_file(&self) -> Option<&File> {
+        (**self).as_file()
     }
 }
 
