@@ -248,6 +248,17 @@ pub fn copy_file_range(
     Ok(r as u64)
 }
 
+/// `pwrite`: may block.
+pub fn pwrite(fd: RawFd, buf: &[u8], off: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is live and readable for its length for the whole call;
+    // the caller keeps `fd` open.
+    let r = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), off as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// `posix_fadvise` on a descriptor we own.
 pub fn fadvise(file: &File, off: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: posix_fadvise takes no memory; the descriptor is valid.

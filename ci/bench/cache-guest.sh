@@ -52,7 +52,7 @@ dmsetup remove ucslow; losetup -d "$LO"
 # Whole-device copy-on-cache against cp, same file system (tmpfs), same base.
 for round in $(seq 1 "$ROUNDS"); do
     echo 3 > /proc/sys/vm/drop_caches
-    t0=$(date +%s.%N); cp $B/base.img $B/copy.img; sync; t1=$(date +%s.%N)
+    t0=$(date +%s.%N); cp $B/base.img $B/copy.img; t1=$(date +%s.%N)
     rm -f $B/copy.img
     dev=$("$UC" add --base $B/base.img --overlay $B/cow.overlay)
     echo 3 > /proc/sys/vm/drop_caches

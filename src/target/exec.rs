@@ -15,7 +15,7 @@ use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
-use crate::target::inline::InlineReader;
+use crate::target::inline::InlineFile;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
@@ -33,12 +33,10 @@ pub struct Shared {
     pub dev: Device,
     pub policy: CachePolicy,
     pub stats: Stats,
-    /// Reads of the base and the overlay that can be served on the queue's
-    /// thread (see `inline`). Writes always go through the ring: a write
-    /// fault on a full tmpfs would kill the daemon, an io_uring write
-    /// returns ENOSPC.
-    base_reader: InlineReader,
-    overlay_reader: InlineReader,
+    /// I/O of the base and the overlay that can be served on the queue's
+    /// thread (see `inline`).
+    base_io: InlineFile,
+    overlay_io: InlineFile,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
@@ -46,15 +44,14 @@ pub struct Shared {
 impl Shared {
     pub fn new(dev: Device, policy: CachePolicy) -> Shared {
         let size = dev.geometry().size();
-        let base_reader = InlineReader::new(dev.base(), size);
-        let overlay_reader =
-            InlineReader::new(dev.overlay().storage(), dev.overlay().data_pos(size));
+        let base_io = InlineFile::new(dev.base(), size);
+        let overlay_io = InlineFile::new(dev.overlay().storage(), dev.overlay().data_pos(size));
         Shared {
             dev,
             policy,
             stats: Stats::default(),
-            base_reader,
-            overlay_reader,
+            base_io,
+            overlay_io,
             flushing: AtomicBool::new(false),
         }
     }
@@ -89,9 +86,12 @@ impl TagScratch {
     }
 }
 
+/// A pushed operation and the result it must return to have done it all.
+type PendingOp = (libublk::uring_async::UblkUringOpFuture, u32);
+
 /// Completes each pushed operation, in order; the first failure (negative
 /// result, or fewer bytes than asked) is the result.
-async fn await_all(ops: Vec<(libublk::uring_async::UblkUringOpFuture, u32)>) -> i32 {
+async fn await_all(ops: Vec<PendingOp>) -> i32 {
     let mut res = 0;
     for (f, want) in ops {
         let r = f.await;
@@ -124,10 +124,10 @@ fn read_sqe(fd: types::Fixed, buf: *mut u8, len: u32, off: u64) -> squeue::Entry
 fn read_op(
     q: &UblkQueue<'_>,
     fd: types::Fixed,
-    reader: &InlineReader,
+    reader: &InlineFile,
     pos: u64,
     dst: &mut [u8],
-) -> Option<(libublk::uring_async::UblkUringOpFuture, u32)> {
+) -> Option<PendingOp> {
     let done = reader.read(pos, dst);
     let rest = &mut dst[done..];
     if rest.is_empty() {
@@ -136,6 +136,35 @@ fn read_op(
     let len = rest.len() as u32;
     let sqe = read_sqe(fd, rest.as_mut_ptr(), len, pos + done as u64);
     Some((q.ublk_submit_sqe(sqe), len))
+}
+
+/// Writes `data` at overlay file offset `pos`: on the queue's thread when the
+/// overlay lives in memory (`Err` is its failure), else a ring write, pushed
+/// and returned.
+fn overlay_write_op(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    data: &[u8],
+    pos: u64,
+) -> Result<Option<PendingOp>, i32> {
+    match sh.overlay_io.write(pos, data) {
+        Some(0) => Ok(None),
+        Some(e) => Err(e),
+        None => {
+            let sqe = write_sqe(OVERLAY_FD, data.as_ptr(), data.len() as u32, pos);
+            Ok(Some((q.ublk_submit_sqe(sqe), data.len() as u32)))
+        }
+    }
+}
+
+/// Writes `data` at overlay file offset `pos` and waits: 0 or a negative
+/// errno.
+async fn overlay_write(q: &UblkQueue<'_>, sh: &Shared, data: &[u8], pos: u64) -> i32 {
+    match overlay_write_op(q, sh, data, pos) {
+        Ok(None) => 0,
+        Ok(Some((op, len))) => await_one(op, len).await,
+        Err(e) => e,
+    }
 }
 
 fn write_sqe(fd: types::Fixed, buf: *const u8, len: u32, off: u64) -> squeue::Entry {
@@ -185,16 +214,12 @@ pub async fn read(
             ReadSource::Base => {
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
-                (BASE_FD, &sh.base_reader, run.off)
+                (BASE_FD, &sh.base_io, run.off)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);
                 Stats::add(&st.read_overlay_bytes, run.len);
-                (
-                    OVERLAY_FD,
-                    &sh.overlay_reader,
-                    dev.overlay().data_pos(run.off),
-                )
+                (OVERLAY_FD, &sh.overlay_io, dev.overlay().data_pos(run.off))
             }
         };
         ops.extend(read_op(q, fd, reader, pos, dst));
@@ -223,8 +248,7 @@ pub async fn write(
     Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
-            let op = q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos));
-            return match await_one(op, len as u32).await {
+            return match overlay_write(q, sh, data, pos).await {
                 0 => len as i32,
                 e => e,
             };
@@ -244,7 +268,7 @@ pub async fn write(
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
         if let Some(Fill::FromBase { off, len }) = f {
             let dst = &mut s.fill[i * bs..i * bs + len as usize];
-            reads.extend(read_op(q, BASE_FD, &sh.base_reader, off, dst));
+            reads.extend(read_op(q, BASE_FD, &sh.base_io, off, dst));
         }
     }
     let r = await_all(reads).await;
@@ -252,23 +276,29 @@ pub async fn write(
         return r;
     }
     let mut writes = Vec::with_capacity(3);
+    let mut failed = 0;
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
-        let (src, off, len) = match f {
-            Some(Fill::FromBase { off, len }) => (s.fill[i * bs..].as_ptr(), off, len),
-            Some(Fill::Zeros { off, len }) => (qb.zeros.as_ptr(), off, len),
+        let (src, off) = match f {
+            Some(Fill::FromBase { off, len }) => (&s.fill[i * bs..i * bs + len as usize], off),
+            Some(Fill::Zeros { off, len }) => (&qb.zeros[..len as usize], off),
             None => continue,
         };
-        let at = dev.overlay().data_pos(off);
-        writes.push((
-            q.ublk_submit_sqe(write_sqe(OVERLAY_FD, src, len as u32, at)),
-            len as u32,
-        ));
+        match overlay_write_op(q, sh, src, dev.overlay().data_pos(off)) {
+            Ok(op) => writes.extend(op),
+            Err(e) => failed = e,
+        }
     }
-    writes.push((
-        q.ublk_submit_sqe(write_sqe(OVERLAY_FD, data.as_ptr(), len as u32, pos)),
-        len as u32,
-    ));
+    if failed == 0 {
+        match overlay_write_op(q, sh, data, pos) {
+            Ok(op) => writes.extend(op),
+            Err(e) => failed = e,
+        }
+    }
+    // Pushed writes use the buffers: wait for them even after a failure.
     let r = await_all(writes).await;
+    if failed < 0 {
+        return failed;
+    }
     if r < 0 {
         return r;
     }
@@ -390,7 +420,7 @@ pub async fn cache_range(
                 while at < step.off + step.len {
                     let n = CACHE_PIECE.min(step.off + step.len - at);
                     let mut buf = vec![0u8; n as usize];
-                    if let Some((rd, len)) = read_op(q, BASE_FD, &sh.base_reader, at, &mut buf) {
+                    if let Some((rd, len)) = read_op(q, BASE_FD, &sh.base_io, at, &mut buf) {
                         let r = await_one(rd, len).await;
                         if r < 0 {
                             return r;
@@ -453,9 +483,7 @@ pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i
                 let from = geo.block_start(b);
                 let to = geo.block_end(b + n - 1);
                 let src = &data[(from - off) as usize..(to - off) as usize];
-                let at = dev.overlay().data_pos(from);
-                let w = write_sqe(OVERLAY_FD, src.as_ptr(), src.len() as u32, at);
-                let r = await_one(q.ublk_submit_sqe(w), src.len() as u32).await;
+                let r = overlay_write(q, sh, src, dev.overlay().data_pos(from)).await;
                 if r < 0 {
                     return r;
                 }

@@ -1,13 +1,14 @@
-//! Reads served on the queue's own thread, without a round trip through the
-//! ring, when they cannot block: a copy from a read-only mapping of a file in
-//! memory (tmpfs), or a read of pages the page cache already holds.
+//! I/O served on the queue's own thread, without a round trip through the
+//! ring, when it cannot wait for a device: reads as a copy from a read-only
+//! mapping of a file in memory (tmpfs) or of pages the page cache already
+//! holds; writes to a file in memory as `pwrite`.
 //!
-//! io_uring tries a buffered read without blocking too, but hands it to a
+//! io_uring tries buffered I/O without blocking too, but hands it to a
 //! worker thread whenever the file cannot promise that (tmpfs has no
 //! RWF_NOWAIT on 6.12, nor do device-mapper devices such as dm-delay), and
-//! even a read it completes at once costs a ring round trip before the
-//! request can complete. A page-cache hit here is one memory copy. Whatever
-//! is not in memory is left to the ring.
+//! even an operation it completes at once costs a ring round trip before
+//! the request can complete. Here a page-cache hit or a tmpfs write is one
+//! memory copy. Whatever may wait for a device is left to the ring.
 
 use crate::sys::{self, ReadOnlyMap};
 use std::fs::File;
@@ -23,26 +24,32 @@ const RING_ONLY: u8 = 2; // neither: everything goes to the ring
 /// Pages are 4 KiB on every machine this runs on; `cachestat` counts them.
 const PAGE: u64 = 4096;
 
-/// The inline reader of one file (the base or the overlay).
-pub struct InlineReader {
-    /// The whole file mapped, when it lives in memory.
+/// Inline I/O of one file (the base or the overlay).
+pub struct InlineFile {
+    /// The whole file mapped for reading, when it lives in memory.
     map: Option<ReadOnlyMap>,
+    /// The file lives in memory: a write only copies into its pages. (Never
+    /// through a writable mapping: a write fault on a full tmpfs would kill
+    /// the daemon, where `pwrite` returns ENOSPC.)
+    in_memory: bool,
     /// The file's descriptor, owned by the device, which outlives this.
     fd: RawFd,
     way: AtomicU8,
 }
 
-impl InlineReader {
-    /// A reader for `file`, whose first `len` bytes are read through it.
-    pub fn new(file: &File, len: u64) -> InlineReader {
+impl InlineFile {
+    /// Inline I/O for `file`, whose first `len` bytes are read through it.
+    pub fn new(file: &File, len: u64) -> InlineFile {
+        let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
         let whole = file.metadata().is_ok_and(|m| m.len() >= len);
-        let map = (whole && len > 0 && sys::is_tmpfs(file))
+        let map = (whole && len > 0 && in_memory)
             .then(|| ReadOnlyMap::map(file, len as usize).ok())
             .flatten();
-        InlineReader {
+        InlineFile {
             map,
+            in_memory,
             fd: file.as_raw_fd(),
             way: AtomicU8::new(NOWAIT),
         }
@@ -61,6 +68,24 @@ impl InlineReader {
             CACHESTAT => self.read_if_cached(pos, dst),
             _ => 0,
         }
+    }
+
+    /// Writes `data` at `pos` if the file lives in memory: `Some` with the
+    /// result (0 or a negative errno), or `None` when the ring must do it.
+    pub fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {
+        if !self.in_memory {
+            return None;
+        }
+        let mut done = 0;
+        while done < data.len() {
+            match sys::pwrite(self.fd, &data[done..], pos + done as u64) {
+                Ok(0) => return Some(-libc::EIO),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(-e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+        Some(0)
     }
 
     /// As much as `preadv2(RWF_NOWAIT)` gives.
@@ -128,7 +153,7 @@ mod tests {
         (f, data)
     }
 
-    fn check(r: &InlineReader, data: &[u8]) {
+    fn check(r: &InlineFile, data: &[u8]) {
         for (pos, len) in [(0, 4096), (512, 1000), (8192, 32768), (60000, 5536)] {
             let mut buf = vec![0u8; len];
             let n = r.read(pos as u64, &mut buf);
@@ -139,7 +164,7 @@ mod tests {
     #[test]
     fn reads_cached_pages_of_a_file() {
         let (f, data) = file_in(&std::env::temp_dir(), "file");
-        let r = InlineReader::new(&f, data.len() as u64);
+        let r = InlineFile::new(&f, data.len() as u64);
         check(&r, &data);
         // Just written, so cached: some way served it inline.
         let mut buf = vec![0u8; 4096];
@@ -150,13 +175,27 @@ mod tests {
     }
 
     #[test]
+    fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
+        let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
+        let r = InlineFile::new(&f, 64 * 1024);
+        assert_eq!(r.write(1000, &[9u8; 5000]), Some(0));
+        let mut back = vec![0u8; 5000];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
+        assert!(back.iter().all(|&b| b == 9));
+        let (f, _) = file_in(&std::env::temp_dir(), "w");
+        if !sys::is_tmpfs(&f) {
+            assert_eq!(InlineFile::new(&f, 64 * 1024).write(0, &[1u8; 10]), None);
+        }
+    }
+
+    #[test]
     fn reads_a_tmpfs_file_through_its_mapping() {
         let shm = std::path::Path::new("/dev/shm");
         if !shm.is_dir() {
             panic!("/dev/shm is missing: the tmpfs case cannot run");
         }
         let (f, data) = file_in(shm, "shm");
-        let r = InlineReader::new(&f, data.len() as u64);
+        let r = InlineFile::new(&f, data.len() as u64);
         assert!(r.map.is_some(), "a tmpfs file is mapped");
         check(&r, &data);
         let mut buf = vec![0u8; 100];
