@@ -300,36 +300,31 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         }
         let _guard = self.lock(blocks.clone());
         let mut installed = 0;
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let (state, run) = self.map.run_at(b, blocks.end);
-            if state == BlockState::Unallocated {
-                let from = self.geo.block_start(b);
-                let to = self.geo.block_end(b + run - 1);
-                let mut at = from;
-                while at < to {
-                    let pos = self.overlay.data_pos(at);
-                    match crate::sys::copy_file_range(src, at, dst, pos, to - at) {
-                        Ok(0) => {
-                            return Err(Error::invalid(format!("base ends early, at {at}")));
-                        }
-                        Ok(n) => at += n,
-                        Err(e) if at == from && installed == 0 && cannot_copy(&e) => {
-                            self.kernel_copy.store(false, Ordering::Relaxed);
-                            return Ok(None);
-                        }
-                        Err(e) => {
-                            return Err(Error::Io {
-                                context: format!("copying base data at {at} into the overlay"),
-                                source: e,
-                            });
-                        }
+        for run in self.map.unallocated_runs(blocks) {
+            let from = self.geo.block_start(run.start);
+            let to = self.geo.block_end(run.end - 1);
+            let mut at = from;
+            while at < to {
+                let pos = self.overlay.data_pos(at);
+                match crate::sys::copy_file_range(src, at, dst, pos, to - at) {
+                    Ok(0) => {
+                        return Err(Error::invalid(format!("base ends early, at {at}")));
+                    }
+                    Ok(n) => at += n,
+                    Err(e) if at == from && installed == 0 && cannot_copy(&e) => {
+                        self.kernel_copy.store(false, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        return Err(Error::Io {
+                            context: format!("copying base data at {at} into the overlay"),
+                            source: e,
+                        });
                     }
                 }
-                self.map.set_range(b..b + run, BlockState::Allocated);
-                installed += run;
             }
-            b += run;
+            installed += run.end - run.start;
+            self.map.set_range(run, BlockState::Allocated);
         }
         Ok(Some(installed))
     }
@@ -364,17 +359,12 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         let blocks = job.first..job.first + n;
         let _guard = self.lock(blocks.clone());
         let mut installed = 0;
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let (state, run) = self.map.run_at(b, blocks.end);
-            if state == BlockState::Unallocated {
-                let from = ((b - job.first) * bs) as usize;
-                let to = (((b + run - job.first) * bs) as usize).min(job.data.len());
-                self.overlay_write(&job.data[from..to], self.geo.block_start(b))?;
-                self.map.set_range(b..b + run, BlockState::Allocated);
-                installed += run;
-            }
-            b += run;
+        for run in self.map.unallocated_runs(blocks) {
+            let from = ((run.start - job.first) * bs) as usize;
+            let to = (((run.end - job.first) * bs) as usize).min(job.data.len());
+            self.overlay_write(&job.data[from..to], self.geo.block_start(run.start))?;
+            installed += run.end - run.start;
+            self.map.set_range(run, BlockState::Allocated);
         }
         Ok(installed)
     }

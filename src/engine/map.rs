@@ -163,6 +163,27 @@ impl BlockMap {
         (state, next - block)
     }
 
+    /// The runs of `Unallocated` blocks in `blocks`, in order. Each run is
+    /// looked up when the one before it has been taken, so a caller holding
+    /// the blocks' locks may change a run's state before asking for the next.
+    pub fn unallocated_runs(
+        &self,
+        blocks: std::ops::Range<u64>,
+    ) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        let mut b = blocks.start;
+        std::iter::from_fn(move || {
+            while b < blocks.end {
+                let (state, n) = self.run_at(b, blocks.end);
+                let run = b..b + n;
+                b += n;
+                if state == BlockState::Unallocated {
+                    return Some(run);
+                }
+            }
+            None
+        })
+    }
+
     /// Whether every block in `blocks` is `Allocated`.
     pub fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
         blocks
@@ -287,6 +308,28 @@ mod tests {
         m.set(99, BlockState::Zero);
         let c = m.counts();
         assert_eq!((c.unallocated, c.allocated, c.zero), (95, 3, 2));
+    }
+
+    #[test]
+    fn unallocated_runs_are_found_in_order() {
+        use BlockState::*;
+        let (m, _) = test_map(&[
+            Allocated,
+            Unallocated,
+            Unallocated,
+            Zero,
+            Unallocated,
+            Allocated,
+            Unallocated,
+        ]);
+        let runs: Vec<_> = m.unallocated_runs(0..7).collect();
+        assert_eq!(runs, vec![1..3, 4..5, 6..7]);
+        assert_eq!(m.unallocated_runs(2..6).collect::<Vec<_>>(), vec![2..3, 4..5]);
+        // A run taken while iterating does not change the runs after it.
+        let mut it = m.unallocated_runs(0..7);
+        m.set_range(it.next().unwrap(), Allocated);
+        assert_eq!(it.collect::<Vec<_>>(), vec![4..5, 6..7]);
+        assert!(m.unallocated_runs(0..1).next().is_none());
     }
 
     #[test]

@@ -476,21 +476,16 @@ pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i
             continue;
         }
         let _guard = lock(q, dev.locks(), first..chunk_end).await;
-        let mut b = first;
-        while b < chunk_end {
-            let (state, n) = dev.map().run_at(b, chunk_end);
-            if state == BlockState::Unallocated {
-                let from = geo.block_start(b);
-                let to = geo.block_end(b + n - 1);
-                let src = &data[(from - off) as usize..(to - off) as usize];
-                let r = overlay_write(q, sh, src, dev.overlay().data_pos(from)).await;
-                if r < 0 {
-                    return r;
-                }
-                dev.map().set_range(b..b + n, BlockState::Allocated);
-                Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
+        for run in dev.map().unallocated_runs(first..chunk_end) {
+            let from = geo.block_start(run.start);
+            let to = geo.block_end(run.end - 1);
+            let src = &data[(from - off) as usize..(to - off) as usize];
+            let r = overlay_write(q, sh, src, dev.overlay().data_pos(from)).await;
+            if r < 0 {
+                return r;
             }
-            b += n;
+            dev.map().set_range(run, BlockState::Allocated);
+            Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
         }
         first = chunk_end;
     }
