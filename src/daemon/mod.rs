@@ -43,9 +43,9 @@ enum OverlaySource {
     Existing(PathBuf),
     /// `--overlay` names a file to create.
     New(PathBuf),
-    /// No `--overlay`: a temporary file, removed at `del`; its path once
-    /// made (when recovering).
-    Temporary(PathBuf),
+    /// No `--overlay`: a temporary file, removed at `del`. `None` makes a
+    /// new one; a recovering daemon names the one made before.
+    Temporary(Option<PathBuf>),
 }
 
 /// An `add` or `recover` whose inputs have all been checked; nothing was
@@ -76,7 +76,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     req.base = absolute(&req.base)?;
     let base = open_base(&req.base)?;
     let overlay = match req.overlay.clone() {
-        None => OverlaySource::Temporary(PathBuf::new()),
+        None => OverlaySource::Temporary(None),
         Some(p) => {
             let p = absolute(&p)?;
             if p == req.base {
@@ -178,7 +178,7 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
         );
     }
     let overlay = if st.temporary_overlay {
-        OverlaySource::Temporary(st.overlay.clone())
+        OverlaySource::Temporary(Some(st.overlay.clone()))
     } else {
         OverlaySource::Existing(st.overlay.clone())
     };
@@ -238,8 +238,8 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
     let (path, create) = match src {
         OverlaySource::Existing(p) => (p.clone(), false),
         OverlaySource::New(p) => (p.clone(), true),
-        OverlaySource::Temporary(p) if !p.as_os_str().is_empty() => (p.clone(), false),
-        OverlaySource::Temporary(_) => (
+        OverlaySource::Temporary(Some(p)) => (p.clone(), false),
+        OverlaySource::Temporary(None) => (
             std::env::temp_dir().join(format!("ublk-cow-{id}-{}.overlay", std::process::id())),
             true,
         ),
