@@ -54,6 +54,7 @@ counters!(
     write_ops,
     write_bytes,
     rmw_blocks,
+    lock_waits,
     flushes,
     zero_ops,
     cache_from_kernel_hint,

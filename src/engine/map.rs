@@ -324,7 +324,10 @@ mod tests {
         ]);
         let runs: Vec<_> = m.unallocated_runs(0..7).collect();
         assert_eq!(runs, vec![1..3, 4..5, 6..7]);
-        assert_eq!(m.unallocated_runs(2..6).collect::<Vec<_>>(), vec![2..3, 4..5]);
+        assert_eq!(
+            m.unallocated_runs(2..6).collect::<Vec<_>>(),
+            vec![2..3, 4..5]
+        );
         // A run taken while iterating does not change the runs after it.
         let mut it = m.unallocated_runs(0..7);
         m.set_range(it.next().unwrap(), Allocated);

@@ -11,7 +11,7 @@ use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
 };
 use crate::engine::device::CowDevice;
-use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
+use crate::engine::locks::{MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
@@ -171,14 +171,20 @@ fn write_sqe(fd: types::Fixed, buf: *const u8, len: u32, off: u64) -> squeue::En
     opcode::Write::new(fd, buf, len).offset(off).build()
 }
 
-/// Waits until `blocks` are locked. Another queue's thread may hold them, and
-/// this thread must keep its ring turning meanwhile, so the wait is a short
-/// io_uring timeout between tries.
-async fn lock<'a>(q: &UblkQueue<'_>, locks: &'a BlockLocks, blocks: Range<u64>) -> RangeGuard<'a> {
+/// Waits until `blocks` are locked. Another queue's thread (or a request of
+/// this queue) may hold them, and this thread must keep its ring turning
+/// meanwhile, so the wait is a short io_uring timeout between tries; each
+/// counts in `lock_waits`.
+async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a Shared, blocks: Range<u64>) -> RangeGuard<'a> {
     loop {
-        if let Some(g) = locks.try_lock(blocks.start, blocks.end - blocks.start) {
+        if let Some(g) = sh
+            .dev
+            .locks()
+            .try_lock(blocks.start, blocks.end - blocks.start)
+        {
             return g;
         }
+        Stats::add(&sh.stats.lock_waits, 1);
         let ts = types::Timespec::new().nsec(20_000);
         q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
     }
@@ -255,7 +261,7 @@ pub async fn write(
         }
         WritePath::Locked(blocks) => blocks,
     };
-    let _guard = lock(q, dev.locks(), blocks).await;
+    let _guard = lock(q, sh, blocks).await;
     let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
     Stats::add(&sh.stats.rmw_blocks, p.fills().count() as u64);
 
@@ -329,7 +335,7 @@ pub async fn write_zeroes(
         let mut first = whole.start;
         while first < whole.end {
             let end = whole.end.min(first + MAX_LOCK_BLOCKS);
-            let _guard = lock(q, dev.locks(), first..end).await;
+            let _guard = lock(q, sh, first..end).await;
             dev.map().set_range(first..end, BlockState::Zero);
             let start = geo.block_start(first);
             let bytes = geo.block_end(end - 1) - start;
@@ -475,7 +481,7 @@ pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i
             first = chunk_end;
             continue;
         }
-        let _guard = lock(q, dev.locks(), first..chunk_end).await;
+        let _guard = lock(q, sh, first..chunk_end).await;
         for run in dev.map().unallocated_runs(first..chunk_end) {
             let from = geo.block_start(run.start);
             let to = geo.block_end(run.end - 1);

@@ -17,17 +17,37 @@ case_readahead_hints() {
     base_unchanged
 }
 
+# The base is a loop device, so that the reads reaching it can be counted:
+# with `off` they are the reader's own 4K reads (no kernel readahead on the
+# base either); with `auto` they are mostly prefetch, in large pieces.
 case_detector() {
-    local dev id
+    local dev id lo
+    lo=$(losetup -f --show -r "$BASE")
+    local stat=/sys/block/$(basename "$lo")/stat
     for ra in auto off; do
-        dev=$(add --base "$BASE" --readahead $ra); id=$(dev_id "$dev")
+        echo 3 > /proc/sys/vm/drop_caches
+        dev=$(add --base "$lo" --readahead $ra); id=$(dev_id "$dev")
+        local r0 s0 r1 s1
+        read -r r0 _ s0 _ < "$stat"
         dd if="$dev" of=/dev/null bs=4k count=2048 iflag=direct status=none
-        local n; n=$(stat_of "$id" cache_from_detector)
-        say "  O_DIRECT sequential 4K reads, --readahead $ra: $n detector requests"
-        if [ $ra = auto ]; then [ "$n" -gt 0 ] || die "the detector asked for nothing"; fi
-        if [ $ra = off ]; then [ "$n" = 0 ] || die "--readahead off still prefetched"; fi
+        read -r r1 _ s1 _ < "$stat"
+        local n reads=$((r1 - r0)) kib=$(((s1 - s0) / 2))
+        n=$(stat_of "$id" cache_from_detector)
+        say "  O_DIRECT sequential 4K reads (8 MiB), --readahead $ra: $n detector requests;" \
+            "the base saw $reads reads, $kib KiB"
+        # (a few pages may be cached already: the identity samples, the
+        # partition scan)
+        [ "$kib" -ge 7936 ] || die "the base saw less than was read"
+        if [ $ra = auto ]; then
+            [ "$n" -gt 0 ] || die "the detector asked for nothing"
+            [ $((kib / reads)) -ge 32 ] || die "prefetch did not reach the base in large reads"
+        else
+            [ "$n" = 0 ] || die "--readahead off still prefetched"
+            [ $((kib / reads)) -le 8 ] || die "--readahead off: the base still reads ahead"
+        fi
         "$UC" del -n "$id"
     done
+    losetup -d "$lo"
     base_unchanged
 }
 
