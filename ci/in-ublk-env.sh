@@ -11,7 +11,7 @@ fi
 echo "in-ublk-env: this host has no ublk_drv; running $1 in a VM" >&2
 # The guest does not inherit this environment: pass on the knobs of the
 # guest scripts that are set here.
-for v in E2E_ONLY CRASH_CYCLES REPLAY_STEPS ROUNDS RUNTIME SYSTEMS WORKLOADS; do
+for v in E2E_ONLY CRASH_CYCLES REPLAY_STEPS ROUNDS RUNTIME SYSTEMS WORKLOADS COPY_ONLY; do
     if [ -n "${!v:-}" ]; then
         VM_ENV="${VM_ENV:-} $v='${!v}'"
     fi

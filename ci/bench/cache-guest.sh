@@ -18,6 +18,7 @@ export TMPDIR=$B
 OUT=$B/out; mkdir -p $OUT; : > $OUT/runs.jsonl
 
 head -c 256M /dev/urandom > $B/base.img
+if [ -z "${COPY_ONLY:-}" ]; then
 LO=$(losetup -f --show $B/base.img)
 SZ=$(blockdev --getsz "$LO")
 dmsetup create ucslow --table "0 $SZ delay $LO 0 1"
@@ -48,17 +49,33 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 dmsetup remove ucslow; losetup -d "$LO"
+fi
 
-# Whole-device copy-on-cache against cp, same file system (tmpfs), same base.
-for round in $(seq 1 "$ROUNDS"); do
-    echo 3 > /proc/sys/vm/drop_caches
+# Whole-device copy-on-cache against cp, same file system (tmpfs), same base;
+# which of the two goes first alternates between rounds. Set COPY_ONLY=1 to
+# skip the readahead part.
+time_cp() {
+    local t0 t1
     t0=$(date +%s.%N); cp $B/base.img $B/copy.img; t1=$(date +%s.%N)
     rm -f $B/copy.img
+    echo "$t0 $t1"
+}
+time_cache() {
+    local dev t0 t1
     dev=$("$UC" add --base $B/base.img --overlay $B/cow.overlay)
     echo 3 > /proc/sys/vm/drop_caches
-    t2=$(date +%s.%N); "$UC" cache -n "$(dev_id "$dev")" --cow-on-cache >/dev/null; t3=$(date +%s.%N)
+    t0=$(date +%s.%N); "$UC" cache -n "$(dev_id "$dev")" --cow-on-cache >/dev/null; t1=$(date +%s.%N)
     "$UC" del -n "$(dev_id "$dev")"; rm -f $B/cow.overlay
-    python3 - "$t0" "$t1" "$t2" "$t3" "$round" >> $OUT/runs.jsonl <<'PY'
+    echo "$t0 $t1"
+}
+for round in $(seq 1 "$ROUNDS"); do
+    echo 3 > /proc/sys/vm/drop_caches
+    if [ $((round % 2)) = 1 ]; then
+        c=$(time_cp); k=$(time_cache)
+    else
+        k=$(time_cache); c=$(time_cp)
+    fi
+    python3 - $c $k "$round" >> $OUT/runs.jsonl <<'PY'
 import json, sys
 t0, t1, t2, t3 = map(float, sys.argv[1:5])
 mib = 256

@@ -37,4 +37,6 @@ for wl in workloads:
             continue
         med = statistics.median(vals)
         ratio = f"{med / ref_med:.2f}x" if ref_med else "-"
-        print(f"| {wl} | {s} | {med:,.0f} {unit} | {min(vals):,.0f}..{max(vals):,.0f} | {len(vals)} | {ratio} |")
+        # Small values keep two decimals, so that a ratio can be checked.
+        f = (lambda v: f"{v:,.2f}") if med < 10 else (lambda v: f"{v:,.0f}")
+        print(f"| {wl} | {s} | {f(med)} {unit} | {f(min(vals))}..{f(max(vals))} | {len(vals)} | {ratio} |")
