@@ -30,7 +30,9 @@ test-host:
 test-vm: build
 	bash ci/in-ublk-env.sh tests/e2e/run.sh
 
+# Everything, the demo included: CI proves both of the README's commands.
 test: setup lint test-host test-vm
+	bash ci/in-ublk-env.sh tests/e2e/demo.sh
 
 clean:
 	$(CARGO) clean
