@@ -5,6 +5,9 @@
 source "$(dirname "$0")/lib.sh"
 set -e
 need_ublk
+# (`cmd && say` would not stop the demo when cmd fails: `set -e` ignores
+# the left side of `&&`.)
+fail() { say "FAILED: $*"; exit 1; }
 rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
 
 say "1. a 256 MiB sample base image holding an ext4 file system with one file"
@@ -36,15 +39,18 @@ DEV=$("$UC" add --base base.img --overlay "$WORK/demo.overlay")
 mount "$DEV" mnt
 cat mnt/new.txt
 sha256sum -c random.sha256
-diff -r "$ROOT/src" mnt/src-copy && say "   source tree copy matches"
+diff -r "$ROOT/src" mnt/src-copy || fail "the source tree copy differs"
+say "   source tree copy matches"
 umount mnt
-e2fsck -fn "$DEV" >/dev/null && say "   e2fsck: clean"
+e2fsck -fn "$DEV" >/dev/null || fail "e2fsck found errors"
+say "   e2fsck: clean"
 "$UC" del -n "$(dev_id "$DEV")"
 
 say "5. the base is unchanged, the overlay holds the writes"
 sha256sum -c base.sha256
 mount -o loop,ro base.img mnt
-[ ! -e mnt/new.txt ] && say "   base.img has no new.txt: writes went to the overlay"
+[ ! -e mnt/new.txt ] || fail "base.img has new.txt: a write reached the base"
+say "   base.img has no new.txt: writes went to the overlay"
 umount mnt
 say "   overlay: $(du -h --apparent-size demo.overlay | cut -f1) apparent, $(du -h demo.overlay | cut -f1) allocated"
 say "demo finished"
