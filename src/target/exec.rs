@@ -4,8 +4,10 @@
 //! Every operation is submitted with `UblkQueue::ublk_submit_sqe`, which
 //! pushes it at once and returns a future; the runs of one request are all
 //! pushed before the first is awaited, so they are in flight together. Fixed
-//! file 1 is the base (opened read-only), fixed file 2 the overlay. No
-//! blocking system call is made here.
+//! file 1 is the base (opened read-only), fixed file 2 the overlay. The only
+//! system calls made on the queue's thread itself are those of `inline`:
+//! reads of data already in memory and writes to a file in memory, none of
+//! which starts a device I/O and waits for it.
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
