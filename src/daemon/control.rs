@@ -11,6 +11,7 @@
 
 use crate::daemon::state;
 use crate::engine::cache::CacheMode;
+use crate::engine::device::CacheDone;
 use crate::stats::{CacheSource, Stats, StatsSnapshot};
 use crate::target::exec::Shared;
 use anyhow::{Context, Result, anyhow, bail};
@@ -40,18 +41,18 @@ pub struct Reply {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub done: Option<CacheReport>,
+    pub done: Option<CacheDone>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-/// Bytes per action of a finished `cache` command.
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
-pub struct CacheReport {
-    pub fadvised_overlay: u64,
-    pub fadvised_base: u64,
-    pub read: u64,
-    pub copied: u64,
+impl Reply {
+    fn error(msg: String) -> Reply {
+        Reply {
+            error: Some(msg),
+            ..Reply::default()
+        }
+    }
 }
 
 /// A cache command is carried out in pieces of this many bytes, with a
@@ -114,25 +115,16 @@ fn handle(mut conn: UnixStream, sh: &Shared) -> Result<()> {
             let size = sh.dev.geometry().size();
             if offset >= size || length == 0 || length > size - offset {
                 let error = format!("range {offset}+{length} is outside the device ({size} bytes)");
-                return send(
-                    &mut conn,
-                    &Reply {
-                        error: Some(error),
-                        ..Reply::default()
-                    },
-                );
+                return send(&mut conn, &Reply::error(error));
             }
             sh.stats.cache_request(CacheSource::Command);
-            let mut report = CacheReport::default();
+            let mut report = CacheDone::default();
             let mut at = offset;
             while at < offset + length {
                 let n = PIECE.min(offset + length - at);
                 match sh.dev.cache(at, n, mode) {
                     Ok(d) => {
-                        report.fadvised_overlay += d.fadvised_overlay;
-                        report.fadvised_base += d.fadvised_base;
-                        report.read += d.read;
-                        report.copied += d.copied;
+                        report += d;
                         let st = &sh.stats;
                         Stats::add(&st.fadvise_overlay_bytes, d.fadvised_overlay);
                         Stats::add(&st.fadvise_base_bytes, d.fadvised_base);
@@ -140,14 +132,7 @@ fn handle(mut conn: UnixStream, sh: &Shared) -> Result<()> {
                         Stats::add(&st.copied_to_overlay_bytes, d.copied);
                     }
                     Err(e) => {
-                        let error = format!("cache at {at}: {e}");
-                        return send(
-                            &mut conn,
-                            &Reply {
-                                error: Some(error),
-                                ..Reply::default()
-                            },
-                        );
+                        return send(&mut conn, &Reply::error(format!("cache at {at}: {e}")));
                     }
                 }
                 at += n;

@@ -433,11 +433,21 @@ fn cannot_copy(e: &std::io::Error) -> bool {
     )
 }
 
-/// What a cache request did, in bytes per action.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a cache request did, in bytes per action (also the control
+/// socket's report of a finished `cache` command).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheDone {
     pub fadvised_overlay: u64,
     pub fadvised_base: u64,
     pub read: u64,
     pub copied: u64,
+}
+
+impl std::ops::AddAssign for CacheDone {
+    fn add_assign(&mut self, d: CacheDone) {
+        self.fadvised_overlay += d.fadvised_overlay;
+        self.fadvised_base += d.fadvised_base;
+        self.read += d.read;
+        self.copied += d.copied;
+    }
 }
