@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 
 /// A file mapped read-write and shared, viewed as 64-bit atomic words.
@@ -154,14 +154,22 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of
 /// `[off, off+buf.len())` without waiting for I/O. `EAGAIN` when the first
 /// page is not cached; `EOPNOTSUPP` when the file cannot do it (tmpfs).
-pub fn pread_nowait(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
+pub fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     // SAFETY: one iovec describing `buf`, which is live and writable for the
-    // whole call; the caller keeps `fd` open.
-    let r = unsafe { libc::preadv2(fd, &iov, 1, off as libc::off_t, libc::RWF_NOWAIT) };
+    // whole call; `file` is open.
+    let r = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            off as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -170,7 +178,7 @@ pub fn pread_nowait(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
 
 /// How many pages of `[off, off+len)` are in the page cache (`cachestat`,
 /// Linux 6.5). A page counts while its read is still in flight.
-pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> io::Result<u64> {
+pub fn cached_pages(file: &File, off: u64, len: u64) -> io::Result<u64> {
     /// `__NR_cachestat`, the same on every architecture.
     const SYS_CACHESTAT: libc::c_long = 451;
     #[repr(C)]
@@ -194,7 +202,7 @@ pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> io::Result<u64> {
     let r = unsafe {
         libc::syscall(
             SYS_CACHESTAT,
-            fd,
+            file.as_raw_fd(),
             &range as *const Range,
             &mut cs as *mut Cachestat,
             0,
@@ -204,17 +212,6 @@ pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cs.nr_cache)
-}
-
-/// `pread`: may block.
-pub fn pread(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    // SAFETY: `buf` is live and writable for its length for the whole call;
-    // the caller keeps `fd` open.
-    let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off as libc::off_t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as usize)
 }
 
 /// `copy_file_range`: copies up to `len` bytes from `src` at `src_off` to
@@ -246,17 +243,6 @@ pub fn copy_file_range(
         return Err(io::Error::last_os_error());
     }
     Ok(r as u64)
-}
-
-/// `pwrite`: may block.
-pub fn pwrite(fd: RawFd, buf: &[u8], off: u64) -> io::Result<usize> {
-    // SAFETY: `buf` is live and readable for its length for the whole call;
-    // the caller keeps `fd` open.
-    let r = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), off as libc::off_t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as usize)
 }
 
 /// `posix_fadvise` on a descriptor we own.

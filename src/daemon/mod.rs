@@ -360,7 +360,13 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         forced: p.req.force,
         policy: p.req.policy,
     };
-    let shared = Arc::new(Shared::new(dev, p.req.policy));
+    let shared = match Shared::new(dev, p.req.policy) {
+        Ok(sh) => Arc::new(sh),
+        Err(e) => {
+            cleanup(created);
+            return Err(anyhow::Error::from(e).context("opening base and overlay for the queues"));
+        }
+    };
     if let Err(e) = control::serve(id, shared.clone()) {
         cleanup(created);
         return Err(e);

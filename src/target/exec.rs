@@ -44,18 +44,18 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(dev: Device, policy: CachePolicy) -> Shared {
+    pub fn new(dev: Device, policy: CachePolicy) -> std::io::Result<Shared> {
         let size = dev.geometry().size();
-        let base_io = InlineFile::new(dev.base(), size);
-        let overlay_io = InlineFile::new(dev.overlay().storage(), dev.overlay().data_pos(size));
-        Shared {
+        let base_io = InlineFile::new(dev.base(), size)?;
+        let overlay_io = InlineFile::new(dev.overlay().storage(), dev.overlay().data_pos(size))?;
+        Ok(Shared {
             dev,
             policy,
             stats: Stats::default(),
             base_io,
             overlay_io,
             flushing: AtomicBool::new(false),
-        }
+        })
     }
 }
 

@@ -12,7 +12,8 @@
 
 use crate::sys::{self, ReadOnlyMap};
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How cached pages are read without blocking; falls from one to the next
@@ -32,14 +33,14 @@ pub struct InlineFile {
     /// through a writable mapping: a write fault on a full tmpfs would kill
     /// the daemon, where `pwrite` returns ENOSPC.)
     in_memory: bool,
-    /// The file's descriptor, owned by the device, which outlives this.
-    fd: RawFd,
+    /// The file (a second descriptor of the device's).
+    file: File,
     way: AtomicU8,
 }
 
 impl InlineFile {
     /// Inline I/O for `file`, whose first `len` bytes are read through it.
-    pub fn new(file: &File, len: u64) -> InlineFile {
+    pub fn new(file: &File, len: u64) -> io::Result<InlineFile> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
@@ -47,12 +48,12 @@ impl InlineFile {
         let map = (whole && len > 0 && in_memory)
             .then(|| ReadOnlyMap::map(file, len as usize).ok())
             .flatten();
-        InlineFile {
+        Ok(InlineFile {
             map,
             in_memory,
-            fd: file.as_raw_fd(),
+            file: file.try_clone()?,
             way: AtomicU8::new(NOWAIT),
-        }
+        })
     }
 
     /// Fills as much of `dst` from file offset `pos` as it can without
@@ -78,10 +79,10 @@ impl InlineFile {
         }
         let mut done = 0;
         while done < data.len() {
-            match sys::pwrite(self.fd, &data[done..], pos + done as u64) {
+            match self.file.write_at(&data[done..], pos + done as u64) {
                 Ok(0) => return Some(-libc::EIO),
                 Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Some(-e.raw_os_error().unwrap_or(libc::EIO)),
             }
         }
@@ -92,7 +93,7 @@ impl InlineFile {
     fn read_nowait(&self, pos: u64, dst: &mut [u8]) -> usize {
         let mut done = 0;
         while done < dst.len() {
-            match sys::pread_nowait(self.fd, &mut dst[done..], pos + done as u64) {
+            match sys::pread_nowait(&self.file, &mut dst[done..], pos + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) => {
@@ -113,7 +114,7 @@ impl InlineFile {
     fn read_if_cached(&self, pos: u64, dst: &mut [u8]) -> usize {
         let first = pos / PAGE;
         let end = (pos + dst.len() as u64).div_ceil(PAGE);
-        match sys::cached_pages(self.fd, first * PAGE, (end - first) * PAGE) {
+        match sys::cached_pages(&self.file, first * PAGE, (end - first) * PAGE) {
             Ok(n) if n == end - first => {}
             Ok(_) => return 0,
             Err(_) => {
@@ -123,7 +124,7 @@ impl InlineFile {
         }
         let mut done = 0;
         while done < dst.len() {
-            match sys::pread(self.fd, &mut dst[done..], pos + done as u64) {
+            match self.file.read_at(&mut dst[done..], pos + done as u64) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => done += n,
             }
@@ -164,7 +165,7 @@ mod tests {
     #[test]
     fn reads_cached_pages_of_a_file() {
         let (f, data) = file_in(&std::env::temp_dir(), "file");
-        let r = InlineFile::new(&f, data.len() as u64);
+        let r = InlineFile::new(&f, data.len() as u64).unwrap();
         check(&r, &data);
         // Just written, so cached: some way served it inline.
         let mut buf = vec![0u8; 4096];
@@ -177,14 +178,17 @@ mod tests {
     #[test]
     fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
         let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
-        let r = InlineFile::new(&f, 64 * 1024);
+        let r = InlineFile::new(&f, 64 * 1024).unwrap();
         assert_eq!(r.write(1000, &[9u8; 5000]), Some(0));
         let mut back = vec![0u8; 5000];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
         assert!(back.iter().all(|&b| b == 9));
         let (f, _) = file_in(&std::env::temp_dir(), "w");
         if !sys::is_tmpfs(&f) {
-            assert_eq!(InlineFile::new(&f, 64 * 1024).write(0, &[1u8; 10]), None);
+            assert_eq!(
+                InlineFile::new(&f, 64 * 1024).unwrap().write(0, &[1u8; 10]),
+                None
+            );
         }
     }
 
@@ -195,7 +199,7 @@ mod tests {
             panic!("/dev/shm is missing: the tmpfs case cannot run");
         }
         let (f, data) = file_in(shm, "shm");
-        let r = InlineFile::new(&f, data.len() as u64);
+        let r = InlineFile::new(&f, data.len() as u64).unwrap();
         assert!(r.map.is_some(), "a tmpfs file is mapped");
         check(&r, &data);
         let mut buf = vec![0u8; 100];
