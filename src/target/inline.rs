@@ -77,16 +77,10 @@ impl InlineFile {
         if !self.in_memory {
             return None;
         }
-        let mut done = 0;
-        while done < data.len() {
-            match self.file.write_at(&data[done..], pos + done as u64) {
-                Ok(0) => return Some(-libc::EIO),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Some(-e.raw_os_error().unwrap_or(libc::EIO)),
-            }
+        match self.file.write_all_at(data, pos) {
+            Ok(()) => Some(0),
+            Err(e) => Some(-e.raw_os_error().unwrap_or(libc::EIO)),
         }
-        Some(0)
     }
 
     /// As much as `preadv2(RWF_NOWAIT)` gives.
