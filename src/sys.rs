@@ -113,6 +113,15 @@ impl ReadOnlyMap {
         // buffer of the same length.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) }
     }
+
+    /// The address of bytes `[off, off + len)` of the mapping, for the
+    /// kernel to copy from (ublk copies a READ's data from the address its
+    /// commit names).
+    pub fn addr(&self, off: u64, len: usize) -> *const u8 {
+        let off = off as usize;
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
+        self.ptr.wrapping_add(off)
+    }
 }
 
 impl Drop for ReadOnlyMap {

@@ -192,14 +192,26 @@ async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a Shared, blocks: Range<u64>) -> Rang
     }
 }
 
-/// READ of `buf.len()` bytes at `off`.
+/// Where a READ left its data.
+pub enum ReadDone {
+    /// In the request buffer; or the READ failed (a negative errno).
+    Buffer(i32),
+    /// All of it is in one mapped file, at this address. ublk copies it into
+    /// the request from there when the READ is committed: one copy instead
+    /// of two.
+    Mapped(*const u8),
+}
+
+/// READ of `buf.len()` bytes at `off`. With `may_map`, data that lies in
+/// one mapped run is left where it is (`ReadDone::Mapped`).
 pub async fn read(
     q: &UblkQueue<'_>,
     sh: &Shared,
     s: &mut TagScratch,
     off: u64,
     buf: &mut [u8],
-) -> i32 {
+    may_map: bool,
+) -> ReadDone {
     let dev = &sh.dev;
     plan::plan_read(
         dev.map(),
@@ -230,12 +242,18 @@ pub async fn read(
                 (OVERLAY_FD, &sh.overlay_io, dev.overlay().data_pos(run.off))
             }
         };
+        if may_map
+            && s.runs.len() == 1
+            && let Some(at) = reader.mapped(pos, dst.len())
+        {
+            return ReadDone::Mapped(at);
+        }
         ops.extend(read_op(q, fd, reader, pos, dst));
     }
-    match await_all(ops).await {
+    ReadDone::Buffer(match await_all(ops).await {
         0 => buf.len() as i32,
         e => e,
-    }
+    })
 }
 
 /// WRITE of `data` at `off`: straight to the overlay when every block is

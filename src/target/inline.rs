@@ -71,6 +71,11 @@ impl InlineFile {
         }
     }
 
+    /// Where bytes `[pos, pos + len)` of the file are mapped, if they are.
+    pub fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
+        self.map.as_ref().map(|m| m.addr(pos, len))
+    }
+
     /// Writes `data` at `pos` if the file lives in memory: `Some` with the
     /// result (0 or a negative errno), or `None` when the ring must do it.
     pub fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {

@@ -71,7 +71,13 @@ pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
 /// Devices survive their daemon: when it dies the kernel quiesces the device
 /// and requeues the requests it had taken, and `recover` serves them again
 /// (re-issuing a write is harmless: it writes the same data again).
-const CTRL_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+///
+/// A WRITE's data is fetched only when the daemon asks for it
+/// (`NEED_GET_DATA`): a READ's commit can then name any mapping to copy its
+/// data from, since no next request is ever copied there (see `queue`).
+const CTRL_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY
+    | sys::UBLK_F_USER_RECOVERY_REISSUE
+    | sys::UBLK_F_NEED_GET_DATA) as u64;
 
 /// Whether device `id` is waiting for a new daemon (its daemon died).
 pub fn is_quiesced(id: u32) -> bool {

@@ -7,7 +7,7 @@ use crate::engine::plan::ReadSource;
 use crate::engine::readahead::Detector;
 use crate::stats::{CacheSource, Stats};
 use crate::target::background::{self, Background, Job};
-use crate::target::exec::{self, QueueBufs, Shared, TagScratch};
+use crate::target::exec::{self, QueueBufs, ReadDone, Shared, TagScratch};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{UblkError, sys};
@@ -39,6 +39,10 @@ impl Request {
 
 /// What a queue's tasks share besides the device.
 pub struct QueueState {
+    /// A READ's commit may name a mapping to copy from: the device fetches
+    /// a WRITE's data only when asked (`UBLK_F_NEED_GET_DATA`), so the
+    /// address a commit names is never written into.
+    commit_from_map: bool,
     bufs: QueueBufs,
     detector: RefCell<Detector>,
     background: Background,
@@ -49,11 +53,24 @@ const READAHEAD_FLAGS: u32 = sys::UBLK_IO_F_FAILFAST_DEV
     | sys::UBLK_IO_F_FAILFAST_TRANSPORT
     | sys::UBLK_IO_F_FAILFAST_DRIVER;
 
+impl Request {
+    /// The kernel marked this READ as readahead.
+    fn hinted(&self) -> bool {
+        self.flags & READAHEAD_FLAGS == READAHEAD_FLAGS
+    }
+}
+
+/// Whether the policy copies the base data this READ reads into the overlay
+/// (copy-on-readahead with the `cow` mode for kernel hints; `--cow-on-read`
+/// for every read).
+fn installs(sh: &Shared, req: &Request) -> bool {
+    sh.policy.cow_on_read || (req.hinted() && sh.policy.mode == CacheMode::Cow)
+}
+
 /// After a READ: queue the prefetch it calls for, and the copy of the base
-/// data it read if the policy installs such data (copy-on-readahead with the
-/// `cow` mode for kernel hints; `--cow-on-read` for every read).
+/// data it read into `buf` if the policy `installs` it.
 fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: &[u8]) {
-    let hinted = req.flags & READAHEAD_FLAGS == READAHEAD_FLAGS;
+    let hinted = req.hinted();
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
     }
@@ -76,9 +93,8 @@ fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: 
             qs.background.push(Job::Cache { off, len }, source, sh);
         }
     }
-    let install = sh.policy.cow_on_read || (hinted && sh.policy.mode == CacheMode::Cow);
     let bs = sh.dev.geometry().block_size() as u64;
-    if install
+    if installs(sh, req)
         && s.runs()
             .iter()
             .any(|r| r.source == ReadSource::Base && r.len >= bs)
@@ -96,7 +112,21 @@ fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: 
     }
 }
 
-/// Carries out one request; returns bytes done or a negative errno.
+/// What a request's commit tells ublk.
+struct Commit {
+    /// Bytes done, or a negative errno.
+    res: i32,
+    /// Where a READ's data is, when not in the tag's buffer.
+    from: Option<*const u8>,
+}
+
+impl From<i32> for Commit {
+    fn from(res: i32) -> Commit {
+        Commit { res, from: None }
+    }
+}
+
+/// Carries out one request.
 async fn handle(
     q: &UblkQueue<'_>,
     sh: &Shared,
@@ -104,19 +134,24 @@ async fn handle(
     s: &mut TagScratch,
     req: Request,
     buf: &mut [u8],
-) -> i32 {
+) -> Commit {
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
     if req.op != sys::UBLK_IO_OP_FLUSH && geo.check_range(req.off, req.len).is_err() {
-        return -libc::EINVAL;
+        return (-libc::EINVAL).into();
     }
-    match req.op {
+    let res = match req.op {
         sys::UBLK_IO_OP_READ => {
-            let r = exec::read(q, sh, s, req.off, &mut buf[..req.len as usize]).await;
-            if r >= 0 {
+            let may_map = qs.commit_from_map && !installs(sh, &req);
+            let buf = &mut buf[..req.len as usize];
+            let (res, from) = match exec::read(q, sh, s, req.off, buf, may_map).await {
+                ReadDone::Buffer(r) => (r, None),
+                ReadDone::Mapped(at) => (req.len as i32, Some(at)),
+            };
+            if res >= 0 {
                 after_read(sh, qs, s, &req, buf);
             }
-            r
+            return Commit { res, from };
         }
         sys::UBLK_IO_OP_WRITE => {
             let r = exec::write(q, sh, qb, s, req.off, &buf[..req.len as usize]).await;
@@ -134,7 +169,29 @@ async fn handle(
             exec::write_zeroes(q, sh, qb, s, req.off, req.len).await
         }
         _ => -libc::EINVAL,
+    };
+    res.into()
+}
+
+/// Waits for the tag's next request after `cmd` (a fetch or a commit) was
+/// pushed. A WRITE arrives first without its data when the device asks for
+/// it (`UBLK_F_NEED_GET_DATA`): then the data is fetched into `buf`.
+async fn next_request(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    cmd: impl std::future::Future<Output = Result<i32, UblkError>>,
+    buf: *mut u8,
+) -> Result<(), UblkError> {
+    if cmd.await? == sys::UBLK_IO_RES_NEED_GET_DATA as i32 {
+        #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
+        let r = q
+            .submit_io_cmd(tag, sys::UBLK_U_IO_NEED_GET_DATA, buf, 0)
+            .await;
+        if r == sys::UBLK_IO_RES_ABORT {
+            return Err(UblkError::QueueIsDown);
+        }
     }
+    Ok(())
 }
 
 async fn tag_task(
@@ -145,13 +202,18 @@ async fn tag_task(
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     let mut scratch = TagScratch::default();
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
+    let data_at = buf.as_mut_ptr();
+    let fetch = q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf));
+    next_request(&q, tag, fetch, data_at).await?;
     loop {
         let req = Request::of(&q, tag);
-        let res = handle(&q, &sh, &qs, &mut scratch, req, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
+        let done = handle(&q, &sh, &qs, &mut scratch, req, buf.as_mut_slice()).await;
+        let from = match done.from {
+            Some(at) => BufDesc::RawAddress(at),
+            None => BufDesc::Slice(buf.as_slice()),
+        };
+        let commit = q.submit_io_commit_cmd(tag, from, done.res);
+        next_request(&q, tag, commit, data_at).await?;
     }
 }
 
@@ -166,6 +228,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
     };
     let bs = sh.dev.geometry().block_size();
     let qs = Rc::new(QueueState {
+        commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
         bufs: QueueBufs::new(bs),
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
         background: Background::default(),
