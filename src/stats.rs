@@ -50,6 +50,7 @@ counters!(
     read_overlay_bytes,
     read_zero_ops,
     read_zero_bytes,
+    reads_from_mapping,
     readahead_flagged_reads,
     write_ops,
     write_bytes,

@@ -246,6 +246,7 @@ pub async fn read(
             && s.runs.len() == 1
             && let Some(at) = reader.mapped(pos, dst.len())
         {
+            Stats::add(&st.reads_from_mapping, 1);
             return ReadDone::Mapped(at);
         }
         ops.extend(read_op(q, fd, reader, pos, dst));

@@ -148,7 +148,8 @@ case_fua() {
 
 case_tmpfs_files() {
     # Base and overlay in memory: reads are copied from mappings instead of
-    # going through io_uring (see target/exec.rs); the data must not differ.
+    # going through io_uring, and a read of one run is committed with the
+    # mapping's address (see target/exec.rs); the data must not differ.
     local t=$WORK/tmem dev id
     mkdir -p "$t"; mount -t tmpfs -o size=400M tmpfs "$t"
     cp "$BASE" "$t/base.img"
@@ -163,6 +164,9 @@ case_tmpfs_files() {
     dd if=part of=expect.img bs=512 seek=$(((100 << 11) + 3)) conv=notrunc status=none
     cmp <(dd if="$dev" bs=1M skip=64 count=128 iflag=direct status=none) \
         <(dd if=expect.img bs=1M skip=64 count=128 status=none) || die "reads from tmpfs differ"
+    local mapped; mapped=$(stat_of "$id" reads_from_mapping)
+    say "  $mapped reads committed straight from a mapping"
+    [ "$mapped" -gt 0 ] || die "no read was committed from a mapping"
     rm -f expect.img part
     "$UC" del -n "$id"
     umount "$t"
