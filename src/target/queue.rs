@@ -190,6 +190,11 @@ async fn next_request(
         if r == sys::UBLK_IO_RES_ABORT {
             return Err(UblkError::QueueIsDown);
         }
+        // Without its data the WRITE must not be served: the buffer holds
+        // an older request's bytes.
+        if r < 0 {
+            return Err(UblkError::OtherError(r));
+        }
     }
     Ok(())
 }
