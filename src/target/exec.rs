@@ -7,7 +7,8 @@
 //! file 1 is the base (opened read-only), fixed file 2 the overlay. The only
 //! system calls made on the queue's thread itself are those of `inline`:
 //! reads of data already in memory and writes to a file in memory, none of
-//! which starts a device I/O and waits for it.
+//! which starts a device I/O and waits for it. A READ that lies in one run
+//! of a mapped file is not copied here at all (`ReadDone::Mapped`).
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,

@@ -1,6 +1,9 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
-//! fetches a request, dispatches it by operation to `exec`, and commits the
-//! result, forever, until the queue goes down.
+//! fetches a request (and, for a WRITE, then its data: the device sets
+//! `UBLK_F_NEED_GET_DATA`), dispatches it by operation to `exec`, and
+//! commits the result, forever, until the queue goes down. A READ's commit
+//! names where ublk copies its data from: the tag's buffer, or the mapping
+//! that holds all of it.
 
 use crate::engine::cache::CacheMode;
 use crate::engine::plan::ReadSource;
