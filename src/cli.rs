@@ -108,6 +108,14 @@ pub struct AddArgs {
     #[arg(long)]
     pub read_only: bool,
 
+    /// Allocate the overlay's whole data area now (fallocate), so that a
+    /// first write fills space already there instead of allocating it. The
+    /// overlay then takes the device's full size at once (in RAM, on tmpfs);
+    /// a discard frees its blocks again. Default: off, the overlay grows
+    /// with the writes.
+    #[arg(long)]
+    pub preallocate: bool,
+
     /// Stay in the foreground instead of starting a daemon; stop with Ctrl-C
     /// or `ublk-cow del`.
     #[arg(long)]
@@ -218,6 +226,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 depth: a.depth,
             },
             read_only: a.read_only,
+            preallocate: a.preallocate,
             foreground: a.foreground,
             force: a.force,
             policy: CachePolicy {

@@ -143,6 +143,16 @@ pub fn is_tmpfs(file: &File) -> bool {
     }
 }
 
+/// Allocates `[off, off+len)` of `file` (mode 0: data already there stays).
+pub fn allocate(file: &File, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Frees `[off, off+len)` of `file`, which then reads as zeros; the size stays.
 pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a descriptor we own; no memory is passed.

@@ -4,7 +4,7 @@
 # (kernel loop, rublk) get a private copy of the base; the others keep their
 # writes in an overlay/COW store in $B (guest tmpfs).
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
-SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2"
+SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
 
 base_loop() { # a read-only loop device over the base, made once
     if [ -z "${BASE_RO_LOOP:-}" ]; then
@@ -53,6 +53,7 @@ sys_up() {
         ublk-cow) "$UC" add --base "$BASE" ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
+        ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
         *) echo "unknown system $1" >&2; return 1 ;;
     esac
 }

@@ -32,6 +32,8 @@ pub struct AddRequest {
     pub block_size: Option<u32>,
     pub target: TargetConfig,
     pub read_only: bool,
+    /// Allocate the overlay's data area before serving.
+    pub preallocate: bool,
     pub foreground: bool,
     pub force: bool,
     pub policy: CachePolicy,
@@ -166,6 +168,8 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
             depth: st.depth,
         },
         read_only: st.read_only,
+        // Whatever `add` allocated is still allocated.
+        preallocate: false,
         foreground,
         force: st.forced,
         policy: st.policy,
@@ -330,7 +334,12 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         };
         Ok(dev)
     });
-    let dev = match opened {
+    let dev = match opened.and_then(|d| {
+        if p.req.preallocate {
+            preallocate(&d)?;
+        }
+        Ok(d)
+    }) {
         Ok(d) => d,
         Err(e) => {
             cleanup(created);
@@ -408,6 +417,15 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // A clean stop leaves nothing behind; a failed one keeps its log.
     let _ = std::fs::remove_file(state::log_path(id));
     Ok(())
+}
+
+/// `--preallocate`: allocates the overlay's data area, so that first writes
+/// find their space already there.
+fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
+    let size = dev.geometry().size();
+    let overlay = dev.overlay();
+    crate::sys::allocate(overlay.storage(), overlay.data_pos(0), size)
+        .with_context(|| format!("preallocating {size} bytes of the overlay"))
 }
 
 /// `ublk-cow del -n N`: asks the daemon to stop (it flushes and closes the

@@ -173,7 +173,35 @@ case_tmpfs_files() {
     base_unchanged
 }
 
+case_preallocate() {
+    # --preallocate allocates the overlay's data area before serving; where
+    # it does not fit, add fails with one line and leaves nothing behind.
+    local t=$WORK/pre dev id
+    mkdir -p "$t"; mount -t tmpfs -o size=300M tmpfs "$t"
+    dev=$(add --base "$BASE" --overlay "$t/ov" --preallocate); id=$(dev_id "$dev")
+    local kib; kib=$(du -k "$t/ov" | cut -f1)
+    say "  a ${BASE_MB} MiB device: the overlay holds $kib KiB before any write"
+    [ "$kib" -ge $((BASE_MB << 10)) ] || die "the overlay was not preallocated ($kib KiB)"
+    local job=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --size=32M
+        --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=11 --name=pre)
+    fio "${job[@]}" --do_verify=0 >pre-w.log 2>&1 || { cat pre-w.log; die "fio write"; }
+    fio "${job[@]}" --verify_only --verify_fatal=1 >pre-v.log 2>&1 || { cat pre-v.log; die "verify"; }
+    cmp <(dd if="$dev" bs=1M skip=64 count=64 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1M skip=64 count=64 status=none) || die "unwritten blocks differ from the base"
+    "$UC" del -n "$id"
+    umount "$t"
+    mount -t tmpfs -o size=64M tmpfs "$t"
+    local before; before=$(ls /dev | grep -c '^ublkb' || true)
+    expect_fail "--preallocate on a file system too small" \
+        "$UC" add --base "$BASE" --overlay "$t/ov" --preallocate
+    [ ! -e "$t/ov" ] || die "the failed add left its overlay behind"
+    [ "$(ls /dev | grep -c '^ublkb' || true)" = "$before" ] || die "the failed add left a device behind"
+    umount "$t"
+    base_unchanged
+}
+
 CASES+=("FUA writes are flushed|case_fua")
+CASES+=("--preallocate: space allocated up front, none when it does not fit|case_preallocate")
 CASES+=("base and overlay in tmpfs (mapped reads)|case_tmpfs_files")
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
