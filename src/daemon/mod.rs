@@ -335,8 +335,15 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         Ok(dev)
     });
     let dev = match opened.and_then(|d| {
-        if p.req.preallocate {
-            preallocate(&d)?;
+        if p.req.preallocate
+            && let Err(e) = preallocate(&d)
+        {
+            // Opening marked the overlay in use; nothing was served, so an
+            // overlay that was clean is clean again.
+            if !created && d.was_clean() {
+                let _ = d.shut_down();
+            }
+            return Err(e);
         }
         Ok(d)
     }) {

@@ -196,6 +196,16 @@ case_preallocate() {
         "$UC" add --base "$BASE" --overlay "$t/ov" --preallocate
     [ ! -e "$t/ov" ] || die "the failed add left its overlay behind"
     [ "$(ls /dev | grep -c '^ublkb' || true)" = "$before" ] || die "the failed add left a device behind"
+    # An existing overlay that fits sparse but not preallocated: refused,
+    # and still clean afterwards.
+    dev=$(add --base "$BASE" --overlay "$t/ov"); id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$dev" bs=1M count=2 seek=5 oflag=direct status=none
+    "$UC" del -n "$id"
+    expect_fail "--preallocate of an existing overlay that does not fit" \
+        "$UC" add --base "$BASE" --overlay "$t/ov" --preallocate
+    dev=$(add --base "$BASE" --overlay "$t/ov"); id=$(dev_id "$dev")
+    "$UC" list | grep -q "^$id .* running " || { "$UC" list; die "the refused add left the overlay unclean"; }
+    "$UC" del -n "$id"
     umount "$t"
     base_unchanged
 }
