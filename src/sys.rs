@@ -102,21 +102,17 @@ impl ReadOnlyMap {
 
     /// Copies `dst.len()` bytes from offset `off` into `dst`.
     pub fn copy_out(&self, off: u64, dst: &mut [u8]) {
-        let off = off as usize;
-        assert!(
-            off.checked_add(dst.len())
-                .is_some_and(|end| end <= self.len)
-        );
-        // SAFETY: the source range is inside the mapping (checked above),
+        let src = self.addr(off, dst.len());
+        // SAFETY: the source range is inside the mapping (`addr` checks),
         // which lives until drop and which the file backs in full (the file
         // is never shortened while mapped); `dst` is a distinct, writable
         // buffer of the same length.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) }
     }
 
-    /// The address of bytes `[off, off + len)` of the mapping, for the
-    /// kernel to copy from (ublk copies a READ's data from the address its
-    /// commit names).
+    /// The address of bytes `[off, off + len)` of the mapping (panics if
+    /// they are not all inside it). ublk also copies a READ's data from such
+    /// an address, the one its commit names.
     pub fn addr(&self, off: u64, len: usize) -> *const u8 {
         let off = off as usize;
         assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
@@ -143,23 +139,27 @@ pub fn is_tmpfs(file: &File) -> bool {
     }
 }
 
-/// Allocates `[off, off+len)` of `file` (mode 0: data already there stays).
+/// Allocates `[off, off+len)` of `file` (data already there stays).
 pub fn allocate(file: &File, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    fallocate(file, 0, off, len)
 }
 
 /// Frees `[off, off+len)` of `file`, which then reads as zeros; the size stays.
 pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
+}
+
+fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a descriptor we own; no memory is passed.
     let r = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode,
             off as libc::off_t,
             len as libc::off_t,
         )
