@@ -54,6 +54,8 @@ counters!(
     readahead_flagged_reads,
     write_ops,
     write_bytes,
+    writes_to_mapping,
+    writes_mapping_refused,
     rmw_blocks,
     lock_waits,
     flushes,

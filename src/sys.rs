@@ -59,33 +59,42 @@ impl Drop for MappedFile {
     }
 }
 
-/// A file mapped read-only and shared: reading it is a memory copy, with no
-/// system call. Used for the base, which never changes, and for the
-/// overlay, which only the kernel writes (io_uring writes, hole punching);
-/// a read racing a write to the same bytes sees old or new bytes, as on any
-/// block device.
-pub struct ReadOnlyMap {
-    ptr: *const u8,
+/// A file mapped shared: reading it is a memory copy, with no system call.
+/// Used for the base and the overlay when they live in memory. This process
+/// only ever reads through it. The kernel writes the file: io_uring writes,
+/// hole punching, and, when mapped `writable`, ublk's copy of a WRITE's data
+/// into the address the daemon names (see `target::write_data`). A read
+/// racing a write to the same bytes sees old or new bytes, as on any block
+/// device.
+pub struct SharedMap {
+    ptr: *mut u8,
     len: usize,
+    writable: bool,
 }
 
 // SAFETY: this process only ever reads through the mapping; writes to the
 // file come from the kernel, so sharing reads across threads is sound.
-unsafe impl Send for ReadOnlyMap {}
+unsafe impl Send for SharedMap {}
 // SAFETY: as above.
-unsafe impl Sync for ReadOnlyMap {}
+unsafe impl Sync for SharedMap {}
 
-impl ReadOnlyMap {
-    /// Maps the first `len` bytes of `file` read-only.
-    pub fn map(file: &File, len: usize) -> io::Result<ReadOnlyMap> {
+impl SharedMap {
+    /// Maps the first `len` bytes of `file`; `writable` lets the kernel
+    /// copy into the mapping on this process's behalf.
+    pub fn map(file: &File, len: usize, writable: bool) -> io::Result<SharedMap> {
         assert!(len > 0);
-        // SAFETY: a fresh read-only mapping of a descriptor we own; failure
-        // is MAP_FAILED, which we test.
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of a descriptor we own; failure is
+        // MAP_FAILED, which we test.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -94,9 +103,10 @@ impl ReadOnlyMap {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(ReadOnlyMap {
-            ptr: ptr as *const u8,
+        Ok(SharedMap {
+            ptr: ptr as *mut u8,
             len,
+            writable,
         })
     }
 
@@ -118,13 +128,44 @@ impl ReadOnlyMap {
         assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
         self.ptr.wrapping_add(off)
     }
+
+    /// As `addr`, for the kernel to copy into: `None` unless `writable`.
+    pub fn addr_for_kernel_writes(&self, off: u64, len: usize) -> Option<*mut u8> {
+        self.writable.then(|| self.addr(off, len) as *mut u8)
+    }
+
+    /// Makes every page of `[off, off + len)` present, initialized and
+    /// writable in the mapping now (`MADV_POPULATE_WRITE`, Linux 5.14), so
+    /// the kernel's copies into them later need no page fault. The pages
+    /// must already be allocated (`allocate`): a page missing on a full file
+    /// system fails here with ENOMEM or EFAULT, never later.
+    pub fn populate_for_writes(&self, off: u64, len: usize) -> io::Result<()> {
+        let Some(at) = self.addr_for_kernel_writes(off, len) else {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        };
+        let lead = at as usize % 4096;
+        // SAFETY: madvise on pages inside our own live mapping (`addr`
+        // checks the range); POPULATE_WRITE faults them in and changes no
+        // byte of their content.
+        let r = unsafe {
+            libc::madvise(
+                at.wrapping_sub(lead).cast(),
+                len + lead,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
-impl Drop for ReadOnlyMap {
+impl Drop for SharedMap {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the region mapped in `map`, once.
         unsafe {
-            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+            libc::munmap(self.ptr.cast(), self.len);
         }
     }
 }

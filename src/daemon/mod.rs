@@ -376,7 +376,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         forced: p.req.force,
         policy: p.req.policy,
     };
-    let shared = match Shared::new(dev, p.req.policy) {
+    let shared = match Shared::new(dev, p.req.policy, p.req.preallocate) {
         Ok(sh) => Arc::new(sh),
         Err(e) => {
             cleanup(created);

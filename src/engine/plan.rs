@@ -123,6 +123,19 @@ pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> 
     }
 }
 
+/// Whether the overlay's pages behind `blocks` exist and hold initialized
+/// data, so that a WRITE's data can be copied straight into them:
+/// `Allocated` blocks were written before; `Unallocated` ones exist only when
+/// the whole overlay was allocated and initialized up front
+/// (`unallocated_ready`); a `Zero` block's pages may have been punched out.
+pub fn overlay_pages_ready(map: &BlockMap, blocks: Range<u64>, unallocated_ready: bool) -> bool {
+    blocks.into_iter().all(|b| match map.get(b) {
+        BlockState::Allocated => true,
+        BlockState::Unallocated => unallocated_ready,
+        BlockState::Zero => false,
+    })
+}
+
 /// A DISCARD or WRITE_ZEROES: whole blocks become `Zero`; the partial head
 /// and tail are written with zeros like any WRITE.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +226,18 @@ mod tests {
         assert_eq!(p.mark, 0..3);
         let p = plan_locked_write(&map, &geo, 4096 + 512, 512);
         assert_eq!(p.fills().count(), 0);
+    }
+
+    #[test]
+    fn overlay_pages_are_ready_only_where_known_to_exist() {
+        use BlockState::*;
+        let (map, _) = setup(&[Allocated, Unallocated, Zero, Allocated]);
+        assert!(overlay_pages_ready(&map, 0..1, false));
+        assert!(!overlay_pages_ready(&map, 0..2, false));
+        assert!(overlay_pages_ready(&map, 0..2, true));
+        // A discarded block may have lost its pages, preallocated or not.
+        assert!(!overlay_pages_ready(&map, 1..4, true));
+        assert!(overlay_pages_ready(&map, 3..4, false));
     }
 
     #[test]

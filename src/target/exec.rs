@@ -8,7 +8,8 @@
 //! system calls made on the queue's thread itself are those of `inline`:
 //! reads of data already in memory and writes to a file in memory, none of
 //! which starts a device I/O and waits for it. A READ that lies in one run
-//! of a mapped file is not copied here at all (`ReadDone::Mapped`).
+//! of a mapped file is not copied here at all (`ReadDone::Mapped`), nor is a
+//! WRITE whose overlay pages are mapped and ready (`place`).
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
@@ -19,6 +20,7 @@ use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
 use crate::target::inline::InlineFile;
+use crate::target::write_data::{Placement, WriteData};
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
@@ -40,21 +42,40 @@ pub struct Shared {
     /// thread (see `inline`).
     base_io: InlineFile,
     overlay_io: InlineFile,
+    /// The overlay's pages of every `Unallocated` block exist, initialized,
+    /// in its mapping: it was preallocated and populated when the device
+    /// was added (see `plan::overlay_pages_ready`).
+    unallocated_ready: bool,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(dev: Device, policy: CachePolicy) -> std::io::Result<Shared> {
+    /// The queues' view of `dev`. `preallocated`: the overlay's data area
+    /// was just allocated in full (`add --preallocate`); if it lives in
+    /// memory its pages are then made ready for WRITE data (`populate`).
+    pub fn new(dev: Device, policy: CachePolicy, preallocated: bool) -> std::io::Result<Shared> {
         let size = dev.geometry().size();
-        let base_io = InlineFile::new(dev.base(), size)?;
-        let overlay_io = InlineFile::new(dev.overlay().storage(), dev.overlay().data_pos(size))?;
+        let base_io = InlineFile::new(dev.base(), size, false)?;
+        let overlay = dev.overlay();
+        let overlay_io = InlineFile::new(overlay.storage(), overlay.data_pos(size), true)?;
+        let data = overlay.data_pos(0)..overlay.data_pos(size);
+        let unallocated_ready = preallocated
+            && overlay_io.placeable(data.start, 0).is_some()
+            && match overlay_io.populate(data.start, data.end - data.start) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("overlay pages not made ready for writes: {e}");
+                    false
+                }
+            };
         Ok(Shared {
             dev,
             policy,
             stats: Stats::default(),
             base_io,
             overlay_io,
+            unallocated_ready,
             flushing: AtomicBool::new(false),
         })
     }
@@ -258,24 +279,55 @@ pub async fn read(
     })
 }
 
+/// Has ublk copy a WRITE's data straight into the overlay's pages at
+/// overlay offset `pos`, when they are mapped and the data is still with
+/// ublk: `Some` with the bytes placed or a negative errno, `None` when the
+/// data must be written from the buffer instead.
+async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
+    if !data.placeable() {
+        return None;
+    }
+    let at = sh.overlay_io.placeable(pos, data.size())?;
+    match data.place(at).await {
+        Placement::Done(n) => {
+            Stats::add(&sh.stats.writes_to_mapping, 1);
+            Some(n as i32)
+        }
+        Placement::Refused => {
+            Stats::add(&sh.stats.writes_mapping_refused, 1);
+            None
+        }
+        Placement::Lost => Some(-libc::EIO),
+    }
+}
+
 /// WRITE of `data` at `off`: straight to the overlay when every block is
 /// allocated; otherwise under the blocks' locks, with read-modify-write of
-/// partial blocks, then the blocks are marked allocated.
+/// partial blocks, then the blocks are marked allocated. Returns the bytes
+/// written (all, or a leading part that ublk then completes; see
+/// `Placement::Done`) or a negative errno.
 pub async fn write(
     q: &UblkQueue<'_>,
     sh: &Shared,
     qb: &QueueBufs,
     s: &mut TagScratch,
     off: u64,
-    data: &[u8],
+    data: &mut WriteData<'_>,
 ) -> i32 {
     let dev = &sh.dev;
-    let len = data.len() as u64;
+    let len = data.size() as u64;
     let pos = dev.overlay().data_pos(off);
     Stats::add(&sh.stats.write_ops, 1);
     Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
+            if let Some(r) = place(sh, data, pos).await {
+                return r;
+            }
+            let data = match data.in_buffer().await {
+                Ok(d) => d,
+                Err(e) => return e,
+            };
             return match overlay_write(q, sh, data, pos).await {
                 0 => len as i32,
                 e => e,
@@ -283,7 +335,7 @@ pub async fn write(
         }
         WritePath::Locked(blocks) => blocks,
     };
-    let _guard = lock(q, sh, blocks).await;
+    let _guard = lock(q, sh, blocks.clone()).await;
     let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
     Stats::add(&sh.stats.rmw_blocks, p.fills().count() as u64);
 
@@ -316,11 +368,23 @@ pub async fn write(
             Err(e) => failed = e,
         }
     }
-    if failed == 0 {
-        match overlay_write_op(q, sh, data, pos) {
-            Ok(op) => writes.extend(op),
+    let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
+    let placed = match failed {
+        0 if ready => place(sh, data, pos).await,
+        _ => None,
+    };
+    match placed {
+        // Under the lock the blocks become Allocated only as a whole.
+        Some(r) if r != len as i32 => failed = if r < 0 { r } else { -libc::EIO },
+        Some(_) => {}
+        None if failed == 0 => match data.in_buffer().await {
+            Ok(d) => match overlay_write_op(q, sh, d, pos) {
+                Ok(op) => writes.extend(op),
+                Err(e) => failed = e,
+            },
             Err(e) => failed = e,
-        }
+        },
+        None => {}
     }
     // Pushed writes use the buffers: wait for them even after a failure.
     let r = await_all(writes).await;
@@ -348,7 +412,8 @@ pub async fn write_zeroes(
     let p = plan::plan_zero(&geo, off, len);
     Stats::add(&sh.stats.zero_ops, 1);
     for (o, l) in p.head.into_iter().chain(p.tail) {
-        let r = write(q, sh, qb, s, o, &qb.zeros[..l as usize]).await;
+        let zeros = &mut WriteData::bytes(&qb.zeros[..l as usize]);
+        let r = write(q, sh, qb, s, o, zeros).await;
         if r < 0 {
             return r;
         }

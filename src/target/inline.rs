@@ -1,7 +1,8 @@
 //! I/O served on the queue's own thread, without a round trip through the
 //! ring, when it cannot wait for a device: reads as a copy from a read-only
 //! mapping of a file in memory (tmpfs) or of pages the page cache already
-//! holds; writes to a file in memory as `pwrite`.
+//! holds; writes to a file in memory as `pwrite`. The overlay's mapping is
+//! also where ublk can copy a WRITE's data itself (`placeable`).
 //!
 //! io_uring tries buffered I/O without blocking too, but hands it to a
 //! worker thread whenever the file cannot promise that (tmpfs has no
@@ -10,7 +11,7 @@
 //! the request can complete. Here a page-cache hit or a tmpfs write is one
 //! memory copy. Whatever may wait for a device is left to the ring.
 
-use crate::sys::{self, ReadOnlyMap};
+use crate::sys::{self, SharedMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -27,11 +28,12 @@ const PAGE: u64 = 4096;
 
 /// Inline I/O of one file (the base or the overlay).
 pub struct InlineFile {
-    /// The whole file mapped for reading, when it lives in memory.
-    map: Option<ReadOnlyMap>,
-    /// The file lives in memory: a write only copies into its pages. (Never
-    /// through a writable mapping: a write fault on a full tmpfs would kill
-    /// the daemon, where `pwrite` returns ENOSPC.)
+    /// The whole file mapped, when it lives in memory. This process only
+    /// reads through it: a write fault on a full tmpfs would kill the
+    /// daemon, where `pwrite` returns ENOSPC. The kernel's copies into it
+    /// fail cleanly instead (see `target::write_data`).
+    map: Option<SharedMap>,
+    /// The file lives in memory: a write only copies into its pages.
     in_memory: bool,
     /// The file (a second descriptor of the device's).
     file: File,
@@ -39,14 +41,15 @@ pub struct InlineFile {
 }
 
 impl InlineFile {
-    /// Inline I/O for `file`, whose first `len` bytes are read through it.
-    pub fn new(file: &File, len: u64) -> io::Result<InlineFile> {
+    /// Inline I/O for `file`, whose first `len` bytes are read through it;
+    /// `writable` maps them for the kernel to copy into as well.
+    pub fn new(file: &File, len: u64, writable: bool) -> io::Result<InlineFile> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
         let whole = file.metadata().is_ok_and(|m| m.len() >= len);
         let map = (whole && len > 0 && in_memory)
-            .then(|| ReadOnlyMap::map(file, len as usize).ok())
+            .then(|| SharedMap::map(file, len as usize, writable).ok())
             .flatten();
         Ok(InlineFile {
             map,
@@ -74,6 +77,23 @@ impl InlineFile {
     /// Where bytes `[pos, pos + len)` of the file are mapped, if they are.
     pub fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
         self.map.as_ref().map(|m| m.addr(pos, len))
+    }
+
+    /// Where ublk may copy bytes `[pos, pos + len)` of the file straight
+    /// into its pages, if the file is mapped writable.
+    pub fn placeable(&self, pos: u64, len: usize) -> Option<*mut u8> {
+        self.map
+            .as_ref()
+            .and_then(|m| m.addr_for_kernel_writes(pos, len))
+    }
+
+    /// Makes the allocated pages of `[pos, pos + len)` ready for ublk's
+    /// copies (see `SharedMap::populate_for_writes`).
+    pub fn populate(&self, pos: u64, len: u64) -> io::Result<()> {
+        match &self.map {
+            Some(m) => m.populate_for_writes(pos, len as usize),
+            None => Err(io::Error::other("the file is not mapped")),
+        }
     }
 
     /// Writes `data` at `pos` if the file lives in memory: `Some` with the
@@ -164,7 +184,7 @@ mod tests {
     #[test]
     fn reads_cached_pages_of_a_file() {
         let (f, data) = file_in(&std::env::temp_dir(), "file");
-        let r = InlineFile::new(&f, data.len() as u64).unwrap();
+        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
         check(&r, &data);
         // Just written, so cached: some way served it inline.
         let mut buf = vec![0u8; 4096];
@@ -177,7 +197,7 @@ mod tests {
     #[test]
     fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
         let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
-        let r = InlineFile::new(&f, 64 * 1024).unwrap();
+        let r = InlineFile::new(&f, 64 * 1024, false).unwrap();
         assert_eq!(r.write(1000, &[9u8; 5000]), Some(0));
         let mut back = vec![0u8; 5000];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
@@ -185,7 +205,9 @@ mod tests {
         let (f, _) = file_in(&std::env::temp_dir(), "w");
         if !sys::is_tmpfs(&f) {
             assert_eq!(
-                InlineFile::new(&f, 64 * 1024).unwrap().write(0, &[1u8; 10]),
+                InlineFile::new(&f, 64 * 1024, false)
+                    .unwrap()
+                    .write(0, &[1u8; 10]),
                 None
             );
         }
@@ -198,7 +220,7 @@ mod tests {
             panic!("/dev/shm is missing: the tmpfs case cannot run");
         }
         let (f, data) = file_in(shm, "shm");
-        let r = InlineFile::new(&f, data.len() as u64).unwrap();
+        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
         assert!(r.map.is_some(), "a tmpfs file is mapped");
         check(&r, &data);
         let mut buf = vec![0u8; 100];

@@ -1,13 +1,15 @@
 //! The ublk target: creates the ublk device, hands the base and overlay to
 //! each queue as fixed files, and runs one thread with its own io_uring per
 //! queue. Set-up lives here and in `params`; I/O handling in `queue` (the
-//! request loop) and `exec` (plans carried out as io_uring operations).
+//! request loop), `exec` (plans carried out as io_uring operations) and
+//! `write_data` (where ublk copies a WRITE's data).
 
 pub mod background;
 pub mod exec;
 pub mod inline;
 pub mod params;
 pub mod queue;
+pub mod write_data;
 
 use crate::engine::Error;
 use exec::Shared;

@@ -1,9 +1,9 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
-//! fetches a request (and, for a WRITE, then its data: the device sets
-//! `UBLK_F_NEED_GET_DATA`), dispatches it by operation to `exec`, and
-//! commits the result, forever, until the queue goes down. A READ's commit
-//! names where ublk copies its data from: the tag's buffer, or the mapping
-//! that holds all of it.
+//! fetches a request, dispatches it by operation to `exec`, and commits the
+//! result, forever, until the queue goes down. A WRITE arrives without its
+//! data (the device sets `UBLK_F_NEED_GET_DATA`); the write path says where
+//! ublk copies it (`write_data`). A READ's commit names where ublk copies
+//! its data from: the tag's buffer, or the mapping that holds all of it.
 
 use crate::engine::cache::CacheMode;
 use crate::engine::plan::ReadSource;
@@ -11,6 +11,7 @@ use crate::engine::readahead::Detector;
 use crate::stats::{CacheSource, Stats};
 use crate::target::background::{self, Background, Job};
 use crate::target::exec::{self, QueueBufs, ReadDone, Shared, TagScratch};
+use crate::target::write_data::WriteData;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{UblkError, sys};
@@ -20,6 +21,9 @@ use std::sync::Arc;
 
 /// A request as ublk describes it.
 struct Request {
+    tag: u16,
+    /// A WRITE whose data ublk still holds (see `write_data`).
+    data_pending: bool,
     op: u32,
     flags: u32,
     off: u64,
@@ -27,9 +31,11 @@ struct Request {
 }
 
 impl Request {
-    fn of(q: &UblkQueue<'_>, tag: u16) -> Request {
+    fn of(q: &UblkQueue<'_>, tag: u16, data_pending: bool) -> Request {
         let iod = q.get_iod(tag);
         Request {
+            tag,
+            data_pending,
             op: iod.op_flags & 0xff,
             // The UBLK_IO_F_* flags are defined at their bit positions in
             // op_flags (FAILFAST_DEV is 1 << 8, FUA 1 << 13).
@@ -129,7 +135,7 @@ impl From<i32> for Commit {
     }
 }
 
-/// Carries out one request.
+/// Carries out one request. `Err` when the tag can serve no more requests.
 async fn handle(
     q: &UblkQueue<'_>,
     sh: &Shared,
@@ -137,13 +143,30 @@ async fn handle(
     s: &mut TagScratch,
     req: Request,
     buf: &mut [u8],
-) -> Commit {
+) -> Result<Commit, UblkError> {
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
-    if req.op != sys::UBLK_IO_OP_FLUSH && geo.check_range(req.off, req.len).is_err() {
-        return (-libc::EINVAL).into();
-    }
+    let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
     let res = match req.op {
+        sys::UBLK_IO_OP_WRITE => {
+            let buf = &mut buf[..req.len as usize];
+            let mut data = WriteData::request(q, req.tag, buf, req.data_pending);
+            let r = if in_range {
+                exec::write(q, sh, qb, s, req.off, &mut data).await
+            } else {
+                -libc::EINVAL
+            };
+            data.settle().await?;
+            if r >= 0 && req.flags & sys::UBLK_IO_F_FUA != 0 {
+                match exec::flush(q, sh).await {
+                    0 => r,
+                    e => e,
+                }
+            } else {
+                r
+            }
+        }
+        _ if !in_range => -libc::EINVAL,
         sys::UBLK_IO_OP_READ => {
             let may_map = qs.commit_from_map && !installs(sh, &req);
             let buf = &mut buf[..req.len as usize];
@@ -154,18 +177,7 @@ async fn handle(
             if res >= 0 {
                 after_read(sh, qs, s, &req, buf);
             }
-            return Commit { res, from };
-        }
-        sys::UBLK_IO_OP_WRITE => {
-            let r = exec::write(q, sh, qb, s, req.off, &buf[..req.len as usize]).await;
-            if r >= 0 && req.flags & sys::UBLK_IO_F_FUA != 0 {
-                match exec::flush(q, sh).await {
-                    0 => r,
-                    e => e,
-                }
-            } else {
-                r
-            }
+            return Ok(Commit { res, from });
         }
         sys::UBLK_IO_OP_FLUSH => exec::flush(q, sh).await,
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
@@ -173,33 +185,15 @@ async fn handle(
         }
         _ => -libc::EINVAL,
     };
-    res.into()
+    Ok(res.into())
 }
 
 /// Waits for the tag's next request after `cmd` (a fetch or a commit) was
-/// pushed. A WRITE arrives first without its data when the device asks for
-/// it (`UBLK_F_NEED_GET_DATA`): then the data is fetched into `buf`.
+/// pushed: true when it is a WRITE whose data ublk still holds.
 async fn next_request(
-    q: &UblkQueue<'_>,
-    tag: u16,
     cmd: impl std::future::Future<Output = Result<i32, UblkError>>,
-    buf: *mut u8,
-) -> Result<(), UblkError> {
-    if cmd.await? == sys::UBLK_IO_RES_NEED_GET_DATA as i32 {
-        #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
-        let r = q
-            .submit_io_cmd(tag, sys::UBLK_U_IO_NEED_GET_DATA, buf, 0)
-            .await;
-        if r == sys::UBLK_IO_RES_ABORT {
-            return Err(UblkError::QueueIsDown);
-        }
-        // Without its data the WRITE must not be served: the buffer holds
-        // an older request's bytes.
-        if r < 0 {
-            return Err(UblkError::OtherError(r));
-        }
-    }
-    Ok(())
+) -> Result<bool, UblkError> {
+    Ok(cmd.await? == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
 }
 
 async fn tag_task(
@@ -210,18 +204,17 @@ async fn tag_task(
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     let mut scratch = TagScratch::default();
-    let data_at = buf.as_mut_ptr();
     let fetch = q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf));
-    next_request(&q, tag, fetch, data_at).await?;
+    let mut data_pending = next_request(fetch).await?;
     loop {
-        let req = Request::of(&q, tag);
-        let done = handle(&q, &sh, &qs, &mut scratch, req, buf.as_mut_slice()).await;
+        let req = Request::of(&q, tag, data_pending);
+        let done = handle(&q, &sh, &qs, &mut scratch, req, buf.as_mut_slice()).await?;
         let from = match done.from {
             Some(at) => BufDesc::RawAddress(at),
             None => BufDesc::Slice(buf.as_slice()),
         };
         let commit = q.submit_io_commit_cmd(tag, from, done.res);
-        next_request(&q, tag, commit, data_at).await?;
+        data_pending = next_request(commit).await?;
     }
 }
 

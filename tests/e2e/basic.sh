@@ -167,8 +167,47 @@ case_tmpfs_files() {
     local mapped; mapped=$(stat_of "$id" reads_from_mapping)
     say "  $mapped reads committed straight from a mapping"
     [ "$mapped" -gt 0 ] || die "no read was committed from a mapping"
-    rm -f expect.img part
+    # Rewrites of written blocks: ublk copies the data straight into the
+    # overlay's mapped pages (see target/write_data.rs).
+    local placed0; placed0=$(stat_of "$id" writes_to_mapping)
+    head -c 4M /dev/urandom > blob
+    dd if=blob of="$dev" bs=64k seek=$((80 << 4)) oflag=direct status=none
+    dd if=blob of="$dev" bs=64k seek=$((80 << 4)) oflag=direct status=none
+    cmp <(dd if="$dev" bs=64k skip=$((80 << 4)) count=64 iflag=direct status=none) blob \
+        || die "rewritten blocks read back differently"
+    local placed; placed=$(stat_of "$id" writes_to_mapping)
+    say "  $((placed - placed0)) of 128 writes copied by ublk straight into the overlay"
+    [ $((placed - placed0)) -ge 64 ] || die "rewrites were not copied into the overlay's mapping"
+    rm -f expect.img part blob
     "$UC" del -n "$id"
+    umount "$t"
+    base_unchanged
+}
+
+case_full_tmpfs() {
+    # A write to a page of a tmpfs overlay that is missing (punched out
+    # behind the daemon's back) while the tmpfs is full: ublk cannot copy
+    # into it, the daemon falls back to the buffer, and the write fails with
+    # an error instead of hanging. With space again, it succeeds.
+    local t=$WORK/full dev id
+    mkdir -p "$t"; mount -t tmpfs -o size=64M tmpfs "$t"
+    dev=$(add --base "$BASE" --overlay "$t/ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > blob
+    dd if=blob of="$dev" bs=64k oflag=direct status=none
+    local data=$(($(stat -c %s "$t/ov") - (BASE_MB << 20)))
+    fallocate -p -o "$data" -l 1M "$t/ov"
+    dd if=/dev/zero of="$t/filler" bs=1M status=none 2>/dev/null || true
+    local rc=0
+    timeout 60 dd if=blob of="$dev" bs=64k count=1 oflag=direct status=none 2>full.err || rc=$?
+    [ "$rc" != 0 ] || die "a write with no space for it succeeded"
+    [ "$rc" != 124 ] || die "a write with no space for it hung"
+    say "  refused as expected: $(cat full.err)"
+    [ "$(stat_of "$id" writes_mapping_refused)" -ge 1 ] || die "ublk's copy was not refused"
+    rm "$t/filler"
+    dd if=blob of="$dev" bs=64k oflag=direct status=none
+    cmp <(dd if="$dev" bs=1M count=1 iflag=direct status=none) blob || die "the data differs"
+    "$UC" del -n "$id"
+    rm -f blob full.err
     umount "$t"
     base_unchanged
 }
@@ -186,6 +225,11 @@ case_preallocate() {
         --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=11 --name=pre)
     fio "${job[@]}" --do_verify=0 >pre-w.log 2>&1 || { cat pre-w.log; die "fio write"; }
     fio "${job[@]}" --verify_only --verify_fatal=1 >pre-v.log 2>&1 || { cat pre-v.log; die "verify"; }
+    # Its pages are ready in memory: first writes too are copied by ublk
+    # straight into them.
+    local placed; placed=$(stat_of "$id" writes_to_mapping)
+    say "  $placed of $(stat_of "$id" write_ops) writes copied straight into the overlay"
+    [ "$placed" = "$(stat_of "$id" write_ops)" ] || die "some writes were not copied into the overlay's mapping"
     cmp <(dd if="$dev" bs=1M skip=64 count=64 iflag=direct status=none) \
         <(dd if="$BASE" bs=1M skip=64 count=64 status=none) || die "unwritten blocks differ from the base"
     "$UC" del -n "$id"
@@ -212,7 +256,8 @@ case_preallocate() {
 
 CASES+=("FUA writes are flushed|case_fua")
 CASES+=("--preallocate: space allocated up front, none when it does not fit|case_preallocate")
-CASES+=("base and overlay in tmpfs (mapped reads)|case_tmpfs_files")
+CASES+=("base and overlay in tmpfs (mapped reads and writes)|case_tmpfs_files")
+CASES+=("a write into a full tmpfs overlay fails, does not hang|case_full_tmpfs")
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
 CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")

@@ -1,0 +1,190 @@
+//! A WRITE's data, and where ublk copies it.
+//!
+//! The device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives without its data,
+//! and ublk copies the data only when the daemon answers with
+//! `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
+//! buffer, from which the data is then written to the overlay; or it is the
+//! overlay's own pages, mapped (`InlineFile::placeable`), which saves that
+//! second copy. ublk takes no commit of a WRITE before its data was asked
+//! for, so whatever the write path did, `settle` asks for it before the
+//! commit.
+//!
+//! ublk copies into pages it faults in. When it cannot (a page missing on a
+//! full tmpfs), it asks for the data again after a short delay; the data is
+//! then fetched into the buffer, and the ordinary write to the overlay
+//! reports the error (`Placement::Refused`).
+
+use libublk::io::UblkQueue;
+use libublk::{UblkError, sys};
+
+/// A WRITE's data: bytes the daemon has, or a request's data in ublk.
+pub struct WriteData<'a> {
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    /// Bytes made by the daemon itself (the zeros of a partial DISCARD).
+    Bytes(&'a [u8]),
+    Request(Fetch<'a>),
+}
+
+/// A request's data, fetched at most once.
+struct Fetch<'a> {
+    q: &'a UblkQueue<'a>,
+    tag: u16,
+    /// The tag's buffer, as long as the request.
+    buf: &'a mut [u8],
+    state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Still in ublk.
+    Pending,
+    /// Copied into `buf`.
+    InBuffer,
+    /// Copied where the write path asked (the overlay).
+    Placed,
+    /// Not to be had: ublk failed the command (errno), or the queue is
+    /// going down (`None`). The tag serves no more requests.
+    Lost(Option<i32>),
+}
+
+/// What became of `WriteData::place`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// ublk copied this many leading bytes there: all of the request, or,
+    /// if it could fault in only some pages, fewer (it then serves the rest
+    /// as the same request again, once this one commits that many bytes).
+    Done(u64),
+    /// ublk copied nothing there; the data can still be had in the buffer.
+    Refused,
+    /// The data is lost (see `State::Lost`): fail the request.
+    Lost,
+}
+
+impl<'a> WriteData<'a> {
+    /// Bytes the daemon already has.
+    pub fn bytes(data: &'a [u8]) -> WriteData<'a> {
+        WriteData {
+            source: Source::Bytes(data),
+        }
+    }
+
+    /// The data of WRITE `tag`, which ublk still holds if `pending` (else
+    /// it is already in `buf`, as on a device made without NEED_GET_DATA).
+    pub fn request(
+        q: &'a UblkQueue<'a>,
+        tag: u16,
+        buf: &'a mut [u8],
+        pending: bool,
+    ) -> WriteData<'a> {
+        let state = if pending {
+            State::Pending
+        } else {
+            State::InBuffer
+        };
+        WriteData {
+            source: Source::Request(Fetch { q, tag, buf, state }),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        match &self.source {
+            Source::Bytes(b) => b.len(),
+            Source::Request(f) => f.buf.len(),
+        }
+    }
+
+    /// Whether ublk can still be told where to copy the data.
+    pub fn placeable(&self) -> bool {
+        matches!(&self.source, Source::Request(f) if f.state == State::Pending)
+    }
+
+    /// Has ublk copy the data to `at`, which must be `size()` bytes of a
+    /// shared mapping that nothing else writes meanwhile. Only while
+    /// `placeable`.
+    pub async fn place(&mut self, at: *mut u8) -> Placement {
+        let Source::Request(f) = &mut self.source else {
+            return Placement::Refused;
+        };
+        if f.state != State::Pending {
+            return Placement::Refused;
+        }
+        match f.ask(at).await {
+            State::Placed => {
+                // A short copy shortens the request's descriptor.
+                let got = (f.q.get_iod(f.tag).nr_sectors as u64) << 9;
+                f.state = State::Placed;
+                Placement::Done(got.min(f.buf.len() as u64))
+            }
+            State::Pending => Placement::Refused,
+            lost => {
+                f.state = lost;
+                Placement::Lost
+            }
+        }
+    }
+
+    /// The data, fetched into the buffer first if ublk still holds it; a
+    /// negative errno when it cannot be had there.
+    pub async fn in_buffer(&mut self) -> Result<&[u8], i32> {
+        let f = match &mut self.source {
+            Source::Bytes(b) => return Ok(b),
+            Source::Request(f) => f,
+        };
+        if f.state == State::Pending {
+            let at = f.buf.as_mut_ptr();
+            f.state = match f.ask(at).await {
+                State::Placed => State::InBuffer,
+                // The tag's own buffer is always there to copy into.
+                State::Pending => State::Lost(Some(-libc::EFAULT)),
+                lost => lost,
+            };
+        }
+        match f.state {
+            State::InBuffer => Ok(&*f.buf),
+            _ => Err(-libc::EIO),
+        }
+    }
+
+    /// Before the commit: asks for data nobody asked for yet (the request
+    /// failed before it was needed), so that ublk takes the commit. `Err`
+    /// when the tag can serve no more requests.
+    pub async fn settle(&mut self) -> Result<(), UblkError> {
+        let Source::Request(f) = &mut self.source else {
+            return Ok(());
+        };
+        if f.state == State::Pending {
+            let _ = self.in_buffer().await;
+        }
+        let Source::Request(f) = &self.source else {
+            return Ok(());
+        };
+        match f.state {
+            State::Lost(None) => Err(UblkError::QueueIsDown),
+            State::Lost(Some(e)) => Err(UblkError::OtherError(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Fetch<'_> {
+    /// Sends `UBLK_U_IO_NEED_GET_DATA` naming `at` and waits: `Placed` when
+    /// ublk copied the data there, `Pending` when it could not and asks
+    /// again, else `Lost`.
+    async fn ask(&self, at: *mut u8) -> State {
+        #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
+        let r = self
+            .q
+            .submit_io_cmd(self.tag, sys::UBLK_U_IO_NEED_GET_DATA, at, 0)
+            .await;
+        match r {
+            r if r == sys::UBLK_IO_RES_OK as i32 => State::Placed,
+            r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => State::Pending,
+            r if r == sys::UBLK_IO_RES_ABORT => State::Lost(None),
+            r if r < 0 => State::Lost(Some(r)),
+            _ => State::Lost(Some(-libc::EPROTO)),
+        }
+    }
+}
