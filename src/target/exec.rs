@@ -355,7 +355,7 @@ pub async fn write(
     if r < 0 {
         return r;
     }
-    let mut writes = Vec::with_capacity(3);
+    let mut writes = Vec::new();
     let mut failed = 0;
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
         let (src, off) = match f {
