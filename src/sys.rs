@@ -136,9 +136,9 @@ impl SharedMap {
 
     /// Makes every page of `[off, off + len)` present, initialized and
     /// writable in the mapping now (`MADV_POPULATE_WRITE`, Linux 5.14), so
-    /// the kernel's copies into them later need no page fault. The pages
-    /// must already be allocated (`allocate`): a page missing on a full file
-    /// system fails here with ENOMEM or EFAULT, never later.
+    /// the kernel's copies into them later need no page fault. Meant for
+    /// pages already allocated (`allocate`); one that is missing on a full
+    /// file system fails this call (ENOMEM or EFAULT).
     pub fn populate_for_writes(&self, off: u64, len: usize) -> io::Result<()> {
         let Some(at) = self.addr_for_kernel_writes(off, len) else {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
