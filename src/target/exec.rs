@@ -368,23 +368,26 @@ pub async fn write(
             Err(e) => failed = e,
         }
     }
-    let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
-    let placed = match failed {
-        0 if ready => place(sh, data, pos).await,
-        _ => None,
-    };
-    match placed {
-        // Under the lock the blocks become Allocated only as a whole.
-        Some(r) if r != len as i32 => failed = if r < 0 { r } else { -libc::EIO },
-        Some(_) => {}
-        None if failed == 0 => match data.in_buffer().await {
-            Ok(d) => match overlay_write_op(q, sh, d, pos) {
+    if failed == 0 {
+        let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
+        let placed = if ready {
+            place(sh, data, pos).await
+        } else {
+            None
+        };
+        match placed {
+            Some(r) if r == len as i32 => {}
+            // Under the lock the blocks become Allocated only as a whole.
+            Some(r) => failed = if r < 0 { r } else { -libc::EIO },
+            None => match data
+                .in_buffer()
+                .await
+                .and_then(|d| overlay_write_op(q, sh, d, pos))
+            {
                 Ok(op) => writes.extend(op),
                 Err(e) => failed = e,
             },
-            Err(e) => failed = e,
-        },
-        None => {}
+        }
     }
     // Pushed writes use the buffers: wait for them even after a failure.
     let r = await_all(writes).await;

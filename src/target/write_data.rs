@@ -152,18 +152,14 @@ impl<'a> WriteData<'a> {
     /// failed before it was needed), so that ublk takes the commit. `Err`
     /// when the tag can serve no more requests.
     pub async fn settle(&mut self) -> Result<(), UblkError> {
-        let Source::Request(f) = &mut self.source else {
-            return Ok(());
-        };
-        if f.state == State::Pending {
+        if self.placeable() {
             let _ = self.in_buffer().await;
         }
-        let Source::Request(f) = &self.source else {
-            return Ok(());
-        };
-        match f.state {
-            State::Lost(None) => Err(UblkError::QueueIsDown),
-            State::Lost(Some(e)) => Err(UblkError::OtherError(e)),
+        match &self.source {
+            Source::Request(Fetch {
+                state: State::Lost(lost),
+                ..
+            }) => Err(lost.map_or(UblkError::QueueIsDown, UblkError::OtherError)),
             _ => Ok(()),
         }
     }
