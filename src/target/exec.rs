@@ -9,7 +9,7 @@
 //! reads of data already in memory and writes to a file in memory, none of
 //! which starts a device I/O and waits for it. A READ that lies in one run
 //! of a mapped file is not copied here at all (`ReadDone::Mapped`), nor is a
-//! WRITE whose overlay pages are mapped and ready (`place`).
+//! WRITE to an overlay that is mapped (`place`).
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
@@ -42,10 +42,6 @@ pub struct Shared {
     /// thread (see `inline`).
     base_io: InlineFile,
     overlay_io: InlineFile,
-    /// The overlay's pages of every `Unallocated` block exist, initialized,
-    /// in its mapping: it was preallocated and populated when the device
-    /// was added (see `plan::overlay_pages_ready`).
-    unallocated_ready: bool,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
@@ -53,29 +49,25 @@ pub struct Shared {
 impl Shared {
     /// The queues' view of `dev`. `preallocated`: the overlay's data area
     /// was just allocated in full (`add --preallocate`); if it lives in
-    /// memory its pages are then made ready for WRITE data (`populate`).
+    /// memory its pages are then also initialized and mapped (`populate`),
+    /// so that no first write waits for that.
     pub fn new(dev: Device, policy: CachePolicy, preallocated: bool) -> std::io::Result<Shared> {
         let size = dev.geometry().size();
         let base_io = InlineFile::new(dev.base(), size, false)?;
         let overlay = dev.overlay();
         let overlay_io = InlineFile::new(overlay.storage(), overlay.data_pos(size), true)?;
         let data = overlay.data_pos(0)..overlay.data_pos(size);
-        let unallocated_ready = preallocated
-            && overlay_io.placeable(data.start, 0).is_some()
-            && match overlay_io.populate(data.start, data.end - data.start) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::warn!("overlay pages not made ready for writes: {e}");
-                    false
-                }
-            };
+        if preallocated && overlay_io.placeable(data.start, 0).is_some() {
+            if let Err(e) = overlay_io.populate(data.start, data.end - data.start) {
+                log::warn!("overlay pages not populated ahead of writes: {e}");
+            }
+        }
         Ok(Shared {
             dev,
             policy,
             stats: Stats::default(),
             base_io,
             overlay_io,
-            unallocated_ready,
             flushing: AtomicBool::new(false),
         })
     }
@@ -368,17 +360,17 @@ pub async fn write(
             Err(e) => failed = e,
         }
     }
+    let (mut done, mut mark) = (len, p.mark.clone());
     if failed == 0 {
-        let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
-        let placed = if ready {
-            place(sh, data, pos).await
-        } else {
-            None
-        };
-        match placed {
-            Some(r) if r == len as i32 => {}
-            // Under the lock the blocks become Allocated only as a whole.
-            Some(r) => failed = if r < 0 { r } else { -libc::EIO },
+        match place(sh, data, pos).await {
+            Some(r) if r < 0 => failed = r,
+            Some(r) if r as u64 == len => {}
+            // ublk could copy only the first r bytes: report the whole
+            // blocks among them, and ublk serves the rest as a new request.
+            Some(r) => match p.whole_blocks_of(dev.geometry(), off, r as u64) {
+                Some(whole) => (done, mark) = whole,
+                None => failed = -libc::EIO,
+            },
             None => match data
                 .in_buffer()
                 .await
@@ -397,8 +389,8 @@ pub async fn write(
     if r < 0 {
         return r;
     }
-    dev.map().allocate(p.mark);
-    len as i32
+    dev.map().allocate(mark);
+    done as i32
 }
 
 /// DISCARD / WRITE_ZEROES of `[off, off+len)`.

@@ -167,8 +167,8 @@ case_tmpfs_files() {
     local mapped; mapped=$(stat_of "$id" reads_from_mapping)
     say "  $mapped reads committed straight from a mapping"
     [ "$mapped" -gt 0 ] || die "no read was committed from a mapping"
-    # Rewrites of written blocks: ublk copies the data straight into the
-    # overlay's mapped pages (see target/write_data.rs).
+    # Writes to a mapped overlay, first writes and rewrites: ublk copies
+    # the data straight into its pages (see target/write_data.rs).
     local placed0; placed0=$(stat_of "$id" writes_to_mapping)
     head -c 4M /dev/urandom > blob
     dd if=blob of="$dev" bs=64k seek=$((80 << 4)) oflag=direct status=none
@@ -177,7 +177,7 @@ case_tmpfs_files() {
         || die "rewritten blocks read back differently"
     local placed; placed=$(stat_of "$id" writes_to_mapping)
     say "  $((placed - placed0)) of 128 writes copied by ublk straight into the overlay"
-    [ $((placed - placed0)) -ge 64 ] || die "rewrites were not copied into the overlay's mapping"
+    [ $((placed - placed0)) = 128 ] || die "writes were not copied into the overlay's mapping"
     rm -f expect.img part blob
     "$UC" del -n "$id"
     umount "$t"
@@ -206,6 +206,23 @@ case_full_tmpfs() {
     rm "$t/filler"
     dd if=blob of="$dev" bs=64k oflag=direct status=none
     cmp <(dd if="$dev" bs=1M count=1 iflag=direct status=none) blob || die "the data differs"
+    # A first write of 64K with room for only two pages of it: ublk copies
+    # those, the daemon reports their whole blocks done, and the rest fails
+    # with ENOSPC; the blocks not written still read from the base.
+    dd if=/dev/urandom of="$t/spare" bs=8k count=1 status=none
+    dd if=/dev/zero of="$t/filler" bs=1M status=none 2>/dev/null || true
+    rm "$t/spare"
+    rc=0
+    timeout 60 dd if=blob of="$dev" bs=64k count=1 seek=32 oflag=direct status=none 2>full.err || rc=$?
+    [ "$rc" != 0 ] || die "a write with room for only part of it succeeded"
+    [ "$rc" != 124 ] || die "a write with room for only part of it hung"
+    grep -q "No space left" full.err || die "a partly placed write failed otherwise: $(cat full.err)"
+    rm "$t/filler"
+    cmp <(dd if="$dev" bs=8k count=1 skip=256 iflag=direct status=none) <(head -c 8k blob) \
+        || die "the two pages that fitted were not kept"
+    cmp <(dd if="$dev" bs=8k count=7 skip=257 iflag=direct status=none) \
+        <(dd if="$BASE" bs=8k count=7 skip=257 status=none) || die "the blocks that did not fit differ from the base"
+    say "  a partly placed write: 8K kept, the rest refused with ENOSPC"
     "$UC" del -n "$id"
     rm -f blob full.err
     umount "$t"
