@@ -57,10 +57,11 @@ impl Shared {
         let overlay = dev.overlay();
         let overlay_io = InlineFile::new(overlay.storage(), overlay.data_pos(size), true)?;
         let data = overlay.data_pos(0)..overlay.data_pos(size);
-        if preallocated && overlay_io.placeable(data.start, 0).is_some() {
-            if let Err(e) = overlay_io.populate(data.start, data.end - data.start) {
-                log::warn!("overlay pages not populated ahead of writes: {e}");
-            }
+        if preallocated
+            && overlay_io.placeable(data.start, 0).is_some()
+            && let Err(e) = overlay_io.populate(data.start, data.end - data.start)
+        {
+            log::warn!("overlay pages not populated ahead of writes: {e}");
         }
         Ok(Shared {
             dev,
