@@ -92,25 +92,6 @@ impl WritePlan {
     pub fn fills(&self) -> impl Iterator<Item = Fill> {
         self.head.into_iter().chain(self.tail)
     }
-
-    /// When only the first `done` bytes of the WRITE at `off` reached the
-    /// overlay (the fills did): the leading part that makes whole blocks, as
-    /// the bytes to report done and the blocks to mark; `None` when not
-    /// even the first block is whole.
-    pub fn whole_blocks_of(
-        &self,
-        geo: &Geometry,
-        off: u64,
-        done: u64,
-    ) -> Option<(u64, Range<u64>)> {
-        let first_short = geo.block_of(off + done).min(self.mark.end);
-        (first_short > self.mark.start).then(|| {
-            (
-                geo.block_start(first_short) - off,
-                self.mark.start..first_short,
-            )
-        })
-    }
 }
 
 /// Plans a WRITE whose blocks are locked by the caller.
@@ -140,6 +121,21 @@ pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> 
         tail: fill(last, end, geo.block_end(last)),
         mark: blocks,
     }
+}
+
+/// Whether the overlay's pages behind `blocks` are known to exist, so that
+/// ublk can copy a WRITE's data straight into them without allocating:
+/// `Allocated` blocks were written before; `Unallocated` ones only when the
+/// whole overlay was allocated and initialized up front
+/// (`unallocated_ready`); a `Zero` block's pages may have been punched out.
+/// Where they are not known to exist, the write path allocates them first,
+/// so that a lack of space shows before any data is copied.
+pub fn overlay_pages_ready(map: &BlockMap, blocks: Range<u64>, unallocated_ready: bool) -> bool {
+    blocks.into_iter().all(|b| match map.get(b) {
+        BlockState::Allocated => true,
+        BlockState::Unallocated => unallocated_ready,
+        BlockState::Zero => false,
+    })
 }
 
 /// A DISCARD or WRITE_ZEROES: whole blocks become `Zero`; the partial head
@@ -235,22 +231,15 @@ mod tests {
     }
 
     #[test]
-    fn a_short_write_keeps_only_its_whole_blocks() {
-        let geo = Geometry::new(8 * 4096, 4096).unwrap();
-        let (map, _) = setup(&[BlockState::Unallocated; 8]);
-        // Blocks 1..5, starting 512 bytes into block 1 (head fill).
-        let off = 4096 + 512;
-        let p = plan_locked_write(&map, &geo, off, 4 * 4096 - 512);
-        assert_eq!(p.whole_blocks_of(&geo, off, 100), None);
-        assert_eq!(p.whole_blocks_of(&geo, off, 3584), Some((3584, 1..2)));
-        assert_eq!(
-            p.whole_blocks_of(&geo, off, 3584 + 4095),
-            Some((3584, 1..2))
-        );
-        assert_eq!(
-            p.whole_blocks_of(&geo, off, 3584 + 8192),
-            Some((3584 + 8192, 1..4))
-        );
+    fn overlay_pages_are_ready_only_where_known_to_exist() {
+        use BlockState::*;
+        let (map, _) = setup(&[Allocated, Unallocated, Zero, Allocated]);
+        assert!(overlay_pages_ready(&map, 0..1, false));
+        assert!(!overlay_pages_ready(&map, 0..2, false));
+        assert!(overlay_pages_ready(&map, 0..2, true));
+        // A discarded block may have lost its pages, preallocated or not.
+        assert!(!overlay_pages_ready(&map, 1..4, true));
+        assert!(overlay_pages_ready(&map, 3..4, false));
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct Shared {
     /// thread (see `inline`).
     base_io: InlineFile,
     overlay_io: InlineFile,
+    /// The overlay's pages of every `Unallocated` block exist, initialized,
+    /// in its mapping: it was preallocated and populated when the device
+    /// was added (see `plan::overlay_pages_ready`).
+    unallocated_ready: bool,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
@@ -57,18 +61,22 @@ impl Shared {
         let overlay = dev.overlay();
         let overlay_io = InlineFile::new(overlay.storage(), overlay.data_pos(size), true)?;
         let data = overlay.data_pos(0)..overlay.data_pos(size);
-        if preallocated
+        let unallocated_ready = preallocated
             && overlay_io.placeable(data.start, 0).is_some()
-            && let Err(e) = overlay_io.populate(data.start, data.end - data.start)
-        {
-            log::warn!("overlay pages not populated ahead of writes: {e}");
-        }
+            && match overlay_io.populate(data.start, data.end - data.start) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("overlay pages not populated ahead of writes: {e}");
+                    false
+                }
+            };
         Ok(Shared {
             dev,
             policy,
             stats: Stats::default(),
             base_io,
             overlay_io,
+            unallocated_ready,
             flushing: AtomicBool::new(false),
         })
     }
@@ -274,17 +282,33 @@ pub async fn read(
 
 /// Has ublk copy a WRITE's data straight into the overlay's pages at
 /// overlay offset `pos`, when they are mapped and the data is still with
-/// ublk: `Some` with the bytes placed or a negative errno, `None` when the
-/// data must be written from the buffer instead.
-async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
+/// ublk: `Some(0)` when all of it landed there, `Some` negative errno when
+/// it cannot be had any more, `None` when it must be written from the
+/// buffer instead.
+///
+/// `allocate`: the pages may not exist yet; they are allocated first, so
+/// that a lack of space shows before ublk copies anything. ublk copies
+/// only into pages it can fault in, and what it does with a request of
+/// which it copied only a part differs between kernels (6.12 serves the
+/// rest again once the part is committed; later kernels complete the whole
+/// request), so a short copy fails the request instead.
+async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64, allocate: bool) -> Option<i32> {
     if !data.placeable() {
         return None;
     }
     let at = sh.overlay_io.placeable(pos, data.size())?;
+    if allocate && sh.overlay_io.allocate(pos, data.size() as u64).is_err() {
+        // The write from the buffer reports the error.
+        return None;
+    }
     match data.place(at).await {
-        Placement::Done(n) => {
+        Placement::Done(n) if n == data.size() as u64 => {
             Stats::add(&sh.stats.writes_to_mapping, 1);
-            Some(n as i32)
+            Some(0)
+        }
+        Placement::Done(_) => {
+            Stats::add(&sh.stats.writes_mapping_refused, 1);
+            Some(-libc::EIO)
         }
         Placement::Refused => {
             Stats::add(&sh.stats.writes_mapping_refused, 1);
@@ -297,8 +321,7 @@ async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
 /// WRITE of `data` at `off`: straight to the overlay when every block is
 /// allocated; otherwise under the blocks' locks, with read-modify-write of
 /// partial blocks, then the blocks are marked allocated. Returns the bytes
-/// written (all, or a leading part that ublk then completes; see
-/// `Placement::Done`) or a negative errno.
+/// written (all of them) or a negative errno.
 pub async fn write(
     q: &UblkQueue<'_>,
     sh: &Shared,
@@ -314,8 +337,8 @@ pub async fn write(
     Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
-            if let Some(r) = place(sh, data, pos).await {
-                return r;
+            if let Some(r) = place(sh, data, pos, false).await {
+                return if r < 0 { r } else { len as i32 };
             }
             let data = match data.in_buffer().await {
                 Ok(d) => d,
@@ -361,17 +384,11 @@ pub async fn write(
             Err(e) => failed = e,
         }
     }
-    let (mut done, mut mark) = (len, p.mark.clone());
     if failed == 0 {
-        match place(sh, data, pos).await {
+        let allocate = !plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
+        match place(sh, data, pos, allocate).await {
             Some(r) if r < 0 => failed = r,
-            Some(r) if r as u64 == len => {}
-            // ublk could copy only the first r bytes: report the whole
-            // blocks among them, and ublk serves the rest as a new request.
-            Some(r) => match p.whole_blocks_of(dev.geometry(), off, r as u64) {
-                Some(whole) => (done, mark) = whole,
-                None => failed = -libc::EIO,
-            },
+            Some(_) => {}
             None => match data
                 .in_buffer()
                 .await
@@ -390,8 +407,8 @@ pub async fn write(
     if r < 0 {
         return r;
     }
-    dev.map().allocate(mark);
-    done as i32
+    dev.map().allocate(p.mark);
+    len as i32
 }
 
 /// DISCARD / WRITE_ZEROES of `[off, off+len)`.

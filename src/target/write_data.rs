@@ -9,10 +9,11 @@
 //! for, so whatever the write path did, `settle` asks for it before the
 //! commit.
 //!
-//! ublk copies into pages it faults in. When it cannot (a page missing on a
-//! full tmpfs), it asks for the data again after a short delay; the data is
-//! then fetched into the buffer, and the ordinary write to the overlay
-//! reports the error (`Placement::Refused`).
+//! ublk copies into pages it faults in. When it cannot fault in the first
+//! (a page missing on a full tmpfs), it asks for the data again after a
+//! short delay; the data is then fetched into the buffer, and the ordinary
+//! write to the overlay reports the error (`Placement::Refused`). A copy
+//! that stops part way is `Placement::Done` with fewer bytes.
 
 use libublk::io::UblkQueue;
 use libublk::{UblkError, sys};
@@ -53,9 +54,9 @@ enum State {
 /// What became of `WriteData::place`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// ublk copied this many leading bytes there: all of the request, or,
-    /// if it could fault in only some pages, fewer (it then serves the rest
-    /// as the same request again, once this one commits that many bytes).
+    /// ublk copied this many leading bytes there: all of the request, or
+    /// fewer if it could fault in only some pages (what the kernel then
+    /// does with the rest differs between versions; see `exec::place`).
     Done(u64),
     /// ublk copied nothing there; the data can still be had in the buffer.
     Refused,
