@@ -110,11 +110,12 @@ pub struct AddArgs {
 
     /// Allocate the overlay's whole data area now (fallocate), so that a
     /// first write fills space already there instead of allocating it. On
-    /// tmpfs the pages are also initialized and mapped now, and ublk then
-    /// copies every write straight into them (one copy, not two); add takes
-    /// longer, in proportion to the size. The overlay takes the
-    /// device's full size at once (in RAM, on tmpfs); a discard frees its
-    /// blocks again. Default: off, the overlay grows with the writes.
+    /// tmpfs the pages are also initialized and mapped now, so a first
+    /// write is one copy by ublk into them, with no page to allocate and
+    /// clear; add takes longer, in proportion to the size. The overlay
+    /// takes the device's full size at once (in RAM, on tmpfs); a discard
+    /// frees its blocks again. Default: off, the overlay grows with the
+    /// writes.
     #[arg(long)]
     pub preallocate: bool,
 

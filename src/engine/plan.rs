@@ -123,13 +123,11 @@ pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> 
     }
 }
 
-/// Whether the overlay's pages behind `blocks` are known to exist, so that
-/// ublk can copy a WRITE's data straight into them without allocating:
-/// `Allocated` blocks were written before; `Unallocated` ones only when the
-/// whole overlay was allocated and initialized up front
+/// Whether the overlay's pages behind `blocks` exist and hold initialized
+/// data, so that a WRITE's data can be copied straight into them:
+/// `Allocated` blocks were written before; `Unallocated` ones exist only when
+/// the whole overlay was allocated and initialized up front
 /// (`unallocated_ready`); a `Zero` block's pages may have been punched out.
-/// Where they are not known to exist, the write path allocates them first,
-/// so that a lack of space shows before any data is copied.
 pub fn overlay_pages_ready(map: &BlockMap, blocks: Range<u64>, unallocated_ready: bool) -> bool {
     blocks.into_iter().all(|b| match map.get(b) {
         BlockState::Allocated => true,

@@ -9,7 +9,7 @@
 //! reads of data already in memory and writes to a file in memory, none of
 //! which starts a device I/O and waits for it. A READ that lies in one run
 //! of a mapped file is not copied here at all (`ReadDone::Mapped`), nor is a
-//! WRITE to an overlay that is mapped (`place`).
+//! WRITE whose overlay pages are mapped and ready (`place`).
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
@@ -53,8 +53,7 @@ pub struct Shared {
 impl Shared {
     /// The queues' view of `dev`. `preallocated`: the overlay's data area
     /// was just allocated in full (`add --preallocate`); if it lives in
-    /// memory its pages are then also initialized and mapped (`populate`),
-    /// so that no first write waits for that.
+    /// memory its pages are then made ready for WRITE data (`populate`).
     pub fn new(dev: Device, policy: CachePolicy, preallocated: bool) -> std::io::Result<Shared> {
         let size = dev.geometry().size();
         let base_io = InlineFile::new(dev.base(), size, false)?;
@@ -66,7 +65,7 @@ impl Shared {
             && match overlay_io.populate(data.start, data.end - data.start) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::warn!("overlay pages not populated ahead of writes: {e}");
+                    log::warn!("overlay pages not made ready for writes: {e}");
                     false
                 }
             };
@@ -282,29 +281,22 @@ pub async fn read(
 
 /// Has ublk copy a WRITE's data straight into the overlay's pages at
 /// overlay offset `pos`, when they are mapped and the data is still with
-/// ublk: `Some(0)` when all of it landed there, `Some` negative errno when
-/// it cannot be had any more, `None` when it must be written from the
-/// buffer instead.
+/// ublk: `Some` with the bytes placed (all of them) or a negative errno,
+/// `None` when the data must be written from the buffer instead.
 ///
-/// `allocate`: the pages may not exist yet; they are allocated first, so
-/// that a lack of space shows before ublk copies anything. ublk copies
-/// only into pages it can fault in, and what it does with a request of
-/// which it copied only a part differs between kernels (6.12 serves the
-/// rest again once the part is committed; later kernels complete the whole
-/// request), so a short copy fails the request instead.
-async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64, allocate: bool) -> Option<i32> {
+/// A copy that stopped part way (a page missing on a full tmpfs) fails the
+/// request: kernels differ in what they do with the rest of a request
+/// committed short (6.12 serves it again; 7.3 completes the whole request,
+/// so the rest would be lost without an error).
+async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
     if !data.placeable() {
         return None;
     }
     let at = sh.overlay_io.placeable(pos, data.size())?;
-    if allocate && sh.overlay_io.allocate(pos, data.size() as u64).is_err() {
-        // The write from the buffer reports the error.
-        return None;
-    }
     match data.place(at).await {
         Placement::Done(n) if n == data.size() as u64 => {
             Stats::add(&sh.stats.writes_to_mapping, 1);
-            Some(0)
+            Some(n as i32)
         }
         Placement::Done(_) => {
             Stats::add(&sh.stats.writes_mapping_refused, 1);
@@ -337,8 +329,8 @@ pub async fn write(
     Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
         WritePath::Direct => {
-            if let Some(r) = place(sh, data, pos, false).await {
-                return if r < 0 { r } else { len as i32 };
+            if let Some(r) = place(sh, data, pos).await {
+                return r;
             }
             let data = match data.in_buffer().await {
                 Ok(d) => d,
@@ -385,8 +377,13 @@ pub async fn write(
         }
     }
     if failed == 0 {
-        let allocate = !plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
-        match place(sh, data, pos, allocate).await {
+        let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
+        let placed = if ready {
+            place(sh, data, pos).await
+        } else {
+            None
+        };
+        match placed {
             Some(r) if r < 0 => failed = r,
             Some(_) => {}
             None => match data

@@ -95,11 +95,6 @@ impl InlineFile {
             .and_then(|m| m.addr_for_kernel_writes(pos, len))
     }
 
-    /// Allocates the pages of `[pos, pos + len)` that are missing.
-    pub fn allocate(&self, pos: u64, len: u64) -> io::Result<()> {
-        sys::allocate(&self.file, pos, len)
-    }
-
     /// Makes the allocated pages of `[pos, pos + len)` ready for ublk's
     /// copies (see `SharedMap::populate_for_writes`).
     pub fn populate(&self, pos: u64, len: u64) -> io::Result<()> {
