@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm lint bench bench-cache clean
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-cache clean
 
 all: build
 
@@ -30,8 +30,14 @@ test-host:
 test-vm: build
 	bash ci/in-ublk-env.sh tests/e2e/run.sh
 
+# The suite again in a VM with the newest Debian kernel: ublk's behaviour
+# changes between kernels.
+test-vm-newest: build
+	bash ci/newest-kernel.sh
+	VM_KERNEL=newest bash ci/in-ublk-env.sh tests/e2e/run.sh
+
 # Everything, the demo included: CI proves both of the README's commands.
-test: setup lint test-host test-vm
+test: setup lint test-host test-vm test-vm-newest
 	bash ci/in-ublk-env.sh tests/e2e/demo.sh
 
 clean:

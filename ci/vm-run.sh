@@ -1,16 +1,24 @@
 #!/bin/bash
-# Boots a guest kernel that has ublk_drv (Debian 6.12 cloud image) under
-# QEMU's software emulation, with this machine's root file system shared
-# read-only and /tmp writable, and runs SCRIPT inside. SCRIPT's exit status
-# comes back as this script's. Environment for the guest goes in VM_ENV.
-#   usage: [VM_ENV="A=1 B=2"] [VM_MEM=3G] [VM_TIMEOUT=2400] ci/vm-run.sh SCRIPT [ARGS...]
+# Boots a guest kernel that has ublk_drv (Debian 6.12 cloud image, or with
+# VM_KERNEL=newest the newest Debian cloud kernel that ci/vm-setup.sh
+# fetched) under QEMU's software emulation, with this machine's root file
+# system shared read-only and /tmp writable, and runs SCRIPT inside.
+# SCRIPT's exit status comes back as this script's. Environment for the
+# guest goes in VM_ENV.
+#   usage: [VM_ENV="A=1 B=2"] [VM_KERNEL=6.12|newest] [VM_MEM=3G] [VM_TIMEOUT=2400]
+#          ci/vm-run.sh SCRIPT [ARGS...]
 set -eu
 CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
-K=$(ls /boot/vmlinuz-6.12.*cloud* 2>/dev/null | sort -V | tail -n1)
-if [ -z "$K" ]; then
-    echo "vm-run: no 6.12 cloud kernel in /boot; run ci/vm-setup.sh first" >&2
+case ${VM_KERNEL:-6.12} in
+    6.12) K=$(ls /boot/vmlinuz-6.12.*cloud* 2>/dev/null | sort -V | tail -n1) ;;
+    newest) K=$(cat "$CACHE/newest-kernel" 2>/dev/null || true) ;;
+    *) echo "vm-run: VM_KERNEL is 6.12 or newest, not ${VM_KERNEL}" >&2; exit 1 ;;
+esac
+if [ -z "$K" ] || [ ! -f "$K" ]; then
+    echo "vm-run: no ${VM_KERNEL:-6.12} kernel; run ci/vm-setup.sh first" >&2
     exit 1
 fi
+echo "vm-run: booting $K" >&2
 script=$(readlink -f "$1"); shift
 log=$(mktemp /tmp/ublk-cow-vm.XXXXXX.log)
 set +e

@@ -8,6 +8,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
 
 BASE=$WORK/base.img
 BASE_MB=192
+say "kernel $(uname -r)"
 say "making a ${BASE_MB} MiB base of random data"
 head -c $((BASE_MB << 20)) /dev/urandom > "$BASE"
 BASE_SHA=$(sha "$BASE")
