@@ -1,6 +1,6 @@
 #!/bin/bash
 # Boots a guest kernel that has ublk_drv (Debian 6.12 cloud image, or with
-# VM_KERNEL=newest the newest Debian cloud kernel that ci/vm-setup.sh
+# VM_KERNEL=newest the newest Debian cloud kernel that ci/newest-kernel.sh
 # fetched) under QEMU's software emulation, with this machine's root file
 # system shared read-only and /tmp writable, and runs SCRIPT inside.
 # SCRIPT's exit status comes back as this script's. Environment for the
@@ -10,12 +10,14 @@
 set -eu
 CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
 case ${VM_KERNEL:-6.12} in
-    6.12) K=$(ls /boot/vmlinuz-6.12.*cloud* 2>/dev/null | sort -V | tail -n1) ;;
-    newest) K=$(cat "$CACHE/newest-kernel" 2>/dev/null || true) ;;
+    6.12) K=$(ls /boot/vmlinuz-6.12.*cloud* 2>/dev/null | sort -V | tail -n1)
+          setup=ci/vm-setup.sh ;;
+    newest) K=$(cat "$CACHE/newest-kernel" 2>/dev/null || true)
+          setup=ci/newest-kernel.sh ;;
     *) echo "vm-run: VM_KERNEL is 6.12 or newest, not ${VM_KERNEL}" >&2; exit 1 ;;
 esac
 if [ -z "$K" ] || [ ! -f "$K" ]; then
-    echo "vm-run: no ${VM_KERNEL:-6.12} kernel; run ci/vm-setup.sh first" >&2
+    echo "vm-run: no ${VM_KERNEL:-6.12} kernel; run $setup first" >&2
     exit 1
 fi
 echo "vm-run: booting $K" >&2
