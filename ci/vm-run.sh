@@ -23,11 +23,21 @@ fi
 echo "vm-run: booting $K" >&2
 script=$(readlink -f "$1"); shift
 log=$(mktemp /tmp/ublk-cow-vm.XXXXXX.log)
+boot() {
+    PATH=$CACHE/virtiofsd/bin:$PATH timeout "${VM_TIMEOUT:-2400}" \
+        vng -r "$K" --disable-kvm -p 2 -m "${VM_MEM:-3G}" \
+        --exec "env ${VM_ENV:-} bash $script $*" 2>&1 | tee "$log"
+    return "${PIPESTATUS[0]}"
+}
 set +e
-PATH=$CACHE/virtiofsd/bin:$PATH timeout "${VM_TIMEOUT:-2400}" \
-    vng -r "$K" --disable-kvm -p 2 -m "${VM_MEM:-3G}" \
-    --exec "env ${VM_ENV:-} bash $script $*" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
+boot "$@"; rc=$?
+# vng right after another guest has been seen to exit at once without a
+# word (exit 255); nothing ran then, so one more try is safe.
+if [ "$rc" != 0 ] && [ ! -s "$log" ]; then
+    echo "vm-run: vng exited $rc without output; trying once more" >&2
+    sleep 5
+    boot "$@"; rc=$?
+fi
 set -e
 if [ "$rc" = 124 ]; then
     echo "vm-run: the guest did not finish within ${VM_TIMEOUT:-2400} s" >&2
