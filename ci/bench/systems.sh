@@ -5,6 +5,8 @@
 # writes in an overlay/COW store in $B (guest tmpfs).
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
+# Also: rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
+# kernel 6.16 or later: VM_KERNEL=newest).
 
 base_loop() { # a read-only loop device over the base, made once
     if [ -z "${BASE_RO_LOOP:-}" ]; then
@@ -46,9 +48,10 @@ sys_up() {
             nbdkit -P $B/nbdkit.pid -i 127.0.0.1 -p 10810 --filter=cow file "$BASE"
             nbd-client -N default 127.0.0.1 10810 /dev/nbd1 -b 4096 >/dev/null
             wait_dev /dev/nbd1 && echo /dev/nbd1 ;;
-        rublk)
+        rublk|rublk-zc)
+            local zc=; [ "$1" = rublk-zc ] && zc=-z
             cp --sparse=never "$BASE" $B/rublk.img
-            "$RUBLK" add loop -n 50 -f $B/rublk.img >/dev/null
+            "$RUBLK" add loop -n 50 $zc -f $B/rublk.img >/dev/null
             wait_dev /dev/ublkb50 && echo /dev/ublkb50 ;;
         ublk-cow) "$UC" add --base "$BASE" ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
@@ -65,7 +68,7 @@ sys_down() {
         qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $B/ov.qcow2 ;;
         nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
-        rublk) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
+        rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac
 }
