@@ -185,6 +185,22 @@ case_tmpfs_files() {
     base_unchanged
 }
 
+# Fills the tmpfs at $1 but for $2 KiB (0: full).
+fill_tmpfs_but() {
+    [ "$2" = 0 ] || dd if=/dev/urandom of="$1/spare" bs=1k count="$2" status=none
+    dd if=/dev/zero of="$1/filler" bs=1M status=none 2>/dev/null || true
+    rm -f "$1/spare"
+}
+
+# Writes 64K of blob to $2 at 64K-unit offset $3; it must fail, not hang
+# ($1 says what it is). Its error goes to full.err.
+write_64k_fails() {
+    local rc=0
+    timeout 60 dd if=blob of="$2" bs=64k count=1 seek="$3" oflag=direct status=none 2>full.err || rc=$?
+    [ "$rc" != 0 ] || die "$1 succeeded"
+    [ "$rc" != 124 ] || die "$1 hung"
+}
+
 case_full_tmpfs() {
     # A write to a page of a tmpfs overlay that is missing (punched out
     # behind the daemon's back) while the tmpfs is full: ublk cannot copy
@@ -197,11 +213,8 @@ case_full_tmpfs() {
     dd if=blob of="$dev" bs=64k oflag=direct status=none
     local data=$(($(stat -c %s "$t/ov") - (BASE_MB << 20)))
     fallocate -p -o "$data" -l 1M "$t/ov"
-    dd if=/dev/zero of="$t/filler" bs=1M status=none 2>/dev/null || true
-    local rc=0
-    timeout 60 dd if=blob of="$dev" bs=64k count=1 oflag=direct status=none 2>full.err || rc=$?
-    [ "$rc" != 0 ] || die "a write with no space for it succeeded"
-    [ "$rc" != 124 ] || die "a write with no space for it hung"
+    fill_tmpfs_but "$t" 0
+    write_64k_fails "a write with no space for it" "$dev" 0
     say "  refused as expected: $(cat full.err)"
     [ "$(stat_of "$id" writes_mapping_refused)" -ge 1 ] || die "ublk's copy was not refused"
     rm "$t/filler"
@@ -212,26 +225,16 @@ case_full_tmpfs() {
     # A rewrite of 64K whose pages were punched out gets only two pages
     # copied by ublk, and must fail too: committed short, a 7.3 kernel
     # would complete the whole request and lose the rest.
-    dd if=/dev/urandom of="$t/spare" bs=8k count=1 status=none
-    dd if=/dev/zero of="$t/filler" bs=1M status=none 2>/dev/null || true
-    rm "$t/spare"
-    rc=0
-    timeout 60 dd if=blob of="$dev" bs=64k count=1 seek=32 oflag=direct status=none 2>full.err || rc=$?
-    [ "$rc" != 0 ] || die "a write with room for only part of it succeeded"
-    [ "$rc" != 124 ] || die "a write with room for only part of it hung"
+    fill_tmpfs_but "$t" 8
+    write_64k_fails "a write with room for only part of it" "$dev" 32
     grep -q "No space left" full.err || die "a write with room for part of it failed otherwise: $(cat full.err)"
     cmp <(dd if="$dev" bs=64k count=1 skip=32 iflag=direct status=none) \
         <(dd if="$BASE" bs=64k count=1 skip=32 status=none) || die "a failed write changed the device"
     rm "$t/filler"
     fallocate -p -o "$data" -l 64k "$t/ov"
-    dd if=/dev/urandom of="$t/spare" bs=8k count=1 status=none
-    dd if=/dev/zero of="$t/filler" bs=1M status=none 2>/dev/null || true
-    rm "$t/spare"
+    fill_tmpfs_but "$t" 8
     local refused; refused=$(stat_of "$id" writes_mapping_refused)
-    rc=0
-    timeout 60 dd if=blob of="$dev" bs=64k count=1 oflag=direct status=none 2>full.err || rc=$?
-    [ "$rc" != 0 ] || die "a rewrite copied only in part succeeded"
-    [ "$rc" != 124 ] || die "a rewrite copied only in part hung"
+    write_64k_fails "a rewrite copied only in part" "$dev" 0
     [ "$(stat_of "$id" writes_mapping_refused)" -gt "$refused" ] || die "the short copy was not counted"
     rm "$t/filler"
     dd if=blob of="$dev" bs=64k count=1 oflag=direct status=none
