@@ -6,6 +6,7 @@ use crate::engine::cache::{CacheMode, CachePolicy};
 use crate::engine::readahead::Readahead;
 use crate::size::parse_size;
 use crate::target::TargetConfig;
+use crate::target::params::ZeroCopy;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -99,6 +100,16 @@ pub struct AddArgs {
     /// overlay busy, small enough for the per-request 1 MiB buffers.
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub depth: u16,
+
+    /// How a request's data moves between the kernel and the daemon:
+    /// `auto` = zero copy when the kernel's ublk_drv offers it
+    /// (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later), else copy mode; `on` =
+    /// zero copy or fail; `off` = copy mode. With zero copy, reads and
+    /// writes of the base and overlay move the data straight to and from the
+    /// request's pages; in copy mode ublk copies each byte once more, between
+    /// those pages and the daemon's memory. Default: auto.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ZeroCopy::Auto)]
+    pub zero_copy: ZeroCopy,
 
     /// Device number N for /dev/ublkbN. Default: the first free one.
     #[arg(long, value_name = "N")]
@@ -227,6 +238,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 id: a.id,
                 queues: a.queues,
                 depth: a.depth,
+                zero_copy: a.zero_copy,
             },
             read_only: a.read_only,
             preallocate: a.preallocate,

@@ -127,6 +127,7 @@ fn bad_input_is_refused_without_changes() {
         "directory does not exist",
     );
     refused(&["--base", &base_s, "--queues", "0"], "--queues");
+    refused(&["--base", &base_s, "--zero-copy", "maybe"], "--zero-copy");
     if !Path::new("/dev/ublk-control").exists() {
         // Everything else is right: the missing driver is the one error, and
         // the new overlay file must not have been created.
@@ -159,6 +160,7 @@ fn help_explains_every_add_option() {
         "--id",
         "--read-only",
         "--foreground",
+        "--zero-copy",
         "--force",
     ] {
         assert!(help.contains(opt), "add --help lacks {opt}");

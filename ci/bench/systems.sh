@@ -6,7 +6,9 @@
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
 # Also: rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
-# kernel 6.16 or later: VM_KERNEL=newest).
+# kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
+# ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
+# default (--zero-copy=off).
 
 base_loop() { # a read-only loop device over the base, made once
     if [ -z "${BASE_RO_LOOP:-}" ]; then
@@ -57,6 +59,8 @@ sys_up() {
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
+        ublk-cow-copy) "$UC" add --base "$BASE" --zero-copy=off ;;
+        ublk-cow-copy-prealloc) "$UC" add --base "$BASE" --zero-copy=off --preallocate ;;
         *) echo "unknown system $1" >&2; return 1 ;;
     esac
 }

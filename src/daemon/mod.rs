@@ -14,6 +14,7 @@ use crate::engine::map::{MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
 use crate::sys::{Forked, MappedFile};
 use crate::target::exec::Shared;
+use crate::target::params::{IoMode, ZeroCopy};
 use crate::target::{self, TargetConfig};
 use anyhow::{Context, Result, anyhow, bail};
 use state::DeviceState;
@@ -166,6 +167,8 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
             id: Some(id),
             queues: st.queues,
             depth: st.depth,
+            // The device keeps the mode it was added with.
+            zero_copy: ZeroCopy::Auto,
         },
         read_only: st.read_only,
         // Whatever `add` allocated is still allocated.
@@ -375,6 +378,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         recovered_unclean: unclean,
         forced: p.req.force,
         policy: p.req.policy,
+        zero_copy: target::io_mode(&ctrl) == IoMode::ZeroCopy,
     };
     let shared = match Shared::new(dev, p.req.policy, p.req.preallocate) {
         Ok(sh) => Arc::new(sh),

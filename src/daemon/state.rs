@@ -32,6 +32,9 @@ pub struct DeviceState {
     /// Cache mode, readahead and copy-on-read.
     #[serde(default)]
     pub policy: CachePolicy,
+    /// The device moves data with zero copy (`add --zero-copy`).
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 pub fn run_dir() -> PathBuf {

@@ -20,12 +20,15 @@ pub enum Job {
     /// Install base data just read (`data`, at device offset `off`) into the
     /// overlay for the blocks it fully covers that are still unallocated.
     Install { off: u64, data: Vec<u8> },
+    /// The same for a READ whose data the daemon never had (zero copy):
+    /// the base data at `[off, off+len)` is read again first.
+    InstallFromBase { off: u64, len: u64 },
 }
 
 impl Job {
     fn bytes(&self) -> u64 {
         match self {
-            Job::Cache { len, .. } => *len,
+            Job::Cache { len, .. } | Job::InstallFromBase { len, .. } => *len,
             Job::Install { data, .. } => data.len() as u64,
         }
     }
@@ -82,6 +85,7 @@ pub async fn worker(q: &UblkQueue<'_>, sh: &Shared, bg: &Background) {
         let r = match job {
             Job::Cache { off, len } => exec::cache_range(q, sh, off, len, sh.policy.mode).await,
             Job::Install { off, data } => exec::install(q, sh, off, &data).await,
+            Job::InstallFromBase { off, len } => exec::install_from_base(q, sh, off, len).await,
         };
         if r < 0 {
             log::debug!("background cache work failed: {}", -r);

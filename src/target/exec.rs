@@ -1,10 +1,12 @@
 //! The io_uring executor: carries out the engine's plans as operations on
 //! the queue's ring (`request → plan → io_uring ops → completion`).
 //!
-//! Every operation is submitted with `UblkQueue::ublk_submit_sqe`, which
-//! pushes it at once and returns a future; the runs of one request are all
-//! pushed before the first is awaited, so they are in flight together. Fixed
-//! file 1 is the base (opened read-only), fixed file 2 the overlay. The only
+//! Every operation is pushed at once and awaited later (`ops`); the runs of
+//! one request are all pushed before the first is awaited, so they are in
+//! flight together. Fixed
+//! file 1 is the base (opened read-only), fixed file 2 the overlay, fixed
+//! file 3 /dev/zero. With zero copy a request's data is reached only with
+//! fixed-buffer operations (`request_buf`). The only
 //! system calls made on the queue's thread itself are those of `inline`:
 //! reads of data already in memory and writes to a file in memory, none of
 //! which starts a device I/O and waits for it. A READ that lies in one run
@@ -20,8 +22,10 @@ use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
 use crate::target::inline::InlineFile;
+use crate::target::ops::{self, FileWrite, PendingOp, WriteSource, finish, finish_all};
+use crate::target::request_buf::RequestBuf;
 use crate::target::write_data::{Placement, WriteData};
-use io_uring::{opcode, squeue, types};
+use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
 use std::ops::Range;
@@ -29,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const BASE_FD: types::Fixed = types::Fixed(1);
 pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
+pub const ZERO_FD: types::Fixed = types::Fixed(3);
 
 pub type Device = CowDevice<File, File>;
 
@@ -110,39 +115,6 @@ impl TagScratch {
     }
 }
 
-/// A pushed operation and the result it must return to have done it all.
-type PendingOp = (libublk::uring_async::UblkUringOpFuture, u32);
-
-/// Completes each pushed operation, in order; the first failure (negative
-/// result, or fewer bytes than asked) is the result.
-async fn await_all(ops: Vec<PendingOp>) -> i32 {
-    let mut res = 0;
-    for (f, want) in ops {
-        let r = f.await;
-        if res == 0 {
-            if r < 0 {
-                res = r;
-            } else if (r as u32) != want {
-                res = -libc::EIO;
-            }
-        }
-    }
-    res
-}
-
-/// Completes one pushed operation: 0, or the failure as `await_all` says.
-async fn await_one(f: libublk::uring_async::UblkUringOpFuture, want: u32) -> i32 {
-    match f.await {
-        r if r < 0 => r,
-        r if r as u32 != want => -libc::EIO,
-        _ => 0,
-    }
-}
-
-fn read_sqe(fd: types::Fixed, buf: *mut u8, len: u32, off: u64) -> squeue::Entry {
-    opcode::Read::new(fd, buf, len).offset(off).build()
-}
-
 /// Reads `dst` from file offset `pos`: what the inline reader can serve now,
 /// and a ring read, pushed and returned, for the rest.
 fn read_op(
@@ -158,8 +130,8 @@ fn read_op(
         return None;
     }
     let len = rest.len() as u32;
-    let sqe = read_sqe(fd, rest.as_mut_ptr(), len, pos + done as u64);
-    Some((q.ublk_submit_sqe(sqe), len))
+    let sqe = ops::read(fd, rest.as_mut_ptr(), len, pos + done as u64);
+    Some(PendingOp::push(q, sqe, len))
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
@@ -174,10 +146,15 @@ fn overlay_write_op(
     match sh.overlay_io.write(pos, data) {
         Some(0) => Ok(None),
         Some(e) => Err(e),
-        None => {
-            let sqe = write_sqe(OVERLAY_FD, data.as_ptr(), data.len() as u32, pos);
-            Ok(Some((q.ublk_submit_sqe(sqe), data.len() as u32)))
-        }
+        None => Ok(Some(
+            FileWrite {
+                fd: OVERLAY_FD,
+                from: WriteSource::Memory(data.as_ptr()),
+                len: data.len() as u32,
+                pos,
+            }
+            .push(q),
+        )),
     }
 }
 
@@ -186,13 +163,9 @@ fn overlay_write_op(
 async fn overlay_write(q: &UblkQueue<'_>, sh: &Shared, data: &[u8], pos: u64) -> i32 {
     match overlay_write_op(q, sh, data, pos) {
         Ok(None) => 0,
-        Ok(Some((op, len))) => await_one(op, len).await,
+        Ok(Some(op)) => finish(q, op).await,
         Err(e) => e,
     }
-}
-
-fn write_sqe(fd: types::Fixed, buf: *const u8, len: u32, off: u64) -> squeue::Entry {
-    opcode::Write::new(fd, buf, len).offset(off).build()
 }
 
 /// Waits until `blocks` are locked. Another queue's thread (or a request of
@@ -224,14 +197,15 @@ pub enum ReadDone {
     Mapped(*const u8),
 }
 
-/// READ of `buf.len()` bytes at `off`. With `may_map`, data that lies in
-/// one mapped run is left where it is (`ReadDone::Mapped`).
+/// READ of `buf.len()` bytes at `off`. With `may_map`, data in the
+/// daemon's memory that lies in one mapped run is left where it is
+/// (`ReadDone::Mapped`).
 pub async fn read(
     q: &UblkQueue<'_>,
     sh: &Shared,
     s: &mut TagScratch,
     off: u64,
-    buf: &mut [u8],
+    mut buf: RequestBuf<'_>,
     may_map: bool,
 ) -> ReadDone {
     let dev = &sh.dev;
@@ -242,15 +216,21 @@ pub async fn read(
         buf.len() as u64,
         &mut s.runs,
     );
-    let mut ops = Vec::with_capacity(s.runs.len());
+    let mut pending = Vec::with_capacity(s.runs.len());
     for run in &s.runs {
-        let dst = &mut buf[run.buf_off..run.buf_off + run.len as usize];
         let st = &sh.stats;
         let (fd, reader, pos) = match run.source {
             ReadSource::Zero => {
-                dst.fill(0);
                 Stats::add(&st.read_zero_ops, 1);
                 Stats::add(&st.read_zero_bytes, run.len);
+                match &mut buf {
+                    RequestBuf::Memory(b) => b[run.buf_off..][..run.len as usize].fill(0),
+                    RequestBuf::Registered { index, .. } => {
+                        let len = run.len as u32;
+                        let sqe = ops::read_fixed(ZERO_FD, *index, run.buf_off, len, 0);
+                        pending.push(PendingOp::push(q, sqe, len));
+                    }
+                }
                 continue;
             }
             ReadSource::Base => {
@@ -264,6 +244,15 @@ pub async fn read(
                 (OVERLAY_FD, &sh.overlay_io, dev.overlay().data_pos(run.off))
             }
         };
+        let dst = match &mut buf {
+            RequestBuf::Memory(b) => &mut b[run.buf_off..][..run.len as usize],
+            RequestBuf::Registered { index, .. } => {
+                let len = run.len as u32;
+                let sqe = ops::read_fixed(fd, *index, run.buf_off, len, pos);
+                pending.push(PendingOp::push(q, sqe, len));
+                continue;
+            }
+        };
         if may_map
             && s.runs.len() == 1
             && let Some(at) = reader.mapped(pos, dst.len())
@@ -271,9 +260,9 @@ pub async fn read(
             Stats::add(&st.reads_from_mapping, 1);
             return ReadDone::Mapped(at);
         }
-        ops.extend(read_op(q, fd, reader, pos, dst));
+        pending.extend(read_op(q, fd, reader, pos, dst));
     }
-    ReadDone::Buffer(match await_all(ops).await {
+    ReadDone::Buffer(match finish_all(q, pending).await {
         0 => buf.len() as i32,
         e => e,
     })
@@ -310,6 +299,32 @@ async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
     }
 }
 
+/// Writes a WRITE's data at overlay offset `pos`: from its registered
+/// buffer, or from the daemon's memory as `overlay_write_op` does (fetching
+/// it from ublk first if need be).
+async fn data_write_op(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    data: &mut WriteData<'_>,
+    pos: u64,
+) -> Result<Option<PendingOp>, i32> {
+    if let Some(index) = data.registered() {
+        let from = WriteSource::Registered { index, at: 0 };
+        let len = data.size() as u32;
+        return Ok(Some(
+            FileWrite {
+                fd: OVERLAY_FD,
+                from,
+                len,
+                pos,
+            }
+            .push(q),
+        ));
+    }
+    let d = data.in_buffer().await?;
+    overlay_write_op(q, sh, d, pos)
+}
+
 /// WRITE of `data` at `off`: straight to the overlay when every block is
 /// allocated; otherwise under the blocks' locks, with read-modify-write of
 /// partial blocks, then the blocks are marked allocated. Returns the bytes
@@ -332,14 +347,12 @@ pub async fn write(
             if let Some(r) = place(sh, data, pos).await {
                 return r;
             }
-            let data = match data.in_buffer().await {
-                Ok(d) => d,
-                Err(e) => return e,
+            let r = match data_write_op(q, sh, data, pos).await {
+                Ok(None) => 0,
+                Ok(Some(op)) => finish(q, op).await,
+                Err(e) => e,
             };
-            return match overlay_write(q, sh, data, pos).await {
-                0 => len as i32,
-                e => e,
-            };
+            return if r < 0 { r } else { len as i32 };
         }
         WritePath::Locked(blocks) => blocks,
     };
@@ -359,7 +372,7 @@ pub async fn write(
             reads.extend(read_op(q, BASE_FD, &sh.base_io, off, dst));
         }
     }
-    let r = await_all(reads).await;
+    let r = finish_all(q, reads).await;
     if r < 0 {
         return r;
     }
@@ -386,18 +399,14 @@ pub async fn write(
         match placed {
             Some(r) if r < 0 => failed = r,
             Some(_) => {}
-            None => match data
-                .in_buffer()
-                .await
-                .and_then(|d| overlay_write_op(q, sh, d, pos))
-            {
+            None => match data_write_op(q, sh, data, pos).await {
                 Ok(op) => writes.extend(op),
                 Err(e) => failed = e,
             },
         }
     }
     // Pushed writes use the buffers: wait for them even after a failure.
-    let r = await_all(writes).await;
+    let r = finish_all(q, writes).await;
     if failed < 0 {
         return failed;
     }
@@ -468,19 +477,23 @@ pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
             .flags(types::FsyncFlags::DATASYNC)
             .build()
     };
-    let mut r = await_one(q.ublk_submit_sqe(datasync()), 0).await;
+    let mut r = finish(q, PendingOp::push(q, datasync(), 0)).await;
     if r == 0 && !pages.is_empty() {
-        let ops = pages
+        let writes = pages
             .iter()
             .map(|(page, bytes)| {
-                let at = dev.overlay().map_page_pos(*page);
-                let sqe = write_sqe(OVERLAY_FD, bytes.as_ptr(), bytes.len() as u32, at);
-                (q.ublk_submit_sqe(sqe), bytes.len() as u32)
+                let w = FileWrite {
+                    fd: OVERLAY_FD,
+                    from: WriteSource::Memory(bytes.as_ptr()),
+                    len: bytes.len() as u32,
+                    pos: dev.overlay().map_page_pos(*page),
+                };
+                w.push(q)
             })
             .collect();
-        r = await_all(ops).await;
+        r = finish_all(q, writes).await;
         if r == 0 {
-            r = await_one(q.ublk_submit_sqe(datasync()), 0).await;
+            r = finish(q, PendingOp::push(q, datasync(), 0)).await;
         }
     }
     if r != 0 {
@@ -523,8 +536,8 @@ pub async fn cache_range(
                 while at < step.off + step.len {
                     let n = CACHE_PIECE.min(step.off + step.len - at);
                     let mut buf = vec![0u8; n as usize];
-                    if let Some((rd, len)) = read_op(q, BASE_FD, &sh.base_io, at, &mut buf) {
-                        let r = await_one(rd, len).await;
+                    if let Some(rd) = read_op(q, BASE_FD, &sh.base_io, at, &mut buf) {
+                        let r = finish(q, rd).await;
                         if r < 0 {
                             return r;
                         }
@@ -557,6 +570,20 @@ pub async fn cache_range(
         }
     }
     0
+}
+
+/// Installs the base data at device offset `off`, `len` bytes, as `install`
+/// does, reading it from the base first: with zero copy a READ's data never
+/// passes through the daemon's memory.
+pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> i32 {
+    let mut data = vec![0u8; len as usize];
+    if let Some(op) = read_op(q, BASE_FD, &sh.base_io, off, &mut data) {
+        let r = finish(q, op).await;
+        if r < 0 {
+            return r;
+        }
+    }
+    install(q, sh, off, &data).await
 }
 
 /// Installs base data `data`, read at device offset `off`, into the overlay

@@ -1,14 +1,17 @@
 //! The ublk target: creates the ublk device, hands the base and overlay to
 //! each queue as fixed files, and runs one thread with its own io_uring per
 //! queue. Set-up lives here and in `params`; I/O handling in `queue` (the
-//! request loop), `exec` (plans carried out as io_uring operations) and
-//! `write_data` (where ublk copies a WRITE's data).
+//! request loop), `request_buf` (where a request's data is), `exec` (plans
+//! carried out as io_uring operations, pushed and completed by `ops`) and
+//! `write_data` (a WRITE's data).
 
 pub mod background;
 pub mod exec;
 pub mod inline;
+pub mod ops;
 pub mod params;
 pub mod queue;
+pub mod request_buf;
 pub mod write_data;
 
 use crate::engine::Error;
@@ -16,6 +19,8 @@ use exec::Shared;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags, sys};
+use params::{IoMode, ZeroCopy};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +35,7 @@ pub struct TargetConfig {
     pub id: Option<u32>,
     pub queues: u16,
     pub depth: u16,
+    pub zero_copy: ZeroCopy,
 }
 
 /// Checks that ublk devices can be created here at all.
@@ -58,28 +64,18 @@ pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
     {
         return Err(Error::invalid(format!("ublk device {id} already exists")));
     }
+    let mode = params::choose_io_mode(cfg.zero_copy, UblkCtrl::get_features())?;
     UblkCtrlBuilder::default()
         .name("ublk-cow")
         .id(cfg.id.map_or(-1, |i| i as i32))
         .nr_queues(cfg.queues)
         .depth(cfg.depth)
         .io_buf_bytes(params::IO_BUF_BYTES)
-        .ctrl_flags(CTRL_FLAGS)
+        .ctrl_flags(params::ctrl_flags(mode))
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
         .map_err(|e| Error::invalid(format!("creating the ublk device failed: {e}")))
 }
-
-/// Devices survive their daemon: when it dies the kernel quiesces the device
-/// and requeues the requests it had taken, and `recover` serves them again
-/// (re-issuing a write is harmless: it writes the same data again).
-///
-/// A WRITE's data is fetched only when the daemon asks for it
-/// (`NEED_GET_DATA`): a READ's commit can then name any mapping to copy its
-/// data from, since no next request is ever copied there (see `queue`).
-const CTRL_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY
-    | sys::UBLK_F_USER_RECOVERY_REISSUE
-    | sys::UBLK_F_NEED_GET_DATA) as u64;
 
 /// Whether device `id` is waiting for a new daemon (its daemon died).
 pub fn is_quiesced(id: u32) -> bool {
@@ -102,10 +98,15 @@ pub fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
         .nr_queues(info.nr_hw_queues)
         .depth(info.queue_depth)
         .io_buf_bytes(params::IO_BUF_BYTES)
-        .ctrl_flags(CTRL_FLAGS)
+        .ctrl_flags(params::ctrl_flags(params::io_mode_of(info.flags)))
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(|e| Error::invalid(format!("recovering ublk device {id}: {e}")))
+}
+
+/// The I/O mode device `ctrl` was created with.
+pub fn io_mode(ctrl: &UblkCtrl) -> IoMode {
+    params::io_mode_of(ctrl.dev_info().flags)
 }
 
 /// Starts the device and serves it until it is stopped. `ready` runs once
@@ -120,13 +121,18 @@ pub fn serve(
     let base_fd = shared.dev.base().as_raw_fd();
     let overlay_fd = shared.dev.overlay().storage().as_raw_fd();
     let depth = ctrl.dev_info().queue_depth;
+    // Zero copy fills zero runs of a READ by reading /dev/zero into the
+    // request's registered pages. Open until the device stops.
+    let zero = File::open("/dev/zero").map_err(UblkError::IOError)?;
+    let zero_fd = zero.as_raw_fd();
     let init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
         let n = tgt.nr_fds as usize;
-        // Fixed files 1 and 2: exec::BASE_FD and exec::OVERLAY_FD.
+        // Fixed files 1, 2 and 3: exec::BASE_FD, OVERLAY_FD and ZERO_FD.
         tgt.fds[n] = base_fd;
         tgt.fds[n + 1] = overlay_fd;
-        tgt.nr_fds += 2;
+        tgt.fds[n + 2] = zero_fd;
+        tgt.nr_fds += 3;
         // A request may need several operations on the ring at once.
         tgt.sq_depth = depth.saturating_mul(4);
         tgt.cq_depth = depth.saturating_mul(4);

@@ -1,5 +1,6 @@
 //! The ublk device parameters, chosen in this one place.
 
+use crate::engine::Error;
 use libublk::sys;
 
 /// Bytes of each per-tag I/O buffer, and so the largest READ/WRITE the kernel
@@ -49,5 +50,110 @@ pub fn device_params(shape: &DeviceShape) -> sys::ublk_params {
             ..Default::default()
         },
         ..Default::default()
+    }
+}
+
+/// What `add --zero-copy` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZeroCopy {
+    /// Zero copy when the kernel offers it, else copy mode.
+    #[default]
+    Auto,
+    /// Zero copy, or fail when the kernel does not offer it.
+    On,
+    /// Copy mode always.
+    Off,
+}
+
+/// How a request's data moves between ublk and the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// ublk copies a READ's data out of, and a WRITE's data into, memory of
+    /// the daemon (the tag's buffer, or a mapping of the overlay). A WRITE's
+    /// data is fetched only when asked for (`NEED_GET_DATA`; see
+    /// `write_data`).
+    Copy,
+    /// ublk registers each request's own pages as a fixed buffer in the
+    /// queue's ring (`AUTO_BUF_REG`, index = tag), and the daemon's reads
+    /// and writes of base and overlay move the data straight to and from
+    /// them: no copy by ublk at all. Kernels from 6.16 on offer it.
+    ZeroCopy,
+}
+
+/// Chooses the I/O mode from what was asked and the driver's feature bits
+/// (`None`: the driver does not say, as before 6.5).
+pub fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<IoMode, Error> {
+    let offered = features.is_some_and(|f| f & sys::UBLK_F_AUTO_BUF_REG as u64 != 0);
+    match (want, offered) {
+        (ZeroCopy::Off, _) | (ZeroCopy::Auto, false) => Ok(IoMode::Copy),
+        (ZeroCopy::Auto | ZeroCopy::On, true) => Ok(IoMode::ZeroCopy),
+        (ZeroCopy::On, false) => Err(Error::invalid(
+            "--zero-copy=on: this kernel's ublk_drv does not offer UBLK_F_AUTO_BUF_REG (needs Linux 6.16 or later)",
+        )),
+    }
+}
+
+/// The mode of a device created with `flags` (for `recover`).
+pub fn io_mode_of(flags: u64) -> IoMode {
+    if flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
+        IoMode::ZeroCopy
+    } else {
+        IoMode::Copy
+    }
+}
+
+/// The device flags for `mode`. Devices survive their daemon: when it dies
+/// the kernel quiesces the device and requeues the requests it had taken,
+/// and `recover` serves them again (re-issuing a write is harmless: it
+/// writes the same data again).
+///
+/// In copy mode a WRITE's data is fetched only when the daemon asks for it
+/// (`NEED_GET_DATA`): a READ's commit can then name any mapping to copy its
+/// data from, since no next request is ever copied there (see `queue`).
+pub fn ctrl_flags(mode: IoMode) -> u64 {
+    let recovery = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
+    (recovery
+        | match mode {
+            IoMode::Copy => sys::UBLK_F_NEED_GET_DATA,
+            IoMode::ZeroCopy => sys::UBLK_F_AUTO_BUF_REG,
+        }) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZC: u64 = sys::UBLK_F_AUTO_BUF_REG as u64;
+
+    #[test]
+    fn io_mode_follows_the_kernel_unless_told() {
+        let old = Some(sys::UBLK_F_NEED_GET_DATA as u64);
+        assert_eq!(
+            choose_io_mode(ZeroCopy::Auto, Some(ZC)).unwrap(),
+            IoMode::ZeroCopy
+        );
+        assert_eq!(choose_io_mode(ZeroCopy::Auto, old).unwrap(), IoMode::Copy);
+        assert_eq!(choose_io_mode(ZeroCopy::Auto, None).unwrap(), IoMode::Copy);
+        assert_eq!(
+            choose_io_mode(ZeroCopy::Off, Some(ZC)).unwrap(),
+            IoMode::Copy
+        );
+        assert_eq!(
+            choose_io_mode(ZeroCopy::On, Some(ZC)).unwrap(),
+            IoMode::ZeroCopy
+        );
+        let e = choose_io_mode(ZeroCopy::On, old).unwrap_err();
+        assert!(e.to_string().contains("UBLK_F_AUTO_BUF_REG"), "{e}");
+    }
+
+    #[test]
+    fn a_device_keeps_its_mode() {
+        for mode in [IoMode::Copy, IoMode::ZeroCopy] {
+            assert_eq!(io_mode_of(ctrl_flags(mode)), mode);
+        }
+        assert_eq!(
+            ctrl_flags(IoMode::Copy) & ctrl_flags(IoMode::ZeroCopy),
+            (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64
+        );
     }
 }

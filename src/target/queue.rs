@@ -1,9 +1,13 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
 //! fetches a request, dispatches it by operation to `exec`, and commits the
-//! result, forever, until the queue goes down. A WRITE arrives without its
-//! data (the device sets `UBLK_F_NEED_GET_DATA`); the write path says where
-//! ublk copies it (`write_data`). A READ's commit names where ublk copies
-//! its data from: the tag's buffer, or the mapping that holds all of it.
+//! result, forever, until the queue goes down.
+//!
+//! With zero copy (`params::IoMode`) ublk registers each request's pages as
+//! the tag's fixed buffer, and its commit names that buffer again. In copy
+//! mode a WRITE arrives without its data (the device sets
+//! `UBLK_F_NEED_GET_DATA`); the write path says where ublk copies it
+//! (`write_data`). A READ's commit names where ublk copies its data from:
+//! the tag's buffer, or the mapping that holds all of it.
 
 use crate::engine::cache::CacheMode;
 use crate::engine::plan::ReadSource;
@@ -11,6 +15,8 @@ use crate::engine::readahead::Detector;
 use crate::stats::{CacheSource, Stats};
 use crate::target::background::{self, Background, Job};
 use crate::target::exec::{self, QueueBufs, ReadDone, Shared, TagScratch};
+use crate::target::params::{self, IoMode};
+use crate::target::request_buf::{RequestBuf, TagBuf};
 use crate::target::write_data::WriteData;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
@@ -52,6 +58,8 @@ pub struct QueueState {
     /// a WRITE's data only when asked (`UBLK_F_NEED_GET_DATA`), so the
     /// address a commit names is never written into.
     commit_from_map: bool,
+    /// Requests' data is in their registered pages (`params::IoMode`).
+    zero_copy: bool,
     bufs: QueueBufs,
     detector: RefCell<Detector>,
     background: Background,
@@ -78,7 +86,7 @@ fn installs(sh: &Shared, req: &Request) -> bool {
 
 /// After a READ: queue the prefetch it calls for, and the copy of the base
 /// data it read into `buf` if the policy `installs` it.
-fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: &[u8]) {
+fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: &RequestBuf<'_>) {
     let hinted = req.hinted();
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
@@ -113,9 +121,15 @@ fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: 
         } else {
             CacheSource::KernelHint
         };
-        let job = Job::Install {
-            off: req.off,
-            data: buf[..req.len as usize].to_vec(),
+        let job = match buf {
+            RequestBuf::Memory(b) => Job::Install {
+                off: req.off,
+                data: b.to_vec(),
+            },
+            RequestBuf::Registered { .. } => Job::InstallFromBase {
+                off: req.off,
+                len: req.len,
+            },
         };
         qs.background.push(job, source, sh);
     }
@@ -142,14 +156,14 @@ async fn handle(
     qs: &QueueState,
     s: &mut TagScratch,
     req: Request,
-    buf: &mut [u8],
+    buf: &mut TagBuf,
 ) -> Result<Commit, UblkError> {
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
     let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
     let res = match req.op {
         sys::UBLK_IO_OP_WRITE => {
-            let buf = &mut buf[..req.len as usize];
+            let buf = buf.request(req.len as usize);
             let mut data = WriteData::request(q, req.tag, buf, req.data_pending);
             let r = if in_range {
                 exec::write(q, sh, qb, s, req.off, &mut data).await
@@ -169,13 +183,13 @@ async fn handle(
         _ if !in_range => -libc::EINVAL,
         sys::UBLK_IO_OP_READ => {
             let may_map = qs.commit_from_map && !installs(sh, &req);
-            let buf = &mut buf[..req.len as usize];
-            let (res, from) = match exec::read(q, sh, s, req.off, buf, may_map).await {
+            let mut buf = buf.request(req.len as usize);
+            let (res, from) = match exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await {
                 ReadDone::Buffer(r) => (r, None),
                 ReadDone::Mapped(at) => (req.len as i32, Some(at)),
             };
             if res >= 0 {
-                after_read(sh, qs, s, &req, buf);
+                after_read(sh, qs, s, &req, &buf);
             }
             return Ok(Commit { res, from });
         }
@@ -202,16 +216,20 @@ async fn tag_task(
     sh: Arc<Shared>,
     qs: Rc<QueueState>,
 ) -> Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    let mut buf = if qs.zero_copy {
+        TagBuf::Registered { index: tag }
+    } else {
+        TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
+    };
     let mut scratch = TagScratch::default();
-    let fetch = q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf));
+    let fetch = q.submit_io_prep_cmd(tag, buf.desc(), 0, buf.io_buf());
     let mut data_pending = next_request(fetch).await?;
     loop {
         let req = Request::of(&q, tag, data_pending);
-        let done = handle(&q, &sh, &qs, &mut scratch, req, buf.as_mut_slice()).await?;
+        let done = handle(&q, &sh, &qs, &mut scratch, req, &mut buf).await?;
         let from = match done.from {
             Some(at) => BufDesc::RawAddress(at),
-            None => BufDesc::Slice(buf.as_slice()),
+            None => buf.desc(),
         };
         let commit = q.submit_io_commit_cmd(tag, from, done.res);
         data_pending = next_request(commit).await?;
@@ -230,6 +248,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
     let bs = sh.dev.geometry().block_size();
     let qs = Rc::new(QueueState {
         commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
+        zero_copy: params::io_mode_of(dev.dev_info.flags) == IoMode::ZeroCopy,
         bufs: QueueBufs::new(bs),
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
         background: Background::default(),

@@ -1,6 +1,8 @@
 //! A WRITE's data, and where ublk copies it.
 //!
-//! The device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives without its data,
+//! With zero copy the data is already in the request's registered pages, and
+//! the write path writes it to the overlay from there (`registered`). In
+//! copy mode the device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives without its data,
 //! and ublk copies the data only when the daemon answers with
 //! `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
@@ -15,6 +17,7 @@
 //! write to the overlay reports the error (`Placement::Refused`). A copy
 //! that stops part way is `Placement::Done` with fewer bytes.
 
+use crate::target::request_buf::RequestBuf;
 use libublk::io::UblkQueue;
 use libublk::{UblkError, sys};
 
@@ -27,6 +30,11 @@ enum Source<'a> {
     /// Bytes made by the daemon itself (the zeros of a partial DISCARD).
     Bytes(&'a [u8]),
     Request(Fetch<'a>),
+    /// The request's pages: fixed buffer `index` of the queue's ring.
+    Registered {
+        index: u16,
+        len: usize,
+    },
 }
 
 /// A request's data, fetched at most once.
@@ -72,14 +80,23 @@ impl<'a> WriteData<'a> {
         }
     }
 
-    /// The data of WRITE `tag`, which ublk still holds if `pending` (else
-    /// it is already in `buf`, as on a device made without NEED_GET_DATA).
+    /// The data of WRITE `tag`. In the tag's buffer, ublk still holds it
+    /// if `pending` (else it is already there, as on a device made without
+    /// NEED_GET_DATA).
     pub fn request(
         q: &'a UblkQueue<'a>,
         tag: u16,
-        buf: &'a mut [u8],
+        buf: RequestBuf<'a>,
         pending: bool,
     ) -> WriteData<'a> {
+        let buf = match buf {
+            RequestBuf::Memory(b) => b,
+            RequestBuf::Registered { index, len } => {
+                return WriteData {
+                    source: Source::Registered { index, len },
+                };
+            }
+        };
         let state = if pending {
             State::Pending
         } else {
@@ -94,6 +111,15 @@ impl<'a> WriteData<'a> {
         match &self.source {
             Source::Bytes(b) => b.len(),
             Source::Request(f) => f.buf.len(),
+            Source::Registered { len, .. } => *len,
+        }
+    }
+
+    /// The fixed buffer that holds the data, with zero copy.
+    pub fn registered(&self) -> Option<u16> {
+        match self.source {
+            Source::Registered { index, .. } => Some(index),
+            _ => None,
         }
     }
 
@@ -133,6 +159,8 @@ impl<'a> WriteData<'a> {
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
             Source::Request(f) => f,
+            // Only io_uring's fixed-buffer operations reach it.
+            Source::Registered { .. } => return Err(-libc::EINVAL),
         };
         if f.state == State::Pending {
             let at = f.buf.as_mut_ptr();

@@ -147,13 +147,15 @@ case_fua() {
 }
 
 case_tmpfs_files() {
-    # Base and overlay in memory: reads are copied from mappings instead of
-    # going through io_uring, and a read of one run is committed with the
-    # mapping's address (see target/exec.rs); the data must not differ.
+    # Base and overlay in memory, in copy mode: reads are copied from
+    # mappings instead of going through io_uring, and a read of one run is
+    # committed with the mapping's address (see target/exec.rs); the data
+    # must not differ.
     local t=$WORK/tmem dev id
     mkdir -p "$t"; mount -t tmpfs -o size=400M tmpfs "$t"
     cp "$BASE" "$t/base.img"
-    dev=$(add --base "$t/base.img" --overlay "$t/ov"); id=$(dev_id "$dev")
+    dev=$(add --base "$t/base.img" --overlay "$t/ov" --zero-copy=off); id=$(dev_id "$dev")
+    ! is_zero_copy "$id" || die "--zero-copy=off gave a zero-copy device"
     local job=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --size=48M
         --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=9 --name=tm)
     fio "${job[@]}" --do_verify=0 >tm-w.log 2>&1 || { cat tm-w.log; die "fio write"; }
@@ -203,12 +205,15 @@ write_64k_fails() {
 
 case_full_tmpfs() {
     # A write to a page of a tmpfs overlay that is missing (punched out
-    # behind the daemon's back) while the tmpfs is full: ublk cannot copy
-    # into it, the daemon falls back to the buffer, and the write fails with
-    # an error instead of hanging. With space again, it succeeds.
-    local t=$WORK/full dev id
+    # behind the daemon's back) while the tmpfs is full: in copy mode ublk
+    # cannot copy into it and the daemon falls back to the buffer; with
+    # zero copy the overlay write fails. Either way the write fails with an
+    # error instead of hanging. With space again, it succeeds. $1: add's
+    # --zero-copy.
+    local t=$WORK/full dev id copy=true
     mkdir -p "$t"; mount -t tmpfs -o size=64M tmpfs "$t"
-    dev=$(add --base "$BASE" --overlay "$t/ov"); id=$(dev_id "$dev")
+    dev=$(add --base "$BASE" --overlay "$t/ov" --zero-copy="$1"); id=$(dev_id "$dev")
+    ! is_zero_copy "$id" || copy=false
     head -c 1M /dev/urandom > blob
     dd if=blob of="$dev" bs=64k oflag=direct status=none
     local data=$(($(stat -c %s "$t/ov") - (BASE_MB << 20)))
@@ -216,15 +221,16 @@ case_full_tmpfs() {
     fill_tmpfs_but "$t" 0
     write_64k_fails "a write with no space for it" "$dev" 0
     say "  refused as expected: $(cat full.err)"
-    [ "$(stat_of "$id" writes_mapping_refused)" -ge 1 ] || die "ublk's copy was not refused"
+    ! $copy || [ "$(stat_of "$id" writes_mapping_refused)" -ge 1 ] || die "ublk's copy was not refused"
     rm "$t/filler"
     dd if=blob of="$dev" bs=64k oflag=direct status=none
     cmp <(dd if="$dev" bs=1M count=1 iflag=direct status=none) blob || die "the data differs"
     # With room for only two pages: a first write of 64K (through the
     # buffer) fails with ENOSPC and leaves its blocks reading from the base.
     # A rewrite of 64K whose pages were punched out gets only two pages
-    # copied by ublk, and must fail too: committed short, a 7.3 kernel
-    # would complete the whole request and lose the rest.
+    # copied by ublk (or written, with zero copy), and must fail too:
+    # committed short, a 7.3 kernel would complete the whole request and
+    # lose the rest.
     fill_tmpfs_but "$t" 8
     write_64k_fails "a write with room for only part of it" "$dev" 32
     grep -q "No space left" full.err || die "a write with room for part of it failed otherwise: $(cat full.err)"
@@ -235,14 +241,43 @@ case_full_tmpfs() {
     fill_tmpfs_but "$t" 8
     local refused; refused=$(stat_of "$id" writes_mapping_refused)
     write_64k_fails "a rewrite copied only in part" "$dev" 0
-    [ "$(stat_of "$id" writes_mapping_refused)" -gt "$refused" ] || die "the short copy was not counted"
+    ! $copy || [ "$(stat_of "$id" writes_mapping_refused)" -gt "$refused" ] || die "the short copy was not counted"
     rm "$t/filler"
     dd if=blob of="$dev" bs=64k count=1 oflag=direct status=none
     cmp <(dd if="$dev" bs=64k count=1 iflag=direct status=none) <(head -c 64k blob) || die "the rewrite differs"
-    say "  with room for part of a write: a first write ENOSPC, a short copy $(cut -d: -f3- full.err)"
+    say "  with room for part of a write: a first write ENOSPC, a rewrite$(cut -d: -f3- full.err)"
     "$UC" del -n "$id"
     rm -f blob full.err
     umount "$t"
+    base_unchanged
+}
+
+case_zero_copy() {
+    # Zero copy (UBLK_F_AUTO_BUF_REG) is the default exactly where the
+    # kernel offers it; there the suite runs in it, and copy mode still
+    # works. Elsewhere --zero-copy=on is refused with one line.
+    local dev id
+    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    if kernel_has_zero_copy; then
+        is_zero_copy "$id" || die "kernel $(uname -r) offers zero copy, the device does not use it"
+        "$UC" del -n "$id"
+        say "  kernel $(uname -r): zero copy by default"
+        dev=$(add --base "$BASE" --zero-copy=off); id=$(dev_id "$dev")
+        ! is_zero_copy "$id" || die "--zero-copy=off gave a zero-copy device"
+        fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --size=32M \
+            --rw=randwrite --bssplit=4k/40:64k/40:1m/20 --verify=crc32c --verify_fatal=1 \
+            --randseed=17 --name=copymode >zc-off.log 2>&1 || { cat zc-off.log; die "copy mode verify"; }
+        say "  --zero-copy=off: copy mode, fio verify clean"
+    else
+        ! is_zero_copy "$id" || die "kernel $(uname -r) has no zero copy, yet the device claims it"
+        "$UC" del -n "$id"
+        local before; before=$(ls /dev | grep -c '^ublkb' || true)
+        expect_fail "--zero-copy=on without kernel support" "$UC" add --base "$BASE" --zero-copy=on
+        [ "$(ls /dev | grep -c '^ublkb' || true)" = "$before" ] || die "the failed add left a device behind"
+        dev=$(add --base "$BASE" --zero-copy=off); id=$(dev_id "$dev")
+    fi
+    "$UC" del -n "$id"
+    rm -f zc-off.log
     base_unchanged
 }
 
@@ -259,11 +294,14 @@ case_preallocate() {
         --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=11 --name=pre)
     fio "${job[@]}" --do_verify=0 >pre-w.log 2>&1 || { cat pre-w.log; die "fio write"; }
     fio "${job[@]}" --verify_only --verify_fatal=1 >pre-v.log 2>&1 || { cat pre-v.log; die "verify"; }
-    # Its pages are ready in memory: first writes too are copied by ublk
-    # straight into them.
-    local placed; placed=$(stat_of "$id" writes_to_mapping)
-    say "  $placed of $(stat_of "$id" write_ops) writes copied straight into the overlay"
-    [ "$placed" = "$(stat_of "$id" write_ops)" ] || die "some writes were not copied into the overlay's mapping"
+    # Its pages are ready in memory: in copy mode first writes too are
+    # copied by ublk straight into them (zero copy writes every WRITE from
+    # the request's pages).
+    if ! is_zero_copy "$id"; then
+        local placed; placed=$(stat_of "$id" writes_to_mapping)
+        say "  $placed of $(stat_of "$id" write_ops) writes copied straight into the overlay"
+        [ "$placed" = "$(stat_of "$id" write_ops)" ] || die "some writes were not copied into the overlay's mapping"
+    fi
     cmp <(dd if="$dev" bs=1M skip=64 count=64 iflag=direct status=none) \
         <(dd if="$BASE" bs=1M skip=64 count=64 status=none) || die "unwritten blocks differ from the base"
     "$UC" del -n "$id"
@@ -290,8 +328,13 @@ case_preallocate() {
 
 CASES+=("FUA writes are flushed|case_fua")
 CASES+=("--preallocate: space allocated up front, none when it does not fit|case_preallocate")
-CASES+=("base and overlay in tmpfs (mapped reads and writes)|case_tmpfs_files")
-CASES+=("a write into a full tmpfs overlay fails, does not hang|case_full_tmpfs")
+CASES+=("base and overlay in tmpfs (copy mode: mapped reads and writes)|case_tmpfs_files")
+CASES+=("zero copy: the default where the kernel offers it|case_zero_copy")
+CASES+=("a write into a full tmpfs overlay fails, does not hang (copy mode)|case_full_tmpfs off")
+# With zero copy where the kernel has it (case_zero_copy checks the rest).
+if kernel_has_zero_copy; then
+    CASES+=("a write into a full tmpfs overlay fails, does not hang (zero copy)|case_full_tmpfs on")
+fi
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
 CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")

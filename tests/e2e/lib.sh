@@ -28,6 +28,18 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 # stat_of ID NAME: one counter of `ublk-cow stats`.
 stat_of() { "$UC" stats -n "$1" --json | grep -o "\"$2\": *[0-9]*" | grep -o '[0-9]*$'; }
 
+# is_zero_copy ID: device ID moves data with zero copy (`add --zero-copy`).
+is_zero_copy() {
+    "$UC" list --json | python3 -c 'import json,sys
+sys.exit(0 if any(d["id"] == int(sys.argv[1]) and d["zero_copy"] for d in json.load(sys.stdin)) else 1)' "$1"
+}
+
+# kernel_has_zero_copy: this kernel's ublk_drv offers UBLK_F_AUTO_BUF_REG
+# (merged in Linux 6.16).
+kernel_has_zero_copy() {
+    [ "$(printf '6.16\n%s\n' "$(uname -r | cut -d- -f1)" | sort -V | head -n1)" = 6.16 ]
+}
+
 # Fails the current case with a message.
 die() { say "  FAILED: $*"; return 1; }
 
@@ -43,13 +55,14 @@ expect_fail() {
     say "  refused as expected ($desc): $err"
 }
 
-# run_case NAME FUNCTION: runs one case and records pass/fail.
+# run_case NAME "FUNCTION [ARGS]": runs one case and records pass/fail.
 run_case() {
     local name=$1 fn=$2
     say "case: $name"
     # A subshell of its own (not an `if` condition), so that `set -e` holds
     # and the first failing command fails the case.
-    ( set -e; "$fn" )
+    # shellcheck disable=SC2086 # FUNCTION and its words
+    ( set -e; $fn )
     if [ $? = 0 ]; then
         PASS=$((PASS + 1)); say "ok - $name"
     else

@@ -1,0 +1,141 @@
+//! Operations on the queue's ring, and their completion: every operation is
+//! pushed at once (`UblkQueue::ublk_submit_sqe`) and awaited later, so that
+//! the operations of one request are in flight together. An operation has
+//! done its work when it moved all the bytes it was asked to; a write that
+//! moved fewer is pushed again for the rest, since the kernel tells why it
+//! stopped (ENOSPC, say) only to the next write.
+
+use io_uring::{opcode, squeue, types};
+use libublk::io::UblkQueue;
+use libublk::uring_async::UblkUringOpFuture;
+
+/// A pushed operation.
+pub struct PendingOp {
+    done: UblkUringOpFuture,
+    /// The result that says it did it all: bytes to move, or 0.
+    want: u32,
+    /// For a write: the write itself, to push the rest if it comes up short.
+    write: Option<FileWrite>,
+}
+
+impl PendingOp {
+    /// Pushes `sqe`, which has done it all when it returns `want`.
+    pub fn push(q: &UblkQueue<'_>, sqe: squeue::Entry, want: u32) -> PendingOp {
+        PendingOp {
+            done: q.ublk_submit_sqe(sqe),
+            want,
+            write: None,
+        }
+    }
+}
+
+/// Where a write's data comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteSource {
+    /// The daemon's memory. It must stay put until the write completes.
+    Memory(*const u8),
+    /// Fixed buffer `index` of the queue's ring, from `at` bytes on.
+    Registered { index: u16, at: usize },
+}
+
+/// A write of `len` bytes to file offset `pos` of fixed file `fd`.
+#[derive(Clone, Copy, Debug)]
+pub struct FileWrite {
+    pub fd: types::Fixed,
+    pub from: WriteSource,
+    pub len: u32,
+    pub pos: u64,
+}
+
+impl FileWrite {
+    fn sqe(&self) -> squeue::Entry {
+        match self.from {
+            WriteSource::Memory(p) => opcode::Write::new(self.fd, p, self.len),
+            WriteSource::Registered { index, at } => {
+                return write_fixed(self.fd, index, at, self.len, self.pos);
+            }
+        }
+        .offset(self.pos)
+        .build()
+    }
+
+    /// What is left after the first `n` bytes.
+    fn rest(&self, n: u32) -> FileWrite {
+        let from = match self.from {
+            WriteSource::Memory(p) => WriteSource::Memory(p.wrapping_add(n as usize)),
+            WriteSource::Registered { index, at } => WriteSource::Registered {
+                index,
+                at: at + n as usize,
+            },
+        };
+        FileWrite {
+            from,
+            len: self.len - n,
+            pos: self.pos + n as u64,
+            ..*self
+        }
+    }
+
+    /// Pushes the write.
+    pub fn push(self, q: &UblkQueue<'_>) -> PendingOp {
+        PendingOp {
+            done: q.ublk_submit_sqe(self.sqe()),
+            want: self.len,
+            write: Some(self),
+        }
+    }
+}
+
+/// Completes `op`: 0, or a negative errno; fewer bytes than asked is EIO,
+/// but for a write, which is pushed again for the rest first.
+pub async fn finish(q: &UblkQueue<'_>, op: PendingOp) -> i32 {
+    let mut op = op;
+    loop {
+        let r = op.done.await;
+        if r < 0 {
+            return r;
+        }
+        if r as u32 == op.want {
+            return 0;
+        }
+        match op.write {
+            Some(w) if r > 0 => op = w.rest(r as u32).push(q),
+            _ => return -libc::EIO,
+        }
+    }
+}
+
+/// Completes each pushed operation, in order; the first failure is the
+/// result.
+pub async fn finish_all(q: &UblkQueue<'_>, ops: Vec<PendingOp>) -> i32 {
+    let mut res = 0;
+    for op in ops {
+        let r = finish(q, op).await;
+        if res == 0 {
+            res = r;
+        }
+    }
+    res
+}
+
+/// Reads `len` bytes at file offset `pos` of `fd` into `buf`.
+pub fn read(fd: types::Fixed, buf: *mut u8, len: u32, pos: u64) -> squeue::Entry {
+    opcode::Read::new(fd, buf, len).offset(pos).build()
+}
+
+/// Reads `len` bytes at file offset `pos` of `fd` into fixed buffer `index`
+/// at `at` bytes from its start. A buffer that ublk registered starts at
+/// address 0 for io_uring, so `at` is the address.
+pub fn read_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> squeue::Entry {
+    opcode::ReadFixed::new(fd, at as *mut u8, len, index)
+        .offset(pos)
+        .build()
+}
+
+/// Writes `len` bytes from fixed buffer `index`, from `at` bytes on, to file
+/// offset `pos` of `fd`.
+fn write_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> squeue::Entry {
+    opcode::WriteFixed::new(fd, at as *const u8, len, index)
+        .offset(pos)
+        .build()
+}
