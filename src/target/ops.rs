@@ -139,3 +139,32 @@ fn write_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> s
         .offset(pos)
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_of_a_short_write_follows_on() {
+        let buf = [0u8; 64];
+        let w = FileWrite {
+            fd: types::Fixed(2),
+            from: WriteSource::Memory(buf.as_ptr()),
+            len: 64,
+            pos: 4096,
+        };
+        let r = w.rest(24);
+        assert_eq!((r.len, r.pos, r.fd.0), (40, 4120, 2));
+        assert!(matches!(r.from, WriteSource::Memory(p) if p == buf[24..].as_ptr()));
+        let w = FileWrite {
+            from: WriteSource::Registered { index: 7, at: 512 },
+            ..w
+        };
+        let r = w.rest(8).rest(8);
+        assert_eq!((r.len, r.pos), (48, 4112));
+        assert!(matches!(
+            r.from,
+            WriteSource::Registered { index: 7, at: 528 }
+        ));
+    }
+}
