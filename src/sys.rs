@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
 /// A file mapped read-write and shared, viewed as 64-bit atomic words.
@@ -129,9 +129,47 @@ impl SharedMap {
         self.ptr.wrapping_add(off)
     }
 
+    /// Whether the kernel may copy into the mapping.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     /// As `addr`, for the kernel to copy into: `None` unless `writable`.
     pub fn addr_for_kernel_writes(&self, off: u64, len: usize) -> Option<*mut u8> {
         self.writable.then(|| self.addr(off, len) as *mut u8)
+    }
+
+    /// Writes bytes `[off, off + len)` of the mapping to `fd` at `pos`
+    /// (one `pwrite`): how ublk's user copy takes a READ's data into the
+    /// request. Returns the bytes written.
+    pub fn write_to(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
+        let src = self.addr(off, len);
+        // SAFETY: the source range is inside the live mapping (`addr`
+        // checks); the kernel only reads it.
+        let r = unsafe { libc::pwrite(fd, src.cast(), len, pos as libc::off_t) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
+    /// Reads `len` bytes of `fd` at `pos` into the mapping at `off` (one
+    /// `pread`): how ublk's user copy puts a WRITE's data straight into the
+    /// file's pages. The kernel writes them; a page it cannot fault in (on
+    /// a full tmpfs) ends the copy short or fails it (EFAULT). EACCES unless
+    /// `writable`. Returns the bytes read.
+    pub fn read_from(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
+        let Some(dst) = self.addr_for_kernel_writes(off, len) else {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        };
+        // SAFETY: the destination range is inside the live, writable
+        // mapping (`addr` checks); only the kernel writes through it, and a
+        // failed fault is an error return, not a signal.
+        let r = unsafe { libc::pread(fd, dst.cast(), len, pos as libc::off_t) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
     }
 
     /// Makes every page of `[off, off + len)` present, initialized and

@@ -244,10 +244,17 @@ pub async fn read(
                 (OVERLAY_FD, &sh.overlay_io, dev.overlay().data_pos(run.off))
             }
         };
+        let user_copy = buf.user_copy(run.buf_off);
         let dst = match &mut buf {
             RequestBuf::Memory(b) => &mut b[run.buf_off..][..run.len as usize],
             RequestBuf::Registered { index, .. } => {
                 let len = run.len as u32;
+                if let Some(to) = user_copy
+                    && reader.copy_to_request(pos, len as usize, to) == Some(true)
+                {
+                    Stats::add(&st.reads_from_mapping, 1);
+                    continue;
+                }
                 let sqe = ops::read_fixed(fd, *index, run.buf_off, len, pos);
                 pending.push(PendingOp::push(q, sqe, len));
                 continue;
@@ -278,6 +285,20 @@ pub async fn read(
 /// committed short (6.12 serves it again; 7.3 completes the whole request,
 /// so the rest would be lost without an error).
 async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
+    if let Some(from) = data.user_copy() {
+        // Zero copy: the data stays in the request's pages, so a copy that
+        // fell short is simply written again, whole, from there.
+        return match sh.overlay_io.copy_from_request(pos, data.size(), from)? {
+            true => {
+                Stats::add(&sh.stats.writes_to_mapping, 1);
+                Some(data.size() as i32)
+            }
+            false => {
+                Stats::add(&sh.stats.writes_mapping_refused, 1);
+                None
+            }
+        };
+    }
     if !data.placeable() {
         return None;
     }

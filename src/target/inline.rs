@@ -13,6 +13,7 @@
 //! memory copy. Whatever may wait for a device is left to the ring.
 
 use crate::sys::{self, SharedMap};
+use crate::target::request_buf::UserCopyAt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -93,6 +94,26 @@ impl InlineFile {
         self.map
             .as_ref()
             .and_then(|m| m.addr_for_kernel_writes(pos, len))
+    }
+
+    /// Copies bytes `[pos, pos + len)` of the file, if it is mapped, into
+    /// the request `to` names (ublk's user copy): `Some(true)` when all of
+    /// them went.
+    pub fn copy_to_request(&self, pos: u64, len: usize, to: UserCopyAt) -> Option<bool> {
+        let m = self.map.as_ref()?;
+        Some(m.write_to(pos, len, to.fd, to.pos).is_ok_and(|n| n == len))
+    }
+
+    /// Copies `len` bytes of the request `from` names (ublk's user copy)
+    /// straight into the file's pages at `pos`, if it is mapped writable:
+    /// `Some(true)` when all of them came. A short or failed copy leaves
+    /// those pages partly written; the caller writes them all again.
+    pub fn copy_from_request(&self, pos: u64, len: usize, from: UserCopyAt) -> Option<bool> {
+        let m = self.map.as_ref().filter(|m| m.is_writable())?;
+        Some(
+            m.read_from(pos, len, from.fd, from.pos)
+                .is_ok_and(|n| n == len),
+        )
     }
 
     /// Makes the allocated pages of `[pos, pos + len)` ready for ublk's

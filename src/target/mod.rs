@@ -64,16 +64,26 @@ pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
     {
         return Err(Error::invalid(format!("ublk device {id} already exists")));
     }
-    let mode = params::choose_io_mode(cfg.zero_copy, UblkCtrl::get_features())?;
-    UblkCtrlBuilder::default()
-        .name("ublk-cow")
-        .id(cfg.id.map_or(-1, |i| i as i32))
-        .nr_queues(cfg.queues)
-        .depth(cfg.depth)
-        .io_buf_bytes(params::IO_BUF_BYTES)
-        .ctrl_flags(params::ctrl_flags(mode))
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
+    let features = UblkCtrl::get_features();
+    let mode = params::choose_io_mode(cfg.zero_copy, features)?;
+    let add = |flags| {
+        UblkCtrlBuilder::default()
+            .name("ublk-cow")
+            .id(cfg.id.map_or(-1, |i| i as i32))
+            .nr_queues(cfg.queues)
+            .depth(cfg.depth)
+            .io_buf_bytes(params::IO_BUF_BYTES)
+            .ctrl_flags(flags)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+    };
+    let user_copy = params::has_user_copy(features);
+    add(params::ctrl_flags(mode, user_copy))
+        .or_else(|e| match (mode, user_copy) {
+            // A driver that has both but not together: zero copy alone.
+            (IoMode::ZeroCopy, true) => add(params::ctrl_flags(mode, false)),
+            _ => Err(e),
+        })
         .map_err(|e| Error::invalid(format!("creating the ublk device failed: {e}")))
 }
 
@@ -98,7 +108,7 @@ pub fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
         .nr_queues(info.nr_hw_queues)
         .depth(info.queue_depth)
         .io_buf_bytes(params::IO_BUF_BYTES)
-        .ctrl_flags(params::ctrl_flags(params::io_mode_of(info.flags)))
+        .ctrl_flags(params::recovery_flags(info.flags))
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(|e| Error::invalid(format!("recovering ublk device {id}: {e}")))

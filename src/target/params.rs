@@ -110,13 +110,34 @@ pub fn io_mode_of(flags: u64) -> IoMode {
 /// In copy mode a WRITE's data is fetched only when the daemon asks for it
 /// (`NEED_GET_DATA`): a READ's commit can then name any mapping to copy its
 /// data from, since no next request is ever copied there (see `queue`).
-pub fn ctrl_flags(mode: IoMode) -> u64 {
+///
+/// Zero copy adds ublk's user copy when the driver has it (`with_user_copy`):
+/// small requests whose data is in a mapping are copied with one system call
+/// instead (see `request_buf::USER_COPY_MAX`).
+pub fn ctrl_flags(mode: IoMode, with_user_copy: bool) -> u64 {
     let recovery = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
-    (recovery
-        | match mode {
-            IoMode::Copy => sys::UBLK_F_NEED_GET_DATA,
-            IoMode::ZeroCopy => sys::UBLK_F_AUTO_BUF_REG,
-        }) as u64
+    let data = match mode {
+        IoMode::Copy => sys::UBLK_F_NEED_GET_DATA,
+        IoMode::ZeroCopy if with_user_copy => sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY,
+        IoMode::ZeroCopy => sys::UBLK_F_AUTO_BUF_REG,
+    };
+    (recovery | data) as u64
+}
+
+/// Whether the driver's features include user copy.
+pub fn has_user_copy(features: Option<u64>) -> bool {
+    features.is_some_and(|f| f & sys::UBLK_F_USER_COPY as u64 != 0)
+}
+
+/// The flags to recover a device created with `flags` with: the same ones
+/// of ours.
+pub fn recovery_flags(flags: u64) -> u64 {
+    let ours = sys::UBLK_F_USER_RECOVERY
+        | sys::UBLK_F_USER_RECOVERY_REISSUE
+        | sys::UBLK_F_NEED_GET_DATA
+        | sys::UBLK_F_AUTO_BUF_REG
+        | sys::UBLK_F_USER_COPY;
+    flags & ours as u64
 }
 
 #[cfg(test)]
@@ -148,12 +169,26 @@ mod tests {
 
     #[test]
     fn a_device_keeps_its_mode() {
-        for mode in [IoMode::Copy, IoMode::ZeroCopy] {
-            assert_eq!(io_mode_of(ctrl_flags(mode)), mode);
+        for (mode, uc) in [
+            (IoMode::Copy, false),
+            (IoMode::ZeroCopy, false),
+            (IoMode::ZeroCopy, true),
+        ] {
+            let flags = ctrl_flags(mode, uc);
+            assert_eq!(io_mode_of(flags), mode);
+            // What the driver adds of its own is not asked for again.
+            let reported = flags | sys::UBLK_F_CMD_IOCTL_ENCODE as u64;
+            assert_eq!(recovery_flags(reported), flags);
         }
         assert_eq!(
-            ctrl_flags(IoMode::Copy) & ctrl_flags(IoMode::ZeroCopy),
+            ctrl_flags(IoMode::Copy, true) & ctrl_flags(IoMode::ZeroCopy, true),
             (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64
         );
+        assert_eq!(
+            ctrl_flags(IoMode::Copy, true),
+            ctrl_flags(IoMode::Copy, false)
+        );
+        assert!(has_user_copy(Some(sys::UBLK_F_USER_COPY as u64 | ZC)));
+        assert!(!has_user_copy(Some(ZC)) && !has_user_copy(None));
     }
 }

@@ -16,7 +16,7 @@ use crate::stats::{CacheSource, Stats};
 use crate::target::background::{self, Background, Job};
 use crate::target::exec::{self, QueueBufs, ReadDone, Shared, TagScratch};
 use crate::target::params::{self, IoMode};
-use crate::target::request_buf::{RequestBuf, TagBuf};
+use crate::target::request_buf::{RequestBuf, TagBuf, UserCopy};
 use crate::target::write_data::WriteData;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
@@ -60,6 +60,8 @@ pub struct QueueState {
     commit_from_map: bool,
     /// Requests' data is in their registered pages (`params::IoMode`).
     zero_copy: bool,
+    /// ublk's user copy reaches them too.
+    user_copy: Option<UserCopy>,
     bufs: QueueBufs,
     detector: RefCell<Detector>,
     background: Background,
@@ -217,7 +219,10 @@ async fn tag_task(
     qs: Rc<QueueState>,
 ) -> Result<(), UblkError> {
     let mut buf = if qs.zero_copy {
-        TagBuf::Registered { index: tag }
+        TagBuf::Registered {
+            index: tag,
+            copy: qs.user_copy,
+        }
     } else {
         TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
     };
@@ -249,6 +254,11 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
     let qs = Rc::new(QueueState {
         commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
         zero_copy: params::io_mode_of(dev.dev_info.flags) == IoMode::ZeroCopy,
+        user_copy: (dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0).then(|| UserCopy {
+            // Fixed file 0 of every queue's ring is the char device.
+            fd: dev.tgt.fds[0],
+            qid,
+        }),
         bufs: QueueBufs::new(bs),
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
         background: Background::default(),

@@ -17,7 +17,7 @@
 //! write to the overlay reports the error (`Placement::Refused`). A copy
 //! that stops part way is `Placement::Done` with fewer bytes.
 
-use crate::target::request_buf::RequestBuf;
+use crate::target::request_buf::{RequestBuf, UserCopyAt};
 use libublk::io::UblkQueue;
 use libublk::{UblkError, sys};
 
@@ -30,10 +30,12 @@ enum Source<'a> {
     /// Bytes made by the daemon itself (the zeros of a partial DISCARD).
     Bytes(&'a [u8]),
     Request(Fetch<'a>),
-    /// The request's pages: fixed buffer `index` of the queue's ring.
+    /// The request's pages: fixed buffer `index` of the queue's ring, and
+    /// where user copy reaches them if the request is small.
     Registered {
         index: u16,
         len: usize,
+        copy: Option<UserCopyAt>,
     },
 }
 
@@ -89,11 +91,12 @@ impl<'a> WriteData<'a> {
         buf: RequestBuf<'a>,
         pending: bool,
     ) -> WriteData<'a> {
+        let copy = buf.user_copy(0);
         let buf = match buf {
             RequestBuf::Memory(b) => b,
-            RequestBuf::Registered { index, len } => {
+            RequestBuf::Registered { index, len, .. } => {
                 return WriteData {
-                    source: Source::Registered { index, len },
+                    source: Source::Registered { index, len, copy },
                 };
             }
         };
@@ -119,6 +122,14 @@ impl<'a> WriteData<'a> {
     pub fn registered(&self) -> Option<u16> {
         match self.source {
             Source::Registered { index, .. } => Some(index),
+            _ => None,
+        }
+    }
+
+    /// Where user copy reaches the data, with zero copy for a small request.
+    pub fn user_copy(&self) -> Option<UserCopyAt> {
+        match self.source {
+            Source::Registered { copy, .. } => copy,
             _ => None,
         }
     }
