@@ -115,6 +115,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
     Geometry::new(base.size, block_size)?;
     target::check_available()?;
+    target::check_io_mode(req.target.zero_copy)?;
     if let Some(id) = req.target.id
         && target::device_exists(id)
     {

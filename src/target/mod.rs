@@ -51,6 +51,11 @@ pub fn check_available() -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks that the kernel offers the I/O mode asked for (`--zero-copy=on`).
+pub fn check_io_mode(want: ZeroCopy) -> Result<(), Error> {
+    params::choose_io_mode(want, UblkCtrl::get_features()).map(|_| ())
+}
+
 /// Whether ublk device `id` exists.
 pub fn device_exists(id: u32) -> bool {
     Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
