@@ -3,15 +3,15 @@
 //!
 //! Every operation is pushed at once and awaited later (`ops`); the runs of
 //! one request are all pushed before the first is awaited, so they are in
-//! flight together. Fixed
-//! file 1 is the base (opened read-only), fixed file 2 the overlay, fixed
-//! file 3 /dev/zero. With zero copy a request's data is reached only with
-//! fixed-buffer operations (`request_buf`). The only
-//! system calls made on the queue's thread itself are those of `inline`:
-//! reads of data already in memory and writes to a file in memory, none of
-//! which starts a device I/O and waits for it. A READ that lies in one run
-//! of a mapped file is not copied here at all (`ReadDone::Mapped`), nor is a
-//! WRITE whose overlay pages are mapped and ready (`place`).
+//! flight together. Fixed file 1 is the base (opened read-only), fixed file
+//! 2 the overlay, fixed file 3 /dev/zero. With zero copy a request's data is
+//! reached with fixed-buffer operations, or for small requests with ublk's
+//! user copy (`request_buf`). The only system calls made on the queue's
+//! thread itself are those of `inline` and of user copy: reads of data
+//! already in memory and writes to a file in memory, none of which starts a
+//! device I/O and waits for it. A READ that lies in one run of a mapped file
+//! is not copied here at all (`ReadDone::Mapped`), nor is a WRITE whose
+//! overlay pages are mapped and ready (`place`).
 
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
