@@ -24,7 +24,9 @@ case_ext4() {
 }
 
 case_fio_verify() {
-    local dev; dev=$(add --base "$BASE")
+    # Two queues, two jobs: requests of both queues' threads meet in the
+    # block locks and the map.
+    local dev; dev=$(add --base "$BASE" --queues 2)
     local common=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32
         --numjobs=2 --size=64M --offset_increment=80M --rw=randwrite
         --bssplit=4k/50:64k/30:1m/20 --verify=crc32c --randseed=4242 --group_reporting)
@@ -276,16 +278,16 @@ case_zero_copy() {
         local t=$WORK/zc
         mkdir -p "$t"; mount -t tmpfs -o size=300M tmpfs "$t"
         cp "$BASE" "$t/base.img"
-        dev=$(add --base "$t/base.img" --overlay "$t/ov"); id=$(dev_id "$dev")
+        dev=$(add --base "$t/base.img" --overlay "$t/ov" --queues 2); id=$(dev_id "$dev")
         local job=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --size=16M
-            --rw=randwrite --bs=4k --verify=crc32c --name=zcuc)
+            --numjobs=2 --offset_increment=20M --rw=randwrite --bs=4k --verify=crc32c --name=zcuc)
         for seed in 3 4; do
             fio "${job[@]}" --randseed=$seed --do_verify=0 >zc-w.log 2>&1 || { cat zc-w.log; die "fio write"; }
         done
         fio "${job[@]}" --randseed=4 --verify_only --verify_fatal=1 >zc-v.log 2>&1 \
             || { cat zc-v.log; die "user copy verify"; }
-        cmp <(dd if="$dev" bs=4k skip=8192 count=256 iflag=direct status=none) \
-            <(dd if="$BASE" bs=4k skip=8192 count=256 status=none) || die "untouched 4K reads differ"
+        cmp <(dd if="$dev" bs=4k skip=16384 count=256 iflag=direct status=none) \
+            <(dd if="$BASE" bs=4k skip=16384 count=256 status=none) || die "untouched 4K reads differ"
         local reads writes; reads=$(stat_of "$id" reads_from_mapping); writes=$(stat_of "$id" writes_to_mapping)
         say "  tmpfs base and overlay: $reads reads and $writes writes by user copy"
         [ "$reads" -gt 0 ] || die "no 4K read was user-copied"
@@ -360,7 +362,7 @@ if kernel_has_zero_copy; then
     CASES+=("a write into a full tmpfs overlay fails, does not hang (zero copy)|case_full_tmpfs on")
 fi
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
-CASES+=("fio crc32c verify, mixed sizes, QD32 x2|case_fio_verify")
+CASES+=("fio crc32c verify, mixed sizes, QD32 x2, two queues|case_fio_verify")
 CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")
 CASES+=("discard and write-zeroes read as zeros|case_discard")
 CASES+=("persistent overlay across del/add|case_persistent_overlay")
