@@ -1,9 +1,11 @@
 //! A WRITE's data, and where ublk copies it.
 //!
 //! With zero copy the data is already in the request's registered pages, and
-//! the write path writes it to the overlay from there (`registered`). In
-//! copy mode the device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives without its data,
-//! and ublk copies the data only when the daemon answers with
+//! the write path writes it to the overlay from there (`registered`), or for
+//! a small request has ublk's user copy put it into the overlay's mapped
+//! pages (`user_copy`). In copy mode the device sets `UBLK_F_NEED_GET_DATA`:
+//! a WRITE arrives without its data, and ublk copies the data only when the
+//! daemon answers with
 //! `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
 //! overlay's own pages, mapped (`InlineFile::placeable`), which saves that
@@ -170,7 +172,8 @@ impl<'a> WriteData<'a> {
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
             Source::Request(f) => f,
-            // Only io_uring's fixed-buffer operations reach it.
+            // Not in the daemon's memory: `registered` and `user_copy`
+            // reach it.
             Source::Registered { .. } => return Err(-libc::EINVAL),
         };
         if f.state == State::Pending {
