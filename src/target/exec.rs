@@ -161,7 +161,13 @@ fn overlay_write_op(
 /// Writes `data` at overlay file offset `pos` and waits: 0 or a negative
 /// errno.
 async fn overlay_write(q: &UblkQueue<'_>, sh: &Shared, data: &[u8], pos: u64) -> i32 {
-    match overlay_write_op(q, sh, data, pos) {
+    finish_write(q, overlay_write_op(q, sh, data, pos)).await
+}
+
+/// Completes a write that was done inline (`Ok(None)`), pushed, or failed
+/// before it started: 0 or a negative errno.
+async fn finish_write(q: &UblkQueue<'_>, write: Result<Option<PendingOp>, i32>) -> i32 {
+    match write {
         Ok(None) => 0,
         Ok(Some(op)) => finish(q, op).await,
         Err(e) => e,
@@ -368,11 +374,7 @@ pub async fn write(
             if let Some(r) = place(sh, data, pos).await {
                 return r;
             }
-            let r = match data_write_op(q, sh, data, pos).await {
-                Ok(None) => 0,
-                Ok(Some(op)) => finish(q, op).await,
-                Err(e) => e,
-            };
+            let r = finish_write(q, data_write_op(q, sh, data, pos).await).await;
             return if r < 0 { r } else { len as i32 };
         }
         WritePath::Locked(blocks) => blocks,
@@ -556,13 +558,10 @@ pub async fn cache_range(
                 let mut at = step.off;
                 while at < step.off + step.len {
                     let n = CACHE_PIECE.min(step.off + step.len - at);
-                    let mut buf = vec![0u8; n as usize];
-                    if let Some(rd) = read_op(q, BASE_FD, &sh.base_io, at, &mut buf) {
-                        let r = finish(q, rd).await;
-                        if r < 0 {
-                            return r;
-                        }
-                    }
+                    let buf = match read_base(q, sh, at, n).await {
+                        Ok(b) => b,
+                        Err(e) => return e,
+                    };
                     if step.action == CacheAction::ReadBase {
                         Stats::add(&st.cache_read_bytes, n);
                     } else {
@@ -597,14 +596,22 @@ pub async fn cache_range(
 /// does, reading it from the base first: with zero copy a READ's data never
 /// passes through the daemon's memory.
 pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> i32 {
+    match read_base(q, sh, off, len).await {
+        Ok(data) => install(q, sh, off, &data).await,
+        Err(e) => e,
+    }
+}
+
+/// Reads `len` bytes of the base at `off` into a new buffer and waits.
+async fn read_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> Result<Vec<u8>, i32> {
     let mut data = vec![0u8; len as usize];
     if let Some(op) = read_op(q, BASE_FD, &sh.base_io, off, &mut data) {
         let r = finish(q, op).await;
         if r < 0 {
-            return r;
+            return Err(r);
         }
     }
-    install(q, sh, off, &data).await
+    Ok(data)
 }
 
 /// Installs base data `data`, read at device offset `off`, into the overlay

@@ -297,9 +297,9 @@ case_zero_copy() {
     else
         ! is_zero_copy "$id" || die "kernel $(uname -r) has no zero copy, yet the device claims it"
         "$UC" del -n "$id"
-        local before; before=$(ls /dev | grep -c '^ublkb' || true)
+        local before; before=$(ublk_devices)
         expect_fail "--zero-copy=on without kernel support" "$UC" add --base "$BASE" --zero-copy=on
-        [ "$(ls /dev | grep -c '^ublkb' || true)" = "$before" ] || die "the failed add left a device behind"
+        [ "$(ublk_devices)" = "$before" ] || die "the failed add left a device behind"
         dev=$(add --base "$BASE" --zero-copy=off); id=$(dev_id "$dev")
         "$UC" del -n "$id"
     fi
@@ -333,11 +333,11 @@ case_preallocate() {
     "$UC" del -n "$id"
     umount "$t"
     mount -t tmpfs -o size=64M tmpfs "$t"
-    local before; before=$(ls /dev | grep -c '^ublkb' || true)
+    local before; before=$(ublk_devices)
     expect_fail "--preallocate on a file system too small" \
         "$UC" add --base "$BASE" --overlay "$t/ov" --preallocate
     [ ! -e "$t/ov" ] || die "the failed add left its overlay behind"
-    [ "$(ls /dev | grep -c '^ublkb' || true)" = "$before" ] || die "the failed add left a device behind"
+    [ "$(ublk_devices)" = "$before" ] || die "the failed add left a device behind"
     # An existing overlay that fits sparse but not preallocated: refused,
     # and still clean afterwards.
     dev=$(add --base "$BASE" --overlay "$t/ov"); id=$(dev_id "$dev")

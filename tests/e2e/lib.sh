@@ -20,6 +20,9 @@ need_ublk() {
     fi
 }
 
+# How many ublk block devices there are.
+ublk_devices() { ls /dev | grep -c '^ublkb' || true; }
+
 # Device number of a /dev/ublkbN path.
 dev_id() { echo "${1#/dev/ublkb}"; }
 
