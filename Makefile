@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-cache clean
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache clean
 
 all: build
 
@@ -48,6 +48,12 @@ bench:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	bash ci/bench/run.sh
+
+# The same, with the base on a slower device (1 ms per I/O).
+bench-slow:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	SLOW_MS=$${SLOW_MS:-1} bash ci/bench/run.sh
 
 # Cache benchmarks: readahead over a slow base, copy-on-cache against cp.
 bench-cache:

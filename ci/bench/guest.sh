@@ -4,7 +4,9 @@
 # rounds (A B ... A B ...), a fresh device for every first-write job.
 # Prints one "bench-json: {...}" line per run (ci/bench/run.sh collects
 # them on the host), then the summary table.
-#   env: ROUNDS (3), SYSTEMS ("loop ublk-cow"), WORKLOADS (all), RUNTIME (10)
+#   env: ROUNDS (3), SYSTEMS (all of SYSTEMS_ALL), WORKLOADS (all),
+#        RUNTIME (10 s), SLOW_MS (unset: the base in tmpfs; else the base on
+#        a device that takes this many ms per I/O)
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
@@ -20,9 +22,19 @@ mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 B=/tmp/ublk-cow-bench
 mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
 export TMPDIR=$B
-BASE=$B/base.img
+BASE_FILE=$B/base.img
+BASE=$BASE_FILE
 say "bench: 512 MiB base of random data in guest tmpfs"
-head -c 512M /dev/urandom > "$BASE"
+head -c 512M /dev/urandom > "$BASE_FILE"
+# The variant on a slower device: the base (and loop's and rublk's copies)
+# on disks that take SLOW_MS ms per I/O; overlays and COW stores stay in
+# tmpfs. Its workloads are named with -slow-base.
+SUFFIX=
+if [ -n "${SLOW_MS:-}" ]; then
+    slow_setup
+    SUFFIX=-slow-base
+    say "bench: the base on a slower device, $SLOW_MS ms per I/O (null_blk)"
+fi
 
 # fio arguments of each workload. Every run gets a fresh device. First
 # writes cover their range once (fio's random map writes each block once),
@@ -58,7 +70,7 @@ for wl in $WORKLOADS; do
             fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
                 --output-format=json $args > "$OUT/fio.json"
             sys_down "$sys" "$dev"
-            python3 - "$OUT/fio.json" "$sys" "$wl" "$round" >> "$OUT/runs.jsonl" <<'PY'
+            python3 - "$OUT/fio.json" "$sys" "$wl$SUFFIX" "$round" >> "$OUT/runs.jsonl" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 r, w = j["read"], j["write"]
@@ -70,4 +82,5 @@ PY
         done
     done
 done
+[ -z "${SLOW_MS:-}" ] || slow_teardown
 python3 "$ROOT/ci/bench/summarize.py" "$OUT/runs.jsonl" | tee "$OUT/summary.md"

@@ -2,7 +2,9 @@
 # `sys_up NAME` prints the device of a fresh instance over $BASE (in $B);
 # `sys_down NAME DEV` removes it. Systems that write to their backing file
 # (kernel loop, rublk) get a private copy of the base; the others keep their
-# writes in an overlay/COW store in $B (guest tmpfs).
+# writes in an overlay/COW store in $B (guest tmpfs). $BASE_FILE is the base
+# as a file in $B; $BASE is what the systems read: that file, or with
+# SLOW_MS set the same bytes on a slower device (`slow_setup`).
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
 # Also: rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
@@ -10,7 +12,45 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
 # default (--zero-copy=off).
 
-base_loop() { # a read-only loop device over the base, made once
+# The slower device (`make bench-slow`): null_blk disks that keep their data
+# in memory and complete every I/O SLOW_MS ms after it arrives, by a timer
+# (device-mapper's delay target busies a CPU while I/O waits and rounds
+# delays up to the guest's 4 ms tick). nullb0 holds the base, seen read-only
+# through /dev/mapper/ucslowbase; nullb1 holds the private copy of loop and
+# rublk (/dev/mapper/ucslowcopy). dm-linear trims both to the base's size.
+slow_setup() {
+    if [ -e /dev/nullb0 ]; then
+        echo "slow_setup: null_blk is loaded already; rmmod null_blk first" >&2; return 1
+    fi
+    local bytes; bytes=$(stat -c %s "$BASE_FILE")
+    modprobe null_blk nr_devices=2 gb=$(((bytes + (1 << 30) - 1) >> 30)) bs=4096 \
+        memory_backed=1 irqmode=2 completion_nsec=$((SLOW_MS * 1000000))
+    dd if="$BASE_FILE" of=/dev/nullb0 bs=1M oflag=direct status=none
+    dmsetup create ucslowbase --readonly --table "0 $((bytes / 512)) linear /dev/nullb0 0"
+    dmsetup create ucslowcopy --table "0 $((bytes / 512)) linear /dev/nullb1 0"
+    BASE=/dev/mapper/ucslowbase
+}
+
+slow_teardown() {
+    dmsetup remove ucslowbase; dmsetup remove ucslowcopy; rmmod null_blk
+}
+
+# A private writable copy of the base for the systems that write in place
+# (kernel loop, rublk): a file in $B, or the slow copy device. Prints it.
+private_copy() { # NAME
+    if [ -n "${SLOW_MS:-}" ]; then
+        dd if="$BASE_FILE" of=/dev/mapper/ucslowcopy bs=1M oflag=direct status=none
+        echo /dev/mapper/ucslowcopy
+    else
+        cp --sparse=never "$BASE_FILE" "$B/$1.img"
+        echo "$B/$1.img"
+    fi
+}
+
+base_loop() { # the base as a read-only block device, made once
+    if [ -b "$BASE" ]; then
+        echo "$BASE"; return
+    fi
     if [ -z "${BASE_RO_LOOP:-}" ]; then
         BASE_RO_LOOP=$(losetup -f --show --read-only --direct-io=on "$BASE")
     fi
@@ -26,11 +66,10 @@ wait_dev() { # wait until a block device answers with its full size
 }
 
 sys_up() {
-    local sz; sz=$(($(stat -c %s "$BASE") / 512))
+    local sz; sz=$(($(stat -c %s "$BASE_FILE") / 512))
     case $1 in
         loop)
-            cp --sparse=never "$BASE" $B/loop.img
-            losetup --find --show --direct-io=on $B/loop.img ;;
+            losetup --find --show --direct-io=on "$(private_copy loop)" ;;
         dm-snap-4k|dm-snap-64k)
             local chunk=8; [ "$1" = dm-snap-64k ] && chunk=128
             truncate -s 700M $B/snap.cow
@@ -52,8 +91,7 @@ sys_up() {
             wait_dev /dev/nbd1 && echo /dev/nbd1 ;;
         rublk|rublk-zc)
             local zc=; [ "$1" = rublk-zc ] && zc=-z
-            cp --sparse=never "$BASE" $B/rublk.img
-            "$RUBLK" add loop -n 50 $zc -f $B/rublk.img >/dev/null
+            "$RUBLK" add loop -n 50 $zc -f "$(private_copy rublk)" >/dev/null
             wait_dev /dev/ublkb50 && echo /dev/ublkb50 ;;
         ublk-cow) "$UC" add --base "$BASE" ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
