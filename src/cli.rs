@@ -2,6 +2,7 @@
 //! with its default and why; `--help` shows it.
 
 use crate::daemon::{self, AddRequest};
+use crate::engine::base::BaseIo;
 use crate::engine::cache::{CacheMode, CachePolicy};
 use crate::engine::readahead::Readahead;
 use crate::size::parse_size;
@@ -166,6 +167,23 @@ pub struct AddArgs {
     /// is switched off (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub readahead: Readahead,
+
+    /// How the device reads base blocks that the page cache does not hold:
+    /// `cached` = through the page cache, which keeps them; `direct` =
+    /// around it (O_DIRECT), as kernel loop with direct I/O does, so that a
+    /// reader that caches for itself (a VM, a database) does not have each
+    /// base block cached twice, and reads of a slow base go straight to its
+    /// device. With `direct`, what the page cache already holds is still read
+    /// from there: blocks prefetched by the readahead detector or warmed by
+    /// a cache request (`--cache-mode passthrough` or `read`) keep their
+    /// worth. Partial-block writes and copies into the overlay always read
+    /// through the page cache. Default: cached.
+    #[arg(long, value_name = "cached|direct", default_value = "cached", value_parser = base_io_arg)]
+    pub base_io: BaseIo,
+}
+
+fn base_io_arg(s: &str) -> Result<BaseIo, String> {
+    s.parse()
 }
 
 fn cache_mode_arg(s: &str) -> Result<CacheMode, String> {
@@ -254,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cow_on_read: a.cow_on_read,
                 ..CachePolicy::default()
             },
+            base_io: a.base_io,
         }),
         Command::Del(d) => match d.number {
             Some(n) => daemon::del(n),

@@ -46,6 +46,7 @@ macro_rules! counters {
 counters!(
     read_base_ops,
     read_base_bytes,
+    read_base_direct_ops,
     read_overlay_ops,
     read_overlay_bytes,
     read_zero_ops,

@@ -373,6 +373,49 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
+/// The alignment that direct I/O (O_DIRECT) of `file` needs, as
+/// `(memory, file offset and length)` in bytes: what `statx` reports
+/// (`STATX_DIOALIGN`), or for a block device that does not report it its
+/// logical block size. Zeros: the file cannot do direct I/O. `None`: it
+/// does not say.
+pub fn direct_io_align(file: &File) -> io::Result<Option<(u64, u64)>> {
+    // SAFETY: statx only writes the struct we pass, a zeroed local; the
+    // empty path with AT_EMPTY_PATH names the open descriptor itself.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the path is a NUL-terminated literal.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_TYPE | libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+        return Ok(Some((
+            stx.stx_dio_mem_align as u64,
+            stx.stx_dio_offset_align as u64,
+        )));
+    }
+    if u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFBLK {
+        const BLKSSZGET: libc::c_ulong = 0x1268;
+        let mut sector: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int to the pointer we pass, which
+        // points at a live local.
+        let r =
+            unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut sector as *mut libc::c_int) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(Some((sector as u64, sector as u64)));
+    }
+    Ok(None)
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.

@@ -128,6 +128,10 @@ fn bad_input_is_refused_without_changes() {
     );
     refused(&["--base", &base_s, "--queues", "0"], "--queues");
     refused(&["--base", &base_s, "--zero-copy", "maybe"], "--zero-copy");
+    refused(
+        &["--base", &base_s, "--base-io", "sometimes"],
+        "cached, direct",
+    );
     if !Path::new("/dev/ublk-control").exists() {
         // Everything else is right: the missing driver is the one error, and
         // the new overlay file must not have been created.
@@ -161,6 +165,7 @@ fn help_explains_every_add_option() {
         "--read-only",
         "--foreground",
         "--zero-copy",
+        "--base-io",
         "--force",
     ] {
         assert!(help.contains(opt), "add --help lacks {opt}");

@@ -6,7 +6,7 @@
 pub mod control;
 pub mod state;
 
-use crate::engine::base::{Base, open_base};
+use crate::engine::base::{Base, BaseIo, DirectBase, open_base};
 use crate::engine::cache::{CacheMode, CachePolicy};
 use crate::engine::device::{CowDevice, MapSource};
 use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
@@ -38,6 +38,8 @@ pub struct AddRequest {
     pub foreground: bool,
     pub force: bool,
     pub policy: CachePolicy,
+    /// How base blocks that the page cache lacks are read.
+    pub base_io: BaseIo,
 }
 
 /// Where the overlay comes from.
@@ -56,6 +58,8 @@ enum OverlaySource {
 struct Prepared {
     req: AddRequest,
     base: Base,
+    /// The base opened for direct reads (`--base-io direct`).
+    direct: Option<DirectBase>,
     overlay: OverlaySource,
     block_size: u32,
     /// Take over this device (whose daemon died) instead of adding one.
@@ -78,6 +82,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     }
     req.base = absolute(&req.base)?;
     let base = open_base(&req.base)?;
+    let direct = open_direct(&req)?;
     let overlay = match req.overlay.clone() {
         None => OverlaySource::Temporary(None),
         Some(p) => {
@@ -124,9 +129,18 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     Ok(Prepared {
         req,
         base,
+        direct,
         overlay,
         block_size,
         recover: None,
+    })
+}
+
+/// The base opened for direct reads, if `req` asks for them.
+fn open_direct(req: &AddRequest) -> Result<Option<DirectBase>> {
+    Ok(match req.base_io {
+        BaseIo::Cached => None,
+        BaseIo::Direct => Some(DirectBase::open(&req.base)?),
     })
 }
 
@@ -177,8 +191,10 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
         foreground,
         force: st.forced,
         policy: st.policy,
+        base_io: st.base_io,
     };
     let base = open_base(&req.base)?;
+    let direct = open_direct(&req)?;
     if base.size != st.size {
         bail!(
             "base {} changed size since the device was added",
@@ -193,6 +209,7 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
     start(Prepared {
         req,
         base,
+        direct,
         overlay,
         block_size: st.block_size,
         recover: Some(id),
@@ -380,8 +397,9 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         forced: p.req.force,
         policy: p.req.policy,
         zero_copy: target::io_mode(&ctrl) == IoMode::ZeroCopy,
+        base_io: p.req.base_io,
     };
-    let shared = match Shared::new(dev, p.req.policy, p.req.preallocate) {
+    let shared = match Shared::new(dev, p.req.policy, p.req.preallocate, p.direct) {
         Ok(sh) => Arc::new(sh),
         Err(e) => {
             cleanup(created);

@@ -35,6 +35,9 @@ pub struct DeviceState {
     /// The device moves data with zero copy (`add --zero-copy`).
     #[serde(default)]
     pub zero_copy: bool,
+    /// How base blocks that the page cache lacks are read (`add --base-io`).
+    #[serde(default)]
+    pub base_io: crate::engine::base::BaseIo,
 }
 
 pub fn run_dir() -> PathBuf {

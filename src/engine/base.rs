@@ -1,4 +1,6 @@
-//! The base image: opened read-only, checked, and identified.
+//! The base image: opened read-only, checked, and identified; and, for
+//! `--base-io direct`, opened once more for reads that bypass the page
+//! cache (`DirectBase`).
 //!
 //! An overlay records the identity of the base it was made for, so that it is
 //! never laid over another file: the size, the modification time, and a
@@ -9,6 +11,7 @@ use crate::engine::{Error, IoContext};
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::str::FromStr;
 
 /// What identifies a base for an overlay header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,4 +130,151 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
         identity,
         is_block_device: ft.is_block_device(),
     })
+}
+
+/// How the data path reads base blocks that the page cache does not hold
+/// (`add --base-io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseIo {
+    /// Through the page cache, which keeps what was read.
+    #[default]
+    Cached,
+    /// Around it (O_DIRECT), as kernel loop with direct I/O does: a reader
+    /// that caches for itself (a guest, a database) does not have every
+    /// base block it reads cached twice. What the page cache already holds
+    /// (prefetched, or warmed by a cache request) is still read from there.
+    Direct,
+}
+
+impl FromStr for BaseIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cached" => Ok(BaseIo::Cached),
+            "direct" => Ok(BaseIo::Direct),
+            _ => Err(format!("'{s}' is not a base I/O mode (cached, direct)")),
+        }
+    }
+}
+
+/// What O_DIRECT reads of the base must be aligned to, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectAlign {
+    /// The address of the memory read into.
+    pub mem: u64,
+    /// The file offset and the length.
+    pub io: u64,
+}
+
+impl DirectAlign {
+    /// Whether a read of `len` bytes at `pos` into memory at `addr` can
+    /// bypass the page cache. `addr` is `None` for memory this process
+    /// cannot see (a request's own pages with zero copy), which ublk gives
+    /// 512-byte aligned, as the device's logical block size asks of its
+    /// users.
+    pub fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
+        let mem = match addr {
+            Some(a) => (a as u64).is_multiple_of(self.mem),
+            None => self.mem <= 512,
+        };
+        mem && pos.is_multiple_of(self.io) && len.is_multiple_of(self.io) && len > 0
+    }
+}
+
+/// The base opened once more with O_DIRECT (`--base-io direct`).
+pub struct DirectBase {
+    pub file: File,
+    pub align: DirectAlign,
+}
+
+impl DirectBase {
+    /// Opens the base at `path` for direct reads; an error says why the
+    /// base cannot be read so (its file system lacks O_DIRECT).
+    pub fn open(path: &Path) -> Result<DirectBase, Error> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let shown = path.display();
+        let unsupported = || {
+            Error::invalid(format!(
+                "base {shown}: its file system cannot read it with O_DIRECT \
+                 (--base-io direct); use --base-io cached"
+            ))
+        };
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(unsupported()),
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("opening base {shown} with O_DIRECT"),
+                    source: e,
+                });
+            }
+        };
+        // A file system that does not say what it needs gets the common
+        // worst case: 4 KiB pages, 4 KiB sectors.
+        let align = match crate::sys::direct_io_align(&file) {
+            Ok(Some((0, _) | (_, 0))) => return Err(unsupported()),
+            Ok(Some((mem, io))) => DirectAlign { mem, io },
+            Ok(None) | Err(_) => DirectAlign {
+                mem: 4096,
+                io: 4096,
+            },
+        };
+        Ok(DirectBase { file, align })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_io_parses_its_two_modes_only() {
+        assert_eq!("cached".parse::<BaseIo>(), Ok(BaseIo::Cached));
+        assert_eq!("direct".parse::<BaseIo>(), Ok(BaseIo::Direct));
+        let e = "sometimes".parse::<BaseIo>().unwrap_err();
+        assert!(e.contains("cached, direct"), "{e}");
+    }
+
+    #[test]
+    fn direct_reads_need_aligned_offset_length_and_memory() {
+        let a = DirectAlign { mem: 512, io: 4096 };
+        assert!(a.fits(8192, 4096, Some(0x1000)));
+        assert!(a.fits(8192, 4096, Some(0x1200)));
+        assert!(!a.fits(8192, 4096, Some(0x1100)), "memory off 512");
+        assert!(!a.fits(8192 + 512, 4096, Some(0x1000)), "offset off 4K");
+        assert!(!a.fits(8192, 4096 + 512, Some(0x1000)), "length off 4K");
+        assert!(!a.fits(8192, 0, Some(0x1000)), "nothing to read");
+        // A request's own pages (zero copy) are 512-byte aligned.
+        assert!(a.fits(0, 4096, None));
+        assert!(
+            !DirectAlign {
+                mem: 4096,
+                io: 4096
+            }
+            .fits(0, 4096, None)
+        );
+    }
+
+    #[test]
+    fn a_block_device_or_file_reports_its_direct_alignment() {
+        // On a file system with direct I/O the open works and the
+        // alignment is a power of two; on one without (tmpfs before 6.6)
+        // the error names the option to use instead.
+        let dir = std::env::temp_dir();
+        let p = dir.join(format!("ublk-cow-direct-{}", std::process::id()));
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        match DirectBase::open(&p) {
+            Ok(d) => {
+                assert!(d.align.mem.is_power_of_two() && d.align.io.is_power_of_two());
+                assert!(d.align.io >= 512 && d.align.io <= 65536, "{:?}", d.align);
+            }
+            Err(e) => assert!(e.to_string().contains("--base-io cached"), "{e}"),
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
 }

@@ -4,7 +4,8 @@
 //! Every operation is pushed at once and awaited later (`ops`); the runs of
 //! one request are all pushed before the first is awaited, so they are in
 //! flight together. Fixed file 1 is the base (opened read-only), fixed file
-//! 2 the overlay, fixed file 3 /dev/zero. With zero copy a request's data is
+//! 2 the overlay, fixed file 3 /dev/zero, fixed file 4 the base opened with
+//! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a request's data is
 //! reached with fixed-buffer operations, or for small requests with ublk's
 //! user copy (`request_buf`). The only system calls made on the queue's
 //! thread itself are those of `inline` and of user copy: reads of data
@@ -13,6 +14,7 @@
 //! is not copied here at all (`ReadDone::Mapped`), nor is a WRITE whose
 //! overlay pages are mapped and ready (`place`).
 
+use crate::engine::base::{DirectAlign, DirectBase};
 use crate::engine::cache::{
     CacheAction, CacheMode, CachePolicy, cache_blocks, fadvise_pieces, plan_cache,
 };
@@ -29,11 +31,12 @@ use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub const BASE_FD: types::Fixed = types::Fixed(1);
 pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
 pub const ZERO_FD: types::Fixed = types::Fixed(3);
+pub const BASE_DIRECT_FD: types::Fixed = types::Fixed(4);
 
 pub type Device = CowDevice<File, File>;
 
@@ -51,6 +54,9 @@ pub struct Shared {
     /// in its mapping: it was preallocated and populated when the device
     /// was added (see `plan::overlay_pages_ready`).
     unallocated_ready: bool,
+    /// The base opened with O_DIRECT, for READs of base blocks that the
+    /// page cache does not hold (`--base-io direct`).
+    direct: Option<DirectBase>,
     /// Held while a flush writes map pages, so snapshots land in order.
     flushing: AtomicBool,
 }
@@ -59,7 +65,12 @@ impl Shared {
     /// The queues' view of `dev`. `preallocated`: the overlay's data area
     /// was just allocated in full (`add --preallocate`); if it lives in
     /// memory its pages are then made ready for WRITE data (`populate`).
-    pub fn new(dev: Device, policy: CachePolicy, preallocated: bool) -> std::io::Result<Shared> {
+    pub fn new(
+        dev: Device,
+        policy: CachePolicy,
+        preallocated: bool,
+        direct: Option<DirectBase>,
+    ) -> std::io::Result<Shared> {
         let size = dev.geometry().size();
         let base_io = InlineFile::new(dev.base(), size, false)?;
         let overlay = dev.overlay();
@@ -81,8 +92,20 @@ impl Shared {
             base_io,
             overlay_io,
             unallocated_ready,
+            direct,
             flushing: AtomicBool::new(false),
         })
+    }
+
+    /// The base's descriptor for direct reads, if there is one.
+    pub fn direct_base(&self) -> Option<&File> {
+        self.direct.as_ref().map(|d| &d.file)
+    }
+
+    /// How READs reach base blocks the page cache lacks: `Some` with the
+    /// alignment direct reads need, `None` through the page cache.
+    fn direct_align(&self) -> Option<DirectAlign> {
+        self.direct.as_ref().map(|d| d.align)
     }
 }
 
@@ -115,11 +138,21 @@ impl TagScratch {
     }
 }
 
+/// Where a read goes for what the inline reader cannot serve.
+#[derive(Clone, Copy)]
+enum Miss<'a> {
+    /// This file of the ring, through the page cache.
+    Ring(types::Fixed),
+    /// The base with O_DIRECT when the read is aligned for it (counted in
+    /// the counter), else through the page cache.
+    DirectBase(DirectAlign, &'a AtomicU64),
+}
+
 /// Reads `dst` from file offset `pos`: what the inline reader can serve now,
 /// and a ring read, pushed and returned, for the rest.
 fn read_op(
     q: &UblkQueue<'_>,
-    fd: types::Fixed,
+    miss: Miss<'_>,
     reader: &InlineFile,
     pos: u64,
     dst: &mut [u8],
@@ -129,9 +162,20 @@ fn read_op(
     if rest.is_empty() {
         return None;
     }
-    let len = rest.len() as u32;
-    let sqe = ops::read(fd, rest.as_mut_ptr(), len, pos + done as u64);
-    Some(PendingOp::push(q, sqe, len))
+    let (at, len) = (pos + done as u64, rest.len() as u32);
+    let fd = match miss {
+        Miss::Ring(fd) => fd,
+        Miss::DirectBase(a, n) if a.fits(at, len as u64, Some(rest.as_ptr() as usize)) => {
+            Stats::add(n, 1);
+            BASE_DIRECT_FD
+        }
+        Miss::DirectBase(..) => BASE_FD,
+    };
+    Some(PendingOp::push(
+        q,
+        ops::read(fd, rest.as_mut_ptr(), len, at),
+        len,
+    ))
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
@@ -225,7 +269,7 @@ pub async fn read(
     let mut pending = Vec::with_capacity(s.runs.len());
     for run in &s.runs {
         let st = &sh.stats;
-        let (fd, reader, pos) = match run.source {
+        let (miss, reader, pos) = match run.source {
             ReadSource::Zero => {
                 Stats::add(&st.read_zero_ops, 1);
                 Stats::add(&st.read_zero_bytes, run.len);
@@ -242,12 +286,17 @@ pub async fn read(
             ReadSource::Base => {
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
-                (BASE_FD, &sh.base_io, run.off)
+                let miss = match sh.direct_align() {
+                    Some(a) => Miss::DirectBase(a, &st.read_base_direct_ops),
+                    None => Miss::Ring(BASE_FD),
+                };
+                (miss, &sh.base_io, run.off)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);
                 Stats::add(&st.read_overlay_bytes, run.len);
-                (OVERLAY_FD, &sh.overlay_io, dev.overlay().data_pos(run.off))
+                let pos = dev.overlay().data_pos(run.off);
+                (Miss::Ring(OVERLAY_FD), &sh.overlay_io, pos)
             }
         };
         let user_copy = buf.user_copy(run.buf_off);
@@ -261,6 +310,20 @@ pub async fn read(
                     Stats::add(&st.reads_from_mapping, 1);
                     continue;
                 }
+                let fd = match miss {
+                    Miss::Ring(fd) => fd,
+                    // The request's pages are out of `inline`'s reach: a
+                    // run the page cache holds is read from there, the
+                    // rest directly.
+                    Miss::DirectBase(a, n) => {
+                        if a.fits(pos, len as u64, None) && !reader.is_cached(pos, len as u64) {
+                            Stats::add(n, 1);
+                            BASE_DIRECT_FD
+                        } else {
+                            BASE_FD
+                        }
+                    }
+                };
                 let sqe = ops::read_fixed(fd, *index, run.buf_off, len, pos);
                 pending.push(PendingOp::push(q, sqe, len));
                 continue;
@@ -273,7 +336,7 @@ pub async fn read(
             Stats::add(&st.reads_from_mapping, 1);
             return ReadDone::Mapped(at);
         }
-        pending.extend(read_op(q, fd, reader, pos, dst));
+        pending.extend(read_op(q, miss, reader, pos, dst));
     }
     ReadDone::Buffer(match finish_all(q, pending).await {
         0 => buf.len() as i32,
@@ -392,7 +455,7 @@ pub async fn write(
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
         if let Some(Fill::FromBase { off, len }) = f {
             let dst = &mut s.fill[i * bs..i * bs + len as usize];
-            reads.extend(read_op(q, BASE_FD, &sh.base_io, off, dst));
+            reads.extend(read_op(q, Miss::Ring(BASE_FD), &sh.base_io, off, dst));
         }
     }
     let r = finish_all(q, reads).await;
@@ -605,7 +668,7 @@ pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u6
 /// Reads `len` bytes of the base at `off` into a new buffer and waits.
 async fn read_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> Result<Vec<u8>, i32> {
     let mut data = vec![0u8; len as usize];
-    if let Some(op) = read_op(q, BASE_FD, &sh.base_io, off, &mut data) {
+    if let Some(op) = read_op(q, Miss::Ring(BASE_FD), &sh.base_io, off, &mut data) {
         let r = finish(q, op).await;
         if r < 0 {
             return Err(r);

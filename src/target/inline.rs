@@ -138,6 +138,21 @@ impl InlineFile {
         }
     }
 
+    /// Whether every page of `[pos, pos + len)` is in memory: the file is
+    /// mapped, or `cachestat` finds them all in the page cache. False when
+    /// it cannot tell.
+    pub fn is_cached(&self, pos: u64, len: u64) -> bool {
+        self.map.is_some() || self.cached(pos, len).unwrap_or(false)
+    }
+
+    /// `cachestat`'s answer: all pages of `[pos, pos + len)` are cached.
+    fn cached(&self, pos: u64, len: u64) -> io::Result<bool> {
+        let first = pos / PAGE;
+        let end = (pos + len).div_ceil(PAGE);
+        let n = sys::cached_pages(&self.file, first * PAGE, (end - first) * PAGE)?;
+        Ok(n == end - first)
+    }
+
     /// As much as `preadv2(RWF_NOWAIT)` gives.
     fn read_nowait(&self, pos: u64, dst: &mut [u8]) -> usize {
         let mut done = 0;
@@ -161,11 +176,9 @@ impl InlineFile {
     /// whose read is in flight counts as cached, so this may wait for that
     /// read, never for a new one.
     fn read_if_cached(&self, pos: u64, dst: &mut [u8]) -> usize {
-        let first = pos / PAGE;
-        let end = (pos + dst.len() as u64).div_ceil(PAGE);
-        match sys::cached_pages(&self.file, first * PAGE, (end - first) * PAGE) {
-            Ok(n) if n == end - first => {}
-            Ok(_) => return 0,
+        match self.cached(pos, dst.len() as u64) {
+            Ok(true) => {}
+            Ok(false) => return 0,
             Err(_) => {
                 self.way.store(RING_ONLY, Ordering::Relaxed);
                 return 0;

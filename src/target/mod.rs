@@ -134,6 +134,7 @@ pub fn serve(
 ) -> Result<(), UblkError> {
     let geo = *shared.dev.geometry();
     let base_fd = shared.dev.base().as_raw_fd();
+    let direct_fd = shared.direct_base().map_or(base_fd, |f| f.as_raw_fd());
     let overlay_fd = shared.dev.overlay().storage().as_raw_fd();
     let depth = ctrl.dev_info().queue_depth;
     // Zero copy fills zero runs of a READ by reading /dev/zero into the
@@ -143,11 +144,13 @@ pub fn serve(
     let init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
         let n = tgt.nr_fds as usize;
-        // Fixed files 1, 2 and 3: exec::BASE_FD, OVERLAY_FD and ZERO_FD.
+        // Fixed files 1 to 4: exec::BASE_FD, OVERLAY_FD, ZERO_FD and
+        // BASE_DIRECT_FD.
         tgt.fds[n] = base_fd;
         tgt.fds[n + 1] = overlay_fd;
         tgt.fds[n + 2] = zero_fd;
-        tgt.nr_fds += 3;
+        tgt.fds[n + 3] = direct_fd;
+        tgt.nr_fds += 4;
         // A request may need several operations on the ring at once.
         tgt.sq_depth = depth.saturating_mul(4);
         tgt.cq_depth = depth.saturating_mul(4);

@@ -118,6 +118,36 @@ case_cow_on_read() {
     base_unchanged
 }
 
+case_direct_base() {
+    # --base-io direct: base blocks the page cache lacks are read around it
+    # (O_DIRECT, counted); blocks it holds (warmed by a cache request) are
+    # read from there; the data is the base's either way, and writes,
+    # partial-block ones too, land in the overlay as ever.
+    local lo dev id
+    lo=$(losetup -f --show -r "$BASE")
+    dev=$(add --base "$lo" --base-io direct --readahead off); id=$(dev_id "$dev")
+    "$UC" list --json | grep -q '"base_io": "direct"' || die "list does not show --base-io direct"
+    echo 3 > /proc/sys/vm/drop_caches
+    cmp <(dd if="$dev" bs=64k count=512 iflag=direct status=none) <(head -c 32M "$BASE") \
+        || die "direct reads differ from the base"
+    local direct; direct=$(stat_of "$id" read_base_direct_ops)
+    say "  32 MiB in 64K reads: $direct base reads around the page cache"
+    [ "$direct" -ge 512 ] || die "only $direct of 512 base reads went around the page cache"
+    "$UC" cache -n "$id" --offset 32M --length 32M --mode read >/dev/null
+    cmp <(dd if="$dev" bs=64k skip=512 count=512 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "cached reads differ"
+    local after; after=$(stat_of "$id" read_base_direct_ops)
+    [ "$after" = "$direct" ] || die "$((after - direct)) reads of warmed blocks went around the page cache"
+    fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --offset=64M --size=16M \
+        --rw=randwrite --bssplit=512/10:4k/50:64k/40 --verify=crc32c --verify_fatal=1 \
+        --randseed=23 --name=direct >direct.log 2>&1 || { cat direct.log; die "fio verify"; }
+    cmp <(dd if="$dev" bs=64k skip=1280 count=256 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=1280 count=256 status=none) || die "untouched blocks differ"
+    "$UC" del -n "$id"
+    losetup -d "$lo"
+    base_unchanged
+}
+
 case_cache_bad_input() {
     local dev id
     dev=$(add --base "$BASE"); id=$(dev_id "$dev")
@@ -137,4 +167,5 @@ CASES+=("O_DIRECT readahead detector, auto and off|case_detector")
 CASES+=("copy-on-cache racing fio verify writes|case_cow_on_cache_race")
 CASES+=("cow-on-cache, then the base fails (dm error)|case_base_fails_after_cow_cache")
 CASES+=("cow-on-read copies fully read blocks|case_cow_on_read")
+CASES+=("--base-io direct: misses around the page cache, hits from it|case_direct_base")
 CASES+=("cache and stats: bad input|case_cache_bad_input")
