@@ -170,13 +170,14 @@ pub struct DirectAlign {
 impl DirectAlign {
     /// Whether a read of `len` bytes at `pos` into memory at `addr` can
     /// bypass the page cache. `addr` is `None` for memory this process
-    /// cannot see (a request's own pages with zero copy), which ublk gives
-    /// 512-byte aligned, as the device's logical block size asks of its
-    /// users.
+    /// cannot see (a request's own pages with zero copy): of those only
+    /// 512-byte alignment is sure (the device's logical block size), of
+    /// their address and of each piece's length, so a base that asks more
+    /// is read through the page cache.
     pub fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
         let mem = match addr {
             Some(a) => (a as u64).is_multiple_of(self.mem),
-            None => self.mem <= 512,
+            None => self.mem <= 512 && self.io <= 512,
         };
         mem && pos.is_multiple_of(self.io) && len.is_multiple_of(self.io) && len > 0
     }
@@ -249,15 +250,12 @@ mod tests {
         assert!(!a.fits(8192 + 512, 4096, Some(0x1000)), "offset off 4K");
         assert!(!a.fits(8192, 4096 + 512, Some(0x1000)), "length off 4K");
         assert!(!a.fits(8192, 0, Some(0x1000)), "nothing to read");
-        // A request's own pages (zero copy) are 512-byte aligned.
-        assert!(a.fits(0, 4096, None));
-        assert!(
-            !DirectAlign {
-                mem: 4096,
-                io: 4096
-            }
-            .fits(0, 4096, None)
-        );
+        // A request's own pages (zero copy) are only sure to be 512-byte
+        // aligned, in address and in the length of each piece.
+        let sector = DirectAlign { mem: 512, io: 512 };
+        assert!(sector.fits(0, 4096, None));
+        assert!(!a.fits(0, 4096, None));
+        assert!(!DirectAlign { mem: 4096, io: 512 }.fits(0, 4096, None));
     }
 
     #[test]

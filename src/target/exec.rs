@@ -143,8 +143,9 @@ impl TagScratch {
 enum Miss<'a> {
     /// This file of the ring, through the page cache.
     Ring(types::Fixed),
-    /// The base with O_DIRECT when the read is aligned for it (counted in
-    /// the counter), else through the page cache.
+    /// The base with O_DIRECT (counted in the counter) when the page cache
+    /// does not hold all of the read and the read is aligned for it; else
+    /// as `Ring(BASE_FD)`.
     DirectBase(DirectAlign, &'a AtomicU64),
 }
 
@@ -157,20 +158,31 @@ fn read_op(
     pos: u64,
     dst: &mut [u8],
 ) -> Option<PendingOp> {
+    let len = dst.len() as u32;
+    let fd = match miss {
+        Miss::Ring(fd) => fd,
+        // Only ask the page cache whether it holds the data: an inline read
+        // of a miss would start a buffered read of the device (RWF_NOWAIT
+        // still starts readahead), which the direct read would do again.
+        Miss::DirectBase(a, n)
+            if a.fits(pos, len as u64, Some(dst.as_ptr() as usize))
+                && !reader.is_cached(pos, len as u64) =>
+        {
+            Stats::add(n, 1);
+            return Some(PendingOp::push(
+                q,
+                ops::read(BASE_DIRECT_FD, dst.as_mut_ptr(), len, pos),
+                len,
+            ));
+        }
+        Miss::DirectBase(..) => BASE_FD,
+    };
     let done = reader.read(pos, dst);
     let rest = &mut dst[done..];
     if rest.is_empty() {
         return None;
     }
     let (at, len) = (pos + done as u64, rest.len() as u32);
-    let fd = match miss {
-        Miss::Ring(fd) => fd,
-        Miss::DirectBase(a, n) if a.fits(at, len as u64, Some(rest.as_ptr() as usize)) => {
-            Stats::add(n, 1);
-            BASE_DIRECT_FD
-        }
-        Miss::DirectBase(..) => BASE_FD,
-    };
     Some(PendingOp::push(
         q,
         ops::read(fd, rest.as_mut_ptr(), len, at),

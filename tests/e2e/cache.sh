@@ -127,11 +127,15 @@ case_direct_base() {
     lo=$(losetup -f --show -r "$BASE")
     dev=$(add --base "$lo" --base-io direct --readahead off); id=$(dev_id "$dev")
     "$UC" list --json | grep -q '"base_io": "direct"' || die "list does not show --base-io direct"
+    local want got c0 c1; want=$(head -c 32M "$BASE" | sha256sum)
     echo 3 > /proc/sys/vm/drop_caches
-    cmp <(dd if="$dev" bs=64k count=512 iflag=direct status=none) <(head -c 32M "$BASE") \
-        || die "direct reads differ from the base"
+    c0=$(awk '/^Cached:/ {print $2}' /proc/meminfo)
+    got=$(dd if="$dev" bs=64k count=512 iflag=direct status=none | sha256sum)
+    c1=$(awk '/^Cached:/ {print $2}' /proc/meminfo)
+    [ "$got" = "$want" ] || die "direct reads differ from the base"
     local direct; direct=$(stat_of "$id" read_base_direct_ops)
-    say "  32 MiB in 64K reads: $direct base reads around the page cache"
+    say "  32 MiB in 64K reads: $direct base reads around the page cache, which grew $(((c1 - c0) / 1024)) MiB"
+    [ $((c1 - c0)) -lt 8192 ] || die "reads around the page cache left $(((c1 - c0) / 1024)) MiB in it"
     [ "$direct" -ge 512 ] || die "only $direct of 512 base reads went around the page cache"
     "$UC" cache -n "$id" --offset 32M --length 32M --mode read >/dev/null
     cmp <(dd if="$dev" bs=64k skip=512 count=512 iflag=direct status=none) \
@@ -143,6 +147,11 @@ case_direct_base() {
         --randseed=23 --name=direct >direct.log 2>&1 || { cat direct.log; die "fio verify"; }
     cmp <(dd if="$dev" bs=64k skip=1280 count=256 iflag=direct status=none) \
         <(dd if="$BASE" bs=64k skip=1280 count=256 status=none) || die "untouched blocks differ"
+    # A recovered daemon keeps reading the base directly.
+    kill_and_recover "$id"
+    cmp <(dd if="$dev" bs=64k skip=1536 count=64 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=1536 count=64 status=none) || die "reads after recover differ"
+    [ "$(stat_of "$id" read_base_direct_ops)" -ge 64 ] || die "recover lost --base-io direct"
     "$UC" del -n "$id"
     losetup -d "$lo"
     base_unchanged
