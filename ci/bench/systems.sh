@@ -11,7 +11,8 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
 # default (--zero-copy=off); ublk-cow-direct, base reads around the page
-# cache (--base-io direct; for a base on a device: SLOW_MS).
+# cache (--base-io direct; for a base on a device: SLOW_MS), and
+# ublk-cow-direct-raoff, the same without prefetch (--readahead off).
 
 # The slower device (`make bench-slow`): null_blk disks that keep their data
 # in memory and complete every I/O SLOW_MS ms after it arrives, by a timer
@@ -99,6 +100,7 @@ sys_up() {
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
         ublk-cow-direct) "$UC" add --base "$BASE" --base-io direct ;;
+        ublk-cow-direct-raoff) "$UC" add --base "$BASE" --base-io direct --readahead off ;;
         ublk-cow-copy) "$UC" add --base "$BASE" --zero-copy=off ;;
         ublk-cow-copy-prealloc) "$UC" add --base "$BASE" --zero-copy=off --preallocate ;;
         *) echo "unknown system $1" >&2; return 1 ;;
