@@ -163,8 +163,10 @@ pub struct AddArgs {
     /// Prefetch for sequential readers: `auto` (windows from 64K doubling up
     /// to 4M), a maximum window size, or `off`. Serves readers that bypass
     /// the page cache (O_DIRECT), whose reads carry no readahead hint, and
-    /// the hints of buffered readers. The kernel's own readahead on the base
-    /// is switched off (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
+    /// the hints of buffered readers. A READ that completes while others of
+    /// its queue are in flight asks for nothing: that reader reads ahead
+    /// itself. The kernel's own readahead on the base is switched off
+    /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub readahead: Readahead,
 
@@ -177,10 +179,9 @@ pub struct AddArgs {
     /// device measured 1.6 times as fast. With `direct`, a read that the
     /// page cache holds in full is still served from there: blocks
     /// prefetched by the readahead detector or warmed by a cache request
-    /// (`--cache-mode passthrough` or `read`) keep their worth; a reader of
-    /// large requests that keeps many in flight does better with
-    /// `--readahead off`. Partial-block writes and copies into the overlay
-    /// always read through the page cache. Default: cached.
+    /// (`--cache-mode passthrough` or `read`) keep their worth.
+    /// Partial-block writes and copies into the overlay always read
+    /// through the page cache. Default: cached.
     #[arg(long, value_name = "cached|direct", default_value = "cached", value_parser = base_io_arg)]
     pub base_io: BaseIo,
 }

@@ -10,6 +10,11 @@
 //!   stream stays sequential, up to the maximum (4 MiB by default), and
 //!   resets on a jump. A new request is made only when less than half a
 //!   window is left ahead of the reader, and never for bytes already asked.
+//!   A READ that completes while the queue serves other READs makes none:
+//!   that reader keeps reads of its own ahead of it, and a prefetch would
+//!   only race them for the same blocks (sequential 1M reads at QD8 of a
+//!   base on a slow device went from 659 to 839 MiB/s with `--base-io
+//!   direct`).
 //!
 //! The base is opened with `POSIX_FADV_RANDOM`, so this is the only
 //! prefetcher: `--readahead off` means no prefetch at all.
@@ -114,6 +119,21 @@ impl Detector {
         self.ahead(end, window)
     }
 
+    /// A READ served while the queue had other READs in flight: the reader
+    /// keeps reads of its own ahead of this one, so nothing is prefetched
+    /// (a prefetch would only race those reads for the same blocks); the
+    /// stream is followed all the same.
+    pub fn on_deep_read(&mut self, off: u64, len: u64) {
+        let end = off + len;
+        if self.last_end == Some(off) {
+            self.prefetched_end = self.prefetched_end.max(end);
+        } else {
+            self.window = self.min;
+            self.prefetched_end = end;
+        }
+        self.last_end = Some(end);
+    }
+
     /// A READ the kernel flagged as readahead: the window after it (as long
     /// as the read itself, within the maximum).
     pub fn on_hint(&mut self, off: u64, len: u64) -> Option<(u64, u64)> {
@@ -131,6 +151,20 @@ impl Detector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_with_reads_in_flight_gets_no_prefetch() {
+        let mut d = Detector::new(Readahead::Auto, 4096);
+        let mb = 1 << 20;
+        for i in 0..8 {
+            d.on_deep_read(i * mb, mb);
+        }
+        // Alone again (a QD1 reader): the stream continues from there.
+        assert_eq!(d.on_read(8 * mb, mb), Some((9 * mb, 64 << 10)));
+        // A jump while deep resets the stream.
+        d.on_deep_read(100 * mb, mb);
+        assert_eq!(d.on_read(8 * mb, mb), None);
+    }
 
     #[test]
     fn window_grows_while_sequential_and_resets_on_jump() {

@@ -21,7 +21,7 @@ use crate::target::write_data::WriteData;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{UblkError, sys};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -64,6 +64,9 @@ pub struct QueueState {
     user_copy: Option<UserCopy>,
     bufs: QueueBufs,
     detector: RefCell<Detector>,
+    /// READs of this queue being served (for the detector: a reader that
+    /// keeps several in flight reads ahead itself).
+    reads_in_flight: Cell<u32>,
     background: Background,
 }
 
@@ -97,6 +100,9 @@ fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: 
         let mut d = qs.detector.borrow_mut();
         if hinted {
             d.on_hint(req.off, req.len)
+        } else if qs.reads_in_flight.get() > 0 {
+            d.on_deep_read(req.off, req.len);
+            None
         } else {
             d.on_read(req.off, req.len)
         }
@@ -186,7 +192,11 @@ async fn handle(
         sys::UBLK_IO_OP_READ => {
             let may_map = qs.commit_from_map && !installs(sh, &req);
             let mut buf = buf.request(req.len as usize);
-            let (res, from) = match exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await {
+            let n = &qs.reads_in_flight;
+            n.set(n.get() + 1);
+            let done = exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await;
+            n.set(n.get() - 1);
+            let (res, from) = match done {
                 ReadDone::Buffer(r) => (r, None),
                 ReadDone::Mapped(at) => (req.len as i32, Some(at)),
             };
@@ -261,6 +271,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
         }),
         bufs: QueueBufs::new(bs),
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
+        reads_in_flight: Cell::new(0),
         background: Background::default(),
     });
     let exe = Rc::new(smol::LocalExecutor::new());
