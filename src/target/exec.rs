@@ -5,9 +5,9 @@
 //! one request are all pushed before the first is awaited, so they are in
 //! flight together. Fixed file 1 is the base (opened read-only), fixed file
 //! 2 the overlay, fixed file 3 /dev/zero, fixed file 4 the base opened with
-//! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a request's data is
-//! reached with fixed-buffer operations, or for small requests with ublk's
-//! user copy (`request_buf`). The only system calls made on the queue's
+//! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a
+//! request's data is reached with fixed-buffer operations, or for small
+//! requests with ublk's user copy (`request_buf`). The only system calls made on the queue's
 //! thread itself are those of `inline` and of user copy: reads of data
 //! already in memory and writes to a file in memory, none of which starts a
 //! device I/O and waits for it. A READ that lies in one run of a mapped file
