@@ -259,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn a_block_device_or_file_reports_its_direct_alignment() {
+    fn a_file_opens_for_direct_reads_or_names_the_way_out() {
         // On a file system with direct I/O the open works and the
         // alignment is a power of two; on one without (tmpfs before 6.6)
         // the error names the option to use instead.

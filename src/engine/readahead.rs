@@ -106,17 +106,25 @@ impl Detector {
         if self.max == 0 {
             return None;
         }
+        if !self.follow(off, len) {
+            return None;
+        }
+        let window = self.window;
+        self.window = (self.window * 2).min(self.max);
+        self.ahead(off + len, window)
+    }
+
+    /// Follows the stream to a READ of `[off, off + len)`: whether it
+    /// continues the previous one. A jump starts a new stream.
+    fn follow(&mut self, off: u64, len: u64) -> bool {
         let end = off + len;
         let sequential = self.last_end == Some(off);
         self.last_end = Some(end);
         if !sequential {
             self.window = self.min;
             self.prefetched_end = end;
-            return None;
         }
-        let window = self.window;
-        self.window = (self.window * 2).min(self.max);
-        self.ahead(end, window)
+        sequential
     }
 
     /// A READ served while the queue had other READs in flight: the reader
@@ -124,14 +132,9 @@ impl Detector {
     /// (a prefetch would only race those reads for the same blocks); the
     /// stream is followed all the same.
     pub fn on_deep_read(&mut self, off: u64, len: u64) {
-        let end = off + len;
-        if self.last_end == Some(off) {
-            self.prefetched_end = self.prefetched_end.max(end);
-        } else {
-            self.window = self.min;
-            self.prefetched_end = end;
+        if self.follow(off, len) {
+            self.prefetched_end = self.prefetched_end.max(off + len);
         }
-        self.last_end = Some(end);
     }
 
     /// A READ the kernel flagged as readahead: the window after it (as long

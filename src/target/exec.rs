@@ -7,8 +7,9 @@
 //! 2 the overlay, fixed file 3 /dev/zero, fixed file 4 the base opened with
 //! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a
 //! request's data is reached with fixed-buffer operations, or for small
-//! requests with ublk's user copy (`request_buf`). The only system calls made on the queue's
-//! thread itself are those of `inline` and of user copy: reads of data
+//! requests with ublk's user copy (`request_buf`). The only system calls
+//! made on the queue's thread itself are those of `inline` and of user
+//! copy: reads of data
 //! already in memory and writes to a file in memory, none of which starts a
 //! device I/O and waits for it. A READ that lies in one run of a mapped file
 //! is not copied here at all (`ReadDone::Mapped`), nor is a WRITE whose
@@ -149,6 +150,32 @@ enum Miss<'a> {
     DirectBase(DirectAlign, &'a AtomicU64),
 }
 
+impl Miss<'_> {
+    /// Whether a read of `len` bytes at `pos` into memory at `addr` (`None`:
+    /// a request's own pages) goes around the page cache; counts it if so.
+    /// Only the page cache is asked whether it holds the data: an inline
+    /// read of a miss would start a buffered read of the device (RWF_NOWAIT
+    /// still starts readahead), which the direct read would do again.
+    fn direct(&self, reader: &InlineFile, pos: u64, len: u64, addr: Option<usize>) -> bool {
+        let Miss::DirectBase(a, n) = *self else {
+            return false;
+        };
+        let direct = a.fits(pos, len, addr) && !reader.is_cached(pos, len);
+        if direct {
+            Stats::add(n, 1);
+        }
+        direct
+    }
+
+    /// The ring's file for a read through the page cache.
+    fn cached_fd(&self) -> types::Fixed {
+        match *self {
+            Miss::Ring(fd) => fd,
+            Miss::DirectBase(..) => BASE_FD,
+        }
+    }
+}
+
 /// Reads `dst` from file offset `pos`: what the inline reader can serve now,
 /// and a ring read, pushed and returned, for the rest.
 fn read_op(
@@ -159,24 +186,11 @@ fn read_op(
     dst: &mut [u8],
 ) -> Option<PendingOp> {
     let len = dst.len() as u32;
-    let fd = match miss {
-        Miss::Ring(fd) => fd,
-        // Only ask the page cache whether it holds the data: an inline read
-        // of a miss would start a buffered read of the device (RWF_NOWAIT
-        // still starts readahead), which the direct read would do again.
-        Miss::DirectBase(a, n)
-            if a.fits(pos, len as u64, Some(dst.as_ptr() as usize))
-                && !reader.is_cached(pos, len as u64) =>
-        {
-            Stats::add(n, 1);
-            return Some(PendingOp::push(
-                q,
-                ops::read(BASE_DIRECT_FD, dst.as_mut_ptr(), len, pos),
-                len,
-            ));
-        }
-        Miss::DirectBase(..) => BASE_FD,
-    };
+    if miss.direct(reader, pos, len as u64, Some(dst.as_ptr() as usize)) {
+        let sqe = ops::read(BASE_DIRECT_FD, dst.as_mut_ptr(), len, pos);
+        return Some(PendingOp::push(q, sqe, len));
+    }
+    let fd = miss.cached_fd();
     let done = reader.read(pos, dst);
     let rest = &mut dst[done..];
     if rest.is_empty() {
@@ -322,19 +336,12 @@ pub async fn read(
                     Stats::add(&st.reads_from_mapping, 1);
                     continue;
                 }
-                let fd = match miss {
-                    Miss::Ring(fd) => fd,
-                    // The request's pages are out of `inline`'s reach: a
-                    // run the page cache holds is read from there, the
-                    // rest directly.
-                    Miss::DirectBase(a, n) => {
-                        if a.fits(pos, len as u64, None) && !reader.is_cached(pos, len as u64) {
-                            Stats::add(n, 1);
-                            BASE_DIRECT_FD
-                        } else {
-                            BASE_FD
-                        }
-                    }
+                // The request's pages are out of `inline`'s reach: a run
+                // the page cache holds is read through it.
+                let fd = if miss.direct(reader, pos, len as u64, None) {
+                    BASE_DIRECT_FD
+                } else {
+                    miss.cached_fd()
                 };
                 let sqe = ops::read_fixed(fd, *index, run.buf_off, len, pos);
                 pending.push(PendingOp::push(q, sqe, len));
