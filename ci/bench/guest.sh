@@ -15,7 +15,7 @@ need_ublk
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
 SYSTEMS=${SYSTEMS:-$SYSTEMS_ALL}
-WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first randread-4k-written seqread-1m seqwrite-1m-first randrw-4k"}
+WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first chunkwrite-4k-first randread-4k-written seqread-1m seqwrite-1m-first randrw-4k"}
 OUT=${OUT:-/tmp/ublk-cow-bench-out}
 mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 
@@ -38,13 +38,19 @@ fi
 
 # fio arguments of each workload. Every run gets a fresh device. First
 # writes cover their range once (fio's random map writes each block once),
-# so every write is a first write.
+# so every write is a first write. chunkwrite-4k-first writes one 4 KiB
+# block, at random, in each 64 KiB of the first 512 MiB, in order (fio's
+# strided zones), so every write is also the first in its 64 KiB chunk:
+# the case where a chunk-based store copies 64 KiB of base for each 4 KiB
+# written (in randwrite-4k-first 15 writes in 16 land in a chunk copied
+# already).
 TIMED="--time_based --runtime=$RUNTIME --ramp_time=1"
 workload_args() {
     case $1 in
         randread-4k) echo "--rw=randread --bs=4k --iodepth=32 $TIMED" ;;
         randwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --size=64M" ;;
         randread-4k-written) echo "--rw=randread --bs=4k --iodepth=32 --size=64M $TIMED" ;;
+        chunkwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=32M" ;;
         seqread-1m) echo "--rw=read --bs=1m --iodepth=8 $TIMED" ;;
         seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
         randrw-4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 $TIMED" ;;
