@@ -312,102 +312,59 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         std::process::abort();
     }));
     crate::sys::block_termination_signals();
-    let ctrl = match p.recover {
-        None => target::create(&p.req.target)?,
+    let Prepared {
+        req,
+        base,
+        direct,
+        overlay,
+        block_size,
+        recover,
+    } = p;
+    let ctrl = match recover {
+        None => target::create(&req.target)?,
         Some(id) => target::attach_for_recovery(id)?,
     };
     let id = ctrl.dev_info().dev_id;
     state::ensure_run_dir()?;
-    if !p.req.foreground {
+    if !req.foreground {
         let log = File::create(state::log_path(id)).context("creating the daemon log")?;
         crate::sys::detach(&log).context("detaching the daemon")?;
     }
-    let (overlay_path, overlay_file, created) = open_overlay(&p.overlay, id)?;
-    let cleanup = |created: bool| {
-        if created {
-            let _ = std::fs::remove_file(&overlay_path);
-        }
-        if p.recover.is_none() {
-            let _ = std::fs::remove_file(state::map_path(id));
-        }
-    };
-    let geo = Geometry::new(p.base.size, p.block_size)?;
-    let opened = map_memory(id, geo.blocks(), p.recover.is_none()).and_then(|mem| {
-        let dev = if created {
-            CowDevice::create(
-                p.base.file,
-                &p.base.identity,
-                overlay_file,
-                p.block_size,
-                mem,
-            )?
-        } else {
-            let check = OpenCheck {
-                base: &p.base.identity,
-                block_size: p.req.block_size,
-                force: p.req.force,
-            };
-            let source = match p.recover {
-                None => MapSource::Load(mem),
-                Some(_) => MapSource::Live(mem),
-            };
-            CowDevice::open(p.base.file, overlay_file, check, source)?
-        };
-        Ok(dev)
-    });
-    let dev = match opened.and_then(|d| {
-        if p.req.preallocate
-            && let Err(e) = preallocate(&d)
-        {
-            // Opening marked the overlay in use; nothing was served, so an
-            // overlay that was clean is clean again.
-            if !created && d.was_clean() {
-                let _ = d.shut_down();
-            }
-            return Err(e);
-        }
-        Ok(d)
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            cleanup(created);
-            return Err(e);
-        }
-    };
-    let unclean = !created && !dev.was_clean();
+    let (dev, made) = open_device(&req, base, &overlay, block_size, recover, id)?;
+    let unclean = !made.created && !dev.was_clean();
     if unclean {
         log::warn!(
             "overlay {} was not closed cleanly; using it as of its last flush",
-            overlay_path.display()
+            made.overlay.display()
         );
     }
     let st = DeviceState {
         id,
         pid: std::process::id() as i32,
         device: ctrl.get_bdev_path(),
-        base: p.req.base.clone(),
-        overlay: overlay_path.clone(),
-        temporary_overlay: matches!(p.overlay, OverlaySource::Temporary(_)),
-        block_size: p.block_size,
-        size: geo.size(),
-        queues: p.req.target.queues,
-        depth: p.req.target.depth,
-        read_only: p.req.read_only,
+        base: req.base.clone(),
+        overlay: made.overlay.clone(),
+        temporary_overlay: matches!(overlay, OverlaySource::Temporary(_)),
+        block_size,
+        size: dev.geometry().size(),
+        queues: req.target.queues,
+        depth: req.target.depth,
+        read_only: req.read_only,
         recovered_unclean: unclean,
-        forced: p.req.force,
-        policy: p.req.policy,
+        forced: req.force,
+        policy: req.policy,
         zero_copy: target::io_mode(&ctrl) == IoMode::ZeroCopy,
-        base_io: p.req.base_io,
+        base_io: req.base_io,
     };
-    let shared = match Shared::new(dev, p.req.policy, p.req.preallocate, p.direct) {
+    let shared = match Shared::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
         Err(e) => {
-            cleanup(created);
+            made.remove();
             return Err(anyhow::Error::from(e).context("opening base and overlay for the queues"));
         }
     };
     if let Err(e) = control::serve(id, shared.clone()) {
-        cleanup(created);
+        made.remove();
         return Err(e);
     }
     std::thread::spawn(move || {
@@ -416,7 +373,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         let _ = target::stop(id);
     });
     let st_ready = st.clone();
-    let served = target::serve(&ctrl, shared.clone(), p.req.read_only, move |c| {
+    let served = target::serve(&ctrl, shared.clone(), req.read_only, move |c| {
         let path = c.get_bdev_path();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Path::new(&path).exists() && Instant::now() < deadline {
@@ -438,7 +395,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         log::error!("closing the overlay: {e:#}");
     }
     drop(ctrl);
-    if p.recover.is_some() {
+    if recover.is_some() {
         // A control handle made for recovery does not delete the device.
         let _ = target::delete(id);
     }
@@ -447,6 +404,83 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // A clean stop leaves nothing behind; a failed one keeps its log.
     let _ = std::fs::remove_file(state::log_path(id));
     Ok(())
+}
+
+/// The files `open_device` made, for `serve` to remove if it fails before
+/// the device is served.
+struct Made {
+    overlay: PathBuf,
+    /// The overlay is new (not one that existed before).
+    created: bool,
+    /// The live map, when it is new (not the one a recovery takes over).
+    map: Option<PathBuf>,
+}
+
+impl Made {
+    fn remove(&self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.overlay);
+        }
+        if let Some(m) = &self.map {
+            let _ = std::fs::remove_file(m);
+        }
+    }
+}
+
+/// Opens or creates the overlay and the live map of device `id`, and the
+/// device over them and `base`; with `--preallocate`, allocates the
+/// overlay's data area. On failure removes what it made, and an existing
+/// overlay that was clean is left clean.
+fn open_device(
+    req: &AddRequest,
+    base: Base,
+    overlay: &OverlaySource,
+    block_size: u32,
+    recover: Option<u32>,
+    id: u32,
+) -> Result<(CowDevice<File, File>, Made)> {
+    let (overlay_path, overlay_file, created) = open_overlay(overlay, id)?;
+    let made = Made {
+        overlay: overlay_path,
+        created,
+        map: recover.is_none().then(|| state::map_path(id)),
+    };
+    let opened = (|| -> Result<CowDevice<File, File>> {
+        let geo = Geometry::new(base.size, block_size)?;
+        let mem = map_memory(id, geo.blocks(), recover.is_none())?;
+        let dev = if created {
+            CowDevice::create(base.file, &base.identity, overlay_file, block_size, mem)?
+        } else {
+            let check = OpenCheck {
+                base: &base.identity,
+                block_size: req.block_size,
+                force: req.force,
+            };
+            let source = match recover {
+                None => MapSource::Load(mem),
+                Some(_) => MapSource::Live(mem),
+            };
+            CowDevice::open(base.file, overlay_file, check, source)?
+        };
+        if req.preallocate
+            && let Err(e) = preallocate(&dev)
+        {
+            // Opening marked the overlay in use; nothing was served, so an
+            // overlay that was clean is clean again.
+            if !created && dev.was_clean() {
+                let _ = dev.shut_down();
+            }
+            return Err(e);
+        }
+        Ok(dev)
+    })();
+    match opened {
+        Ok(dev) => Ok((dev, made)),
+        Err(e) => {
+            made.remove();
+            Err(e)
+        }
+    }
 }
 
 /// `--preallocate`: allocates the overlay's data area, so that first writes
