@@ -124,10 +124,12 @@ pub struct AddArgs {
     /// first write fills space already there instead of allocating it. On
     /// tmpfs the pages are also initialized and mapped now, so a first
     /// write is one copy by ublk into them, with no page to allocate and
-    /// clear; add takes longer, in proportion to the size. The overlay
-    /// takes the device's full size at once (in RAM, on tmpfs); a discard
-    /// frees its blocks again. Default: off, the overlay grows with the
-    /// writes.
+    /// clear; add takes longer, in proportion to the size. In the
+    /// benchmark guest (tmpfs) first writes ran 1.7 times (random 4 KiB)
+    /// and 10 times (sequential 1 MiB) as fast as on a sparse overlay. The
+    /// overlay takes the device's full size at once (in RAM, on tmpfs); a
+    /// discard frees its blocks again. Default: off, the overlay grows with
+    /// the writes.
     #[arg(long)]
     pub preallocate: bool,
 
