@@ -39,7 +39,7 @@ fi
 # fio arguments of each workload. Every run gets a fresh device. First
 # writes cover their range once (fio's random map writes each block once),
 # so every write is a first write. chunkwrite-4k-first writes one 4 KiB
-# block, at random, in each 64 KiB of the first 512 MiB, in order (fio's
+# block, at random, in each 64 KiB of the 512 MiB device, in order (fio's
 # strided zones), so every write is also the first in its 64 KiB chunk:
 # the case where a chunk-based store copies 64 KiB of base for each 4 KiB
 # written (in randwrite-4k-first 15 writes in 16 land in a chunk copied
