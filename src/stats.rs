@@ -52,6 +52,7 @@ counters!(
     read_zero_ops,
     read_zero_bytes,
     reads_from_mapping,
+    reads_spliced,
     readahead_flagged_reads,
     write_ops,
     write_bytes,

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
 /// A file mapped read-write and shared, viewed as 64-bit atomic words.
@@ -196,6 +196,70 @@ impl SharedMap {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Puts bytes `[off, off + len)` of the mapping into `pipe` by
+    /// reference (`vmsplice`: the pipe holds the file's pages, and a read
+    /// from it copies what they hold then). All of them or, as an error,
+    /// none: a pipe that cannot take them all is emptied again.
+    pub fn splice_to(&self, off: u64, len: usize, pipe: &Pipe) -> io::Result<()> {
+        let iov = libc::iovec {
+            iov_base: self.addr(off, len) as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: the range is inside the live mapping (`addr` checks); the
+        // kernel takes references to its pages and writes nothing to it.
+        let n = unsafe { libc::vmsplice(pipe.write.as_raw_fd(), &iov, 1, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != len {
+            pipe.drain();
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        Ok(())
+    }
+}
+
+/// A pipe that holds pages of a mapping (`SharedMap::splice_to`) until a
+/// read takes them out. With zero copy a small READ of mapped data is read
+/// from one into the request's registered pages: the kernel copies pipe
+/// pages into a fixed buffer with `memcpy`, where user copy (`pwrite` from
+/// the mapping) copies from user memory with `rep movsb`, which QEMU's
+/// software emulation runs a byte at a time (7.3.4, random 4K reads of a
+/// tmpfs base: 49,066 IOPS against 42,428, medians of 3 rounds in one
+/// boot). Both ends are non-blocking, so a read never waits for bytes
+/// that are not there. It holds one request's run at a time: a tag has its
+/// own, empty between requests.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: two fresh descriptors that nothing else owns.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Pipe { read, write })
+    }
+
+    /// The end the held bytes are read from.
+    pub fn read_end(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    /// Discards whatever the pipe holds.
+    pub fn drain(&self) {
+        let mut sink = [0u8; 4096];
+        // SAFETY: reads into our own buffer; the read end does not block.
+        while unsafe { libc::read(self.read.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) } > 0
+        {
+        }
     }
 }
 

@@ -6,14 +6,15 @@
 //! flight together. Fixed file 1 is the base (opened read-only), fixed file
 //! 2 the overlay, fixed file 3 /dev/zero, fixed file 4 the base opened with
 //! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a
-//! request's data is reached with fixed-buffer operations, or for small
-//! requests with ublk's user copy (`request_buf`). The only system calls
-//! made on the queue's thread itself are those of `inline` and of user
-//! copy: reads of data
-//! already in memory and writes to a file in memory, none of which starts a
-//! device I/O and waits for it. A READ that lies in one run of a mapped file
-//! is not copied here at all (`ReadDone::Mapped`), nor is a WRITE whose
-//! overlay pages are mapped and ready (`place`).
+//! request's data is reached with fixed-buffer operations: a small READ of
+//! mapped data from the tag's pipe (`pipe_read`), other runs from the
+//! files; a small WRITE is taken with ublk's user copy (`request_buf`). The
+//! only system calls made on the queue's thread itself are those of
+//! `inline`, of the pipe and of user copy: reads of data already in memory
+//! and writes to a file in memory, none of which starts a device I/O and
+//! waits for it. A READ that lies in one run of a mapped file is not copied
+//! here at all (`ReadDone::Mapped`), nor is a WRITE whose overlay pages are
+//! mapped and ready (`place`).
 
 use crate::engine::base::{DirectAlign, DirectBase};
 use crate::engine::cache::{
@@ -24,12 +25,14 @@ use crate::engine::locks::{MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::stats::Stats;
+use crate::sys::Pipe;
 use crate::target::inline::InlineFile;
 use crate::target::ops::{self, FileWrite, PendingOp, WriteSource, finish, finish_all};
 use crate::target::request_buf::RequestBuf;
 use crate::target::write_data::{Placement, WriteData};
 use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
+use std::cell::OnceCell;
 use std::fs::File;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -130,6 +133,9 @@ impl QueueBufs {
 pub struct TagScratch {
     runs: Vec<ReadRun>,
     fill: Vec<u8>,
+    /// The tag's pipe for small READs of mapped data with zero copy (see
+    /// `pipe_read`), made on first use; `None` in it if it could not be.
+    pipe: OnceCell<Option<Pipe>>,
 }
 
 impl TagScratch {
@@ -293,6 +299,8 @@ pub async fn read(
         &mut s.runs,
     );
     let mut pending = Vec::with_capacity(s.runs.len());
+    let single = s.runs.len() == 1;
+    let mut spliced = false;
     for run in &s.runs {
         let st = &sh.stats;
         let (miss, reader, pos) = match run.source {
@@ -330,6 +338,16 @@ pub async fn read(
             RequestBuf::Memory(b) => &mut b[run.buf_off..][..run.len as usize],
             RequestBuf::Registered { index, .. } => {
                 let len = run.len as u32;
+                if user_copy.is_some()
+                    && single
+                    && let Some(op) = pipe_read(q, &s.pipe, reader, pos, *index, run.buf_off, len)
+                {
+                    Stats::add(&st.reads_from_mapping, 1);
+                    Stats::add(&st.reads_spliced, 1);
+                    spliced = true;
+                    pending.push(op);
+                    continue;
+                }
                 if let Some(to) = user_copy
                     && reader.copy_to_request(pos, len as usize, to) == Some(true)
                 {
@@ -357,10 +375,42 @@ pub async fn read(
         }
         pending.extend(read_op(q, miss, reader, pos, dst));
     }
-    ReadDone::Buffer(match finish_all(q, pending).await {
+    let r = finish_all(q, pending).await;
+    if r != 0
+        && spliced
+        && let Some(Some(p)) = s.pipe.get()
+    {
+        // What the failed read left in the pipe would reach the next one.
+        p.drain();
+    }
+    ReadDone::Buffer(match r {
         0 => buf.len() as i32,
         e => e,
     })
+}
+
+/// With zero copy, a READ of one small run (`request_buf::USER_COPY_MAX`)
+/// that lies in a mapping: the tag's pipe holds the run's pages
+/// (`vmsplice`), and a fixed-buffer read takes them into the request at
+/// `at`, pushed and returned. The read finds its bytes in the pipe and
+/// completes at once, on this thread. `None` when the file is not mapped or
+/// the pipe is not to be had; user copy then does it.
+fn pipe_read(
+    q: &UblkQueue<'_>,
+    pipe: &OnceCell<Option<Pipe>>,
+    reader: &InlineFile,
+    pos: u64,
+    index: u16,
+    at: usize,
+    len: u32,
+) -> Option<PendingOp> {
+    reader.mapped(pos, len as usize)?;
+    let pipe = pipe.get_or_init(|| Pipe::new().ok()).as_ref()?;
+    if !reader.splice_to(pos, len as usize, pipe) {
+        return None;
+    }
+    let sqe = ops::read_fixed_from_pipe(pipe.read_end(), index, at, len);
+    Some(PendingOp::push(q, sqe, len))
 }
 
 /// Has ublk copy a WRITE's data straight into the overlay's pages at

@@ -12,7 +12,7 @@
 //! the request can complete. Here a page-cache hit or a tmpfs write is one
 //! memory copy. Whatever may wait for a device is left to the ring.
 
-use crate::sys::{self, SharedMap};
+use crate::sys::{self, Pipe, SharedMap};
 use crate::target::request_buf::UserCopyAt;
 use std::fs::File;
 use std::io;
@@ -102,6 +102,14 @@ impl InlineFile {
     pub fn copy_to_request(&self, pos: u64, len: usize, to: UserCopyAt) -> Option<bool> {
         let m = self.map.as_ref()?;
         Some(m.write_to(pos, len, to.fd, to.pos).is_ok_and(|n| n == len))
+    }
+
+    /// Has `pipe` hold bytes `[pos, pos + len)` of the file, if it is
+    /// mapped (see `sys::Pipe`): true when it holds all of them.
+    pub fn splice_to(&self, pos: u64, len: usize, pipe: &Pipe) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| m.splice_to(pos, len, pipe).is_ok())
     }
 
     /// Copies `len` bytes of the request `from` names (ublk's user copy)
@@ -273,5 +281,54 @@ mod tests {
         check(&r, &data);
         let mut buf = vec![0u8; 100];
         assert_eq!(r.read(1, &mut buf), 100);
+    }
+
+    /// Reads what the pipe holds (the way io_uring's read takes it out).
+    fn take(p: &Pipe, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            // SAFETY: reads into our own buffer.
+            let n = unsafe { libc::read(p.read_end(), out[got..].as_mut_ptr().cast(), len - got) };
+            assert!(n > 0, "the pipe held {got} of {len} bytes");
+            got += n as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn a_pipe_holds_mapped_bytes_all_or_none() {
+        let (f, data) = file_in(std::path::Path::new("/dev/shm"), "pipe");
+        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
+        let p = Pipe::new().unwrap();
+        for (pos, len) in [(0, 4096), (512, 4096), (65536 - 100, 100)] {
+            assert!(r.splice_to(pos as u64, len, &p), "at {pos}+{len}");
+            assert_eq!(take(&p, len), &data[pos..pos + len], "at {pos}+{len}");
+        }
+        // The pipe reads what the pages hold when it is read.
+        assert!(r.splice_to(0, 10, &p));
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 10], 0).unwrap();
+        assert_eq!(take(&p, 10), [7u8; 10]);
+        // More than the pipe has room for: nothing of it is left there.
+        // SAFETY: fcntl on our own pipe.
+        let cap = unsafe { libc::fcntl(p.read_end(), libc::F_GETPIPE_SZ) } as usize;
+        assert!(cap >= 2 * 4096 && cap <= data.len(), "pipe size {cap}");
+        assert!(r.splice_to(0, cap - 4096, &p));
+        assert!(!r.splice_to(0, 2 * 4096, &p), "two pages where one fits");
+        let mut one = [0u8; 1];
+        // SAFETY: reads into our own buffer; the pipe does not block.
+        let n = unsafe { libc::read(p.read_end(), one.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, -1, "a refused hold leaves the pipe empty");
+        assert!(r.splice_to(0, 4096, &p));
+        p.drain();
+        // SAFETY: as above.
+        let n = unsafe { libc::read(p.read_end(), one.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, -1, "drained, the pipe is empty");
+        // A file that is not mapped: nothing to hold.
+        let (g, _) = file_in(&std::env::temp_dir(), "pipe");
+        if !sys::is_tmpfs(&g) {
+            let n = InlineFile::new(&g, 64 * 1024, false).unwrap();
+            assert!(!n.splice_to(0, 4096, &p));
+        }
     }
 }

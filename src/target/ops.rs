@@ -8,6 +8,7 @@
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::uring_async::UblkUringOpFuture;
+use std::os::fd::RawFd;
 
 /// A pushed operation.
 pub struct PendingOp {
@@ -129,6 +130,14 @@ pub fn read(fd: types::Fixed, buf: *mut u8, len: u32, pos: u64) -> squeue::Entry
 pub fn read_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> squeue::Entry {
     opcode::ReadFixed::new(fd, at as *mut u8, len, index)
         .offset(pos)
+        .build()
+}
+
+/// Reads `len` bytes from the pipe `fd` (not a fixed file; a stream has no
+/// offset) into fixed buffer `index` at `at` bytes from its start.
+pub fn read_fixed_from_pipe(fd: RawFd, index: u16, at: usize, len: u32) -> squeue::Entry {
+    opcode::ReadFixed::new(types::Fd(fd), at as *mut u8, len, index)
+        .offset(u64::MAX)
         .build()
 }
 

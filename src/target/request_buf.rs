@@ -2,17 +2,19 @@
 //! `params::IoMode`): in the tag's buffer, which ublk copies to and from; or
 //! in the request's own pages, which ublk registered as a fixed buffer in the
 //! queue's ring and which io_uring's fixed-buffer operations reach. Small
-//! requests in the latter mode may also be copied with ublk's user copy
-//! (`pread`/`pwrite` on the device's char device), when the data is in a
-//! mapping already: one system call instead of a trip through the ring and
-//! an io_uring worker (`USER_COPY_MAX`).
+//! requests in the latter mode whose data is in a mapping already skip the
+//! trip through an io_uring worker (`USER_COPY_MAX`): a WRITE is copied with
+//! ublk's user copy (`pread` on the device's char device, into the
+//! mapping), a READ through the tag's pipe (`exec::pipe_read`; user copy,
+//! `pwrite` from the mapping, when there is no pipe).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;
 use libublk::sys;
 use std::os::fd::RawFd;
 
-/// Largest request whose data is moved by user copy rather than the ring.
+/// Largest request whose data is moved by user copy (or, for a READ,
+/// through the tag's pipe) rather than the ring.
 /// Measured in the benchmark guest (7.3, random reads from a tmpfs base at
 /// QD32, medians of 3 rounds): 16 KiB reads 322 MB/s by user copy against
 /// 445 through the ring, 64 KiB 379 against 955 (one boot); 4 KiB reads

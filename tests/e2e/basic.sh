@@ -271,10 +271,11 @@ case_zero_copy() {
             --randseed=17 --name=copymode >zc-off.log 2>&1 || { cat zc-off.log; die "copy mode verify"; }
         say "  --zero-copy=off: copy mode, fio verify clean"
         "$UC" del -n "$id"
-        # Base and overlay in tmpfs: 4K requests are copied by ublk's user
-        # copy between the mappings and the request (the rest go through
-        # the ring); data written twice (the second time over allocated
-        # blocks) must verify, and untouched blocks read as the base.
+        # Base and overlay in tmpfs: 4K reads go from the mappings into the
+        # request through the tag's pipe, 4K writes by ublk's user copy (the
+        # rest go through the ring); data written twice (the second time
+        # over allocated blocks) must verify, and untouched blocks read as
+        # the base, whole or from 512 bytes into a page.
         local t=$WORK/zc
         mkdir -p "$t"; mount -t tmpfs -o size=300M tmpfs "$t"
         cp "$BASE" "$t/base.img"
@@ -288,9 +289,13 @@ case_zero_copy() {
             || { cat zc-v.log; die "user copy verify"; }
         cmp <(dd if="$dev" bs=4k skip=16384 count=256 iflag=direct status=none) \
             <(dd if="$BASE" bs=4k skip=16384 count=256 status=none) || die "untouched 4K reads differ"
-        local reads writes; reads=$(stat_of "$id" reads_from_mapping); writes=$(stat_of "$id" writes_to_mapping)
-        say "  tmpfs base and overlay: $reads reads and $writes writes by user copy"
-        [ "$reads" -gt 0 ] || die "no 4K read was user-copied"
+        cmp <(dd if="$dev" bs=512 skip=$(((16384 << 3) + 1)) count=8 iflag=direct status=none) \
+            <(dd if="$BASE" bs=512 skip=$(((16384 << 3) + 1)) count=8 status=none) \
+            || die "an untouched 4K read across two pages differs"
+        local reads spliced writes; reads=$(stat_of "$id" reads_from_mapping)
+        spliced=$(stat_of "$id" reads_spliced); writes=$(stat_of "$id" writes_to_mapping)
+        say "  tmpfs base and overlay: $reads reads from the mapping ($spliced through a pipe), $writes writes by user copy"
+        [ "$spliced" -gt 0 ] || die "no 4K read went through the tag's pipe"
         [ "$writes" -gt 0 ] || die "no 4K rewrite was user-copied"
         "$UC" del -n "$id"
         umount "$t"
