@@ -480,6 +480,25 @@ pub fn direct_io_align(file: &File) -> io::Result<Option<(u64, u64)>> {
     Ok(None)
 }
 
+/// Raises this process's limit of open files to its hard limit. A tag of a
+/// zero-copy queue may hold a pipe (`Pipe`, two descriptors), which at the
+/// default depth of 128 is 256 descriptors a queue, and the usual soft
+/// limit is 1024. Where even the hard limit is reached, a tag goes without
+/// its pipe (user copy then does its reads).
+pub fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the local struct; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.

@@ -312,6 +312,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         std::process::abort();
     }));
     crate::sys::block_termination_signals();
+    crate::sys::raise_open_files_limit();
     let Prepared {
         req,
         base,
