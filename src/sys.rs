@@ -317,6 +317,19 @@ fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<(
     Ok(())
 }
 
+/// `pread` on a descriptor the caller keeps open (ublk's char device, for
+/// user copy): the bytes read into `buf`.
+pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is live and writable for the whole call and the kernel
+    // writes at most `buf.len()` bytes into it; a closed `fd` is an error
+    // return.
+    let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of
 /// `[off, off+buf.len())` without waiting for I/O. `EAGAIN` when the first
 /// page is not cached; `EOPNOTSUPP` when the file cannot do it (tmpfs).

@@ -461,13 +461,23 @@ async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
 /// Writes a WRITE's data at overlay offset `pos`: from its registered
 /// buffer, or from the daemon's memory as `overlay_write_op` does (fetching
 /// it from ublk first if need be).
+///
+/// With zero copy a small WRITE to an overlay in memory takes the second
+/// way: user copy into the tag's staging buffer, then `pwrite` on this
+/// thread. The ring would hand a tmpfs write to a worker thread (tmpfs
+/// cannot promise not to block), which costs more than the extra copy
+/// (7.3.4, randrw 4K QD32 over a sparse overlay, 5 rounds in one boot:
+/// 26,037 IOPS against 20,991 through the ring, medians).
 async fn data_write_op(
     q: &UblkQueue<'_>,
     sh: &Shared,
     data: &mut WriteData<'_>,
     pos: u64,
 ) -> Result<Option<PendingOp>, i32> {
-    if let Some(index) = data.registered() {
+    let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
+    if let Some(index) = data.registered()
+        && !staged
+    {
         let from = WriteSource::Registered { index, at: 0 };
         let len = data.size() as u32;
         return Ok(Some(

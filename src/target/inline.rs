@@ -133,11 +133,16 @@ impl InlineFile {
         }
     }
 
+    /// Whether `write` takes `len` bytes on the calling thread.
+    pub fn writes_inline(&self, len: usize) -> bool {
+        self.in_memory && len < RING_WRITE_MIN
+    }
+
     /// Writes `data` at `pos` if the file lives in memory and `data` is
     /// shorter than `RING_WRITE_MIN`: `Some` with the result (0 or a
     /// negative errno), or `None` when the ring must do it.
     pub fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {
-        if !self.in_memory || data.len() >= RING_WRITE_MIN {
+        if !self.writes_inline(data.len()) {
             return None;
         }
         match self.file.write_all_at(data, pos) {

@@ -229,10 +229,7 @@ async fn tag_task(
     qs: Rc<QueueState>,
 ) -> Result<(), UblkError> {
     let mut buf = if qs.zero_copy {
-        TagBuf::Registered {
-            index: tag,
-            copy: qs.user_copy,
-        }
+        TagBuf::registered(tag, qs.user_copy)
     } else {
         TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
     };

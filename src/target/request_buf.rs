@@ -5,12 +5,15 @@
 //! requests in the latter mode whose data is in a mapping already skip the
 //! trip through an io_uring worker (`USER_COPY_MAX`): a WRITE is copied with
 //! ublk's user copy (`pread` on the device's char device, into the
-//! mapping), a READ through the tag's pipe (`exec::pipe_read`; user copy,
-//! `pwrite` from the mapping, when there is no pipe).
+//! mapping; or, where the overlay has no page for it yet, into the tag's
+//! staging buffer, to be written from there), a READ through the tag's
+//! pipe (`exec::pipe_read`; user copy, `pwrite` from the mapping, when there
+//! is no pipe).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;
 use libublk::sys;
+use std::io;
 use std::os::fd::RawFd;
 
 /// Largest request whose data is moved by user copy (or, for a READ,
@@ -48,16 +51,47 @@ impl UserCopy {
     }
 }
 
+impl UserCopyAt {
+    /// Copies the request's bytes from here into `buf` (one `pread`): all
+    /// of them, or an error.
+    pub fn read_into(self, buf: &mut [u8]) -> io::Result<()> {
+        let n = crate::sys::pread(self.fd, buf, self.pos)?;
+        if n != buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
 /// A tag's data space, for all the requests it serves.
 pub enum TagBuf {
     /// Copy mode: the tag's buffer, as large as the largest request.
     Memory(IoBuf<u8>),
     /// Zero copy: the request's pages are fixed buffer `index`, and user
-    /// copy reaches them too if the device has it.
-    Registered { index: u16, copy: Option<UserCopy> },
+    /// copy reaches them too if the device has it. `staging` (as long as
+    /// `USER_COPY_MAX` with user copy, else empty) is where user copy puts
+    /// a small WRITE's data that must pass through the daemon's memory.
+    Registered {
+        index: u16,
+        copy: Option<UserCopy>,
+        staging: Box<[u8]>,
+    },
 }
 
 impl TagBuf {
+    /// Zero copy's data space of tag `index`.
+    pub fn registered(index: u16, copy: Option<UserCopy>) -> TagBuf {
+        let staging = match copy {
+            Some(_) => vec![0u8; USER_COPY_MAX].into_boxed_slice(),
+            None => Box::default(),
+        };
+        TagBuf::Registered {
+            index,
+            copy,
+            staging,
+        }
+    }
+
     /// How the tag's fetch and commit commands name its data space. Zero
     /// copy asks ublk to register each request's pages as fixed buffer
     /// `index`, without fallback: a request whose pages cannot be registered
@@ -84,10 +118,15 @@ impl TagBuf {
     pub fn request(&mut self, len: usize) -> RequestBuf<'_> {
         match self {
             TagBuf::Memory(b) => RequestBuf::Memory(&mut b.as_mut_slice()[..len]),
-            TagBuf::Registered { index, copy } => RequestBuf::Registered {
+            TagBuf::Registered {
+                index,
+                copy,
+                staging,
+            } => RequestBuf::Registered {
                 index: *index,
                 len,
                 copy: *copy,
+                staging,
             },
         }
     }
@@ -97,11 +136,13 @@ impl TagBuf {
 pub enum RequestBuf<'a> {
     /// In the daemon's memory, exactly as long as the request.
     Memory(&'a mut [u8]),
-    /// In fixed buffer `index` of the queue's ring, `len` bytes.
+    /// In fixed buffer `index` of the queue's ring, `len` bytes; the tag's
+    /// staging buffer beside it (see `TagBuf::Registered`).
     Registered {
         index: u16,
         len: usize,
         copy: Option<UserCopy>,
+        staging: &'a mut [u8],
     },
 }
 
@@ -109,11 +150,12 @@ impl RequestBuf<'_> {
     /// Where user copy reaches byte `at` of the request, if the request is
     /// small enough for it (`USER_COPY_MAX`).
     pub fn user_copy(&self, at: usize) -> Option<UserCopyAt> {
-        match *self {
-            RequestBuf::Registered {
+        match self {
+            &RequestBuf::Registered {
                 index,
                 len,
                 copy: Some(c),
+                ..
             } if len <= USER_COPY_MAX => Some(c.at(index, at)),
             _ => None,
         }
@@ -134,11 +176,73 @@ impl RequestBuf<'_> {
     pub fn reborrow(&mut self) -> RequestBuf<'_> {
         match self {
             RequestBuf::Memory(b) => RequestBuf::Memory(b),
-            RequestBuf::Registered { index, len, copy } => RequestBuf::Registered {
+            RequestBuf::Registered {
+                index,
+                len,
+                copy,
+                staging,
+            } => RequestBuf::Registered {
                 index: *index,
                 len: *len,
                 copy: *copy,
+                staging,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    /// A small WRITE's data with zero copy: user copy reads it at the
+    /// request's position in the char device into the tag's staging
+    /// buffer. A plain file stands in for the char device, its bytes at the
+    /// position ublk gives queue 1, tag 3.
+    #[test]
+    fn staging_takes_a_small_write_by_user_copy() {
+        let path = std::env::temp_dir().join(format!("ublk-cow-staging-{}", std::process::id()));
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let copy = UserCopy {
+            fd: dev.as_raw_fd(),
+            qid: 1,
+        };
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+        dev.write_all_at(&data, copy.at(3, 0).pos).unwrap();
+
+        let mut tag = TagBuf::registered(3, Some(copy));
+        let TagBuf::Registered { staging, .. } = &tag else {
+            unreachable!()
+        };
+        assert_eq!(staging.len(), USER_COPY_MAX);
+        let RequestBuf::Registered {
+            len, copy, staging, ..
+        } = tag.request(4096)
+        else {
+            unreachable!()
+        };
+        let from = copy.unwrap().at(3, 0);
+        from.read_into(&mut staging[..len]).unwrap();
+        assert_eq!(&staging[..len], &data[..]);
+        // A part of the request, from an offset in it.
+        let mut part = vec![0u8; 1000];
+        copy.unwrap().at(3, 512).read_into(&mut part).unwrap();
+        assert_eq!(part, data[512..1512]);
+        // Fewer bytes than asked for (past the end here) are an error.
+        let err = copy.unwrap().at(3, 4000).read_into(&mut part).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        // Without user copy there is no staging buffer.
+        let TagBuf::Registered { staging, .. } = TagBuf::registered(3, None) else {
+            unreachable!()
+        };
+        assert!(staging.is_empty());
     }
 }

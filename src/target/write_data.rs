@@ -3,7 +3,7 @@
 //! With zero copy the data is already in the request's registered pages, and
 //! the write path writes it to the overlay from there (`registered`), or for
 //! a small request has ublk's user copy put it into the overlay's mapped
-//! pages (`user_copy`). In copy mode the device sets `UBLK_F_NEED_GET_DATA`:
+//! pages (`user_copy`) or into the tag's staging buffer (`in_buffer`). In copy mode the device sets `UBLK_F_NEED_GET_DATA`:
 //! a WRITE arrives without its data, and ublk copies the data only when the
 //! daemon answers with
 //! `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
@@ -33,11 +33,13 @@ enum Source<'a> {
     Bytes(&'a [u8]),
     Request(Fetch<'a>),
     /// The request's pages: fixed buffer `index` of the queue's ring, and
-    /// where user copy reaches them if the request is small.
+    /// where user copy reaches them if the request is small, with the tag's
+    /// staging buffer to copy them into.
     Registered {
         index: u16,
         len: usize,
         copy: Option<UserCopyAt>,
+        staging: &'a mut [u8],
     },
 }
 
@@ -96,9 +98,19 @@ impl<'a> WriteData<'a> {
         let copy = buf.user_copy(0);
         let buf = match buf {
             RequestBuf::Memory(b) => b,
-            RequestBuf::Registered { index, len, .. } => {
+            RequestBuf::Registered {
+                index,
+                len,
+                staging,
+                ..
+            } => {
                 return WriteData {
-                    source: Source::Registered { index, len, copy },
+                    source: Source::Registered {
+                        index,
+                        len,
+                        copy,
+                        staging,
+                    },
                 };
             }
         };
@@ -136,6 +148,18 @@ impl<'a> WriteData<'a> {
         }
     }
 
+    /// Whether `in_buffer` can have the data: the daemon has it, ublk copies
+    /// it on request, or (zero copy) user copy reaches it and it fits the
+    /// tag's staging buffer.
+    pub fn can_buffer(&self) -> bool {
+        match &self.source {
+            Source::Bytes(_) | Source::Request(_) => true,
+            Source::Registered {
+                len, copy, staging, ..
+            } => copy.is_some() && *len <= staging.len(),
+        }
+    }
+
     /// Whether ublk can still be told where to copy the data.
     pub fn placeable(&self) -> bool {
         matches!(&self.source, Source::Request(f) if f.state == State::Pending)
@@ -166,14 +190,26 @@ impl<'a> WriteData<'a> {
         }
     }
 
-    /// The data, fetched into the buffer first if ublk still holds it; a
-    /// negative errno when it cannot be had there.
+    /// The data, fetched into the buffer first if ublk still holds it (with
+    /// zero copy: copied into the staging buffer by user copy, each time
+    /// this is called); a negative errno when it cannot be had there.
     pub async fn in_buffer(&mut self) -> Result<&[u8], i32> {
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
             Source::Request(f) => f,
-            // Not in the daemon's memory: `registered` and `user_copy`
-            // reach it.
+            Source::Registered {
+                len,
+                copy: Some(from),
+                staging,
+                ..
+            } if *len <= staging.len() => {
+                let buf = &mut staging[..*len];
+                return match from.read_into(buf) {
+                    Ok(()) => Ok(buf),
+                    Err(e) => Err(-e.raw_os_error().unwrap_or(libc::EIO)),
+                };
+            }
+            // Only `registered` reaches it.
             Source::Registered { .. } => return Err(-libc::EINVAL),
         };
         if f.state == State::Pending {
