@@ -24,8 +24,10 @@ macro_rules! counters {
         #[derive(Default)]
         pub struct Stats { $(pub $name: AtomicU64,)* }
 
-        /// A snapshot of the counters, as `stats --json` prints it.
+        /// A snapshot of the counters, as `stats --json` prints it. A
+        /// counter the daemon does not have (an older one) reads as 0.
         #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+        #[serde(default)]
         pub struct StatsSnapshot { $(pub $name: u64,)* }
 
         impl Stats {
@@ -58,6 +60,7 @@ counters!(
     write_bytes,
     writes_to_mapping,
     writes_mapping_refused,
+    writes_staged,
     rmw_blocks,
     lock_waits,
     flushes,

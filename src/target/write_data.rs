@@ -3,10 +3,11 @@
 //! With zero copy the data is already in the request's registered pages, and
 //! the write path writes it to the overlay from there (`registered`), or for
 //! a small request has ublk's user copy put it into the overlay's mapped
-//! pages (`user_copy`) or into the tag's staging buffer (`in_buffer`). In copy mode the device sets `UBLK_F_NEED_GET_DATA`:
-//! a WRITE arrives without its data, and ublk copies the data only when the
-//! daemon answers with
-//! `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
+//! pages (`user_copy`) or into the tag's staging buffer (`in_buffer`).
+//!
+//! In copy mode the device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives
+//! without its data, and ublk copies the data only when the daemon answers
+//! with `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
 //! overlay's own pages, mapped (`InlineFile::placeable`), which saves that
 //! second copy. ublk takes no commit of a WRITE before its data was asked

@@ -272,10 +272,12 @@ case_zero_copy() {
         say "  --zero-copy=off: copy mode, fio verify clean"
         "$UC" del -n "$id"
         # Base and overlay in tmpfs: 4K reads go from the mappings into the
-        # request through the tag's pipe, 4K writes by ublk's user copy (the
-        # rest go through the ring); data written twice (the second time
-        # over allocated blocks) must verify, and untouched blocks read as
-        # the base, whole or from 512 bytes into a page.
+        # request through the tag's pipe, 4K writes by ublk's user copy (a
+        # first write into the tag's staging buffer, a rewrite straight into
+        # the overlay's pages; the rest go through the ring); data written
+        # twice (the second time over allocated blocks) must verify, and
+        # untouched blocks read as the base, whole or from 512 bytes into a
+        # page.
         local t=$WORK/zc
         mkdir -p "$t"; mount -t tmpfs -o size=300M tmpfs "$t"
         cp "$BASE" "$t/base.img"
@@ -292,11 +294,13 @@ case_zero_copy() {
         cmp <(dd if="$dev" bs=512 skip=$(((16384 << 3) + 1)) count=8 iflag=direct status=none) \
             <(dd if="$BASE" bs=512 skip=$(((16384 << 3) + 1)) count=8 status=none) \
             || die "an untouched 4K read across two pages differs"
-        local reads spliced writes; reads=$(stat_of "$id" reads_from_mapping)
+        local reads spliced writes staged; reads=$(stat_of "$id" reads_from_mapping)
         spliced=$(stat_of "$id" reads_spliced); writes=$(stat_of "$id" writes_to_mapping)
-        say "  tmpfs base and overlay: $reads reads from the mapping ($spliced through a pipe), $writes writes by user copy"
+        staged=$(stat_of "$id" writes_staged)
+        say "  tmpfs base and overlay: $reads reads from the mapping ($spliced through a pipe), $writes writes by user copy into the overlay, $staged through the staging buffer"
         [ "$spliced" -gt 0 ] || die "no 4K read went through the tag's pipe"
         [ "$writes" -gt 0 ] || die "no 4K rewrite was user-copied"
+        [ "$staged" -gt 0 ] || die "no 4K first write went through the staging buffer"
         "$UC" del -n "$id"
         umount "$t"
     else
