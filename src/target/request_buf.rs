@@ -7,8 +7,8 @@
 //! ublk's user copy (`pread` on the device's char device, into the
 //! mapping; or, where the overlay has no page for it yet, into the tag's
 //! staging buffer, to be written from there), a READ through the tag's
-//! pipe (`exec::pipe_read`; user copy, `pwrite` from the mapping, when there
-//! is no pipe).
+//! pipe (`exec::read::pipe_read`; user copy, `pwrite` from the mapping,
+//! when there is no pipe).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;

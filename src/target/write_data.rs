@@ -71,7 +71,7 @@ enum State {
 pub enum Placement {
     /// ublk copied this many leading bytes there: all of the request, or
     /// fewer if it could fault in only some pages (what the kernel then
-    /// does with the rest differs between versions; see `exec::place`).
+    /// does with the rest differs between versions; see `exec::write::place`).
     Done(u64),
     /// ublk copied nothing there; the data can still be had in the buffer.
     Refused,

@@ -151,7 +151,7 @@ case_fua() {
 case_tmpfs_files() {
     # Base and overlay in memory, in copy mode: reads are copied from
     # mappings instead of going through io_uring, and a read of one run is
-    # committed with the mapping's address (see target/exec.rs); the data
+    # committed with the mapping's address (see target/exec/read.rs); the data
     # must not differ.
     local t=$WORK/tmem dev id
     mkdir -p "$t"; mount -t tmpfs -o size=400M tmpfs "$t"

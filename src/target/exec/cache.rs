@@ -1,0 +1,136 @@
+//! Cache requests on the queue's ring (the steps `engine::cache` plans:
+//! fadvise, read, copy into the overlay), and the installing of base data
+//! into the overlay under the blocks' locks.
+
+use super::{BASE_FD, Miss, OVERLAY_FD, Shared, lock, overlay_write, read_op};
+use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
+use crate::engine::locks::MAX_LOCK_BLOCKS;
+use crate::engine::map::BlockState;
+use crate::stats::Stats;
+use crate::target::ops::finish;
+use io_uring::opcode;
+use libublk::io::UblkQueue;
+
+/// Largest piece of base data a cache request reads or copies at once.
+const CACHE_PIECE: u64 = 1 << 20;
+
+/// A cache request on the queue's ring (see `engine::cache`): fadvise steps
+/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads and copies in pieces of at most 1 MiB.
+pub async fn cache_range(
+    q: &UblkQueue<'_>,
+    sh: &Shared,
+    off: u64,
+    len: u64,
+    mode: CacheMode,
+) -> i32 {
+    let dev = &sh.dev;
+    let geo = *dev.geometry();
+    let Ok(blocks) = cache_blocks(&geo, off, len) else {
+        return -libc::EINVAL;
+    };
+    let mut steps = Vec::new();
+    plan_cache(dev.map(), &geo, blocks, mode, &mut steps);
+    let st = &sh.stats;
+    for step in steps {
+        let (fd, pos, counter) = match step.action {
+            CacheAction::FadviseOverlay => (
+                OVERLAY_FD,
+                dev.overlay().data_pos(step.off),
+                &st.fadvise_overlay_bytes,
+            ),
+            CacheAction::FadviseBase => (BASE_FD, step.off, &st.fadvise_base_bytes),
+            CacheAction::ReadBase | CacheAction::CopyToOverlay => {
+                let mut at = step.off;
+                while at < step.off + step.len {
+                    let n = CACHE_PIECE.min(step.off + step.len - at);
+                    let buf = match read_base(q, sh, at, n).await {
+                        Ok(b) => b,
+                        Err(e) => return e,
+                    };
+                    if step.action == CacheAction::ReadBase {
+                        Stats::add(&st.cache_read_bytes, n);
+                    } else {
+                        let r = install(q, sh, at, &buf).await;
+                        if r < 0 {
+                            return r;
+                        }
+                    }
+                    at += n;
+                }
+                continue;
+            }
+        };
+        Stats::add(counter, step.len);
+        let advice: Vec<_> = fadvise_pieces(pos, step.len)
+            .map(|(at, n)| {
+                let sqe = opcode::Fadvise::new(fd, n as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                    .offset(at)
+                    .build();
+                q.ublk_submit_sqe(sqe)
+            })
+            .collect();
+        // Advice only: its failure changes nothing.
+        for f in advice {
+            let _ = f.await;
+        }
+    }
+    0
+}
+
+/// Installs the base data at device offset `off`, `len` bytes, as `install`
+/// does, reading it from the base first: with zero copy a READ's data never
+/// passes through the daemon's memory.
+pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> i32 {
+    match read_base(q, sh, off, len).await {
+        Ok(data) => install(q, sh, off, &data).await,
+        Err(e) => e,
+    }
+}
+
+/// Reads `len` bytes of the base at `off` into a new buffer and waits.
+async fn read_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> Result<Vec<u8>, i32> {
+    let mut data = vec![0u8; len as usize];
+    if let Some(op) = read_op(q, Miss::Ring(BASE_FD), &sh.base_io, off, &mut data) {
+        let r = finish(q, op).await;
+        if r < 0 {
+            return Err(r);
+        }
+    }
+    Ok(data)
+}
+
+/// Installs base data `data`, read at device offset `off`, into the overlay
+/// for every block it fully covers that is still `Unallocated` — under the
+/// blocks' locks, re-checking the state, so a copy never lands over a write
+/// or discard that came after the read. Returns 0 or a negative errno.
+pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i32 {
+    let dev = &sh.dev;
+    let geo = *dev.geometry();
+    let end = off + data.len() as u64;
+    let mut first = geo.block_of(off + geo.block_size() as u64 - 1);
+    let mut last = geo.block_of(end);
+    if end == geo.size() {
+        last = geo.blocks();
+    }
+    while first < last {
+        let chunk_end = last.min(first + MAX_LOCK_BLOCKS);
+        if !(first..chunk_end).any(|b| dev.map().get(b) == BlockState::Unallocated) {
+            first = chunk_end;
+            continue;
+        }
+        let _guard = lock(q, sh, first..chunk_end).await;
+        for run in dev.map().unallocated_runs(first..chunk_end) {
+            let from = geo.block_start(run.start);
+            let to = geo.block_end(run.end - 1);
+            let src = &data[(from - off) as usize..(to - off) as usize];
+            let r = overlay_write(q, sh, src, dev.overlay().data_pos(from)).await;
+            if r < 0 {
+                return r;
+            }
+            dev.map().set_range(run, BlockState::Allocated);
+            Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
+        }
+        first = chunk_end;
+    }
+    0
+}
