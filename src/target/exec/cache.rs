@@ -15,7 +15,8 @@ use libublk::io::UblkQueue;
 const CACHE_PIECE: u64 = 1 << 20;
 
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
-/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads and copies in pieces of at most 1 MiB.
+/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads
+/// and copies in pieces of at most `CACHE_PIECE`.
 pub async fn cache_range(
     q: &UblkQueue<'_>,
     sh: &Shared,
