@@ -195,6 +195,7 @@ impl<'a> WriteData<'a> {
     /// zero copy: copied into the staging buffer by user copy, each time
     /// this is called); a negative errno when it cannot be had there.
     pub async fn in_buffer(&mut self) -> Result<&[u8], i32> {
+        let stageable = self.can_buffer();
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
             Source::Request(f) => f,
@@ -203,7 +204,7 @@ impl<'a> WriteData<'a> {
                 copy: Some(from),
                 staging,
                 ..
-            } if *len <= staging.len() => {
+            } if stageable => {
                 let buf = &mut staging[..*len];
                 return match from.read_into(buf) {
                     Ok(()) => Ok(buf),
