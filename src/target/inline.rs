@@ -217,14 +217,7 @@ mod tests {
     /// cached), already unlinked.
     fn file_in(dir: &std::path::Path, name: &str) -> (File, Vec<u8>) {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-        let path = dir.join(format!("ublk-cow-inline-{}-{name}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let mut f = crate::target::test_files::unlinked(dir, &format!("inline-{name}"));
         f.write_all(&data).unwrap();
         (f, data)
     }

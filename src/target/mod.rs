@@ -12,6 +12,8 @@ pub mod ops;
 pub mod params;
 pub mod queue;
 pub mod request_buf;
+#[cfg(test)]
+mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;

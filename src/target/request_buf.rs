@@ -203,14 +203,7 @@ mod tests {
     /// position ublk gives queue 1, tag 3.
     #[test]
     fn staging_takes_a_small_write_by_user_copy() {
-        let path = std::env::temp_dir().join(format!("ublk-cow-staging-{}", std::process::id()));
-        let dev = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let dev = crate::target::test_files::unlinked(&std::env::temp_dir(), "staging");
         let copy = UserCopy {
             fd: dev.as_raw_fd(),
             qid: 1,
