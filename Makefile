@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache clean
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean
 
 all: build
 
@@ -60,3 +60,10 @@ bench-cache:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/cache-guest.sh bash ci/bench/run.sh
+
+# What a first write to a sparse overlay costs the guest's kernel alone:
+# pwrite into a tmpfs hole against into a page that exists.
+bench-alloc:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	BENCH_SCRIPT=ci/bench/alloc-guest.sh bash ci/bench/run.sh
