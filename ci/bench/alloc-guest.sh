@@ -17,13 +17,7 @@ source "$(dirname "$0")/systems.sh"
 set -e
 need_ublk
 ROUNDS=${ROUNDS:-3}
-B=/tmp/ublk-cow-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
-export TMPDIR=$B
-BASE_FILE=$B/base.img
-BASE=$BASE_FILE
-say "bench-alloc: 512 MiB base of random data in guest tmpfs; $(uname -r)"
-head -c 512M /dev/urandom > "$BASE_FILE"
+bench_base
 
 run() { # SYSTEM WORKLOAD ROUND FIO-ARGS...
     local sys=$1 wl=$2 round=$3; shift 3

@@ -19,13 +19,7 @@ WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first chunkwrite-4k-first randr
 OUT=${OUT:-/tmp/ublk-cow-bench-out}
 mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 
-B=/tmp/ublk-cow-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
-export TMPDIR=$B
-BASE_FILE=$B/base.img
-BASE=$BASE_FILE
-say "bench: 512 MiB base of random data in guest tmpfs"
-head -c 512M /dev/urandom > "$BASE_FILE"
+bench_base
 # The variant on a slower device: the base (and loop's and rublk's copies)
 # on disks that take SLOW_MS ms per I/O; overlays and COW stores stay in
 # tmpfs. Its workloads are named with -slow-base.

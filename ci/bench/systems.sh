@@ -14,6 +14,18 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # cache (--base-io direct; for a base on a device: SLOW_MS), and
 # ublk-cow-direct-raoff, the same without prefetch (--readahead off).
 
+# The benchmarks' tmpfs $B (also $TMPDIR, where ublk-cow keeps its
+# overlays) and in it the base: 512 MiB of random data, $BASE_FILE = $BASE.
+bench_base() {
+    B=/tmp/ublk-cow-bench
+    mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
+    export TMPDIR=$B
+    BASE_FILE=$B/base.img
+    BASE=$BASE_FILE
+    say "bench: 512 MiB base of random data in guest tmpfs ($(uname -r))"
+    head -c 512M /dev/urandom > "$BASE_FILE"
+}
+
 # The slower device (`make bench-slow`): null_blk disks that keep their data
 # in memory and complete every I/O SLOW_MS ms after it arrives, by a timer
 # (device-mapper's delay target busies a CPU while I/O waits and rounds
