@@ -2,8 +2,13 @@
 //! data into the overlay (copy-on-cache, copy-on-read) that read the old base
 //! data must not land after a newer guest write and undo it.
 
+// The library's helper for its own host tests (not part of its API).
+#[path = "../src/target/test_files.rs"]
+mod test_files;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use ublk_cow::engine::base::BaseIdentity;
 use ublk_cow::engine::cache::CacheMode;
@@ -145,20 +150,8 @@ fn kernel_copy_on_cache_installs_unwritten_blocks() {
 /// A device over real files in /dev/shm (tmpfs), already unlinked.
 fn file_device(blocks: usize, name: &str) -> (CowDevice<File, File>, Vec<u8>) {
     let base: Vec<u8> = (0..blocks * BS).map(|i| (i / 512) as u8 | 0x80).collect();
-    let open = |what: &str| {
-        let path = format!(
-            "/dev/shm/ublk-cow-race-{}-{name}-{what}",
-            std::process::id()
-        );
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
-    };
+    let open =
+        |what: &str| test_files::unlinked(Path::new("/dev/shm"), &format!("race-{name}-{what}"));
     let base_file = open("base");
     base_file.write_all_at(&base, 0).unwrap();
     let id = BaseIdentity::compute(&base_file, base.len() as u64, 0).unwrap();

@@ -1,5 +1,6 @@
-//! Files for the target's host tests: made new in a directory and unlinked
-//! at once, so nothing is left behind however a test ends.
+//! Files for the host tests (the target's, and `tests/race.rs`, which
+//! includes this file): made new in a directory and unlinked at once, so
+//! nothing is left behind however a test ends.
 
 use std::fs::File;
 use std::path::Path;
