@@ -4,7 +4,7 @@
 //!
 //! - [`engine`]: the decisions — block-state map, request planning, locks,
 //!   overlay format — and a synchronous executor; no ublk, no io_uring.
-//! - [`target`]: the ublk target that executes the engine's plans as
+//! - [`ublk`]: the ublk target that executes the engine's plans as
 //!   io_uring operations on each queue's ring.
 //! - [`daemon`]: device lifetime — state files, add/del/list.
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
@@ -16,4 +16,4 @@ pub mod engine;
 pub mod size;
 pub mod stats;
 pub mod sys;
-pub mod target;
+pub mod ublk;

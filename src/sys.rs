@@ -63,7 +63,7 @@ impl Drop for MappedFile {
 /// Used for the base and the overlay when they live in memory. This process
 /// only ever reads through it. The kernel writes the file: io_uring writes,
 /// hole punching, and, when mapped `writable`, ublk's copy of a WRITE's data
-/// into the address the daemon names (see `target::write_data`). A read
+/// into the address the daemon names (see `ublk::write_data`). A read
 /// racing a write to the same bytes sees old or new bytes, as on any block
 /// device.
 pub struct SharedMap {

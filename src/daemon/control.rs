@@ -13,7 +13,7 @@ use crate::daemon::state;
 use crate::engine::cache::CacheMode;
 use crate::engine::device::CacheDone;
 use crate::stats::{CacheSource, Stats, StatsSnapshot};
-use crate::target::exec::Shared;
+use crate::ublk::exec::Shared;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};

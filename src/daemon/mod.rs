@@ -13,9 +13,9 @@ use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
 use crate::engine::map::{MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
 use crate::sys::{Forked, MappedFile};
-use crate::target::exec::Shared;
-use crate::target::params::{IoMode, ZeroCopy};
-use crate::target::{self, TargetConfig};
+use crate::ublk::exec::Shared;
+use crate::ublk::params::{IoMode, ZeroCopy};
+use crate::ublk::{self, TargetConfig};
 use anyhow::{Context, Result, anyhow, bail};
 use state::DeviceState;
 use std::fs::File;
@@ -119,10 +119,10 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     };
     let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
     Geometry::new(base.size, block_size)?;
-    target::check_available()?;
-    target::check_io_mode(req.target.zero_copy)?;
+    ublk::check_available()?;
+    ublk::check_io_mode(req.target.zero_copy)?;
     if let Some(id) = req.target.id
-        && target::device_exists(id)
+        && ublk::device_exists(id)
     {
         bail!("ublk device {id} already exists");
     }
@@ -161,11 +161,11 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
             st.pid
         );
     }
-    if !target::device_exists(id) {
+    if !ublk::device_exists(id) {
         bail!("ublk device {id} is gone; `ublk-cow del -n {id}` cleans up, `add` starts anew");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !target::is_quiesced(id) {
+    while !ublk::is_quiesced(id) {
         if Instant::now() > deadline {
             bail!("ublk device {id} is not waiting for recovery");
         }
@@ -322,8 +322,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         recover,
     } = p;
     let ctrl = match recover {
-        None => target::create(&req.target)?,
-        Some(id) => target::attach_for_recovery(id)?,
+        None => ublk::create(&req.target)?,
+        Some(id) => ublk::attach_for_recovery(id)?,
     };
     let id = ctrl.dev_info().dev_id;
     state::ensure_run_dir()?;
@@ -354,7 +354,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         recovered_unclean: unclean,
         forced: req.force,
         policy: req.policy,
-        zero_copy: target::io_mode(&ctrl) == IoMode::ZeroCopy,
+        zero_copy: ublk::io_mode(&ctrl) == IoMode::ZeroCopy,
         base_io: req.base_io,
     };
     let shared = match Shared::new(dev, req.policy, req.preallocate, direct) {
@@ -371,10 +371,10 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     std::thread::spawn(move || {
         let sig = crate::sys::wait_termination();
         log::info!("signal {sig}: stopping device {id}");
-        let _ = target::stop(id);
+        let _ = ublk::stop(id);
     });
     let st_ready = st.clone();
-    let served = target::serve(&ctrl, shared.clone(), req.read_only, move |c| {
+    let served = ublk::serve(&ctrl, shared.clone(), req.read_only, move |c| {
         let path = c.get_bdev_path();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Path::new(&path).exists() && Instant::now() < deadline {
@@ -384,7 +384,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
             Ok(()) => ready(&path),
             Err(e) => {
                 log::error!("{e:#}");
-                let _ = target::stop(id);
+                let _ = ublk::stop(id);
             }
         }
     });
@@ -398,7 +398,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     drop(ctrl);
     if recover.is_some() {
         // A control handle made for recovery does not delete the device.
-        let _ = target::delete(id);
+        let _ = ublk::delete(id);
     }
     served.map_err(|e| anyhow!("serving ublk device {id}: {e}"))?;
     closed?;
@@ -497,7 +497,7 @@ fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
 /// overlay) and waits for it; cleans up after a daemon that is gone.
 pub fn del(id: u32) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
-        if target::device_exists(id) {
+        if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
         }
         bail!("there is no ublk-cow device {id}");
@@ -515,8 +515,8 @@ pub fn del(id: u32) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     } else {
-        if target::device_exists(id) {
-            target::delete(id)?;
+        if ublk::device_exists(id) {
+            ublk::delete(id)?;
         }
         st.remove_files();
     }

@@ -3,7 +3,7 @@
 //! positional reads and writes on the calling thread.
 //!
 //! The device state — geometry, map, locks, overlay header — is what the
-//! io_uring executor in `crate::target` shares too; it only replaces the way
+//! io_uring executor in `crate::ublk` shares too; it only replaces the way
 //! the I/O of a plan is issued.
 
 use crate::engine::base::BaseIdentity;

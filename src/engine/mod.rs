@@ -4,7 +4,7 @@
 //!
 //! Data flow: a request is turned into a plan by [`plan`] from the [`map`];
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
-//! with plain positional I/O here, `crate::target` with io_uring.
+//! with plain positional I/O here, `crate::ublk` with io_uring.
 
 pub mod base;
 pub mod cache;

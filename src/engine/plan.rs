@@ -1,6 +1,6 @@
 //! Request planning: what each READ, WRITE and DISCARD/WRITE_ZEROES must do,
 //! decided from the block-state map alone. Executors (the synchronous one in
-//! `device.rs`, the io_uring one in `target/`) only carry plans out.
+//! `device.rs`, the io_uring one in `ublk/`) only carry plans out.
 
 use crate::engine::geometry::Geometry;
 use crate::engine::map::{BlockMap, BlockState};

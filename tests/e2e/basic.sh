@@ -151,7 +151,7 @@ case_fua() {
 case_tmpfs_files() {
     # Base and overlay in memory, in copy mode: reads are copied from
     # mappings instead of going through io_uring, and a read of one run is
-    # committed with the mapping's address (see target/exec/read.rs); the data
+    # committed with the mapping's address (see ublk/exec/read.rs); the data
     # must not differ.
     local t=$WORK/tmem dev id
     mkdir -p "$t"; mount -t tmpfs -o size=400M tmpfs "$t"
@@ -172,7 +172,7 @@ case_tmpfs_files() {
     say "  $mapped reads committed straight from a mapping"
     [ "$mapped" -gt 0 ] || die "no read was committed from a mapping"
     # Rewrites of written blocks: ublk copies the data straight into the
-    # overlay's mapped pages (see target/write_data.rs); first writes go
+    # overlay's mapped pages (see ublk/write_data.rs); first writes go
     # through the buffer.
     local placed0; placed0=$(stat_of "$id" writes_to_mapping)
     head -c 4M /dev/urandom > blob

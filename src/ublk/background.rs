@@ -6,7 +6,7 @@
 //! than the budget.
 
 use crate::stats::{CacheSource, Stats};
-use crate::target::exec::{self, Shared};
+use crate::ublk::exec::{self, Shared};
 use libublk::io::UblkQueue;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

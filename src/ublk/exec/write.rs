@@ -10,8 +10,8 @@ use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, WritePath};
 use crate::stats::Stats;
-use crate::target::ops::{FileWrite, PendingOp, WriteSource, finish_all};
-use crate::target::write_data::{Placement, WriteData};
+use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish_all};
+use crate::ublk::write_data::{Placement, WriteData};
 use io_uring::opcode;
 use libublk::io::UblkQueue;
 

@@ -13,7 +13,7 @@
 //! memory copy. Whatever may wait for a device is left to the ring.
 
 use crate::sys::{self, Pipe, SharedMap};
-use crate::target::request_buf::UserCopyAt;
+use crate::ublk::request_buf::UserCopyAt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -40,7 +40,7 @@ pub struct InlineFile {
     /// The whole file mapped, when it lives in memory. This process only
     /// reads through it: a write fault on a full tmpfs would kill the
     /// daemon, where `pwrite` returns ENOSPC. The kernel's copies into it
-    /// fail cleanly instead (see `target::write_data`).
+    /// fail cleanly instead (see `ublk::write_data`).
     map: Option<SharedMap>,
     /// The file lives in memory: a write only copies into its pages.
     in_memory: bool,
@@ -217,7 +217,7 @@ mod tests {
     /// cached), already unlinked.
     fn file_in(dir: &std::path::Path, name: &str) -> (File, Vec<u8>) {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-        let mut f = crate::target::test_files::unlinked(dir, &format!("inline-{name}"));
+        let mut f = crate::ublk::test_files::unlinked(dir, &format!("inline-{name}"));
         f.write_all(&data).unwrap();
         (f, data)
     }

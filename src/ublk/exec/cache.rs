@@ -7,7 +7,7 @@ use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces,
 use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::stats::Stats;
-use crate::target::ops::finish;
+use crate::ublk::ops::finish;
 use io_uring::opcode;
 use libublk::io::UblkQueue;
 

@@ -20,7 +20,7 @@
 //! write to the overlay reports the error (`Placement::Refused`). A copy
 //! that stops part way is `Placement::Done` with fewer bytes.
 
-use crate::target::request_buf::{RequestBuf, UserCopyAt};
+use crate::ublk::request_buf::{RequestBuf, UserCopyAt};
 use libublk::io::UblkQueue;
 use libublk::{UblkError, sys};
 

@@ -3,7 +3,7 @@
 
 use super::{OVERLAY_FD, Shared};
 use crate::stats::Stats;
-use crate::target::ops::{FileWrite, PendingOp, WriteSource, finish, finish_all};
+use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish, finish_all};
 use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
 use std::sync::atomic::Ordering;

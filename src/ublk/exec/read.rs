@@ -6,9 +6,9 @@ use super::{BASE_DIRECT_FD, BASE_FD, Miss, OVERLAY_FD, Shared, TagScratch, ZERO_
 use crate::engine::plan::{self, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
-use crate::target::inline::InlineFile;
-use crate::target::ops::{self, PendingOp, finish_all};
-use crate::target::request_buf::RequestBuf;
+use crate::ublk::inline::InlineFile;
+use crate::ublk::ops::{self, PendingOp, finish_all};
+use crate::ublk::request_buf::RequestBuf;
 use libublk::io::UblkQueue;
 use std::cell::OnceCell;
 
