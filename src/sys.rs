@@ -528,8 +528,13 @@ pub enum Forked {
     Child,
 }
 
-/// Forks the process. Call only while the process has a single thread.
-pub fn fork() -> io::Result<Forked> {
+/// Forks the process.
+///
+/// # Safety
+/// The process must have a single thread: the child gets a copy of this
+/// thread only, and a lock another thread held (the allocator's, say)
+/// would stay held in the child forever.
+pub unsafe fn fork() -> io::Result<Forked> {
     // SAFETY: the caller guarantees a single-threaded process, so the child
     // inherits no lock held by another thread.
     match unsafe { libc::fork() } {

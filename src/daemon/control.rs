@@ -13,7 +13,7 @@ use crate::daemon::state;
 use crate::engine::cache::CacheMode;
 use crate::engine::device::CacheDone;
 use crate::stats::{CacheSource, Stats, StatsSnapshot};
-use crate::ublk::exec::Shared;
+use crate::ublk::ServedDevice;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -60,7 +60,7 @@ impl Reply {
 const PIECE: u64 = 16 << 20;
 
 /// Binds the socket of device `id` and serves it on a thread of its own.
-pub fn serve(id: u32, sh: Arc<Shared>) -> Result<()> {
+pub fn serve(id: u32, sh: Arc<ServedDevice>) -> Result<()> {
     let path = state::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let listener =
@@ -85,7 +85,7 @@ fn send(conn: &mut UnixStream, r: &Reply) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot(sh: &Shared) -> StatsSnapshot {
+pub fn snapshot(sh: &ServedDevice) -> StatsSnapshot {
     let mut s = sh.stats.snapshot();
     let c = sh.dev.map().counts();
     s.blocks_unallocated = c.unallocated;
@@ -94,7 +94,7 @@ pub fn snapshot(sh: &Shared) -> StatsSnapshot {
     s
 }
 
-fn handle(mut conn: UnixStream, sh: &Shared) -> Result<()> {
+fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let req: Request = serde_json::from_str(&line).context("bad request")?;

@@ -13,7 +13,7 @@ use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
 use crate::engine::map::{MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
 use crate::sys::{Forked, MappedFile};
-use crate::ublk::exec::Shared;
+use crate::ublk::ServedDevice;
 use crate::ublk::params::{IoMode, ZeroCopy};
 use crate::ublk::{self, TargetConfig};
 use anyhow::{Context, Result, anyhow, bail};
@@ -223,7 +223,9 @@ fn start(p: Prepared) -> Result<()> {
         return serve(p, Box::new(|path| println!("{path}")));
     }
     let (mut parent_end, child_end) = UnixStream::pair().context("creating a pipe")?;
-    match crate::sys::fork().context("fork")? {
+    // SAFETY: `add` and `recover` have started no thread yet: the ublk
+    // device, its queues and the control socket are made in the child.
+    match unsafe { crate::sys::fork() }.context("fork")? {
         Forked::Child => {
             drop(parent_end);
             let report = child_end.try_clone().context("pipe")?;
@@ -357,7 +359,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         zero_copy: ublk::io_mode(&ctrl) == IoMode::ZeroCopy,
         base_io: req.base_io,
     };
-    let shared = match Shared::new(dev, req.policy, req.preallocate, direct) {
+    let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
         Err(e) => {
             made.remove();
@@ -409,7 +411,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
 
 /// The files `open_device` made, for `serve` to remove if it fails before
 /// the device is served.
-struct Made {
+struct CreatedFiles {
     overlay: PathBuf,
     /// The overlay is new (not one that existed before).
     created: bool,
@@ -417,7 +419,7 @@ struct Made {
     map: Option<PathBuf>,
 }
 
-impl Made {
+impl CreatedFiles {
     fn remove(&self) {
         if self.created {
             let _ = std::fs::remove_file(&self.overlay);
@@ -439,9 +441,9 @@ fn open_device(
     block_size: u32,
     recover: Option<u32>,
     id: u32,
-) -> Result<(CowDevice<File, File>, Made)> {
+) -> Result<(CowDevice<File, File>, CreatedFiles)> {
     let (overlay_path, overlay_file, created) = open_overlay(overlay, id)?;
-    let made = Made {
+    let made = CreatedFiles {
         overlay: overlay_path,
         created,
         map: recover.is_none().then(|| state::map_path(id)),

@@ -184,7 +184,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     fn write_piece(&self, off: u64, data: &[u8]) -> Result<(), Error> {
         let len = data.len() as u64;
         let blocks = match plan::write_path(&self.map, &self.geo, off, len) {
-            WritePath::Direct => return self.overlay_write(data, off),
+            WritePath::Unlocked => return self.overlay_write(data, off),
             WritePath::Locked(blocks) => blocks,
         };
         let _guard = self.lock(blocks);

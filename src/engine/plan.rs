@@ -53,7 +53,7 @@ pub fn plan_read(map: &BlockMap, geo: &Geometry, off: u64, len: u64, out: &mut V
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WritePath {
     /// Every block it touches is `Allocated`: write the overlay, take no lock.
-    Direct,
+    Unlocked,
     /// Some block must change state: lock these blocks, then
     /// [`plan_locked_write`].
     Locked(Range<u64>),
@@ -62,7 +62,7 @@ pub enum WritePath {
 pub fn write_path(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePath {
     let blocks = geo.blocks_touched(off, len);
     if map.all_allocated(blocks.clone()) {
-        WritePath::Direct
+        WritePath::Unlocked
     } else {
         WritePath::Locked(blocks)
     }
@@ -212,7 +212,7 @@ mod tests {
     fn unaligned_write_fills_head_and_tail() {
         use BlockState::*;
         let (map, geo) = setup(&[Unallocated, Allocated, Zero]);
-        assert_eq!(write_path(&map, &geo, 4096, 4096), WritePath::Direct);
+        assert_eq!(write_path(&map, &geo, 4096, 4096), WritePath::Unlocked);
         assert_eq!(write_path(&map, &geo, 1024, 4096), WritePath::Locked(0..2));
         let p = plan_locked_write(&map, &geo, 1024, 2 * 4096);
         assert_eq!(p.head, Some(Fill::FromBase { off: 0, len: 1024 }));

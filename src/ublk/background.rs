@@ -6,7 +6,8 @@
 //! than the budget.
 
 use crate::stats::{CacheSource, Stats};
-use crate::ublk::exec::{self, Shared};
+use crate::ublk::ServedDevice;
+use crate::ublk::exec::{self};
 use libublk::io::UblkQueue;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -45,7 +46,7 @@ pub struct Background {
 
 impl Background {
     /// Queues `job` if it fits the budget; counts it by source or as dropped.
-    pub fn push(&self, job: Job, source: CacheSource, sh: &Shared) {
+    pub fn push(&self, job: Job, source: CacheSource, sh: &ServedDevice) {
         let n = job.bytes();
         if self.bytes.get() + n > sh.policy.budget {
             Stats::add(&sh.stats.cache_dropped_over_budget, 1);
@@ -77,7 +78,7 @@ impl Background {
 }
 
 /// The queue's background task: runs jobs one after another, forever.
-pub async fn worker(q: &UblkQueue<'_>, sh: &Shared, bg: &Background) {
+pub async fn worker(q: &UblkQueue<'_>, sh: &ServedDevice, bg: &Background) {
     loop {
         let job = bg.next().await;
         bg.busy.set(true);

@@ -36,7 +36,7 @@ const RING_WRITE_MIN: usize = 128 << 10;
 const PAGE: u64 = 4096;
 
 /// Inline I/O of one file (the base or the overlay).
-pub struct InlineFile {
+pub struct MemoryPath {
     /// The whole file mapped, when it lives in memory. This process only
     /// reads through it: a write fault on a full tmpfs would kill the
     /// daemon, where `pwrite` returns ENOSPC. The kernel's copies into it
@@ -49,10 +49,10 @@ pub struct InlineFile {
     way: AtomicU8,
 }
 
-impl InlineFile {
+impl MemoryPath {
     /// Inline I/O for `file`, whose first `len` bytes are read through it;
     /// `writable` maps them for the kernel to copy into as well.
-    pub fn new(file: &File, len: u64, writable: bool) -> io::Result<InlineFile> {
+    pub fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
@@ -60,7 +60,7 @@ impl InlineFile {
         let map = (whole && len > 0 && in_memory)
             .then(|| SharedMap::map(file, len as usize, writable).ok())
             .flatten();
-        Ok(InlineFile {
+        Ok(MemoryPath {
             map,
             in_memory,
             file: file.try_clone()?,
@@ -222,7 +222,7 @@ mod tests {
         (f, data)
     }
 
-    fn check(r: &InlineFile, data: &[u8]) {
+    fn check(r: &MemoryPath, data: &[u8]) {
         for (pos, len) in [(0, 4096), (512, 1000), (8192, 32768), (60000, 5536)] {
             let mut buf = vec![0u8; len];
             let n = r.read(pos as u64, &mut buf);
@@ -233,7 +233,7 @@ mod tests {
     #[test]
     fn reads_cached_pages_of_a_file() {
         let (f, data) = file_in(&std::env::temp_dir(), "file");
-        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
         check(&r, &data);
         // Just written, so cached: some way served it inline.
         let mut buf = vec![0u8; 4096];
@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
         let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
-        let r = InlineFile::new(&f, 64 * 1024, false).unwrap();
+        let r = MemoryPath::new(&f, 64 * 1024, false).unwrap();
         assert_eq!(r.write(1000, &[9u8; 5000]), Some(0));
         let mut back = vec![0u8; 5000];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
@@ -259,7 +259,7 @@ mod tests {
         let (f, _) = file_in(&std::env::temp_dir(), "w");
         if !sys::is_tmpfs(&f) {
             assert_eq!(
-                InlineFile::new(&f, 64 * 1024, false)
+                MemoryPath::new(&f, 64 * 1024, false)
                     .unwrap()
                     .write(0, &[1u8; 10]),
                 None
@@ -274,7 +274,7 @@ mod tests {
             panic!("/dev/shm is missing: the tmpfs case cannot run");
         }
         let (f, data) = file_in(shm, "shm");
-        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
         assert!(r.map.is_some(), "a tmpfs file is mapped");
         check(&r, &data);
         let mut buf = vec![0u8; 100];
@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn a_pipe_holds_mapped_bytes_all_or_none() {
         let (f, data) = file_in(std::path::Path::new("/dev/shm"), "pipe");
-        let r = InlineFile::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
         let p = Pipe::new().unwrap();
         for (pos, len) in [(0, 4096), (512, 4096), (65536 - 100, 100)] {
             assert!(r.splice_to(pos as u64, len, &p), "at {pos}+{len}");
@@ -325,7 +325,7 @@ mod tests {
         // A file that is not mapped: nothing to hold.
         let (g, _) = file_in(&std::env::temp_dir(), "pipe");
         if !sys::is_tmpfs(&g) {
-            let n = InlineFile::new(&g, 64 * 1024, false).unwrap();
+            let n = MemoryPath::new(&g, 64 * 1024, false).unwrap();
             assert!(!n.splice_to(0, 4096, &p));
         }
     }

@@ -12,16 +12,18 @@ pub mod ops;
 pub mod params;
 pub mod queue;
 pub mod request_buf;
+pub mod served;
 #[cfg(test)]
 mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;
-use exec::Shared;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags, sys};
 use params::{IoMode, ZeroCopy};
+use exec::RingFiles;
+pub use served::ServedDevice;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -130,7 +132,7 @@ pub fn io_mode(ctrl: &UblkCtrl) -> IoMode {
 /// `/dev/ublkbN` accepts I/O.
 pub fn serve(
     ctrl: &UblkCtrl,
-    shared: Arc<Shared>,
+    shared: Arc<ServedDevice>,
     read_only: bool,
     ready: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
 ) -> Result<(), UblkError> {
@@ -145,14 +147,20 @@ pub fn serve(
     let zero_fd = zero.as_raw_fd();
     let init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
-        let n = tgt.nr_fds as usize;
-        // Fixed files 1 to 4: exec::BASE_FD, OVERLAY_FD, ZERO_FD and
-        // BASE_DIRECT_FD.
-        tgt.fds[n] = base_fd;
-        tgt.fds[n + 1] = overlay_fd;
-        tgt.fds[n + 2] = zero_fd;
-        tgt.fds[n + 3] = direct_fd;
-        tgt.nr_fds += 4;
+        let files = RingFiles {
+            base: base_fd,
+            overlay: overlay_fd,
+            zero: zero_fd,
+            base_direct: direct_fd,
+        }
+        .in_order();
+        // The `*_FD` constants of `exec` count on these following the char
+        // device directly.
+        assert_eq!(tgt.nr_fds, exec::FIRST_FILE as i32, "fixed files");
+        for (i, fd) in files.into_iter().enumerate() {
+            tgt.fds[exec::FIRST_FILE as usize + i] = fd;
+        }
+        tgt.nr_fds += files.len() as i32;
         // A request may need several operations on the ring at once.
         tgt.sq_depth = depth.saturating_mul(4);
         tgt.cq_depth = depth.saturating_mul(4);

@@ -4,6 +4,12 @@
 //! done its work when it moved all the bytes it was asked to; a write that
 //! moved fewer is pushed again for the rest, since the kernel tells why it
 //! stopped (ENOSPC, say) only to the next write.
+//!
+//! The rule of every operation built here: the memory its SQE points to (a
+//! buffer, a `Timespec`) stays valid and in place until the operation's
+//! completion has been reaped, i.e. its `PendingOp` finished. So every
+//! caller awaits each operation it pushed before it lets go of the memory,
+//! even after another operation of the same request failed (`finish_all`).
 
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;

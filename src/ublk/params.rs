@@ -1,11 +1,19 @@
 //! The ublk device parameters, chosen in this one place.
 
 use crate::engine::Error;
+use crate::engine::geometry::MIN_BLOCK_SIZE;
+use crate::engine::locks::MAX_LOCK_BLOCKS;
 use libublk::sys;
 
 /// Bytes of each per-tag I/O buffer, and so the largest READ/WRITE the kernel
 /// sends (`max_sectors`). 1 MiB lets sequential I/O arrive in large requests.
 pub const IO_BUF_BYTES: u32 = 1 << 20;
+// A READ or WRITE is served under one lock range (`exec::write` does not
+// split it): its blocks, one more when it starts mid-block, must fit one.
+const _: () = assert!(
+    (IO_BUF_BYTES / MIN_BLOCK_SIZE) as u64 + 1 <= MAX_LOCK_BLOCKS,
+    "the largest request needs more block locks than one range may take"
+);
 /// Largest DISCARD/WRITE_ZEROES in one request: they carry no data, so they
 /// may be much larger than the buffer.
 const MAX_DISCARD_BYTES: u32 = 1 << 30;

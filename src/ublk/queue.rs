@@ -13,8 +13,9 @@ use crate::engine::cache::CacheMode;
 use crate::engine::plan::ReadSource;
 use crate::engine::readahead::Detector;
 use crate::stats::{CacheSource, Stats};
+use crate::ublk::ServedDevice;
 use crate::ublk::background::{self, Background, Job};
-use crate::ublk::exec::{self, QueueBufs, ReadDone, Shared, TagScratch};
+use crate::ublk::exec::{self, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::params::{self, IoMode};
 use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy};
 use crate::ublk::write_data::WriteData;
@@ -62,7 +63,7 @@ pub struct QueueState {
     zero_copy: bool,
     /// ublk's user copy reaches them too.
     user_copy: Option<UserCopy>,
-    bufs: QueueBufs,
+    bufs: ZeroBlocks,
     detector: RefCell<Detector>,
     /// READs of this queue being served (for the detector: a reader that
     /// keeps several in flight reads ahead itself).
@@ -85,13 +86,19 @@ impl Request {
 /// Whether the policy copies the base data this READ reads into the overlay
 /// (copy-on-readahead with the `cow` mode for kernel hints; `--cow-on-read`
 /// for every read).
-fn installs(sh: &Shared, req: &Request) -> bool {
+fn installs(sh: &ServedDevice, req: &Request) -> bool {
     sh.policy.cow_on_read || (req.hinted() && sh.policy.mode == CacheMode::Cow)
 }
 
 /// After a READ: queue the prefetch it calls for, and the copy of the base
 /// data it read into `buf` if the policy `installs` it.
-fn after_read(sh: &Shared, qs: &QueueState, s: &TagScratch, req: &Request, buf: &RequestBuf<'_>) {
+fn after_read(
+    sh: &ServedDevice,
+    qs: &QueueState,
+    s: &TagScratch,
+    req: &Request,
+    buf: &RequestBuf<'_>,
+) {
     let hinted = req.hinted();
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
@@ -160,7 +167,7 @@ impl From<i32> for Commit {
 /// Carries out one request. `Err` when the tag can serve no more requests.
 async fn handle(
     q: &UblkQueue<'_>,
-    sh: &Shared,
+    sh: &ServedDevice,
     qs: &QueueState,
     s: &mut TagScratch,
     req: Request,
@@ -170,6 +177,9 @@ async fn handle(
     let geo = sh.dev.geometry();
     let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
     let res = match req.op {
+        // This arm must stay before the range check below: ublk takes the
+        // commit of a WRITE only once its data was asked for, so even a
+        // WRITE refused for its range settles its data first.
         sys::UBLK_IO_OP_WRITE => {
             let buf = buf.request(req.len as usize);
             let mut data = WriteData::request(q, req.tag, buf, req.data_pending);
@@ -225,7 +235,7 @@ async fn next_request(
 async fn tag_task(
     q: Rc<UblkQueue<'_>>,
     tag: u16,
-    sh: Arc<Shared>,
+    sh: Arc<ServedDevice>,
     qs: Rc<QueueState>,
 ) -> Result<(), UblkError> {
     let mut buf = if qs.zero_copy {
@@ -249,7 +259,7 @@ async fn tag_task(
 }
 
 /// The body of queue thread `qid`: returns when the device stops.
-pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
+pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -266,7 +276,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<Shared>) {
             fd: dev.tgt.fds[0],
             qid,
         }),
-        bufs: QueueBufs::new(bs),
+        bufs: ZeroBlocks::new(bs),
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
         reads_in_flight: Cell::new(0),
         background: Background::default(),

@@ -9,7 +9,7 @@
 //! without its data, and ublk copies the data only when the daemon answers
 //! with `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
-//! overlay's own pages, mapped (`InlineFile::placeable`), which saves that
+//! overlay's own pages, mapped (`MemoryPath::placeable`), which saves that
 //! second copy. ublk takes no commit of a WRITE before its data was asked
 //! for, so whatever the write path did, `settle` asks for it before the
 //! commit.

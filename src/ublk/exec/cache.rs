@@ -2,11 +2,12 @@
 //! fadvise, read, copy into the overlay), and the installing of base data
 //! into the overlay under the blocks' locks.
 
-use super::{BASE_FD, Miss, OVERLAY_FD, Shared, lock, overlay_write, read_op};
+use super::{BASE_FD, OVERLAY_FD, RingRead, lock, overlay_write, read_op};
 use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
 use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::stats::Stats;
+use crate::ublk::ServedDevice;
 use crate::ublk::ops::finish;
 use io_uring::opcode;
 use libublk::io::UblkQueue;
@@ -19,7 +20,7 @@ const CACHE_PIECE: u64 = 1 << 20;
 /// and copies in pieces of at most `CACHE_PIECE`.
 pub async fn cache_range(
     q: &UblkQueue<'_>,
-    sh: &Shared,
+    sh: &ServedDevice,
     off: u64,
     len: u64,
     mode: CacheMode,
@@ -81,7 +82,7 @@ pub async fn cache_range(
 /// Installs the base data at device offset `off`, `len` bytes, as `install`
 /// does, reading it from the base first: with zero copy a READ's data never
 /// passes through the daemon's memory.
-pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> i32 {
+pub async fn install_from_base(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, len: u64) -> i32 {
     match read_base(q, sh, off, len).await {
         Ok(data) => install(q, sh, off, &data).await,
         Err(e) => e,
@@ -89,9 +90,14 @@ pub async fn install_from_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u6
 }
 
 /// Reads `len` bytes of the base at `off` into a new buffer and waits.
-async fn read_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> Result<Vec<u8>, i32> {
+async fn read_base(
+    q: &UblkQueue<'_>,
+    sh: &ServedDevice,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>, i32> {
     let mut data = vec![0u8; len as usize];
-    if let Some(op) = read_op(q, Miss::Ring(BASE_FD), &sh.base_io, off, &mut data) {
+    if let Some(op) = read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, &mut data) {
         let r = finish(q, op).await;
         if r < 0 {
             return Err(r);
@@ -104,7 +110,7 @@ async fn read_base(q: &UblkQueue<'_>, sh: &Shared, off: u64, len: u64) -> Result
 /// for every block it fully covers that is still `Unallocated` — under the
 /// blocks' locks, re-checking the state, so a copy never lands over a write
 /// or discard that came after the read. Returns 0 or a negative errno.
-pub async fn install(q: &UblkQueue<'_>, sh: &Shared, off: u64, data: &[u8]) -> i32 {
+pub async fn install(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, data: &[u8]) -> i32 {
     let dev = &sh.dev;
     let geo = *dev.geometry();
     let end = off + data.len() as u64;

@@ -1,8 +1,9 @@
 //! FLUSH: the overlay's data made durable, then the map pages that changed
 //! written and made durable, one flush at a time.
 
-use super::{OVERLAY_FD, Shared};
+use super::OVERLAY_FD;
 use crate::stats::Stats;
+use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish, finish_all};
 use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
@@ -10,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 /// FLUSH: overlay data durable, then the changed map pages, then durable
 /// again (see `CowDevice::flush`, the same order). One flush at a time.
-pub async fn flush(q: &UblkQueue<'_>, sh: &Shared) -> i32 {
+pub async fn flush(q: &UblkQueue<'_>, sh: &ServedDevice) -> i32 {
     while sh
         .flushing
         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)

@@ -4,15 +4,15 @@
 //! One file per kind of request: `read`, `write` (with DISCARD and
 //! WRITE_ZEROES), `flush`, and `cache` (cache requests and copies of base
 //! data into the overlay). This file holds what they share: the ring's
-//! fixed files, the state every queue shares (`Shared`), reads and overlay
+//! fixed files, the state every queue shares (`ServedDevice`), reads and overlay
 //! writes that take the queue's thread when the data is in memory, and the
 //! wait for a block lock.
 //!
 //! Every operation is pushed at once and awaited later (`ops`); the runs of
 //! one request are all pushed before the first is awaited, so they are in
-//! flight together. Fixed file 1 is the base (opened read-only), fixed file
-//! 2 the overlay, fixed file 3 /dev/zero, fixed file 4 the base opened with
-//! O_DIRECT (`--base-io direct`; else the base once more). With zero copy a
+//! flight together. The ring's fixed files are the base (opened read-only),
+//! the overlay, /dev/zero and the base opened with O_DIRECT (`RingFiles`).
+//! With zero copy a
 //! request's data is reached with fixed-buffer operations: a small READ of
 //! mapped data from the tag's pipe (`read::pipe_read`), other runs from the
 //! files; a small WRITE is taken with ublk's user copy (`request_buf`). The
@@ -33,108 +33,58 @@ pub use flush::flush;
 pub use read::{ReadDone, read};
 pub use write::{write, write_zeroes};
 
-use crate::engine::base::{DirectAlign, DirectBase};
-use crate::engine::cache::CachePolicy;
-use crate::engine::device::CowDevice;
+use crate::engine::base::DirectAlign;
 use crate::engine::locks::RangeGuard;
 use crate::engine::plan::ReadRun;
 use crate::stats::Stats;
 use crate::sys::Pipe;
-use crate::ublk::inline::InlineFile;
+use crate::ublk::ServedDevice;
+use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{self, FileWrite, PendingOp, WriteSource, finish};
 use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
 use std::cell::OnceCell;
-use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU64;
 
-pub const BASE_FD: types::Fixed = types::Fixed(1);
-pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
-pub const ZERO_FD: types::Fixed = types::Fixed(3);
-pub const BASE_DIRECT_FD: types::Fixed = types::Fixed(4);
-
-pub type Device = CowDevice<File, File>;
-
-/// What every queue shares: the device, its cache policy, the counters and
-/// the flush serializer.
-pub struct Shared {
-    pub dev: Device,
-    pub policy: CachePolicy,
-    pub stats: Stats,
-    /// I/O of the base and the overlay that can be served on the queue's
-    /// thread (see `inline`).
-    base_io: InlineFile,
-    overlay_io: InlineFile,
-    /// The overlay's pages of every `Unallocated` block exist, initialized,
-    /// in its mapping: it was preallocated and populated when the device
-    /// was added (see `plan::overlay_pages_ready`).
-    unallocated_ready: bool,
-    /// The base opened with O_DIRECT, for READs of base blocks that the
-    /// page cache does not hold (`--base-io direct`).
-    direct: Option<DirectBase>,
-    /// Held while a flush writes map pages, so snapshots land in order.
-    flushing: AtomicBool,
+/// The files of every queue's ring, in the order of their fixed-file
+/// indices. Index 0 is ublk's char device, which libublk registers first
+/// (`FIRST_FILE`); these follow it, and the `*_FD` constants below are
+/// derived from this order.
+pub struct RingFiles {
+    pub base: RawFd,
+    pub overlay: RawFd,
+    /// /dev/zero, read into a request's pages for zero runs (zero copy).
+    pub zero: RawFd,
+    /// The base opened with O_DIRECT (`--base-io direct`), else the base.
+    pub base_direct: RawFd,
 }
 
-impl Shared {
-    /// The queues' view of `dev`. `preallocated`: the overlay's data area
-    /// was just allocated in full (`add --preallocate`); if it lives in
-    /// memory its pages are then made ready for WRITE data (`populate`).
-    pub fn new(
-        dev: Device,
-        policy: CachePolicy,
-        preallocated: bool,
-        direct: Option<DirectBase>,
-    ) -> std::io::Result<Shared> {
-        let size = dev.geometry().size();
-        let base_io = InlineFile::new(dev.base(), size, false)?;
-        let overlay = dev.overlay();
-        let overlay_io = InlineFile::new(overlay.storage(), overlay.data_pos(size), true)?;
-        let data = overlay.data_pos(0)..overlay.data_pos(size);
-        let unallocated_ready = preallocated
-            && overlay_io.placeable(data.start, 0).is_some()
-            && match overlay_io.populate(data.start, data.end - data.start) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::warn!("overlay pages not made ready for writes: {e}");
-                    false
-                }
-            };
-        Ok(Shared {
-            dev,
-            policy,
-            stats: Stats::default(),
-            base_io,
-            overlay_io,
-            unallocated_ready,
-            direct,
-            flushing: AtomicBool::new(false),
-        })
-    }
-
-    /// The base's descriptor for direct reads, if there is one.
-    pub fn direct_base(&self) -> Option<&File> {
-        self.direct.as_ref().map(|d| &d.file)
-    }
-
-    /// How READs reach base blocks the page cache lacks: `Some` with the
-    /// alignment direct reads need, `None` through the page cache.
-    fn direct_align(&self) -> Option<DirectAlign> {
-        self.direct.as_ref().map(|d| d.align)
+impl RingFiles {
+    /// The descriptors, in fixed-file order from `FIRST_FILE` on.
+    pub fn in_order(&self) -> [RawFd; 4] {
+        [self.base, self.overlay, self.zero, self.base_direct]
     }
 }
+
+/// The fixed-file index of the first of `RingFiles`.
+pub const FIRST_FILE: u32 = 1;
+pub const BASE_FD: types::Fixed = types::Fixed(FIRST_FILE);
+pub const OVERLAY_FD: types::Fixed = types::Fixed(FIRST_FILE + 1);
+pub const ZERO_FD: types::Fixed = types::Fixed(FIRST_FILE + 2);
+pub const BASE_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 3);
 
 /// Per-queue buffers reused by every request of the queue.
-pub struct QueueBufs {
+pub struct ZeroBlocks {
     /// Zeros for zero-fill writes: two blocks, the most a partial
     /// WRITE_ZEROES without a whole block can cover.
     zeros: Vec<u8>,
 }
 
-impl QueueBufs {
-    pub fn new(block_size: u32) -> QueueBufs {
-        QueueBufs {
+impl ZeroBlocks {
+    pub fn new(block_size: u32) -> ZeroBlocks {
+        ZeroBlocks {
             zeros: vec![0u8; 2 * block_size as usize],
         }
     }
@@ -159,23 +109,23 @@ impl TagScratch {
 
 /// Where a read goes for what the inline reader cannot serve.
 #[derive(Clone, Copy)]
-enum Miss<'a> {
+enum RingRead<'a> {
     /// This file of the ring, through the page cache.
-    Ring(types::Fixed),
+    Cached(types::Fixed),
     /// The base with O_DIRECT (counted in the counter) when the page cache
     /// does not hold all of the read and the read is aligned for it; else
-    /// as `Ring(BASE_FD)`.
+    /// as `Cached(BASE_FD)`.
     DirectBase(DirectAlign, &'a AtomicU64),
 }
 
-impl Miss<'_> {
+impl RingRead<'_> {
     /// Whether a read of `len` bytes at `pos` into memory at `addr` (`None`:
     /// a request's own pages) goes around the page cache; counts it if so.
     /// Only the page cache is asked whether it holds the data: an inline
     /// read of a miss would start a buffered read of the device (RWF_NOWAIT
     /// still starts readahead), which the direct read would do again.
-    fn direct(&self, reader: &InlineFile, pos: u64, len: u64, addr: Option<usize>) -> bool {
-        let Miss::DirectBase(a, n) = *self else {
+    fn direct(&self, reader: &MemoryPath, pos: u64, len: u64, addr: Option<usize>) -> bool {
+        let RingRead::DirectBase(a, n) = *self else {
             return false;
         };
         let direct = a.fits(pos, len, addr) && !reader.is_cached(pos, len);
@@ -188,8 +138,8 @@ impl Miss<'_> {
     /// The ring's file for a read through the page cache.
     fn cached_fd(&self) -> types::Fixed {
         match *self {
-            Miss::Ring(fd) => fd,
-            Miss::DirectBase(..) => BASE_FD,
+            RingRead::Cached(fd) => fd,
+            RingRead::DirectBase(..) => BASE_FD,
         }
     }
 }
@@ -198,8 +148,8 @@ impl Miss<'_> {
 /// and a ring read, pushed and returned, for the rest.
 fn read_op(
     q: &UblkQueue<'_>,
-    miss: Miss<'_>,
-    reader: &InlineFile,
+    miss: RingRead<'_>,
+    reader: &MemoryPath,
     pos: u64,
     dst: &mut [u8],
 ) -> Option<PendingOp> {
@@ -227,7 +177,7 @@ fn read_op(
 /// and returned.
 fn overlay_write_op(
     q: &UblkQueue<'_>,
-    sh: &Shared,
+    sh: &ServedDevice,
     data: &[u8],
     pos: u64,
 ) -> Result<Option<PendingOp>, i32> {
@@ -248,7 +198,7 @@ fn overlay_write_op(
 
 /// Writes `data` at overlay file offset `pos` and waits: 0 or a negative
 /// errno.
-async fn overlay_write(q: &UblkQueue<'_>, sh: &Shared, data: &[u8], pos: u64) -> i32 {
+async fn overlay_write(q: &UblkQueue<'_>, sh: &ServedDevice, data: &[u8], pos: u64) -> i32 {
     finish_write(q, overlay_write_op(q, sh, data, pos)).await
 }
 
@@ -266,7 +216,7 @@ async fn finish_write(q: &UblkQueue<'_>, write: Result<Option<PendingOp>, i32>) 
 /// this queue) may hold them, and this thread must keep its ring turning
 /// meanwhile, so the wait is a short io_uring timeout between tries; each
 /// counts in `lock_waits`.
-async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a Shared, blocks: Range<u64>) -> RangeGuard<'a> {
+async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
     loop {
         if let Some(g) = sh
             .dev

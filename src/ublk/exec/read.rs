@@ -2,11 +2,12 @@
 //! request; or, for one run in a mapped file, left where it is for ublk to
 //! copy at the commit (`ReadDone::Mapped`).
 
-use super::{BASE_DIRECT_FD, BASE_FD, Miss, OVERLAY_FD, Shared, TagScratch, ZERO_FD, read_op};
+use super::{BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, read_op};
 use crate::engine::plan::{self, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
-use crate::ublk::inline::InlineFile;
+use crate::ublk::ServedDevice;
+use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{self, PendingOp, finish_all};
 use crate::ublk::request_buf::RequestBuf;
 use libublk::io::UblkQueue;
@@ -27,7 +28,7 @@ pub enum ReadDone {
 /// (`ReadDone::Mapped`).
 pub async fn read(
     q: &UblkQueue<'_>,
-    sh: &Shared,
+    sh: &ServedDevice,
     s: &mut TagScratch,
     off: u64,
     mut buf: RequestBuf<'_>,
@@ -64,8 +65,8 @@ pub async fn read(
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
                 let miss = match sh.direct_align() {
-                    Some(a) => Miss::DirectBase(a, &st.read_base_direct_ops),
-                    None => Miss::Ring(BASE_FD),
+                    Some(a) => RingRead::DirectBase(a, &st.read_base_direct_ops),
+                    None => RingRead::Cached(BASE_FD),
                 };
                 (miss, &sh.base_io, run.off)
             }
@@ -73,7 +74,7 @@ pub async fn read(
                 Stats::add(&st.read_overlay_ops, 1);
                 Stats::add(&st.read_overlay_bytes, run.len);
                 let pos = dev.overlay().data_pos(run.off);
-                (Miss::Ring(OVERLAY_FD), &sh.overlay_io, pos)
+                (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
             }
         };
         let user_copy = buf.user_copy(run.buf_off);
@@ -141,7 +142,7 @@ pub async fn read(
 fn pipe_read(
     q: &UblkQueue<'_>,
     pipe: &OnceCell<Option<Pipe>>,
-    reader: &InlineFile,
+    reader: &MemoryPath,
     pos: u64,
     index: u16,
     at: usize,

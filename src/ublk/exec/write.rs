@@ -3,13 +3,14 @@
 //! blocks filled from the base (or zeros), and the map changed last.
 
 use super::{
-    BASE_FD, Miss, OVERLAY_FD, QueueBufs, Shared, TagScratch, finish_write, lock, overlay_write_op,
+    BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZeroBlocks, finish_write, lock, overlay_write_op,
     read_op,
 };
 use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, WritePath};
 use crate::stats::Stats;
+use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish_all};
 use crate::ublk::write_data::{Placement, WriteData};
 use io_uring::opcode;
@@ -24,7 +25,7 @@ use libublk::io::UblkQueue;
 /// request: kernels differ in what they do with the rest of a request
 /// committed short (6.12 serves it again; 7.3 completes the whole request,
 /// so the rest would be lost without an error).
-async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
+async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
     if let Some(from) = data.user_copy() {
         // Zero copy: the data stays in the request's pages, so a copy that
         // fell short is simply written again, whole, from there.
@@ -73,7 +74,7 @@ async fn place(sh: &Shared, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
 /// 23,828 in another, 6 rounds).
 async fn data_write_op(
     q: &UblkQueue<'_>,
-    sh: &Shared,
+    sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
 ) -> Result<Option<PendingOp>, i32> {
@@ -104,8 +105,8 @@ async fn data_write_op(
 /// written (all of them) or a negative errno.
 pub async fn write(
     q: &UblkQueue<'_>,
-    sh: &Shared,
-    qb: &QueueBufs,
+    sh: &ServedDevice,
+    qb: &ZeroBlocks,
     s: &mut TagScratch,
     off: u64,
     data: &mut WriteData<'_>,
@@ -116,7 +117,7 @@ pub async fn write(
     Stats::add(&sh.stats.write_ops, 1);
     Stats::add(&sh.stats.write_bytes, len);
     let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
-        WritePath::Direct => {
+        WritePath::Unlocked => {
             if let Some(r) = place(sh, data, pos).await {
                 return r;
             }
@@ -138,7 +139,7 @@ pub async fn write(
     for (i, f) in [p.head, p.tail].into_iter().enumerate() {
         if let Some(Fill::FromBase { off, len }) = f {
             let dst = &mut s.fill[i * bs..i * bs + len as usize];
-            reads.extend(read_op(q, Miss::Ring(BASE_FD), &sh.base_io, off, dst));
+            reads.extend(read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, dst));
         }
     }
     let r = finish_all(q, reads).await;
@@ -189,8 +190,8 @@ pub async fn write(
 /// DISCARD / WRITE_ZEROES of `[off, off+len)`.
 pub async fn write_zeroes(
     q: &UblkQueue<'_>,
-    sh: &Shared,
-    qb: &QueueBufs,
+    sh: &ServedDevice,
+    qb: &ZeroBlocks,
     s: &mut TagScratch,
     off: u64,
     len: u64,

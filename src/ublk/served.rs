@@ -1,0 +1,85 @@
+//! The device as the queues serve it: the engine's device, its cache
+//! policy, the counters, and what the queues' threads need to reach the
+//! base and the overlay without the ring (mappings, the direct base). The
+//! daemon makes one per device and hands it to the queues and to the
+//! control socket.
+
+use crate::engine::base::{DirectAlign, DirectBase};
+use crate::engine::cache::CachePolicy;
+use crate::engine::device::CowDevice;
+use crate::stats::Stats;
+use crate::ublk::inline::MemoryPath;
+use std::fs::File;
+use std::sync::atomic::AtomicBool;
+
+/// The engine's device over the base and overlay files.
+pub type Device = CowDevice<File, File>;
+
+/// What every queue shares: the device, its cache policy, the counters and
+/// the flush serializer.
+pub struct ServedDevice {
+    pub dev: Device,
+    pub policy: CachePolicy,
+    pub stats: Stats,
+    /// I/O of the base and the overlay that can be served on the queue's
+    /// thread (see `inline`).
+    pub(crate) base_io: MemoryPath,
+    pub(crate) overlay_io: MemoryPath,
+    /// The overlay's pages of every `Unallocated` block exist, initialized,
+    /// in its mapping: it was preallocated and populated when the device
+    /// was added (see `plan::overlay_pages_ready`).
+    pub(crate) unallocated_ready: bool,
+    /// The base opened with O_DIRECT, for READs of base blocks that the
+    /// page cache does not hold (`--base-io direct`).
+    pub(crate) direct: Option<DirectBase>,
+    /// Held while a flush writes map pages, so snapshots land in order.
+    pub(crate) flushing: AtomicBool,
+}
+
+impl ServedDevice {
+    /// The queues' view of `dev`. `preallocated`: the overlay's data area
+    /// was just allocated in full (`add --preallocate`); if it lives in
+    /// memory its pages are then made ready for WRITE data (`populate`).
+    pub fn new(
+        dev: Device,
+        policy: CachePolicy,
+        preallocated: bool,
+        direct: Option<DirectBase>,
+    ) -> std::io::Result<ServedDevice> {
+        let size = dev.geometry().size();
+        let base_io = MemoryPath::new(dev.base(), size, false)?;
+        let overlay = dev.overlay();
+        let overlay_io = MemoryPath::new(overlay.storage(), overlay.data_pos(size), true)?;
+        let data = overlay.data_pos(0)..overlay.data_pos(size);
+        let unallocated_ready = preallocated
+            && overlay_io.placeable(data.start, 0).is_some()
+            && match overlay_io.populate(data.start, data.end - data.start) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("overlay pages not made ready for writes: {e}");
+                    false
+                }
+            };
+        Ok(ServedDevice {
+            dev,
+            policy,
+            stats: Stats::default(),
+            base_io,
+            overlay_io,
+            unallocated_ready,
+            direct,
+            flushing: AtomicBool::new(false),
+        })
+    }
+
+    /// The base's descriptor for direct reads, if there is one.
+    pub fn direct_base(&self) -> Option<&File> {
+        self.direct.as_ref().map(|d| &d.file)
+    }
+
+    /// How READs reach base blocks the page cache lacks: `Some` with the
+    /// alignment direct reads need, `None` through the page cache.
+    pub(crate) fn direct_align(&self) -> Option<DirectAlign> {
+        self.direct.as_ref().map(|d| d.align)
+    }
+}
