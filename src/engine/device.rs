@@ -187,13 +187,13 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             WritePath::Unlocked => return self.overlay_write(data, off),
             WritePath::Locked(blocks) => blocks,
         };
-        let _guard = self.lock(blocks);
+        let guard = self.lock(blocks);
         let plan = plan::plan_locked_write(&self.map, &self.geo, off, len);
         for fill in plan.fills() {
             self.fill(fill)?;
         }
         self.overlay_write(data, off)?;
-        self.map.allocate(plan.mark);
+        self.map.allocate(&guard, plan.mark);
         Ok(())
     }
 
@@ -233,8 +233,8 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             let mut first = whole.start;
             while first < whole.end {
                 let end = whole.end.min(first + MAX_LOCK_BLOCKS);
-                let _guard = self.lock(first..end);
-                self.map.set_range(first..end, BlockState::Zero);
+                let guard = self.lock(first..end);
+                self.map.set_range(&guard, first..end, BlockState::Zero);
                 let start = self.geo.block_start(first);
                 // Space is only reclaimed: the map already says Zero, so a
                 // file system without hole punching loses nothing.
@@ -298,7 +298,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         if !self.kernel_copy.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let _guard = self.lock(blocks.clone());
+        let guard = self.lock(blocks.clone());
         let mut installed = 0;
         for run in self.map.unallocated_runs(blocks) {
             let from = self.geo.block_start(run.start);
@@ -324,7 +324,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
                 }
             }
             installed += run.end - run.start;
-            self.map.set_range(run, BlockState::Allocated);
+            self.map.set_range(&guard, run, BlockState::Allocated);
         }
         Ok(Some(installed))
     }
@@ -357,14 +357,14 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         let bs = self.geo.block_size() as u64;
         let n = (job.data.len() as u64).div_ceil(bs);
         let blocks = job.first..job.first + n;
-        let _guard = self.lock(blocks.clone());
+        let guard = self.lock(blocks.clone());
         let mut installed = 0;
         for run in self.map.unallocated_runs(blocks) {
             let from = ((run.start - job.first) * bs) as usize;
             let to = (((run.end - job.first) * bs) as usize).min(job.data.len());
             self.overlay_write(&job.data[from..to], self.geo.block_start(run.start))?;
             installed += run.end - run.start;
-            self.map.set_range(run, BlockState::Allocated);
+            self.map.set_range(&guard, run, BlockState::Allocated);
         }
         Ok(installed)
     }

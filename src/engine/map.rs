@@ -11,7 +11,9 @@
 //! shared (under `/run`) so that the live map outlives a crashed daemon.
 
 use crate::engine::Error;
+use crate::engine::locks::RangeGuard;
 use crate::sys::MappedFile;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a read of one block returns, and where a write to it must go.
@@ -72,6 +74,16 @@ impl MapMemory {
     }
 }
 
+/// Panics unless `locked` covers `blocks`: a change of state outside the
+/// locked range would break the concurrency rule silently.
+fn check_locked(locked: &RangeGuard<'_>, blocks: &Range<u64>) {
+    let held = locked.blocks();
+    assert!(
+        blocks.is_empty() || (held.start <= blocks.start && blocks.end <= held.end),
+        "map change of blocks {blocks:?} under the locks of {held:?}"
+    );
+}
+
 /// The live map of one device. See the module documentation.
 pub struct BlockMap {
     mem: MapMemory,
@@ -124,8 +136,9 @@ impl BlockMap {
         self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
     }
 
-    /// Sets `block` to `state` unconditionally.
-    pub fn set(&self, block: u64, state: BlockState) {
+    /// Sets `block` to `state` unconditionally. Only through the mutators
+    /// below, which take the lock guard, or at load time.
+    fn set(&self, block: u64, state: BlockState) {
         let (w, shift) = Self::slot(block);
         let mask = 3u64 << shift;
         let word = &self.mem.words()[w];
@@ -135,17 +148,21 @@ impl BlockMap {
         self.mark_dirty(w);
     }
 
-    /// Sets every block of `blocks` to `state`.
-    pub fn set_range(&self, blocks: std::ops::Range<u64>, state: BlockState) {
+    /// Sets every block of `blocks` to `state`. `locked` holds their locks
+    /// (the concurrency rule in `locks`): a state change without them does
+    /// not compile.
+    pub fn set_range(&self, locked: &RangeGuard<'_>, blocks: Range<u64>, state: BlockState) {
+        check_locked(locked, &blocks);
         for b in blocks {
             self.set(b, state);
         }
     }
 
     /// Marks the blocks of `blocks` that are not `Allocated` as `Allocated`
-    /// (their data is in the overlay; the caller holds their locks). Blocks
+    /// (their data is in the overlay; `locked` holds their locks). Blocks
     /// already allocated are left alone, so their map pages stay clean.
-    pub fn allocate(&self, blocks: std::ops::Range<u64>) {
+    pub fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>) {
+        check_locked(locked, &blocks);
         for b in blocks {
             if self.get(b) != BlockState::Allocated {
                 self.set(b, BlockState::Allocated);
@@ -290,6 +307,7 @@ pub(crate) fn test_map(states: &[BlockState]) -> (BlockMap, crate::engine::geome
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::locks::BlockLocks;
 
     #[test]
     fn states_round_trip_and_runs_merge() {
@@ -301,7 +319,8 @@ mod tests {
         assert_eq!(m.run_at(0, 100), (BlockState::Unallocated, 5));
         assert_eq!(m.run_at(5, 100), (BlockState::Allocated, 2));
         assert_eq!(m.run_at(7, 100), (BlockState::Zero, 1));
-        m.allocate(6..8);
+        let locks = BlockLocks::default();
+        m.allocate(&locks.try_lock(6, 2).unwrap(), 6..8);
         assert_eq!(m.get(7), BlockState::Allocated);
         assert_eq!(m.counts().allocated, 3);
         m.set(40, BlockState::Zero);
@@ -329,8 +348,10 @@ mod tests {
             vec![2..3, 4..5]
         );
         // A run taken while iterating does not change the runs after it.
+        let locks = BlockLocks::default();
+        let held = locks.try_lock(0, 7).unwrap();
         let mut it = m.unallocated_runs(0..7);
-        m.set_range(it.next().unwrap(), Allocated);
+        m.set_range(&held, it.next().unwrap(), Allocated);
         assert_eq!(it.collect::<Vec<_>>(), vec![4..5, 6..7]);
         assert!(m.unallocated_runs(0..1).next().is_none());
     }
@@ -349,6 +370,14 @@ mod tests {
         image[2 * MAP_PAGE..3 * MAP_PAGE].copy_from_slice(&pages[0].1);
         copy.load(&image).unwrap();
         assert_eq!(copy.get(16384 * 2 + 1), BlockState::Zero);
+    }
+
+    #[test]
+    #[should_panic(expected = "under the locks of")]
+    fn a_change_outside_the_held_locks_panics() {
+        let m = BlockMap::new(MapMemory::heap(10), 10);
+        let locks = BlockLocks::default();
+        m.allocate(&locks.try_lock(2, 2).unwrap(), 3..5);
     }
 
     #[test]

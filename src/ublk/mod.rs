@@ -18,11 +18,11 @@ mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;
+use exec::RingFiles;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags, sys};
 use params::{IoMode, ZeroCopy};
-use exec::RingFiles;
 pub use served::ServedDevice;
 use std::fs::File;
 use std::os::fd::AsRawFd;

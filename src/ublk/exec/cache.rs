@@ -125,7 +125,7 @@ pub async fn install(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, data: &[u8]
             first = chunk_end;
             continue;
         }
-        let _guard = lock(q, sh, first..chunk_end).await;
+        let guard = lock(q, sh, first..chunk_end).await;
         for run in dev.map().unallocated_runs(first..chunk_end) {
             let from = geo.block_start(run.start);
             let to = geo.block_end(run.end - 1);
@@ -134,7 +134,7 @@ pub async fn install(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, data: &[u8]
             if r < 0 {
                 return r;
             }
-            dev.map().set_range(run, BlockState::Allocated);
+            dev.map().set_range(&guard, run, BlockState::Allocated);
             Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
         }
         first = chunk_end;

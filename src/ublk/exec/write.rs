@@ -126,7 +126,7 @@ pub async fn write(
         }
         WritePath::Locked(blocks) => blocks,
     };
-    let _guard = lock(q, sh, blocks.clone()).await;
+    let guard = lock(q, sh, blocks.clone()).await;
     let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
     Stats::add(&sh.stats.rmw_blocks, p.fills().count() as u64);
 
@@ -183,7 +183,7 @@ pub async fn write(
     if r < 0 {
         return r;
     }
-    dev.map().allocate(p.mark);
+    dev.map().allocate(&guard, p.mark);
     len as i32
 }
 
@@ -211,8 +211,8 @@ pub async fn write_zeroes(
         let mut first = whole.start;
         while first < whole.end {
             let end = whole.end.min(first + MAX_LOCK_BLOCKS);
-            let _guard = lock(q, sh, first..end).await;
-            dev.map().set_range(first..end, BlockState::Zero);
+            let guard = lock(q, sh, first..end).await;
+            dev.map().set_range(&guard, first..end, BlockState::Zero);
             let start = geo.block_start(first);
             let bytes = geo.block_end(end - 1) - start;
             let punch = opcode::Fallocate::new(OVERLAY_FD, bytes)
