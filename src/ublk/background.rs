@@ -7,8 +7,8 @@
 
 use crate::stats::{CacheSource, Stats};
 use crate::ublk::ServedDevice;
-use crate::ublk::exec::{self};
-use libublk::io::UblkQueue;
+use crate::ublk::exec;
+use crate::ublk::ops::Ring;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -78,7 +78,7 @@ impl Background {
 }
 
 /// The queue's background task: runs jobs one after another, forever.
-pub async fn worker(q: &UblkQueue<'_>, sh: &ServedDevice, bg: &Background) {
+pub async fn worker<R: Ring>(q: &R, sh: &ServedDevice, bg: &Background) {
     loop {
         let job = bg.next().await;
         bg.busy.set(true);

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod inline;
 pub mod ops;
 pub mod params;
+pub mod plain_ring;
 pub mod queue;
 pub mod request_buf;
 pub mod served;
@@ -18,14 +19,12 @@ mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;
-use exec::RingFiles;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags, sys};
 use params::{IoMode, ZeroCopy};
 pub use served::ServedDevice;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -137,23 +136,13 @@ pub fn serve(
     ready: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
 ) -> Result<(), UblkError> {
     let geo = *shared.dev.geometry();
-    let base_fd = shared.dev.base().as_raw_fd();
-    let direct_fd = shared.direct_base().map_or(base_fd, |f| f.as_raw_fd());
-    let overlay_fd = shared.dev.overlay().storage().as_raw_fd();
     let depth = ctrl.dev_info().queue_depth;
     // Zero copy fills zero runs of a READ by reading /dev/zero into the
     // request's registered pages. Open until the device stops.
     let zero = File::open("/dev/zero").map_err(UblkError::IOError)?;
-    let zero_fd = zero.as_raw_fd();
+    let files = shared.ring_files(&zero).in_order();
     let init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
-        let files = RingFiles {
-            base: base_fd,
-            overlay: overlay_fd,
-            zero: zero_fd,
-            base_direct: direct_fd,
-        }
-        .in_order();
         // The `*_FD` constants of `exec` count on these following the char
         // device directly.
         assert_eq!(tgt.nr_fds, exec::FIRST_FILE as i32, "fixed files");

@@ -14,22 +14,132 @@
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::uring_async::UblkUringOpFuture;
+use std::future::Future;
 use std::os::fd::RawFd;
 
+/// Where the executor's operations go: a queue's ring (`UblkQueue`, the
+/// one libublk drives), or a plain io_uring (`plain_ring::PlainRing`, for
+/// the executor on its own, as the host tests run it).
+pub trait Ring {
+    /// The completion of one operation: its result (bytes, 0, or a
+    /// negative errno).
+    type Done: Future<Output = i32>;
+
+    /// Pushes `op`, to be submitted with the ring's next submission. What
+    /// `op` points to must stay valid until `Done` has completed.
+    fn push(&self, op: Op<'_>) -> Self::Done;
+}
+
+impl Ring for UblkQueue<'_> {
+    type Done = UblkUringOpFuture;
+
+    fn push(&self, op: Op<'_>) -> UblkUringOpFuture {
+        self.ublk_submit_sqe(op.sqe())
+    }
+}
+
+/// One operation of the executor, as it names it; `sqe` makes the io_uring
+/// entry. Fixed files are the ring's (`exec::RingFiles`); fixed buffers
+/// are requests' pages that ublk registered (zero copy), and a registered
+/// buffer starts at address 0 for io_uring, so `at` is the address.
+#[derive(Clone, Copy, Debug)]
+pub enum Op<'a> {
+    /// Reads `len` bytes at `pos` of `fd` into memory at `to`.
+    Read {
+        fd: types::Fixed,
+        to: *mut u8,
+        len: u32,
+        pos: u64,
+    },
+    /// Reads `len` bytes at `pos` of `fd` into fixed buffer `index`, `at`
+    /// bytes from its start.
+    ReadFixed {
+        fd: types::Fixed,
+        index: u16,
+        at: usize,
+        len: u32,
+        pos: u64,
+    },
+    /// Reads `len` bytes from pipe `fd` (a stream: no offset; not a fixed
+    /// file) into fixed buffer `index` at `at`.
+    ReadFixedFromPipe {
+        fd: RawFd,
+        index: u16,
+        at: usize,
+        len: u32,
+    },
+    Write(FileWrite),
+    /// `fdatasync` of `fd`.
+    DataSync {
+        fd: types::Fixed,
+    },
+    /// Punches a hole of `len` bytes at `pos` of `fd`, keeping its size.
+    Punch {
+        fd: types::Fixed,
+        pos: u64,
+        len: u64,
+    },
+    /// `POSIX_FADV_WILLNEED` for `len` bytes at `pos` of `fd`.
+    WillNeed {
+        fd: types::Fixed,
+        pos: u64,
+        len: u64,
+    },
+    /// Completes (with -ETIME) once this time has passed.
+    Timeout(&'a types::Timespec),
+}
+
+impl Op<'_> {
+    /// The io_uring entry. Every SQE of the executor is built here.
+    pub fn sqe(&self) -> squeue::Entry {
+        match *self {
+            Op::Read { fd, to, len, pos } => opcode::Read::new(fd, to, len).offset(pos).build(),
+            Op::ReadFixed {
+                fd,
+                index,
+                at,
+                len,
+                pos,
+            } => opcode::ReadFixed::new(fd, at as *mut u8, len, index)
+                .offset(pos)
+                .build(),
+            Op::ReadFixedFromPipe { fd, index, at, len } => {
+                opcode::ReadFixed::new(types::Fd(fd), at as *mut u8, len, index)
+                    .offset(u64::MAX)
+                    .build()
+            }
+            Op::Write(w) => w.sqe(),
+            Op::DataSync { fd } => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Punch { fd, pos, len } => opcode::Fallocate::new(fd, len)
+                .offset(pos)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            Op::WillNeed { fd, pos, len } => {
+                opcode::Fadvise::new(fd, len as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                    .offset(pos)
+                    .build()
+            }
+            Op::Timeout(ts) => opcode::Timeout::new(ts).build(),
+        }
+    }
+}
+
 /// A pushed operation.
-pub struct PendingOp {
-    done: UblkUringOpFuture,
+pub struct PendingOp<R: Ring + ?Sized> {
+    done: R::Done,
     /// The result that says it did it all: bytes to move, or 0.
     want: u32,
     /// For a write: the write itself, to push the rest if it comes up short.
     write: Option<FileWrite>,
 }
 
-impl PendingOp {
-    /// Pushes `sqe`, which has done it all when it returns `want`.
-    pub fn push(q: &UblkQueue<'_>, sqe: squeue::Entry, want: u32) -> PendingOp {
+impl<R: Ring + ?Sized> PendingOp<R> {
+    /// Pushes `op`, which has done it all when it returns `want`.
+    pub fn push(q: &R, op: Op<'_>, want: u32) -> PendingOp<R> {
         PendingOp {
-            done: q.ublk_submit_sqe(sqe),
+            done: q.push(op),
             want,
             write: None,
         }
@@ -57,13 +167,15 @@ pub struct FileWrite {
 impl FileWrite {
     fn sqe(&self) -> squeue::Entry {
         match self.from {
-            WriteSource::Memory(p) => opcode::Write::new(self.fd, p, self.len),
+            WriteSource::Memory(p) => opcode::Write::new(self.fd, p, self.len)
+                .offset(self.pos)
+                .build(),
             WriteSource::Registered { index, at } => {
-                return write_fixed(self.fd, index, at, self.len, self.pos);
+                opcode::WriteFixed::new(self.fd, at as *const u8, self.len, index)
+                    .offset(self.pos)
+                    .build()
             }
         }
-        .offset(self.pos)
-        .build()
     }
 
     /// What is left after the first `n` bytes.
@@ -84,9 +196,9 @@ impl FileWrite {
     }
 
     /// Pushes the write.
-    pub fn push(self, q: &UblkQueue<'_>) -> PendingOp {
+    pub fn push<R: Ring + ?Sized>(self, q: &R) -> PendingOp<R> {
         PendingOp {
-            done: q.ublk_submit_sqe(self.sqe()),
+            done: q.push(Op::Write(self)),
             want: self.len,
             write: Some(self),
         }
@@ -95,7 +207,7 @@ impl FileWrite {
 
 /// Completes `op`: 0, or a negative errno; fewer bytes than asked is EIO,
 /// but for a write, which is pushed again for the rest first.
-pub async fn finish(q: &UblkQueue<'_>, op: PendingOp) -> i32 {
+pub async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> i32 {
     let mut op = op;
     loop {
         let r = op.done.await;
@@ -114,7 +226,7 @@ pub async fn finish(q: &UblkQueue<'_>, op: PendingOp) -> i32 {
 
 /// Completes each pushed operation, in order; the first failure is the
 /// result.
-pub async fn finish_all(q: &UblkQueue<'_>, ops: Vec<PendingOp>) -> i32 {
+pub async fn finish_all<R: Ring + ?Sized>(q: &R, ops: Vec<PendingOp<R>>) -> i32 {
     let mut res = 0;
     for op in ops {
         let r = finish(q, op).await;
@@ -123,36 +235,6 @@ pub async fn finish_all(q: &UblkQueue<'_>, ops: Vec<PendingOp>) -> i32 {
         }
     }
     res
-}
-
-/// Reads `len` bytes at file offset `pos` of `fd` into `buf`.
-pub fn read(fd: types::Fixed, buf: *mut u8, len: u32, pos: u64) -> squeue::Entry {
-    opcode::Read::new(fd, buf, len).offset(pos).build()
-}
-
-/// Reads `len` bytes at file offset `pos` of `fd` into fixed buffer `index`
-/// at `at` bytes from its start. A buffer that ublk registered starts at
-/// address 0 for io_uring, so `at` is the address.
-pub fn read_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> squeue::Entry {
-    opcode::ReadFixed::new(fd, at as *mut u8, len, index)
-        .offset(pos)
-        .build()
-}
-
-/// Reads `len` bytes from the pipe `fd` (not a fixed file; a stream has no
-/// offset) into fixed buffer `index` at `at` bytes from its start.
-pub fn read_fixed_from_pipe(fd: RawFd, index: u16, at: usize, len: u32) -> squeue::Entry {
-    opcode::ReadFixed::new(types::Fd(fd), at as *mut u8, len, index)
-        .offset(u64::MAX)
-        .build()
-}
-
-/// Writes `len` bytes from fixed buffer `index`, from `at` bytes on, to file
-/// offset `pos` of `fd`.
-fn write_fixed(fd: types::Fixed, index: u16, at: usize, len: u32, pos: u64) -> squeue::Entry {
-    opcode::WriteFixed::new(fd, at as *const u8, len, index)
-        .offset(pos)
-        .build()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub const IO_BUF_BYTES: u32 = 1 << 20;
 // A READ or WRITE is served under one lock range (`exec::write` does not
 // split it): its blocks, one more when it starts mid-block, must fit one.
 const _: () = assert!(
-    (IO_BUF_BYTES / MIN_BLOCK_SIZE) as u64 + 1 <= MAX_LOCK_BLOCKS,
+    ((IO_BUF_BYTES / MIN_BLOCK_SIZE) as u64) < MAX_LOCK_BLOCKS,
     "the largest request needs more block locks than one range may take"
 );
 /// Largest DISCARD/WRITE_ZEROES in one request: they carry no data, so they

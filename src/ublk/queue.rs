@@ -183,20 +183,14 @@ async fn handle(
         sys::UBLK_IO_OP_WRITE => {
             let buf = buf.request(req.len as usize);
             let mut data = WriteData::request(q, req.tag, buf, req.data_pending);
+            let fua = req.flags & sys::UBLK_IO_F_FUA != 0;
             let r = if in_range {
-                exec::write(q, sh, qb, s, req.off, &mut data).await
+                exec::write_request(q, sh, qb, s, req.off, &mut data, fua).await
             } else {
                 -libc::EINVAL
             };
             data.settle().await?;
-            if r >= 0 && req.flags & sys::UBLK_IO_F_FUA != 0 {
-                match exec::flush(q, sh).await {
-                    0 => r,
-                    e => e,
-                }
-            } else {
-                r
-            }
+            r
         }
         _ if !in_range => -libc::EINVAL,
         sys::UBLK_IO_OP_READ => {
@@ -284,7 +278,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
     let exe = Rc::new(smol::LocalExecutor::new());
     let worker = {
         let (q, sh, qs) = (q.clone(), sh.clone(), qs.clone());
-        exe.spawn(async move { background::worker(&q, &sh, &qs.background).await })
+        exe.spawn(async move { background::worker(&*q, &sh, &qs.background).await })
     };
     let tasks: Vec<_> = q
         .tags()

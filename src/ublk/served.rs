@@ -8,8 +8,10 @@ use crate::engine::base::{DirectAlign, DirectBase};
 use crate::engine::cache::CachePolicy;
 use crate::engine::device::CowDevice;
 use crate::stats::Stats;
+use crate::ublk::exec::RingFiles;
 use crate::ublk::inline::MemoryPath;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 
 /// The engine's device over the base and overlay files.
@@ -70,6 +72,18 @@ impl ServedDevice {
             direct,
             flushing: AtomicBool::new(false),
         })
+    }
+
+    /// The files of a ring that serves this device; `zero` is /dev/zero,
+    /// open as long as the ring.
+    pub fn ring_files(&self, zero: &File) -> RingFiles {
+        let base = self.dev.base().as_raw_fd();
+        RingFiles {
+            base,
+            overlay: self.dev.overlay().storage().as_raw_fd(),
+            zero: zero.as_raw_fd(),
+            base_direct: self.direct_base().map_or(base, |f| f.as_raw_fd()),
+        }
     }
 
     /// The base's descriptor for direct reads, if there is one.

@@ -8,9 +8,7 @@ use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
-use crate::ublk::ops::finish;
-use io_uring::opcode;
-use libublk::io::UblkQueue;
+use crate::ublk::ops::{Op, Ring, finish};
 
 /// Largest piece of base data a cache request reads or copies at once.
 const CACHE_PIECE: u64 = 1 << 20;
@@ -18,8 +16,8 @@ const CACHE_PIECE: u64 = 1 << 20;
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
 /// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads
 /// and copies in pieces of at most `CACHE_PIECE`.
-pub async fn cache_range(
-    q: &UblkQueue<'_>,
+pub async fn cache_range<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     off: u64,
     len: u64,
@@ -65,10 +63,11 @@ pub async fn cache_range(
         Stats::add(counter, step.len);
         let advice: Vec<_> = fadvise_pieces(pos, step.len)
             .map(|(at, n)| {
-                let sqe = opcode::Fadvise::new(fd, n as libc::off_t, libc::POSIX_FADV_WILLNEED)
-                    .offset(at)
-                    .build();
-                q.ublk_submit_sqe(sqe)
+                q.push(Op::WillNeed {
+                    fd,
+                    pos: at,
+                    len: n,
+                })
             })
             .collect();
         // Advice only: its failure changes nothing.
@@ -82,7 +81,7 @@ pub async fn cache_range(
 /// Installs the base data at device offset `off`, `len` bytes, as `install`
 /// does, reading it from the base first: with zero copy a READ's data never
 /// passes through the daemon's memory.
-pub async fn install_from_base(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, len: u64) -> i32 {
+pub async fn install_from_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len: u64) -> i32 {
     match read_base(q, sh, off, len).await {
         Ok(data) => install(q, sh, off, &data).await,
         Err(e) => e,
@@ -90,12 +89,7 @@ pub async fn install_from_base(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, l
 }
 
 /// Reads `len` bytes of the base at `off` into a new buffer and waits.
-async fn read_base(
-    q: &UblkQueue<'_>,
-    sh: &ServedDevice,
-    off: u64,
-    len: u64,
-) -> Result<Vec<u8>, i32> {
+async fn read_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len: u64) -> Result<Vec<u8>, i32> {
     let mut data = vec![0u8; len as usize];
     if let Some(op) = read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, &mut data) {
         let r = finish(q, op).await;
@@ -110,7 +104,7 @@ async fn read_base(
 /// for every block it fully covers that is still `Unallocated` — under the
 /// blocks' locks, re-checking the state, so a copy never lands over a write
 /// or discard that came after the read. Returns 0 or a negative errno.
-pub async fn install(q: &UblkQueue<'_>, sh: &ServedDevice, off: u64, data: &[u8]) -> i32 {
+pub async fn install<R: Ring>(q: &R, sh: &ServedDevice, off: u64, data: &[u8]) -> i32 {
     let dev = &sh.dev;
     let geo = *dev.geometry();
     let end = off + data.len() as u64;

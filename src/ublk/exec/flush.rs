@@ -4,30 +4,25 @@
 use super::OVERLAY_FD;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
-use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish, finish_all};
-use io_uring::{opcode, types};
-use libublk::io::UblkQueue;
+use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish, finish_all};
+use io_uring::types;
 use std::sync::atomic::Ordering;
 
 /// FLUSH: overlay data durable, then the changed map pages, then durable
 /// again (see `CowDevice::flush`, the same order). One flush at a time.
-pub async fn flush(q: &UblkQueue<'_>, sh: &ServedDevice) -> i32 {
+pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> i32 {
     while sh
         .flushing
         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
         let ts = types::Timespec::new().nsec(50_000);
-        q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
+        q.push(Op::Timeout(&ts)).await;
     }
     let dev = &sh.dev;
     Stats::add(&sh.stats.flushes, 1);
     let pages = dev.map().take_dirty_pages();
-    let datasync = || {
-        opcode::Fsync::new(OVERLAY_FD)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-    };
+    let datasync = || Op::DataSync { fd: OVERLAY_FD };
     let mut r = finish(q, PendingOp::push(q, datasync(), 0)).await;
     if r == 0 && !pages.is_empty() {
         let writes = pages

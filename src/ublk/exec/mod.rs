@@ -31,7 +31,7 @@ mod write;
 pub use cache::{cache_range, install, install_from_base};
 pub use flush::flush;
 pub use read::{ReadDone, read};
-pub use write::{write, write_zeroes};
+pub use write::{write, write_request, write_zeroes};
 
 use crate::engine::base::DirectAlign;
 use crate::engine::locks::RangeGuard;
@@ -40,9 +40,8 @@ use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
 use crate::ublk::inline::MemoryPath;
-use crate::ublk::ops::{self, FileWrite, PendingOp, WriteSource, finish};
-use io_uring::{opcode, types};
-use libublk::io::UblkQueue;
+use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish};
+use io_uring::types;
 use std::cell::OnceCell;
 use std::ops::Range;
 use std::os::fd::RawFd;
@@ -146,17 +145,22 @@ impl RingRead<'_> {
 
 /// Reads `dst` from file offset `pos`: what the inline reader can serve now,
 /// and a ring read, pushed and returned, for the rest.
-fn read_op(
-    q: &UblkQueue<'_>,
+fn read_op<R: Ring>(
+    q: &R,
     miss: RingRead<'_>,
     reader: &MemoryPath,
     pos: u64,
     dst: &mut [u8],
-) -> Option<PendingOp> {
+) -> Option<PendingOp<R>> {
     let len = dst.len() as u32;
     if miss.direct(reader, pos, len as u64, Some(dst.as_ptr() as usize)) {
-        let sqe = ops::read(BASE_DIRECT_FD, dst.as_mut_ptr(), len, pos);
-        return Some(PendingOp::push(q, sqe, len));
+        let op = Op::Read {
+            fd: BASE_DIRECT_FD,
+            to: dst.as_mut_ptr(),
+            len,
+            pos,
+        };
+        return Some(PendingOp::push(q, op, len));
     }
     let fd = miss.cached_fd();
     let done = reader.read(pos, dst);
@@ -165,22 +169,24 @@ fn read_op(
         return None;
     }
     let (at, len) = (pos + done as u64, rest.len() as u32);
-    Some(PendingOp::push(
-        q,
-        ops::read(fd, rest.as_mut_ptr(), len, at),
+    let op = Op::Read {
+        fd,
+        to: rest.as_mut_ptr(),
         len,
-    ))
+        pos: at,
+    };
+    Some(PendingOp::push(q, op, len))
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
 /// overlay lives in memory (`Err` is its failure), else a ring write, pushed
 /// and returned.
-fn overlay_write_op(
-    q: &UblkQueue<'_>,
+fn overlay_write_op<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     data: &[u8],
     pos: u64,
-) -> Result<Option<PendingOp>, i32> {
+) -> Result<Option<PendingOp<R>>, i32> {
     match sh.overlay_io.write(pos, data) {
         Some(0) => Ok(None),
         Some(e) => Err(e),
@@ -198,13 +204,13 @@ fn overlay_write_op(
 
 /// Writes `data` at overlay file offset `pos` and waits: 0 or a negative
 /// errno.
-async fn overlay_write(q: &UblkQueue<'_>, sh: &ServedDevice, data: &[u8], pos: u64) -> i32 {
+async fn overlay_write<R: Ring>(q: &R, sh: &ServedDevice, data: &[u8], pos: u64) -> i32 {
     finish_write(q, overlay_write_op(q, sh, data, pos)).await
 }
 
 /// Completes a write that was done inline (`Ok(None)`), pushed, or failed
 /// before it started: 0 or a negative errno.
-async fn finish_write(q: &UblkQueue<'_>, write: Result<Option<PendingOp>, i32>) -> i32 {
+async fn finish_write<R: Ring>(q: &R, write: Result<Option<PendingOp<R>>, i32>) -> i32 {
     match write {
         Ok(None) => 0,
         Ok(Some(op)) => finish(q, op).await,
@@ -216,7 +222,7 @@ async fn finish_write(q: &UblkQueue<'_>, write: Result<Option<PendingOp>, i32>) 
 /// this queue) may hold them, and this thread must keep its ring turning
 /// meanwhile, so the wait is a short io_uring timeout between tries; each
 /// counts in `lock_waits`.
-async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
+async fn lock<'a, R: Ring>(q: &R, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
     loop {
         if let Some(g) = sh
             .dev
@@ -227,6 +233,6 @@ async fn lock<'a>(q: &UblkQueue<'_>, sh: &'a ServedDevice, blocks: Range<u64>) -
         }
         Stats::add(&sh.stats.lock_waits, 1);
         let ts = types::Timespec::new().nsec(20_000);
-        q.ublk_submit_sqe(opcode::Timeout::new(&ts).build()).await;
+        q.push(Op::Timeout(&ts)).await;
     }
 }

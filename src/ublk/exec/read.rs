@@ -8,9 +8,8 @@ use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
 use crate::ublk::inline::MemoryPath;
-use crate::ublk::ops::{self, PendingOp, finish_all};
+use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
 use crate::ublk::request_buf::RequestBuf;
-use libublk::io::UblkQueue;
 use std::cell::OnceCell;
 
 /// Where a READ left its data.
@@ -26,8 +25,8 @@ pub enum ReadDone {
 /// READ of `buf.len()` bytes at `off`. With `may_map`, data in the
 /// daemon's memory that lies in one mapped run is left where it is
 /// (`ReadDone::Mapped`).
-pub async fn read(
-    q: &UblkQueue<'_>,
+pub async fn read<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     s: &mut TagScratch,
     off: u64,
@@ -55,8 +54,14 @@ pub async fn read(
                     RequestBuf::Memory(b) => b[run.buf_off..][..run.len as usize].fill(0),
                     RequestBuf::Registered { index, .. } => {
                         let len = run.len as u32;
-                        let sqe = ops::read_fixed(ZERO_FD, *index, run.buf_off, len, 0);
-                        pending.push(PendingOp::push(q, sqe, len));
+                        let op = Op::ReadFixed {
+                            fd: ZERO_FD,
+                            index: *index,
+                            at: run.buf_off,
+                            len,
+                            pos: 0,
+                        };
+                        pending.push(PendingOp::push(q, op, len));
                     }
                 }
                 continue;
@@ -105,8 +110,14 @@ pub async fn read(
                 } else {
                     miss.cached_fd()
                 };
-                let sqe = ops::read_fixed(fd, *index, run.buf_off, len, pos);
-                pending.push(PendingOp::push(q, sqe, len));
+                let op = Op::ReadFixed {
+                    fd,
+                    index: *index,
+                    at: run.buf_off,
+                    len,
+                    pos,
+                };
+                pending.push(PendingOp::push(q, op, len));
                 continue;
             }
         };
@@ -139,20 +150,25 @@ pub async fn read(
 /// `at`, pushed and returned. The read finds its bytes in the pipe and
 /// completes at once, on this thread. `None` when the file is not mapped or
 /// the pipe is not to be had; user copy then does it.
-fn pipe_read(
-    q: &UblkQueue<'_>,
+fn pipe_read<R: Ring>(
+    q: &R,
     pipe: &OnceCell<Option<Pipe>>,
     reader: &MemoryPath,
     pos: u64,
     index: u16,
     at: usize,
     len: u32,
-) -> Option<PendingOp> {
+) -> Option<PendingOp<R>> {
     reader.mapped(pos, len as usize)?;
     let pipe = pipe.get_or_init(|| Pipe::new().ok()).as_ref()?;
     if !reader.splice_to(pos, len as usize, pipe) {
         return None;
     }
-    let sqe = ops::read_fixed_from_pipe(pipe.read_end(), index, at, len);
-    Some(PendingOp::push(q, sqe, len))
+    let op = Op::ReadFixedFromPipe {
+        fd: pipe.read_end(),
+        index,
+        at,
+        len,
+    };
+    Some(PendingOp::push(q, op, len))
 }

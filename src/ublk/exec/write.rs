@@ -11,10 +11,8 @@ use crate::engine::map::BlockState;
 use crate::engine::plan::{self, Fill, WritePath};
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
-use crate::ublk::ops::{FileWrite, PendingOp, WriteSource, finish_all};
+use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
 use crate::ublk::write_data::{Placement, WriteData};
-use io_uring::opcode;
-use libublk::io::UblkQueue;
 
 /// Has ublk copy a WRITE's data straight into the overlay's pages at
 /// overlay offset `pos`, when they are mapped and the data is still with
@@ -72,12 +70,12 @@ async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Option<
 /// (7.3.4, randrw 4K QD32 over a sparse overlay, medians in one boot:
 /// 24,889 IOPS against 21,385 through the ring, 4 rounds; 25,616 against
 /// 23,828 in another, 6 rounds).
-async fn data_write_op(
-    q: &UblkQueue<'_>,
+async fn data_write_op<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
-) -> Result<Option<PendingOp>, i32> {
+) -> Result<Option<PendingOp<R>>, i32> {
     let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
     if let Some(index) = data.registered() {
         if !staged {
@@ -103,8 +101,8 @@ async fn data_write_op(
 /// allocated; otherwise under the blocks' locks, with read-modify-write of
 /// partial blocks, then the blocks are marked allocated. Returns the bytes
 /// written (all of them) or a negative errno.
-pub async fn write(
-    q: &UblkQueue<'_>,
+pub async fn write<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     qb: &ZeroBlocks,
     s: &mut TagScratch,
@@ -187,9 +185,30 @@ pub async fn write(
     len as i32
 }
 
+/// A WRITE request: `write`, then with `fua` (the request must be durable
+/// when it completes) a flush.
+pub async fn write_request<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    zb: &ZeroBlocks,
+    s: &mut TagScratch,
+    off: u64,
+    data: &mut WriteData<'_>,
+    fua: bool,
+) -> i32 {
+    let r = write(q, sh, zb, s, off, data).await;
+    if r < 0 || !fua {
+        return r;
+    }
+    match super::flush(q, sh).await {
+        0 => r,
+        e => e,
+    }
+}
+
 /// DISCARD / WRITE_ZEROES of `[off, off+len)`.
-pub async fn write_zeroes(
-    q: &UblkQueue<'_>,
+pub async fn write_zeroes<R: Ring>(
+    q: &R,
     sh: &ServedDevice,
     qb: &ZeroBlocks,
     s: &mut TagScratch,
@@ -215,13 +234,14 @@ pub async fn write_zeroes(
             dev.map().set_range(&guard, first..end, BlockState::Zero);
             let start = geo.block_start(first);
             let bytes = geo.block_end(end - 1) - start;
-            let punch = opcode::Fallocate::new(OVERLAY_FD, bytes)
-                .offset(dev.overlay().data_pos(start))
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build();
+            let punch = Op::Punch {
+                fd: OVERLAY_FD,
+                pos: dev.overlay().data_pos(start),
+                len: bytes,
+            };
             // Space is only reclaimed: the map already says Zero, so a file
             // system without hole punching loses nothing.
-            let _ = q.ublk_submit_sqe(punch).await;
+            let _ = q.push(punch).await;
             first = end;
         }
     }
