@@ -10,8 +10,10 @@
 //! one of the contents it had since the last completed flush (a sector not
 //! written since reads exactly as flushed).
 
+mod common;
+
+use common::{Case, Op, Reference, XorShift, case, cases, pattern};
 use proptest::prelude::*;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use ublk_cow::engine::base::BaseIdentity;
@@ -20,93 +22,6 @@ use ublk_cow::engine::device::{CowDevice, MapSource};
 use ublk_cow::engine::map::MapMemory;
 use ublk_cow::engine::overlay::OpenCheck;
 use ublk_cow::engine::storage::SimDisk;
-
-const SECTOR: usize = 512;
-
-#[derive(Clone, Debug)]
-enum Op {
-    Read {
-        off: u64,
-        len: u64,
-    },
-    Write {
-        off: u64,
-        len: u64,
-        seed: u8,
-    },
-    Zero {
-        off: u64,
-        len: u64,
-    },
-    Flush,
-    Cache {
-        off: u64,
-        len: u64,
-        mode: CacheMode,
-    },
-    Reopen,
-    PowerCut {
-        keep_seed: u64,
-        cut_flush_after: Option<u8>,
-    },
-}
-
-#[derive(Clone, Debug)]
-struct Case {
-    block_size: u32,
-    sectors: u64,
-    ops: Vec<Op>,
-}
-
-fn range(sectors: u64) -> impl Strategy<Value = (u64, u64)> {
-    (0..sectors).prop_flat_map(move |s| {
-        let max = (sectors - s).min(300);
-        (Just(s * 512), (1..=max).prop_map(|n| n * 512))
-    })
-}
-
-fn op(sectors: u64) -> impl Strategy<Value = Op> {
-    prop_oneof![
-        3 => range(sectors).prop_map(|(off, len)| Op::Read { off, len }),
-        6 => (range(sectors), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
-        2 => range(sectors).prop_map(|(off, len)| Op::Zero { off, len }),
-        2 => Just(Op::Flush),
-        2 => (range(sectors), prop_oneof![
-                Just(CacheMode::Ignore),
-                Just(CacheMode::Passthrough),
-                Just(CacheMode::Read),
-                Just(CacheMode::Cow)
-            ])
-            .prop_map(|((off, len), mode)| Op::Cache { off, len, mode }),
-        1 => Just(Op::Reopen),
-        2 => (any::<u64>(), proptest::option::of(0u8..12))
-            .prop_map(|(keep_seed, cut_flush_after)| Op::PowerCut { keep_seed, cut_flush_after }),
-    ]
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    prop_oneof![Just(4096u32), Just(8192), Just(65536)].prop_flat_map(|bs| {
-        let per_block = bs as u64 / 512;
-        (1..=per_block * 24).prop_flat_map(move |sectors| {
-            proptest::collection::vec(op(sectors), 1..40).prop_map(move |ops| Case {
-                block_size: bs,
-                sectors,
-                ops,
-            })
-        })
-    })
-}
-
-fn pattern(len: usize, seed: u8, off: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            (seed as u64)
-                .wrapping_mul(31)
-                .wrapping_add((off + i as u64) / 7) as u8
-                ^ 0x5a
-        })
-        .collect()
-}
 
 type Dev = CowDevice<Arc<SimDisk>, Arc<SimDisk>>;
 
@@ -117,12 +32,7 @@ struct Model {
     overlay: Arc<SimDisk>,
     blocks: u64,
     dev: Option<Dev>,
-    /// What the device must read now.
-    current: Vec<u8>,
-    /// What it must read after a power cut, for sectors not written since.
-    flushed: Vec<u8>,
-    /// Sectors written since the last completed flush: every content they had.
-    versions: HashMap<usize, Vec<Vec<u8>>>,
+    reference: Reference,
 }
 
 impl Model {
@@ -141,10 +51,8 @@ impl Model {
             overlay,
             blocks,
             dev: Some(dev),
-            current: base_image.clone(),
-            flushed: base_image.clone(),
+            reference: Reference::new(base_image.clone()),
             base_image,
-            versions: HashMap::new(),
         }
     }
 
@@ -170,23 +78,13 @@ impl Model {
         self.dev = Some(dev.expect("reopen after close or power cut"));
     }
 
-    fn record(&mut self, off: u64, data: &[u8]) {
-        for (i, sector) in data.chunks(SECTOR).enumerate() {
-            let s = off as usize / SECTOR + i;
-            let flushed = &self.flushed[s * SECTOR..(s + 1) * SECTOR];
-            let v = self
-                .versions
-                .entry(s)
-                .or_insert_with(|| vec![flushed.to_vec()]);
-            v.push(sector.to_vec());
-        }
-        self.current[off as usize..off as usize + data.len()].copy_from_slice(data);
-    }
-
     fn check_all(&self) -> Result<(), TestCaseError> {
-        let mut buf = vec![0u8; self.current.len()];
+        let mut buf = vec![0u8; self.reference.current.len()];
         self.dev().read(0, &mut buf).unwrap();
-        prop_assert!(buf == self.current, "device differs from the reference");
+        prop_assert!(
+            buf == self.reference.current,
+            "device differs from the reference"
+        );
         Ok(())
     }
 
@@ -196,7 +94,7 @@ impl Model {
                 let mut buf = vec![0u8; len as usize];
                 self.dev().read(off, &mut buf).unwrap();
                 prop_assert!(
-                    buf == self.current[off as usize..(off + len) as usize],
+                    buf == self.reference.current[off as usize..(off + len) as usize],
                     "read {}+{} differs",
                     off,
                     len
@@ -205,16 +103,15 @@ impl Model {
             Op::Write { off, len, seed } => {
                 let data = pattern(len as usize, seed, off);
                 self.dev().write(off, &data).unwrap();
-                self.record(off, &data);
+                self.reference.record(off, &data);
             }
             Op::Zero { off, len } => {
                 self.dev().write_zeroes(off, len).unwrap();
-                self.record(off, &vec![0u8; len as usize]);
+                self.reference.record(off, &vec![0u8; len as usize]);
             }
             Op::Flush => {
                 self.dev().flush().unwrap();
-                self.flushed = self.current.clone();
-                self.versions.clear();
+                self.reference.flushed();
             }
             Op::Cache { off, len, mode } => {
                 let before = self.dev().map().counts();
@@ -235,8 +132,7 @@ impl Model {
             Op::Reopen => {
                 let dev = self.dev.take().unwrap();
                 let (_, overlay) = dev.close().unwrap();
-                self.flushed = self.current.clone();
-                self.versions.clear();
+                self.reference.flushed();
                 self.reopen(overlay);
                 self.check_all()?;
             }
@@ -247,37 +143,15 @@ impl Model {
                 if let Some(n) = cut_flush_after {
                     self.overlay.cut_power_after(n as u64);
                     if self.dev().flush().is_ok() {
-                        self.flushed = self.current.clone();
-                        self.versions.clear();
+                        self.reference.flushed();
                     }
                 }
-                let mut rng = keep_seed | 1;
-                let after = self.overlay.after_power_cut(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng & 1 == 1
-                });
+                let mut rng = XorShift(keep_seed);
+                let after = self.overlay.after_power_cut(|_| rng.bit());
                 self.reopen(Arc::new(after));
-                let mut buf = vec![0u8; self.current.len()];
+                let mut buf = vec![0u8; self.reference.current.len()];
                 self.dev().read(0, &mut buf).unwrap();
-                for (s, got) in buf.chunks(SECTOR).enumerate() {
-                    match self.versions.get(&s) {
-                        Some(v) => prop_assert!(
-                            v.iter().any(|x| x == got),
-                            "sector {} after power cut is none of its versions",
-                            s
-                        ),
-                        None => prop_assert!(
-                            got == &self.flushed[s * SECTOR..(s + 1) * SECTOR],
-                            "sector {} lost flushed data",
-                            s
-                        ),
-                    }
-                }
-                self.current = buf.clone();
-                self.flushed = buf;
-                self.versions.clear();
+                self.reference.after_power_cut(buf)?;
             }
         }
         Ok(())
@@ -299,18 +173,10 @@ fn run_case(c: Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Cases per run: `MODEL_CASES` or 12,000.
-fn cases() -> u32 {
-    std::env::var("MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12_000)
-}
-
 #[test]
 fn engine_matches_reference_model() {
     let cfg = ProptestConfig {
-        cases: cases(),
+        cases: cases(12_000),
         failure_persistence: None,
         ..ProptestConfig::default()
     };
@@ -320,5 +186,5 @@ fn engine_matches_reference_model() {
         "model: {n} cases, {} operations, 0 divergences",
         OPS.load(Ordering::Relaxed)
     );
-    assert!(n >= cases() as u64, "only {n} model cases ran");
+    assert!(n >= cases(12_000) as u64, "only {n} model cases ran");
 }
