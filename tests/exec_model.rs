@@ -1,0 +1,542 @@
+//! Model-based test of the io_uring executor (`ublk::exec`), the one that
+//! serves a device's requests, run here over a plain io_uring
+//! (`PlainRing`) and real files: random sequences of read, write (some
+//! with FUA), discard/write-zeroes, flush, cache requests, clean reopen,
+//! daemon crash followed by recovery from the live map, power cut, and an
+//! overlay `fdatasync` that fails, against the byte-array reference of
+//! `tests/common`.
+//!
+//! The overlay is a file off tmpfs, so every write to it goes through the
+//! ring; a `FaultRing` between the executor and the ring keeps what the
+//! disk would hold: the file as of its last completed data sync, plus the
+//! overlay writes since. A power cut keeps a random subset of those; a
+//! data sync that fails loses them (the kernel reports a writeback error
+//! once, and the next sync succeeds without them). A daemon crash loses
+//! nothing: the new executor takes the map the old one left in a shared
+//! mapping (`MapSource::Live`).
+
+mod common;
+
+use common::{Case, Reference, XorShift, cases, pattern};
+use proptest::prelude::*;
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use ublk_cow::engine::base::BaseIdentity;
+use ublk_cow::engine::cache::{CacheMode, CachePolicy};
+use ublk_cow::engine::device::{CowDevice, MapSource};
+use ublk_cow::engine::map::{MapMemory, map_bytes};
+use ublk_cow::engine::overlay::OpenCheck;
+use ublk_cow::sys::MappedFile;
+use ublk_cow::ublk::ServedDevice;
+use ublk_cow::ublk::exec::{self, OVERLAY_FD, ReadDone, TagScratch, ZeroBlocks};
+use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
+use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
+use ublk_cow::ublk::request_buf::RequestBuf;
+use ublk_cow::ublk::write_data::WriteData;
+
+/// An operation of a case: one of the common ones, or one that only this
+/// executor has.
+#[derive(Clone, Debug)]
+enum Step {
+    Common(common::Op),
+    /// A WRITE with FUA: durable, with everything before it, when it
+    /// completes.
+    FuaWrite {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    /// The daemon dies; a new one recovers the device from the live map.
+    Crash,
+    /// The overlay's next `fdatasync` fails.
+    FailSync,
+}
+
+#[derive(Clone, Debug)]
+struct ExecCase {
+    case: Case,
+    steps: Vec<Step>,
+}
+
+fn step(sectors: u64) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => common::op(sectors).prop_map(Step::Common),
+        2 => (common::range(sectors), any::<u8>())
+            .prop_map(|((off, len), seed)| Step::FuaWrite { off, len, seed }),
+        1 => Just(Step::Crash),
+        0 => Just(Step::FailSync),
+    ]
+}
+
+/// Small devices, and now and then one whose map spans several map pages
+/// (more than 16,384 blocks of 4 KiB).
+fn exec_case() -> impl Strategy<Value = ExecCase> {
+    let small = prop_oneof![Just(4096u32), Just(8192), Just(65536)].prop_flat_map(|bs| {
+        let per_block = bs as u64 / 512;
+        (1..=per_block * 24).prop_map(move |sectors| (bs, sectors))
+    });
+    let large = (16_385u64..20_000).prop_map(|blocks| (4096u32, blocks * 8));
+    prop_oneof![300 => small, 1 => large].prop_flat_map(|(bs, sectors)| {
+        proptest::collection::vec(step(sectors), 1..40).prop_map(move |steps| ExecCase {
+            case: Case {
+                block_size: bs,
+                sectors,
+                ops: Vec::new(),
+            },
+            steps,
+        })
+    })
+}
+
+/// What the disk under the overlay holds, as the `FaultRing` sees it.
+#[derive(Default)]
+struct Disk {
+    /// The overlay file as of its last completed data sync.
+    durable: Vec<u8>,
+    /// Overlay writes since, in order: (position, bytes).
+    pending: Vec<(u64, Vec<u8>)>,
+    /// The next data sync fails.
+    fail_next_sync: bool,
+    syncs_failed: u64,
+}
+
+impl Disk {
+    /// The disk as the file is now, all of it durable.
+    fn durable_from(file: &File) -> Disk {
+        let mut durable = vec![0u8; file.metadata().unwrap().len() as usize];
+        file.read_exact_at(&mut durable, 0).unwrap();
+        Disk {
+            durable,
+            ..Disk::default()
+        }
+    }
+
+    /// A data sync that covered the first `n` pending writes completed.
+    fn synced(&mut self, n: usize) {
+        for (pos, data) in self.pending.drain(..n) {
+            apply(&mut self.durable, pos, &data);
+        }
+    }
+
+    /// What the file holds after a power cut that kept the pending writes
+    /// `keep` chooses.
+    fn after_power_cut(&self, mut keep: impl FnMut() -> bool) -> Vec<u8> {
+        let mut image = self.durable.clone();
+        for (pos, data) in &self.pending {
+            if keep() {
+                apply(&mut image, *pos, data);
+            }
+        }
+        image
+    }
+}
+
+fn apply(image: &mut Vec<u8>, pos: u64, data: &[u8]) {
+    let end = pos as usize + data.len();
+    if image.len() < end {
+        image.resize(end, 0);
+    }
+    image[pos as usize..end].copy_from_slice(data);
+}
+
+/// A `PlainRing` whose overlay writes and data syncs go through `Disk`
+/// (the syncs only there).
+struct FaultRing {
+    ring: PlainRing,
+    disk: Rc<RefCell<Disk>>,
+}
+
+enum FaultDone {
+    Ring(PlainDone),
+    /// Done without the ring.
+    Now(i32),
+}
+
+impl std::future::Future for FaultDone {
+    type Output = i32;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<i32> {
+        match self.get_mut() {
+            FaultDone::Ring(d) => std::pin::Pin::new(d).poll(cx),
+            FaultDone::Now(r) => std::task::Poll::Ready(*r),
+        }
+    }
+}
+
+impl Ring for FaultRing {
+    type Done = FaultDone;
+
+    fn push(&self, op: RingOp<'_>) -> FaultDone {
+        let mut disk = self.disk.borrow_mut();
+        match op {
+            RingOp::Write(w) if w.fd.0 == OVERLAY_FD.0 => {
+                let WriteSource::Memory(p) = w.from else {
+                    panic!("a fixed buffer in copy mode");
+                };
+                // SAFETY: the rule of `Ring::push`: the write's memory is
+                // valid until it completes, and it has not been submitted.
+                let data = unsafe { std::slice::from_raw_parts(p, w.len as usize) };
+                disk.pending.push((w.pos, data.to_vec()));
+            }
+            RingOp::Punch { fd, pos, len } if fd.0 == OVERLAY_FD.0 => {
+                disk.pending.push((pos, vec![0u8; len as usize]));
+            }
+            RingOp::DataSync { fd } if fd.0 == OVERLAY_FD.0 => {
+                if std::mem::take(&mut disk.fail_next_sync) {
+                    // The writes since the last sync never reach the disk;
+                    // the kernel says so once.
+                    disk.pending.clear();
+                    disk.syncs_failed += 1;
+                    return FaultDone::Now(-libc::EIO);
+                }
+                // Every write pushed before it was completed (the executor
+                // awaits them first): the disk model makes them durable,
+                // and the file system's own sync would add nothing to it.
+                let n = disk.pending.len();
+                disk.synced(n);
+                return FaultDone::Now(0);
+            }
+            _ => {}
+        }
+        drop(disk);
+        FaultDone::Ring(self.ring.push(op))
+    }
+}
+
+/// A device served by the io_uring executor over a `FaultRing`.
+struct Served {
+    ring: FaultRing,
+    sh: ServedDevice,
+    zeros: ZeroBlocks,
+    scratch: TagScratch,
+    _zero: File,
+}
+
+struct Model {
+    dir: PathBuf,
+    base_path: PathBuf,
+    overlay_path: PathBuf,
+    map_path: PathBuf,
+    id: BaseIdentity,
+    block_size: u32,
+    blocks: u64,
+    disk: Rc<RefCell<Disk>>,
+    served: Option<Served>,
+    reference: Reference,
+}
+
+fn unique_dir() -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "exec-model-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rw(path: &Path) -> File {
+    File::options().read(true).write(true).open(path).unwrap()
+}
+
+impl Model {
+    fn new(c: &Case) -> Model {
+        let dir = unique_dir();
+        let size = c.sectors * 512;
+        let base_image = pattern(size as usize, 0xb5, 0);
+        let base_path = dir.join("base");
+        std::fs::write(&base_path, &base_image).unwrap();
+        let base = File::open(&base_path).unwrap();
+        let id = BaseIdentity::compute(&base, size, 1).unwrap();
+        let overlay_path = dir.join("overlay");
+        let overlay = File::create_new(&overlay_path).unwrap();
+        let blocks = size.div_ceil(c.block_size as u64);
+        let map_path = dir.join("live.map");
+        let dev = CowDevice::create(
+            base,
+            &id,
+            overlay,
+            c.block_size,
+            live_map(&map_path, blocks, true),
+        )
+        .unwrap();
+        let mut m = Model {
+            dir,
+            base_path,
+            overlay_path,
+            map_path,
+            id,
+            block_size: c.block_size,
+            blocks,
+            disk: Rc::default(),
+            served: None,
+            reference: Reference::new(base_image),
+        };
+        m.serve(dev);
+        m
+    }
+
+    /// Serves `dev` with a new executor; the disk holds the file as it is.
+    fn serve(&mut self, dev: CowDevice<File, File>) {
+        *self.disk.borrow_mut() = Disk::durable_from(&rw(&self.overlay_path));
+        let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+        let zero = File::open("/dev/zero").unwrap();
+        let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
+        self.served = Some(Served {
+            ring: FaultRing {
+                ring,
+                disk: self.disk.clone(),
+            },
+            zeros: ZeroBlocks::new(self.block_size),
+            scratch: TagScratch::default(),
+            sh,
+            _zero: zero,
+        });
+    }
+
+    /// Opens the overlay again, with the map it persisted (`Load`) or the
+    /// live map a dead daemon left (`Live`).
+    fn reopen(&mut self, live: bool) {
+        self.served = None;
+        let check = OpenCheck {
+            base: &self.id,
+            block_size: None,
+            force: false,
+        };
+        let mem = live_map(&self.map_path, self.blocks, !live);
+        let source = if live {
+            MapSource::Live(mem)
+        } else {
+            MapSource::Load(mem)
+        };
+        let base = File::open(&self.base_path).unwrap();
+        let dev = CowDevice::open(base, rw(&self.overlay_path), check, source)
+            .expect("reopen after close, crash or power cut");
+        self.serve(dev);
+    }
+
+    fn s(&mut self) -> &mut Served {
+        self.served.as_mut().unwrap()
+    }
+
+    fn read(&mut self, off: u64, len: u64) -> Vec<u8> {
+        let s = self.s();
+        let mut buf = vec![0u8; len as usize];
+        let done = s.ring.ring.block_on(exec::read(
+            &s.ring,
+            &s.sh,
+            &mut s.scratch,
+            off,
+            RequestBuf::Memory(&mut buf),
+            false,
+        ));
+        match done {
+            ReadDone::Buffer(r) => assert_eq!(r, len as i32, "read {off}+{len}"),
+            ReadDone::Mapped(_) => panic!("a read left in a mapping it was not allowed"),
+        }
+        buf
+    }
+
+    fn write(&mut self, off: u64, data: &[u8], fua: bool) -> i32 {
+        let s = self.s();
+        let mut d = WriteData::bytes(data);
+        s.ring.ring.block_on(exec::write_request(
+            &s.ring,
+            &s.sh,
+            &s.zeros,
+            &mut s.scratch,
+            off,
+            &mut d,
+            fua,
+        ))
+    }
+
+    fn flush(&mut self) -> i32 {
+        let s = self.s();
+        s.ring.ring.block_on(exec::flush(&s.ring, &s.sh))
+    }
+
+    fn check_all(&mut self) -> Result<(), TestCaseError> {
+        let len = self.reference.current.len() as u64;
+        let got = self.read(0, len);
+        prop_assert!(
+            got == self.reference.current,
+            "device differs from the reference"
+        );
+        Ok(())
+    }
+
+    fn power_cut(&mut self, seed: u64) -> Result<(), TestCaseError> {
+        self.served = None;
+        let mut rng = XorShift(seed);
+        let image = self.disk.borrow().after_power_cut(|| rng.bit());
+        let f = rw(&self.overlay_path);
+        f.set_len(image.len() as u64).unwrap();
+        f.write_all_at(&image, 0).unwrap();
+        self.reopen(false);
+        let len = self.reference.current.len() as u64;
+        let got = self.read(0, len);
+        self.reference.after_power_cut(got)
+    }
+
+    fn run(&mut self, step: &Step) -> Result<(), TestCaseError> {
+        use common::Op;
+        match step {
+            &Step::Common(Op::Read { off, len }) => {
+                let got = self.read(off, len);
+                prop_assert!(
+                    got == self.reference.current[off as usize..(off + len) as usize],
+                    "read {}+{} differs",
+                    off,
+                    len
+                );
+            }
+            &Step::Common(Op::Write { off, len, seed }) => {
+                let data = pattern(len as usize, seed, off);
+                prop_assert_eq!(self.write(off, &data, false), len as i32);
+                self.reference.record(off, &data);
+            }
+            &Step::FuaWrite { off, len, seed } => {
+                let data = pattern(len as usize, seed, off);
+                let r = self.write(off, &data, true);
+                self.reference.record(off, &data);
+                // A FUA write's flush may fail after a failed sync; the
+                // data is then written but nothing is promised durable.
+                if r == len as i32 {
+                    self.reference.flushed();
+                } else {
+                    prop_assert_eq!(r, -libc::EIO, "a FUA write failed otherwise");
+                }
+            }
+            &Step::Common(Op::Zero { off, len }) => {
+                let s = self.s();
+                let r = s.ring.ring.block_on(exec::write_zeroes(
+                    &s.ring,
+                    &s.sh,
+                    &s.zeros,
+                    &mut s.scratch,
+                    off,
+                    len,
+                ));
+                prop_assert_eq!(r, 0);
+                self.reference.record(off, &vec![0u8; len as usize]);
+            }
+            Step::Common(Op::Flush) => match self.flush() {
+                0 => self.reference.flushed(),
+                r => prop_assert_eq!(r, -libc::EIO, "a flush failed otherwise"),
+            },
+            &Step::Common(Op::Cache { off, len, mode }) => {
+                let s = self.s();
+                let before = s.sh.dev.map().counts();
+                let r = s
+                    .ring
+                    .ring
+                    .block_on(exec::cache_range(&s.ring, &s.sh, off, len, mode));
+                prop_assert_eq!(r, 0);
+                let after = s.sh.dev.map().counts();
+                prop_assert!(
+                    mode == CacheMode::Cow || before == after,
+                    "{} cache changed the map",
+                    mode
+                );
+            }
+            Step::Common(Op::Reopen) => {
+                // A clean stop: the final flush, then the overlay marked
+                // clean. After a failed sync it fails, and the stop is as
+                // good as a power cut.
+                if self.s().sh.dev.shut_down().is_ok() {
+                    self.reference.flushed();
+                    self.reopen(false);
+                    self.check_all()?;
+                } else {
+                    self.power_cut(0x9e37_79b9)?;
+                }
+            }
+            &Step::Common(Op::PowerCut { keep_seed, .. }) => self.power_cut(keep_seed)?,
+            Step::Crash => {
+                self.reopen(true);
+                self.check_all()?;
+            }
+            Step::FailSync => self.disk.borrow_mut().fail_next_sync = true,
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        self.served = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The live map of a device: a file mapped shared, as the daemon keeps it
+/// under its run directory. `fresh` starts it empty.
+fn live_map(path: &Path, blocks: u64, fresh: bool) -> MapMemory {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(fresh)
+        .open(path)
+        .unwrap();
+    let len = map_bytes(blocks);
+    f.set_len(len).unwrap();
+    MapMemory::Mapped(MappedFile::map(&f, len as usize).unwrap())
+}
+
+static CASES: AtomicU64 = AtomicU64::new(0);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static FAILED_SYNCS: AtomicU64 = AtomicU64::new(0);
+static LARGE: AtomicU64 = AtomicU64::new(0);
+
+fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
+    let mut m = Model::new(&c.case);
+    for s in &c.steps {
+        m.run(s)?;
+    }
+    m.check_all()?;
+    let base = std::fs::read(&m.base_path).unwrap();
+    prop_assert!(
+        base == pattern(base.len(), 0xb5, 0),
+        "the base was modified"
+    );
+    CASES.fetch_add(1, Ordering::Relaxed);
+    STEPS.fetch_add(c.steps.len() as u64, Ordering::Relaxed);
+    FAILED_SYNCS.fetch_add(m.disk.borrow().syncs_failed, Ordering::Relaxed);
+    if m.blocks > 16_384 {
+        LARGE.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[test]
+fn io_uring_executor_matches_reference_model() {
+    let n_cases = cases(10_000);
+    let cfg = ProptestConfig {
+        cases: n_cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(cfg, |(c in exec_case())| run_case(c)?);
+    let n = CASES.load(Ordering::Relaxed);
+    println!(
+        "exec model: {n} cases ({} with maps of several pages), {} operations, {} failed syncs, 0 divergences",
+        LARGE.load(Ordering::Relaxed),
+        STEPS.load(Ordering::Relaxed),
+        FAILED_SYNCS.load(Ordering::Relaxed),
+    );
+    assert!(n >= n_cases as u64, "only {n} model cases ran");
+    assert!(
+        LARGE.load(Ordering::Relaxed) > 0,
+        "no case had a map of several pages"
+    );
+}
