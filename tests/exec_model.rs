@@ -54,6 +54,14 @@ enum Step {
     Crash,
     /// The overlay's next `fdatasync` fails.
     FailSync,
+    /// A WRITE one of whose overlay writes fails.
+    WriteFails {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    /// A FLUSH whose first overlay write (a map page) fails.
+    MapWriteFails,
 }
 
 #[derive(Clone, Debug)]
@@ -69,6 +77,9 @@ fn step(sectors: u64) -> impl Strategy<Value = Step> {
             .prop_map(|((off, len), seed)| Step::FuaWrite { off, len, seed }),
         1 => Just(Step::Crash),
         0 => Just(Step::FailSync),
+        1 => (common::range(sectors), any::<u8>())
+            .prop_map(|((off, len), seed)| Step::WriteFails { off, len, seed }),
+        1 => Just(Step::MapWriteFails),
     ]
 }
 
@@ -101,6 +112,10 @@ struct Disk {
     pending: Vec<(u64, Vec<u8>)>,
     /// The next data sync fails.
     fail_next_sync: bool,
+    /// The next overlay write fails, without writing.
+    fail_next_write: bool,
+    /// Overlay writes and syncs until the power goes (mid-flush cuts).
+    power_left: Option<u32>,
     syncs_failed: u64,
 }
 
@@ -175,6 +190,21 @@ impl Ring for FaultRing {
 
     fn push(&self, op: RingOp<'_>) -> FaultDone {
         let mut disk = self.disk.borrow_mut();
+        let overlay = match op {
+            RingOp::Write(w) => w.fd.0 == OVERLAY_FD.0,
+            RingOp::Punch { fd, .. } | RingOp::DataSync { fd } => fd.0 == OVERLAY_FD.0,
+            _ => false,
+        };
+        if overlay && let Some(n) = disk.power_left {
+            if n == 0 {
+                // The power is gone: nothing more reaches the disk.
+                return FaultDone::Now(-libc::EIO);
+            }
+            disk.power_left = Some(n - 1);
+        }
+        if overlay && matches!(op, RingOp::Write(_)) && std::mem::take(&mut disk.fail_next_write) {
+            return FaultDone::Now(-libc::EIO);
+        }
         match op {
             RingOp::Write(w) if w.fd.0 == OVERLAY_FD.0 => {
                 let WriteSource::Memory(p) = w.from else {
@@ -374,7 +404,16 @@ impl Model {
         Ok(())
     }
 
-    fn power_cut(&mut self, seed: u64) -> Result<(), TestCaseError> {
+    /// A power cut; with `during_flush`, in the middle of a flush, after
+    /// that many of its overlay writes and syncs.
+    fn power_cut(&mut self, seed: u64, during_flush: Option<u8>) -> Result<(), TestCaseError> {
+        if let Some(n) = during_flush {
+            self.disk.borrow_mut().power_left = Some(n as u32);
+            if self.flush() == 0 {
+                self.reference.flushed();
+            }
+            self.disk.borrow_mut().power_left = None;
+        }
         self.served = None;
         let mut rng = XorShift(seed);
         let image = self.disk.borrow().after_power_cut(|| rng.bit());
@@ -457,15 +496,38 @@ impl Model {
                     self.reopen(false);
                     self.check_all()?;
                 } else {
-                    self.power_cut(0x9e37_79b9)?;
+                    self.power_cut(0x9e37_79b9, None)?;
                 }
             }
-            &Step::Common(Op::PowerCut { keep_seed, .. }) => self.power_cut(keep_seed)?,
+            &Step::Common(Op::PowerCut {
+                keep_seed,
+                cut_flush_after,
+            }) => self.power_cut(keep_seed, cut_flush_after)?,
             Step::Crash => {
                 self.reopen(true);
                 self.check_all()?;
             }
             Step::FailSync => self.disk.borrow_mut().fail_next_sync = true,
+            &Step::WriteFails { off, len, seed } => {
+                let data = pattern(len as usize, seed, off);
+                self.disk.borrow_mut().fail_next_write = true;
+                let r = self.write(off, &data, false);
+                self.disk.borrow_mut().fail_next_write = false;
+                prop_assert_eq!(r, -libc::EIO, "a WRITE whose overlay write failed");
+                // Each sector holds its old or its new contents: never
+                // what a block marked written without its data would read.
+                let got = self.read(off, len);
+                self.reference.record_uncertain(off, &got, &data)?;
+            }
+            Step::MapWriteFails => {
+                self.disk.borrow_mut().fail_next_write = true;
+                let r = self.flush();
+                self.disk.borrow_mut().fail_next_write = false;
+                match r {
+                    0 => self.reference.flushed(),
+                    r => prop_assert_eq!(r, -libc::EIO, "a flush failed otherwise"),
+                }
+            }
         }
         Ok(())
     }

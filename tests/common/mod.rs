@@ -130,6 +130,39 @@ impl Reference {
         self.current[off as usize..off as usize + data.len()].copy_from_slice(data);
     }
 
+    /// A write of `data` at `off` failed, and the device now reads `got`
+    /// there: each sector must be its old or its new contents. A failed
+    /// write may have reached the disk in part, so after a power cut each
+    /// of its sectors may read as its new contents too.
+    pub fn record_uncertain(
+        &mut self,
+        off: u64,
+        got: &[u8],
+        data: &[u8],
+    ) -> Result<(), TestCaseError> {
+        for (i, (g, d)) in got.chunks(SECTOR).zip(data.chunks(SECTOR)).enumerate() {
+            let at = off as usize + i * SECTOR;
+            if g == d {
+                self.record(at as u64, d);
+            } else {
+                prop_assert!(
+                    g == &self.current[at..at + SECTOR],
+                    "sector {} after a failed write is neither old nor new",
+                    at / SECTOR
+                );
+                let s = at / SECTOR;
+                let flushed = &self.flushed[at..at + SECTOR];
+                let v = self
+                    .versions
+                    .entry(s)
+                    .or_insert_with(|| vec![flushed.to_vec()]);
+                v.push(d.to_vec());
+                v.push(g.to_vec());
+            }
+        }
+        Ok(())
+    }
+
     /// A flush completed: everything written so far is durable.
     pub fn flushed(&mut self) {
         self.flushed = self.current.clone();
