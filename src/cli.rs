@@ -136,7 +136,10 @@ impl<T: Clone + Send + Sync + 'static> TypedValueParser for OneOf<T> {
 
 const CACHE_MODES: &[(&str, &str)] = &[
     ("ignore", "Nothing"),
-    ("passthrough", "fadvise(WILLNEED) on the base: its page cache reads ahead"),
+    (
+        "passthrough",
+        "fadvise(WILLNEED) on the base: its page cache reads ahead",
+    ),
     (
         "read",
         "Read the base and drop the data (warms caches fadvise cannot reach)",
