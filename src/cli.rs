@@ -36,7 +36,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create a device over a base image; prints /dev/ublkbN when it is ready
+    /// Create a device over a base image; prints /dev/ublkbN
     ///
     /// Reads come from the base until a block is written; writes land in the
     /// overlay, a block (--block-size) at a time. `add` checks everything
@@ -174,7 +174,7 @@ fn base_io_modes() -> OneOf<BaseIo> {
 
 #[derive(Args, Debug)]
 pub struct AddArgs {
-    /// The base image: a regular file or block device, its size a multiple of 512
+    /// The base image (file or block device), its size a multiple of 512
     ///
     /// It is opened read-only and never written.
     #[arg(long, value_name = "PATH")]
@@ -215,7 +215,7 @@ pub struct AddArgs {
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub depth: u16,
 
-    /// How a request's data moves between the kernel and the daemon
+    /// How requests' data moves between kernel and daemon
     ///
     /// With zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later) the reads
     /// and writes of the base and the overlay move the data straight to and
@@ -260,11 +260,12 @@ pub struct AddArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// What cache requests do with blocks still on the base
+    /// What cache requests do with base blocks
     ///
+    /// The mode acts on blocks still on the base; allocated blocks are
+    /// fadvised in the overlay whatever the mode, zero blocks need nothing.
     /// Cache requests come from the kernel's readahead, the readahead
-    /// detector (--readahead) and `ublk-cow cache`. Allocated blocks are
-    /// fadvised in the overlay whatever the mode; zero blocks need nothing.
+    /// detector (--readahead) and `ublk-cow cache`.
     #[arg(long, value_name = "MODE", value_parser = cache_modes(),
           default_value_t = CacheMode::default_for(false))]
     pub cache_mode: CacheMode,
@@ -283,7 +284,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub cow_on_read: bool,
 
-    /// Prefetch for sequential readers: off, auto, or the largest window
+    /// Prefetch for sequential readers; SIZE caps its window
     ///
     /// `auto` asks for windows from 64K doubling up to 4M; a SIZE takes that
     /// as the largest window instead. Prefetch serves readers that bypass
@@ -295,7 +296,7 @@ pub struct AddArgs {
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub readahead: Readahead,
 
-    /// How base blocks that the page cache does not hold are read
+    /// How base blocks not in the page cache are read
     ///
     /// With `direct`, a read that the page cache holds in full is still
     /// served from there, so blocks prefetched or warmed by a cache request
