@@ -1,5 +1,9 @@
-//! The command line: `add`, `del`, `list`. Every option is documented here,
-//! with its default and why; `--help` shows it.
+//! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
+//! and `recover`, their options, and the call into the daemon each one
+//! makes. Every option's help is written here: the first paragraph of its
+//! doc comment is its line in `-h`, the whole comment its text in `--help`;
+//! a default is stated once, by clap where clap fills it in, else in the
+//! text. docs/usage.md says the same at more length.
 
 use crate::daemon::{self, AddRequest};
 use crate::engine::base::BaseIo;
@@ -9,7 +13,9 @@ use crate::size::parse_size;
 use crate::ublk::TargetConfig;
 use crate::ublk::params::ZeroCopy;
 use anyhow::Result;
+use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
+use std::ffi::OsStr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -20,7 +26,8 @@ use std::path::PathBuf;
     long_about = "A copy-on-write block device served from user space through ublk.\n\n\
         `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \
         until a block is written; writes land in an overlay file. The base is opened \
-        read-only and never written."
+        read-only and never written.\n\n\
+        `ublk-cow COMMAND --help` explains a command and each of its options."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -29,29 +36,59 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create a device over a base image; prints /dev/ublkbN when it is ready.
+    /// Create a device over a base image; prints /dev/ublkbN
+    ///
+    /// Reads come from the base until a block is written; writes land in the
+    /// overlay, a block (--block-size) at a time. `add` checks everything
+    /// before it changes anything: bad input is one error line, a non-zero
+    /// exit, and no file created or changed. It then starts a daemon that
+    /// serves the device and prints the device's path once it accepts I/O.
+    ///
+    /// Sizes take plain bytes or K, M, G, T (powers of 1024).
     Add(AddArgs),
-    /// Stop a device: flush its overlay, mark it clean, remove the device.
+    /// Stop a device: flush its overlay, mark it clean, remove the device
+    ///
+    /// SIGTERM to the daemon does the same. A temporary overlay is removed
+    /// with the device. When the daemon is gone, `del` removes the device and
+    /// its state files.
     Del(DelArgs),
-    /// List ublk-cow devices.
+    /// List ublk-cow devices
+    ///
+    /// From the state files in /run/ublk-cow (or $UBLK_COW_RUN_DIR). STATE is
+    /// `running`; `unclean` when the overlay had not been closed cleanly
+    /// before this daemon opened it; or `dead` when the daemon died (see
+    /// `recover`). --json adds the options each device was added with.
     List(ListArgs),
-    /// Cache a range of a device: warm it (fadvise or read) or, with
-    /// --cow-on-cache, copy it into the overlay. Returns when done.
+    /// Cache a range of a device: warm it, or copy it into the overlay
+    ///
+    /// A cache request through the daemon's control socket, served block by
+    /// block: allocated blocks are fadvised in the overlay, zero blocks need
+    /// nothing, and blocks still on the base get what the mode says. A copy
+    /// never undoes a write that came after it started. Returns when the
+    /// range is done, with progress on a terminal.
     Cache(CacheArgs),
-    /// Show a device's counters: reads by source, writes, cache requests by
-    /// source and action, blocks in each state.
+    /// Show a device's counters
+    ///
+    /// Reads by source, writes, read-modify-writes, waits for a block lock,
+    /// flushes, cache requests by source and by action, bytes copied, and
+    /// blocks in each state.
     Stats(StatsArgs),
-    /// Start a new daemon for a device whose daemon died (killed, crashed);
-    /// the device kept its requests waiting and loses no completed write.
+    /// Serve a device again after its daemon died
+    ///
+    /// Devices are made with ublk's user recovery: when the daemon dies
+    /// (killed, crashed) the kernel keeps /dev/ublkbN and holds its requests.
+    /// `recover` starts a new daemon with the options and the live map the
+    /// old one left, and the held requests are served; no write the device
+    /// completed is lost.
     Recover(RecoverArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct RecoverArgs {
-    /// The device number N of /dev/ublkbN.
+    /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub number: u32,
-    /// Stay in the foreground instead of starting a daemon.
+    /// Stay in the foreground instead of starting a daemon
     #[arg(long)]
     pub foreground: bool,
 }
@@ -63,107 +100,194 @@ fn block_size_arg(s: &str) -> Result<u32, String> {
 
 /// Half the CPUs, at least one: a queue's thread shares its CPU with the
 /// applications that submit to it, and leaving CPUs to them measured faster
-/// (`make bench`, 2 vCPUs: 4K random reads at QD32 gave 65,113 IOPS with one
-/// queue and 19,510 with two, in the same boot).
+/// (docs/benchmarks.md).
 fn default_queues() -> u16 {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 64) as u16)
 }
 
+/// A value out of a fixed list, parsed by `parse` (whose error is the
+/// message), listed in `--help` with one line each.
+#[derive(Clone)]
+struct OneOf<T> {
+    values: &'static [(&'static str, &'static str)],
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T: Clone + Send + Sync + 'static> TypedValueParser for OneOf<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        self.parse.parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            self.values
+                .iter()
+                .map(|&(name, help)| PossibleValue::new(name).help(help)),
+        ))
+    }
+}
+
+const CACHE_MODES: &[(&str, &str)] = &[
+    ("ignore", "Nothing"),
+    (
+        "passthrough",
+        "fadvise(WILLNEED) on the base: its page cache reads ahead",
+    ),
+    (
+        "read",
+        "Read the base and drop the data (warms caches fadvise cannot reach)",
+    ),
+    ("cow", "Copy into the overlay (copy-on-cache)"),
+];
+
+fn cache_modes() -> OneOf<CacheMode> {
+    OneOf {
+        values: CACHE_MODES,
+        parse: cache_mode_arg,
+    }
+}
+
+const BASE_IO_MODES: &[(&str, &str)] = &[
+    (
+        "cached",
+        "Through the page cache, which keeps them: a second read costs no base I/O",
+    ),
+    (
+        "direct",
+        "Around it (O_DIRECT), as kernel loop with direct I/O: no block cached twice",
+    ),
+];
+
+fn base_io_modes() -> OneOf<BaseIo> {
+    OneOf {
+        values: BASE_IO_MODES,
+        parse: base_io_arg,
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct AddArgs {
-    /// The base image: a regular file or block device whose size is a
-    /// multiple of 512. Opened read-only; never written.
+    /// The base image (file or block device), its size a multiple of 512
+    ///
+    /// It is opened read-only and never written.
     #[arg(long, value_name = "PATH")]
     pub base: PathBuf,
 
-    /// Keep the overlay in this file. If it exists it must have been made for
-    /// this base; the device continues where it left off. If it does not
-    /// exist it is created. Default: a temporary overlay in $TMPDIR (or /tmp),
+    /// Keep the overlay in this file [default: a temporary file]
+    ///
+    /// An existing overlay must have been made for this base: the same size,
+    /// and the same sampled contents and modification time unless --force.
+    /// The device then continues where it left off. A file that does not
+    /// exist is created. The temporary file is made in $TMPDIR (or /tmp) and
     /// removed at `del`.
     #[arg(long, value_name = "PATH")]
     pub overlay: Option<PathBuf>,
 
-    /// Copy-on-write block size: a power of two from 4K to 1M. Default 4K (a
-    /// page; small first writes copy little). Larger blocks make the map
-    /// smaller and sequential first writes cheaper, but a small first write
-    /// then copies a whole block from the base. An existing overlay keeps the
-    /// block size it was made with.
+    /// Copy-on-write block size: a power of two from 4K to 1M [default: 4K]
+    ///
+    /// A first write smaller than a block copies the rest of the block from
+    /// the base. Larger blocks make the map smaller and sequential first
+    /// writes cheaper, but a small first write copies more. An existing
+    /// overlay keeps the block size it was made with; asking for another is
+    /// refused.
     #[arg(long, value_name = "SIZE", value_parser = block_size_arg)]
     pub block_size: Option<u32>,
 
-    /// Hardware queues, each served by its own thread and io_uring.
-    /// Default: half the CPUs, at least one, so that the queues' threads
-    /// leave CPUs to the applications submitting I/O.
+    /// Queues, each served by its own thread and io_uring
+    ///
+    /// The default is half the CPUs, at least one: a queue's thread shares
+    /// its CPU with the applications that submit I/O to it, and leaves them
+    /// the others.
     #[arg(long, value_name = "N", default_value_t = default_queues())]
     pub queues: u16,
 
-    /// Requests in flight per queue. Default 128: enough to keep a fast
-    /// overlay busy, small enough for the per-request 1 MiB buffers.
+    /// Requests in flight per queue, from 1 to 4096
+    ///
+    /// Enough to keep a fast overlay busy; in copy mode each has a buffer of
+    /// 1 MiB.
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub depth: u16,
 
-    /// How a request's data moves between the kernel and the daemon:
-    /// `auto` = zero copy when the kernel's ublk_drv offers it
-    /// (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later), else copy mode; `on` =
-    /// zero copy or fail; `off` = copy mode. With zero copy, reads and
-    /// writes of the base and overlay move the data straight to and from the
-    /// request's pages; in copy mode ublk copies each byte once more, between
-    /// those pages and the daemon's memory. Default: auto.
+    /// How requests' data moves between kernel and daemon
+    ///
+    /// With zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later) the reads
+    /// and writes of the base and the overlay move the data straight to and
+    /// from the request's pages; in copy mode ublk copies each byte once
+    /// more, between those pages and the daemon's memory. A device keeps its
+    /// mode across `recover`.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = ZeroCopy::Auto)]
     pub zero_copy: ZeroCopy,
 
-    /// Device number N for /dev/ublkbN. Default: the first free one.
+    /// Device number N for /dev/ublkbN [default: the first free one]
+    ///
+    /// A number already taken is refused.
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
 
-    /// Make the device read-only.
+    /// Make the device read-only
     #[arg(long)]
     pub read_only: bool,
 
-    /// Allocate the overlay's whole data area now (fallocate), so that a
-    /// first write fills space already there instead of allocating it. On
-    /// tmpfs the pages are also initialized and mapped now, so a first
-    /// write is one copy by ublk into them, with no page to allocate and
-    /// clear; add takes longer, in proportion to the size. In the
-    /// benchmark guest (tmpfs) first writes ran 1.7 times (random 4 KiB)
-    /// and 10 times (sequential 1 MiB) as fast as on a sparse overlay. The
-    /// overlay takes the device's full size at once (in RAM, on tmpfs); a
-    /// discard frees its blocks again. Default: off, the overlay grows with
-    /// the writes.
+    /// Allocate the overlay's whole data area before serving
+    ///
+    /// A first write then fills space already there instead of allocating
+    /// it. On tmpfs the pages are also initialized and mapped, so ublk
+    /// copies a first write straight into them; `add` then takes longer, in
+    /// proportion to the size. The overlay takes the device's full size at
+    /// once (RAM, on tmpfs); a discard frees its blocks again. Where the
+    /// space is not there, `add` fails and leaves nothing behind. Without
+    /// it the overlay grows with the writes.
     #[arg(long)]
     pub preallocate: bool,
 
-    /// Stay in the foreground instead of starting a daemon; stop with Ctrl-C
-    /// or `ublk-cow del`.
+    /// Stay in the foreground instead of starting a daemon
+    ///
+    /// Stop it with Ctrl-C, SIGTERM or `ublk-cow del`.
     #[arg(long)]
     pub foreground: bool,
 
-    /// Use an existing overlay even if the base's contents or modification
-    /// time differ from when the overlay was made (the size must match).
+    /// Use an existing overlay even if its base's contents or mtime changed
+    ///
+    /// The base's size must still match. Blocks not written through the
+    /// device then read from the changed base.
     #[arg(long)]
     pub force: bool,
 
-    /// What cache requests (kernel readahead, the readahead detector,
-    /// `ublk-cow cache`) do with blocks still on the base: `ignore`;
-    /// `passthrough` = fadvise(WILLNEED) on the base; `read` = read the base
-    /// and drop the data (warms caches fadvise cannot reach); `cow` = copy
-    /// into the overlay. Allocated blocks are always fadvised in the overlay.
-    /// Default: passthrough, as the base is read through the page cache.
-    #[arg(long, value_name = "MODE", value_parser = cache_mode_arg)]
-    pub cache_mode: Option<CacheMode>,
+    /// What cache requests do with base blocks
+    ///
+    /// The mode acts on blocks still on the base; allocated blocks are
+    /// fadvised in the overlay whatever the mode, zero blocks need nothing.
+    /// Cache requests come from the kernel's readahead, the readahead
+    /// detector (--readahead) and `ublk-cow cache`.
+    #[arg(long, value_name = "MODE", value_parser = cache_modes(),
+          default_value_t = CacheMode::default_for(false))]
+    pub cache_mode: CacheMode,
 
-    /// Same as --cache-mode cow: pull what is cached (and what the kernel
-    /// reads ahead) into the overlay, e.g. from a slow base.
+    /// Same as --cache-mode cow
+    ///
+    /// Pulls what is cached, and what the kernel reads ahead, into the
+    /// overlay: from a slow base, say.
     #[arg(long, conflicts_with = "cache_mode")]
     pub cow_on_cache: bool,
 
-    /// Copy every base block that a read fully covers into the overlay (the
-    /// data is already in memory), so the next read of it needs no base.
+    /// Copy every base block that a read fully covers into the overlay
+    ///
+    /// The data is in memory already; the next read of those blocks needs
+    /// no base.
     #[arg(long)]
     pub cow_on_read: bool,
 
-    /// Prefetch for sequential readers: `auto` (windows from 64K doubling up
-    /// to 4M), a maximum window size, or `off`. Serves readers that bypass
+    /// Prefetch for sequential readers; SIZE caps its window
+    ///
+    /// `auto` asks for windows from 64K doubling up to 4M; a SIZE takes that
+    /// as the largest window instead. Prefetch serves readers that bypass
     /// the page cache (O_DIRECT), whose reads carry no readahead hint, and
     /// the hints of buffered readers. A READ that completes while others of
     /// its queue are in flight asks for nothing: that reader reads ahead
@@ -172,19 +296,15 @@ pub struct AddArgs {
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub readahead: Readahead,
 
-    /// How the device reads base blocks that the page cache does not hold:
-    /// `cached` = through the page cache, which keeps them (a second read
-    /// costs no base I/O); `direct` = around it (O_DIRECT), as kernel loop
-    /// with direct I/O does, so that a reader that caches for itself (a VM,
-    /// a database) does not have each base block cached twice, and a read
-    /// costs no page to allocate and fill: random reads of a base on a
-    /// device measured 1.6 times as fast. With `direct`, a read that the
-    /// page cache holds in full is still served from there: blocks
-    /// prefetched by the readahead detector or warmed by a cache request
-    /// (`--cache-mode passthrough` or `read`) keep their worth.
-    /// Partial-block writes and copies into the overlay always read
-    /// through the page cache. Default: cached.
-    #[arg(long, value_name = "cached|direct", default_value = "cached", value_parser = base_io_arg)]
+    /// How base blocks not in the page cache are read
+    ///
+    /// With `direct`, a read that the page cache holds in full is still
+    /// served from there, so blocks prefetched or warmed by a cache request
+    /// (--cache-mode passthrough or read) keep their worth. A read not
+    /// aligned for direct I/O, partial-block writes and copies into the
+    /// overlay read through the page cache. A base whose file system cannot
+    /// do direct I/O is refused. A device keeps it across `recover`.
+    #[arg(long, value_name = "MODE", default_value = "cached", value_parser = base_io_modes())]
     pub base_io: BaseIo,
 }
 
@@ -206,30 +326,29 @@ fn size_arg(s: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug)]
 pub struct CacheArgs {
-    /// The device number N of /dev/ublkbN.
+    /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub number: u32,
-    /// Start of the range. Default 0.
+    /// Start of the range
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
     pub offset: u64,
-    /// Length of the range. Default: to the end of the device.
+    /// Length of the range [default: to the end of the device]
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub length: Option<u64>,
-    /// Cache mode for this request (see `add --cache-mode`). Default: the
-    /// device's.
-    #[arg(long, value_name = "MODE", value_parser = cache_mode_arg)]
+    /// Cache mode for this request [default: the device's --cache-mode]
+    #[arg(long, value_name = "MODE", value_parser = cache_modes())]
     pub mode: Option<CacheMode>,
-    /// Same as --mode cow: copy the range's base blocks into the overlay.
+    /// Same as --mode cow: copy the range's base blocks into the overlay
     #[arg(long, conflicts_with = "mode")]
     pub cow_on_cache: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
-    /// The device number N of /dev/ublkbN.
+    /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub number: u32,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
 }
@@ -237,17 +356,17 @@ pub struct StatsArgs {
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("which").required(true).args(["number", "all"]))]
 pub struct DelArgs {
-    /// The device number N of /dev/ublkbN.
+    /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub number: Option<u32>,
-    /// Every ublk-cow device.
+    /// Every ublk-cow device
     #[arg(long)]
     pub all: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
 }
@@ -272,7 +391,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 mode: if a.cow_on_cache {
                     CacheMode::Cow
                 } else {
-                    a.cache_mode.unwrap_or(CacheMode::default_for(false))
+                    a.cache_mode
                 },
                 readahead: a.readahead,
                 cow_on_read: a.cow_on_read,
@@ -295,5 +414,37 @@ pub fn run(cli: Cli) -> Result<()> {
             daemon::cache(c.number, c.offset, c.length, mode)
         }
         Command::Stats(s) => daemon::stats(s.number, s.json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_listed_value_parses_and_every_mode_is_listed() {
+        for (name, _) in CACHE_MODES {
+            assert_eq!(cache_mode_arg(name).unwrap().to_string(), *name);
+        }
+        use CacheMode::*;
+        for mode in [Ignore, Passthrough, Read, Cow] {
+            // A new mode stops this match compiling until it is listed.
+            match mode {
+                Ignore | Passthrough | Read | Cow => {}
+            }
+            let name = mode.to_string();
+            assert!(CACHE_MODES.iter().any(|(n, _)| *n == name), "{name}");
+        }
+        let listed: Vec<_> = BASE_IO_MODES
+            .iter()
+            .map(|(n, _)| base_io_arg(n).unwrap())
+            .collect();
+        assert_eq!(listed, [BaseIo::Cached, BaseIo::Direct]);
     }
 }

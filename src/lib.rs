@@ -1,14 +1,20 @@
 //! ublk-cow: a copy-on-write block device served from user space through
 //! ublk. Reads come from a read-only base image until a block is written;
-//! writes land in an overlay file.
+//! writes land in an overlay file. docs/design.md describes the whole.
 //!
-//! - [`engine`]: the decisions — block-state map, request planning, locks,
-//!   overlay format — and a synchronous executor; no ublk, no io_uring.
-//! - [`ublk`]: the ublk target that executes the engine's plans as
-//!   io_uring operations on each queue's ring.
-//! - [`daemon`]: device lifetime — state files, add/del/list.
+//! - [`engine`]: the decisions — block-state map, per-block locks, request
+//!   and cache plans, readahead, the overlay format — and a synchronous
+//!   executor; no ublk, no io_uring.
+//! - [`ublk`]: the ublk target: device set-up and parameters, a thread and
+//!   an io_uring per queue, the engine's plans carried out as io_uring
+//!   operations.
+//! - [`daemon`]: device lifetime — `add`, `del`, `list`, `recover`, the
+//!   state files, and the control socket behind `cache` and `stats`.
+//! - [`cli`]: the command line and its help texts.
+//! - [`stats`]: the per-device counters that `stats` shows.
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
-//! - [`sys`]: the few raw system calls, each `unsafe` with its reason.
+//! - [`sys`]: the system calls the standard library does not wrap, each
+//!   `unsafe` block with its reason.
 
 pub mod cli;
 pub mod daemon;

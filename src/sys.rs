@@ -1,6 +1,18 @@
-//! The few system calls the standard library does not wrap: shared file
-//! mappings, hole punching and fadvise. Every `unsafe` block of the engine is
-//! here, each with the reason it is sound.
+//! The system calls the standard library does not wrap, each behind a safe
+//! function (but `fork`, an `unsafe fn` whose caller says why it is sound):
+//!
+//! - shared file mappings: the live map as atomic words (`MappedFile`); the
+//!   base or overlay in memory (`SharedMap`), read by copying, written by
+//!   the kernel (ublk's user copy, `MADV_POPULATE_WRITE`), and put in a
+//!   `Pipe` by `vmsplice`;
+//! - file I/O: `fallocate` (allocate, punch a hole), `pread` on a raw
+//!   descriptor, `preadv2(RWF_NOWAIT)`, `cachestat`, `copy_file_range`,
+//!   `posix_fadvise`, a block device's size, the alignment `O_DIRECT` needs
+//!   (`statx`), whether a file is on tmpfs;
+//! - the process: the open-files limit, root or not, `fork`, detaching from
+//!   the terminal, waiting for and sending termination signals.
+//!
+//! Every `unsafe` block here has a `// SAFETY:` line saying why it is sound.
 
 use std::fs::File;
 use std::io;

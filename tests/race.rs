@@ -1,4 +1,4 @@
-//! The copy-vs-write race of DESIGN.md's concurrency rule: a copy of base
+//! The copy-vs-write race of docs/design.md's concurrency rule: a copy of base
 //! data into the overlay (copy-on-cache, copy-on-read) that read the old base
 //! data must not land after a newer guest write and undo it.
 

@@ -1,6 +1,6 @@
 //! Per-block locks for every change of a block's state.
 //!
-//! The rule (see DESIGN.md, "Concurrency rule"): whatever makes a block leave
+//! The rule (docs/design.md, concurrency rule): whatever makes a block leave
 //! `Unallocated` or `Zero` — a guest write to it, read-modify-write, a copy of
 //! base data into the overlay (copy-on-cache, copy-on-read), a discard — holds
 //! that block's lock from the moment it re-checks the state until the new
