@@ -71,6 +71,8 @@ case_security_private_files() {
         *'"error"'*"permission denied to uid 65534"*) ;;
         *) die "the daemon answered uid 65534: $reply" ;;
     esac
+    grep -q "permission denied to uid 65534" "$UBLK_COW_RUN_DIR/$id.log" \
+        || die "the refusal is not in the daemon's log"
     # ...and goes on serving root.
     "$UC" stats -n "$id" >/dev/null || die "stats by root failed after a refusal"
     # A recovered daemon keeps the owner, and its new files are private too.
