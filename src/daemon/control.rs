@@ -22,10 +22,11 @@ use crate::stats::{CacheSource, Stats, StatsSnapshot};
 use crate::ublk::exec::Shared;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -77,10 +78,10 @@ pub fn serve(id: u32, sh: Arc<Shared>, owner: u32) -> Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for mut conn in listener.incoming().flatten() {
+            for conn in listener.incoming().flatten() {
                 if let Err(refusal) = admit(&conn, id, owner) {
                     log::warn!("control: {refusal}");
-                    let _ = send(&mut conn, &Reply::error(refusal));
+                    refuse(conn, refusal);
                     continue;
                 }
                 if let Err(e) = handle(conn, &sh) {
@@ -89,6 +90,16 @@ pub fn serve(id: u32, sh: Arc<Shared>, owner: u32) -> Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Answers a refused connection with one error line. Its request is read
+/// first (a little of it, briefly): a socket closed with unread data is
+/// reset, and the peer could lose the answer, or fail to send.
+fn refuse(mut conn: UnixStream, refusal: String) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut request = Vec::new();
+    let _ = BufReader::new(Read::take(&conn, 4096)).read_until(b'\n', &mut request);
+    let _ = send(&mut conn, &Reply::error(refusal));
 }
 
 /// Whether the peer of `conn` may use device `id`: root and `owner` may.
@@ -205,6 +216,19 @@ pub fn call(id: u32, req: &Request, mut each: impl FnMut(&Reply)) -> Result<Repl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused peer gets its one error line even when it sends its
+    /// request after the daemon has decided: the daemon reads it first.
+    #[test]
+    fn a_refused_peer_gets_one_error_line() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let daemon = std::thread::spawn(move || refuse(server, "denied".into()));
+        std::thread::sleep(Duration::from_millis(100));
+        client.write_all(b"{\"op\":\"stats\"}\n").unwrap();
+        let lines: Vec<String> = BufReader::new(client).lines().map(|l| l.unwrap()).collect();
+        daemon.join().unwrap();
+        assert_eq!(lines, [r#"{"error":"denied"}"#]);
+    }
 
     /// The peer's uid is the kernel's record of who connected: here, us.
     #[test]
