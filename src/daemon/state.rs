@@ -78,7 +78,7 @@ pub fn log_path(id: u32) -> PathBuf {
 }
 
 /// Creates `path` as a new file open for reading and writing, with mode
-/// 0600 from the start (before the umask; never looser). Fails if anything
+/// 0600 as it is created (the umask can only narrow it). Fails if anything
 /// is at `path`, a symlink too (even one to nowhere): `O_CREAT | O_EXCL`
 /// does not follow it. Every file that holds a device's data or state is
 /// made here.
