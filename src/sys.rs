@@ -622,3 +622,46 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<bool> {
         _ => Err(e),
     }
 }
+
+/// The real user id of this process: who ran the command.
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no arguments and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The effective user id of the process at the other end of a connected
+/// Unix socket, as the kernel recorded it when the connection was made
+/// (`SO_PEERCRED`): the peer cannot choose it.
+pub fn peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the local `cred`
+    // and the length it wrote into the local `len`; the descriptor is valid
+    // while `sock` is borrowed.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("SO_PEERCRED returned a short answer"));
+    }
+    Ok(cred.uid)
+}

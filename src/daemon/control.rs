@@ -1,6 +1,12 @@
 //! The daemon's control socket, `<run dir>/<id>.sock` (mode 0600): one JSON
 //! request per connection, answered with JSON lines.
 //!
+//! Only root and the user that added the device are served: the socket is
+//! bound inside the run directory, which only its owner can enter (so it is
+//! never reachable by others, not even before its mode is set), and each
+//! connection's peer is checked by the uid the kernel recorded for it
+//! (`SO_PEERCRED`). Anyone else gets one error line, and the daemon goes on.
+//!
 //! - `{"op":"stats"}` → `{"stats":{...}}`
 //! - `{"op":"cache","offset":O,"length":L,"mode":M|null}` → progress lines
 //!   `{"progress":done,"total":L}`, then `{"done":{...}}` or `{"error":"..."}`.
@@ -16,10 +22,11 @@ use crate::stats::{CacheSource, Stats, StatsSnapshot};
 use crate::ublk::ServedDevice;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -59,23 +66,53 @@ impl Reply {
 /// progress line after each.
 const PIECE: u64 = 16 << 20;
 
-/// Binds the socket of device `id` and serves it on a thread of its own.
-pub fn serve(id: u32, sh: Arc<ServedDevice>) -> Result<()> {
+/// Binds the socket of device `id` (in the run directory, which the caller
+/// has checked) and serves it on a thread of its own, to root and `owner`.
+pub fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
     let path = state::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
+                if let Err(refusal) = admit(&conn, id, owner) {
+                    log::warn!("control: {refusal}");
+                    refuse(conn, refusal);
+                    continue;
+                }
                 if let Err(e) = handle(conn, &sh) {
                     log::warn!("control request: {e:#}");
                 }
             }
         })?;
     Ok(())
+}
+
+/// Answers a refused connection with one error line. Its request is read
+/// first (a little of it, briefly): a socket closed with unread data is
+/// reset, and the peer could lose the answer, or fail to send.
+fn refuse(mut conn: UnixStream, refusal: String) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut request = Vec::new();
+    let _ = BufReader::new(Read::take(&conn, 4096)).read_until(b'\n', &mut request);
+    let _ = send(&mut conn, &Reply::error(refusal));
+}
+
+/// Whether the peer of `conn` may use device `id`: root and `owner` may.
+fn admit(conn: &UnixStream, id: u32, owner: u32) -> std::result::Result<(), String> {
+    let uid = crate::sys::peer_uid(conn)
+        .map_err(|e| format!("device {id}: cannot tell who is asking ({e}): refused"))?;
+    if state::may_use(uid, owner) {
+        Ok(())
+    } else {
+        Err(format!(
+            "device {id}: permission denied to uid {uid}: only root and its owner (uid {owner}) may use it"
+        ))
+    }
 }
 
 fn send(conn: &mut UnixStream, r: &Reply) -> Result<()> {
@@ -174,4 +211,39 @@ pub fn call(id: u32, req: &Request, mut each: impl FnMut(&Reply)) -> Result<Repl
         last = Some(r);
     }
     last.ok_or_else(|| anyhow!("device {id}: the daemon closed the connection without answering"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused peer gets its one error line even when it sends its
+    /// request after the daemon has decided: the daemon reads it first.
+    #[test]
+    fn a_refused_peer_gets_one_error_line() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let daemon = std::thread::spawn(move || refuse(server, "denied".into()));
+        std::thread::sleep(Duration::from_millis(100));
+        client.write_all(b"{\"op\":\"stats\"}\n").unwrap();
+        let lines: Vec<String> = BufReader::new(client).lines().map(|l| l.unwrap()).collect();
+        daemon.join().unwrap();
+        assert_eq!(lines, [r#"{"error":"denied"}"#]);
+    }
+
+    /// The peer's uid is the kernel's record of who connected: here, us.
+    #[test]
+    fn admit_checks_the_peer_uid() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let me = crate::sys::euid();
+        assert_eq!(crate::sys::peer_uid(&a).unwrap(), me);
+        assert!(admit(&a, 3, me).is_ok());
+        if me != 0 {
+            // Not root: an owner other than us is refused.
+            let err = admit(&a, 3, me + 1).unwrap_err();
+            assert!(err.contains("permission denied"), "{err}");
+        } else {
+            // Root is let in whoever owns the device.
+            assert!(admit(&a, 3, 12345).is_ok());
+        }
+    }
 }

@@ -64,6 +64,8 @@ struct Prepared {
     block_size: u32,
     /// Take over this device (whose daemon died) instead of adding one.
     recover: Option<u32>,
+    /// The user that added the device (see `DeviceState::owner`).
+    owner: u32,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -107,6 +109,12 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
                     OverlaySource::Existing(p)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if std::fs::symlink_metadata(&p).is_ok() {
+                        bail!(
+                            "overlay {} is a symlink to nothing: a new overlay is not created through a symlink",
+                            p.display()
+                        );
+                    }
                     match p.parent() {
                         Some(d) if d.is_dir() => {}
                         _ => bail!("overlay {}: its directory does not exist", p.display()),
@@ -119,6 +127,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     };
     let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
     Geometry::new(base.size, block_size)?;
+    state::check_run_dir()?;
     ublk::check_available()?;
     ublk::check_io_mode(req.target.zero_copy)?;
     if let Some(id) = req.target.id
@@ -133,6 +142,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
         overlay,
         block_size,
         recover: None,
+        owner: crate::sys::uid(),
     })
 }
 
@@ -213,6 +223,7 @@ pub fn recover(id: u32, foreground: bool) -> Result<()> {
         overlay,
         block_size: st.block_size,
         recover: Some(id),
+        owner: st.owner,
     })
 }
 
@@ -260,7 +271,8 @@ fn start(p: Prepared) -> Result<()> {
     }
 }
 
-/// Opens the overlay, creating it if needed; returns it and whether it is new.
+/// Opens the overlay, creating it if needed (mode 0600, never through a
+/// symlink); returns it and whether it is new.
 fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
     let (path, create) = match src {
         OverlaySource::Existing(p) => (p.clone(), false),
@@ -271,12 +283,16 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
             true,
         ),
     };
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(create)
-        .open(&path)
-        .with_context(|| format!("opening overlay {}", path.display()))?;
+    let file = if create {
+        state::create_private(&path)
+            .with_context(|| format!("creating overlay {}", path.display()))?
+    } else {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening overlay {}", path.display()))?
+    };
     Ok((path, file, create))
 }
 
@@ -284,13 +300,15 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
 /// starts it empty; otherwise it is the map a dead daemon left.
 fn map_memory(id: u32, blocks: u64, fresh: bool) -> Result<MapMemory> {
     let path = state::map_path(id);
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(fresh)
-        .truncate(fresh)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let f = if fresh {
+        state::create_in_run_dir(&path)?
+    } else {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?
+    };
     let len = map_bytes(blocks);
     if fresh {
         f.set_len(len)
@@ -322,6 +340,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         overlay,
         block_size,
         recover,
+        owner,
     } = p;
     let ctrl = match recover {
         None => ublk::create(&req.target)?,
@@ -330,7 +349,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     let id = ctrl.dev_info().dev_id;
     state::ensure_run_dir()?;
     if !req.foreground {
-        let log = File::create(state::log_path(id)).context("creating the daemon log")?;
+        let log =
+            state::create_in_run_dir(&state::log_path(id)).context("creating the daemon log")?;
         crate::sys::detach(&log).context("detaching the daemon")?;
     }
     let (dev, made) = open_device(&req, base, &overlay, block_size, recover, id)?;
@@ -358,6 +378,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         policy: req.policy,
         zero_copy: ublk::io_mode(&ctrl) == IoMode::ZeroCopy,
         base_io: req.base_io,
+        owner,
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -366,7 +387,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
             return Err(anyhow::Error::from(e).context("opening base and overlay for the queues"));
         }
     };
-    if let Err(e) = control::serve(id, shared.clone()) {
+    if let Err(e) = control::serve(id, shared.clone(), owner) {
         made.remove();
         return Err(e);
     }
@@ -504,6 +525,13 @@ pub fn del(id: u32) -> Result<()> {
         }
         bail!("there is no ublk-cow device {id}");
     };
+    let me = crate::sys::uid();
+    if !state::may_use(me, st.owner) {
+        bail!(
+            "device {id}: permission denied to uid {me}: only root and its owner (uid {}) may remove it",
+            st.owner
+        );
+    }
     if st.daemon_alive() {
         crate::sys::kill(st.pid, libc::SIGTERM).context("signalling the daemon")?;
         let deadline = Instant::now() + Duration::from_secs(120);
