@@ -238,9 +238,7 @@ impl SharedMap {
 /// from one into the request's registered pages: the kernel copies pipe
 /// pages into a fixed buffer with `memcpy`, where user copy (`pwrite` from
 /// the mapping) copies from user memory with `rep movsb`, which QEMU's
-/// software emulation runs a byte at a time (7.3.4, random 4K reads of a
-/// tmpfs base: 51,382 IOPS against 41,629, medians of 3 rounds in one
-/// boot). Both ends are non-blocking, so a read never waits for bytes
+/// software emulation runs a byte at a time (docs/benchmarks.md). Both ends are non-blocking, so a read never waits for bytes
 /// that are not there. It holds one request's run at a time: a tag has its
 /// own, empty between requests.
 pub struct Pipe {

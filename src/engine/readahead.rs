@@ -12,9 +12,8 @@
 //!   window is left ahead of the reader, and never for bytes already asked.
 //!   A READ that completes while the queue serves other READs makes none:
 //!   that reader keeps reads of its own ahead of it, and a prefetch would
-//!   only race them for the same blocks (sequential 1M reads at QD8 of a
-//!   base on a slow device went from 659 to 839 MiB/s with `--base-io
-//!   direct`).
+//!   only race them for the same blocks (measured in docs/benchmarks.md,
+//!   "With the base on a slower device").
 //!
 //! The base is opened with `POSIX_FADV_RANDOM`, so this is the only
 //! prefetcher: `--readahead off` means no prefetch at all.

@@ -27,9 +27,8 @@ const RING_ONLY: u8 = 2; // neither: everything goes to the ring
 
 /// From this size on, a write to a file in memory goes to the ring all the
 /// same: its copy (and the allocation of new pages) then runs on an io_uring
-/// worker, on another CPU, while the queue's thread serves other requests.
-/// Sequential 1 MiB first writes to a sparse tmpfs overlay were 1.5 times as
-/// fast so in the benchmark guest; 4 KiB writes are faster inline.
+/// worker, on another CPU, while the queue's thread serves other requests:
+/// faster for large writes, slower for 4 KiB ones (docs/benchmarks.md).
 const RING_WRITE_MIN: usize = 128 << 10;
 
 /// Pages are 4 KiB on every machine this runs on; `cachestat` counts them.

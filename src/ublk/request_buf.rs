@@ -17,13 +17,9 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// Largest request whose data is moved by user copy (or, for a READ,
-/// through the tag's pipe) rather than the ring.
-/// Measured in the benchmark guest (7.3, random reads from a tmpfs base at
-/// QD32, medians of 3 rounds): 16 KiB reads 322 MB/s by user copy against
-/// 445 through the ring, 64 KiB 379 against 955 (one boot); 4 KiB reads
-/// 45,314 IOPS by user copy (a probe boot) where the ring gave 35,795 (the
-/// benchmark boot before). The ring's worker copies faster; the system call
-/// wins only for small requests.
+/// through the tag's pipe) rather than the ring. The ring's worker copies
+/// faster; the system call wins only for small requests (the measurements
+/// are in docs/benchmarks.md).
 pub const USER_COPY_MAX: usize = 4096;
 
 /// ublk's user copy for one queue: `pread`/`pwrite` on the char device at a

@@ -67,9 +67,7 @@ async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Option<
 /// way: user copy into the tag's staging buffer, then `pwrite` on this
 /// thread. The ring would hand a tmpfs write to a worker thread (tmpfs
 /// cannot promise not to block), which costs more than the extra copy
-/// (7.3.4, randrw 4K QD32 over a sparse overlay, medians in one boot:
-/// 24,889 IOPS against 21,385 through the ring, 4 rounds; 25,616 against
-/// 23,828 in another, 6 rounds).
+/// (docs/benchmarks.md).
 async fn data_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
