@@ -6,6 +6,7 @@
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
 //! with plain positional I/O here, `crate::ublk` with io_uring.
 
+pub mod after_read;
 pub mod base;
 pub mod cache;
 pub mod device;

@@ -9,10 +9,10 @@
 //! (`write_data`). A READ's commit names where ublk copies its data from:
 //! the tag's buffer, or the mapping that holds all of it.
 
-use crate::engine::cache::CacheMode;
+use crate::engine::after_read::{self, CompletedRead};
 use crate::engine::plan::ReadSource;
 use crate::engine::readahead::Detector;
-use crate::stats::{CacheSource, Stats};
+use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::background::{self, Background, Job};
 use crate::ublk::exec::{self, ReadDone, TagScratch, ZeroBlocks};
@@ -83,15 +83,8 @@ impl Request {
     }
 }
 
-/// Whether the policy copies the base data this READ reads into the overlay
-/// (copy-on-readahead with the `cow` mode for kernel hints; `--cow-on-read`
-/// for every read).
-fn installs(sh: &ServedDevice, req: &Request) -> bool {
-    sh.policy.cow_on_read || (req.hinted() && sh.policy.mode == CacheMode::Cow)
-}
-
-/// After a READ: queue the prefetch it calls for, and the copy of the base
-/// data it read into `buf` if the policy `installs` it.
+/// After a READ: the prefetch and the copy into the overlay that the
+/// policy asks for (`engine::after_read`), queued for the background.
 fn after_read(
     sh: &ServedDevice,
     qs: &QueueState,
@@ -103,39 +96,23 @@ fn after_read(
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
     }
-    let ahead = {
-        let mut d = qs.detector.borrow_mut();
-        if hinted {
-            d.on_hint(req.off, req.len)
-        } else if qs.reads_in_flight.get() > 0 {
-            d.on_deep_read(req.off, req.len);
-            None
-        } else {
-            d.on_read(req.off, req.len)
-        }
-    };
-    let source = if hinted {
-        CacheSource::KernelHint
-    } else {
-        CacheSource::Detector
-    };
-    if let Some((off, len)) = ahead {
-        let len = len.min(sh.dev.geometry().size().saturating_sub(off));
-        if len > 0 {
-            qs.background.push(Job::Cache { off, len }, source, sh);
-        }
-    }
     let bs = sh.dev.geometry().block_size() as u64;
-    if installs(sh, req)
-        && s.runs()
+    let read = CompletedRead {
+        off: req.off,
+        len: req.len,
+        hinted,
+        others_in_flight: qs.reads_in_flight.get() > 0,
+        read_base_block: s
+            .runs()
             .iter()
-            .any(|r| r.source == ReadSource::Base && r.len >= bs)
-    {
-        let source = if sh.policy.cow_on_read {
-            CacheSource::CowOnRead
-        } else {
-            CacheSource::KernelHint
-        };
+            .any(|r| r.source == ReadSource::Base && r.len >= bs),
+    };
+    let size = sh.dev.geometry().size();
+    let todo = after_read::after_read(&sh.policy, &mut qs.detector.borrow_mut(), size, &read);
+    if let Some((off, len, source)) = todo.prefetch {
+        qs.background.push(Job::Cache { off, len }, source, sh);
+    }
+    if let Some(source) = todo.install {
         let job = match buf {
             RequestBuf::Memory(b) => Job::Install {
                 off: req.off,
@@ -194,7 +171,7 @@ async fn handle(
         }
         _ if !in_range => -libc::EINVAL,
         sys::UBLK_IO_OP_READ => {
-            let may_map = qs.commit_from_map && !installs(sh, &req);
+            let may_map = qs.commit_from_map && !after_read::installs(&sh.policy, req.hinted());
             let mut buf = buf.request(req.len as usize);
             let n = &qs.reads_in_flight;
             n.set(n.get() + 1);
