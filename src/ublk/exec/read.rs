@@ -22,6 +22,68 @@ pub enum ReadDone {
     Mapped(*const u8),
 }
 
+/// How one run of a READ moves its data into the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transfer {
+    /// Zeros written into the daemon's buffer.
+    FillZeros,
+    /// /dev/zero read into the request's registered pages.
+    ZerosFromDevice,
+    /// Nothing moved: the run is the whole READ and lies in a mapping, which
+    /// the commit names for ublk to copy from (`ReadDone::Mapped`).
+    CommitMapping,
+    /// Into the daemon's buffer: what memory holds now (`read_op`), the
+    /// ring the rest.
+    ToBuffer,
+    /// The mapped pages through the tag's pipe into the registered pages.
+    Splice,
+    /// User copy from the mapping into the request.
+    UserCopy,
+    /// A fixed-buffer read from the file into the registered pages.
+    RingFixed,
+}
+
+/// What the choice of a run's transfer depends on.
+#[derive(Clone, Copy, Debug)]
+struct RunFacts {
+    zero: bool,
+    /// The request's data is in its registered pages (zero copy).
+    registered: bool,
+    /// User copy reaches the request (a small one, `USER_COPY_MAX`).
+    user_copy: bool,
+    /// The run is the READ's only one.
+    single: bool,
+    /// The READ may be committed from a mapping.
+    may_map: bool,
+    /// The run's file is mapped (in memory).
+    mapped: bool,
+}
+
+/// The first transfer to try for a run; `fallback` gives the next when
+/// one cannot be had (no pipe, a copy that fell short).
+fn choose(f: RunFacts) -> Transfer {
+    match (f.zero, f.registered) {
+        (true, false) => Transfer::FillZeros,
+        (true, true) => Transfer::ZerosFromDevice,
+        (false, false) if f.may_map && f.single && f.mapped => Transfer::CommitMapping,
+        (false, false) => Transfer::ToBuffer,
+        (false, true) if f.user_copy && f.mapped && f.single => Transfer::Splice,
+        (false, true) if f.user_copy && f.mapped => Transfer::UserCopy,
+        (false, true) => Transfer::RingFixed,
+    }
+}
+
+impl Transfer {
+    fn fallback(self) -> Transfer {
+        match self {
+            Transfer::Splice => Transfer::UserCopy,
+            Transfer::UserCopy => Transfer::RingFixed,
+            Transfer::CommitMapping => Transfer::ToBuffer,
+            other => unreachable!("{other:?} cannot fail before it starts"),
+        }
+    }
+}
+
 /// READ of `buf.len()` bytes at `off`. With `may_map`, data in the
 /// daemon's memory that lies in one mapped run is left where it is
 /// (`ReadDone::Mapped`).
@@ -34,6 +96,7 @@ pub async fn read<R: Ring>(
     may_map: bool,
 ) -> ReadDone {
     let dev = &sh.dev;
+    let st = &sh.stats;
     plan::plan_read(
         dev.map(),
         dev.geometry(),
@@ -45,35 +108,20 @@ pub async fn read<R: Ring>(
     let single = s.runs.len() == 1;
     let mut spliced = false;
     for run in &s.runs {
-        let st = &sh.stats;
-        let (miss, reader, pos) = match run.source {
+        let (ring_read, file, pos) = match run.source {
             ReadSource::Zero => {
                 Stats::add(&st.read_zero_ops, 1);
                 Stats::add(&st.read_zero_bytes, run.len);
-                match &mut buf {
-                    RequestBuf::Memory(b) => b[run.buf_off..][..run.len as usize].fill(0),
-                    RequestBuf::Registered { index, .. } => {
-                        let len = run.len as u32;
-                        let op = Op::ReadFixed {
-                            fd: ZERO_FD,
-                            index: *index,
-                            at: run.buf_off,
-                            len,
-                            pos: 0,
-                        };
-                        pending.push(PendingOp::push(q, op, len));
-                    }
-                }
-                continue;
+                (RingRead::Cached(ZERO_FD), &sh.base_io, 0)
             }
             ReadSource::Base => {
                 Stats::add(&st.read_base_ops, 1);
                 Stats::add(&st.read_base_bytes, run.len);
-                let miss = match sh.direct_align() {
+                let ring_read = match sh.direct_align() {
                     Some(a) => RingRead::DirectBase(a, &st.read_base_direct_ops),
                     None => RingRead::Cached(BASE_FD),
                 };
-                (miss, &sh.base_io, run.off)
+                (ring_read, &sh.base_io, run.off)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);
@@ -82,53 +130,86 @@ pub async fn read<R: Ring>(
                 (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
             }
         };
+        let len = run.len as usize;
         let user_copy = buf.user_copy(run.buf_off);
-        let dst = match &mut buf {
-            RequestBuf::Memory(b) => &mut b[run.buf_off..][..run.len as usize],
-            RequestBuf::Registered { index, .. } => {
-                let len = run.len as u32;
-                if user_copy.is_some()
-                    && single
-                    && let Some(op) = pipe_read(q, &s.pipe, reader, pos, *index, run.buf_off, len)
-                {
-                    Stats::add(&st.reads_from_mapping, 1);
-                    Stats::add(&st.reads_spliced, 1);
-                    spliced = true;
-                    pending.push(op);
-                    continue;
+        let mut way = choose(RunFacts {
+            zero: run.source == ReadSource::Zero,
+            registered: matches!(buf, RequestBuf::Registered { .. }),
+            user_copy: user_copy.is_some(),
+            single,
+            may_map,
+            mapped: file.mapped(pos, len).is_some(),
+        });
+        loop {
+            let index = match &buf {
+                RequestBuf::Registered { index, .. } => *index,
+                RequestBuf::Memory(_) => 0,
+            };
+            match way {
+                Transfer::FillZeros => {
+                    if let RequestBuf::Memory(b) = &mut buf {
+                        b[run.buf_off..][..len].fill(0);
+                    }
                 }
-                if let Some(to) = user_copy
-                    && reader.copy_to_request(pos, len as usize, to) == Some(true)
-                {
-                    Stats::add(&st.reads_from_mapping, 1);
-                    continue;
+                Transfer::ZerosFromDevice | Transfer::RingFixed => {
+                    // The request's pages are out of `inline`'s reach: a
+                    // run the page cache holds is read through it.
+                    let fd = match (way, ring_read.direct(file, pos, run.len, None)) {
+                        (Transfer::ZerosFromDevice, _) => ZERO_FD,
+                        (_, true) => BASE_DIRECT_FD,
+                        (_, false) => ring_read.cached_fd(),
+                    };
+                    let op = Op::ReadFixed {
+                        fd,
+                        index,
+                        at: run.buf_off,
+                        len: len as u32,
+                        pos,
+                    };
+                    pending.push(PendingOp::push(q, op, len as u32));
                 }
-                // The request's pages are out of `inline`'s reach: a run
-                // the page cache holds is read through it.
-                let fd = if miss.direct(reader, pos, len as u64, None) {
-                    BASE_DIRECT_FD
-                } else {
-                    miss.cached_fd()
-                };
-                let op = Op::ReadFixed {
-                    fd,
-                    index: *index,
-                    at: run.buf_off,
-                    len,
-                    pos,
-                };
-                pending.push(PendingOp::push(q, op, len));
-                continue;
+                Transfer::CommitMapping => match file.mapped(pos, len) {
+                    Some(at) => {
+                        Stats::add(&st.reads_from_mapping, 1);
+                        return ReadDone::Mapped(at);
+                    }
+                    None => {
+                        way = way.fallback();
+                        continue;
+                    }
+                },
+                Transfer::ToBuffer => {
+                    if let RequestBuf::Memory(b) = &mut buf {
+                        let dst = &mut b[run.buf_off..][..len];
+                        pending.extend(read_op(q, ring_read, file, pos, dst));
+                    }
+                }
+                Transfer::Splice => {
+                    match pipe_read(q, &s.pipe, file, pos, index, run.buf_off, len as u32) {
+                        Some(op) => {
+                            Stats::add(&st.reads_from_mapping, 1);
+                            Stats::add(&st.reads_spliced, 1);
+                            spliced = true;
+                            pending.push(op);
+                        }
+                        None => {
+                            way = way.fallback();
+                            continue;
+                        }
+                    }
+                }
+                Transfer::UserCopy => {
+                    let to = user_copy.expect("chosen only with user copy");
+                    if file.copy_to_request(pos, len, to) == Some(true) {
+                        Stats::add(&st.reads_from_mapping, 1);
+                    } else {
+                        way = way.fallback();
+                        continue;
+                    }
+                }
             }
-        };
-        if may_map
-            && s.runs.len() == 1
-            && let Some(at) = reader.mapped(pos, dst.len())
-        {
-            Stats::add(&st.reads_from_mapping, 1);
-            return ReadDone::Mapped(at);
+            break;
         }
-        pending.extend(read_op(q, miss, reader, pos, dst));
     }
     let r = finish_all(q, pending).await;
     if r != 0
@@ -159,7 +240,6 @@ fn pipe_read<R: Ring>(
     at: usize,
     len: u32,
 ) -> Option<PendingOp<R>> {
-    reader.mapped(pos, len as usize)?;
     let pipe = pipe.get_or_init(|| Pipe::new().ok()).as_ref()?;
     if !reader.splice_to(pos, len as usize, pipe) {
         return None;
@@ -171,4 +251,75 @@ fn pipe_read<R: Ring>(
         len,
     };
     Some(PendingOp::push(q, op, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> RunFacts {
+        RunFacts {
+            zero: false,
+            registered: false,
+            user_copy: false,
+            single: true,
+            may_map: true,
+            mapped: true,
+        }
+    }
+
+    #[test]
+    fn copy_mode_commits_a_lone_mapped_run_and_buffers_the_rest() {
+        assert_eq!(choose(facts()), Transfer::CommitMapping);
+        let f = RunFacts {
+            single: false,
+            ..facts()
+        };
+        assert_eq!(choose(f), Transfer::ToBuffer);
+        let f = RunFacts {
+            may_map: false,
+            ..facts()
+        };
+        assert_eq!(choose(f), Transfer::ToBuffer, "a READ to be copied in");
+        let f = RunFacts {
+            mapped: false,
+            ..facts()
+        };
+        assert_eq!(choose(f), Transfer::ToBuffer);
+        let f = RunFacts {
+            zero: true,
+            ..facts()
+        };
+        assert_eq!(choose(f), Transfer::FillZeros);
+        assert_eq!(Transfer::CommitMapping.fallback(), Transfer::ToBuffer);
+    }
+
+    #[test]
+    fn zero_copy_splices_small_mapped_runs_and_reads_the_rest_by_the_ring() {
+        let zc = RunFacts {
+            registered: true,
+            user_copy: true,
+            ..facts()
+        };
+        assert_eq!(choose(zc), Transfer::Splice);
+        assert_eq!(Transfer::Splice.fallback(), Transfer::UserCopy);
+        assert_eq!(Transfer::UserCopy.fallback(), Transfer::RingFixed);
+        let f = RunFacts {
+            single: false,
+            ..zc
+        };
+        assert_eq!(choose(f), Transfer::UserCopy, "one pipe holds one run");
+        let f = RunFacts {
+            user_copy: false,
+            ..zc
+        };
+        assert_eq!(choose(f), Transfer::RingFixed, "a large request");
+        let f = RunFacts {
+            mapped: false,
+            ..zc
+        };
+        assert_eq!(choose(f), Transfer::RingFixed);
+        let f = RunFacts { zero: true, ..zc };
+        assert_eq!(choose(f), Transfer::ZerosFromDevice);
+    }
 }
