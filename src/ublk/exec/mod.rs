@@ -47,7 +47,7 @@ use libublk::io::UblkQueue;
 use std::cell::OnceCell;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 
 pub const BASE_FD: types::Fixed = types::Fixed(1);
 pub const OVERLAY_FD: types::Fixed = types::Fixed(2);
@@ -55,9 +55,10 @@ pub const ZERO_FD: types::Fixed = types::Fixed(3);
 pub const BASE_DIRECT_FD: types::Fixed = types::Fixed(4);
 
 pub type Device = CowDevice<File, File>;
+type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, File, File>;
 
-/// What every queue shares: the device, its cache policy, the counters and
-/// the flush serializer.
+/// What every queue shares: the device (with its flush turn), its cache
+/// policy and the counters.
 pub struct Shared {
     pub dev: Device,
     pub policy: CachePolicy,
@@ -73,8 +74,6 @@ pub struct Shared {
     /// The base opened with O_DIRECT, for READs of base blocks that the
     /// page cache does not hold (`--base-io direct`).
     direct: Option<DirectBase>,
-    /// Held while a flush writes map pages, so snapshots land in order.
-    flushing: AtomicBool,
 }
 
 impl Shared {
@@ -109,7 +108,6 @@ impl Shared {
             overlay_io,
             unallocated_ready,
             direct,
-            flushing: AtomicBool::new(false),
         })
     }
 
