@@ -38,6 +38,10 @@ pub struct DeviceState {
     /// How base blocks that the page cache lacks are read (`add --base-io`).
     #[serde(default)]
     pub base_io: crate::engine::base::BaseIo,
+    /// A flush failed: the overlay stays as of its last good flush, and
+    /// the live map is never written into it.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 pub fn run_dir() -> PathBuf {
