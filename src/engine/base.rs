@@ -285,7 +285,10 @@ mod tests {
         let file2 = BaseIdentity::compute(&disk, size, 5).unwrap();
         let dev2 = BaseIdentity::compute(&disk, size, 0).unwrap();
         assert_eq!(file.fingerprint, file2.fingerprint, "files rely on mtime");
-        assert_ne!(dev.fingerprint, dev2.fingerprint, "block device change not seen");
+        assert_ne!(
+            dev.fingerprint, dev2.fingerprint,
+            "block device change not seen"
+        );
         assert!(!dev2.fingerprint_matches(dev.fingerprint));
         // An overlay made with the 16 samples of before is still accepted.
         assert!(dev.fingerprint_matches(file.fingerprint));

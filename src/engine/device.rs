@@ -715,7 +715,9 @@ mod tests {
         };
         let disk = || SimDisk::new(overlay.contents());
         // Block 0 written and block 1 with no state.
-        let e = reopen(disk(), MapSource::Live(words(0b1101))).err().unwrap();
+        let e = reopen(disk(), MapSource::Live(words(0b1101)))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("damaged"), "{e}");
         // A bit past the last block (64 blocks: word 2 onward is unused).
         let mem = words(1);

@@ -201,7 +201,12 @@ impl<S: Storage> Overlay<S> {
     pub fn allocate_map(&self) -> Result<(), Error> {
         self.storage
             .allocate(self.header.map_offset, self.header.map_bytes)
-            .ctx(|| format!("allocating the overlay map ({} bytes)", self.header.map_bytes))
+            .ctx(|| {
+                format!(
+                    "allocating the overlay map ({} bytes)",
+                    self.header.map_bytes
+                )
+            })
     }
 
     /// Opens an existing overlay and checks it against the base and options.

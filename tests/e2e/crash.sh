@@ -98,6 +98,62 @@ case_recover_bad_input() {
     base_unchanged
 }
 
+# kill -9 the daemon of device $1 and wait until it is gone; the device
+# then waits for `recover`.
+kill_daemon() {
+    local pid; pid=$(daemon_pid "$1")
+    kill -9 "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+}
+
+# One overlay, one device: a second `add` of it is refused, naming the
+# device, while the device runs and while it waits for `recover`.
+case_overlay_one_device() {
+    local dev id ov=$WORK/lock.overlay err
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > lock1
+    dd if=lock1 of="$dev" bs=1M seek=3 oflag=direct conv=fsync status=none
+    local n; n=$(ublk_devices)
+    expect_fail "a second add of an overlay in use" add --base "$BASE" --overlay "$ov"
+    err=$(add --base "$BASE" --overlay "$ov" 2>&1 >/dev/null) || true
+    [[ $err == *"device $id"* ]] || die "the refusal does not name device $id: $err"
+    kill_daemon "$id"
+    expect_fail "add of an overlay whose device waits for recover" \
+        add --base "$BASE" --overlay "$ov"
+    err=$(add --base "$BASE" --overlay "$ov" 2>&1 >/dev/null) || true
+    [[ $err == *"recover -n $id"* ]] || die "the refusal does not point to recover: $err"
+    [ "$(ublk_devices)" = "$n" ] || die "a refused add left a device"
+    "$UC" recover -n "$id" >/dev/null
+    cmp <(dd if="$dev" bs=1M skip=3 count=1 iflag=direct status=none) lock1 \
+        || die "the device's data changed"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+# `del` of a device whose daemon died writes the live map into the overlay:
+# writes that were never flushed but reached the overlay file are kept.
+case_del_dead_daemon_keeps_writes() {
+    local dev id ov=$WORK/deldead.overlay
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 2M /dev/urandom > unflushed
+    # O_DIRECT without fsync: no FLUSH reaches the device.
+    dd if=unflushed of="$dev" bs=1M seek=20 oflag=direct status=none
+    kill_daemon "$id"
+    "$UC" del -n "$id"
+    [ ! -e "$UBLK_COW_RUN_DIR/$id.map" ] || die "del left the live map"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    cmp <(dd if="$dev" bs=1M skip=20 count=2 iflag=direct status=none) unflushed \
+        || die "writes of the dead daemon were lost by del"
+    "$UC" list | grep "$ov" | grep -qw running \
+        || die "the overlay was not closed clean by del"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+CASES+=("one overlay, one device: a second add refused, also while waiting for recover|case_overlay_one_device")
+CASES+=("del of a killed daemon writes its live map into the overlay|case_del_dead_daemon_keeps_writes")
 CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
 CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck after|case_kill9_ext4")
 CASES+=("full overlay file system: errors, no damage, recovers|case_full_disk")
