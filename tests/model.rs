@@ -1,14 +1,16 @@
 //! Model-based test of the engine: random sequences of read, write
 //! (512-byte aligned, block-unaligned included), discard/write-zeroes, flush,
-//! cache requests in every mode (copy-on-cache included), clean reopen and
-//! power cut, run against a byte-array
+//! cache requests in every mode (copy-on-cache included), clean reopen,
+//! power cut and a sync that fails, run against a byte-array
 //! reference. The overlay lives on a simulated disk that, at a power cut,
-//! keeps what was synced plus any subset of the writes since, and that can
-//! lose power in the middle of a flush.
+//! keeps what was synced plus any subset of the writes since, that can
+//! lose power in the middle of a flush, and that can fail a sync and lose
+//! the writes behind it while reads still see them (as a failed writeback).
 //!
-//! Crash rule checked after every power cut: each 512-byte sector reads as
-//! one of the contents it had since the last completed flush (a sector not
-//! written since reads exactly as flushed).
+//! Crash rule checked after every power cut, and after a close that failed
+//! because a sync had: each 512-byte sector reads as one of the contents it
+//! had since the last completed flush (a sector not written since reads
+//! exactly as flushed). After a failed sync every flush fails.
 
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -49,6 +51,8 @@ enum Op {
         keep_seed: u64,
         cut_flush_after: Option<u8>,
     },
+    /// The overlay's next sync fails; a flush is issued (and fails).
+    SyncFails,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +85,7 @@ fn op(sectors: u64) -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         2 => (any::<u64>(), proptest::option::of(0u8..12))
             .prop_map(|(keep_seed, cut_flush_after)| Op::PowerCut { keep_seed, cut_flush_after }),
+        1 => Just(Op::SyncFails),
     ]
 }
 
@@ -123,6 +128,8 @@ struct Model {
     flushed: Vec<u8>,
     /// Sectors written since the last completed flush: every content they had.
     versions: HashMap<usize, Vec<Vec<u8>>>,
+    /// A sync of the overlay failed: the device must fail every flush.
+    failed: bool,
 }
 
 impl Model {
@@ -145,6 +152,7 @@ impl Model {
             flushed: base_image.clone(),
             base_image,
             versions: HashMap::new(),
+            failed: false,
         }
     }
 
@@ -168,6 +176,32 @@ impl Model {
             MapSource::Load(MapMemory::heap(blocks)),
         );
         self.dev = Some(dev.expect("reopen after close or power cut"));
+        self.failed = false;
+    }
+
+    /// Reopens `overlay` after a crash and checks the crash rule.
+    fn reopen_after_crash(&mut self, overlay: SimDisk) -> Result<(), TestCaseError> {
+        self.reopen(Arc::new(overlay));
+        let mut buf = vec![0u8; self.current.len()];
+        self.dev().read(0, &mut buf).unwrap();
+        for (s, got) in buf.chunks(SECTOR).enumerate() {
+            match self.versions.get(&s) {
+                Some(v) => prop_assert!(
+                    v.iter().any(|x| x == got),
+                    "sector {} after a crash is none of its versions",
+                    s
+                ),
+                None => prop_assert!(
+                    got == &self.flushed[s * SECTOR..(s + 1) * SECTOR],
+                    "sector {} lost flushed data",
+                    s
+                ),
+            }
+        }
+        self.current = buf.clone();
+        self.flushed = buf;
+        self.versions.clear();
+        Ok(())
     }
 
     fn record(&mut self, off: u64, data: &[u8]) {
@@ -212,9 +246,20 @@ impl Model {
                 self.record(off, &vec![0u8; len as usize]);
             }
             Op::Flush => {
-                self.dev().flush().unwrap();
-                self.flushed = self.current.clone();
-                self.versions.clear();
+                if self.failed {
+                    prop_assert!(self.dev().flush().is_err(), "a flush after a failed sync");
+                } else {
+                    self.dev().flush().unwrap();
+                    self.flushed = self.current.clone();
+                    self.versions.clear();
+                }
+            }
+            Op::SyncFails => {
+                if !self.failed {
+                    self.overlay.fail_next_sync();
+                    prop_assert!(self.dev().flush().is_err(), "a flush whose sync failed");
+                    self.failed = true;
+                }
             }
             Op::Cache { off, len, mode } => {
                 let before = self.dev().map().counts();
@@ -231,6 +276,15 @@ impl Model {
                     "cow cache changed more than unallocated blocks"
                 );
                 // What reads return is checked by every later read.
+            }
+            Op::Reopen if self.failed => {
+                // The close fails, writing nothing that names lost data:
+                // the overlay is then as after a crash (without power cut).
+                prop_assert!(self.dev().shut_down().is_err(), "a failed device closed");
+                self.dev = None;
+                let after = self.overlay.after_power_cut(|_| true);
+                self.reopen_after_crash(after)?;
+                self.check_all()?;
             }
             Op::Reopen => {
                 let dev = self.dev.take().unwrap();
@@ -258,26 +312,7 @@ impl Model {
                     rng ^= rng << 17;
                     rng & 1 == 1
                 });
-                self.reopen(Arc::new(after));
-                let mut buf = vec![0u8; self.current.len()];
-                self.dev().read(0, &mut buf).unwrap();
-                for (s, got) in buf.chunks(SECTOR).enumerate() {
-                    match self.versions.get(&s) {
-                        Some(v) => prop_assert!(
-                            v.iter().any(|x| x == got),
-                            "sector {} after power cut is none of its versions",
-                            s
-                        ),
-                        None => prop_assert!(
-                            got == &self.flushed[s * SECTOR..(s + 1) * SECTOR],
-                            "sector {} lost flushed data",
-                            s
-                        ),
-                    }
-                }
-                self.current = buf.clone();
-                self.flushed = buf;
-                self.versions.clear();
+                self.reopen_after_crash(after)?;
             }
         }
         Ok(())

@@ -483,7 +483,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // The device is stopped: no request is in flight any more.
     // (The control socket's thread still holds the device, idle.)
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
-    let kept = closed.is_err() && served.is_ok() && !st.temporary_overlay;
+    let kept = closed.is_err() && !st.temporary_overlay;
     if let Err(e) = &closed {
         log::error!("closing the overlay: {e:#}");
     }
@@ -648,11 +648,12 @@ fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
 /// `ublk-cow del -n N`: asks the daemon to stop (it flushes and closes the
 /// overlay) and waits for it. For a device whose daemon is gone (dead, or
 /// stopped without closing its overlay), first writes the live map into the
-/// overlay and closes it clean — unless a flush had failed, when the overlay
-/// stays as of its last good flush — then removes the device and its files.
-/// If the live map cannot be written, nothing is removed.
+/// overlay and closes it clean, then removes the device and its files; if
+/// the live map cannot be written, nothing is removed. A device whose flush
+/// had failed is removed with its overlay as of its last good flush, and
+/// `del` fails to say so.
 pub fn del(id: u32) -> Result<()> {
-    let Some(st) = DeviceState::load(id)? else {
+    let Some(mut st) = DeviceState::load(id)? else {
         if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
         }
@@ -670,52 +671,48 @@ pub fn del(id: u32) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // A daemon that could not close its overlay keeps its state.
-        if let Some(kept) = DeviceState::load(id)?
-            && kept.pid == st.pid
-        {
-            bail!(
-                "device {id} stopped, but closing its overlay failed (see {}): {}",
-                state::log_path(id).display(),
-                kept_note(&kept)
-            );
+        // A daemon that could not close its overlay keeps its state, for
+        // what follows.
+        match DeviceState::load(id)? {
+            Some(kept) if kept.pid == st.pid => st = kept,
+            _ => return Ok(()),
         }
-        return Ok(());
     }
-    if !st.temporary_overlay {
-        if st.failed {
-            eprintln!(
-                "ublk-cow: warning: a flush of device {id} failed: overlay {} stays as of its \
-                 last good flush",
+    let mut failed = st.failed;
+    if !st.temporary_overlay && !failed && state::map_path(id).exists() {
+        failed = !close_from_live_map(&st).with_context(|| {
+            let how = if ublk::is_quiesced(id) {
+                format!("; `ublk-cow recover -n {id}` serves it again")
+            } else {
+                String::new()
+            };
+            format!(
+                "writing the live map {} into overlay {} (nothing removed{how})",
+                state::map_path(id).display(),
                 st.overlay.display()
-            );
-        } else if state::map_path(id).exists() {
-            close_from_live_map(&st).with_context(|| {
-                let how = if ublk::is_quiesced(id) {
-                    format!("; `ublk-cow recover -n {id}` serves it again")
-                } else {
-                    String::new()
-                };
-                format!(
-                    "writing the live map {} into overlay {} (nothing removed{how})",
-                    state::map_path(id).display(),
-                    st.overlay.display()
-                )
-            })?;
-        }
+            )
+        })?;
     }
     if ublk::device_exists(id) {
         ublk::delete(id)?;
     }
     st.remove_files();
-    let _ = std::fs::remove_file(state::log_path(id));
+    if failed && !st.temporary_overlay {
+        bail!(
+            "device {id} removed, but a flush of it had failed: overlay {} is as of its last \
+             good flush, and writes after it may be lost (see {})",
+            st.overlay.display(),
+            state::log_path(id).display()
+        );
+    }
     Ok(())
 }
 
 /// Writes the live map that the gone daemon of device `st` left into its
 /// overlay, made durable, and marks the overlay clean: what the daemon's
-/// stop would have done. Holds the overlay's lock meanwhile.
-fn close_from_live_map(st: &DeviceState) -> Result<()> {
+/// stop would have done. Holds the overlay's lock meanwhile. `Ok(false)`,
+/// writing nothing, if the overlay is marked failed (a flush failed).
+fn close_from_live_map(st: &DeviceState) -> Result<bool> {
     let base = open_base(&st.base)?;
     lock_base(&st.base, &base.file)?;
     let file = File::options()
@@ -724,27 +721,23 @@ fn close_from_live_map(st: &DeviceState) -> Result<()> {
         .open(&st.overlay)
         .with_context(|| format!("opening overlay {}", st.overlay.display()))?;
     lock_overlay(&st.overlay, &file, Duration::from_secs(10))?;
-    let geo = Geometry::new(base.size, st.block_size)?;
-    let mem = map_memory(st.id, geo.blocks(), false)?;
     let check = OpenCheck {
         base: &base.identity,
         block_size: Some(st.block_size),
         force: st.forced,
     };
-    let dev = CowDevice::open(base.file, file, check, MapSource::Live(mem))?;
-    if dev.overlay().header().failed() {
-        // Marked by the daemon after a failed flush, which it could not
-        // note in the state file: its live map may name lost data.
-        eprintln!(
-            "ublk-cow: warning: a flush of device {} failed: overlay {} stays as of its \
-             last good flush",
-            st.id,
-            st.overlay.display()
-        );
-        return Ok(());
+    // Marked by the daemon after a failed flush that it could not note in
+    // the state file: its live map may name lost data.
+    let checked = Overlay::open(file, check)?;
+    if checked.header().failed() {
+        return Ok(false);
     }
+    let file = checked.into_storage();
+    let geo = Geometry::new(base.size, st.block_size)?;
+    let mem = map_memory(st.id, geo.blocks(), false)?;
+    let dev = CowDevice::open(base.file, file, check, MapSource::Live(mem))?;
     dev.close()?;
-    Ok(())
+    Ok(true)
 }
 
 /// `ublk-cow del --all`.

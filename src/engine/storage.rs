@@ -152,6 +152,9 @@ struct SimInner {
     /// are lost on a power cut while reads still see them — as when the
     /// kernel's writeback of a file fails (it reports that once).
     fail_sync: bool,
+    /// Bytes whose writeback failed: no later sync makes them durable
+    /// until they are written again (the kernel keeps such pages clean).
+    lost: Vec<bool>,
 }
 
 impl SimDisk {
@@ -164,6 +167,7 @@ impl SimDisk {
                 ops_left: None,
                 ops: 0,
                 fail_sync: false,
+                lost: Vec::new(),
             }),
         }
     }
@@ -214,6 +218,19 @@ impl SimDisk {
     }
 }
 
+impl SimInner {
+    fn mark_lost(&mut self, off: u64, len: u64, lost: bool) {
+        let end = (off + len) as usize;
+        if lost && self.lost.len() < end {
+            self.lost.resize(end, false);
+        }
+        let stop = end.min(self.lost.len());
+        if (off as usize) < stop {
+            self.lost[off as usize..stop].fill(lost);
+        }
+    }
+}
+
 fn apply(image: &mut Vec<u8>, off: u64, data: Option<&[u8]>, len: u64) {
     let end = (off + len) as usize;
     if image.len() < end {
@@ -244,6 +261,7 @@ impl Storage for SimDisk {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut g = self.op()?;
+        g.mark_lost(off, buf.len() as u64, false);
         apply(&mut g.live, off, Some(buf), buf.len() as u64);
         g.pending.push((off, Some(buf.to_vec()), buf.len() as u64));
         Ok(())
@@ -251,6 +269,7 @@ impl Storage for SimDisk {
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mut g = self.op()?;
+        g.mark_lost(off, len, false);
         apply(&mut g.live, off, None, len);
         g.pending.push((off, None, len));
         Ok(())
@@ -259,10 +278,23 @@ impl Storage for SimDisk {
     fn sync(&self) -> io::Result<()> {
         let mut g = self.op()?;
         if std::mem::take(&mut g.fail_sync) {
-            g.pending.clear();
+            let pending = std::mem::take(&mut g.pending);
+            for (off, _, len) in pending {
+                g.mark_lost(off, len, true);
+            }
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        g.durable = g.live.clone();
+        let g = &mut *g;
+        if g.lost.iter().any(|&l| l) {
+            g.durable.resize(g.live.len(), 0);
+            for (i, d) in g.durable.iter_mut().enumerate() {
+                if !g.lost.get(i).copied().unwrap_or(false) {
+                    *d = g.live[i];
+                }
+            }
+        } else {
+            g.durable = g.live.clone();
+        }
         g.pending.clear();
         Ok(())
     }
@@ -308,5 +340,21 @@ mod tests {
         d.cut_power_after(1);
         assert!(d.sync().is_ok());
         assert!(d.write_at(&[9], 0).is_err());
+    }
+
+    #[test]
+    fn a_failed_sync_loses_its_writes_for_good() {
+        let d = SimDisk::new(vec![0; 4]);
+        d.write_at(&[1, 1], 0).unwrap();
+        d.fail_next_sync();
+        assert!(d.sync().is_err());
+        d.write_at(&[2], 3).unwrap();
+        d.sync().unwrap();
+        // Reads still see the lost bytes; the disk never got them.
+        assert_eq!(d.contents(), vec![1, 1, 0, 2]);
+        assert_eq!(d.after_power_cut(|_| false).contents(), vec![0, 0, 0, 2]);
+        d.write_at(&[3], 1).unwrap();
+        d.sync().unwrap();
+        assert_eq!(d.after_power_cut(|_| false).contents(), vec![0, 3, 0, 2]);
     }
 }

@@ -152,6 +152,58 @@ case_del_dead_daemon_keeps_writes() {
     base_unchanged
 }
 
+# dm_table NAME TABLE: switches dm device NAME to TABLE without freezing the
+# file system on it (a freeze would write back what the test leaves dirty).
+dm_table() { dmsetup suspend --nolockfs "$1"; dmsetup reload "$1" --table "$2"; dmsetup resume "$1"; }
+
+# fsync_dev DEV: an fsync of the block device, which sends it a FLUSH.
+fsync_dev() { python3 -c 'import os, sys; os.fsync(os.open(sys.argv[1], os.O_WRONLY))' "$1"; }
+
+# The overlay's disk fails one writeback, then works again: the kernel
+# reports the error once, so the device must fail every later FLUSH and
+# FUA write itself, and never persist a map that names the lost data.
+case_failed_overlay_sync() {
+    local img=$WORK/syncfail.img mnt=$WORK/syncfail dev id ov lo sz err
+    truncate -s 256M "$img"
+    lo=$(losetup -f --show "$img"); sz=$(blockdev --getsz "$lo")
+    dmsetup create ucsync --table "0 $sz linear $lo 0"
+    # No journal and errors=continue: the file system stays writable.
+    mkfs.ext4 -q -O ^has_journal /dev/mapper/ucsync
+    mkdir -p "$mnt"; mount -o errors=continue /dev/mapper/ucsync "$mnt"
+    ov=$mnt/ov
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > good
+    dd if=good of="$dev" bs=1M seek=5 oflag=direct conv=fsync status=none
+    dd if=/dev/urandom of="$dev" bs=1M seek=30 count=1 oflag=direct status=none
+    dm_table ucsync "0 $sz error"
+    if fsync_dev "$dev" 2>/dev/null; then die "a flush succeeded on a failing disk"; fi
+    dm_table ucsync "0 $sz linear $lo 0"
+    if fsync_dev "$dev" 2>/dev/null; then die "a flush after a failed sync succeeded"; fi
+    if dd if=good of="$dev" bs=4k count=1 seek=2000 oflag=direct,dsync status=none 2>/dev/null; then
+        die "a FUA write after a failed sync succeeded"
+    fi
+    "$UC" list | grep "$ov" | grep -qw failed || die "list does not show the device failed"
+    [ "$(stat_of "$id" overlay_failed)" = 1 ] || die "stats do not show the device failed"
+    if err=$("$UC" del -n "$id" 2>&1); then die "del of a failed device said nothing"; fi
+    [[ $err == *"last good flush"* ]] || die "del did not say what became of the overlay: $err"
+    [ ! -e "$UBLK_COW_RUN_DIR/$id.json" ] || die "del left the failed device"
+    echo 3 > /proc/sys/vm/drop_caches
+    dev=$(add --base "$BASE" --overlay "$ov" 2>warn.txt); id=$(dev_id "$dev")
+    grep -q "flush of its last device failed" warn.txt || die "add did not warn: $(cat warn.txt)"
+    cmp <(dd if="$dev" bs=1M skip=5 count=1 iflag=direct status=none) good \
+        || die "data flushed before the failure is lost"
+    cmp <(dd if="$dev" bs=1M skip=30 count=1 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1M skip=30 count=1 status=none) \
+        || die "the overlay's map names data whose writeback failed"
+    "$UC" del -n "$id"
+    dev=$(add --base "$BASE" --overlay "$ov" 2>warn.txt); id=$(dev_id "$dev")
+    [ ! -s warn.txt ] || die "a clean close did not clear the mark: $(cat warn.txt)"
+    "$UC" del -n "$id"
+    umount "$mnt"; dmsetup remove ucsync; losetup -d "$lo"
+    base_unchanged
+}
+
+CASES+=("a failed overlay sync fails every later flush and persists nothing|case_failed_overlay_sync")
 CASES+=("one overlay, one device: a second add refused, also while waiting for recover|case_overlay_one_device")
 CASES+=("del of a killed daemon writes its live map into the overlay|case_del_dead_daemon_keeps_writes")
 CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
