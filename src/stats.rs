@@ -64,6 +64,8 @@ counters!(
     rmw_blocks,
     lock_waits,
     flushes,
+    // 1 once a flush failed: every later FLUSH and FUA write fails.
+    overlay_failed,
     zero_ops,
     cache_from_kernel_hint,
     cache_from_detector,

@@ -663,3 +663,27 @@ pub fn peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
     }
     Ok(cred.uid)
 }
+
+/// Takes a `flock` lock on `file` (exclusive, or shared) without waiting.
+/// `Ok(false)` when another open file holds a lock that conflicts (in this
+/// process too: the lock belongs to the open file, not the process). The
+/// lock lasts until every descriptor of that open file is closed.
+pub fn try_flock(file: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock takes a descriptor this `File` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}

@@ -1,14 +1,16 @@
 //! Model-based test of the engine: random sequences of read, write
 //! (512-byte aligned, block-unaligned included), discard/write-zeroes, flush,
-//! cache requests in every mode (copy-on-cache included), clean reopen and
-//! power cut, run against a byte-array
+//! cache requests in every mode (copy-on-cache included), clean reopen,
+//! power cut and a sync that fails, run against a byte-array
 //! reference. The overlay lives on a simulated disk that, at a power cut,
-//! keeps what was synced plus any subset of the writes since, and that can
-//! lose power in the middle of a flush.
+//! keeps what was synced plus any subset of the writes since, that can
+//! lose power in the middle of a flush, and that can fail a sync and lose
+//! the writes behind it while reads still see them (as a failed writeback).
 //!
-//! Crash rule checked after every power cut: each 512-byte sector reads as
-//! one of the contents it had since the last completed flush (a sector not
-//! written since reads exactly as flushed).
+//! Crash rule checked after every power cut, and after a close that failed
+//! because a sync had: each 512-byte sector reads as one of the contents it
+//! had since the last completed flush (a sector not written since reads
+//! exactly as flushed). After a failed sync every flush fails.
 
 mod common;
 
@@ -33,6 +35,8 @@ struct Model {
     blocks: u64,
     dev: Option<Dev>,
     reference: Reference,
+    /// A sync of the overlay failed: the device must fail every flush.
+    failed: bool,
 }
 
 impl Model {
@@ -53,6 +57,7 @@ impl Model {
             dev: Some(dev),
             reference: Reference::new(base_image.clone()),
             base_image,
+            failed: false,
         }
     }
 
@@ -76,6 +81,15 @@ impl Model {
             MapSource::Load(MapMemory::heap(blocks)),
         );
         self.dev = Some(dev.expect("reopen after close or power cut"));
+        self.failed = false;
+    }
+
+    /// Opens the overlay as a crash left it and checks the crash rule.
+    fn reopen_after_crash(&mut self, overlay: SimDisk) -> Result<(), TestCaseError> {
+        self.reopen(Arc::new(overlay));
+        let mut buf = vec![0u8; self.reference.current.len()];
+        self.dev().read(0, &mut buf).unwrap();
+        self.reference.after_power_cut(buf)
     }
 
     fn check_all(&self) -> Result<(), TestCaseError> {
@@ -110,8 +124,19 @@ impl Model {
                 self.reference.record(off, &vec![0u8; len as usize]);
             }
             Op::Flush => {
-                self.dev().flush().unwrap();
-                self.reference.flushed();
+                if self.failed {
+                    prop_assert!(self.dev().flush().is_err(), "a flush after a failed sync");
+                } else {
+                    self.dev().flush().unwrap();
+                    self.reference.flushed();
+                }
+            }
+            Op::SyncFails => {
+                if !self.failed {
+                    self.overlay.fail_next_sync();
+                    prop_assert!(self.dev().flush().is_err(), "a flush whose sync failed");
+                    self.failed = true;
+                }
             }
             Op::Cache { off, len, mode } => {
                 let before = self.dev().map().counts();
@@ -128,6 +153,15 @@ impl Model {
                     "cow cache changed more than unallocated blocks"
                 );
                 // What reads return is checked by every later read.
+            }
+            Op::Reopen if self.failed => {
+                // The close fails, writing nothing that names lost data:
+                // the overlay is then as after a crash (without power cut).
+                prop_assert!(self.dev().shut_down().is_err(), "a failed device closed");
+                self.dev = None;
+                let after = self.overlay.after_power_cut(|_| true);
+                self.reopen_after_crash(after)?;
+                self.check_all()?;
             }
             Op::Reopen => {
                 let dev = self.dev.take().unwrap();
@@ -148,10 +182,7 @@ impl Model {
                 }
                 let mut rng = XorShift(keep_seed);
                 let after = self.overlay.after_power_cut(|_| rng.bit());
-                self.reopen(Arc::new(after));
-                let mut buf = vec![0u8; self.reference.current.len()];
-                self.dev().read(0, &mut buf).unwrap();
-                self.reference.after_power_cut(buf)?;
+                self.reopen_after_crash(after)?;
             }
         }
         Ok(())

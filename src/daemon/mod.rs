@@ -2,6 +2,13 @@
 //! then (unless `--foreground`) forks a daemon that creates the ublk device,
 //! opens or creates the overlay, serves I/O, and on SIGTERM or `del` stops
 //! the device, flushes and closes the overlay clean, and removes its files.
+//!
+//! A device holds an exclusive `flock` on its overlay and a shared one on
+//! its base for its whole life (a `recover`ing daemon takes them again), so
+//! that no second device writes the overlay's map and no writer of the base
+//! can run beside it. A device whose overlay could not be closed keeps its
+//! state and live map under the run directory: `del` then writes the live
+//! map into the overlay, as it does for a device whose daemon died.
 
 pub mod control;
 pub mod state;
@@ -105,7 +112,17 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
                         block_size: req.block_size,
                         force: req.force,
                     };
-                    Overlay::open(f, check).with_context(|| format!("overlay {}", p.display()))?;
+                    refuse_if_used(&p, &f)?;
+                    let o = Overlay::open(f, check)
+                        .with_context(|| format!("overlay {}", p.display()))?;
+                    if o.header().failed() {
+                        eprintln!(
+                            "ublk-cow: warning: overlay {}: a flush of its last device failed; \
+                             it is as of that device's last good flush, and data written \
+                             after may be lost",
+                            p.display()
+                        );
+                    }
                     OverlaySource::Existing(p)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -144,6 +161,77 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
         recover: None,
         owner: crate::sys::uid(),
     })
+}
+
+/// Refuses an overlay that a device uses: one whose state file names it
+/// (its daemon running, or dead and waiting for `recover` or `del`), or one
+/// locked by another process. Takes no lock that outlives `file`.
+fn refuse_if_used(path: &Path, file: &File) -> Result<()> {
+    if let Some(st) = device_of(file)? {
+        if st.daemon_alive() {
+            bail!(
+                "overlay {} is in use by device {} (daemon pid {})",
+                path.display(),
+                st.id,
+                st.pid
+            );
+        }
+        bail!(
+            "overlay {} belongs to device {}, whose daemon is gone: \
+             `ublk-cow recover -n {}` serves it again, `ublk-cow del -n {}` closes it",
+            path.display(),
+            st.id,
+            st.id,
+            st.id
+        );
+    }
+    lock_overlay(path, file, Duration::ZERO)
+}
+
+/// The device whose state file names the overlay open as `file`.
+fn device_of(file: &File) -> Result<Option<DeviceState>> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().context("overlay")?;
+    Ok(state::all()?.into_iter().find(|st| {
+        std::fs::metadata(&st.overlay).is_ok_and(|o| o.dev() == m.dev() && o.ino() == m.ino())
+    }))
+}
+
+/// Takes the exclusive lock on the overlay open as `file`, held as long as
+/// the file is open. Refused, naming the device and daemon when a live one
+/// holds it, if another open file holds it (in any process, this one too)
+/// for longer than `patience` (the files of a daemon that was just killed
+/// may take a moment to be closed).
+fn lock_overlay(path: &Path, file: &File, patience: Duration) -> Result<()> {
+    let shown = path.display();
+    let deadline = Instant::now() + patience;
+    loop {
+        if crate::sys::try_flock(file, true).with_context(|| format!("locking overlay {shown}"))? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match device_of(file).ok().flatten() {
+        Some(st) if st.daemon_alive() => bail!(
+            "overlay {shown} is in use by device {} (daemon pid {})",
+            st.id,
+            st.pid
+        ),
+        _ => bail!("overlay {shown} is in use by another process (locked)"),
+    }
+}
+
+/// Takes a shared lock on the base open as `file`: many devices may read a
+/// base, and a writer of it that takes the exclusive lock is kept out.
+fn lock_base(path: &Path, file: &File) -> Result<()> {
+    let shown = path.display();
+    if crate::sys::try_flock(file, false).with_context(|| format!("locking base {shown}"))? {
+        return Ok(());
+    }
+    bail!("base {shown} is locked for writing by another process")
 }
 
 /// The base opened for direct reads, if `req` asks for them.
@@ -379,6 +467,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         zero_copy: ublk::io_mode(&ctrl) == IoMode::ZeroCopy,
         base_io: req.base_io,
         owner,
+        failed: false,
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -391,18 +480,21 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         made.remove();
         return Err(e);
     }
+    watch_failure(shared.clone(), st.clone());
     std::thread::spawn(move || {
         let sig = crate::sys::wait_termination();
         log::info!("signal {sig}: stopping device {id}");
         let _ = ublk::stop(id);
     });
-    let st_ready = st.clone();
+    let mut st_ready = st.clone();
+    let sh_ready = shared.clone();
     let served = ublk::serve(&ctrl, shared.clone(), req.read_only, move |c| {
         let path = c.get_bdev_path();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Path::new(&path).exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        st_ready.failed = sh_ready.dev.failed();
         match st_ready.save() {
             Ok(()) => ready(&path),
             Err(e) => {
@@ -414,12 +506,27 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // The device is stopped: no request is in flight any more.
     // (The control socket's thread still holds the device, idle.)
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
-    st.remove_files();
+    let kept = closed.is_err() && !st.temporary_overlay;
     if let Err(e) = &closed {
         log::error!("closing the overlay: {e:#}");
     }
+    if kept {
+        // The live map (or, after a failed flush, the failed state) stays
+        // for `del`; so does the ublk device, which keeps the id ours.
+        let st = DeviceState {
+            failed: shared.dev.failed(),
+            ..st.clone()
+        };
+        if let Err(e) = st.save() {
+            log::error!("{e:#}");
+        }
+        ctrl.disown();
+        log::error!("{}", kept_note(&st));
+    } else {
+        st.remove_files();
+    }
     drop(ctrl);
-    if recover.is_some() {
+    if recover.is_some() && !kept {
         // A control handle made for recovery does not delete the device.
         let _ = ublk::delete(id);
     }
@@ -428,6 +535,47 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // A clean stop leaves nothing behind; a failed one keeps its log.
     let _ = std::fs::remove_file(state::log_path(id));
     Ok(())
+}
+
+/// What stays of device `st` whose overlay could not be closed, and what
+/// `del` does with it.
+fn kept_note(st: &DeviceState) -> String {
+    let id = st.id;
+    if st.failed {
+        format!(
+            "a flush of device {id} failed: overlay {} stays as of its last good flush, \
+             marked failed; `ublk-cow del -n {id}` removes the device",
+            st.overlay.display()
+        )
+    } else {
+        format!(
+            "the live map of device {id} stays in {}; `ublk-cow del -n {id}` writes it \
+             into overlay {}",
+            state::map_path(id).display(),
+            st.overlay.display()
+        )
+    }
+}
+
+/// Once a flush of the device fails: counts it in the stats, marks the
+/// overlay failed, and says so in the state file (`list`).
+fn watch_failure(sh: Arc<ServedDevice>, st: DeviceState) {
+    std::thread::spawn(move || {
+        sh.dev.wait_failed();
+        sh.stats
+            .overlay_failed
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = sh.dev.mark_failed() {
+            log::error!("marking the overlay failed: {e}");
+        }
+        // Before `ready` there is no state file to update.
+        if state::state_path(st.id).exists() {
+            let st = DeviceState { failed: true, ..st };
+            if let Err(e) = st.save() {
+                log::error!("{e:#}");
+            }
+        }
+    });
 }
 
 /// The files `open_device` made, for `serve` to remove if it fails before
@@ -463,7 +611,11 @@ fn open_device(
     recover: Option<u32>,
     id: u32,
 ) -> Result<(CowDevice<File, File>, CreatedFiles)> {
+    lock_base(&req.base, &base.file)?;
     let (overlay_path, overlay_file, created) = open_overlay(overlay, id)?;
+    // Another opener: nothing made here is removed, the overlay is theirs.
+    let patience = Duration::from_secs(if recover.is_some() { 10 } else { 0 });
+    lock_overlay(&overlay_path, &overlay_file, patience)?;
     let made = CreatedFiles {
         overlay: overlay_path,
         created,
@@ -517,9 +669,14 @@ fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
 }
 
 /// `ublk-cow del -n N`: asks the daemon to stop (it flushes and closes the
-/// overlay) and waits for it; cleans up after a daemon that is gone.
+/// overlay) and waits for it. For a device whose daemon is gone (dead, or
+/// stopped without closing its overlay), first writes the live map into the
+/// overlay and closes it clean, then removes the device and its files; if
+/// the live map cannot be written, nothing is removed. A device whose flush
+/// had failed is removed with its overlay as of its last good flush, and
+/// `del` fails to say so.
 pub fn del(id: u32) -> Result<()> {
-    let Some(st) = DeviceState::load(id)? else {
+    let Some(mut st) = DeviceState::load(id)? else {
         if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
         }
@@ -544,13 +701,73 @@ pub fn del(id: u32) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    } else {
-        if ublk::device_exists(id) {
-            ublk::delete(id)?;
+        // A daemon that could not close its overlay keeps its state, for
+        // what follows.
+        match DeviceState::load(id)? {
+            Some(kept) if kept.pid == st.pid => st = kept,
+            _ => return Ok(()),
         }
-        st.remove_files();
+    }
+    let mut failed = st.failed;
+    if !st.temporary_overlay && !failed && state::map_path(id).exists() {
+        failed = !close_from_live_map(&st).with_context(|| {
+            let how = if ublk::is_quiesced(id) {
+                format!("; `ublk-cow recover -n {id}` serves it again")
+            } else {
+                String::new()
+            };
+            format!(
+                "writing the live map {} into overlay {} (nothing removed{how})",
+                state::map_path(id).display(),
+                st.overlay.display()
+            )
+        })?;
+    }
+    if ublk::device_exists(id) {
+        ublk::delete(id)?;
+    }
+    st.remove_files();
+    if failed && !st.temporary_overlay {
+        bail!(
+            "device {id} removed, but a flush of it had failed: overlay {} is as of its last \
+             good flush, and writes after it may be lost (see {})",
+            st.overlay.display(),
+            state::log_path(id).display()
+        );
     }
     Ok(())
+}
+
+/// Writes the live map that the gone daemon of device `st` left into its
+/// overlay, made durable, and marks the overlay clean: what the daemon's
+/// stop would have done. Holds the overlay's lock meanwhile. `Ok(false)`,
+/// writing nothing, if the overlay is marked failed (a flush failed).
+fn close_from_live_map(st: &DeviceState) -> Result<bool> {
+    let base = open_base(&st.base)?;
+    lock_base(&st.base, &base.file)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(&st.overlay)
+        .with_context(|| format!("opening overlay {}", st.overlay.display()))?;
+    lock_overlay(&st.overlay, &file, Duration::from_secs(10))?;
+    let check = OpenCheck {
+        base: &base.identity,
+        block_size: Some(st.block_size),
+        force: st.forced,
+    };
+    // Marked by the daemon after a failed flush that it could not note in
+    // the state file: its live map may name lost data.
+    let checked = Overlay::open(file, check)?;
+    if checked.header().failed() {
+        return Ok(false);
+    }
+    let file = checked.into_storage();
+    let geo = Geometry::new(base.size, st.block_size)?;
+    let mem = map_memory(st.id, geo.blocks(), false)?;
+    let dev = CowDevice::open(base.file, file, check, MapSource::Live(mem))?;
+    dev.close()?;
+    Ok(true)
 }
 
 /// `ublk-cow del --all`.
@@ -588,10 +805,11 @@ pub fn list(json: bool) -> Result<()> {
         "ID", "DEVICE", "SIZE", "BLOCK", "STATE", "BASE"
     );
     for s in all {
-        let state = match (s.daemon_alive(), s.recovered_unclean) {
-            (false, _) => "dead",
-            (true, true) => "unclean",
-            (true, false) => "running",
+        let state = match (s.daemon_alive(), s.failed, s.recovered_unclean) {
+            (_, true, _) => "failed",
+            (false, _, _) => "dead",
+            (true, _, true) => "unclean",
+            (true, _, false) => "running",
         };
         println!(
             "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} {}{}",
@@ -690,4 +908,33 @@ fn live_device(id: u32) -> Result<DeviceState> {
         bail!("the daemon of device {id} is not running (try: ublk-cow recover -n {id})");
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_opener_of_an_overlay_is_refused() {
+        let p = std::env::temp_dir().join(format!("ublk-cow-lock-{}", std::process::id()));
+        std::fs::write(&p, b"overlay").unwrap();
+        let open = || File::options().read(true).write(true).open(&p).unwrap();
+        let first = open();
+        lock_overlay(&p, &first, Duration::ZERO).unwrap();
+        // Another open of the same file, in the same process, as a second
+        // `add --overlay` in another process would be.
+        let second = open();
+        let e = lock_overlay(&p, &second, Duration::from_millis(100)).unwrap_err();
+        assert!(e.to_string().contains("is in use"), "{e}");
+        // Readers of a base share it; a writer is kept out while one reads.
+        lock_base(&p, &open()).unwrap_err();
+        drop(first);
+        lock_overlay(&p, &second, Duration::ZERO).unwrap();
+        drop(second);
+        let reader = open();
+        lock_base(&p, &reader).unwrap();
+        lock_base(&p, &open()).unwrap();
+        assert!(!crate::sys::try_flock(&open(), true).unwrap());
+        std::fs::remove_file(&p).unwrap();
+    }
 }

@@ -53,6 +53,10 @@ pub struct DeviceState {
     /// written by root.)
     #[serde(default)]
     pub owner: u32,
+    /// A flush failed: the overlay stays as of its last good flush, and
+    /// the live map is never written into it.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 pub fn run_dir() -> PathBuf {

@@ -5,6 +5,15 @@
 //! An overlay records the identity of the base it was made for, so that it is
 //! never laid over another file: the size, the modification time, and a
 //! fingerprint of sampled contents that also catches a copy that was changed.
+//!
+//! What is detected: a base of another size; a regular file written since
+//! (its mtime moves, unless the writer set it back); contents that differ in
+//! any sampled 4 KiB: 16 samples spread over a regular file, 1024 over a
+//! block device, which has no mtime (every 1/1023 of the device). Not
+//! detected: a block device (or a file whose mtime was restored) changed
+//! only between the samples — a few blocks rewritten in place by a file
+//! system mounted from it, say. Never write a base while an overlay of it
+//! is in use or kept.
 
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
@@ -19,33 +28,62 @@ pub struct BaseIdentity {
     pub size: u64,
     /// Modification time in nanoseconds; 0 for a block device.
     pub mtime_ns: u64,
-    /// FNV-1a over the size and 16 samples of 4 KiB spread over the file.
+    /// FNV-1a over the size and samples of 4 KiB spread over the file:
+    /// [`FILE_SAMPLES`] for a file, [`DEVICE_SAMPLES`] for a block device.
     pub fingerprint: u64,
+    /// For a block device, the fingerprint of [`FILE_SAMPLES`] samples that
+    /// overlays made before block devices were sampled more closely carry;
+    /// such an overlay is still accepted. Never stored.
+    pub legacy_fingerprint: Option<u64>,
 }
 
-const SAMPLES: u64 = 16;
+/// Samples of a regular file, whose mtime also tells changes.
+pub const FILE_SAMPLES: u64 = 16;
+/// Samples of a block device, which has no mtime: 4 MiB read at `add`.
+pub const DEVICE_SAMPLES: u64 = 1024;
 const SAMPLE_LEN: usize = 4096;
 
 impl BaseIdentity {
-    /// Reads the samples from `base` (of `size` bytes) to identify it.
+    /// Reads the samples from `base` (of `size` bytes) to identify it; a
+    /// block device (`mtime_ns` 0) gets [`DEVICE_SAMPLES`].
     pub fn compute(base: &dyn Storage, size: u64, mtime_ns: u64) -> Result<BaseIdentity, Error> {
-        let mut h = Fnv::default();
-        h.write(&size.to_le_bytes());
-        let mut buf = vec![0u8; SAMPLE_LEN];
-        let span = size.saturating_sub(SAMPLE_LEN as u64);
-        for i in 0..SAMPLES {
-            let off = (span / (SAMPLES - 1) * i) & !511;
-            let n = (SAMPLE_LEN as u64).min(size - off) as usize;
-            base.read_at(&mut buf[..n], off)
-                .ctx(|| format!("reading the base at {off}"))?;
-            h.write(&buf[..n]);
-        }
+        let (fingerprint, legacy_fingerprint) = if mtime_ns == 0 {
+            (
+                fingerprint(base, size, DEVICE_SAMPLES)?,
+                Some(fingerprint(base, size, FILE_SAMPLES)?),
+            )
+        } else {
+            (fingerprint(base, size, FILE_SAMPLES)?, None)
+        };
         Ok(BaseIdentity {
             size,
             mtime_ns,
-            fingerprint: h.finish(),
+            fingerprint,
+            legacy_fingerprint,
         })
     }
+
+    /// Whether an overlay that recorded `fingerprint` was made for a base
+    /// with these contents.
+    pub fn fingerprint_matches(&self, fingerprint: u64) -> bool {
+        fingerprint == self.fingerprint || self.legacy_fingerprint == Some(fingerprint)
+    }
+}
+
+/// FNV-1a over `size` and `samples` samples spread evenly over the base.
+fn fingerprint(base: &dyn Storage, size: u64, samples: u64) -> Result<u64, Error> {
+    let mut h = Fnv::default();
+    h.write(&size.to_le_bytes());
+    let mut buf = vec![0u8; SAMPLE_LEN];
+    let span = size.saturating_sub(SAMPLE_LEN as u64);
+    for i in 0..samples {
+        let off = (span / (samples - 1) * i) & !511;
+        let n = (SAMPLE_LEN as u64).min(size - off) as usize;
+        base.read_at(&mut buf[..n], off)
+            .ctx(|| format!("reading the base at {off}"))?;
+        h.write(&buf[..n]);
+    }
+    Ok(h.finish())
 }
 
 /// 64-bit FNV-1a: a stable hash for header checksums and fingerprints.
@@ -232,6 +270,30 @@ impl DirectBase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_device_is_sampled_closely() {
+        use crate::engine::storage::SimDisk;
+        // A change in the 17th of a block device's samples, about 1 MiB in:
+        // between the first two of the 16 samples of a file.
+        let size = 64u64 << 20;
+        let at = ((size - 4096) / (DEVICE_SAMPLES - 1) * 16) & !511;
+        let disk = SimDisk::new(vec![0u8; size as usize]);
+        let file = BaseIdentity::compute(&disk, size, 5).unwrap();
+        let dev = BaseIdentity::compute(&disk, size, 0).unwrap();
+        disk.write_at(&[1], at).unwrap();
+        let file2 = BaseIdentity::compute(&disk, size, 5).unwrap();
+        let dev2 = BaseIdentity::compute(&disk, size, 0).unwrap();
+        assert_eq!(file.fingerprint, file2.fingerprint, "files rely on mtime");
+        assert_ne!(
+            dev.fingerprint, dev2.fingerprint,
+            "block device change not seen"
+        );
+        assert!(!dev2.fingerprint_matches(dev.fingerprint));
+        // An overlay made with the 16 samples of before is still accepted.
+        assert!(dev.fingerprint_matches(file.fingerprint));
+        assert_eq!(file.legacy_fingerprint, None);
+    }
 
     #[test]
     fn base_io_parses_its_two_modes_only() {

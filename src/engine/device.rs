@@ -10,14 +10,14 @@ use crate::engine::base::BaseIdentity;
 use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
 use crate::engine::geometry::Geometry;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
-use crate::engine::map::{BlockMap, BlockState, MapMemory};
+use crate::engine::map::{BlockMap, BlockState, MAP_PAGE, MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
 use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Where the live map of an opened overlay comes from.
 pub enum MapSource {
@@ -35,12 +35,87 @@ pub struct CowDevice<B: Storage, O: Storage> {
     overlay: Overlay<O>,
     map: BlockMap,
     locks: BlockLocks,
-    /// Serializes flushes so that map pages are written in order.
-    flush: Mutex<()>,
+    flush: FlushGate,
     was_clean: bool,
     /// Whether copies from the base may still be tried inside the kernel;
     /// cleared the first time base and overlay turn out unable to.
     kernel_copy: AtomicBool,
+}
+
+/// The one flush serializer of a device and its failed state, shared by
+/// both executors.
+#[derive(Default)]
+struct FlushGate {
+    /// Held by the flush in progress, so that map snapshots reach the
+    /// overlay in the order they were taken.
+    turn: Mutex<()>,
+    /// Set for good when a step of a flush failed.
+    failed: AtomicBool,
+    /// Protects the note that `failed` was set, for [`CowDevice::wait_failed`].
+    noted: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// The flush turn of a device: while it is held no other flush runs. The
+/// steps of a flush, the same for every executor:
+///
+/// 1. [`FlushTurn::check`]: a device whose earlier flush failed fails at once;
+/// 2. [`FlushTurn::take_pages`]: a snapshot of the dirty map pages, taken
+///    *before* the data sync, so that every `Allocated` in it names data
+///    written before the sync;
+/// 3. sync the overlay's data; 4. write the pages ([`Overlay::map_page_pos`]);
+///    5. sync again (skip 4 and 5 when there are no pages);
+/// 6. on any failure, [`FlushTurn::fail`].
+///
+/// A failed sync may have lost data that the kernel will not report again
+/// (a writeback error is reported once): the pages of a failed flush are
+/// not retried, and the device fails every later flush, so no map that may
+/// name lost data is ever persisted. The overlay keeps its map as of its
+/// last good flush.
+pub struct FlushTurn<'a, B: Storage, O: Storage> {
+    dev: &'a CowDevice<B, O>,
+    _turn: MutexGuard<'a, ()>,
+}
+
+impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
+    /// Step 1: an error if an earlier flush failed.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.dev.failed() {
+            return Err(failed_error());
+        }
+        Ok(())
+    }
+
+    /// Step 2: the dirty map pages, as `(page, bytes)`.
+    pub fn take_pages(&self) -> Vec<(u64, Vec<u8>)> {
+        self.dev.map.take_dirty_pages()
+    }
+
+    /// Step 6: marks the device failed (for good) after `what` failed with
+    /// `e`; returns the error to report.
+    pub fn fail(&self, what: &str, e: std::io::Error) -> Error {
+        let gate = &self.dev.flush;
+        if !gate.failed.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "{what}: {e}; the overlay keeps its map as of its last good flush, \
+                 and every later flush fails"
+            );
+            *gate.noted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            gate.wake.notify_all();
+        }
+        Error::Io {
+            context: what.into(),
+            source: e,
+        }
+    }
+}
+
+/// What a flush of a failed device reports.
+fn failed_error() -> Error {
+    Error::Io {
+        context: "an earlier flush of the overlay failed; nothing more is persisted".into(),
+        source: std::io::Error::from_raw_os_error(libc::EIO),
+    }
 }
 
 /// Base data of consecutive blocks read for copying into the overlay;
@@ -70,7 +145,10 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     }
 
     /// A device over an existing overlay, checked against the base. Marks the
-    /// overlay in use (not clean) before returning.
+    /// overlay in use (not clean) before returning. A live map is checked
+    /// first: every block must have a state, and every block the overlay's
+    /// map has written must be written in it too (a live map only moves on
+    /// from the overlay's).
     pub fn open(base: B, overlay: O, check: OpenCheck<'_>, map: MapSource) -> Result<Self, Error> {
         let mut overlay = Overlay::open(overlay, check)?;
         let blocks = overlay.geometry().blocks();
@@ -83,10 +161,15 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             }
             MapSource::Live(mem) => {
                 let map = BlockMap::new(mem, blocks);
+                check_live_map(&map, &overlay)?;
                 map.mark_all_dirty();
                 map
             }
         };
+        // Overlays made before the map was allocated at creation.
+        if let Err(e) = overlay.allocate_map() {
+            log::warn!("{e}: a flush may fail for lack of space");
+        }
         overlay.set_clean(false)?;
         Ok(Self::assemble(base, overlay, map, was_clean))
     }
@@ -98,7 +181,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             overlay,
             map,
             locks: BlockLocks::default(),
-            flush: Mutex::new(()),
+            flush: FlushGate::default(),
             was_clean,
             kernel_copy: AtomicBool::new(true),
         }
@@ -248,33 +331,83 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         Ok(())
     }
 
-    /// FLUSH: overlay data durable, then the map pages that changed, then
-    /// durable again. Only map states whose data was written before the
-    /// snapshot are persisted, so a persisted `Allocated` always has its data.
-    pub fn flush(&self) -> Result<(), Error> {
-        let _one_at_a_time = self.flush.lock().unwrap();
-        let pages = self.map.take_dirty_pages();
-        let disk = self.overlay.storage();
-        let res = disk
-            .sync()
-            .ctx(|| "syncing overlay data".into())
-            .and_then(|_| {
-                self.overlay
-                    .write_map_pages(&pages)
-                    .ctx(|| "writing the overlay map".into())
-            })
-            .and_then(|_| disk.sync().ctx(|| "syncing the overlay map".into()));
-        if res.is_err() {
-            self.map.redirty(&pages);
+    /// Waits for the device's one flush turn (see [`FlushTurn`]).
+    pub fn flush_turn(&self) -> FlushTurn<'_, B, O> {
+        FlushTurn {
+            dev: self,
+            _turn: self.flush.turn.lock().unwrap_or_else(|e| e.into_inner()),
         }
-        res
+    }
+
+    /// The flush turn if no other flush holds it: for an executor that
+    /// must not block its thread.
+    pub fn try_flush_turn(&self) -> Option<FlushTurn<'_, B, O>> {
+        let turn = match self.flush.turn.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(FlushTurn {
+            dev: self,
+            _turn: turn,
+        })
+    }
+
+    /// Whether a flush failed: from then on every flush fails and nothing
+    /// more is persisted (see [`FlushTurn::fail`]).
+    pub fn failed(&self) -> bool {
+        self.flush.failed.load(Ordering::Acquire)
+    }
+
+    /// Blocks until a flush fails (forever if none does).
+    pub fn wait_failed(&self) {
+        let mut noted = self.flush.noted.lock().unwrap_or_else(|e| e.into_inner());
+        while !*noted {
+            noted = self
+                .flush
+                .wake
+                .wait(noted)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// FLUSH with positional I/O, in the steps of [`FlushTurn`].
+    pub fn flush(&self) -> Result<(), Error> {
+        let turn = self.flush_turn();
+        turn.check()?;
+        let pages = turn.take_pages();
+        let disk = self.overlay.storage();
+        disk.sync()
+            .map_err(|e| turn.fail("syncing overlay data", e))?;
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.overlay
+            .write_map_pages(&pages)
+            .map_err(|e| turn.fail("writing the overlay map", e))?;
+        disk.sync()
+            .map_err(|e| turn.fail("syncing the overlay map", e))
     }
 
     /// Flushes and marks the overlay clean, for a device no request will
-    /// reach any more (others may still hold a reference to it).
+    /// reach any more (others may still hold a reference to it). A device
+    /// whose flush failed is not marked clean but failed, and fails.
     pub fn shut_down(&self) -> Result<(), Error> {
-        self.flush()?;
+        let flushed = self.flush();
+        if self.failed() {
+            if let Err(e) = self.overlay.mark_failed() {
+                log::error!("marking the overlay failed: {e}");
+            }
+            return Err(flushed.err().unwrap_or_else(failed_error));
+        }
+        flushed?;
         self.overlay.write_clean_flag(true).map(|_| ())
+    }
+
+    /// Marks the overlay failed (see [`Overlay::mark_failed`]), after a flush
+    /// failed.
+    pub fn mark_failed(&self) -> Result<(), Error> {
+        self.overlay.mark_failed()
     }
 
     /// Flushes and marks the overlay clean; gives the storage back.
@@ -424,6 +557,45 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     }
 }
 
+/// Checks the live map a dead daemon left against `overlay` (see
+/// [`CowDevice::open`]); the map is marked all dirty afterwards anyway.
+fn check_live_map<O: Storage>(live: &BlockMap, overlay: &Overlay<O>) -> Result<(), Error> {
+    let blocks = live.blocks();
+    live.mark_all_dirty();
+    let mut bytes = vec![0u8; map_bytes(blocks) as usize];
+    for (page, data) in live.take_dirty_pages() {
+        let at = page as usize * MAP_PAGE;
+        bytes[at..at + MAP_PAGE].copy_from_slice(&data);
+    }
+    // Bits past the last block are never set.
+    let used_bits = blocks * 2;
+    let tail = (used_bits / 8) as usize;
+    let partial = used_bits % 8;
+    if (partial != 0 && bytes[tail] >> partial != 0)
+        || bytes[tail + usize::from(partial != 0)..]
+            .iter()
+            .any(|&b| b != 0)
+    {
+        return Err(Error::corrupt(
+            "the live map has bits set past its last block: it is not this device's",
+        ));
+    }
+    let copy = BlockMap::new(MapMemory::heap(blocks), blocks);
+    copy.load(&bytes)
+        .map_err(|e| Error::corrupt(format!("the live map is damaged: {e}")))?;
+    let persisted = BlockMap::new(MapMemory::heap(blocks), blocks);
+    overlay.read_map(&persisted)?;
+    if let Some(b) = (0..blocks).find(|&b| {
+        persisted.get(b) != BlockState::Unallocated && copy.get(b) == BlockState::Unallocated
+    }) {
+        return Err(Error::corrupt(format!(
+            "the live map is older than the overlay's map (block {b} is written in the \
+             overlay, not in the live map): it is not this overlay's"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a `copy_file_range` error means these two files cannot copy in
 /// the kernel at all, rather than a failed copy.
 fn cannot_copy(e: &std::io::Error) -> bool {
@@ -449,5 +621,116 @@ impl std::ops::AddAssign for CacheDone {
         self.fadvised_base += d.fadvised_base;
         self.read += d.read;
         self.copied += d.copied;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::storage::SimDisk;
+    use std::sync::Arc;
+
+    const BS: u32 = 4096;
+    const SIZE: u64 = 64 * BS as u64;
+
+    fn base() -> (SimDisk, BaseIdentity) {
+        let disk = SimDisk::new(vec![0xab; SIZE as usize]);
+        let id = BaseIdentity::compute(&disk, SIZE, 1).unwrap();
+        (disk, id)
+    }
+
+    fn reopen(overlay: SimDisk, map: MapSource) -> Result<CowDevice<SimDisk, SimDisk>, Error> {
+        let (b, id) = base();
+        let check = OpenCheck {
+            base: &id,
+            block_size: None,
+            force: false,
+        };
+        CowDevice::open(b, overlay, check, map)
+    }
+
+    type Dev = CowDevice<SimDisk, Arc<SimDisk>>;
+
+    fn new_device() -> (Dev, Arc<SimDisk>) {
+        let (b, id) = base();
+        let overlay = Arc::new(SimDisk::new(Vec::new()));
+        let blocks = SIZE / BS as u64;
+        let dev = CowDevice::create(b, &id, overlay.clone(), BS, MapMemory::heap(blocks)).unwrap();
+        (dev, overlay)
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_flush_and_persists_nothing() {
+        let (dev, overlay) = new_device();
+        dev.flush().unwrap();
+        dev.write(0, &[7u8; BS as usize]).unwrap();
+        // The data's writeback fails; the kernel would report it once, and
+        // the next sync would succeed without the data.
+        overlay.fail_next_sync();
+        assert!(dev.flush().is_err());
+        assert!(dev.failed());
+        let again = dev.flush();
+        assert!(
+            matches!(&again, Err(e) if e.errno() == libc::EIO),
+            "a flush after a failed sync: {again:?}"
+        );
+        dev.write(BS as u64, &[8u8; BS as usize]).unwrap();
+        assert!(dev.flush().is_err(), "a later flush persisted a map");
+        assert!(dev.shut_down().is_err(), "a failed device closed clean");
+        // After a power cut block 0 is as the base had it: the map that
+        // names the lost data was never persisted.
+        let cut = overlay.after_power_cut(|_| true);
+        let blocks = SIZE / BS as u64;
+        let dev = reopen(cut, MapSource::Load(MapMemory::heap(blocks))).unwrap();
+        assert!(dev.overlay().header().failed(), "overlay not marked failed");
+        assert!(!dev.was_clean());
+        let mut buf = vec![0u8; 2 * BS as usize];
+        dev.read(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0xab), "map points at lost data");
+        // A clean close clears the mark.
+        dev.close().unwrap();
+    }
+
+    #[test]
+    fn the_flush_turn_is_one_at_a_time() {
+        let (dev, _) = new_device();
+        let turn = dev.flush_turn();
+        assert!(dev.try_flush_turn().is_none());
+        drop(turn);
+        assert!(dev.try_flush_turn().is_some());
+    }
+
+    #[test]
+    fn a_live_map_is_checked_before_use() {
+        let (dev, overlay) = new_device();
+        dev.write(0, &[7u8; BS as usize]).unwrap();
+        dev.close().unwrap();
+        let blocks = SIZE / BS as u64;
+        let words = |w0: u64| {
+            let mem = MapMemory::heap(blocks);
+            if let MapMemory::Heap(w) = &mem {
+                w[0].store(w0, Ordering::Relaxed);
+            }
+            mem
+        };
+        let disk = || SimDisk::new(overlay.contents());
+        // Block 0 written and block 1 with no state.
+        let e = reopen(disk(), MapSource::Live(words(0b1101)))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("damaged"), "{e}");
+        // A bit past the last block (64 blocks: word 2 onward is unused).
+        let mem = words(1);
+        if let MapMemory::Heap(w) = &mem {
+            w[2].store(1, Ordering::Relaxed);
+        }
+        let e = reopen(disk(), MapSource::Live(mem)).err().unwrap();
+        assert!(e.to_string().contains("past its last block"), "{e}");
+        // Empty while the overlay has block 0: not this overlay's.
+        let e = reopen(disk(), MapSource::Live(words(0))).err().unwrap();
+        assert!(e.to_string().contains("older than"), "{e}");
+        // Block 0 as in the overlay, block 2 discarded since: used.
+        let dev = reopen(disk(), MapSource::Live(words(0b10_00_01))).unwrap();
+        assert_eq!(dev.map().get(2), BlockState::Zero);
     }
 }

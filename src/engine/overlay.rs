@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! 0            header, 4 KiB (little endian):
-//!                magic "UBLKCOW1", version, flags (bit 0: clean), block size,
+//!                magic "UBLKCOW1", version, flags (bit 0: clean, bit 1:
+//!                failed), block size,
 //!                virtual size, base size, base mtime, base fingerprint,
 //!                map offset, map bytes, data offset, FNV-1a checksum
-//! 4 KiB        the block-state map, 2 bits per block, whole 4 KiB pages
+//! 4 KiB        the block-state map, 2 bits per block, whole 4 KiB pages,
+//!              allocated when the overlay is made (a flush never needs space)
 //! data offset  the data area: block i at data offset + i * block size,
 //!              sparse (only written blocks take space)
 //! ```
@@ -13,19 +15,23 @@
 //! Durability order on flush (see [`crate::engine::device`]): data first,
 //! then the map pages, then durable again. The clean flag is cleared (and
 //! made durable) before the first write is served and set by a clean close,
-//! so an overlay that was not closed cleanly is known on the next open.
+//! so an overlay that was not closed cleanly is known on the next open. The
+//! failed flag is set when a flush failed (its map is then as of its last
+//! good flush, and data written after may be lost); a clean close clears it.
 
 use crate::engine::base::{BaseIdentity, Fnv};
 use crate::engine::geometry::Geometry;
 use crate::engine::map::{BlockMap, MAP_PAGE, map_bytes};
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
+use std::sync::Mutex;
 
 const MAGIC: &[u8; 8] = b"UBLKCOW1";
 const VERSION: u32 = 1;
 const HEADER_SIZE: u64 = 4096;
 const HEADER_USED: usize = 88;
 const FLAG_CLEAN: u32 = 1;
+const FLAG_FAILED: u32 = 2;
 /// The data area starts on a boundary of at least this, so that data I/O is
 /// aligned for O_DIRECT and for large blocks.
 const DATA_ALIGN: u64 = 1 << 20;
@@ -43,6 +49,10 @@ pub struct Header {
 
 impl Header {
     fn new(geometry: Geometry, base: BaseIdentity) -> Header {
+        let base = BaseIdentity {
+            legacy_fingerprint: None,
+            ..base
+        };
         let map_offset = HEADER_SIZE;
         let map_len = map_bytes(geometry.blocks());
         let align = DATA_ALIGN.max(geometry.block_size() as u64);
@@ -58,6 +68,16 @@ impl Header {
 
     pub fn clean(&self) -> bool {
         self.flags & FLAG_CLEAN != 0
+    }
+
+    /// A flush of a device over this overlay failed (see the module doc).
+    pub fn failed(&self) -> bool {
+        self.flags & FLAG_FAILED != 0
+    }
+
+    /// Where the data area ends: the length of a whole overlay.
+    pub fn end(&self) -> u64 {
+        self.data_offset + self.geometry.size()
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -114,6 +134,7 @@ impl Header {
                 size: u64_at(32),
                 mtime_ns: u64_at(40),
                 fingerprint: u64_at(48),
+                legacy_fingerprint: None,
             },
             map_offset: u64_at(56),
             map_bytes: u64_at(64),
@@ -142,22 +163,50 @@ pub struct OpenCheck<'a> {
 /// An overlay file: the header and the storage behind it.
 pub struct Overlay<S: Storage> {
     storage: S,
+    /// The header as it was found at open (or made).
     header: Header,
+    /// The flags the header on disk has now; held while the header is
+    /// written, so that two writers of flags do not undo each other.
+    flags: Mutex<u32>,
 }
 
 impl<S: Storage> Overlay<S> {
-    /// Writes a fresh overlay into empty `storage`: header, zeroed map (a
-    /// hole), sized data area (a hole), made durable.
+    /// Writes a fresh overlay into empty `storage`: header, zeroed map
+    /// (allocated), sized data area (a hole), made durable.
     pub fn create(storage: S, geometry: Geometry, base: &BaseIdentity) -> Result<Self, Error> {
         let header = Header::new(geometry, *base);
         storage
-            .set_len(header.data_offset + geometry.size())
+            .set_len(header.end())
             .ctx(|| "sizing the new overlay".into())?;
-        storage
+        let overlay = Overlay {
+            storage,
+            header,
+            flags: Mutex::new(header.flags),
+        };
+        overlay.allocate_map()?;
+        overlay
+            .storage
             .write_at(&header.encode(), 0)
             .ctx(|| "writing the overlay header".into())?;
-        storage.sync().ctx(|| "syncing the new overlay".into())?;
-        Ok(Overlay { storage, header })
+        overlay
+            .storage
+            .sync()
+            .ctx(|| "syncing the new overlay".into())?;
+        Ok(overlay)
+    }
+
+    /// Allocates the map's space, so that writing a map page at a flush
+    /// cannot fail for lack of space (on a file system that writes in
+    /// place; one that copies on write needs new space for any write).
+    pub fn allocate_map(&self) -> Result<(), Error> {
+        self.storage
+            .allocate(self.header.map_offset, self.header.map_bytes)
+            .ctx(|| {
+                format!(
+                    "allocating the overlay map ({} bytes)",
+                    self.header.map_bytes
+                )
+            })
     }
 
     /// Opens an existing overlay and checks it against the base and options.
@@ -179,8 +228,19 @@ impl<S: Storage> Overlay<S> {
                 header.map_offset + header.map_bytes
             )));
         }
+        if len < header.end() {
+            return Err(Error::corrupt(format!(
+                "overlay is truncated ({len} bytes, its data area ends at {}): \
+                 an incomplete copy?",
+                header.end()
+            )));
+        }
         check_match(&header, &check)?;
-        Ok(Overlay { storage, header })
+        Ok(Overlay {
+            storage,
+            header,
+            flags: Mutex::new(header.flags),
+        })
     }
 
     pub fn header(&self) -> &Header {
@@ -234,18 +294,30 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// Writes the header with the clean flag set or cleared and makes it
-    /// durable; returns the header written. The header kept here still says
-    /// how the overlay was found at open.
+    /// durable; returns the header written. Setting it (a clean close) also
+    /// clears the failed flag. The header kept here still says how the
+    /// overlay was found at open.
     pub fn write_clean_flag(&self, clean: bool) -> Result<Header, Error> {
-        let mut h = self.header;
-        h.flags = if clean {
-            h.flags | FLAG_CLEAN
+        if clean {
+            self.write_flags(FLAG_CLEAN, FLAG_FAILED)
         } else {
-            h.flags & !FLAG_CLEAN
-        };
+            self.write_flags(0, FLAG_CLEAN)
+        }
+    }
+
+    /// Sets the failed flag (and clears the clean one), durably.
+    pub fn mark_failed(&self) -> Result<(), Error> {
+        self.write_flags(FLAG_FAILED, FLAG_CLEAN).map(|_| ())
+    }
+
+    fn write_flags(&self, set: u32, clear: u32) -> Result<Header, Error> {
+        let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.header;
+        h.flags = (*flags | set) & !clear;
         self.storage
             .write_at(&h.encode(), 0)
             .ctx(|| "writing the overlay header".into())?;
+        *flags = h.flags;
         self.storage
             .sync()
             .ctx(|| "syncing the overlay header".into())?;
@@ -272,7 +344,7 @@ fn check_match(h: &Header, check: &OpenCheck<'_>) -> Result<(), Error> {
     if check.force {
         return Ok(());
     }
-    if base.fingerprint != h.base.fingerprint {
+    if !base.fingerprint_matches(h.base.fingerprint) {
         return Err(Error::mismatch(
             "overlay was made for another base (contents differ); --force uses it anyway",
         ));
@@ -295,6 +367,7 @@ mod tests {
             size: 1 << 20,
             mtime_ns: 7,
             fingerprint: fp,
+            legacy_fingerprint: None,
         }
     }
 
@@ -353,5 +426,49 @@ mod tests {
             Overlay::open(SimDisk::new(bytes), check),
             Err(Error::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn an_overlay_shorter_than_its_data_area_is_refused() {
+        // A copy cut short: header and map whole, half the data area.
+        let geo = Geometry::new(1 << 20, 4096).unwrap();
+        let o = Overlay::create(SimDisk::new(Vec::new()), geo, &id(1)).unwrap();
+        let check = OpenCheck {
+            base: &id(1),
+            block_size: None,
+            force: false,
+        };
+        let whole = o.storage().contents();
+        assert_eq!(whole.len() as u64, o.header().end());
+        let cut = whole[..(o.header().data_offset + (1 << 19)) as usize].to_vec();
+        match Overlay::open(SimDisk::new(cut), check) {
+            Err(Error::Corrupt(m)) => assert!(m.contains("truncated"), "{m}"),
+            r => panic!("a truncated overlay opened: {:?}", r.map(|o| *o.header())),
+        }
+        assert!(Overlay::open(SimDisk::new(whole), check).is_ok());
+    }
+
+    #[test]
+    fn the_map_region_is_allocated_when_the_overlay_is_made() {
+        use std::os::unix::fs::MetadataExt;
+        // 1 GiB of 4 KiB blocks: a 64 KiB map.
+        let geo = Geometry::new(1 << 30, 4096).unwrap();
+        let p = std::env::temp_dir().join(format!("ublk-cow-map-alloc-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let o = Overlay::create(f, geo, &id(1)).unwrap();
+        let h = *o.header();
+        assert_eq!(h.map_bytes, 64 << 10);
+        let allocated = o.storage().metadata().unwrap().blocks() * 512;
+        assert!(
+            allocated >= HEADER_SIZE + h.map_bytes,
+            "{allocated} bytes allocated, the header and map need {}",
+            HEADER_SIZE + h.map_bytes
+        );
     }
 }

@@ -20,6 +20,9 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Sets the length (extending leaves a hole).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Allocates the space of `[off, off+len)` (its data stays), so that a
+    /// later write there cannot fail for lack of space.
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()>;
     /// Hints that `[off, off+len)` will be read soon (`fadvise WILLNEED`).
     fn will_need(&self, _off: u64, _len: u64) -> io::Result<()> {
         Ok(())
@@ -68,6 +71,25 @@ impl Storage for File {
         File::set_len(self, len)
     }
 
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        match crate::sys::allocate(self, off, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // No fallocate here: write what is there back, which
+                // allocates it as well.
+                let mut buf = vec![0u8; (len.min(1 << 20)) as usize];
+                let mut at = off;
+                while at < off + len {
+                    let n = buf.len().min((off + len - at) as usize);
+                    Storage::read_at(self, &mut buf[..n], at)?;
+                    self.write_all_at(&buf[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         crate::sys::fadvise(self, off, len, libc::POSIX_FADV_WILLNEED)
     }
@@ -96,6 +118,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(off, len)
+    }
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).will_need(off, len)
     }
@@ -107,7 +132,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
 /// A disk in memory that keeps, across a simulated power cut, only what was
 /// made durable by [`Storage::sync`] plus any subset of the writes issued
 /// since — as a disk with a volatile write cache may. It can also be told to
-/// fail every operation after a number of them, to cut a flush in the middle.
+/// fail every operation after a number of them, to cut a flush in the middle,
+/// and to fail one sync as a disk that lost the writes behind it does.
 pub struct SimDisk {
     inner: Mutex<SimInner>,
 }
@@ -122,6 +148,13 @@ struct SimInner {
     /// Operations left before every operation fails (power is gone).
     ops_left: Option<u64>,
     ops: u64,
+    /// The next sync fails, and the writes it should have made durable
+    /// are lost on a power cut while reads still see them — as when the
+    /// kernel's writeback of a file fails (it reports that once).
+    fail_sync: bool,
+    /// Bytes whose writeback failed: no later sync makes them durable
+    /// until they are written again (the kernel keeps such pages clean).
+    lost: Vec<bool>,
 }
 
 impl SimDisk {
@@ -133,6 +166,8 @@ impl SimDisk {
                 pending: Vec::new(),
                 ops_left: None,
                 ops: 0,
+                fail_sync: false,
+                lost: Vec::new(),
             }),
         }
     }
@@ -150,6 +185,11 @@ impl SimDisk {
     /// After `n` more operations, every operation fails with EIO.
     pub fn cut_power_after(&self, n: u64) {
         self.inner.lock().unwrap().ops_left = Some(n);
+    }
+
+    /// Makes the next sync fail (see `fail_sync`).
+    pub fn fail_next_sync(&self) {
+        self.inner.lock().unwrap().fail_sync = true;
     }
 
     /// The disk after a power cut: the durable image plus those pending
@@ -175,6 +215,19 @@ impl SimDisk {
             *left -= 1;
         }
         Ok(g)
+    }
+}
+
+impl SimInner {
+    fn mark_lost(&mut self, off: u64, len: u64, lost: bool) {
+        let end = (off + len) as usize;
+        if lost && self.lost.len() < end {
+            self.lost.resize(end, false);
+        }
+        let stop = end.min(self.lost.len());
+        if (off as usize) < stop {
+            self.lost[off as usize..stop].fill(lost);
+        }
     }
 }
 
@@ -208,6 +261,7 @@ impl Storage for SimDisk {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut g = self.op()?;
+        g.mark_lost(off, buf.len() as u64, false);
         apply(&mut g.live, off, Some(buf), buf.len() as u64);
         g.pending.push((off, Some(buf.to_vec()), buf.len() as u64));
         Ok(())
@@ -215,6 +269,7 @@ impl Storage for SimDisk {
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mut g = self.op()?;
+        g.mark_lost(off, len, false);
         apply(&mut g.live, off, None, len);
         g.pending.push((off, None, len));
         Ok(())
@@ -222,7 +277,24 @@ impl Storage for SimDisk {
 
     fn sync(&self) -> io::Result<()> {
         let mut g = self.op()?;
-        g.durable = g.live.clone();
+        if std::mem::take(&mut g.fail_sync) {
+            let pending = std::mem::take(&mut g.pending);
+            for (off, _, len) in pending {
+                g.mark_lost(off, len, true);
+            }
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let g = &mut *g;
+        if g.lost.iter().any(|&l| l) {
+            g.durable.resize(g.live.len(), 0);
+            for (i, d) in g.durable.iter_mut().enumerate() {
+                if !g.lost.get(i).copied().unwrap_or(false) {
+                    *d = g.live[i];
+                }
+            }
+        } else {
+            g.durable = g.live.clone();
+        }
         g.pending.clear();
         Ok(())
     }
@@ -237,6 +309,17 @@ impl Storage for SimDisk {
         let mut g = self.op()?;
         g.live.resize(len as usize, 0);
         g.durable.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        // Nothing runs out of space in memory; only the length grows.
+        let mut g = self.op()?;
+        let end = (off + len) as usize;
+        if g.live.len() < end {
+            g.live.resize(end, 0);
+            g.durable.resize(end, 0);
+        }
         Ok(())
     }
 }
@@ -257,5 +340,21 @@ mod tests {
         d.cut_power_after(1);
         assert!(d.sync().is_ok());
         assert!(d.write_at(&[9], 0).is_err());
+    }
+
+    #[test]
+    fn a_failed_sync_loses_its_writes_for_good() {
+        let d = SimDisk::new(vec![0; 4]);
+        d.write_at(&[1, 1], 0).unwrap();
+        d.fail_next_sync();
+        assert!(d.sync().is_err());
+        d.write_at(&[2], 3).unwrap();
+        d.sync().unwrap();
+        // Reads still see the lost bytes; the disk never got them.
+        assert_eq!(d.contents(), vec![1, 1, 0, 2]);
+        assert_eq!(d.after_power_cut(|_| false).contents(), vec![0, 0, 0, 2]);
+        d.write_at(&[3], 1).unwrap();
+        d.sync().unwrap();
+        assert_eq!(d.after_power_cut(|_| false).contents(), vec![0, 3, 0, 2]);
     }
 }

@@ -12,13 +12,14 @@ use crate::ublk::exec::RingFiles;
 use crate::ublk::inline::MemoryPath;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
 
 /// The engine's device over the base and overlay files.
 pub type Device = CowDevice<File, File>;
+/// A turn at flushing `Device` (see `CowDevice::try_flush_turn`).
+pub type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, File, File>;
 
-/// What every queue shares: the device, its cache policy, the counters and
-/// the flush serializer.
+/// What every queue shares: the device (with its flush turn), its cache
+/// policy and the counters.
 pub struct ServedDevice {
     pub dev: Device,
     pub policy: CachePolicy,
@@ -34,8 +35,6 @@ pub struct ServedDevice {
     /// The base opened with O_DIRECT, for READs of base blocks that the
     /// page cache does not hold (`--base-io direct`).
     pub(crate) direct: Option<DirectBase>,
-    /// Held while a flush writes map pages, so snapshots land in order.
-    pub(crate) flushing: AtomicBool,
 }
 
 impl ServedDevice {
@@ -70,7 +69,6 @@ impl ServedDevice {
             overlay_io,
             unallocated_ready,
             direct,
-            flushing: AtomicBool::new(false),
         })
     }
 

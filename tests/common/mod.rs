@@ -36,6 +36,8 @@ pub enum Op {
         keep_seed: u64,
         cut_flush_after: Option<u8>,
     },
+    /// The overlay's next sync fails; a flush is issued (and fails).
+    SyncFails,
 }
 
 #[derive(Clone, Debug)]
@@ -68,6 +70,7 @@ pub fn op(sectors: u64) -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         2 => (any::<u64>(), proptest::option::of(0u8..12))
             .prop_map(|(keep_seed, cut_flush_after)| Op::PowerCut { keep_seed, cut_flush_after }),
+        1 => Just(Op::SyncFails),
     ]
 }
 

@@ -98,6 +98,114 @@ case_recover_bad_input() {
     base_unchanged
 }
 
+# kill -9 the daemon of device $1 and wait until it is gone; the device
+# then waits for `recover`.
+kill_daemon() {
+    local pid; pid=$(daemon_pid "$1")
+    kill -9 "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+}
+
+# One overlay, one device: a second `add` of it is refused, naming the
+# device, while the device runs and while it waits for `recover`.
+case_overlay_one_device() {
+    local dev id ov=$WORK/lock.overlay err
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > lock1
+    dd if=lock1 of="$dev" bs=1M seek=3 oflag=direct conv=fsync status=none
+    local n; n=$(ublk_devices)
+    expect_fail "a second add of an overlay in use" add --base "$BASE" --overlay "$ov"
+    err=$(add --base "$BASE" --overlay "$ov" 2>&1 >/dev/null) || true
+    [[ $err == *"device $id"* ]] || die "the refusal does not name device $id: $err"
+    kill_daemon "$id"
+    expect_fail "add of an overlay whose device waits for recover" \
+        add --base "$BASE" --overlay "$ov"
+    err=$(add --base "$BASE" --overlay "$ov" 2>&1 >/dev/null) || true
+    [[ $err == *"recover -n $id"* ]] || die "the refusal does not point to recover: $err"
+    [ "$(ublk_devices)" = "$n" ] || die "a refused add left a device"
+    "$UC" recover -n "$id" >/dev/null
+    cmp <(dd if="$dev" bs=1M skip=3 count=1 iflag=direct status=none) lock1 \
+        || die "the device's data changed"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+# `del` of a device whose daemon died writes the live map into the overlay:
+# writes that were never flushed but reached the overlay file are kept.
+case_del_dead_daemon_keeps_writes() {
+    local dev id ov=$WORK/deldead.overlay
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 2M /dev/urandom > unflushed
+    # O_DIRECT without fsync: no FLUSH reaches the device.
+    dd if=unflushed of="$dev" bs=1M seek=20 oflag=direct status=none
+    kill_daemon "$id"
+    "$UC" del -n "$id"
+    [ ! -e "$UBLK_COW_RUN_DIR/$id.map" ] || die "del left the live map"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    cmp <(dd if="$dev" bs=1M skip=20 count=2 iflag=direct status=none) unflushed \
+        || die "writes of the dead daemon were lost by del"
+    "$UC" list | grep "$ov" | grep -qw running \
+        || die "the overlay was not closed clean by del"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
+# dm_table NAME TABLE: switches dm device NAME to TABLE without freezing the
+# file system on it (a freeze would write back what the test leaves dirty).
+dm_table() { dmsetup suspend --nolockfs "$1"; dmsetup reload "$1" --table "$2"; dmsetup resume "$1"; }
+
+# fsync_dev DEV: an fsync of the block device, which sends it a FLUSH.
+fsync_dev() { python3 -c 'import os, sys; os.fsync(os.open(sys.argv[1], os.O_WRONLY))' "$1"; }
+
+# The overlay's disk fails one writeback, then works again: the kernel
+# reports the error once, so the device must fail every later FLUSH and
+# FUA write itself, and never persist a map that names the lost data.
+case_failed_overlay_sync() {
+    local img=$WORK/syncfail.img mnt=$WORK/syncfail dev id ov lo sz err
+    truncate -s 256M "$img"
+    lo=$(losetup -f --show "$img"); sz=$(blockdev --getsz "$lo")
+    dmsetup create ucsync --table "0 $sz linear $lo 0"
+    # No journal and errors=continue: the file system stays writable.
+    mkfs.ext4 -q -O ^has_journal /dev/mapper/ucsync
+    mkdir -p "$mnt"; mount -o errors=continue /dev/mapper/ucsync "$mnt"
+    ov=$mnt/ov
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > good
+    dd if=good of="$dev" bs=1M seek=5 oflag=direct conv=fsync status=none
+    dd if=/dev/urandom of="$dev" bs=1M seek=30 count=1 oflag=direct status=none
+    dm_table ucsync "0 $sz error"
+    if fsync_dev "$dev" 2>/dev/null; then die "a flush succeeded on a failing disk"; fi
+    dm_table ucsync "0 $sz linear $lo 0"
+    if fsync_dev "$dev" 2>/dev/null; then die "a flush after a failed sync succeeded"; fi
+    if dd if=good of="$dev" bs=4k count=1 seek=2000 oflag=direct,dsync status=none 2>/dev/null; then
+        die "a FUA write after a failed sync succeeded"
+    fi
+    "$UC" list | grep "$ov" | grep -qw failed || die "list does not show the device failed"
+    [ "$(stat_of "$id" overlay_failed)" = 1 ] || die "stats do not show the device failed"
+    if err=$("$UC" del -n "$id" 2>&1); then die "del of a failed device said nothing"; fi
+    [[ $err == *"last good flush"* ]] || die "del did not say what became of the overlay: $err"
+    [ ! -e "$UBLK_COW_RUN_DIR/$id.json" ] || die "del left the failed device"
+    echo 3 > /proc/sys/vm/drop_caches
+    dev=$(add --base "$BASE" --overlay "$ov" 2>warn.txt); id=$(dev_id "$dev")
+    grep -q "flush of its last device failed" warn.txt || die "add did not warn: $(cat warn.txt)"
+    cmp <(dd if="$dev" bs=1M skip=5 count=1 iflag=direct status=none) good \
+        || die "data flushed before the failure is lost"
+    cmp <(dd if="$dev" bs=1M skip=30 count=1 iflag=direct status=none) \
+        <(dd if="$BASE" bs=1M skip=30 count=1 status=none) \
+        || die "the overlay's map names data whose writeback failed"
+    "$UC" del -n "$id"
+    dev=$(add --base "$BASE" --overlay "$ov" 2>warn.txt); id=$(dev_id "$dev")
+    [ ! -s warn.txt ] || die "a clean close did not clear the mark: $(cat warn.txt)"
+    "$UC" del -n "$id"
+    umount "$mnt"; dmsetup remove ucsync; losetup -d "$lo"
+    base_unchanged
+}
+
+CASES+=("a failed overlay sync fails every later flush and persists nothing|case_failed_overlay_sync")
+CASES+=("one overlay, one device: a second add refused, also while waiting for recover|case_overlay_one_device")
+CASES+=("del of a killed daemon writes its live map into the overlay|case_del_dead_daemon_keeps_writes")
 CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
 CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck after|case_kill9_ext4")
 CASES+=("full overlay file system: errors, no damage, recovers|case_full_disk")
