@@ -31,11 +31,11 @@ use std::path::PathBuf;
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create a device over a base image; prints /dev/ublkbN
     ///
     /// Reads come from the base until a block is written; writes land in the
@@ -84,13 +84,13 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct RecoverArgs {
+pub(crate) struct RecoverArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
-    pub number: u32,
+    pub(crate) number: u32,
     /// Stay in the foreground instead of starting a daemon
     #[arg(long)]
-    pub foreground: bool,
+    pub(crate) foreground: bool,
 }
 
 fn block_size_arg(s: &str) -> Result<u32, String> {
@@ -173,12 +173,12 @@ fn base_io_modes() -> OneOf<BaseIo> {
 }
 
 #[derive(Args, Debug)]
-pub struct AddArgs {
+pub(crate) struct AddArgs {
     /// The base image (file or block device), its size a multiple of 512
     ///
     /// It is opened read-only and never written.
     #[arg(long, value_name = "PATH")]
-    pub base: PathBuf,
+    pub(crate) base: PathBuf,
 
     /// Keep the overlay in this file [default: a temporary file]
     ///
@@ -188,7 +188,7 @@ pub struct AddArgs {
     /// exist is created. The temporary file is made in $TMPDIR (or /tmp) and
     /// removed at `del`.
     #[arg(long, value_name = "PATH")]
-    pub overlay: Option<PathBuf>,
+    pub(crate) overlay: Option<PathBuf>,
 
     /// Copy-on-write block size: a power of two from 4K to 1M [default: 4K]
     ///
@@ -198,7 +198,7 @@ pub struct AddArgs {
     /// overlay keeps the block size it was made with; asking for another is
     /// refused.
     #[arg(long, value_name = "SIZE", value_parser = block_size_arg)]
-    pub block_size: Option<u32>,
+    pub(crate) block_size: Option<u32>,
 
     /// Queues, each served by its own thread and io_uring
     ///
@@ -206,14 +206,14 @@ pub struct AddArgs {
     /// its CPU with the applications that submit I/O to it, and leaves them
     /// the others.
     #[arg(long, value_name = "N", default_value_t = default_queues())]
-    pub queues: u16,
+    pub(crate) queues: u16,
 
     /// Requests in flight per queue, from 1 to 4096
     ///
     /// Enough to keep a fast overlay busy; in copy mode each has a buffer of
     /// 1 MiB.
     #[arg(long, value_name = "N", default_value_t = 128)]
-    pub depth: u16,
+    pub(crate) depth: u16,
 
     /// How requests' data moves between kernel and daemon
     ///
@@ -223,17 +223,17 @@ pub struct AddArgs {
     /// more, between those pages and the daemon's memory. A device keeps its
     /// mode across `recover`.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = ZeroCopy::Auto)]
-    pub zero_copy: ZeroCopy,
+    pub(crate) zero_copy: ZeroCopy,
 
     /// Device number N for /dev/ublkbN [default: the first free one]
     ///
     /// A number already taken is refused.
     #[arg(long, value_name = "N")]
-    pub id: Option<u32>,
+    pub(crate) id: Option<u32>,
 
     /// Make the device read-only
     #[arg(long)]
-    pub read_only: bool,
+    pub(crate) read_only: bool,
 
     /// Allocate the overlay's whole data area before serving
     ///
@@ -245,20 +245,20 @@ pub struct AddArgs {
     /// space is not there, `add` fails and leaves nothing behind. Without
     /// it the overlay grows with the writes.
     #[arg(long)]
-    pub preallocate: bool,
+    pub(crate) preallocate: bool,
 
     /// Stay in the foreground instead of starting a daemon
     ///
     /// Stop it with Ctrl-C, SIGTERM or `ublk-cow del`.
     #[arg(long)]
-    pub foreground: bool,
+    pub(crate) foreground: bool,
 
     /// Use an existing overlay even if its base's contents or mtime changed
     ///
     /// The base's size must still match. Blocks not written through the
     /// device then read from the changed base.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 
     /// What cache requests do with base blocks
     ///
@@ -268,21 +268,21 @@ pub struct AddArgs {
     /// detector (--readahead) and `ublk-cow cache`.
     #[arg(long, value_name = "MODE", value_parser = cache_modes(),
           default_value_t = CacheMode::default_for(false))]
-    pub cache_mode: CacheMode,
+    pub(crate) cache_mode: CacheMode,
 
     /// Same as --cache-mode cow
     ///
     /// Pulls what is cached, and what the kernel reads ahead, into the
     /// overlay: from a slow base, say.
     #[arg(long, conflicts_with = "cache_mode")]
-    pub cow_on_cache: bool,
+    pub(crate) cow_on_cache: bool,
 
     /// Copy every base block that a read fully covers into the overlay
     ///
     /// The data is in memory already; the next read of those blocks needs
     /// no base.
     #[arg(long)]
-    pub cow_on_read: bool,
+    pub(crate) cow_on_read: bool,
 
     /// Prefetch for sequential readers; SIZE caps its window
     ///
@@ -294,7 +294,7 @@ pub struct AddArgs {
     /// itself. The kernel's own readahead on the base is switched off
     /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
-    pub readahead: Readahead,
+    pub(crate) readahead: Readahead,
 
     /// How base blocks not in the page cache are read
     ///
@@ -305,7 +305,7 @@ pub struct AddArgs {
     /// overlay read through the page cache. A base whose file system cannot
     /// do direct I/O is refused. A device keeps it across `recover`.
     #[arg(long, value_name = "MODE", default_value = "cached", value_parser = base_io_modes())]
-    pub base_io: BaseIo,
+    pub(crate) base_io: BaseIo,
 }
 
 fn base_io_arg(s: &str) -> Result<BaseIo, String> {
@@ -325,50 +325,50 @@ fn size_arg(s: &str) -> Result<u64, String> {
 }
 
 #[derive(Args, Debug)]
-pub struct CacheArgs {
+pub(crate) struct CacheArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
-    pub number: u32,
+    pub(crate) number: u32,
     /// Start of the range
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
-    pub offset: u64,
+    pub(crate) offset: u64,
     /// Length of the range [default: to the end of the device]
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-    pub length: Option<u64>,
+    pub(crate) length: Option<u64>,
     /// Cache mode for this request [default: the device's --cache-mode]
     #[arg(long, value_name = "MODE", value_parser = cache_modes())]
-    pub mode: Option<CacheMode>,
+    pub(crate) mode: Option<CacheMode>,
     /// Same as --mode cow: copy the range's base blocks into the overlay
     #[arg(long, conflicts_with = "mode")]
-    pub cow_on_cache: bool,
+    pub(crate) cow_on_cache: bool,
 }
 
 #[derive(Args, Debug)]
-pub struct StatsArgs {
+pub(crate) struct StatsArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
-    pub number: u32,
+    pub(crate) number: u32,
     /// Print JSON instead of a table
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("which").required(true).args(["number", "all"]))]
-pub struct DelArgs {
+pub(crate) struct DelArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
-    pub number: Option<u32>,
+    pub(crate) number: Option<u32>,
     /// Every ublk-cow device
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 }
 
 #[derive(Args, Debug)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Print JSON instead of a table
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 pub fn run(cli: Cli) -> Result<()> {

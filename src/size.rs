@@ -1,7 +1,7 @@
 //! Sizes on the command line: plain bytes or a K/M/G/T suffix (powers of 1024).
 
 /// Parses `4096`, `4K`, `4k`, `4KiB`, `1M`, `2G`, `1T`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Where a cache request came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheSource {
+pub(crate) enum CacheSource {
     /// A READ flagged fail-fast by the kernel: page-cache readahead above us.
     KernelHint,
     /// The per-queue detector of sequential reads (O_DIRECT readers).
@@ -22,23 +22,23 @@ macro_rules! counters {
     ($($name:ident),* $(,)?) => {
         /// The live counters.
         #[derive(Default)]
-        pub struct Stats { $(pub $name: AtomicU64,)* }
+        pub(crate) struct Stats { $(pub $name: AtomicU64,)* }
 
         /// A snapshot of the counters, as `stats --json` prints it. A
         /// counter the daemon does not have (an older one) reads as 0.
         #[derive(Clone, Debug, Default, Serialize, Deserialize)]
         #[serde(default)]
-        pub struct StatsSnapshot { $(pub $name: u64,)* }
+        pub(crate) struct StatsSnapshot { $(pub $name: u64,)* }
 
         impl Stats {
-            pub fn snapshot(&self) -> StatsSnapshot {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
                 StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
             }
         }
 
         impl StatsSnapshot {
             /// `(name, value)` pairs in declaration order.
-            pub fn rows(&self) -> Vec<(&'static str, u64)> {
+            pub(crate) fn rows(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
             }
         }
@@ -82,11 +82,11 @@ counters!(
 );
 
 impl Stats {
-    pub fn add(c: &AtomicU64, n: u64) {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
     }
 
-    pub fn cache_request(&self, source: CacheSource) {
+    pub(crate) fn cache_request(&self, source: CacheSource) {
         let c = match source {
             CacheSource::KernelHint => &self.cache_from_kernel_hint,
             CacheSource::Detector => &self.cache_from_detector,

@@ -55,7 +55,7 @@ impl MappedFile {
         Ok(MappedFile { ptr, len })
     }
 
-    pub fn words(&self) -> &[AtomicU64] {
+    pub(crate) fn words(&self) -> &[AtomicU64] {
         // SAFETY: the mapping is `len` bytes, page aligned (so 8-byte
         // aligned), lives until drop, and is only ever accessed atomically.
         unsafe { std::slice::from_raw_parts(self.ptr as *const AtomicU64, self.len / 8) }
@@ -78,7 +78,7 @@ impl Drop for MappedFile {
 /// into the address the daemon names (see `ublk::write_data`). A read
 /// racing a write to the same bytes sees old or new bytes, as on any block
 /// device.
-pub struct SharedMap {
+pub(crate) struct SharedMap {
     ptr: *mut u8,
     len: usize,
     writable: bool,
@@ -93,7 +93,7 @@ unsafe impl Sync for SharedMap {}
 impl SharedMap {
     /// Maps the first `len` bytes of `file`; `writable` lets the kernel
     /// copy into the mapping on this process's behalf.
-    pub fn map(file: &File, len: usize, writable: bool) -> io::Result<SharedMap> {
+    pub(crate) fn map(file: &File, len: usize, writable: bool) -> io::Result<SharedMap> {
         assert!(len > 0);
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
@@ -123,7 +123,7 @@ impl SharedMap {
     }
 
     /// Copies `dst.len()` bytes from offset `off` into `dst`.
-    pub fn copy_out(&self, off: u64, dst: &mut [u8]) {
+    pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) {
         let src = self.addr(off, dst.len());
         // SAFETY: the source range is inside the mapping (`addr` checks),
         // which lives until drop and which the file backs in full (the file
@@ -135,26 +135,26 @@ impl SharedMap {
     /// The address of bytes `[off, off + len)` of the mapping (panics if
     /// they are not all inside it). ublk also copies a READ's data from such
     /// an address, the one its commit names.
-    pub fn addr(&self, off: u64, len: usize) -> *const u8 {
+    pub(crate) fn addr(&self, off: u64, len: usize) -> *const u8 {
         let off = off as usize;
         assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
         self.ptr.wrapping_add(off)
     }
 
     /// Whether the kernel may copy into the mapping.
-    pub fn is_writable(&self) -> bool {
+    pub(crate) fn is_writable(&self) -> bool {
         self.writable
     }
 
     /// As `addr`, for the kernel to copy into: `None` unless `writable`.
-    pub fn addr_for_kernel_writes(&self, off: u64, len: usize) -> Option<*mut u8> {
+    pub(crate) fn addr_for_kernel_writes(&self, off: u64, len: usize) -> Option<*mut u8> {
         self.writable.then(|| self.addr(off, len) as *mut u8)
     }
 
     /// Writes bytes `[off, off + len)` of the mapping to `fd` at `pos`
     /// (one `pwrite`): how ublk's user copy takes a READ's data into the
     /// request. Returns the bytes written.
-    pub fn write_to(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
+    pub(crate) fn write_to(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
         let src = self.addr(off, len);
         // SAFETY: the source range is inside the live mapping (`addr`
         // checks); the kernel only reads it.
@@ -170,7 +170,7 @@ impl SharedMap {
     /// file's pages. The kernel writes them; a page it cannot fault in (on
     /// a full tmpfs) ends the copy short or fails it (EFAULT). EACCES unless
     /// `writable`. Returns the bytes read.
-    pub fn read_from(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
+    pub(crate) fn read_from(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
         let Some(dst) = self.addr_for_kernel_writes(off, len) else {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         };
@@ -189,7 +189,7 @@ impl SharedMap {
     /// the kernel's copies into them later need no page fault. Meant for
     /// pages already allocated (`allocate`); one that is missing on a full
     /// file system fails this call (ENOMEM or EFAULT).
-    pub fn populate_for_writes(&self, off: u64, len: usize) -> io::Result<()> {
+    pub(crate) fn populate_for_writes(&self, off: u64, len: usize) -> io::Result<()> {
         let Some(at) = self.addr_for_kernel_writes(off, len) else {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         };
@@ -214,7 +214,7 @@ impl SharedMap {
     /// reference (`vmsplice`: the pipe holds the file's pages, and a read
     /// from it copies what they hold then). All of them or, as an error,
     /// none: a pipe that cannot take them all is emptied again.
-    pub fn splice_to(&self, off: u64, len: usize, pipe: &Pipe) -> io::Result<()> {
+    pub(crate) fn splice_to(&self, off: u64, len: usize, pipe: &Pipe) -> io::Result<()> {
         let iov = libc::iovec {
             iov_base: self.addr(off, len) as *mut libc::c_void,
             iov_len: len,
@@ -241,13 +241,13 @@ impl SharedMap {
 /// software emulation runs a byte at a time (docs/benchmarks.md). Both ends are non-blocking, so a read never waits for bytes
 /// that are not there. It holds one request's run at a time: a tag has its
 /// own, empty between requests.
-pub struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    pub(crate) fn new() -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two-element array we pass.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -259,12 +259,12 @@ impl Pipe {
     }
 
     /// The end the held bytes are read from.
-    pub fn read_end(&self) -> RawFd {
+    pub(crate) fn read_end(&self) -> RawFd {
         self.read.as_raw_fd()
     }
 
     /// Discards whatever the pipe holds.
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         let mut sink = [0u8; 4096];
         loop {
             // SAFETY: reads into our own buffer; the read end does not block.
@@ -287,7 +287,7 @@ impl Drop for SharedMap {
 }
 
 /// Whether `file` lives in memory (tmpfs): its "I/O" is memory copies.
-pub fn is_tmpfs(file: &File) -> bool {
+pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
     // SAFETY: fstatfs fills the local struct we pass.
     unsafe {
@@ -297,12 +297,12 @@ pub fn is_tmpfs(file: &File) -> bool {
 }
 
 /// Allocates `[off, off+len)` of `file` (data already there stays).
-pub fn allocate(file: &File, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn allocate(file: &File, off: u64, len: u64) -> io::Result<()> {
     fallocate(file, 0, off, len)
 }
 
 /// Frees `[off, off+len)` of `file`, which then reads as zeros; the size stays.
-pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
     fallocate(
         file,
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -329,7 +329,7 @@ fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<(
 
 /// `pread` on a descriptor the caller keeps open (ublk's char device, for
 /// user copy): the bytes read into `buf`.
-pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+pub(crate) fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     // SAFETY: `buf` is live and writable for the whole call and the kernel
     // writes at most `buf.len()` bytes into it; a closed `fd` is an error
     // return.
@@ -343,7 +343,7 @@ pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of
 /// `[off, off+buf.len())` without waiting for I/O. `EAGAIN` when the first
 /// page is not cached; `EOPNOTSUPP` when the file cannot do it (tmpfs).
-pub fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+pub(crate) fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -367,7 +367,7 @@ pub fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> 
 
 /// How many pages of `[off, off+len)` are in the page cache (`cachestat`,
 /// Linux 6.5). A page counts while its read is still in flight.
-pub fn cached_pages(file: &File, off: u64, len: u64) -> io::Result<u64> {
+pub(crate) fn cached_pages(file: &File, off: u64, len: u64) -> io::Result<u64> {
     /// `__NR_cachestat`, the same on every architecture.
     const SYS_CACHESTAT: libc::c_long = 451;
     #[repr(C)]
@@ -407,7 +407,7 @@ pub fn cached_pages(file: &File, off: u64, len: u64) -> io::Result<u64> {
 /// `dst` at `dst_off` inside the kernel; returns how many it copied (0 at the
 /// end of `src`). `EXDEV`, `EINVAL`, `EOPNOTSUPP` or `ENOSYS` when these two
 /// files cannot (another file system, a block device, an old kernel).
-pub fn copy_file_range(
+pub(crate) fn copy_file_range(
     src: &File,
     src_off: u64,
     dst: &File,
@@ -435,7 +435,7 @@ pub fn copy_file_range(
 }
 
 /// `posix_fadvise` on a descriptor we own.
-pub fn fadvise(file: &File, off: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+pub(crate) fn fadvise(file: &File, off: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: posix_fadvise takes no memory; the descriptor is valid.
     let r = unsafe {
         libc::posix_fadvise(
@@ -452,7 +452,7 @@ pub fn fadvise(file: &File, off: u64, len: u64, advice: libc::c_int) -> io::Resu
 }
 
 /// Size in bytes of a block device (`BLKGETSIZE64`).
-pub fn block_device_size(file: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     const BLKGETSIZE64: libc::c_ulong = 0x80081272;
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass, which points
@@ -469,7 +469,7 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
 /// (`STATX_DIOALIGN`), or for a block device that does not report it its
 /// logical block size. Zeros: the file cannot do direct I/O. `None`: it
 /// does not say.
-pub fn direct_io_align(file: &File) -> io::Result<Option<(u64, u64)>> {
+pub(crate) fn direct_io_align(file: &File) -> io::Result<Option<(u64, u64)>> {
     // SAFETY: statx only writes the struct we pass, a zeroed local; the
     // empty path with AT_EMPTY_PATH names the open descriptor itself.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -512,7 +512,7 @@ pub fn direct_io_align(file: &File) -> io::Result<Option<(u64, u64)>> {
 /// default depth of 128 is 256 descriptors a queue, and the usual soft
 /// limit is 1024. Where even the hard limit is reached, a tag goes without
 /// its pipe (user copy then does its reads).
-pub fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -527,13 +527,13 @@ pub fn raise_open_files_limit() {
 }
 
 /// Whether the effective user is root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// Which side of a fork this is.
-pub enum Forked {
+pub(crate) enum Forked {
     Parent,
     Child,
 }
@@ -544,7 +544,7 @@ pub enum Forked {
 /// The process must have a single thread: the child gets a copy of this
 /// thread only, and a lock another thread held (the allocator's, say)
 /// would stay held in the child forever.
-pub unsafe fn fork() -> io::Result<Forked> {
+pub(crate) unsafe fn fork() -> io::Result<Forked> {
     // SAFETY: the caller guarantees a single-threaded process, so the child
     // inherits no lock held by another thread.
     match unsafe { libc::fork() } {
@@ -556,7 +556,7 @@ pub unsafe fn fork() -> io::Result<Forked> {
 
 /// Detaches from the terminal's session and points stdin/stdout at
 /// /dev/null and stderr at `log` (a file we own).
-pub fn detach(log: &File) -> io::Result<()> {
+pub(crate) fn detach(log: &File) -> io::Result<()> {
     let null = File::options().read(true).write(true).open("/dev/null")?;
     // SAFETY: setsid and dup2 take no memory; the descriptors are valid for
     // the duration of the calls.
@@ -589,7 +589,7 @@ fn termination_set() -> libc::sigset_t {
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it
 /// starts afterwards, so that only [`wait_termination`] receives them.
-pub fn block_termination_signals() {
+pub(crate) fn block_termination_signals() {
     let set = termination_set();
     // SAFETY: the set is initialised; the old-mask pointer may be null.
     unsafe {
@@ -598,7 +598,7 @@ pub fn block_termination_signals() {
 }
 
 /// Waits for SIGTERM, SIGINT or SIGHUP (blocked beforehand).
-pub fn wait_termination() -> i32 {
+pub(crate) fn wait_termination() -> i32 {
     let set = termination_set();
     let mut sig = 0;
     // SAFETY: sigwait writes the signal number to a live local.
@@ -609,7 +609,7 @@ pub fn wait_termination() -> i32 {
 }
 
 /// Sends `sig` to `pid`; Ok(false) if there is no such process.
-pub fn kill(pid: i32, sig: i32) -> io::Result<bool> {
+pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<bool> {
     // SAFETY: kill takes no memory.
     if unsafe { libc::kill(pid, sig) } == 0 {
         return Ok(true);
@@ -622,13 +622,13 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<bool> {
 }
 
 /// The real user id of this process: who ran the command.
-pub fn uid() -> u32 {
+pub(crate) fn uid() -> u32 {
     // SAFETY: getuid has no arguments and cannot fail.
     unsafe { libc::getuid() }
 }
 
 /// The effective user id of this process.
-pub fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -636,7 +636,7 @@ pub fn euid() -> u32 {
 /// The effective user id of the process at the other end of a connected
 /// Unix socket, as the kernel recorded it when the connection was made
 /// (`SO_PEERCRED`): the peer cannot choose it.
-pub fn peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
+pub(crate) fn peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -668,7 +668,7 @@ pub fn peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
 /// `Ok(false)` when another open file holds a lock that conflicts (in this
 /// process too: the lock belongs to the open file, not the process). The
 /// lock lasts until every descriptor of that open file is closed.
-pub fn try_flock(file: &File, exclusive: bool) -> io::Result<bool> {
+pub(crate) fn try_flock(file: &File, exclusive: bool) -> io::Result<bool> {
     let op = if exclusive {
         libc::LOCK_EX
     } else {

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-pub enum Request {
+pub(crate) enum Request {
     Stats,
     Cache {
         offset: u64,
@@ -40,17 +40,17 @@ pub enum Request {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Reply {
+pub(crate) struct Reply {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stats: Option<StatsSnapshot>,
+    pub(crate) stats: Option<StatsSnapshot>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub progress: Option<u64>,
+    pub(crate) progress: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub total: Option<u64>,
+    pub(crate) total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub done: Option<CacheDone>,
+    pub(crate) done: Option<CacheDone>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 impl Reply {
@@ -68,7 +68,7 @@ const PIECE: u64 = 16 << 20;
 
 /// Binds the socket of device `id` (in the run directory, which the caller
 /// has checked) and serves it on a thread of its own, to root and `owner`.
-pub fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
+pub(crate) fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
     let path = state::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let listener =
@@ -122,7 +122,7 @@ fn send(conn: &mut UnixStream, r: &Reply) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot(sh: &ServedDevice) -> StatsSnapshot {
+pub(crate) fn snapshot(sh: &ServedDevice) -> StatsSnapshot {
     let mut s = sh.stats.snapshot();
     let c = sh.dev.map().counts();
     s.blocks_unallocated = c.unallocated;
@@ -194,7 +194,7 @@ fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
 
 /// Client side: sends `req` to device `id`, calling `each` on every reply
 /// line; returns the last one. An `error` reply becomes an error.
-pub fn call(id: u32, req: &Request, mut each: impl FnMut(&Reply)) -> Result<Reply> {
+pub(crate) fn call(id: u32, req: &Request, mut each: impl FnMut(&Reply)) -> Result<Reply> {
     let path = state::socket_path(id);
     let mut conn = UnixStream::connect(&path)
         .with_context(|| format!("device {id}: the daemon's control socket does not answer"))?;

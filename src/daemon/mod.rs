@@ -10,8 +10,8 @@
 //! state and live map under the run directory: `del` then writes the live
 //! map into the overlay, as it does for a device whose daemon died.
 
-pub mod control;
-pub mod state;
+pub(crate) mod control;
+pub(crate) mod state;
 
 use crate::engine::base::{Base, BaseIo, DirectBase, open_base};
 use crate::engine::cache::{CacheMode, CachePolicy};
@@ -34,19 +34,19 @@ use std::time::{Duration, Instant};
 
 /// What `add` was asked for.
 #[derive(Clone, Debug)]
-pub struct AddRequest {
-    pub base: PathBuf,
-    pub overlay: Option<PathBuf>,
-    pub block_size: Option<u32>,
-    pub target: TargetConfig,
-    pub read_only: bool,
+pub(crate) struct AddRequest {
+    pub(crate) base: PathBuf,
+    pub(crate) overlay: Option<PathBuf>,
+    pub(crate) block_size: Option<u32>,
+    pub(crate) target: TargetConfig,
+    pub(crate) read_only: bool,
     /// Allocate the overlay's data area before serving.
-    pub preallocate: bool,
-    pub foreground: bool,
-    pub force: bool,
-    pub policy: CachePolicy,
+    pub(crate) preallocate: bool,
+    pub(crate) foreground: bool,
+    pub(crate) force: bool,
+    pub(crate) policy: CachePolicy,
     /// How base blocks that the page cache lacks are read.
-    pub base_io: BaseIo,
+    pub(crate) base_io: BaseIo,
 }
 
 /// Where the overlay comes from.
@@ -243,13 +243,13 @@ fn open_direct(req: &AddRequest) -> Result<Option<DirectBase>> {
 }
 
 /// `ublk-cow add`: prints the device path once it is ready for I/O.
-pub fn add(req: AddRequest) -> Result<()> {
+pub(crate) fn add(req: AddRequest) -> Result<()> {
     start(prepare(req)?)
 }
 
 /// `ublk-cow recover -n N`: starts a new daemon for device N, whose daemon
 /// died, with the options and the live map the old one left.
-pub fn recover(id: u32, foreground: bool) -> Result<()> {
+pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
@@ -675,7 +675,7 @@ fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
 /// the live map cannot be written, nothing is removed. A device whose flush
 /// had failed is removed with its overlay as of its last good flush, and
 /// `del` fails to say so.
-pub fn del(id: u32) -> Result<()> {
+pub(crate) fn del(id: u32) -> Result<()> {
     let Some(mut st) = DeviceState::load(id)? else {
         if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
@@ -771,7 +771,7 @@ fn close_from_live_map(st: &DeviceState) -> Result<bool> {
 }
 
 /// `ublk-cow del --all`.
-pub fn del_all() -> Result<()> {
+pub(crate) fn del_all() -> Result<()> {
     let mut failed = None;
     for st in state::all()? {
         if let Err(e) = del(st.id) {
@@ -786,7 +786,7 @@ pub fn del_all() -> Result<()> {
 }
 
 /// `ublk-cow list [--json]`.
-pub fn list(json: bool) -> Result<()> {
+pub(crate) fn list(json: bool) -> Result<()> {
     let all = state::all()?;
     if json {
         let rows: Vec<_> = all
@@ -832,7 +832,12 @@ pub fn list(json: bool) -> Result<()> {
 
 /// `ublk-cow cache -n N`: a cache request through the daemon's socket;
 /// returns when the range is done, with progress on a terminal.
-pub fn cache(id: u32, offset: u64, length: Option<u64>, mode: Option<CacheMode>) -> Result<()> {
+pub(crate) fn cache(
+    id: u32,
+    offset: u64,
+    length: Option<u64>,
+    mode: Option<CacheMode>,
+) -> Result<()> {
     let st = live_device(id)?;
     if offset >= st.size {
         bail!(
@@ -883,7 +888,7 @@ pub fn cache(id: u32, offset: u64, length: Option<u64>, mode: Option<CacheMode>)
 }
 
 /// `ublk-cow stats -n N [--json]`.
-pub fn stats(id: u32, json: bool) -> Result<()> {
+pub(crate) fn stats(id: u32, json: bool) -> Result<()> {
     live_device(id)?;
     let reply = control::call(id, &control::Request::Stats, |_| {})?;
     let s = reply

@@ -21,63 +21,63 @@ use std::path::{Path, PathBuf};
 
 /// Everything `list`, `del` and `recover` need to know about a device.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DeviceState {
-    pub id: u32,
-    pub pid: i32,
-    pub device: String,
-    pub base: PathBuf,
-    pub overlay: PathBuf,
+pub(crate) struct DeviceState {
+    pub(crate) id: u32,
+    pub(crate) pid: i32,
+    pub(crate) device: String,
+    pub(crate) base: PathBuf,
+    pub(crate) overlay: PathBuf,
     /// The overlay was made by `add` without `--overlay` and goes at `del`.
-    pub temporary_overlay: bool,
-    pub block_size: u32,
-    pub size: u64,
-    pub queues: u16,
-    pub depth: u16,
-    pub read_only: bool,
+    pub(crate) temporary_overlay: bool,
+    pub(crate) block_size: u32,
+    pub(crate) size: u64,
+    pub(crate) queues: u16,
+    pub(crate) depth: u16,
+    pub(crate) read_only: bool,
     /// The overlay had not been closed cleanly when this daemon opened it.
-    pub recovered_unclean: bool,
+    pub(crate) recovered_unclean: bool,
     /// `--force` was given: the base's identity was not checked strictly.
     #[serde(default)]
-    pub forced: bool,
+    pub(crate) forced: bool,
     /// Cache mode, readahead and copy-on-read.
     #[serde(default)]
-    pub policy: CachePolicy,
+    pub(crate) policy: CachePolicy,
     /// The device moves data with zero copy (`add --zero-copy`).
     #[serde(default)]
-    pub zero_copy: bool,
+    pub(crate) zero_copy: bool,
     /// How base blocks that the page cache lacks are read (`add --base-io`).
     #[serde(default)]
-    pub base_io: crate::engine::base::BaseIo,
+    pub(crate) base_io: crate::engine::base::BaseIo,
     /// The user id that added the device: besides root, the only user whose
     /// requests the control socket serves. (State files without it were
     /// written by root.)
     #[serde(default)]
-    pub owner: u32,
+    pub(crate) owner: u32,
     /// A flush failed: the overlay stays as of its last good flush, and
     /// the live map is never written into it.
     #[serde(default)]
-    pub failed: bool,
+    pub(crate) failed: bool,
 }
 
-pub fn run_dir() -> PathBuf {
+pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("UBLK_COW_RUN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/ublk-cow"))
 }
 
-pub fn state_path(id: u32) -> PathBuf {
+pub(crate) fn state_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.json"))
 }
 
-pub fn map_path(id: u32) -> PathBuf {
+pub(crate) fn map_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.map"))
 }
 
-pub fn socket_path(id: u32) -> PathBuf {
+pub(crate) fn socket_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.sock"))
 }
 
-pub fn log_path(id: u32) -> PathBuf {
+pub(crate) fn log_path(id: u32) -> PathBuf {
     run_dir().join(format!("{id}.log"))
 }
 
@@ -86,7 +86,7 @@ pub fn log_path(id: u32) -> PathBuf {
 /// is at `path`, a symlink too (even one to nowhere): `O_CREAT | O_EXCL`
 /// does not follow it. Every file that holds a device's data or state is
 /// made here.
-pub fn create_private(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     File::options()
         .read(true)
         .write(true)
@@ -98,7 +98,7 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
 /// [`create_private`] for a file of ours in the run directory (the live
 /// map, the log, a state file): a stale one left by an earlier daemon is
 /// removed first.
-pub fn create_in_run_dir(path: &Path) -> Result<File> {
+pub(crate) fn create_in_run_dir(path: &Path) -> Result<File> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -109,7 +109,7 @@ pub fn create_in_run_dir(path: &Path) -> Result<File> {
 
 /// Whether user `uid` may use and stop a device that user `owner` added:
 /// root and the owner may, nobody else.
-pub fn may_use(uid: u32, owner: u32) -> bool {
+pub(crate) fn may_use(uid: u32, owner: u32) -> bool {
     uid == 0 || uid == owner
 }
 
@@ -142,7 +142,7 @@ fn judge_run_dir(dir: &Path, meta: &std::fs::Metadata, me: u32) -> Result<()> {
 
 /// Checks the run directory, if there is one (see the module's doc);
 /// returns whether there is.
-pub fn check_run_dir() -> Result<bool> {
+pub(crate) fn check_run_dir() -> Result<bool> {
     check_dir(&run_dir())
 }
 
@@ -155,7 +155,7 @@ fn check_dir(d: &Path) -> Result<bool> {
 }
 
 /// Creates the run directory (mode 0700) if there is none, and checks it.
-pub fn ensure_run_dir() -> Result<()> {
+pub(crate) fn ensure_run_dir() -> Result<()> {
     ensure_dir(&run_dir())
 }
 
@@ -185,7 +185,7 @@ fn reading(path: &Path, e: std::io::Error) -> anyhow::Error {
 
 impl DeviceState {
     /// Writes the state file atomically (write a temporary, then rename).
-    pub fn save(&self) -> Result<()> {
+    pub(crate) fn save(&self) -> Result<()> {
         let path = state_path(self.id);
         let tmp = path.with_extension("json.tmp");
         std::io::Write::write_all(
@@ -196,7 +196,7 @@ impl DeviceState {
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    pub fn load(id: u32) -> Result<Option<DeviceState>> {
+    pub(crate) fn load(id: u32) -> Result<Option<DeviceState>> {
         if !check_run_dir()? {
             return Ok(None);
         }
@@ -204,12 +204,12 @@ impl DeviceState {
     }
 
     /// Whether the daemon that wrote this is still running.
-    pub fn daemon_alive(&self) -> bool {
+    pub(crate) fn daemon_alive(&self) -> bool {
         crate::sys::kill(self.pid, 0).unwrap_or(false)
     }
 
     /// Removes the state, map and (for a temporary overlay) overlay files.
-    pub fn remove_files(&self) {
+    pub(crate) fn remove_files(&self) {
         let _ = std::fs::remove_file(state_path(self.id));
         let _ = std::fs::remove_file(map_path(self.id));
         let _ = std::fs::remove_file(socket_path(self.id));
@@ -231,7 +231,7 @@ fn load_file(path: &Path) -> Result<Option<DeviceState>> {
 }
 
 /// All our devices, by id.
-pub fn all() -> Result<Vec<DeviceState>> {
+pub(crate) fn all() -> Result<Vec<DeviceState>> {
     let mut out = Vec::new();
     if !check_run_dir()? {
         return Ok(out);

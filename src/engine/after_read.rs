@@ -11,38 +11,38 @@ use crate::stats::CacheSource;
 
 /// A READ that completed, as the policy sees it.
 #[derive(Clone, Copy, Debug)]
-pub struct CompletedRead {
-    pub off: u64,
-    pub len: u64,
+pub(crate) struct CompletedRead {
+    pub(crate) off: u64,
+    pub(crate) len: u64,
     /// The kernel marked it as readahead (all three fail-fast flags).
-    pub hinted: bool,
+    pub(crate) hinted: bool,
     /// Other READs of the same queue were in flight: a reader that keeps
     /// several ahead of itself needs no prefetch.
-    pub others_in_flight: bool,
+    pub(crate) others_in_flight: bool,
     /// It read at least one whole block from the base.
-    pub read_base_block: bool,
+    pub(crate) read_base_block: bool,
 }
 
 /// What to do after a READ.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AfterRead {
+pub(crate) struct AfterRead {
     /// A cache request for `(off, len)`, asked for by this source.
-    pub prefetch: Option<(u64, u64, CacheSource)>,
+    pub(crate) prefetch: Option<(u64, u64, CacheSource)>,
     /// Copy the base blocks the READ read into the overlay, for this
     /// source.
-    pub install: Option<CacheSource>,
+    pub(crate) install: Option<CacheSource>,
 }
 
 /// Whether the policy copies the base data of a READ (`hinted` or not)
 /// into the overlay. A READ that may be copied must leave its data in the
 /// daemon's memory, not in a mapping that ublk copies from.
-pub fn installs(policy: &CachePolicy, hinted: bool) -> bool {
+pub(crate) fn installs(policy: &CachePolicy, hinted: bool) -> bool {
     policy.cow_on_read || (hinted && policy.mode == CacheMode::Cow)
 }
 
 /// The decisions after `read`, on a device of `size` bytes; `detector` is
 /// the queue's and follows the READ.
-pub fn after_read(
+pub(crate) fn after_read(
     policy: &CachePolicy,
     detector: &mut Detector,
     size: u64,

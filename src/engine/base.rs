@@ -25,22 +25,22 @@ use std::str::FromStr;
 /// What identifies a base for an overlay header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BaseIdentity {
-    pub size: u64,
+    pub(crate) size: u64,
     /// Modification time in nanoseconds; 0 for a block device.
-    pub mtime_ns: u64,
+    pub(crate) mtime_ns: u64,
     /// FNV-1a over the size and samples of 4 KiB spread over the file:
     /// [`FILE_SAMPLES`] for a file, [`DEVICE_SAMPLES`] for a block device.
-    pub fingerprint: u64,
+    pub(crate) fingerprint: u64,
     /// For a block device, the fingerprint of [`FILE_SAMPLES`] samples that
     /// overlays made before block devices were sampled more closely carry;
     /// such an overlay is still accepted. Never stored.
-    pub legacy_fingerprint: Option<u64>,
+    pub(crate) legacy_fingerprint: Option<u64>,
 }
 
 /// Samples of a regular file, whose mtime also tells changes.
-pub const FILE_SAMPLES: u64 = 16;
+pub(crate) const FILE_SAMPLES: u64 = 16;
 /// Samples of a block device, which has no mtime: 4 MiB read at `add`.
-pub const DEVICE_SAMPLES: u64 = 1024;
+pub(crate) const DEVICE_SAMPLES: u64 = 1024;
 const SAMPLE_LEN: usize = 4096;
 
 impl BaseIdentity {
@@ -65,7 +65,7 @@ impl BaseIdentity {
 
     /// Whether an overlay that recorded `fingerprint` was made for a base
     /// with these contents.
-    pub fn fingerprint_matches(&self, fingerprint: u64) -> bool {
+    pub(crate) fn fingerprint_matches(&self, fingerprint: u64) -> bool {
         fingerprint == self.fingerprint || self.legacy_fingerprint == Some(fingerprint)
     }
 }
@@ -82,13 +82,16 @@ fn fingerprint(base: &dyn Storage, size: u64, samples: u64) -> Result<u64, Error
         base.read_at(&mut buf[..n], off)
             .ctx(|| format!("reading the base at {off}"))?;
         h.write(&buf[..n]);
+        // The samples are not the device's data to serve: leave the page
+        // cache (and what it says the reader will read) as it was.
+        let _ = base.dont_need(off, n as u64);
     }
     Ok(h.finish())
 }
 
 /// 64-bit FNV-1a: a stable hash for header checksums and fingerprints.
 #[derive(Clone, Copy)]
-pub struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -97,13 +100,13 @@ impl Default for Fnv {
 }
 
 impl Fnv {
-    pub fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01b3);
         }
     }
 
-    pub fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }
@@ -174,7 +177,7 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
 /// (`add --base-io`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BaseIo {
+pub(crate) enum BaseIo {
     /// Through the page cache, which keeps what was read.
     #[default]
     Cached,
@@ -198,11 +201,11 @@ impl FromStr for BaseIo {
 
 /// What O_DIRECT reads of the base must be aligned to, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DirectAlign {
+pub(crate) struct DirectAlign {
     /// The address of the memory read into.
-    pub mem: u64,
+    pub(crate) mem: u64,
     /// The file offset and the length.
-    pub io: u64,
+    pub(crate) io: u64,
 }
 
 impl DirectAlign {
@@ -212,7 +215,7 @@ impl DirectAlign {
     /// 512-byte alignment is sure (the device's logical block size), of
     /// their address and of each piece's length, so a base that asks more
     /// is read through the page cache.
-    pub fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
+    pub(crate) fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
         let mem = match addr {
             Some(a) => (a as u64).is_multiple_of(self.mem),
             None => self.mem <= 512 && self.io <= 512,
@@ -223,14 +226,14 @@ impl DirectAlign {
 
 /// The base opened once more with O_DIRECT (`--base-io direct`).
 pub struct DirectBase {
-    pub file: File,
-    pub align: DirectAlign,
+    pub(crate) file: File,
+    pub(crate) align: DirectAlign,
 }
 
 impl DirectBase {
     /// Opens the base at `path` for direct reads; an error says why the
     /// base cannot be read so (its file system lacks O_DIRECT).
-    pub fn open(path: &Path) -> Result<DirectBase, Error> {
+    pub(crate) fn open(path: &Path) -> Result<DirectBase, Error> {
         use std::os::unix::fs::OpenOptionsExt;
         let shown = path.display();
         let unsupported = || {

@@ -26,10 +26,10 @@ use std::str::FromStr;
 /// silently ignores the rest, and the readahead size is 128 KiB unless the
 /// administrator changed it; so a longer range is advised in pieces of this
 /// size, all in flight together.
-pub const FADVISE_PIECE: u64 = 128 << 10;
+pub(crate) const FADVISE_PIECE: u64 = 128 << 10;
 
 /// `[off, off+len)` cut into pieces of at most [`FADVISE_PIECE`] bytes.
-pub fn fadvise_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+pub(crate) fn fadvise_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
     (off..off + len)
         .step_by(FADVISE_PIECE as usize)
         .map(move |at| (at, FADVISE_PIECE.min(off + len - at)))
@@ -54,7 +54,7 @@ impl CacheMode {
     /// The default for a base: one with a page cache (a regular file or a
     /// block device opened without O_DIRECT) is warmed by fadvise; one
     /// opened with O_DIRECT has no page cache to warm, so it is read.
-    pub fn default_for(base_direct: bool) -> CacheMode {
+    pub(crate) fn default_for(base_direct: bool) -> CacheMode {
         if base_direct {
             CacheMode::Read
         } else {
@@ -91,7 +91,7 @@ impl FromStr for CacheMode {
 
 /// What one step of a cache request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheAction {
+pub(crate) enum CacheAction {
     FadviseOverlay,
     FadviseBase,
     ReadBase,
@@ -100,10 +100,10 @@ pub enum CacheAction {
 
 /// One step: `action` over device bytes `[off, off+len)`, whole blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CacheStep {
-    pub action: CacheAction,
-    pub off: u64,
-    pub len: u64,
+pub(crate) struct CacheStep {
+    pub(crate) action: CacheAction,
+    pub(crate) off: u64,
+    pub(crate) len: u64,
 }
 
 fn action(state: BlockState, mode: CacheMode) -> Option<CacheAction> {
@@ -119,7 +119,11 @@ fn action(state: BlockState, mode: CacheMode) -> Option<CacheAction> {
 
 /// The blocks a cache request of `[off, off+len)` covers, rounded out and
 /// clipped to the device; an error if the range starts past the end.
-pub fn cache_blocks(geo: &Geometry, off: u64, len: u64) -> Result<std::ops::Range<u64>, Error> {
+pub(crate) fn cache_blocks(
+    geo: &Geometry,
+    off: u64,
+    len: u64,
+) -> Result<std::ops::Range<u64>, Error> {
     if off >= geo.size() || len == 0 {
         return Err(Error::invalid(format!(
             "cache range {off}+{len} is outside the device ({} bytes)",
@@ -131,7 +135,7 @@ pub fn cache_blocks(geo: &Geometry, off: u64, len: u64) -> Result<std::ops::Rang
 }
 
 /// Plans the blocks `blocks` in `mode`, merging adjacent equal actions.
-pub fn plan_cache(
+pub(crate) fn plan_cache(
     map: &BlockMap,
     geo: &Geometry,
     blocks: std::ops::Range<u64>,
@@ -211,14 +215,14 @@ mod tests {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CachePolicy {
     /// What cache requests do with blocks still on the base.
-    pub mode: CacheMode,
+    pub(crate) mode: CacheMode,
     /// Prefetch windows (kernel hints and the O_DIRECT detector).
-    pub readahead: crate::engine::readahead::Readahead,
+    pub(crate) readahead: crate::engine::readahead::Readahead,
     /// Copy base blocks that a read fully covers into the overlay.
-    pub cow_on_read: bool,
+    pub(crate) cow_on_read: bool,
     /// Bytes of background cache work queued or in flight per queue;
     /// requests beyond it are dropped (they are only prefetch).
-    pub budget: u64,
+    pub(crate) budget: u64,
 }
 
 impl Default for CachePolicy {

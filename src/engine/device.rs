@@ -72,14 +72,14 @@ struct FlushGate {
 /// not retried, and the device fails every later flush, so no map that may
 /// name lost data is ever persisted. The overlay keeps its map as of its
 /// last good flush.
-pub struct FlushTurn<'a, B: Storage, O: Storage> {
+pub(crate) struct FlushTurn<'a, B: Storage, O: Storage> {
     dev: &'a CowDevice<B, O>,
     _turn: MutexGuard<'a, ()>,
 }
 
 impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
     /// Step 1: an error if an earlier flush failed.
-    pub fn check(&self) -> Result<(), Error> {
+    pub(crate) fn check(&self) -> Result<(), Error> {
         if self.dev.failed() {
             return Err(failed_error());
         }
@@ -87,13 +87,13 @@ impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
     }
 
     /// Step 2: the dirty map pages, as `(page, bytes)`.
-    pub fn take_pages(&self) -> Vec<(u64, Vec<u8>)> {
+    pub(crate) fn take_pages(&self) -> Vec<(u64, Vec<u8>)> {
         self.dev.map.take_dirty_pages()
     }
 
     /// Step 6: marks the device failed (for good) after `what` failed with
     /// `e`; returns the error to report.
-    pub fn fail(&self, what: &str, e: std::io::Error) -> Error {
+    pub(crate) fn fail(&self, what: &str, e: std::io::Error) -> Error {
         let gate = &self.dev.flush;
         if !gate.failed.swap(true, Ordering::AcqRel) {
             log::error!(
@@ -121,8 +121,8 @@ fn failed_error() -> Error {
 /// Base data of consecutive blocks read for copying into the overlay;
 /// [`CowDevice::copy_install`] installs only blocks still `Unallocated`.
 pub struct CopyJob {
-    pub first: u64,
-    pub data: Vec<u8>,
+    pub(crate) first: u64,
+    pub(crate) data: Vec<u8>,
 }
 
 impl<B: Storage, O: Storage> CowDevice<B, O> {
@@ -187,7 +187,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         }
     }
 
-    pub fn geometry(&self) -> &Geometry {
+    pub(crate) fn geometry(&self) -> &Geometry {
         &self.geo
     }
 
@@ -195,20 +195,20 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         &self.map
     }
 
-    pub fn locks(&self) -> &BlockLocks {
+    pub(crate) fn locks(&self) -> &BlockLocks {
         &self.locks
     }
 
-    pub fn base(&self) -> &B {
+    pub(crate) fn base(&self) -> &B {
         &self.base
     }
 
-    pub fn overlay(&self) -> &Overlay<O> {
+    pub(crate) fn overlay(&self) -> &Overlay<O> {
         &self.overlay
     }
 
     /// Whether the overlay had been closed cleanly before this open.
-    pub fn was_clean(&self) -> bool {
+    pub(crate) fn was_clean(&self) -> bool {
         self.was_clean
     }
 
@@ -332,7 +332,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     }
 
     /// Waits for the device's one flush turn (see [`FlushTurn`]).
-    pub fn flush_turn(&self) -> FlushTurn<'_, B, O> {
+    pub(crate) fn flush_turn(&self) -> FlushTurn<'_, B, O> {
         FlushTurn {
             dev: self,
             _turn: self.flush.turn.lock().unwrap_or_else(|e| e.into_inner()),
@@ -341,7 +341,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// The flush turn if no other flush holds it: for an executor that
     /// must not block its thread.
-    pub fn try_flush_turn(&self) -> Option<FlushTurn<'_, B, O>> {
+    pub(crate) fn try_flush_turn(&self) -> Option<FlushTurn<'_, B, O>> {
         let turn = match self.flush.turn.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
@@ -355,12 +355,12 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// Whether a flush failed: from then on every flush fails and nothing
     /// more is persisted (see [`FlushTurn::fail`]).
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.flush.failed.load(Ordering::Acquire)
     }
 
     /// Blocks until a flush fails (forever if none does).
-    pub fn wait_failed(&self) {
+    pub(crate) fn wait_failed(&self) {
         let mut noted = self.flush.noted.lock().unwrap_or_else(|e| e.into_inner());
         while !*noted {
             noted = self
@@ -406,7 +406,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// Marks the overlay failed (see [`Overlay::mark_failed`]), after a flush
     /// failed.
-    pub fn mark_failed(&self) -> Result<(), Error> {
+    pub(crate) fn mark_failed(&self) -> Result<(), Error> {
         self.overlay.mark_failed()
     }
 

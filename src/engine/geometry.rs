@@ -4,19 +4,19 @@
 use crate::engine::Error;
 
 /// Smallest COW block: one page, so a block never splits a page-cache page.
-pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub(crate) const MIN_BLOCK_SIZE: u32 = 4096;
 /// Largest COW block: past this, read-modify-write of a partial block costs more
 /// than it saves in map size.
-pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
+pub(crate) const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default COW block size: matches the page size and file-system block size.
-pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+pub(crate) const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// Every offset and length the device sees is a multiple of a sector.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 
 /// Size and block size of one device. The last block may be shorter than
 /// `block_size` when the size is not a multiple of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     size: u64,
     block_shift: u32,
 }
@@ -24,7 +24,7 @@ pub struct Geometry {
 impl Geometry {
     /// Checks the block size (power of two within bounds) and the size (a
     /// non-zero multiple of 512).
-    pub fn new(size: u64, block_size: u32) -> Result<Geometry, Error> {
+    pub(crate) fn new(size: u64, block_size: u32) -> Result<Geometry, Error> {
         check_block_size(block_size)?;
         if size == 0 {
             return Err(Error::invalid("the base is empty (size 0)"));
@@ -40,40 +40,40 @@ impl Geometry {
         })
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
-    pub fn block_size(&self) -> u32 {
+    pub(crate) fn block_size(&self) -> u32 {
         1 << self.block_shift
     }
 
     /// Number of blocks, counting a short last block.
-    pub fn blocks(&self) -> u64 {
+    pub(crate) fn blocks(&self) -> u64 {
         self.size.div_ceil(self.block_size() as u64)
     }
 
     /// The block that holds byte `off`.
-    pub fn block_of(&self, off: u64) -> u64 {
+    pub(crate) fn block_of(&self, off: u64) -> u64 {
         off >> self.block_shift
     }
 
-    pub fn block_start(&self, block: u64) -> u64 {
+    pub(crate) fn block_start(&self, block: u64) -> u64 {
         block << self.block_shift
     }
 
     /// One past the last byte of `block`, clipped to the device size.
-    pub fn block_end(&self, block: u64) -> u64 {
+    pub(crate) fn block_end(&self, block: u64) -> u64 {
         ((block + 1) << self.block_shift).min(self.size)
     }
 
     /// Blocks touched by `[off, off+len)`, as `first..end`. `len` must be > 0.
-    pub fn blocks_touched(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+    pub(crate) fn blocks_touched(&self, off: u64, len: u64) -> std::ops::Range<u64> {
         self.block_of(off)..self.block_of(off + len - 1) + 1
     }
 
     /// Checks that `[off, off+len)` is sector aligned and inside the device.
-    pub fn check_range(&self, off: u64, len: u64) -> Result<(), Error> {
+    pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<(), Error> {
         if !off.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(Error::invalid(format!(
                 "range {off}+{len} is not aligned to 512 bytes"
@@ -90,7 +90,7 @@ impl Geometry {
 }
 
 /// The rule for `--block-size`: a power of two from 4 KiB to 1 MiB.
-pub fn check_block_size(block_size: u32) -> Result<(), Error> {
+pub(crate) fn check_block_size(block_size: u32) -> Result<(), Error> {
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(Error::invalid(format!(
             "block size {block_size} must be a power of two from 4K to 1M"

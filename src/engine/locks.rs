@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 const STRIPES: u64 = 4096;
 /// The most blocks one lock range may cover. Callers split larger work.
-pub const MAX_LOCK_BLOCKS: u64 = STRIPES;
+pub(crate) const MAX_LOCK_BLOCKS: u64 = STRIPES;
 
 /// The lock table of one device.
-pub struct BlockLocks {
+pub(crate) struct BlockLocks {
     stripes: Box<[AtomicBool]>,
 }
 
@@ -36,7 +36,7 @@ impl Default for BlockLocks {
 
 impl BlockLocks {
     /// Locks blocks `first..first+count`, or none of them if any is held.
-    pub fn try_lock(&self, first: u64, count: u64) -> Option<RangeGuard<'_>> {
+    pub(crate) fn try_lock(&self, first: u64, count: u64) -> Option<RangeGuard<'_>> {
         assert!(
             count > 0 && count <= MAX_LOCK_BLOCKS,
             "lock range of {count} blocks"
@@ -66,14 +66,14 @@ impl BlockLocks {
 }
 
 /// Held locks on a block range; dropping it unlocks.
-pub struct RangeGuard<'a> {
+pub(crate) struct RangeGuard<'a> {
     locks: &'a BlockLocks,
     first: u64,
     count: u64,
 }
 
 impl RangeGuard<'_> {
-    pub fn blocks(&self) -> std::ops::Range<u64> {
+    pub(crate) fn blocks(&self) -> std::ops::Range<u64> {
         self.first..self.first + self.count
     }
 }

@@ -42,7 +42,7 @@ impl BlockState {
 const BITS_PER_BLOCK: u64 = 2;
 const BLOCKS_PER_WORD: u64 = 64 / BITS_PER_BLOCK;
 /// Granularity of map persistence: a flush rewrites whole map pages.
-pub const MAP_PAGE: usize = 4096;
+pub(crate) const MAP_PAGE: usize = 4096;
 const WORDS_PER_PAGE: usize = MAP_PAGE / 8;
 
 /// Bytes the map of `blocks` blocks takes, rounded up to whole map pages.
@@ -103,7 +103,7 @@ pub struct StateCounts {
 
 impl BlockMap {
     /// A map over `mem`, which must hold at least [`map_bytes`]`(blocks)`.
-    pub fn new(mem: MapMemory, blocks: u64) -> BlockMap {
+    pub(crate) fn new(mem: MapMemory, blocks: u64) -> BlockMap {
         assert!(mem.words().len() as u64 * 8 >= map_bytes(blocks));
         let pages = map_bytes(blocks) as usize / MAP_PAGE;
         BlockMap {
@@ -113,7 +113,7 @@ impl BlockMap {
         }
     }
 
-    pub fn blocks(&self) -> u64 {
+    pub(crate) fn blocks(&self) -> u64 {
         self.blocks
     }
 
@@ -151,7 +151,7 @@ impl BlockMap {
     /// Sets every block of `blocks` to `state`. `locked` holds their locks
     /// (the concurrency rule in `locks`): a state change without them does
     /// not compile.
-    pub fn set_range(&self, locked: &RangeGuard<'_>, blocks: Range<u64>, state: BlockState) {
+    pub(crate) fn set_range(&self, locked: &RangeGuard<'_>, blocks: Range<u64>, state: BlockState) {
         check_locked(locked, &blocks);
         for b in blocks {
             self.set(b, state);
@@ -161,7 +161,7 @@ impl BlockMap {
     /// Marks the blocks of `blocks` that are not `Allocated` as `Allocated`
     /// (their data is in the overlay; `locked` holds their locks). Blocks
     /// already allocated are left alone, so their map pages stay clean.
-    pub fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>) {
+    pub(crate) fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>) {
         check_locked(locked, &blocks);
         for b in blocks {
             if self.get(b) != BlockState::Allocated {
@@ -171,7 +171,7 @@ impl BlockMap {
     }
 
     /// The state of `block` and how many blocks from it, up to `end`, share it.
-    pub fn run_at(&self, block: u64, end: u64) -> (BlockState, u64) {
+    pub(crate) fn run_at(&self, block: u64, end: u64) -> (BlockState, u64) {
         let state = self.get(block);
         let mut next = block + 1;
         while next < end && self.get(next) == state {
@@ -183,7 +183,7 @@ impl BlockMap {
     /// The runs of `Unallocated` blocks in `blocks`, in order. Each run is
     /// looked up when the one before it has been taken, so a caller holding
     /// the blocks' locks may change a run's state before asking for the next.
-    pub fn unallocated_runs(
+    pub(crate) fn unallocated_runs(
         &self,
         blocks: std::ops::Range<u64>,
     ) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
@@ -202,7 +202,7 @@ impl BlockMap {
     }
 
     /// Whether every block in `blocks` is `Allocated`.
-    pub fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
+    pub(crate) fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
         blocks
             .into_iter()
             .all(|b| self.get(b) == BlockState::Allocated)
@@ -234,7 +234,7 @@ impl BlockMap {
 
     /// Replaces the whole map with its on-disk form (little-endian words).
     /// Rejects bit patterns that are no state. Marks nothing dirty.
-    pub fn load(&self, bytes: &[u8]) -> Result<(), Error> {
+    pub(crate) fn load(&self, bytes: &[u8]) -> Result<(), Error> {
         let words = self.mem.words();
         for (i, chunk) in bytes.chunks_exact(8).enumerate().take(words.len()) {
             let v = u64::from_le_bytes(chunk.try_into().unwrap());
@@ -252,7 +252,7 @@ impl BlockMap {
     }
 
     /// Marks every page dirty, so that the next flush writes the whole map.
-    pub fn mark_all_dirty(&self) {
+    pub(crate) fn mark_all_dirty(&self) {
         for w in (0..self.mem.words().len()).step_by(WORDS_PER_PAGE) {
             self.mark_dirty(w);
         }
@@ -261,7 +261,7 @@ impl BlockMap {
     /// Takes a snapshot of every dirty page and clears its dirty bit, as
     /// `(page index, page bytes)`. A change racing with this either lands in
     /// the snapshot or marks the page dirty again, never neither.
-    pub fn take_dirty_pages(&self) -> Vec<(u64, Vec<u8>)> {
+    pub(crate) fn take_dirty_pages(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::new();
         for (i, d) in self.dirty.iter().enumerate() {
             let mut bits = d.swap(0, Ordering::AcqRel);
@@ -272,13 +272,6 @@ impl BlockMap {
             }
         }
         out
-    }
-
-    /// Marks pages dirty again, after a flush that failed to write them.
-    pub fn redirty(&self, pages: &[(u64, Vec<u8>)]) {
-        for (page, _) in pages {
-            self.mark_dirty(*page as usize * WORDS_PER_PAGE);
-        }
     }
 
     fn page_bytes(&self, page: usize) -> Vec<u8> {

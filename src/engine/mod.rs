@@ -6,16 +6,16 @@
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
 //! with plain positional I/O here, `crate::ublk` with io_uring.
 
-pub mod after_read;
+pub(crate) mod after_read;
 pub mod base;
 pub mod cache;
 pub mod device;
-pub mod geometry;
-pub mod locks;
+pub(crate) mod geometry;
+pub(crate) mod locks;
 pub mod map;
 pub mod overlay;
-pub mod plan;
-pub mod readahead;
+pub(crate) mod plan;
+pub(crate) mod readahead;
 pub mod storage;
 
 use std::io;
@@ -42,20 +42,20 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn invalid(msg: impl Into<String>) -> Error {
+    pub(crate) fn invalid(msg: impl Into<String>) -> Error {
         Error::Invalid(msg.into())
     }
 
-    pub fn mismatch(msg: impl Into<String>) -> Error {
+    pub(crate) fn mismatch(msg: impl Into<String>) -> Error {
         Error::Mismatch(msg.into())
     }
 
-    pub fn corrupt(msg: impl Into<String>) -> Error {
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
         Error::Corrupt(msg.into())
     }
 
     /// The errno to complete a block request with.
-    pub fn errno(&self) -> i32 {
+    pub(crate) fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Invalid(_) => libc::EINVAL,
@@ -65,7 +65,7 @@ impl Error {
 }
 
 /// Adds what was being done to an `io::Error`.
-pub trait IoContext<T> {
+pub(crate) trait IoContext<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T, Error>;
 }
 

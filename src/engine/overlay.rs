@@ -38,13 +38,13 @@ const DATA_ALIGN: u64 = 1 << 20;
 
 /// The decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Header {
-    pub flags: u32,
-    pub geometry: Geometry,
-    pub base: BaseIdentity,
-    pub map_offset: u64,
-    pub map_bytes: u64,
-    pub data_offset: u64,
+pub(crate) struct Header {
+    pub(crate) flags: u32,
+    pub(crate) geometry: Geometry,
+    pub(crate) base: BaseIdentity,
+    pub(crate) map_offset: u64,
+    pub(crate) map_bytes: u64,
+    pub(crate) data_offset: u64,
 }
 
 impl Header {
@@ -66,17 +66,17 @@ impl Header {
         }
     }
 
-    pub fn clean(&self) -> bool {
+    pub(crate) fn clean(&self) -> bool {
         self.flags & FLAG_CLEAN != 0
     }
 
     /// A flush of a device over this overlay failed (see the module doc).
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.flags & FLAG_FAILED != 0
     }
 
     /// Where the data area ends: the length of a whole overlay.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.data_offset + self.geometry.size()
     }
 
@@ -161,7 +161,7 @@ pub struct OpenCheck<'a> {
 }
 
 /// An overlay file: the header and the storage behind it.
-pub struct Overlay<S: Storage> {
+pub(crate) struct Overlay<S: Storage> {
     storage: S,
     /// The header as it was found at open (or made).
     header: Header,
@@ -173,7 +173,11 @@ pub struct Overlay<S: Storage> {
 impl<S: Storage> Overlay<S> {
     /// Writes a fresh overlay into empty `storage`: header, zeroed map
     /// (allocated), sized data area (a hole), made durable.
-    pub fn create(storage: S, geometry: Geometry, base: &BaseIdentity) -> Result<Self, Error> {
+    pub(crate) fn create(
+        storage: S,
+        geometry: Geometry,
+        base: &BaseIdentity,
+    ) -> Result<Self, Error> {
         let header = Header::new(geometry, *base);
         storage
             .set_len(header.end())
@@ -198,7 +202,7 @@ impl<S: Storage> Overlay<S> {
     /// Allocates the map's space, so that writing a map page at a flush
     /// cannot fail for lack of space (on a file system that writes in
     /// place; one that copies on write needs new space for any write).
-    pub fn allocate_map(&self) -> Result<(), Error> {
+    pub(crate) fn allocate_map(&self) -> Result<(), Error> {
         self.storage
             .allocate(self.header.map_offset, self.header.map_bytes)
             .ctx(|| {
@@ -210,7 +214,7 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// Opens an existing overlay and checks it against the base and options.
-    pub fn open(storage: S, check: OpenCheck<'_>) -> Result<Self, Error> {
+    pub(crate) fn open(storage: S, check: OpenCheck<'_>) -> Result<Self, Error> {
         let len = storage.len().ctx(|| "size of the overlay".into())?;
         if len < HEADER_SIZE {
             return Err(Error::corrupt(format!(
@@ -243,29 +247,29 @@ impl<S: Storage> Overlay<S> {
         })
     }
 
-    pub fn header(&self) -> &Header {
+    pub(crate) fn header(&self) -> &Header {
         &self.header
     }
 
-    pub fn geometry(&self) -> Geometry {
+    pub(crate) fn geometry(&self) -> Geometry {
         self.header.geometry
     }
 
-    pub fn storage(&self) -> &S {
+    pub(crate) fn storage(&self) -> &S {
         &self.storage
     }
 
-    pub fn into_storage(self) -> S {
+    pub(crate) fn into_storage(self) -> S {
         self.storage
     }
 
     /// Where device offset `off` lives in the data area.
-    pub fn data_pos(&self, off: u64) -> u64 {
+    pub(crate) fn data_pos(&self, off: u64) -> u64 {
         self.header.data_offset + off
     }
 
     /// Loads the persisted map into `map`.
-    pub fn read_map(&self, map: &BlockMap) -> Result<(), Error> {
+    pub(crate) fn read_map(&self, map: &BlockMap) -> Result<(), Error> {
         let mut raw = vec![0u8; self.header.map_bytes as usize];
         self.storage
             .read_at(&mut raw, self.header.map_offset)
@@ -274,7 +278,7 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// Writes map pages taken from [`BlockMap::take_dirty_pages`].
-    pub fn write_map_pages(&self, pages: &[(u64, Vec<u8>)]) -> std::io::Result<()> {
+    pub(crate) fn write_map_pages(&self, pages: &[(u64, Vec<u8>)]) -> std::io::Result<()> {
         for (page, bytes) in pages {
             self.storage
                 .write_at(bytes, self.header.map_offset + page * MAP_PAGE as u64)?;
@@ -283,12 +287,12 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// File offset of map page `page`.
-    pub fn map_page_pos(&self, page: u64) -> u64 {
+    pub(crate) fn map_page_pos(&self, page: u64) -> u64 {
         self.header.map_offset + page * MAP_PAGE as u64
     }
 
     /// Sets or clears the clean flag and makes the header durable.
-    pub fn set_clean(&mut self, clean: bool) -> Result<(), Error> {
+    pub(crate) fn set_clean(&mut self, clean: bool) -> Result<(), Error> {
         self.header = self.write_clean_flag(clean)?;
         Ok(())
     }
@@ -297,7 +301,7 @@ impl<S: Storage> Overlay<S> {
     /// durable; returns the header written. Setting it (a clean close) also
     /// clears the failed flag. The header kept here still says how the
     /// overlay was found at open.
-    pub fn write_clean_flag(&self, clean: bool) -> Result<Header, Error> {
+    pub(crate) fn write_clean_flag(&self, clean: bool) -> Result<Header, Error> {
         if clean {
             self.write_flags(FLAG_CLEAN, FLAG_FAILED)
         } else {
@@ -306,7 +310,7 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// Sets the failed flag (and clears the clean one), durably.
-    pub fn mark_failed(&self) -> Result<(), Error> {
+    pub(crate) fn mark_failed(&self) -> Result<(), Error> {
         self.write_flags(FLAG_FAILED, FLAG_CLEAN).map(|_| ())
     }
 

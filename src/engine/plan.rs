@@ -8,7 +8,7 @@ use std::ops::Range;
 
 /// Where one run of a READ comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadSource {
+pub(crate) enum ReadSource {
     Base,
     Overlay,
     Zero,
@@ -17,15 +17,21 @@ pub enum ReadSource {
 /// One run of a READ: `len` bytes at device offset `off`, landing at
 /// `buf_off` in the request's buffer. Adjacent blocks of one state are one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadRun {
-    pub source: ReadSource,
-    pub off: u64,
-    pub len: u64,
-    pub buf_off: usize,
+pub(crate) struct ReadRun {
+    pub(crate) source: ReadSource,
+    pub(crate) off: u64,
+    pub(crate) len: u64,
+    pub(crate) buf_off: usize,
 }
 
 /// Splits the READ `[off, off+len)` into runs of equal block state.
-pub fn plan_read(map: &BlockMap, geo: &Geometry, off: u64, len: u64, out: &mut Vec<ReadRun>) {
+pub(crate) fn plan_read(
+    map: &BlockMap,
+    geo: &Geometry,
+    off: u64,
+    len: u64,
+    out: &mut Vec<ReadRun>,
+) {
     out.clear();
     let end = off + len;
     let blocks = geo.blocks_touched(off, len);
@@ -51,7 +57,7 @@ pub fn plan_read(map: &BlockMap, geo: &Geometry, off: u64, len: u64, out: &mut V
 
 /// How a WRITE must be carried out.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WritePath {
+pub(crate) enum WritePath {
     /// Every block it touches is `Allocated`: write the overlay, take no lock.
     Unlocked,
     /// Some block must change state: lock these blocks, then
@@ -59,7 +65,7 @@ pub enum WritePath {
     Locked(Range<u64>),
 }
 
-pub fn write_path(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePath {
+pub(crate) fn write_path(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePath {
     let blocks = geo.blocks_touched(off, len);
     if map.all_allocated(blocks.clone()) {
         WritePath::Unlocked
@@ -71,7 +77,7 @@ pub fn write_path(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePa
 /// Bytes of a block not covered by a WRITE that must be filled in the overlay
 /// before the block can become `Allocated` (read-modify-write).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fill {
+pub(crate) enum Fill {
     /// Copy `[off, off+len)` from the base (the block was `Unallocated`).
     FromBase { off: u64, len: u64 },
     /// Write zeros to `[off, off+len)` (the block was `Zero`).
@@ -82,20 +88,20 @@ pub enum Fill {
 /// and the guest data to the overlay (all disjoint, any order), then mark
 /// every block of `mark` that is not `Allocated` as `Allocated`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WritePlan {
-    pub head: Option<Fill>,
-    pub tail: Option<Fill>,
-    pub mark: Range<u64>,
+pub(crate) struct WritePlan {
+    pub(crate) head: Option<Fill>,
+    pub(crate) tail: Option<Fill>,
+    pub(crate) mark: Range<u64>,
 }
 
 impl WritePlan {
-    pub fn fills(&self) -> impl Iterator<Item = Fill> {
+    pub(crate) fn fills(&self) -> impl Iterator<Item = Fill> {
         self.head.into_iter().chain(self.tail)
     }
 }
 
 /// Plans a WRITE whose blocks are locked by the caller.
-pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePlan {
+pub(crate) fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> WritePlan {
     let end = off + len;
     let blocks = geo.blocks_touched(off, len);
     let fill = |block: u64, from: u64, to: u64| -> Option<Fill> {
@@ -128,7 +134,11 @@ pub fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u64) -> 
 /// `Allocated` blocks were written before; `Unallocated` ones exist only when
 /// the whole overlay was allocated and initialized up front
 /// (`unallocated_ready`); a `Zero` block's pages may have been punched out.
-pub fn overlay_pages_ready(map: &BlockMap, blocks: Range<u64>, unallocated_ready: bool) -> bool {
+pub(crate) fn overlay_pages_ready(
+    map: &BlockMap,
+    blocks: Range<u64>,
+    unallocated_ready: bool,
+) -> bool {
     blocks.into_iter().all(|b| match map.get(b) {
         BlockState::Allocated => true,
         BlockState::Unallocated => unallocated_ready,
@@ -139,13 +149,13 @@ pub fn overlay_pages_ready(map: &BlockMap, blocks: Range<u64>, unallocated_ready
 /// A DISCARD or WRITE_ZEROES: whole blocks become `Zero`; the partial head
 /// and tail are written with zeros like any WRITE.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ZeroPlan {
-    pub head: Option<(u64, u64)>,
-    pub whole: Option<Range<u64>>,
-    pub tail: Option<(u64, u64)>,
+pub(crate) struct ZeroPlan {
+    pub(crate) head: Option<(u64, u64)>,
+    pub(crate) whole: Option<Range<u64>>,
+    pub(crate) tail: Option<(u64, u64)>,
 }
 
-pub fn plan_zero(geo: &Geometry, off: u64, len: u64) -> ZeroPlan {
+pub(crate) fn plan_zero(geo: &Geometry, off: u64, len: u64) -> ZeroPlan {
     let end = off + len;
     let touched = geo.blocks_touched(off, len);
     let full_first = if off == geo.block_start(touched.start) {

@@ -23,7 +23,7 @@ use std::str::FromStr;
 
 /// `--readahead off|auto|BYTES`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Readahead {
+pub(crate) enum Readahead {
     Off,
     /// Windows up to 4 MiB.
     Auto,
@@ -31,7 +31,7 @@ pub enum Readahead {
     Max(u64),
 }
 
-pub const AUTO_MAX: u64 = 4 << 20;
+pub(crate) const AUTO_MAX: u64 = 4 << 20;
 const START: u64 = 64 << 10;
 
 impl FromStr for Readahead {
@@ -60,7 +60,7 @@ impl fmt::Display for Readahead {
 }
 
 /// The prefetch state of one queue.
-pub struct Detector {
+pub(crate) struct Detector {
     max: u64,
     min: u64,
     window: u64,
@@ -71,7 +71,7 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(cfg: Readahead, block_size: u32) -> Detector {
+    pub(crate) fn new(cfg: Readahead, block_size: u32) -> Detector {
         let max = match cfg {
             Readahead::Off => 0,
             Readahead::Auto => AUTO_MAX,
@@ -101,7 +101,7 @@ impl Detector {
 
     /// A READ without readahead flags (an O_DIRECT reader, or a page-cache
     /// miss): the range to prefetch, if it continues a stream.
-    pub fn on_read(&mut self, off: u64, len: u64) -> Option<(u64, u64)> {
+    pub(crate) fn on_read(&mut self, off: u64, len: u64) -> Option<(u64, u64)> {
         if self.max == 0 {
             return None;
         }
@@ -130,7 +130,7 @@ impl Detector {
     /// keeps reads of its own ahead of this one, so nothing is prefetched
     /// (a prefetch would only race those reads for the same blocks); the
     /// stream is followed all the same.
-    pub fn on_deep_read(&mut self, off: u64, len: u64) {
+    pub(crate) fn on_deep_read(&mut self, off: u64, len: u64) {
         if self.follow(off, len) {
             self.prefetched_end = self.prefetched_end.max(off + len);
         }
@@ -138,7 +138,7 @@ impl Detector {
 
     /// A READ the kernel flagged as readahead: the window after it (as long
     /// as the read itself, within the maximum).
-    pub fn on_hint(&mut self, off: u64, len: u64) -> Option<(u64, u64)> {
+    pub(crate) fn on_hint(&mut self, off: u64, len: u64) -> Option<(u64, u64)> {
         if self.max == 0 {
             return None;
         }

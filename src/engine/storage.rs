@@ -27,6 +27,11 @@ pub trait Storage: Send + Sync {
     fn will_need(&self, _off: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Hints that `[off, off+len)` will not be read again soon (`fadvise
+    /// DONTNEED`): its clean cached pages may go.
+    fn dont_need(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The open file behind this storage, if it is one: lets two files copy
     /// between them inside the kernel (`copy_file_range`).
     fn as_file(&self) -> Option<&File> {
@@ -94,6 +99,10 @@ impl Storage for File {
         crate::sys::fadvise(self, off, len, libc::POSIX_FADV_WILLNEED)
     }
 
+    fn dont_need(&self, off: u64, len: u64) -> io::Result<()> {
+        crate::sys::fadvise(self, off, len, libc::POSIX_FADV_DONTNEED)
+    }
+
     fn as_file(&self) -> Option<&File> {
         Some(self)
     }
@@ -123,6 +132,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).will_need(off, len)
+    }
+    fn dont_need(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).dont_need(off, len)
     }
     fn as_file(&self) -> Option<&File> {
         (**self).as_file()
@@ -175,11 +187,6 @@ impl SimDisk {
     /// Everything as it reads now.
     pub fn contents(&self) -> Vec<u8> {
         self.inner.lock().unwrap().live.clone()
-    }
-
-    /// Storage operations so far.
-    pub fn ops(&self) -> u64 {
-        self.inner.lock().unwrap().ops
     }
 
     /// After `n` more operations, every operation fails with EIO.

@@ -15,7 +15,7 @@ use std::future::poll_fn;
 use std::task::{Poll, Waker};
 
 /// One piece of background work.
-pub enum Job {
+pub(crate) enum Job {
     /// A cache request in the device's cache mode.
     Cache { off: u64, len: u64 },
     /// Install base data just read (`data`, at device offset `off`) into the
@@ -37,7 +37,7 @@ impl Job {
 
 /// The queue of background jobs.
 #[derive(Default)]
-pub struct Background {
+pub(crate) struct Background {
     jobs: RefCell<VecDeque<Job>>,
     bytes: Cell<u64>,
     busy: Cell<bool>,
@@ -46,7 +46,7 @@ pub struct Background {
 
 impl Background {
     /// Queues `job` if it fits the budget; counts it by source or as dropped.
-    pub fn push(&self, job: Job, source: CacheSource, sh: &ServedDevice) {
+    pub(crate) fn push(&self, job: Job, source: CacheSource, sh: &ServedDevice) {
         let n = job.bytes();
         if self.bytes.get() + n > sh.policy.budget {
             Stats::add(&sh.stats.cache_dropped_over_budget, 1);
@@ -61,7 +61,7 @@ impl Background {
     }
 
     /// Nothing queued and nothing running.
-    pub fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.jobs.borrow().is_empty() && !self.busy.get()
     }
 
@@ -78,7 +78,7 @@ impl Background {
 }
 
 /// The queue's background task: runs jobs one after another, forever.
-pub async fn worker<R: Ring>(q: &R, sh: &ServedDevice, bg: &Background) {
+pub(crate) async fn worker<R: Ring>(q: &R, sh: &ServedDevice, bg: &Background) {
     loop {
         let job = bg.next().await;
         bg.busy.set(true);

@@ -35,7 +35,7 @@ const RING_WRITE_MIN: usize = 128 << 10;
 const PAGE: u64 = 4096;
 
 /// Inline I/O of one file (the base or the overlay).
-pub struct MemoryPath {
+pub(crate) struct MemoryPath {
     /// The whole file mapped, when it lives in memory. This process only
     /// reads through it: a write fault on a full tmpfs would kill the
     /// daemon, where `pwrite` returns ENOSPC. The kernel's copies into it
@@ -51,7 +51,7 @@ pub struct MemoryPath {
 impl MemoryPath {
     /// Inline I/O for `file`, whose first `len` bytes are read through it;
     /// `writable` maps them for the kernel to copy into as well.
-    pub fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
+    pub(crate) fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
@@ -70,7 +70,7 @@ impl MemoryPath {
     /// Fills as much of `dst` from file offset `pos` as it can without
     /// waiting for the device; returns how many leading bytes of `dst` it
     /// filled (0 when the ring must read it all).
-    pub fn read(&self, pos: u64, dst: &mut [u8]) -> usize {
+    pub(crate) fn read(&self, pos: u64, dst: &mut [u8]) -> usize {
         if let Some(m) = &self.map {
             m.copy_out(pos, dst);
             return dst.len();
@@ -83,13 +83,13 @@ impl MemoryPath {
     }
 
     /// Where bytes `[pos, pos + len)` of the file are mapped, if they are.
-    pub fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
+    pub(crate) fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
         self.map.as_ref().map(|m| m.addr(pos, len))
     }
 
     /// Where ublk may copy bytes `[pos, pos + len)` of the file straight
     /// into its pages, if the file is mapped writable.
-    pub fn placeable(&self, pos: u64, len: usize) -> Option<*mut u8> {
+    pub(crate) fn placeable(&self, pos: u64, len: usize) -> Option<*mut u8> {
         self.map
             .as_ref()
             .and_then(|m| m.addr_for_kernel_writes(pos, len))
@@ -98,14 +98,14 @@ impl MemoryPath {
     /// Copies bytes `[pos, pos + len)` of the file, if it is mapped, into
     /// the request `to` names (ublk's user copy): `Some(true)` when all of
     /// them went.
-    pub fn copy_to_request(&self, pos: u64, len: usize, to: UserCopyAt) -> Option<bool> {
+    pub(crate) fn copy_to_request(&self, pos: u64, len: usize, to: UserCopyAt) -> Option<bool> {
         let m = self.map.as_ref()?;
         Some(m.write_to(pos, len, to.fd, to.pos).is_ok_and(|n| n == len))
     }
 
     /// Has `pipe` hold bytes `[pos, pos + len)` of the file, if it is
     /// mapped (see `sys::Pipe`): true when it holds all of them.
-    pub fn splice_to(&self, pos: u64, len: usize, pipe: &Pipe) -> bool {
+    pub(crate) fn splice_to(&self, pos: u64, len: usize, pipe: &Pipe) -> bool {
         self.map
             .as_ref()
             .is_some_and(|m| m.splice_to(pos, len, pipe).is_ok())
@@ -115,7 +115,7 @@ impl MemoryPath {
     /// straight into the file's pages at `pos`, if it is mapped writable:
     /// `Some(true)` when all of them came. A short or failed copy leaves
     /// those pages partly written; the caller writes them all again.
-    pub fn copy_from_request(&self, pos: u64, len: usize, from: UserCopyAt) -> Option<bool> {
+    pub(crate) fn copy_from_request(&self, pos: u64, len: usize, from: UserCopyAt) -> Option<bool> {
         let m = self.map.as_ref().filter(|m| m.is_writable())?;
         Some(
             m.read_from(pos, len, from.fd, from.pos)
@@ -125,7 +125,7 @@ impl MemoryPath {
 
     /// Makes the allocated pages of `[pos, pos + len)` ready for ublk's
     /// copies (see `SharedMap::populate_for_writes`).
-    pub fn populate(&self, pos: u64, len: u64) -> io::Result<()> {
+    pub(crate) fn populate(&self, pos: u64, len: u64) -> io::Result<()> {
         match &self.map {
             Some(m) => m.populate_for_writes(pos, len as usize),
             None => Err(io::Error::other("the file is not mapped")),
@@ -133,14 +133,14 @@ impl MemoryPath {
     }
 
     /// Whether `write` takes `len` bytes on the calling thread.
-    pub fn writes_inline(&self, len: usize) -> bool {
+    pub(crate) fn writes_inline(&self, len: usize) -> bool {
         self.in_memory && len < RING_WRITE_MIN
     }
 
     /// Writes `data` at `pos` if the file lives in memory and `data` is
     /// shorter than `RING_WRITE_MIN`: `Some` with the result (0 or a
     /// negative errno), or `None` when the ring must do it.
-    pub fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {
+    pub(crate) fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {
         if !self.writes_inline(data.len()) {
             return None;
         }
@@ -153,7 +153,7 @@ impl MemoryPath {
     /// Whether every page of `[pos, pos + len)` is in memory: the file is
     /// mapped, or `cachestat` finds them all in the page cache. False when
     /// it cannot tell.
-    pub fn is_cached(&self, pos: u64, len: u64) -> bool {
+    pub(crate) fn is_cached(&self, pos: u64, len: u64) -> bool {
         self.map.is_some() || self.cached(pos, len).unwrap_or(false)
     }
 

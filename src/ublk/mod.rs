@@ -5,15 +5,15 @@
 //! carried out as io_uring operations, pushed and completed by `ops`) and
 //! `write_data` (a WRITE's data).
 
-pub mod background;
+pub(crate) mod background;
 pub mod exec;
-pub mod inline;
+pub(crate) mod inline;
 pub mod ops;
-pub mod params;
+pub(crate) mod params;
 pub mod plain_ring;
-pub mod queue;
+pub(crate) mod queue;
 pub mod request_buf;
-pub mod served;
+pub(crate) mod served;
 #[cfg(test)]
 mod test_files;
 pub mod write_data;
@@ -29,20 +29,20 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The ublk control device; without it there is no ublk_drv.
-pub const CONTROL: &str = "/dev/ublk-control";
+pub(crate) const CONTROL: &str = "/dev/ublk-control";
 
 /// How the device is to be created.
 #[derive(Clone, Debug)]
-pub struct TargetConfig {
+pub(crate) struct TargetConfig {
     /// Device id, or None for the first free one.
-    pub id: Option<u32>,
-    pub queues: u16,
-    pub depth: u16,
-    pub zero_copy: ZeroCopy,
+    pub(crate) id: Option<u32>,
+    pub(crate) queues: u16,
+    pub(crate) depth: u16,
+    pub(crate) zero_copy: ZeroCopy,
 }
 
 /// Checks that ublk devices can be created here at all.
-pub fn check_available() -> Result<(), Error> {
+pub(crate) fn check_available() -> Result<(), Error> {
     if !Path::new(CONTROL).exists() {
         return Err(Error::invalid(
             "ublk_drv is not available: /dev/ublk-control is missing (try: modprobe ublk_drv)",
@@ -55,18 +55,18 @@ pub fn check_available() -> Result<(), Error> {
 }
 
 /// Checks that the kernel offers the I/O mode asked for (`--zero-copy=on`).
-pub fn check_io_mode(want: ZeroCopy) -> Result<(), Error> {
+pub(crate) fn check_io_mode(want: ZeroCopy) -> Result<(), Error> {
     params::choose_io_mode(want, UblkCtrl::get_features()).map(|_| ())
 }
 
 /// Whether ublk device `id` exists.
-pub fn device_exists(id: u32) -> bool {
+pub(crate) fn device_exists(id: u32) -> bool {
     Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
 }
 
 /// Adds a ublk device (not started yet) and returns its control handle.
 /// Dropping the handle deletes the device.
-pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
+pub(crate) fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
     if let Some(id) = cfg.id
         && device_exists(id)
     {
@@ -96,7 +96,7 @@ pub fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
 }
 
 /// Whether device `id` is waiting for a new daemon (its daemon died).
-pub fn is_quiesced(id: u32) -> bool {
+pub(crate) fn is_quiesced(id: u32) -> bool {
     UblkCtrl::new_simple(id as i32)
         .map(|c| c.dev_info().state == sys::UBLK_S_DEV_QUIESCED as u16)
         .unwrap_or(false)
@@ -104,7 +104,7 @@ pub fn is_quiesced(id: u32) -> bool {
 
 /// Takes over device `id`, whose daemon died, for a new daemon. Dropping
 /// the handle leaves the device; [`delete`] removes it.
-pub fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
+pub(crate) fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
     let info = old.dev_info();
@@ -123,13 +123,13 @@ pub fn attach_for_recovery(id: u32) -> Result<UblkCtrl, Error> {
 }
 
 /// The I/O mode device `ctrl` was created with.
-pub fn io_mode(ctrl: &UblkCtrl) -> IoMode {
+pub(crate) fn io_mode(ctrl: &UblkCtrl) -> IoMode {
     params::io_mode_of(ctrl.dev_info().flags)
 }
 
 /// Starts the device and serves it until it is stopped. `ready` runs once
 /// `/dev/ublkbN` accepts I/O.
-pub fn serve(
+pub(crate) fn serve(
     ctrl: &UblkCtrl,
     shared: Arc<ServedDevice>,
     read_only: bool,
@@ -166,7 +166,7 @@ pub fn serve(
 }
 
 /// Stops device `id` (its queues go down and its daemon's `serve` returns).
-pub fn stop(id: u32) -> Result<(), Error> {
+pub(crate) fn stop(id: u32) -> Result<(), Error> {
     let ctrl = UblkCtrl::new_simple(id as i32)
         .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
     ctrl.kill_dev()
@@ -175,7 +175,7 @@ pub fn stop(id: u32) -> Result<(), Error> {
 }
 
 /// Deletes device `id` outright (for a device whose daemon is gone).
-pub fn delete(id: u32) -> Result<(), Error> {
+pub(crate) fn delete(id: u32) -> Result<(), Error> {
     let ctrl = UblkCtrl::new_simple(id as i32)
         .map_err(|e| Error::invalid(format!("ublk device {id}: {e}")))?;
     ctrl.del_dev()

@@ -91,7 +91,7 @@ pub enum Op<'a> {
 
 impl Op<'_> {
     /// The io_uring entry. Every SQE of the executor is built here.
-    pub fn sqe(&self) -> squeue::Entry {
+    pub(crate) fn sqe(&self) -> squeue::Entry {
         match *self {
             Op::Read { fd, to, len, pos } => opcode::Read::new(fd, to, len).offset(pos).build(),
             Op::ReadFixed {
@@ -127,7 +127,7 @@ impl Op<'_> {
 }
 
 /// A pushed operation.
-pub struct PendingOp<R: Ring + ?Sized> {
+pub(crate) struct PendingOp<R: Ring + ?Sized> {
     done: R::Done,
     /// The result that says it did it all: bytes to move, or 0.
     want: u32,
@@ -137,7 +137,7 @@ pub struct PendingOp<R: Ring + ?Sized> {
 
 impl<R: Ring + ?Sized> PendingOp<R> {
     /// Pushes `op`, which has done it all when it returns `want`.
-    pub fn push(q: &R, op: Op<'_>, want: u32) -> PendingOp<R> {
+    pub(crate) fn push(q: &R, op: Op<'_>, want: u32) -> PendingOp<R> {
         PendingOp {
             done: q.push(op),
             want,
@@ -196,7 +196,7 @@ impl FileWrite {
     }
 
     /// Pushes the write.
-    pub fn push<R: Ring + ?Sized>(self, q: &R) -> PendingOp<R> {
+    pub(crate) fn push<R: Ring + ?Sized>(self, q: &R) -> PendingOp<R> {
         PendingOp {
             done: q.push(Op::Write(self)),
             want: self.len,
@@ -207,7 +207,7 @@ impl FileWrite {
 
 /// Completes `op`: 0, or a negative errno; fewer bytes than asked is EIO,
 /// but for a write, which is pushed again for the rest first.
-pub async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> i32 {
+pub(crate) async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> i32 {
     let mut op = op;
     loop {
         let r = op.done.await;
@@ -226,7 +226,7 @@ pub async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> i32 {
 
 /// Completes each pushed operation, in order; the first failure is the
 /// result.
-pub async fn finish_all<R: Ring + ?Sized>(q: &R, ops: Vec<PendingOp<R>>) -> i32 {
+pub(crate) async fn finish_all<R: Ring + ?Sized>(q: &R, ops: Vec<PendingOp<R>>) -> i32 {
     let mut res = 0;
     for op in ops {
         let r = finish(q, op).await;

@@ -7,7 +7,7 @@ use libublk::sys;
 
 /// Bytes of each per-tag I/O buffer, and so the largest READ/WRITE the kernel
 /// sends (`max_sectors`). 1 MiB lets sequential I/O arrive in large requests.
-pub const IO_BUF_BYTES: u32 = 1 << 20;
+pub(crate) const IO_BUF_BYTES: u32 = 1 << 20;
 // A READ or WRITE is served under one lock range (`exec::write` does not
 // split it): its blocks, one more when it starts mid-block, must fit one.
 const _: () = assert!(
@@ -19,10 +19,10 @@ const _: () = assert!(
 const MAX_DISCARD_BYTES: u32 = 1 << 30;
 
 /// What the device parameters depend on.
-pub struct DeviceShape {
-    pub size: u64,
-    pub block_size: u32,
-    pub read_only: bool,
+pub(crate) struct DeviceShape {
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) read_only: bool,
 }
 
 /// The parameters sent to ublk_drv:
@@ -33,7 +33,7 @@ pub struct DeviceShape {
 ///   through the page cache) and `FUA` so that FUA writes do;
 /// - discard and write-zeroes with granularity = the COW block size;
 /// - `READ_ONLY` for `--read-only`.
-pub fn device_params(shape: &DeviceShape) -> sys::ublk_params {
+pub(crate) fn device_params(shape: &DeviceShape) -> sys::ublk_params {
     let mut attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
     if shape.read_only {
         attrs |= sys::UBLK_ATTR_READ_ONLY;
@@ -63,7 +63,7 @@ pub fn device_params(shape: &DeviceShape) -> sys::ublk_params {
 
 /// What `add --zero-copy` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum ZeroCopy {
+pub(crate) enum ZeroCopy {
     /// Zero copy when the kernel offers it, else copy mode.
     #[default]
     Auto,
@@ -75,7 +75,7 @@ pub enum ZeroCopy {
 
 /// How a request's data moves between ublk and the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoMode {
+pub(crate) enum IoMode {
     /// ublk copies a READ's data out of, and a WRITE's data into, memory of
     /// the daemon (the tag's buffer, or a mapping of the overlay). A WRITE's
     /// data is fetched only when asked for (`NEED_GET_DATA`; see
@@ -90,7 +90,7 @@ pub enum IoMode {
 
 /// Chooses the I/O mode from what was asked and the driver's feature bits
 /// (`None`: the driver does not say, as before 6.5).
-pub fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<IoMode, Error> {
+pub(crate) fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<IoMode, Error> {
     let offered = features.is_some_and(|f| f & sys::UBLK_F_AUTO_BUF_REG as u64 != 0);
     match (want, offered) {
         (ZeroCopy::Off, _) | (ZeroCopy::Auto, false) => Ok(IoMode::Copy),
@@ -102,7 +102,7 @@ pub fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<IoMode, E
 }
 
 /// The mode of a device created with `flags` (for `recover`).
-pub fn io_mode_of(flags: u64) -> IoMode {
+pub(crate) fn io_mode_of(flags: u64) -> IoMode {
     if flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
         IoMode::ZeroCopy
     } else {
@@ -122,7 +122,7 @@ pub fn io_mode_of(flags: u64) -> IoMode {
 /// Zero copy adds ublk's user copy when the driver has it (`with_user_copy`):
 /// small requests whose data is in a mapping are copied with one system call
 /// instead (see `request_buf::USER_COPY_MAX`).
-pub fn ctrl_flags(mode: IoMode, with_user_copy: bool) -> u64 {
+pub(crate) fn ctrl_flags(mode: IoMode, with_user_copy: bool) -> u64 {
     let recovery = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
     let data = match mode {
         IoMode::Copy => sys::UBLK_F_NEED_GET_DATA,
@@ -133,13 +133,13 @@ pub fn ctrl_flags(mode: IoMode, with_user_copy: bool) -> u64 {
 }
 
 /// Whether the driver's features include user copy.
-pub fn has_user_copy(features: Option<u64>) -> bool {
+pub(crate) fn has_user_copy(features: Option<u64>) -> bool {
     features.is_some_and(|f| f & sys::UBLK_F_USER_COPY as u64 != 0)
 }
 
 /// The flags to recover a device created with `flags` with: the same ones
 /// of ours.
-pub fn recovery_flags(flags: u64) -> u64 {
+pub(crate) fn recovery_flags(flags: u64) -> u64 {
     let ours = sys::UBLK_F_USER_RECOVERY
         | sys::UBLK_F_USER_RECOVERY_REISSUE
         | sys::UBLK_F_NEED_GET_DATA

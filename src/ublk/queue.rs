@@ -54,7 +54,7 @@ impl Request {
 }
 
 /// What a queue's tasks share besides the device.
-pub struct QueueState {
+pub(crate) struct QueueState {
     /// A READ's commit may name a mapping to copy from: the device fetches
     /// a WRITE's data only when asked (`UBLK_F_NEED_GET_DATA`), so the
     /// address a commit names is never written into.
@@ -230,7 +230,7 @@ async fn tag_task(
 }
 
 /// The body of queue thread `qid`: returns when the device stops.
-pub fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
+pub(crate) fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {

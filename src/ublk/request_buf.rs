@@ -20,26 +20,26 @@ use std::os::fd::RawFd;
 /// through the tag's pipe) rather than the ring. The ring's worker copies
 /// faster; the system call wins only for small requests (the measurements
 /// are in docs/benchmarks.md).
-pub const USER_COPY_MAX: usize = 4096;
+pub(crate) const USER_COPY_MAX: usize = 4096;
 
 /// ublk's user copy for one queue: `pread`/`pwrite` on the char device at a
 /// position that names the request (`UBLK_F_USER_COPY`).
 #[derive(Clone, Copy, Debug)]
 pub struct UserCopy {
-    pub fd: RawFd,
-    pub qid: u16,
+    pub(crate) fd: RawFd,
+    pub(crate) qid: u16,
 }
 
 /// Where in the char device one request's bytes are.
 #[derive(Clone, Copy, Debug)]
-pub struct UserCopyAt {
-    pub fd: RawFd,
-    pub pos: u64,
+pub(crate) struct UserCopyAt {
+    pub(crate) fd: RawFd,
+    pub(crate) pos: u64,
 }
 
 impl UserCopy {
     /// Byte `at` of request `tag`'s data.
-    pub fn at(self, tag: u16, at: usize) -> UserCopyAt {
+    pub(crate) fn at(self, tag: u16, at: usize) -> UserCopyAt {
         UserCopyAt {
             fd: self.fd,
             pos: libublk::io::UblkIOCtx::ublk_user_copy_pos(self.qid, tag, at as u32),
@@ -50,7 +50,7 @@ impl UserCopy {
 impl UserCopyAt {
     /// Copies the request's bytes from here into `buf` (one `pread`): all
     /// of them, or an error.
-    pub fn read_into(self, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) fn read_into(self, buf: &mut [u8]) -> io::Result<()> {
         let n = crate::sys::pread(self.fd, buf, self.pos)?;
         if n != buf.len() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -60,7 +60,7 @@ impl UserCopyAt {
 }
 
 /// A tag's data space, for all the requests it serves.
-pub enum TagBuf {
+pub(crate) enum TagBuf {
     /// Copy mode: the tag's buffer, as large as the largest request.
     Memory(IoBuf<u8>),
     /// Zero copy: the request's pages are fixed buffer `index`, and user
@@ -76,7 +76,7 @@ pub enum TagBuf {
 
 impl TagBuf {
     /// Zero copy's data space of tag `index`.
-    pub fn registered(index: u16, copy: Option<UserCopy>) -> TagBuf {
+    pub(crate) fn registered(index: u16, copy: Option<UserCopy>) -> TagBuf {
         let staging = match copy {
             Some(_) => vec![0u8; USER_COPY_MAX].into_boxed_slice(),
             None => Box::default(),
@@ -92,7 +92,7 @@ impl TagBuf {
     /// copy asks ublk to register each request's pages as fixed buffer
     /// `index`, without fallback: a request whose pages cannot be registered
     /// fails.
-    pub fn desc(&self) -> BufDesc<'_> {
+    pub(crate) fn desc(&self) -> BufDesc<'_> {
         match self {
             TagBuf::Memory(b) => BufDesc::Slice(b.as_slice()),
             TagBuf::Registered { index, .. } => BufDesc::AutoReg(sys::ublk_auto_buf_reg {
@@ -103,7 +103,7 @@ impl TagBuf {
     }
 
     /// The buffer the first fetch registers with libublk, in copy mode.
-    pub fn io_buf(&self) -> Option<&IoBuf<u8>> {
+    pub(crate) fn io_buf(&self) -> Option<&IoBuf<u8>> {
         match self {
             TagBuf::Memory(b) => Some(b),
             TagBuf::Registered { .. } => None,
@@ -111,7 +111,7 @@ impl TagBuf {
     }
 
     /// The data space of a request of `len` bytes.
-    pub fn request(&mut self, len: usize) -> RequestBuf<'_> {
+    pub(crate) fn request(&mut self, len: usize) -> RequestBuf<'_> {
         match self {
             TagBuf::Memory(b) => RequestBuf::Memory(&mut b.as_mut_slice()[..len]),
             TagBuf::Registered {
@@ -145,7 +145,7 @@ pub enum RequestBuf<'a> {
 impl RequestBuf<'_> {
     /// Where user copy reaches byte `at` of the request, if the request is
     /// small enough for it (`USER_COPY_MAX`).
-    pub fn user_copy(&self, at: usize) -> Option<UserCopyAt> {
+    pub(crate) fn user_copy(&self, at: usize) -> Option<UserCopyAt> {
         match self {
             &RequestBuf::Registered {
                 index,
@@ -169,7 +169,7 @@ impl RequestBuf<'_> {
     }
 
     /// The same data space, borrowed for a shorter time.
-    pub fn reborrow(&mut self) -> RequestBuf<'_> {
+    pub(crate) fn reborrow(&mut self) -> RequestBuf<'_> {
         match self {
             RequestBuf::Memory(b) => RequestBuf::Memory(b),
             RequestBuf::Registered {

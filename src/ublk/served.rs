@@ -14,16 +14,16 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 /// The engine's device over the base and overlay files.
-pub type Device = CowDevice<File, File>;
+pub(crate) type Device = CowDevice<File, File>;
 /// A turn at flushing `Device` (see `CowDevice::try_flush_turn`).
-pub type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, File, File>;
+pub(crate) type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, File, File>;
 
 /// What every queue shares: the device (with its flush turn), its cache
 /// policy and the counters.
 pub struct ServedDevice {
     pub dev: Device,
-    pub policy: CachePolicy,
-    pub stats: Stats,
+    pub(crate) policy: CachePolicy,
+    pub(crate) stats: Stats,
     /// I/O of the base and the overlay that can be served on the queue's
     /// thread (see `inline`).
     pub(crate) base_io: MemoryPath,
@@ -85,7 +85,7 @@ impl ServedDevice {
     }
 
     /// The base's descriptor for direct reads, if there is one.
-    pub fn direct_base(&self) -> Option<&File> {
+    pub(crate) fn direct_base(&self) -> Option<&File> {
         self.direct.as_ref().map(|d| &d.file)
     }
 

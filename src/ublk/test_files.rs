@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// A new, empty, read-write file in `dir`, already unlinked; `name` keeps
 /// the files of one test process apart.
-pub fn unlinked(dir: &Path, name: &str) -> File {
+pub(crate) fn unlinked(dir: &Path, name: &str) -> File {
     let path = dir.join(format!("ublk-cow-test-{}-{name}", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .read(true)

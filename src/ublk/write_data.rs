@@ -68,7 +68,7 @@ enum State {
 
 /// What became of `WriteData::place`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
+pub(crate) enum Placement {
     /// ublk copied this many leading bytes there: all of the request, or
     /// fewer if it could fault in only some pages (what the kernel then
     /// does with the rest differs between versions; see `exec::write::place`).
@@ -90,7 +90,7 @@ impl<'a> WriteData<'a> {
     /// The data of WRITE `tag`. In the tag's buffer, ublk still holds it
     /// if `pending` (else it is already there, as on a device made without
     /// NEED_GET_DATA).
-    pub fn request(
+    pub(crate) fn request(
         q: &'a UblkQueue<'a>,
         tag: u16,
         buf: RequestBuf<'a>,
@@ -125,7 +125,7 @@ impl<'a> WriteData<'a> {
         }
     }
 
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         match &self.source {
             Source::Bytes(b) => b.len(),
             Source::Request(f) => f.buf.len(),
@@ -134,7 +134,7 @@ impl<'a> WriteData<'a> {
     }
 
     /// The fixed buffer that holds the data, with zero copy.
-    pub fn registered(&self) -> Option<u16> {
+    pub(crate) fn registered(&self) -> Option<u16> {
         match self.source {
             Source::Registered { index, .. } => Some(index),
             _ => None,
@@ -142,7 +142,7 @@ impl<'a> WriteData<'a> {
     }
 
     /// Where user copy reaches the data, with zero copy for a small request.
-    pub fn user_copy(&self) -> Option<UserCopyAt> {
+    pub(crate) fn user_copy(&self) -> Option<UserCopyAt> {
         match self.source {
             Source::Registered { copy, .. } => copy,
             _ => None,
@@ -152,7 +152,7 @@ impl<'a> WriteData<'a> {
     /// Whether `in_buffer` can have the data: the daemon has it, ublk copies
     /// it on request, or (zero copy) user copy reaches it and it fits the
     /// tag's staging buffer.
-    pub fn can_buffer(&self) -> bool {
+    pub(crate) fn can_buffer(&self) -> bool {
         match &self.source {
             Source::Bytes(_) | Source::Request(_) => true,
             Source::Registered {
@@ -162,14 +162,14 @@ impl<'a> WriteData<'a> {
     }
 
     /// Whether ublk can still be told where to copy the data.
-    pub fn placeable(&self) -> bool {
+    pub(crate) fn placeable(&self) -> bool {
         matches!(&self.source, Source::Request(f) if f.state == State::Pending)
     }
 
     /// Has ublk copy the data to `at`, which must be `size()` bytes of a
     /// shared mapping that nothing else writes meanwhile. Only while
     /// `placeable`.
-    pub async fn place(&mut self, at: *mut u8) -> Placement {
+    pub(crate) async fn place(&mut self, at: *mut u8) -> Placement {
         let Source::Request(f) = &mut self.source else {
             return Placement::Refused;
         };
@@ -194,7 +194,7 @@ impl<'a> WriteData<'a> {
     /// The data, fetched into the buffer first if ublk still holds it (with
     /// zero copy: copied into the staging buffer by user copy, each time
     /// this is called); a negative errno when it cannot be had there.
-    pub async fn in_buffer(&mut self) -> Result<&[u8], i32> {
+    pub(crate) async fn in_buffer(&mut self) -> Result<&[u8], i32> {
         let stageable = self.can_buffer();
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
@@ -232,7 +232,7 @@ impl<'a> WriteData<'a> {
     /// Before the commit: asks for data nobody asked for yet (the request
     /// failed before it was needed), so that ublk takes the commit. `Err`
     /// when the tag can serve no more requests.
-    pub async fn settle(&mut self) -> Result<(), UblkError> {
+    pub(crate) async fn settle(&mut self) -> Result<(), UblkError> {
         if self.placeable() {
             let _ = self.in_buffer().await;
         }

@@ -52,27 +52,27 @@ use std::sync::atomic::AtomicU64;
 /// (`FIRST_FILE`); these follow it, and the `*_FD` constants below are
 /// derived from this order.
 pub struct RingFiles {
-    pub base: RawFd,
-    pub overlay: RawFd,
+    pub(crate) base: RawFd,
+    pub(crate) overlay: RawFd,
     /// /dev/zero, read into a request's pages for zero runs (zero copy).
-    pub zero: RawFd,
+    pub(crate) zero: RawFd,
     /// The base opened with O_DIRECT (`--base-io direct`), else the base.
-    pub base_direct: RawFd,
+    pub(crate) base_direct: RawFd,
 }
 
 impl RingFiles {
     /// The descriptors, in fixed-file order from `FIRST_FILE` on.
-    pub fn in_order(&self) -> [RawFd; 4] {
+    pub(crate) fn in_order(&self) -> [RawFd; 4] {
         [self.base, self.overlay, self.zero, self.base_direct]
     }
 }
 
 /// The fixed-file index of the first of `RingFiles`.
-pub const FIRST_FILE: u32 = 1;
-pub const BASE_FD: types::Fixed = types::Fixed(FIRST_FILE);
+pub(crate) const FIRST_FILE: u32 = 1;
+pub(crate) const BASE_FD: types::Fixed = types::Fixed(FIRST_FILE);
 pub const OVERLAY_FD: types::Fixed = types::Fixed(FIRST_FILE + 1);
-pub const ZERO_FD: types::Fixed = types::Fixed(FIRST_FILE + 2);
-pub const BASE_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 3);
+pub(crate) const ZERO_FD: types::Fixed = types::Fixed(FIRST_FILE + 2);
+pub(crate) const BASE_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 3);
 
 /// Per-queue buffers reused by every request of the queue.
 pub struct ZeroBlocks {
@@ -101,7 +101,7 @@ pub struct TagScratch {
 
 impl TagScratch {
     /// The runs of the last READ.
-    pub fn runs(&self) -> &[ReadRun] {
+    pub(crate) fn runs(&self) -> &[ReadRun] {
         &self.runs
     }
 }
