@@ -122,14 +122,49 @@ impl SharedMap {
         })
     }
 
-    /// Copies `dst.len()` bytes from offset `off` into `dst`.
-    pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) {
+    /// Copies `dst.len()` bytes from offset `off` into `dst`, once their
+    /// pages are present (`populate_for_reads`); the error of that, with
+    /// `dst` untouched, when they cannot be.
+    pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) -> io::Result<()> {
+        self.populate_for_reads(off, dst.len())?;
         let src = self.addr(off, dst.len());
         // SAFETY: the source range is inside the mapping (`addr` checks),
         // which lives until drop and which the file backs in full (the file
-        // is never shortened while mapped); `dst` is a distinct, writable
-        // buffer of the same length.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) }
+        // is never shortened while mapped); its pages were just made
+        // present, so the copy takes no fault that could fail; `dst` is a
+        // distinct, writable buffer of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Makes every page of `[off, off + len)` present in the mapping now
+    /// (`MADV_POPULATE_READ`, Linux 5.14), so that reading them through it,
+    /// here or by ublk at a commit, takes no page fault. A hole of a tmpfs
+    /// file needs a new page for that: on a full tmpfs this call fails
+    /// (EFAULT or ENOMEM) where a plain read of the mapping would raise
+    /// SIGBUS; the caller then reads the file (`pread` gives a hole's zeros
+    /// without allocating). For pages already present it only walks the
+    /// page table.
+    pub fn populate_for_reads(&self, off: u64, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let at = self.addr(off, len);
+        let lead = at as usize % 4096;
+        // SAFETY: madvise on pages inside our own live mapping (`addr`
+        // checks the range); POPULATE_READ faults them in, reporting a
+        // failed fault as an error instead of a signal, and changes no byte.
+        let r = unsafe {
+            libc::madvise(
+                at.wrapping_sub(lead) as *mut libc::c_void,
+                len + lead,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The address of bytes `[off, off + len)` of the mapping (panics if
@@ -153,7 +188,9 @@ impl SharedMap {
 
     /// Writes bytes `[off, off + len)` of the mapping to `fd` at `pos`
     /// (one `pwrite`): how ublk's user copy takes a READ's data into the
-    /// request. Returns the bytes written.
+    /// request. Returns the bytes written. The kernel reads the mapping: a
+    /// page it cannot fault in (a hole of a full tmpfs) ends the copy short
+    /// or fails it (EFAULT), never with a signal.
     pub(crate) fn write_to(&self, off: u64, len: usize, fd: RawFd, pos: u64) -> io::Result<usize> {
         let src = self.addr(off, len);
         // SAFETY: the source range is inside the live mapping (`addr`
@@ -213,7 +250,9 @@ impl SharedMap {
     /// Puts bytes `[off, off + len)` of the mapping into `pipe` by
     /// reference (`vmsplice`: the pipe holds the file's pages, and a read
     /// from it copies what they hold then). All of them or, as an error,
-    /// none: a pipe that cannot take them all is emptied again.
+    /// none: a pipe that cannot take them all is emptied again. A page
+    /// the kernel cannot fault in (a hole of a full tmpfs) fails it
+    /// (EFAULT), never with a signal.
     pub(crate) fn splice_to(&self, off: u64, len: usize, pipe: &Pipe) -> io::Result<()> {
         let iov = libc::iovec {
             iov_base: self.addr(off, len) as *mut libc::c_void,

@@ -72,8 +72,12 @@ impl MemoryPath {
     /// filled (0 when the ring must read it all).
     pub(crate) fn read(&self, pos: u64, dst: &mut [u8]) -> usize {
         if let Some(m) = &self.map {
-            m.copy_out(pos, dst);
-            return dst.len();
+            // Pages that cannot be had (a hole of a full tmpfs) are left
+            // to the ring, whose read gives a hole's zeros.
+            return match m.copy_out(pos, dst) {
+                Ok(()) => dst.len(),
+                Err(_) => 0,
+            };
         }
         match self.way.load(Ordering::Relaxed) {
             NOWAIT => self.read_nowait(pos, dst),
@@ -82,9 +86,20 @@ impl MemoryPath {
         }
     }
 
-    /// Where bytes `[pos, pos + len)` of the file are mapped, if they are.
+    /// Whether the file is mapped (the transfers that read the mapping may
+    /// be tried).
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// Where bytes `[pos, pos + len)` of the file are mapped, with their
+    /// pages present, for ublk to copy from at the commit: `None` when the
+    /// file is not mapped or its pages cannot be had (a hole of a full
+    /// tmpfs, whose read by ublk would fail and requeue the READ).
     pub(crate) fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
-        self.map.as_ref().map(|m| m.addr(pos, len))
+        let m = self.map.as_ref()?;
+        m.populate_for_reads(pos, len).ok()?;
+        Some(m.addr(pos, len))
     }
 
     /// Where ublk may copy bytes `[pos, pos + len)` of the file straight
@@ -303,6 +318,132 @@ mod tests {
         check(&r, &data);
         let mut buf = vec![0u8; 100];
         assert_eq!(r.read(1, &mut buf), 100);
+    }
+
+    /// Set in the child process of `holes_of_a_full_tmpfs_raise_no_signal`:
+    /// the directory of the small tmpfs its parent mounted.
+    const FULL_TMPFS: &str = "UBLK_COW_TEST_FULL_TMPFS";
+
+    /// Unmounts the test's tmpfs and removes its directory.
+    struct Mounted(std::path::PathBuf);
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Reading a hole of a sparse tmpfs file through a mapping needs a new
+    /// page; on a full tmpfs that fault fails and the kernel raises SIGBUS.
+    /// Every way the daemon reads a mapping must instead fail (the ring then
+    /// reads the file, which gives zeros) or give zeros. The reads run in a
+    /// child process, so a signal is a failed assertion here, not a crash.
+    #[test]
+    fn holes_of_a_full_tmpfs_raise_no_signal() {
+        if let Some(dir) = std::env::var_os(FULL_TMPFS) {
+            read_holes_of_full_tmpfs(std::path::Path::new(&dir));
+            return;
+        }
+        assert!(
+            sys::is_root(),
+            "this test mounts a small tmpfs: run it as root"
+        );
+        let dir = std::env::temp_dir().join(format!("ublk-cow-full-tmpfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t tmpfs on {} failed", dir.display());
+        let _mounted = Mounted(dir.clone());
+        let name = format!(
+            "{}::holes_of_a_full_tmpfs_raise_no_signal",
+            module_path!().split_once("::").unwrap().1
+        );
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &name, "--nocapture", "--test-threads=1"])
+            .env(FULL_TMPFS, &dir)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            None,
+            "reading holes of a full tmpfs killed the process with a signal:\n{said}"
+        );
+        assert!(out.status.success(), "the reads failed:\n{said}");
+        assert!(said.contains("1 passed"), "the child ran no test:\n{said}");
+    }
+
+    /// The child's side: a sparse base and overlay on the full tmpfs `dir`,
+    /// their holes read every way the daemon reads a mapping.
+    fn read_holes_of_full_tmpfs(dir: &std::path::Path) {
+        const LEN: u64 = 1 << 20;
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name))
+                .unwrap()
+        };
+        let base = open("base");
+        base.write_all_at(&[5u8; 4096], 0).unwrap();
+        base.set_len(LEN).unwrap();
+        let overlay = open("overlay");
+        overlay.set_len(LEN).unwrap();
+        // Fill the file system: no page is left for a hole.
+        let mut filler = open("filler");
+        let page = [1u8; 4096];
+        let e = loop {
+            if let Err(e) = filler.write_all(&page) {
+                break e;
+            }
+        };
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC),
+            "filling the tmpfs: {e}"
+        );
+        let sink = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "inline-sink");
+        let to = UserCopyAt {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&sink),
+            pos: 0,
+        };
+        let p = Pipe::new().unwrap();
+        for (file, writable) in [(&base, false), (&overlay, true)] {
+            let r = MemoryPath::new(file, LEN, writable).unwrap();
+            assert!(r.is_mapped(), "a tmpfs file is mapped");
+            let hole = 512 * 1024;
+            let mut buf = vec![9u8; 8192];
+            let n = r.read(hole, &mut buf);
+            // What the read left is the ring's: a read of the file.
+            file.read_exact_at(&mut buf[n..], hole + n as u64).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "a hole reads as zeros");
+            assert!(
+                r.mapped(hole, 4096).is_none(),
+                "a hole named for the commit"
+            );
+            assert!(!r.splice_to(hole, 4096, &p), "a hole held by the pipe");
+            assert_ne!(
+                r.copy_to_request(hole, 4096, to),
+                Some(true),
+                "a hole copied to the request"
+            );
+        }
+        // Pages that exist are read through the mapping all the same.
+        let r = MemoryPath::new(&base, LEN, false).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(r.read(0, &mut buf), 4096);
+        assert!(buf.iter().all(|&b| b == 5));
+        assert!(r.mapped(0, 4096).is_some());
     }
 
     /// Reads what the pipe holds (the way io_uring's read takes it out).

@@ -22,17 +22,25 @@ case_kill9_fio() {
         local region=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32
             --offset=$((c * 8))M --size=8M --rw=randwrite --bssplit=4k/60:64k/30:256k/10
             --verify=crc32c --randseed=$((1000 + c)) --name=c$c)
-        fio "${region[@]}" --do_verify=0 > "fio-$c.log" 2>&1 &
+        # At 4 MiB/s the writes last two seconds: the kill lands among them.
+        fio "${region[@]}" --do_verify=0 --rate=4m > "fio-$c.log" 2>&1 &
         local fpid=$!
         sleep "0.$((RANDOM % 9 + 1))"
+        kill -0 "$fpid" 2>/dev/null || die "cycle $c: fio had finished before the daemon was killed"
         kill_and_recover "$id"
         wait "$fpid" || { cat "fio-$c.log"; die "cycle $c: fio saw an error across the crash"; }
         fio "${region[@]}" --verify_only --verify_fatal=1 > "fio-v$c.log" 2>&1 \
             || { cat "fio-v$c.log"; die "cycle $c: verify failed after recover"; }
+        "$UC" list | grep "$ov" | grep -qw unclean \
+            || die "cycle $c: list does not report the overlay a killed daemon left unclean"
+        # Closed and opened again, the overlay holds the same data.
+        "$UC" del -n "$id"
+        dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+        region[0]=--filename=$dev
+        fio "${region[@]}" --verify_only --verify_fatal=1 > "fio-r$c.log" 2>&1 \
+            || { cat "fio-r$c.log"; die "cycle $c: verify failed after del and add"; }
     done
-    say "  $CYCLES kill -9 / recover cycles, every cycle verified"
-    "$UC" list | grep "$ov" | grep -qw unclean \
-        || die "list does not report the overlay a killed daemon left unclean"
+    say "  $CYCLES kill -9 / recover cycles, each verified after recover and after del and add"
     # Everything written in every cycle is still there.
     for c in $(seq 0 $((CYCLES - 1))); do
         fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
@@ -44,20 +52,38 @@ case_kill9_fio() {
     base_unchanged
 }
 
+# The content of file $1 of case_kill9_ext4: a slice of ext4-src.
+ext4_file() { tail -c +$(($1 * 97 + 1)) ext4-src | head -c $(($1 * 1531)); }
+
 case_kill9_ext4() {
-    local dev id
-    dev=$(add --base "$BASE"); id=$(dev_id "$dev")
+    local dev id ov=$WORK/crash-ext4.overlay
+    rm -f "$ov"
+    head -c 1M /dev/urandom > ext4-src
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
     mkfs.ext4 -q -F "$dev"
     mkdir -p mnt; mount "$dev" mnt
-    (for i in $(seq 1 400); do head -c $((i * 1531)) /dev/urandom > mnt/f$i; done; sync) &
+    (for i in $(seq 1 400); do ext4_file "$i" > mnt/f$i; done; sync) &
     local wpid=$!
     for k in 1 2 3; do
         sleep 0.7
+        kill -0 "$wpid" 2>/dev/null || die "kill $k: the files were all written before the daemon was killed"
         kill_and_recover "$id"
     done
     wait "$wpid" || die "writing files failed across daemon crashes"
     sync; umount mnt
     e2fsck -fn "$dev" > e2fsck.log 2>&1 || { cat e2fsck.log; die "e2fsck after recover"; }
+    # Closed and opened again: the file system is clean and every file
+    # holds what was written.
+    "$UC" del -n "$id"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    e2fsck -fn "$dev" > e2fsck.log 2>&1 || { cat e2fsck.log; die "e2fsck after del and add"; }
+    mount "$dev" mnt
+    local i bad=0
+    for i in $(seq 1 400); do
+        cmp -s mnt/f$i <(ext4_file "$i") || { say "  f$i differs"; bad=$((bad + 1)); }
+    done
+    umount mnt
+    [ "$bad" = 0 ] || die "$bad of 400 files do not hold what was written"
     "$UC" del -n "$id"
     base_unchanged
 }
@@ -207,6 +233,6 @@ CASES+=("a failed overlay sync fails every later flush and persists nothing|case
 CASES+=("one overlay, one device: a second add refused, also while waiting for recover|case_overlay_one_device")
 CASES+=("del of a killed daemon writes its live map into the overlay|case_del_dead_daemon_keeps_writes")
 CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
-CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck after|case_kill9_ext4")
+CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck and file contents after|case_kill9_ext4")
 CASES+=("full overlay file system: errors, no damage, recovers|case_full_disk")
 CASES+=("recover: bad input|case_recover_bad_input")

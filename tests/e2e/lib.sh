@@ -80,3 +80,30 @@ summary() {
     echo "$PASS passed, $FAIL failed"
     [ "$FAIL" = 0 ]
 }
+
+# One short hash per 512-byte sector of file or device $1.
+sector_hashes() { python3 "$ROOT/tests/e2e/logwrites.py" sectors "$1"; }
+
+# Power-cut replay of a dm-log-writes log $pc/log.img (logwrites.py): into a
+# copy of $pc/work.img the entries [$1, $2) kept by $3 (all, fua, durable or
+# a seed), mounted, the overlay $pc/mnt/ov added over the base $small, and
+# the sector hashes of its device left in $pc/got. $pc and $small are the
+# caller's.
+pc_point() {
+    cp "$pc/work.img" "$pc/snap.img"
+    python3 "$ROOT/tests/e2e/logwrites.py" replay "$pc/log.img" "$pc/snap.img" "$1" "$2" "$3"
+    local sl; sl=$(losetup -f --show "$pc/snap.img")
+    mount "$sl" "$pc/mnt" || {
+        dmesg | tail -n 8; losetup -d "$sl"; die "entry $2 ($3): the file system does not mount"; return 1
+    }
+    local d; d=$("$UC" add --base "$small" --overlay "$pc/mnt/ov") \
+        || { umount "$pc/mnt"; losetup -d "$sl"; die "entry $2: the overlay is refused"; return 1; }
+    sector_hashes "$d" > "$pc/got"
+    "$UC" del -n "$(dev_id "$d")"
+    umount "$pc/mnt"; losetup -d "$sl"
+}
+
+# Whether every sector of $pc/got is as in $1 or as in $2.
+old_or_new() {
+    paste "$pc/got" "$1" "$2" | awk '$1 != $2 && $1 != $3 { bad++ } END { exit bad > 0 }'
+}

@@ -138,7 +138,7 @@ pub async fn read<R: Ring>(
             user_copy: user_copy.is_some(),
             single,
             may_map,
-            mapped: file.mapped(pos, len).is_some(),
+            mapped: file.is_mapped(),
         });
         loop {
             let index = match &buf {
