@@ -83,8 +83,11 @@ fn fingerprint(base: &dyn Storage, size: u64, samples: u64) -> Result<u64, Error
             .ctx(|| format!("reading the base at {off}"))?;
         h.write(&buf[..n]);
         // The samples are not the device's data to serve: leave the page
-        // cache (and what it says the reader will read) as it was.
-        let _ = base.dont_need(off, n as u64);
+        // cache (and what it says the reader will read) as it was. DONTNEED
+        // drops only whole pages, so name every page the sample touched.
+        let first = off & !4095;
+        let end = (off + n as u64).next_multiple_of(4096);
+        let _ = base.dont_need(first, end - first);
     }
     Ok(h.finish())
 }
