@@ -5,7 +5,8 @@
 //!
 //! | state       | action                                              |
 //! |-------------|-----------------------------------------------------|
-//! | Allocated   | `fadvise(WILLNEED)` on the overlay range            |
+//! | Allocated,  | `fadvise(WILLNEED)` on the overlay range            |
+//! | Copied      |                                                     |
 //! | Zero        | nothing                                             |
 //! | Unallocated | by mode: `ignore` nothing; `passthrough` fadvise on |
 //! |             | the base; `read` read the base and drop the data;   |
@@ -108,7 +109,7 @@ pub(crate) struct CacheStep {
 
 fn action(state: BlockState, mode: CacheMode) -> Option<CacheAction> {
     match (state, mode) {
-        (BlockState::Allocated, _) => Some(CacheAction::FadviseOverlay),
+        (BlockState::Allocated | BlockState::Copied, _) => Some(CacheAction::FadviseOverlay),
         (BlockState::Zero, _) => None,
         (BlockState::Unallocated, CacheMode::Ignore) => None,
         (BlockState::Unallocated, CacheMode::Passthrough) => Some(CacheAction::FadviseBase),
@@ -169,7 +170,7 @@ mod tests {
 
     #[test]
     fn every_mode_over_every_state() {
-        let (map, geo) = setup(&[Allocated, Zero, Unallocated, Unallocated, Allocated]);
+        let (map, geo) = setup(&[Allocated, Zero, Unallocated, Unallocated, Copied]);
         let mut out = Vec::new();
         let step = |a, b: u64, n: u64| CacheStep {
             action: a,

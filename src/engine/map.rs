@@ -1,8 +1,9 @@
 //! The block-state map: two bits per COW block, shared by every queue thread.
 //!
 //! Each block is `Unallocated` (reads come from the base), `Allocated` (reads
-//! come from the overlay's data area) or `Zero` (reads are zeros, the base is
-//! hidden). Readers look a block up with one atomic load; writers change a
+//! come from the overlay's data area: written there), `Copied` (the same, but
+//! the data was copied up from below and equals it) or `Zero` (reads are
+//! zeros, the base is hidden). Readers look a block up with one atomic load; writers change a
 //! block with an atomic read-modify-write on the word that holds it, so there
 //! is no global lock anywhere on the I/O path. Changes mark the 4 KiB map page
 //! they fall in as dirty; a flush writes only dirty pages to the overlay.
@@ -26,6 +27,12 @@ pub enum BlockState {
     Allocated = 1,
     /// Discarded or zeroed as a whole block: reads return zeros.
     Zero = 2,
+    /// Copied up from below (copy-on-read, copy-on-cache, readahead copies):
+    /// the overlay's data area holds the same bytes as the backing. Reads
+    /// and writes treat it as `Allocated` (a write over it makes it
+    /// `Allocated`); `map` reports it where it came from and a commit skips
+    /// it. Overlays of format version 1 never hold it.
+    Copied = 3,
 }
 
 impl BlockState {
@@ -34,8 +41,15 @@ impl BlockState {
             0 => Some(BlockState::Unallocated),
             1 => Some(BlockState::Allocated),
             2 => Some(BlockState::Zero),
+            3 => Some(BlockState::Copied),
             _ => None,
         }
+    }
+
+    /// Whether the overlay's data area holds the block (`Allocated` or
+    /// `Copied`): reads are served from there.
+    pub fn in_overlay(self) -> bool {
+        matches!(self, BlockState::Allocated | BlockState::Copied)
     }
 }
 
@@ -97,8 +111,11 @@ pub struct BlockMap {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StateCounts {
     pub unallocated: u64,
+    /// Blocks the overlay's data area holds: `Allocated` and `Copied`.
     pub allocated: u64,
     pub zero: u64,
+    /// Of `allocated`, those `Copied` from below.
+    pub copied: u64,
 }
 
 impl BlockMap {
@@ -128,7 +145,7 @@ impl BlockMap {
         debug_assert!(block < self.blocks);
         let (w, shift) = Self::slot(block);
         let bits = (self.mem.words()[w].load(Ordering::Acquire) >> shift) & 3;
-        BlockState::from_bits(bits).unwrap_or(BlockState::Allocated)
+        BlockState::from_bits(bits).expect("two bits are always a state")
     }
 
     fn mark_dirty(&self, word: usize) {
@@ -159,7 +176,8 @@ impl BlockMap {
     }
 
     /// Marks the blocks of `blocks` that are not `Allocated` as `Allocated`
-    /// (their data is in the overlay; `locked` holds their locks). Blocks
+    /// (their data is in the overlay, written there; `locked` holds their
+    /// locks): a `Copied` block written over becomes `Allocated`. Blocks
     /// already allocated are left alone, so their map pages stay clean.
     pub(crate) fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>) {
         check_locked(locked, &blocks);
@@ -201,7 +219,8 @@ impl BlockMap {
         })
     }
 
-    /// Whether every block in `blocks` is `Allocated`.
+    /// Whether every block in `blocks` is `Allocated` (not `Copied`: a write
+    /// over a copied block changes its state, under its lock).
     pub(crate) fn all_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
         blocks
             .into_iter()
@@ -217,13 +236,20 @@ impl BlockMap {
         let full = (self.blocks / BLOCKS_PER_WORD) as usize;
         for w in &words[..full] {
             let v = w.load(Ordering::Relaxed);
-            // Low bit of each pair set: Allocated (01); high bit: Zero (10).
-            c.allocated += (v & LOW).count_ones() as u64;
-            c.zero += ((v >> 1) & LOW).count_ones() as u64;
+            // Per pair: low bit alone Allocated (01), high bit alone Zero
+            // (10), both Copied (11).
+            let (lo, hi) = (v & LOW, (v >> 1) & LOW);
+            c.allocated += lo.count_ones() as u64;
+            c.copied += (lo & hi).count_ones() as u64;
+            c.zero += (hi & !lo).count_ones() as u64;
         }
         for b in full as u64 * BLOCKS_PER_WORD..self.blocks {
             match self.get(b) {
                 BlockState::Allocated => c.allocated += 1,
+                BlockState::Copied => {
+                    c.allocated += 1;
+                    c.copied += 1;
+                }
                 BlockState::Zero => c.zero += 1,
                 BlockState::Unallocated => {}
             }
@@ -233,22 +259,25 @@ impl BlockMap {
     }
 
     /// Replaces the whole map with its on-disk form (little-endian words).
-    /// Rejects bit patterns that are no state. Marks nothing dirty.
+    /// Every two bits are a state; bits past the last block must be clear.
+    /// Marks nothing dirty.
     pub(crate) fn load(&self, bytes: &[u8]) -> Result<(), Error> {
         let words = self.mem.words();
         for (i, chunk) in bytes.chunks_exact(8).enumerate().take(words.len()) {
             let v = u64::from_le_bytes(chunk.try_into().unwrap());
             words[i].store(v, Ordering::Release);
         }
-        match (0..self.blocks).find(|&b| {
-            let (w, shift) = Self::slot(b);
-            (words[w].load(Ordering::Relaxed) >> shift) & 3 == 3
-        }) {
-            Some(b) => Err(Error::corrupt(format!(
-                "the map has an invalid state for block {b}"
+        match trailing_bits(bytes, self.blocks) {
+            Some(at) => Err(Error::corrupt(format!(
+                "the map has bits set past its last block (byte {at})"
             ))),
             None => Ok(()),
         }
+    }
+
+    /// The first block in `state`, if any.
+    pub(crate) fn find(&self, state: BlockState) -> Option<u64> {
+        (0..self.blocks).find(|&b| self.get(b) == state)
     }
 
     /// Marks every page dirty, so that the next flush writes the whole map.
@@ -281,6 +310,22 @@ impl BlockMap {
             .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
             .collect()
     }
+}
+
+/// The first byte of the on-disk map `bytes` of `blocks` blocks that has a
+/// bit set past the last block's two bits, if any.
+pub(crate) fn trailing_bits(bytes: &[u8], blocks: u64) -> Option<usize> {
+    let used_bits = blocks * BITS_PER_BLOCK;
+    let tail = (used_bits / 8) as usize;
+    let partial = (used_bits % 8) as u32;
+    if partial != 0 && tail < bytes.len() && bytes[tail] >> partial != 0 {
+        return Some(tail);
+    }
+    let from = tail + usize::from(partial != 0);
+    bytes
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&b| b != 0))
+        .map(|i| from + i)
 }
 
 /// A map of 4 KiB blocks in the given states, with its geometry (tests).
@@ -374,10 +419,41 @@ mod tests {
     }
 
     #[test]
-    fn load_rejects_invalid_bits() {
+    fn load_takes_every_state_and_rejects_bits_past_the_end() {
         let m = BlockMap::new(MapMemory::heap(10), 10);
         let mut image = vec![0u8; map_bytes(10) as usize];
         image[0] = 0b11 << 2;
+        m.load(&image).unwrap();
+        assert_eq!(m.get(1), BlockState::Copied);
+        assert_eq!(m.find(BlockState::Copied), Some(1));
+        // Block 9 is bits 18-19, in byte 2; bit 20 is past the end.
+        image[2] = 0b1_0000;
         assert!(m.load(&image).is_err());
+        image[2] = 0;
+        image[100] = 1;
+        assert!(m.load(&image).is_err());
+    }
+
+    #[test]
+    fn copied_blocks_count_as_held_and_a_write_makes_them_allocated() {
+        use BlockState::*;
+        let states: Vec<_> = (0..100)
+            .map(|i| [Unallocated, Allocated, Zero, Copied][(i * 7 % 11) % 4])
+            .collect();
+        let (m, _) = test_map(&states);
+        let c = m.counts();
+        let n = |s| states.iter().filter(|&&x| x == s).count() as u64;
+        assert_eq!(c.copied, n(Copied));
+        assert_eq!(c.allocated, n(Allocated) + n(Copied));
+        assert_eq!(c.zero, n(Zero));
+        assert_eq!(c.unallocated, n(Unallocated));
+        let b = states.iter().position(|&s| s == Copied).unwrap() as u64;
+        assert!(
+            !m.all_allocated(b..b + 1),
+            "a write over a copy takes the lock"
+        );
+        let locks = BlockLocks::default();
+        m.allocate(&locks.try_lock(b, 1).unwrap(), b..b + 1);
+        assert_eq!(m.get(b), Allocated);
     }
 }

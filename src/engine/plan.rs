@@ -42,7 +42,7 @@ pub(crate) fn plan_read(
         let run_end = geo.block_end(block + n - 1).min(end);
         let source = match state {
             BlockState::Unallocated => ReadSource::Base,
-            BlockState::Allocated => ReadSource::Overlay,
+            BlockState::Allocated | BlockState::Copied => ReadSource::Overlay,
             BlockState::Zero => ReadSource::Zero,
         };
         out.push(ReadRun {
@@ -109,7 +109,7 @@ pub(crate) fn plan_locked_write(map: &BlockMap, geo: &Geometry, off: u64, len: u
             return None;
         }
         match map.get(block) {
-            BlockState::Allocated => None,
+            BlockState::Allocated | BlockState::Copied => None,
             BlockState::Unallocated => Some(Fill::FromBase {
                 off: from,
                 len: to - from,
@@ -140,7 +140,7 @@ pub(crate) fn overlay_pages_ready(
     unallocated_ready: bool,
 ) -> bool {
     blocks.into_iter().all(|b| match map.get(b) {
-        BlockState::Allocated => true,
+        BlockState::Allocated | BlockState::Copied => true,
         BlockState::Unallocated => unallocated_ready,
         BlockState::Zero => false,
     })

@@ -128,7 +128,7 @@ pub async fn install<R: Ring>(q: &R, sh: &ServedDevice, off: u64, data: &[u8]) -
             if r < 0 {
                 return r;
             }
-            dev.map().set_range(&guard, run, BlockState::Allocated);
+            dev.map().set_range(&guard, run, BlockState::Copied);
             Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);
         }
         first = chunk_end;
