@@ -91,6 +91,8 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     }
     req.base = absolute(&req.base)?;
     let base = open_base(&req.base)?;
+    // A new overlay records it: its path must fit.
+    base.backing(&req.base)?;
     let direct = open_direct(&req)?;
     let overlay = match req.overlay.clone() {
         None => OverlaySource::Temporary(None),
@@ -625,7 +627,16 @@ fn open_device(
         let geo = Geometry::new(base.size, block_size)?;
         let mem = map_memory(id, geo.blocks(), recover.is_none())?;
         let dev = if created {
-            CowDevice::create(base.file, &base.identity, overlay_file, block_size, mem)?
+            // Made with its backing recorded, then opened like any other.
+            let backing = base.backing(&req.base)?;
+            let made = overlay_file.try_clone().context("the new overlay")?;
+            Overlay::create_backed(made, geo, &base.identity, backing)?;
+            let check = OpenCheck {
+                base: &base.identity,
+                block_size: None,
+                force: false,
+            };
+            CowDevice::open(base.file, overlay_file, check, MapSource::Load(mem))?
         } else {
             let check = OpenCheck {
                 base: &base.identity,

@@ -15,6 +15,7 @@
 //! system mounted from it, say. Never write a base while an overlay of it
 //! is in use or kept.
 
+use crate::engine::overlay::{Backing, BackingKind};
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
 use std::fs::File;
@@ -120,6 +121,19 @@ pub struct Base {
     pub size: u64,
     pub identity: BaseIdentity,
     pub is_block_device: bool,
+}
+
+impl Base {
+    /// What an overlay made over this base, opened at `path`, records as
+    /// its backing.
+    pub fn backing(&self, path: &Path) -> Result<Backing, Error> {
+        let kind = if self.is_block_device {
+            BackingKind::BlockDevice
+        } else {
+            BackingKind::File
+        };
+        Backing::new(kind, path)
+    }
 }
 
 /// Opens `path` read-only (with `POSIX_FADV_RANDOM`) and checks that it can be a base: a regular file or

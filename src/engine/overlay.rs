@@ -1,16 +1,36 @@
 //! The overlay file's on-disk format.
 //!
 //! ```text
-//! 0            header, 4 KiB (little endian):
-//!                magic "UBLKCOW1", version, flags (bit 0: clean, bit 1:
-//!                failed), block size,
-//!                virtual size, base size, base mtime, base fingerprint,
-//!                map offset, map bytes, data offset, FNV-1a checksum
+//! 0            header, 4 KiB (little endian), format version 2:
+//!                0  magic "UBLKCOW1"        8  version (2)
+//!               12  flags (bit 0: clean, bit 1: failed, bit 2: frozen)
+//!               16  block size             20  backing kind (0 unrecorded,
+//!                                              1 file, 2 block device,
+//!                                              3 overlay)
+//!               24  virtual size
+//!               32  backing size, 40 backing mtime, 48 backing fingerprint
+//!                   (the backing's identity, `engine::base`)
+//!               56  map offset, 64 map bytes, 72 data offset
+//!               80  backing path length (u32), 84 zero
+//!               88  backing path (absolute, at most 4000 bytes), zeros
+//!             4088  FNV-1a checksum of bytes 0..4088
 //! 4 KiB        the block-state map, 2 bits per block, whole 4 KiB pages,
 //!              allocated when the overlay is made (a flush never needs space)
 //! data offset  the data area: block i at data offset + i * block size,
 //!              sparse (only written blocks take space)
 //! ```
+//!
+//! The backing is the file below the overlay: a raw image, a block device,
+//! or another overlay (a layer). Its path is recorded as it was given, made
+//! absolute; its identity is checked when the overlay is used over it.
+//! "Unrecorded" is an overlay made without a path: its backing is what
+//! `add --base` names.
+//!
+//! Format version 1 (the first) has the same fields up to 80, its checksum
+//! at 80 over bytes 0..80, no frozen flag and no backing path; its map never
+//! holds the `Copied` state. It is read as an overlay with an unrecorded
+//! backing, and the first write of its header (opening it for a device)
+//! writes version 2.
 //!
 //! Durability order on flush (see [`crate::engine::device`]): data first,
 //! then the map pages, then durable again. The clean flag is cleared (and
@@ -18,51 +38,143 @@
 //! so an overlay that was not closed cleanly is known on the next open. The
 //! failed flag is set when a flush failed (its map is then as of its last
 //! good flush, and data written after may be lost); a clean close clears it.
+//! The frozen flag makes the overlay a layer: read-only from then on, its
+//! header included (nothing clears it).
 
 use crate::engine::base::{BaseIdentity, Fnv};
 use crate::engine::geometry::Geometry;
-use crate::engine::map::{BlockMap, MAP_PAGE, map_bytes};
+use crate::engine::map::{BlockMap, BlockState, MAP_PAGE, map_bytes};
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 const MAGIC: &[u8; 8] = b"UBLKCOW1";
-const VERSION: u32 = 1;
-const HEADER_SIZE: u64 = 4096;
-const HEADER_USED: usize = 88;
+/// The format version this build writes.
+pub const VERSION: u32 = 2;
+pub(crate) const HEADER_SIZE: u64 = 4096;
+/// Version 1: the checksum's offset, and the bytes the header used.
+const V1_SUM_AT: usize = 80;
+/// Version 2: where the backing path starts and where the checksum is.
+const PATH_AT: usize = 88;
+const V2_SUM_AT: usize = HEADER_SIZE as usize - 8;
+/// The longest backing path an overlay header holds, in bytes.
+pub const MAX_BACKING_PATH: usize = V2_SUM_AT - PATH_AT;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_FAILED: u32 = 2;
+const FLAG_FROZEN: u32 = 4;
 /// The data area starts on a boundary of at least this, so that data I/O is
 /// aligned for O_DIRECT and for large blocks.
 const DATA_ALIGN: u64 = 1 << 20;
 
+/// What kind of file an overlay's backing is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackingKind {
+    /// Not recorded (format version 1, or made without a path): the backing
+    /// is the base that `add --base` names.
+    Unrecorded = 0,
+    /// A raw image in a regular file.
+    File = 1,
+    /// A raw block device.
+    BlockDevice = 2,
+    /// Another overlay: a layer, frozen.
+    Overlay = 3,
+}
+
+impl BackingKind {
+    fn from_u32(v: u32) -> Option<BackingKind> {
+        match v {
+            0 => Some(BackingKind::Unrecorded),
+            1 => Some(BackingKind::File),
+            2 => Some(BackingKind::BlockDevice),
+            3 => Some(BackingKind::Overlay),
+            _ => None,
+        }
+    }
+
+    /// How `info` and `map` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingKind::Unrecorded => "unrecorded",
+            BackingKind::File => "file",
+            BackingKind::BlockDevice => "block-device",
+            BackingKind::Overlay => "overlay",
+        }
+    }
+}
+
+/// The file below an overlay, as its header records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backing {
+    pub kind: BackingKind,
+    /// Absolute; `None` exactly when the kind is `Unrecorded`.
+    pub path: Option<PathBuf>,
+}
+
+impl Backing {
+    /// No backing recorded.
+    pub fn unrecorded() -> Backing {
+        Backing {
+            kind: BackingKind::Unrecorded,
+            path: None,
+        }
+    }
+
+    /// A backing of `kind` at `path`, made absolute; refused if the path
+    /// does not fit in the header.
+    pub fn new(kind: BackingKind, path: &Path) -> Result<Backing, Error> {
+        let path = std::path::absolute(path).ctx(|| format!("{}", path.display()))?;
+        let len = path.as_os_str().len();
+        if len > MAX_BACKING_PATH {
+            return Err(Error::invalid(format!(
+                "the backing's path is too long to record ({len} bytes, an overlay \
+                 holds at most {MAX_BACKING_PATH})"
+            )));
+        }
+        if len == 0 || kind == BackingKind::Unrecorded {
+            return Err(Error::invalid("a recorded backing needs a path and a kind"));
+        }
+        Ok(Backing {
+            kind,
+            path: Some(path),
+        })
+    }
+}
+
 /// The decoded header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Header {
+    /// The format version it was read in (this build writes [`VERSION`]).
+    pub(crate) version: u32,
     pub(crate) flags: u32,
     pub(crate) geometry: Geometry,
+    /// The backing's identity when the overlay was made.
     pub(crate) base: BaseIdentity,
+    pub(crate) backing: Backing,
     pub(crate) map_offset: u64,
     pub(crate) map_bytes: u64,
     pub(crate) data_offset: u64,
 }
 
 impl Header {
-    fn new(geometry: Geometry, base: BaseIdentity) -> Header {
+    fn new(geometry: Geometry, base: BaseIdentity, backing: Backing) -> Header {
         let base = BaseIdentity {
             legacy_fingerprint: None,
             ..base
         };
-        let map_offset = HEADER_SIZE;
-        let map_len = map_bytes(geometry.blocks());
-        let align = DATA_ALIGN.max(geometry.block_size() as u64);
+        let (map_offset, map_bytes, data_offset) = layout(geometry);
         Header {
+            version: VERSION,
             flags: 0,
             geometry,
             base,
+            backing,
             map_offset,
-            map_bytes: map_len,
-            data_offset: (map_offset + map_len).div_ceil(align) * align,
+            map_bytes,
+            data_offset,
         }
     }
 
@@ -75,18 +187,24 @@ impl Header {
         self.flags & FLAG_FAILED != 0
     }
 
+    /// A layer: read-only for good.
+    pub(crate) fn frozen(&self) -> bool {
+        self.flags & FLAG_FROZEN != 0
+    }
+
     /// Where the data area ends: the length of a whole overlay.
     pub(crate) fn end(&self) -> u64 {
         self.data_offset + self.geometry.size()
     }
 
+    /// The header in format version 2.
     fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER_SIZE as usize);
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&self.flags.to_le_bytes());
         b.extend_from_slice(&self.geometry.block_size().to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(self.backing.kind as u32).to_le_bytes());
         for v in [
             self.geometry.size(),
             self.base.size,
@@ -98,37 +216,78 @@ impl Header {
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
+        let path = self
+            .backing
+            .path
+            .as_deref()
+            .map_or(&[][..], |p| p.as_os_str().as_bytes());
+        debug_assert!(path.len() <= MAX_BACKING_PATH);
+        b.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        debug_assert_eq!(b.len(), PATH_AT);
+        b.extend_from_slice(path);
+        b.resize(V2_SUM_AT, 0);
         let mut h = Fnv::default();
         h.write(&b);
         b.extend_from_slice(&h.finish().to_le_bytes());
-        debug_assert_eq!(b.len(), HEADER_USED);
-        b.resize(HEADER_SIZE as usize, 0);
+        debug_assert_eq!(b.len(), HEADER_SIZE as usize);
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Header, Error> {
-        if &b[0..8] != MAGIC {
+    pub(crate) fn decode(b: &[u8]) -> Result<Header, Error> {
+        if b.len() < HEADER_SIZE as usize || &b[0..8] != MAGIC {
             return Err(Error::corrupt("not a ublk-cow overlay (bad magic)"));
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let version = u32_at(8);
-        if version != VERSION {
-            return Err(Error::corrupt(format!(
-                "overlay format version {version} is not supported (this build reads {VERSION})"
-            )));
-        }
+        let sum_at = match version {
+            1 => V1_SUM_AT,
+            VERSION => V2_SUM_AT,
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "overlay format version {version} is not supported (this build reads 1 \
+                     and {VERSION})"
+                )));
+            }
+        };
         let mut h = Fnv::default();
-        h.write(&b[..HEADER_USED - 8]);
-        if h.finish() != u64_at(HEADER_USED - 8) {
+        h.write(&b[..sum_at]);
+        if h.finish() != u64_at(sum_at) {
             return Err(Error::corrupt(
                 "overlay header checksum mismatch: the header is corrupt",
             ));
         }
         let geometry = Geometry::new(u64_at(24), u32_at(16))
             .map_err(|e| Error::corrupt(format!("overlay header: {e}")))?;
+        let backing = if version == 1 {
+            Backing::unrecorded()
+        } else {
+            let kind = BackingKind::from_u32(u32_at(20)).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "overlay header: unknown backing kind {}",
+                    u32_at(20)
+                ))
+            })?;
+            let len = u32_at(80) as usize;
+            if len > MAX_BACKING_PATH || (len == 0) != (kind == BackingKind::Unrecorded) {
+                return Err(Error::corrupt(
+                    "overlay header: its backing's path and kind disagree",
+                ));
+            }
+            Backing {
+                kind,
+                path: (len > 0)
+                    .then(|| PathBuf::from(OsStr::from_bytes(&b[PATH_AT..PATH_AT + len]))),
+            }
+        };
+        let flags = match version {
+            1 => u32_at(12) & (FLAG_CLEAN | FLAG_FAILED),
+            _ => u32_at(12),
+        };
         let header = Header {
-            flags: u32_at(12),
+            version,
+            flags,
             geometry,
             base: BaseIdentity {
                 size: u64_at(32),
@@ -136,18 +295,28 @@ impl Header {
                 fingerprint: u64_at(48),
                 legacy_fingerprint: None,
             },
+            backing,
             map_offset: u64_at(56),
             map_bytes: u64_at(64),
             data_offset: u64_at(72),
         };
-        let expect = Header::new(geometry, header.base);
-        if (header.map_offset, header.map_bytes, header.data_offset)
-            != (expect.map_offset, expect.map_bytes, expect.data_offset)
-        {
+        if (header.map_offset, header.map_bytes, header.data_offset) != layout(geometry) {
             return Err(Error::corrupt("overlay header has an inconsistent layout"));
         }
         Ok(header)
     }
+}
+
+/// Map offset, map bytes and data offset of an overlay of `geometry`.
+fn layout(geometry: Geometry) -> (u64, u64, u64) {
+    let map_offset = HEADER_SIZE;
+    let map_len = map_bytes(geometry.blocks());
+    let align = DATA_ALIGN.max(geometry.block_size() as u64);
+    (
+        map_offset,
+        map_len,
+        (map_offset + map_len).div_ceil(align) * align,
+    )
 }
 
 /// How an existing overlay must match before it is used.
@@ -172,25 +341,36 @@ pub(crate) struct Overlay<S: Storage> {
 
 impl<S: Storage> Overlay<S> {
     /// Writes a fresh overlay into empty `storage`: header, zeroed map
-    /// (allocated), sized data area (a hole), made durable.
+    /// (allocated), sized data area (a hole), made durable. No backing path
+    /// is recorded: see [`Overlay::create_backed`].
     pub(crate) fn create(
         storage: S,
         geometry: Geometry,
         base: &BaseIdentity,
     ) -> Result<Self, Error> {
-        let header = Header::new(geometry, *base);
+        Self::create_backed(storage, geometry, base, Backing::unrecorded())
+    }
+
+    /// [`Overlay::create`], recording `backing` (whose identity is `base`).
+    pub(crate) fn create_backed(
+        storage: S,
+        geometry: Geometry,
+        base: &BaseIdentity,
+        backing: Backing,
+    ) -> Result<Self, Error> {
+        let header = Header::new(geometry, *base, backing);
         storage
             .set_len(header.end())
             .ctx(|| "sizing the new overlay".into())?;
         let overlay = Overlay {
             storage,
-            header,
             flags: Mutex::new(header.flags),
+            header,
         };
         overlay.allocate_map()?;
         overlay
             .storage
-            .write_at(&header.encode(), 0)
+            .write_at(&overlay.header.encode(), 0)
             .ctx(|| "writing the overlay header".into())?;
         overlay
             .storage
@@ -215,6 +395,14 @@ impl<S: Storage> Overlay<S> {
 
     /// Opens an existing overlay and checks it against the base and options.
     pub(crate) fn open(storage: S, check: OpenCheck<'_>) -> Result<Self, Error> {
+        let overlay = Self::open_unchecked(storage)?;
+        check_match(&overlay.header, &check)?;
+        Ok(overlay)
+    }
+
+    /// Opens an existing overlay, checking its header and length but not
+    /// its backing (the caller checks that, or only reads the overlay).
+    pub(crate) fn open_unchecked(storage: S) -> Result<Self, Error> {
         let len = storage.len().ctx(|| "size of the overlay".into())?;
         if len < HEADER_SIZE {
             return Err(Error::corrupt(format!(
@@ -239,11 +427,10 @@ impl<S: Storage> Overlay<S> {
                 header.end()
             )));
         }
-        check_match(&header, &check)?;
         Ok(Overlay {
             storage,
-            header,
             flags: Mutex::new(header.flags),
+            header,
         })
     }
 
@@ -274,7 +461,16 @@ impl<S: Storage> Overlay<S> {
         self.storage
             .read_at(&mut raw, self.header.map_offset)
             .ctx(|| "reading the overlay map".into())?;
-        map.load(&raw)
+        map.load(&raw)?;
+        if self.header.version == 1
+            && let Some(b) = map.find(BlockState::Copied)
+        {
+            return Err(Error::corrupt(format!(
+                "the map has an invalid state for block {b} (format version 1 has no \
+                 copied blocks)"
+            )));
+        }
+        Ok(())
     }
 
     /// Writes map pages taken from [`BlockMap::take_dirty_pages`].
@@ -297,6 +493,18 @@ impl<S: Storage> Overlay<S> {
         Ok(())
     }
 
+    /// Freezes a clean overlay: it becomes a layer, read-only for good.
+    pub(crate) fn freeze(&mut self) -> Result<(), Error> {
+        if !self.header.clean() || self.header.failed() {
+            return Err(Error::invalid(
+                "the overlay was not closed cleanly: it is in use, or its device \
+                 stopped without a clean close; only a clean overlay is frozen",
+            ));
+        }
+        self.header = self.write_flags(FLAG_FROZEN, 0)?;
+        Ok(())
+    }
+
     /// Writes the header with the clean flag set or cleared and makes it
     /// durable; returns the header written. Setting it (a clean close) also
     /// clears the failed flag. The header kept here still says how the
@@ -314,9 +522,17 @@ impl<S: Storage> Overlay<S> {
         self.write_flags(FLAG_FAILED, FLAG_CLEAN).map(|_| ())
     }
 
+    /// Writes the header (in the current format version) with `set` set
+    /// and `clear` cleared; refused for a frozen overlay.
     fn write_flags(&self, set: u32, clear: u32) -> Result<Header, Error> {
         let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
-        let mut h = self.header;
+        if *flags & FLAG_FROZEN != 0 {
+            return Err(Error::invalid(
+                "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it",
+            ));
+        }
+        let mut h = self.header.clone();
+        h.version = VERSION;
         h.flags = (*flags | set) & !clear;
         self.storage
             .write_at(&h.encode(), 0)
@@ -447,9 +663,165 @@ mod tests {
         let cut = whole[..(o.header().data_offset + (1 << 19)) as usize].to_vec();
         match Overlay::open(SimDisk::new(cut), check) {
             Err(Error::Corrupt(m)) => assert!(m.contains("truncated"), "{m}"),
-            r => panic!("a truncated overlay opened: {:?}", r.map(|o| *o.header())),
+            r => panic!(
+                "a truncated overlay opened: {:?}",
+                r.map(|o| o.header().clone())
+            ),
         }
         assert!(Overlay::open(SimDisk::new(whole), check).is_ok());
+    }
+
+    /// An overlay as format version 1 wrote it: its header's fields up to
+    /// byte 80, the checksum of those, block 0 written (its data 0x5a),
+    /// block 1 zero.
+    fn v1_overlay(flags: u32) -> Vec<u8> {
+        let (size, bs) = (1u64 << 20, 4096u32);
+        let map_bytes = 4096u64;
+        let data_offset = 1u64 << 20;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"UBLKCOW1");
+        for v in [1u32, flags, bs, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let id = id(1);
+        for v in [
+            size,
+            id.size,
+            id.mtime_ns,
+            id.fingerprint,
+            4096,
+            map_bytes,
+            data_offset,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(b.len(), 80);
+        let mut h = Fnv::default();
+        h.write(&b);
+        b.extend_from_slice(&h.finish().to_le_bytes());
+        b.resize(4096, 0);
+        b.resize((data_offset + size) as usize, 0);
+        b[4096] = 0b10_01;
+        b[data_offset as usize..data_offset as usize + 4096].fill(0x5a);
+        b
+    }
+
+    #[test]
+    fn a_version_1_overlay_is_read_and_its_next_header_is_version_2() {
+        let check = OpenCheck {
+            base: &id(1),
+            block_size: None,
+            force: false,
+        };
+        let o = Overlay::open(SimDisk::new(v1_overlay(FLAG_CLEAN)), check).unwrap();
+        let h = o.header().clone();
+        assert_eq!(h.version, 1);
+        assert!(h.clean() && !h.frozen() && !h.failed());
+        assert_eq!(h.backing, Backing::unrecorded());
+        assert_eq!(h.geometry, Geometry::new(1 << 20, 4096).unwrap());
+        assert_eq!(h.data_offset, 1 << 20);
+        let map = BlockMap::new(crate::engine::map::MapMemory::heap(256), 256);
+        o.read_map(&map).unwrap();
+        assert_eq!(map.get(0), BlockState::Allocated);
+        assert_eq!(map.get(1), BlockState::Zero);
+        assert_eq!(map.get(2), BlockState::Unallocated);
+        let mut data = [0u8; 4096];
+        o.storage().read_at(&mut data, o.data_pos(0)).unwrap();
+        assert!(data.iter().all(|&x| x == 0x5a));
+        // Opened for a device, its header is written in version 2, the
+        // same fields kept.
+        o.write_clean_flag(false).unwrap();
+        let again = Overlay::open(SimDisk::new(o.storage().contents()), check).unwrap();
+        assert_eq!(again.header().version, VERSION);
+        assert_eq!(
+            Header {
+                version: 1,
+                flags: FLAG_CLEAN,
+                ..again.header().clone()
+            },
+            h
+        );
+        // A version 1 map never holds the copied state; its header no
+        // frozen flag.
+        let mut bad = v1_overlay(0);
+        bad[4096] = 0b11_00;
+        let o = Overlay::open(SimDisk::new(bad), check).unwrap();
+        let e = o.read_map(&map).unwrap_err();
+        assert!(e.to_string().contains("invalid state for block 1"), "{e}");
+        let o = Overlay::open(SimDisk::new(v1_overlay(FLAG_FROZEN | FLAG_CLEAN)), check).unwrap();
+        assert!(!o.header().frozen());
+        // A corrupt version 1 header is refused.
+        let mut bad = v1_overlay(0);
+        bad[40] ^= 1;
+        assert!(matches!(
+            Overlay::open(SimDisk::new(bad), check),
+            Err(Error::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn the_backing_is_recorded_and_a_long_path_refused() {
+        let geo = Geometry::new(1 << 20, 4096).unwrap();
+        let backing =
+            Backing::new(BackingKind::Overlay, Path::new("/srv/images/golden.layer")).unwrap();
+        let o =
+            Overlay::create_backed(SimDisk::new(Vec::new()), geo, &id(3), backing.clone()).unwrap();
+        let again = Overlay::open_unchecked(SimDisk::new(o.storage().contents())).unwrap();
+        assert_eq!(again.header().backing, backing);
+        assert_eq!(again.header().version, VERSION);
+        assert_eq!(again.header().base, id(3));
+        // Relative paths are made absolute.
+        let rel = Backing::new(BackingKind::File, Path::new("base.img")).unwrap();
+        let p = rel.path.unwrap();
+        assert!(p.is_absolute() && p.ends_with("base.img"), "{p:?}");
+        // The longest path fits; one byte more is refused with one line.
+        let long = format!("/{}", "a".repeat(MAX_BACKING_PATH - 1));
+        let b = Backing::new(BackingKind::File, Path::new(&long)).unwrap();
+        let o = Overlay::create_backed(SimDisk::new(Vec::new()), geo, &id(3), b.clone()).unwrap();
+        let again = Overlay::open_unchecked(SimDisk::new(o.storage().contents())).unwrap();
+        assert_eq!(again.header().backing, b);
+        let e = Backing::new(BackingKind::File, Path::new(&format!("{long}b"))).unwrap_err();
+        assert!(e.to_string().contains("too long"), "{e}");
+        // Path and kind must agree, under a valid checksum too.
+        let mut bytes = o.storage().contents();
+        bytes[20] = 0;
+        let mut h = Fnv::default();
+        h.write(&bytes[..V2_SUM_AT]);
+        bytes[V2_SUM_AT..HEADER_SIZE as usize].copy_from_slice(&h.finish().to_le_bytes());
+        let e = Overlay::open_unchecked(SimDisk::new(bytes)).err().unwrap();
+        assert!(e.to_string().contains("disagree"), "{e}");
+        // The checksum covers the path.
+        let mut bytes = o.storage().contents();
+        bytes[PATH_AT + 100] ^= 1;
+        let e = Overlay::open_unchecked(SimDisk::new(bytes)).err().unwrap();
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn a_frozen_overlay_refuses_every_header_write() {
+        let geo = Geometry::new(1 << 20, 4096).unwrap();
+        let mut o = Overlay::create(SimDisk::new(Vec::new()), geo, &id(1)).unwrap();
+        let e = o.freeze().unwrap_err();
+        assert!(e.to_string().contains("not closed cleanly"), "{e}");
+        o.set_clean(true).unwrap();
+        o.freeze().unwrap();
+        assert!(o.header().frozen() && o.header().clean());
+        let disk = SimDisk::new(o.storage().contents());
+        let mut again = Overlay::open_unchecked(disk).unwrap();
+        assert!(again.header().frozen());
+        let before = again.storage().contents();
+        for e in [
+            again.set_clean(false).unwrap_err(),
+            again.mark_failed().unwrap_err(),
+            again.freeze().unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("frozen"), "{e}");
+        }
+        assert_eq!(
+            again.storage().contents(),
+            before,
+            "a frozen overlay changed"
+        );
     }
 
     #[test]
@@ -466,7 +838,7 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&p).unwrap();
         let o = Overlay::create(f, geo, &id(1)).unwrap();
-        let h = *o.header();
+        let h = o.header().clone();
         assert_eq!(h.map_bytes, 64 << 10);
         let allocated = o.storage().metadata().unwrap().blocks() * 512;
         assert!(
