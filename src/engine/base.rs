@@ -168,10 +168,7 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
             0,
         )
     } else {
-        (
-            meta.len(),
-            (meta.mtime() as u64).wrapping_mul(1_000_000_000) + meta.mtime_nsec() as u64,
-        )
+        (meta.len(), mtime_ns(&meta))
     };
     if size == 0 {
         return Err(Error::invalid(format!("base {shown} is empty (size 0)")));
@@ -188,6 +185,11 @@ pub fn open_base(path: &Path) -> Result<Base, Error> {
         identity,
         is_block_device: ft.is_block_device(),
     })
+}
+
+/// A file's modification time in nanoseconds, as identities record it.
+pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> u64 {
+    (meta.mtime() as u64).wrapping_mul(1_000_000_000) + meta.mtime_nsec() as u64
 }
 
 /// How the data path reads base blocks that the page cache does not hold

@@ -275,6 +275,24 @@ impl BlockMap {
         }
     }
 
+    /// Calls `f` with every block that is not `Unallocated` and its state,
+    /// in order; words with none are passed over in one load.
+    pub(crate) fn for_each_held(&self, mut f: impl FnMut(u64, BlockState)) {
+        for (i, w) in self.mem.words().iter().enumerate() {
+            let mut v = w.load(Ordering::Acquire);
+            while v != 0 {
+                let pair = v.trailing_zeros() as u64 / BITS_PER_BLOCK;
+                let block = i as u64 * BLOCKS_PER_WORD + pair;
+                if block >= self.blocks {
+                    return;
+                }
+                let shift = pair * BITS_PER_BLOCK;
+                f(block, BlockState::from_bits((v >> shift) & 3).unwrap());
+                v &= !(3 << shift);
+            }
+        }
+    }
+
     /// The first block in `state`, if any.
     pub(crate) fn find(&self, state: BlockState) -> Option<u64> {
         (0..self.blocks).find(|&b| self.get(b) == state)

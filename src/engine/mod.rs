@@ -1,6 +1,7 @@
 //! The copy-on-write engine, free of ublk and io_uring so that it runs and is
 //! tested on any host: the block-state map, per-block locks, request
-//! planning, the overlay's on-disk format, and a synchronous executor.
+//! planning, the overlay's on-disk format, chains of overlays, and a
+//! synchronous executor.
 //!
 //! Data flow: a request is turned into a plan by [`plan`] from the [`map`];
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
@@ -9,6 +10,7 @@
 pub(crate) mod after_read;
 pub mod base;
 pub mod cache;
+pub mod chain;
 pub mod device;
 pub(crate) mod geometry;
 pub(crate) mod locks;

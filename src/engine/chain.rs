@@ -1,0 +1,790 @@
+//! Chains of overlays: an overlay over frozen overlays (layers) over a raw
+//! base, opened by following the backing each header records, and the
+//! lookup that says which layer holds a block.
+//!
+//! Depth 0 is the overlay named (the top), depth 1 its backing, and so on;
+//! the raw base (a file or block device) is below the deepest layer. Every
+//! overlay below the top must be frozen, and each layer's recorded identity
+//! of its backing must match what is there now (for a raw base its identity
+//! from `engine::base`; for a layer, [`Chain::identity`]). A file met twice
+//! (same device and inode) is a cycle. A chain holds at most [`MAX_LAYERS`]
+//! overlays, the top included, and one block size throughout.
+//!
+//! # The lookup and its memory
+//!
+//! A read must not cost per layer. The top's block-state map (2 bits per
+//! block, the only one that changes while the chain is in use) is looked at
+//! first: one atomic load. Below it the layers are frozen, so their answer
+//! never changes: at open it is folded into one immutable **index** of one
+//! byte per block, the topmost frozen holder of the block: its depth (1 to
+//! 63, in the low 6 bits) and its state (`Allocated`, `Zero` or `Copied`, in
+//! the high 2 bits); 0 means no layer holds it and the base does. So a
+//! lookup is at most two loads whatever the depth, and a write to the top
+//! changes only the top's map: the index needs no update (nor lock).
+//!
+//! The index is built bottom-up, one layer's map in memory at a time, and
+//! the frozen layers' maps are dropped once folded in. Resident memory is
+//! then the top's map plus the index, whatever the depth (up to 64): at
+//! 4 KiB blocks (2^28 blocks per TiB) 64 MiB + 256 MiB = 320 MiB per TiB,
+//! for 8 layers as for 64, against 512 MiB for 2 bits per block in each of
+//! 8 layers (and 256 + 64 = 320 of it that would still leave the layers'
+//! answers to be walked one by one). Larger blocks shrink both in
+//! proportion (20 MiB per TiB at 64 KiB blocks). One byte per block is the
+//! smallest constant-time form that names one of 64 depths and a state;
+//! extents would be smaller for a few large runs, but cost a search per
+//! lookup and grow without bound with fragmentation.
+//!
+//! `map` reports a copied block where it came from: it opens the chain
+//! with an index that passes over `Copied` holders ([`Purpose::Origins`]).
+
+use crate::engine::base::{Base, BaseIdentity, mtime_ns, open_base};
+use crate::engine::device::{CowDevice, MapSource};
+use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry};
+use crate::engine::map::{BlockMap, BlockState, MapMemory};
+use crate::engine::overlay::{Backing, BackingKind, Header, OpenCheck, Overlay};
+use crate::engine::storage::Storage;
+use crate::engine::{Error, IoContext};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// The most overlays a chain holds, the top included: the index has 6 bits
+/// for the depth of a frozen layer (1 to 63).
+pub const MAX_LAYERS: usize = 64;
+const DEPTH_MASK: u8 = 0x3f;
+
+/// Which layer a block is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Holder {
+    /// 0 is the top; the number of layers is the base.
+    pub(crate) depth: usize,
+    /// The holder's state: `Allocated`, `Copied` or `Zero`; `Unallocated`
+    /// for the base.
+    pub(crate) state: BlockState,
+}
+
+/// The topmost frozen holder of each block: see the module doc.
+pub(crate) struct Index(Box<[u8]>);
+
+impl Index {
+    pub(crate) fn new(blocks: u64) -> Index {
+        Index(vec![0u8; blocks as usize].into_boxed_slice())
+    }
+
+    /// Folds in the layer at `depth` (1 to 63), which lies above every
+    /// layer folded in so far. With `skip_copied` its copied blocks are
+    /// passed over, so the index names where copies came from.
+    pub(crate) fn fold(&mut self, depth: usize, map: &BlockMap, skip_copied: bool) {
+        assert!((1..MAX_LAYERS).contains(&depth), "depth {depth}");
+        map.for_each_held(|b, state| {
+            if !(skip_copied && state == BlockState::Copied) {
+                self.0[b as usize] = depth as u8 | (state as u8) << 6;
+            }
+        });
+    }
+
+    /// The topmost frozen holder of `block`, or `None` (the base).
+    pub(crate) fn get(&self, block: u64) -> Option<(usize, BlockState)> {
+        let v = self.0[block as usize];
+        (v != 0).then(|| {
+            let state = match v >> 6 {
+                1 => BlockState::Allocated,
+                2 => BlockState::Zero,
+                _ => BlockState::Copied,
+            };
+            ((v & DEPTH_MASK) as usize, state)
+        })
+    }
+}
+
+/// The answer for `block` from the top's map and the index below it, in a
+/// chain of `layers` overlays.
+pub(crate) fn lookup(
+    top: &BlockMap,
+    index: &Index,
+    layers: usize,
+    skip_copied: bool,
+    block: u64,
+) -> Holder {
+    let state = top.get(block);
+    if state != BlockState::Unallocated && !(skip_copied && state == BlockState::Copied) {
+        return Holder { depth: 0, state };
+    }
+    match index.get(block) {
+        Some((depth, state)) => Holder { depth, state },
+        None => Holder {
+            depth: layers,
+            state: BlockState::Unallocated,
+        },
+    }
+}
+
+/// What a chain is opened for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Reads: a block is served by its topmost holder, a copy included.
+    Reads,
+    /// `map`: a copied block is reported where it came from.
+    Origins,
+}
+
+/// One overlay of a chain, opened read-only.
+pub(crate) struct Layer {
+    pub(crate) path: PathBuf,
+    pub(crate) overlay: Overlay<File>,
+    pub(crate) meta: std::fs::Metadata,
+}
+
+/// The raw base below a chain.
+pub(crate) struct RawBase {
+    pub(crate) path: PathBuf,
+    pub(crate) kind: BackingKind,
+    pub(crate) base: Base,
+}
+
+/// An opened chain: see the module doc.
+pub struct Chain {
+    pub(crate) layers: Vec<Layer>,
+    /// `None` when the deepest layer records no backing (format version 1):
+    /// its base is whatever `add --base` names.
+    pub(crate) base: Option<RawBase>,
+    top: BlockMap,
+    index: Index,
+    purpose: Purpose,
+    geo: Geometry,
+}
+
+/// How an error about the layer at `depth` names it.
+fn name(path: &Path, depth: usize) -> String {
+    if depth == 0 {
+        format!("overlay {}", path.display())
+    } else {
+        format!("layer {} (depth {depth})", path.display())
+    }
+}
+
+/// Prefixes an engine error with `who`, keeping its kind.
+fn about(who: &str, e: Error) -> Error {
+    match e {
+        Error::Invalid(m) => Error::Invalid(format!("{who}: {m}")),
+        Error::Mismatch(m) => Error::Mismatch(format!("{who}: {m}")),
+        Error::Corrupt(m) => Error::Corrupt(format!("{who}: {m}")),
+        Error::Io { context, source } => Error::Io {
+            context: format!("{who}: {context}"),
+            source,
+        },
+    }
+}
+
+/// Whether the file at `path` starts like an overlay.
+fn looks_like_overlay(file: &File) -> io::Result<bool> {
+    let mut magic = [0u8; 8];
+    Storage::read_at(file, &mut magic, 0)?;
+    Ok(&magic == b"UBLKCOW1")
+}
+
+/// Opens `path` as an overlay, read-only: its header and length checked.
+fn open_layer(path: &Path, depth: usize) -> Result<Layer, Error> {
+    let who = name(path, depth);
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::invalid(format!("{who} does not exist")),
+        _ => Error::Io {
+            context: who.clone(),
+            source: e,
+        },
+    })?;
+    let meta = file.metadata().ctx(|| who.clone())?;
+    if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+        return Err(Error::invalid(format!("{who} is not a regular file")));
+    }
+    if !looks_like_overlay(&file).ctx(|| who.clone())? {
+        return Err(Error::invalid(format!("{who} is not a ublk-cow overlay")));
+    }
+    let overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
+    Ok(Layer {
+        path: path.to_path_buf(),
+        overlay,
+        meta,
+    })
+}
+
+/// Whether `a` is the file `b` is.
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// Compares what `layer` recorded of its backing with `now`, the backing's
+/// identity found; the error names the layer, the backing and what changed.
+fn check_identity(layer: &Layer, depth: usize, now: &BaseIdentity) -> Result<(), Error> {
+    let h = layer.overlay.header();
+    let was = &h.base;
+    let backing = h
+        .backing
+        .path
+        .as_deref()
+        .map_or("its backing".into(), |p| p.display().to_string());
+    let changed = if was.size != now.size || now.size != h.geometry.size() {
+        format!("size (recorded {} bytes, now {} bytes)", was.size, now.size)
+    } else if !now.fingerprint_matches(was.fingerprint) {
+        "contents".into()
+    } else if was.mtime_ns != now.mtime_ns {
+        "modification time".into()
+    } else {
+        return Ok(());
+    };
+    Err(Error::mismatch(format!(
+        "{}: its backing {backing} changed since it was made ({changed} differs)",
+        name(&layer.path, depth)
+    )))
+}
+
+impl Chain {
+    /// Opens the chain whose top is the overlay at `path` (any overlay: a
+    /// live one, or a layer).
+    pub(crate) fn open(path: &Path, purpose: Purpose) -> Result<Chain, Error> {
+        // Top-down: every file, for cycles and the depth limit.
+        let mut layers: Vec<Layer> = Vec::new();
+        let mut next = Some(path.to_path_buf());
+        let mut raw: Option<(PathBuf, BackingKind)> = None;
+        while let Some(p) = next.take() {
+            let depth = layers.len();
+            if depth == MAX_LAYERS {
+                return Err(Error::invalid(format!(
+                    "{}: the chain is deeper than {MAX_LAYERS} layers",
+                    name(path, 0)
+                )));
+            }
+            let layer = open_layer(&p, depth)?;
+            if let Some((d, l)) = layers
+                .iter()
+                .enumerate()
+                .find(|(_, l)| same_file(&l.meta, &layer.meta))
+            {
+                return Err(Error::invalid(format!(
+                    "the chain has a cycle: {} is {} again",
+                    name(&p, depth),
+                    name(&l.path, d)
+                )));
+            }
+            let h = layer.overlay.header();
+            if depth > 0 && !h.frozen() {
+                return Err(Error::invalid(format!(
+                    "{} is not frozen: a live overlay cannot be below another",
+                    name(&p, depth)
+                )));
+            }
+            if let Some(up) = layers.last() {
+                let (a, b) = (up.overlay.geometry(), h.geometry);
+                if a.block_size() != b.block_size() {
+                    return Err(Error::invalid(format!(
+                        "{} has block size {}, the layer above it {}: a chain has one block size",
+                        name(&p, depth),
+                        b.block_size(),
+                        a.block_size()
+                    )));
+                }
+            }
+            match (&h.backing.kind, &h.backing.path) {
+                (BackingKind::Overlay, Some(b)) => next = Some(b.clone()),
+                (BackingKind::File | BackingKind::BlockDevice, Some(b)) => {
+                    raw = Some((b.clone(), h.backing.kind));
+                }
+                _ => {}
+            }
+            layers.push(layer);
+        }
+        let n = layers.len();
+        let base = match raw {
+            None => None,
+            Some((p, kind)) => {
+                let who = name(&layers[n - 1].path, n - 1);
+                let base = open_base(&p).map_err(|e| about(&who, e))?;
+                let meta = base.file.metadata().ctx(|| who.clone())?;
+                if let Some((d, l)) = layers
+                    .iter()
+                    .enumerate()
+                    .find(|(_, l)| same_file(&l.meta, &meta))
+                {
+                    return Err(Error::invalid(format!(
+                        "the chain has a cycle: {who} has {} below it as its base",
+                        name(&l.path, d)
+                    )));
+                }
+                let found = if base.is_block_device {
+                    BackingKind::BlockDevice
+                } else {
+                    BackingKind::File
+                };
+                if found != kind {
+                    return Err(Error::mismatch(format!(
+                        "{who}: its backing {} was a {} and is now a {}",
+                        p.display(),
+                        kind.name(),
+                        found.name()
+                    )));
+                }
+                check_identity(&layers[n - 1], n - 1, &base.identity)?;
+                Some(RawBase {
+                    path: p,
+                    kind,
+                    base,
+                })
+            }
+        };
+        let geo = layers[0].overlay.geometry();
+        let mut chain = Chain {
+            top: BlockMap::new(MapMemory::heap(geo.blocks()), geo.blocks()),
+            index: Index::new(geo.blocks()),
+            layers,
+            base,
+            purpose,
+            geo,
+        };
+        // Bottom-up: each layer's map folded into the index, after which
+        // the index reads as the chain from that layer down, whose identity
+        // the layer above recorded.
+        let skip = purpose == Purpose::Origins;
+        for depth in (1..n).rev() {
+            let layer = &chain.layers[depth];
+            let blocks = layer.overlay.geometry().blocks();
+            let map = BlockMap::new(MapMemory::heap(blocks), blocks);
+            layer
+                .overlay
+                .read_map(&map)
+                .map_err(|e| about(&name(&layer.path, depth), e))?;
+            chain.index.fold(depth, &map, skip);
+            let below = chain.identity_from(depth)?;
+            check_identity(&chain.layers[depth - 1], depth - 1, &below)?;
+        }
+        chain.layers[0]
+            .overlay
+            .read_map(&chain.top)
+            .map_err(|e| about(&name(path, 0), e))?;
+        Ok(chain)
+    }
+
+    /// The identity of the chain from `depth` down, as a backing: its
+    /// virtual size, the layer file's modification time, and a fingerprint
+    /// of its contents read through the index (which must hold the layers
+    /// from `depth` down and none above).
+    fn identity_from(&self, depth: usize) -> Result<BaseIdentity, Error> {
+        let layer = &self.layers[depth];
+        let size = layer.overlay.geometry().size();
+        let reader = Below { chain: self, depth };
+        BaseIdentity::compute(&reader, size, mtime_ns(&layer.meta).max(1))
+    }
+
+    /// What an overlay made over this chain records as its backing's
+    /// identity: as [`Chain::identity_from`] the top, read through the
+    /// whole chain.
+    pub(crate) fn identity(&self) -> Result<BaseIdentity, Error> {
+        let layer = &self.layers[0];
+        let size = self.geo.size();
+        BaseIdentity::compute(self, size, mtime_ns(&layer.meta).max(1))
+    }
+
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Which layer `block` is read from (see [`Purpose`]).
+    pub(crate) fn lookup(&self, block: u64) -> Holder {
+        lookup(
+            &self.top,
+            &self.index,
+            self.layers.len(),
+            self.purpose == Purpose::Origins,
+            block,
+        )
+    }
+
+    /// The top's map.
+    pub(crate) fn top_map(&self) -> &BlockMap {
+        &self.top
+    }
+
+    /// Reads `buf` at `off` through the chain, with `holder` answering
+    /// for each block.
+    fn read_with(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        holder: impl Fn(u64) -> Holder,
+    ) -> io::Result<()> {
+        let size = self.geo.size();
+        let end = off + buf.len() as u64;
+        let mut at = off;
+        while at < end {
+            if at >= size {
+                buf[(at - off) as usize..].fill(0);
+                break;
+            }
+            let first = self.geo.block_of(at);
+            let h = holder(first);
+            let mut next = first + 1;
+            while next < self.geo.blocks() && self.geo.block_start(next) < end && holder(next) == h
+            {
+                next += 1;
+            }
+            let to = self.geo.block_end(next - 1).min(end);
+            let dst = &mut buf[(at - off) as usize..(to - off) as usize];
+            if h.depth == self.layers.len() {
+                match &self.base {
+                    Some(b) => b.base.file.read_at(dst, at)?,
+                    None => {
+                        return Err(io::Error::other(
+                            "the chain's base is not recorded (format version 1)",
+                        ));
+                    }
+                }
+            } else if h.state == BlockState::Zero {
+                dst.fill(0);
+            } else {
+                let o = &self.layers[h.depth].overlay;
+                o.storage().read_at(dst, o.data_pos(at))?;
+            }
+            at = to;
+        }
+        Ok(())
+    }
+}
+
+/// The chain from one depth down, for reading while it is opened.
+struct Below<'a> {
+    chain: &'a Chain,
+    depth: usize,
+}
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+impl Storage for Below<'_> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let c = self.chain;
+        c.read_with(buf, off, |b| match c.index.get(b) {
+            Some((depth, state)) => Holder { depth, state },
+            None => Holder {
+                depth: c.layers.len(),
+                state: BlockState::Unallocated,
+            },
+        })
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.chain.layers[self.depth].overlay.geometry().size())
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+}
+
+/// A chain is read-only storage: the virtual disk it reads as. Opened for
+/// [`Purpose::Reads`], it is the backing of a device over its top.
+impl Storage for Chain {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_with(buf, off, |b| self.lookup(b))
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.geo.size())
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+}
+
+/// What is below an overlay: a raw base, or a chain of layers.
+pub enum Backed {
+    Raw(File),
+    Chain(Box<Chain>),
+}
+
+impl Storage for Backed {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        match self {
+            Backed::Raw(f) => Storage::read_at(f, buf, off),
+            Backed::Chain(c) => c.read_at(buf, off),
+        }
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        match self {
+            Backed::Raw(f) => Storage::len(f),
+            Backed::Chain(c) => c.len(),
+        }
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+}
+
+/// Opens the backing at `path` (a raw image, a block device or a frozen
+/// overlay) for an overlay over it: what to read, its identity, and how
+/// the header records it.
+fn open_backing(path: &Path) -> Result<(Backed, BaseIdentity, Backing, Option<u32>), Error> {
+    let probe = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => {
+            Error::invalid(format!("backing {} does not exist", path.display()))
+        }
+        _ => Error::Io {
+            context: format!("backing {}", path.display()),
+            source: e,
+        },
+    })?;
+    if probe.metadata().is_ok_and(|m| m.is_file()) && looks_like_overlay(&probe).unwrap_or(false) {
+        let chain = Chain::open(path, Purpose::Reads)?;
+        if !chain.layers[0].overlay.header().frozen() {
+            return Err(Error::invalid(format!(
+                "backing {} is a live overlay: only a frozen one (a layer) can be below another",
+                path.display()
+            )));
+        }
+        if chain.layers.len() >= MAX_LAYERS {
+            return Err(Error::invalid(format!(
+                "backing {} is a chain of {MAX_LAYERS} layers: no more fit above it",
+                path.display()
+            )));
+        }
+        let id = chain.identity()?;
+        let bs = chain.geometry().block_size();
+        let backing = Backing::new(BackingKind::Overlay, path)?;
+        Ok((Backed::Chain(Box::new(chain)), id, backing, Some(bs)))
+    } else {
+        let base = open_base(path)?;
+        let backing = base.backing(path)?;
+        Ok((Backed::Raw(base.file), base.identity, backing, None))
+    }
+}
+
+/// Creates a new, empty overlay at `path` over `backing` (a raw image, a
+/// block device or a frozen overlay), recording it. A layer's block size is
+/// kept; otherwise `block_size` or the default. `path` must not exist.
+pub fn create_overlay(path: &Path, backing: &Path, block_size: Option<u32>) -> Result<(), Error> {
+    let (_, id, recorded, layer_bs) = open_backing(backing)?;
+    let bs = match (layer_bs, block_size) {
+        (Some(l), Some(b)) if l != b => {
+            return Err(Error::invalid(format!(
+                "backing {} has block size {l}: a chain has one block size",
+                backing.display()
+            )));
+        }
+        (Some(l), _) => l,
+        (None, b) => b.unwrap_or(DEFAULT_BLOCK_SIZE),
+    };
+    let geo = Geometry::new(id.size, bs)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .ctx(|| format!("creating overlay {}", path.display()))?;
+    match Overlay::create_backed(file, geo, &id, recorded) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// Freezes the clean overlay at `path`: it becomes a layer, read-only for
+/// good, that new overlays can be made over.
+pub fn freeze(path: &Path) -> Result<(), Error> {
+    let who = name(path, 0);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ctx(|| who.clone())?;
+    if !crate::sys::try_flock(&file, true).ctx(|| format!("locking {who}"))? {
+        return Err(Error::invalid(format!("{who} is in use (locked)")));
+    }
+    let mut overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
+    overlay.freeze().map_err(|e| about(&who, e))
+}
+
+/// Opens the live overlay at `path` for reading and writing with the
+/// synchronous executor, over the backing its header records (checked):
+/// the engine's device on the host, with no ublk.
+pub fn open_device(path: &Path) -> Result<CowDevice<Backed, File>, Error> {
+    let who = name(path, 0);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ctx(|| who.clone())?;
+    if !crate::sys::try_flock(&file, true).ctx(|| format!("locking {who}"))? {
+        return Err(Error::invalid(format!("{who} is in use (locked)")));
+    }
+    let probe = Overlay::open_unchecked(file.try_clone().ctx(|| who.clone())?)
+        .map_err(|e| about(&who, e))?;
+    let h: Header = probe.header().clone();
+    let Some(backing) = h.backing.path.as_deref() else {
+        return Err(Error::invalid(format!(
+            "{who} records no backing: it is used with `add --base`"
+        )));
+    };
+    let (below, id, _, _) = open_backing(backing).map_err(|e| about(&who, e))?;
+    let check = OpenCheck {
+        base: &id,
+        block_size: None,
+        force: false,
+    };
+    let blocks = h.geometry.blocks();
+    CowDevice::open(below, file, check, MapSource::Load(MapMemory::heap(blocks)))
+        .map_err(|e| about(&who, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn state(v: u8) -> BlockState {
+        [
+            BlockState::Unallocated,
+            BlockState::Allocated,
+            BlockState::Zero,
+            BlockState::Copied,
+        ][v as usize % 4]
+    }
+
+    /// The answer walked layer by layer, top first.
+    fn naive(maps: &[BlockMap], skip_copied: bool, block: u64) -> Holder {
+        for (depth, m) in maps.iter().enumerate() {
+            let s = m.get(block);
+            if s != BlockState::Unallocated && !(skip_copied && s == BlockState::Copied) {
+                return Holder { depth, state: s };
+            }
+        }
+        Holder {
+            depth: maps.len(),
+            state: BlockState::Unallocated,
+        }
+    }
+
+    fn maps(stack: &[Vec<u8>], blocks: u64) -> Vec<BlockMap> {
+        let locks = crate::engine::locks::BlockLocks::default();
+        stack
+            .iter()
+            .map(|states| {
+                let m = BlockMap::new(MapMemory::heap(blocks), blocks);
+                let g = locks.try_lock(0, blocks).unwrap();
+                for (b, v) in states.iter().enumerate() {
+                    m.set_range(&g, b as u64..b as u64 + 1, state(*v));
+                }
+                m
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Random stacks: the index answers as the walk through every
+        /// layer, before and after writes to the top.
+        #[test]
+        fn the_index_answers_as_a_walk_through_every_layer(
+            layers in 1usize..=MAX_LAYERS,
+            blocks in 1u64..300,
+            density in 0u8..=100,
+            seed in any::<u64>(),
+            skip_copied in any::<bool>(),
+            writes in proptest::collection::vec((any::<u16>(), 0u8..4), 0..40),
+        ) {
+            let mut rng = seed;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let stack: Vec<Vec<u8>> = (0..layers)
+                .map(|_| {
+                    (0..blocks)
+                        .map(|_| {
+                            let r = next();
+                            if (r % 100) as u8 >= density { 0 } else { (r >> 8) as u8 % 4 }
+                        })
+                        .collect()
+                })
+                .collect();
+            let maps = maps(&stack, blocks);
+            let mut index = Index::new(blocks);
+            for depth in (1..layers).rev() {
+                index.fold(depth, &maps[depth], skip_copied);
+            }
+            for b in 0..blocks {
+                prop_assert_eq!(
+                    lookup(&maps[0], &index, layers, skip_copied, b),
+                    naive(&maps, skip_copied, b),
+                    "block {}", b
+                );
+            }
+            // Writes to the top need no change of the index.
+            let locks = crate::engine::locks::BlockLocks::default();
+            for (b, v) in writes {
+                let b = b as u64 % blocks;
+                let g = locks.try_lock(b, 1).unwrap();
+                maps[0].set_range(&g, b..b + 1, state(v));
+                prop_assert_eq!(
+                    lookup(&maps[0], &index, layers, skip_copied, b),
+                    naive(&maps, skip_copied, b)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_index_holds_every_depth_and_state() {
+        let mut index = Index::new(4);
+        let m = BlockMap::new(MapMemory::heap(4), 4);
+        let locks = crate::engine::locks::BlockLocks::default();
+        let g = locks.try_lock(0, 4).unwrap();
+        m.set_range(&g, 0..1, BlockState::Allocated);
+        m.set_range(&g, 1..2, BlockState::Zero);
+        m.set_range(&g, 2..3, BlockState::Copied);
+        index.fold(MAX_LAYERS - 1, &m, false);
+        assert_eq!(index.get(0), Some((63, BlockState::Allocated)));
+        assert_eq!(index.get(1), Some((63, BlockState::Zero)));
+        assert_eq!(index.get(2), Some((63, BlockState::Copied)));
+        assert_eq!(index.get(3), None);
+        index.fold(1, &m, true);
+        assert_eq!(index.get(0), Some((1, BlockState::Allocated)));
+        assert_eq!(index.get(2), Some((63, BlockState::Copied)));
+    }
+}
