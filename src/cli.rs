@@ -1,6 +1,7 @@
 //! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
 //! and `recover`, their options, and the call into the daemon each one
-//! makes. Every option's help is written here: the first paragraph of its
+//! makes; and `info`, `check` and `map`, which read overlay files
+//! (`engine::chain`) and print what they found. Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
@@ -8,6 +9,7 @@
 use crate::daemon::{self, AddRequest};
 use crate::engine::base::BaseIo;
 use crate::engine::cache::{CacheMode, CachePolicy};
+use crate::engine::chain;
 use crate::engine::readahead::Readahead;
 use crate::size::parse_size;
 use crate::ublk::TargetConfig;
@@ -16,7 +18,8 @@ use anyhow::Result;
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -81,6 +84,64 @@ pub(crate) enum Command {
     /// old one left, and the held requests are served; no write the device
     /// completed is lost.
     Recover(RecoverArgs),
+    /// Show an overlay: size, block size, backing, blocks held, state
+    ///
+    /// Like `qemu-img info`: the virtual size, the block size, the backing
+    /// (the file below: a raw image, a block device or a frozen overlay),
+    /// the blocks the overlay holds (written, copied up from below, zero),
+    /// the bytes it takes on disk, whether it was closed cleanly, whether it
+    /// is frozen (a layer) or live, and its format version. Opens the file
+    /// read-only and writes nothing.
+    Info(InfoArgs),
+    /// Check an overlay: header, map, data area and the backing's identity
+    ///
+    /// Exit status 0 when it is sound; otherwise one line per problem and
+    /// status 1. Checks the header's checksum and layout, the map's bits,
+    /// that the data area is as long as the map needs, and the chain below:
+    /// every lower overlay frozen and sound, no cycle, and each recorded
+    /// identity of a backing matching the file there now. Opens the files
+    /// read-only and writes nothing.
+    Check(CheckArgs),
+    /// Show which layer holds each extent of an overlay's virtual disk
+    ///
+    /// The whole virtual disk as extents, with the fields of `qemu-img map
+    /// --output=json`: `start`, `length`, `depth` (0 is the file named, 1
+    /// its backing, ...), `present`, `zero`, `data`, and `offset`, where
+    /// the data lies in that depth's file. Adjacent extents with the same
+    /// answer are merged. A block copied up from below is reported at the
+    /// depth it came from, so the extents at depth 0 are the blocks written
+    /// or discarded in that overlay. Opens the files read-only.
+    Map(MapArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct InfoArgs {
+    /// The overlay file
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Also show every layer below and the raw base (the chain is checked)
+    #[arg(long)]
+    pub(crate) backing_chain: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CheckArgs {
+    /// The overlay file
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MapArgs {
+    /// The overlay file
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// Print JSON (as `qemu-img map --output=json`) instead of a table
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -414,7 +475,111 @@ pub fn run(cli: Cli) -> Result<()> {
             daemon::cache(c.number, c.offset, c.length, mode)
         }
         Command::Stats(s) => daemon::stats(s.number, s.json),
+        Command::Info(i) => info(&i.file, i.json, i.backing_chain),
+        Command::Check(c) => check(&c.file),
+        Command::Map(m) => map(&m.file, m.json),
     }
+}
+
+fn info(file: &Path, json: bool, backing_chain: bool) -> Result<()> {
+    let entries = chain::info(file, backing_chain)?;
+    if json {
+        let text = if backing_chain {
+            serde_json::to_string_pretty(&entries)?
+        } else {
+            serde_json::to_string_pretty(&entries[0])?
+        };
+        println!("{text}");
+        return Ok(());
+    }
+    let yes_no = |b: Option<bool>| if b == Some(true) { "yes" } else { "no" };
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("file:          {}", e.filename);
+        match (e.format_version, e.kind) {
+            (Some(v), _) => println!("format:        overlay, version {v}"),
+            (None, kind) => println!("format:        raw ({})", kind.unwrap_or("file")),
+        }
+        println!("virtual size:  {} bytes", e.virtual_size);
+        if let Some(bs) = e.block_size {
+            println!("block size:    {bs}");
+        }
+        if let Some(kind) = e.backing_kind {
+            match &e.backing {
+                Some(b) => println!("backing:       {b} ({kind})"),
+                None => println!("backing:       not recorded (the base given to add --base)"),
+            }
+        }
+        if let (Some(w), Some(c), Some(z)) = (e.blocks_written, e.blocks_copied, e.blocks_zero) {
+            println!("blocks held:   {w} written, {c} copied, {z} zero");
+        }
+        println!("on disk:       {} bytes", e.allocated_bytes);
+        if e.format_version.is_some() {
+            println!(
+                "state:         {}, clean: {}{}",
+                if e.frozen == Some(true) {
+                    "frozen (a layer)"
+                } else {
+                    "live"
+                },
+                yes_no(e.clean),
+                if e.failed == Some(true) {
+                    ", its last flush failed"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check(file: &Path) -> Result<()> {
+    let problems = chain::check(file)?;
+    let shown = file.display();
+    if problems.is_empty() {
+        println!("{shown}: no problems found");
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{shown}: {p}");
+    }
+    std::io::stdout().flush()?;
+    std::process::exit(1);
+}
+
+fn map(file: &Path, json: bool) -> Result<()> {
+    let (extents, files) = chain::map(file)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "[")?;
+        for (i, e) in extents.iter().enumerate() {
+            let sep = if i + 1 < extents.len() { "," } else { "" };
+            writeln!(out, "{}{sep}", serde_json::to_string(e)?)?;
+        }
+        writeln!(out, "]")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<18} {:<18} {:>5}  {:<4}  {:<18} FILE",
+        "START", "LENGTH", "DEPTH", "WHAT", "OFFSET"
+    )?;
+    for e in &extents {
+        writeln!(
+            out,
+            "{:<18} {:<18} {:>5}  {:<4}  {:<18} {}",
+            format!("{:#x}", e.start),
+            format!("{:#x}", e.length),
+            e.depth,
+            if e.zero { "zero" } else { "data" },
+            e.offset.map_or("-".into(), |o| format!("{o:#x}")),
+            files[e.depth]
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

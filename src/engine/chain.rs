@@ -199,7 +199,10 @@ fn open_layer(path: &Path, depth: usize) -> Result<Layer, Error> {
         return Err(Error::invalid(format!("{who} is not a regular file")));
     }
     if !looks_like_overlay(&file).ctx(|| who.clone())? {
-        return Err(Error::invalid(format!("{who} is not a ublk-cow overlay")));
+        return Err(Error::invalid(format!(
+            "{} is not a ublk-cow overlay",
+            path.display()
+        )));
     }
     let overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
     Ok(Layer {
@@ -225,16 +228,19 @@ fn check_identity(layer: &Layer, depth: usize, now: &BaseIdentity) -> Result<(),
         .as_deref()
         .map_or("its backing".into(), |p| p.display().to_string());
     let changed = if was.size != now.size || now.size != h.geometry.size() {
-        format!("size (recorded {} bytes, now {} bytes)", was.size, now.size)
+        format!(
+            "its size differs (recorded {} bytes, now {} bytes)",
+            was.size, now.size
+        )
     } else if !now.fingerprint_matches(was.fingerprint) {
-        "contents".into()
+        "its contents differ".into()
     } else if was.mtime_ns != now.mtime_ns {
-        "modification time".into()
+        "its modification time differs".into()
     } else {
         return Ok(());
     };
     Err(Error::mismatch(format!(
-        "{}: its backing {backing} changed since it was made ({changed} differs)",
+        "{}: its backing {backing} changed since it was made: {changed}",
         name(&layer.path, depth)
     )))
 }
@@ -397,11 +403,6 @@ impl Chain {
             self.purpose == Purpose::Origins,
             block,
         )
-    }
-
-    /// The top's map.
-    pub(crate) fn top_map(&self) -> &BlockMap {
-        &self.top
     }
 
     /// Reads `buf` at `off` through the chain, with `holder` answering
@@ -613,13 +614,28 @@ pub fn create_overlay(path: &Path, backing: &Path, block_size: Option<u32>) -> R
         .create_new(true)
         .open(path)
         .ctx(|| format!("creating overlay {}", path.display()))?;
-    match Overlay::create_backed(file, geo, &id, recorded) {
+    // Whole and durable once made, and never used: clean.
+    match Overlay::create_backed(file, geo, &id, recorded).and_then(|mut o| o.set_clean(true)) {
         Ok(_) => Ok(()),
         Err(e) => {
             let _ = std::fs::remove_file(path);
             Err(e)
         }
     }
+}
+
+/// Takes the exclusive lock on an overlay that a device takes, so that one
+/// in use is refused. Waits up to a second: a process that forks (to run a
+/// program) while it holds the lock holds it in the child too, until that
+/// child runs the program.
+fn lock(file: &File, who: &str) -> Result<(), Error> {
+    for _ in 0..100 {
+        if crate::sys::try_flock(file, true).ctx(|| format!("locking {who}"))? {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(Error::invalid(format!("{who} is in use (locked)")))
 }
 
 /// Freezes the clean overlay at `path`: it becomes a layer, read-only for
@@ -631,9 +647,7 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
         .write(true)
         .open(path)
         .ctx(|| who.clone())?;
-    if !crate::sys::try_flock(&file, true).ctx(|| format!("locking {who}"))? {
-        return Err(Error::invalid(format!("{who} is in use (locked)")));
-    }
+    lock(&file, &who)?;
     let mut overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
     overlay.freeze().map_err(|e| about(&who, e))
 }
@@ -648,9 +662,7 @@ pub fn open_device(path: &Path) -> Result<CowDevice<Backed, File>, Error> {
         .write(true)
         .open(path)
         .ctx(|| who.clone())?;
-    if !crate::sys::try_flock(&file, true).ctx(|| format!("locking {who}"))? {
-        return Err(Error::invalid(format!("{who} is in use (locked)")));
-    }
+    lock(&file, &who)?;
     let probe = Overlay::open_unchecked(file.try_clone().ctx(|| who.clone())?)
         .map_err(|e| about(&who, e))?;
     let h: Header = probe.header().clone();
@@ -668,6 +680,283 @@ pub fn open_device(path: &Path) -> Result<CowDevice<Backed, File>, Error> {
     let blocks = h.geometry.blocks();
     CowDevice::open(below, file, check, MapSource::Load(MapMemory::heap(blocks)))
         .map_err(|e| about(&who, e))
+}
+
+/// One entry of `info`: an overlay, or the raw base at the bottom of a
+/// chain (`--backing-chain`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Info {
+    pub(crate) filename: String,
+    /// `overlay` or `raw`.
+    pub(crate) format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) format_version: Option<u32>,
+    pub(crate) virtual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) block_size: Option<u32>,
+    /// For the raw base: `file` or `block-device`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backing: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backing_kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) blocks_written: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) blocks_copied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) blocks_zero: Option<u64>,
+    /// Bytes the file takes on disk.
+    pub(crate) allocated_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) clean: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) frozen: Option<bool>,
+}
+
+fn overlay_info(layer: &Layer, map: &BlockMap) -> Info {
+    let h = layer.overlay.header();
+    let c = map.counts();
+    Info {
+        filename: layer.path.display().to_string(),
+        format: "overlay",
+        format_version: Some(h.version),
+        virtual_size: h.geometry.size(),
+        block_size: Some(h.geometry.block_size()),
+        kind: None,
+        backing: h.backing.path.as_ref().map(|p| p.display().to_string()),
+        backing_kind: Some(h.backing.kind.name()),
+        blocks_written: Some(c.allocated - c.copied),
+        blocks_copied: Some(c.copied),
+        blocks_zero: Some(c.zero),
+        allocated_bytes: layer.meta.blocks() * 512,
+        clean: Some(h.clean()),
+        failed: Some(h.failed()),
+        frozen: Some(h.frozen()),
+    }
+}
+
+/// `info`: the overlay at `path`; with `chain`, every layer below it and
+/// the raw base too (the chain opened and checked).
+pub(crate) fn info(path: &Path, chain: bool) -> Result<Vec<Info>, Error> {
+    let load = |layer: &Layer, depth: usize| -> Result<BlockMap, Error> {
+        let blocks = layer.overlay.geometry().blocks();
+        let map = BlockMap::new(MapMemory::heap(blocks), blocks);
+        layer
+            .overlay
+            .read_map(&map)
+            .map_err(|e| about(&name(&layer.path, depth), e))?;
+        Ok(map)
+    };
+    if !chain {
+        let layer = open_layer(path, 0)?;
+        let map = load(&layer, 0)?;
+        return Ok(vec![overlay_info(&layer, &map)]);
+    }
+    let c = Chain::open(path, Purpose::Reads)?;
+    let mut out = Vec::new();
+    for (depth, layer) in c.layers.iter().enumerate() {
+        out.push(overlay_info(layer, &load(layer, depth)?));
+    }
+    if let Some(b) = &c.base {
+        out.push(Info {
+            filename: b.path.display().to_string(),
+            format: "raw",
+            format_version: None,
+            virtual_size: b.base.size,
+            block_size: None,
+            kind: Some(b.kind.name()),
+            backing: None,
+            backing_kind: None,
+            blocks_written: None,
+            blocks_copied: None,
+            blocks_zero: None,
+            allocated_bytes: b.base.file.metadata().map_or(0, |m| m.blocks() * 512),
+            clean: None,
+            failed: None,
+            frozen: None,
+        });
+    }
+    Ok(out)
+}
+
+/// `check`: the problems found in the overlay at `path`, one line each
+/// (none: it is sound). An error when it is no overlay at all or cannot
+/// be read. Reads only.
+pub(crate) fn check(path: &Path) -> Result<Vec<String>, Error> {
+    use crate::engine::overlay::HEADER_SIZE;
+    let who = name(path, 0);
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::invalid(format!("{who} does not exist")),
+        _ => Error::Io {
+            context: who.clone(),
+            source: e,
+        },
+    })?;
+    let meta = file.metadata().ctx(|| who.clone())?;
+    if !meta.is_file() {
+        return Err(Error::invalid(format!("{who} is not a regular file")));
+    }
+    let len = meta.len();
+    if len < 8 || !looks_like_overlay(&file).ctx(|| who.clone())? {
+        return Err(Error::invalid(format!(
+            "{} is not a ublk-cow overlay",
+            path.display()
+        )));
+    }
+    let mut problems = Vec::new();
+    if len < HEADER_SIZE {
+        problems.push(format!(
+            "header: the file is truncated ({len} bytes, less than its header)"
+        ));
+        return Ok(problems);
+    }
+    let mut raw = vec![0u8; HEADER_SIZE as usize];
+    Storage::read_at(&file, &mut raw, 0).ctx(|| who.clone())?;
+    let h = match Header::decode(&raw) {
+        Ok(h) => h,
+        Err(e) => {
+            problems.push(format!("header: {e}"));
+            return Ok(problems);
+        }
+    };
+    if h.failed() {
+        problems.push(
+            "a flush of its last device failed: data written after its last good flush \
+             may be lost"
+                .into(),
+        );
+    }
+    let map_end = h.map_offset + h.map_bytes;
+    if len < map_end {
+        problems.push(format!(
+            "map: the file is truncated ({len} bytes, its map ends at {map_end})"
+        ));
+        return Ok(problems);
+    }
+    let mut bytes = vec![0u8; h.map_bytes as usize];
+    Storage::read_at(&file, &mut bytes, h.map_offset).ctx(|| who.clone())?;
+    let blocks = h.geometry.blocks();
+    if let Some(at) = crate::engine::map::trailing_bits(&bytes, blocks) {
+        problems.push(format!(
+            "map: bits are set past its last block (map byte {at})"
+        ));
+    }
+    let map = BlockMap::new(MapMemory::heap(blocks), blocks);
+    let _ = map.load(&bytes);
+    if h.version == 1 {
+        let copied = map.counts().copied;
+        if copied > 0 {
+            problems.push(format!(
+                "map: {copied} blocks have a state format version 1 does not have"
+            ));
+        }
+    }
+    if len < h.end() {
+        let mut past = 0u64;
+        map.for_each_held(|b, s| {
+            if s.in_overlay() && h.data_offset + h.geometry.block_end(b) > len {
+                past += 1;
+            }
+        });
+        problems.push(format!(
+            "data area: the file is truncated ({len} bytes, its data area ends at {}); \
+             {past} of the blocks its map holds lie past the end",
+            h.end()
+        ));
+    }
+    if problems.is_empty() && h.backing.kind != BackingKind::Unrecorded {
+        // The whole chain below: frozen layers, their headers and maps,
+        // cycles, and every recorded identity.
+        if let Err(e) = Chain::open(path, Purpose::Reads) {
+            problems.push(format!("backing: {e}"));
+        }
+    }
+    Ok(problems)
+}
+
+/// One extent of `map`, in the fields of `qemu-img map --output=json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Extent {
+    pub(crate) start: u64,
+    pub(crate) length: u64,
+    /// 0 is the overlay named, 1 its backing, and so on.
+    pub(crate) depth: usize,
+    pub(crate) present: bool,
+    pub(crate) zero: bool,
+    pub(crate) data: bool,
+    /// Where the data lies in that depth's file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) offset: Option<u64>,
+}
+
+/// `map`: the virtual disk of the overlay at `path` as extents, each at
+/// the depth that holds its blocks (a copy where it came from), adjacent
+/// equal answers merged; and the file at each depth.
+pub(crate) fn map(path: &Path) -> Result<(Vec<Extent>, Vec<String>), Error> {
+    let c = Chain::open(path, Purpose::Origins)?;
+    let n = c.layers.len();
+    let mut files: Vec<String> = c
+        .layers
+        .iter()
+        .map(|l| l.path.display().to_string())
+        .collect();
+    files.push(match &c.base {
+        Some(b) => b.path.display().to_string(),
+        None => "(the base given to add --base)".into(),
+    });
+    let geo = c.geometry();
+    let mut out: Vec<Extent> = Vec::new();
+    for b in 0..geo.blocks() {
+        let start = geo.block_start(b);
+        let length = geo.block_end(b) - start;
+        let h = c.lookup(b);
+        let e = if h.depth == n {
+            Extent {
+                start,
+                length,
+                depth: n,
+                present: true,
+                zero: false,
+                data: true,
+                offset: Some(start),
+            }
+        } else if h.state == BlockState::Zero {
+            Extent {
+                start,
+                length,
+                depth: h.depth,
+                present: true,
+                zero: true,
+                data: false,
+                offset: None,
+            }
+        } else {
+            Extent {
+                start,
+                length,
+                depth: h.depth,
+                present: true,
+                zero: false,
+                data: true,
+                offset: Some(c.layers[h.depth].overlay.data_pos(start)),
+            }
+        };
+        match out.last_mut() {
+            Some(last)
+                if (last.depth, last.present, last.zero, last.data)
+                    == (e.depth, e.present, e.zero, e.data)
+                    && last.offset.map(|o| o + last.length) == e.offset =>
+            {
+                last.length += e.length;
+            }
+            _ => out.push(e),
+        }
+    }
+    Ok((out, files))
 }
 
 #[cfg(test)]
