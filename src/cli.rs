@@ -90,8 +90,8 @@ pub(crate) enum Command {
     /// (the file below: a raw image, a block device or a frozen overlay),
     /// the blocks the overlay holds (written, copied up from below, zero),
     /// the bytes it takes on disk, whether it was closed cleanly, whether it
-    /// is frozen (a layer) or live, and its format version. Opens the file
-    /// read-only and writes nothing.
+    /// is frozen (a layer) or live, its format version, and the device that
+    /// uses it, if any. Opens the file read-only and writes nothing.
     Info(InfoArgs),
     /// Check an overlay: header, map, data area and the backing's identity
     ///
@@ -482,7 +482,10 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn info(file: &Path, json: bool, backing_chain: bool) -> Result<()> {
-    let entries = chain::info(file, backing_chain)?;
+    let mut entries = chain::info(file, backing_chain)?;
+    for e in entries.iter_mut().filter(|e| e.format_version.is_some()) {
+        e.in_use_by = daemon::in_use_by(Path::new(&e.filename));
+    }
     if json {
         let text = if backing_chain {
             serde_json::to_string_pretty(&entries)?
@@ -531,6 +534,9 @@ fn info(file: &Path, json: bool, backing_chain: bool) -> Result<()> {
                     ""
                 }
             );
+            if let Some(n) = e.in_use_by {
+                println!("in use by:     /dev/ublkb{n}");
+            }
         }
     }
     Ok(())

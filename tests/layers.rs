@@ -43,8 +43,9 @@ impl Scratch {
     fn files(&self) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
         let mut out: Vec<_> = std::fs::read_dir(&self.dir)
             .unwrap()
-            .map(|e| {
-                let p = e.unwrap().path();
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| {
                 let m = std::fs::metadata(&p).unwrap().modified().unwrap();
                 (p.clone(), std::fs::read(&p).unwrap(), m)
             })
@@ -290,6 +291,28 @@ fn info_shows_each_layer_and_the_chain() {
     let text = sc.ok(&["info", s(&c.top), "--backing-chain"]);
     assert_eq!(text.matches("file:").count(), 4, "{text}");
     assert!(text.contains("format:        raw (file)"), "{text}");
+    assert!(!text.contains("in use by"), "{text}");
+    // A device's state file names the top: info says so.
+    let run = sc.path("run");
+    std::fs::create_dir(&run).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = serde_json::json!({
+        "id": 7, "pid": 1, "device": "/dev/ublkb7", "base": s(&c.l2),
+        "overlay": s(&c.top), "temporary_overlay": false, "block_size": BS,
+        "size": BLOCKS * BS, "queues": 1, "depth": 1, "read_only": false,
+        "recovered_unclean": false,
+    });
+    std::fs::write(run.join("7.json"), state.to_string()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&sc.ok(&["info", s(&c.top), "--json"])).unwrap();
+    assert_eq!(v["in_use_by"], 7);
+    assert!(
+        sc.ok(&["info", s(&c.top)])
+            .contains("in use by:     /dev/ublkb7")
+    );
+    let v: serde_json::Value = serde_json::from_str(&sc.ok(&["info", s(&c.l1), "--json"])).unwrap();
+    assert_eq!(v["in_use_by"], serde_json::Value::Null);
 }
 
 #[test]

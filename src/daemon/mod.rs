@@ -190,6 +190,13 @@ fn refuse_if_used(path: &Path, file: &File) -> Result<()> {
     lock_overlay(path, file, Duration::ZERO)
 }
 
+/// The device whose state file names the overlay at `path` (its daemon
+/// running, or dead and waiting for `recover` or `del`), for `info`.
+pub(crate) fn in_use_by(path: &Path) -> Option<u32> {
+    let file = File::open(path).ok()?;
+    device_of(&file).ok().flatten().map(|st| st.id)
+}
+
 /// The device whose state file names the overlay open as `file`.
 fn device_of(file: &File) -> Result<Option<DeviceState>> {
     use std::os::unix::fs::MetadataExt;

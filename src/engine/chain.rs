@@ -715,6 +715,10 @@ pub(crate) struct Info {
     pub(crate) failed: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) frozen: Option<bool>,
+    /// The device number whose state file names the overlay, if any (set
+    /// by the command line, which knows the daemon's state files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) in_use_by: Option<u32>,
 }
 
 fn overlay_info(layer: &Layer, map: &BlockMap) -> Info {
@@ -736,6 +740,7 @@ fn overlay_info(layer: &Layer, map: &BlockMap) -> Info {
         clean: Some(h.clean()),
         failed: Some(h.failed()),
         frozen: Some(h.frozen()),
+        in_use_by: None,
     }
 }
 
@@ -778,6 +783,7 @@ pub(crate) fn info(path: &Path, chain: bool) -> Result<Vec<Info>, Error> {
             clean: None,
             failed: None,
             frozen: None,
+            in_use_by: None,
         });
     }
     Ok(out)

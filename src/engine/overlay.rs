@@ -65,6 +65,9 @@ pub const MAX_BACKING_PATH: usize = V2_SUM_AT - PATH_AT;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_FAILED: u32 = 2;
 const FLAG_FROZEN: u32 = 4;
+/// Why a frozen overlay is not written.
+const FROZEN: &str =
+    "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it";
 /// The data area starts on a boundary of at least this, so that data I/O is
 /// aligned for O_DIRECT and for large blocks.
 const DATA_ALIGN: u64 = 1 << 20;
@@ -393,9 +396,14 @@ impl<S: Storage> Overlay<S> {
             })
     }
 
-    /// Opens an existing overlay and checks it against the base and options.
+    /// Opens an existing overlay to serve a device: checks it against the
+    /// base and options, and refuses a frozen one (a layer is read-only;
+    /// nothing of its file, not even the allocation of its map, may change).
     pub(crate) fn open(storage: S, check: OpenCheck<'_>) -> Result<Self, Error> {
         let overlay = Self::open_unchecked(storage)?;
+        if overlay.header.frozen() {
+            return Err(Error::invalid(FROZEN));
+        }
         check_match(&overlay.header, &check)?;
         Ok(overlay)
     }
@@ -527,9 +535,7 @@ impl<S: Storage> Overlay<S> {
     fn write_flags(&self, set: u32, clear: u32) -> Result<Header, Error> {
         let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
         if *flags & FLAG_FROZEN != 0 {
-            return Err(Error::invalid(
-                "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it",
-            ));
+            return Err(Error::invalid(FROZEN));
         }
         let mut h = self.header.clone();
         h.version = VERSION;
@@ -822,6 +828,14 @@ mod tests {
             before,
             "a frozen overlay changed"
         );
+        // Nor is it opened for a device.
+        let check = OpenCheck {
+            base: &id(1),
+            block_size: None,
+            force: false,
+        };
+        let e = Overlay::open(SimDisk::new(before), check).err().unwrap();
+        assert!(e.to_string().contains("frozen"), "{e}");
     }
 
     #[test]
