@@ -482,3 +482,73 @@ fn twenty_layers_deep_read_and_map_and_the_depth_is_capped() {
     let e = create_overlay(&sc.path("one-too-many"), &below, None).unwrap_err();
     assert!(e.to_string().contains("no more fit"), "{e}");
 }
+
+/// An overlay as format version 1 wrote it (no backing recorded) of 16
+/// blocks: block 0 written, block 1 zero.
+fn v1_overlay() -> Vec<u8> {
+    let fnv = |bytes: &[u8]| {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    };
+    let mut b = Vec::new();
+    b.extend_from_slice(b"UBLKCOW1");
+    for v in [1u32, 1 /* clean */, BS as u32, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [BLOCKS * BS, BLOCKS * BS, 5, 6, 4096, 4096, DATA] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    let sum = fnv(&b);
+    b.extend_from_slice(&sum.to_le_bytes());
+    b.resize((DATA + BLOCKS * BS) as usize, 0);
+    b[4096] = 0b10_01;
+    b
+}
+
+#[test]
+fn a_version_1_overlay_is_shown_mapped_and_checked() {
+    let sc = Scratch::new("v1");
+    let p = sc.path("old.overlay");
+    std::fs::write(&p, v1_overlay()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&sc.ok(&["info", s(&p), "--json"])).unwrap();
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["backing_kind"], "unrecorded");
+    assert_eq!(v["backing"], serde_json::Value::Null);
+    assert_eq!(v["blocks_written"], 1);
+    assert_eq!(v["blocks_zero"], 1);
+    assert_eq!(v["clean"], true);
+    assert!(
+        sc.ok(&["info", s(&p)])
+            .contains("backing:       not recorded")
+    );
+    let want = format!(
+        "[\n{},\n{},\n{}\n]\n",
+        format_args!(
+            r#"{{"start":0,"length":4096,"depth":0,"present":true,"zero":false,"data":true,"offset":{DATA}}}"#
+        ),
+        r#"{"start":4096,"length":4096,"depth":0,"present":true,"zero":true,"data":false}"#,
+        format_args!(
+            r#"{{"start":8192,"length":{},"depth":1,"present":true,"zero":false,"data":true,"offset":8192}}"#,
+            (BLOCKS - 2) * BS
+        )
+    );
+    assert_eq!(sc.ok(&["map", s(&p), "--json"]), want);
+    assert_eq!(
+        sc.ok(&["check", s(&p)]),
+        format!("{}: no problems found\n", s(&p))
+    );
+    // A copied state in a version 1 map is a problem.
+    let mut bad = v1_overlay();
+    bad[4096] = 0b11_01;
+    std::fs::write(&p, bad).unwrap();
+    let out = sc.run(&["check", s(&p)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "{}: map: 1 blocks have a state format version 1 does not have\n",
+            s(&p)
+        )
+    );
+}

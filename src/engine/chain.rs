@@ -23,16 +23,17 @@
 //! changes only the top's map: the index needs no update (nor lock).
 //!
 //! The index is built bottom-up, one layer's map in memory at a time, and
-//! the frozen layers' maps are dropped once folded in. Resident memory is
-//! then the top's map plus the index, whatever the depth (up to 64): at
-//! 4 KiB blocks (2^28 blocks per TiB) 64 MiB + 256 MiB = 320 MiB per TiB,
-//! for 8 layers as for 64, against 512 MiB for 2 bits per block in each of
-//! 8 layers (and 256 + 64 = 320 of it that would still leave the layers'
-//! answers to be walked one by one). Larger blocks shrink both in
-//! proportion (20 MiB per TiB at 64 KiB blocks). One byte per block is the
-//! smallest constant-time form that names one of 64 depths and a state;
-//! extents would be smaller for a few large runs, but cost a search per
-//! lookup and grow without bound with fragmentation.
+//! the frozen layers' maps are dropped once folded in: they are never
+//! looked at again. Resident memory is then the top's map plus the index,
+//! whatever the depth (up to 64). At 4 KiB blocks (2^28 blocks per TiB):
+//! 64 MiB + 256 MiB = **320 MiB per TiB for 8 layers** (the same for 2 or
+//! 64), where keeping every layer's map (2 bits per block per layer) would
+//! take 512 MiB for 8 layers and still leave a walk through them on each
+//! read. Both shrink with larger blocks (20 MiB per TiB at 64 KiB). One
+//! byte per block is the smallest form that names one of 63 depths and a
+//! state with one load; a list of extents would be smaller for a few large
+//! runs, but costs a search per lookup and grows with fragmentation
+//! without bound.
 //!
 //! `map` reports a copied block where it came from: it opens the chain
 //! with an index that passes over `Copied` holders ([`Purpose::Origins`]).
@@ -282,6 +283,14 @@ impl Chain {
             }
             if let Some(up) = layers.last() {
                 let (a, b) = (up.overlay.geometry(), h.geometry);
+                if a.size() != b.size() {
+                    return Err(Error::mismatch(format!(
+                        "{} has a virtual size of {} bytes, the layer above it {}",
+                        name(&p, depth),
+                        b.size(),
+                        a.size()
+                    )));
+                }
                 if a.block_size() != b.block_size() {
                     return Err(Error::invalid(format!(
                         "{} has block size {}, the layer above it {}: a chain has one block size",
