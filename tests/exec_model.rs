@@ -486,6 +486,12 @@ impl Model {
                     "{} cache changed the map",
                     mode
                 );
+                // A copy is marked copied, never written.
+                prop_assert_eq!(
+                    after.copied - before.copied,
+                    before.unallocated - after.unallocated,
+                    "a copy was not marked copied"
+                );
             }
             Step::Common(Op::Reopen) => {
                 // A clean stop: the final flush, then the overlay marked

@@ -152,6 +152,12 @@ impl Model {
                         || (after.zero == before.zero && after.unallocated <= before.unallocated),
                     "cow cache changed more than unallocated blocks"
                 );
+                // A copy is marked copied, never written.
+                prop_assert_eq!(
+                    after.copied - before.copied,
+                    before.unallocated - after.unallocated,
+                    "a copy was not marked copied"
+                );
                 // What reads return is checked by every later read.
             }
             Op::Reopen if self.failed => {
