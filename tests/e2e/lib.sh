@@ -102,8 +102,3 @@ pc_point() {
     "$UC" del -n "$(dev_id "$d")"
     umount "$pc/mnt"; losetup -d "$sl"
 }
-
-# Whether every sector of $pc/got is as in $1 or as in $2.
-old_or_new() {
-    paste "$pc/got" "$1" "$2" | awk '$1 != $2 && $1 != $3 { bad++ } END { exit bad > 0 }'
-}
