@@ -120,13 +120,13 @@ def plan(ents, subsets, seed):
             if mark.startswith("step"):
                 step = int(mark[4:])
                 fua = [j for j in range(start, i) if ents[j][3] & FUA]
-                points.append(("mark", step, start, fua, f"mark step{step} (entry {i}), durable writes only"))
+                points.append(("mark", step, start, fua, f"at mark step{step} (entry {i}), with the durable writes only"))
             continue
         if not flags & FLUSH:
             continue
         if step >= 0:
             span = [j for j in range(start, i) if not ents[j][3] & MARK]
-            points.append(("flush", step, start, span + [i], f"FLUSH entry {i}"))
+            points.append(("flush", step, start, span + [i], f"at FLUSH entry {i}"))
             volatile = [j for j in span if not ents[j][3] & FUA and ents[j][2] > 0]
             if volatile:
                 intervals.append((step, start, i, span, volatile))
@@ -142,8 +142,8 @@ def plan(ents, subsets, seed):
             continue
         seen.add((first, kept))
         picks = [j for j in span if j not in volatile or j in kept]
-        label = (f"before FLUSH entry {end}, {len(volatile) - len(kept)} of the "
-                 f"{len(volatile)} writes since entry {first} left out: {sorted(set(volatile) - set(kept))}")
+        label = (f"before FLUSH entry {end}, with {len(volatile) - len(kept)} of the {len(volatile)} "
+                 f"writes since entry {first} left out ({sorted(set(volatile) - set(kept))})")
         points.append(("subset", step, first, picks, label))
         chosen += 1
     points.sort(key=lambda p: p[2])
@@ -223,7 +223,7 @@ def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
                 if why:
                     raise PointFailed(why)
             except PointFailed as e:
-                print(f"power cut at {label} (after step {step}): {e}")
+                print(f"power cut {label}, after step {step}: {e}")
                 return 1
             counts[kind] += 1
     print(counts["flush"], counts["subset"], counts["mark"])
