@@ -85,10 +85,9 @@ summary() {
 sector_hashes() { python3 "$ROOT/tests/e2e/logwrites.py" sectors "$1"; }
 
 # Power-cut replay of a dm-log-writes log $pc/log.img (logwrites.py): into a
-# copy of $pc/work.img the entries [$1, $2) kept by $3 (all, fua, durable or
-# a seed), mounted, the overlay $pc/mnt/ov added over the base $small, and
-# the sector hashes of its device left in $pc/got. $pc and $small are the
-# caller's.
+# copy of $pc/work.img the entries [$1, $2) kept by $3 (all or durable),
+# mounted, the overlay $pc/mnt/ov added over the base $small, and the sector
+# hashes of its device left in $pc/got. $pc and $small are the caller's.
 pc_point() {
     cp "$pc/work.img" "$pc/snap.img"
     python3 "$ROOT/tests/e2e/logwrites.py" replay "$pc/log.img" "$pc/snap.img" "$1" "$2" "$3"

@@ -32,11 +32,8 @@ its writes are durable on the device). The points, each after mark K:
 
   logwrites.py entries LOG            one line per entry: index flags mark
   logwrites.py replay LOG IMG A B     apply entries [A, B) to the image IMG
-  logwrites.py replay LOG IMG A B fua       only the FUA writes of [A, B)
   logwrites.py replay LOG IMG A B durable   what was durable at B: [A, B) up
                                             to its last FLUSH, FUA writes after
-  logwrites.py replay LOG IMG A B SEED      the FUA writes and a random
-                                            subset (seeded) of the others
   logwrites.py sectors IMG            one short hash per 512-byte sector
   logwrites.py powercut LOG FSIMG REFDIR BASE UC WORKDIR SUBSETS SEED
       FSIMG is the file system image the log was recorded over (only its
@@ -74,9 +71,11 @@ def entries(log):
 
 
 def replay(log_path, img_path, first, end, keep="all"):
-    pick = random.Random(int(keep)) if keep not in ("all", "fua", "durable") else None
-    durable_to = first
+    if keep not in ("all", "durable"):
+        raise SystemExit(f"replay keeps all or durable, not {keep}")
+    durable_to = end
     if keep == "durable":
+        durable_to = first
         with open(log_path, "rb") as log:
             for i, _, _, flags, _, _ in entries(log):
                 if first <= i < end and flags & FLUSH:
@@ -87,9 +86,7 @@ def replay(log_path, img_path, first, end, keep="all"):
                 break
             if i < first or length == 0:
                 continue
-            if keep in ("fua", "durable") and i >= durable_to and not flags & FUA:
-                continue
-            if pick is not None and not flags & FUA and pick.random() < 0.5:
+            if i >= durable_to and not flags & FUA:
                 continue
             img.seek(off)
             if flags & DISCARD:
