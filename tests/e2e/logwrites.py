@@ -23,9 +23,9 @@ writes of steps 1..K applied (a step ends with a mark "step<K>" logged once
 its writes are durable on the device). The points, each after mark K:
   - at every mark, only what was durable there (up to the last FLUSH, FUA
     writes after): exactly exp<K>;
-  - at every FLUSH, all entries up to and including it: every 512-byte
-    sector as in exp<K> or as in exp<K+1> (the step in progress, whose
-    writes touch each sector at most once);
+  - at every FLUSH after a write, all entries up to and including it:
+    every 512-byte sector as in exp<K> or as in exp<K+1> (the step in
+    progress, whose writes touch each sector at most once);
   - SUBSETS points between two FLUSHes: the entries before the first, the
     FUA writes between and a random subset, at least one left out, of the
     other writes between (what a volatile cache may have kept): the same.
@@ -123,7 +123,10 @@ def plan(ents, subsets, seed):
             continue
         if step >= 0:
             span = [j for j in range(start, i) if not ents[j][3] & MARK]
-            points.append(("flush", step, start, span + [i], f"at FLUSH entry {i}"))
+            # A FLUSH with no write since the last one (nor its own data)
+            # leaves what the point before left, or the mark between checked.
+            if length or span:
+                points.append(("flush", step, start, span + [i], f"at FLUSH entry {i}"))
             volatile = [j for j in span if not ents[j][3] & FUA and ents[j][2] > 0]
             if volatile:
                 intervals.append((step, start, i, span, volatile))
