@@ -70,30 +70,26 @@ def entries(log):
         yield i, sector * ssize, nr * ssize, flags, data_pos, mark
 
 
+def durable(ents, first, end):
+    """The indices of the entries [first, end) durable at `end`: all up to
+    the last FLUSH among them, FUA writes after it."""
+    last = max((i + 1 for i in range(first, end) if ents[i][3] & FLUSH), default=first)
+    return [i for i in range(first, end) if i < last or ents[i][3] & FUA]
+
+
 def replay(log_path, img_path, first, end, keep="all"):
     if keep not in ("all", "durable"):
         raise SystemExit(f"replay keeps all or durable, not {keep}")
-    durable_to = end
-    if keep == "durable":
-        durable_to = first
-        with open(log_path, "rb") as log:
-            for i, _, _, flags, _, _ in entries(log):
-                if first <= i < end and flags & FLUSH:
-                    durable_to = i + 1
-    with open(log_path, "rb") as log, open(img_path, "r+b") as img:
-        for i, off, length, flags, data_pos, _ in entries(log):
-            if i >= end:
-                break
-            if i < first or length == 0:
-                continue
-            if i >= durable_to and not flags & FUA:
-                continue
-            img.seek(off)
-            if flags & DISCARD:
-                img.write(b"\0" * length)
-            else:
-                log.seek(data_pos)
-                img.write(log.read(length))
+    with open(log_path, "rb") as log:
+        ents = list(entries(log))
+        end = min(end, len(ents))
+        picks = range(first, end) if keep == "all" else durable(ents, first, end)
+        with open(img_path, "rb") as f:
+            img = bytearray(f.read())
+        for j in picks:
+            apply(img, log, ents[j])
+    with open(img_path, "r+b") as f:
+        f.write(img)
 
 
 class PointFailed(Exception):
@@ -116,8 +112,7 @@ def plan(ents, subsets, seed):
         if flags & MARK:
             if mark.startswith("step"):
                 step = int(mark[4:])
-                fua = [j for j in range(start, i) if ents[j][3] & FUA]
-                points.append(("mark", step, start, fua, f"at mark step{step} (entry {i}), with the durable writes only"))
+                points.append(("mark", step, start, durable(ents, start, i), f"at mark step{step} (entry {i}), with the durable writes only"))
             continue
         if not flags & FLUSH:
             continue
