@@ -99,7 +99,7 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     };
     let guard = lock(dev, io, blocks.clone()).await;
     let p = plan::plan_locked_write(map, geo, off, len);
-    let fills = [p.head, p.tail];
+    let fills = p.fills();
     io.read_fills(fills).await?;
     let ready = plan::overlay_pages_ready(map, blocks, io.unallocated_ready());
     let started = start_writes(io, fills, off, ready).await;

@@ -9,13 +9,13 @@
 //! (`write_data`). A READ's commit names where ublk copies its data from:
 //! the tag's buffer, or the mapping that holds all of it.
 
+use crate::engine::Errno;
 use crate::engine::after_read::{self, CompletedRead};
-use crate::engine::plan::ReadSource;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::background::{self, Background, Job};
-use crate::ublk::exec::{self, ReadDone, TagScratch, ZeroBlocks};
+use crate::ublk::exec::{self, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::params::{self, IoMode};
 use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy};
 use crate::ublk::write_data::WriteData;
@@ -88,7 +88,7 @@ impl Request {
 fn after_read(
     sh: &ServedDevice,
     qs: &QueueState,
-    s: &TagScratch,
+    done: &ReadDone,
     req: &Request,
     buf: &RequestBuf<'_>,
 ) {
@@ -96,16 +96,12 @@ fn after_read(
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
     }
-    let bs = sh.dev.geometry().block_size() as u64;
     let read = CompletedRead {
         off: req.off,
         len: req.len,
         hinted,
         others_in_flight: qs.reads_in_flight.get() > 0,
-        read_base_block: s
-            .runs()
-            .iter()
-            .any(|r| r.source == ReadSource::Base && r.len >= bs),
+        read_base_block: done.read_base_block,
     };
     let size = sh.dev.geometry().size();
     let todo = after_read::after_read(&sh.policy, &mut qs.detector.borrow_mut(), size, &read);
@@ -135,8 +131,14 @@ struct Commit {
     from: Option<*const u8>,
 }
 
-impl From<i32> for Commit {
-    fn from(res: i32) -> Commit {
+impl Commit {
+    /// A request that did `n` (bytes, or 0 for a FLUSH or DISCARD), or
+    /// failed: the result as ublk takes it, a negative errno for a failure.
+    fn of(r: Result<(), Errno>, n: u64) -> Commit {
+        let res = match r {
+            Ok(()) => n as i32,
+            Err(e) => e.negative(),
+        };
         Commit { res, from: None }
     }
 }
@@ -153,7 +155,7 @@ async fn handle(
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
     let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
-    let res = match req.op {
+    let commit = match req.op {
         // This arm must stay before the range check below: ublk takes the
         // commit of a WRITE only once its data was asked for, so even a
         // WRITE refused for its range settles its data first.
@@ -164,12 +166,12 @@ async fn handle(
             let r = if in_range {
                 exec::write_request(q, sh, qb, s, req.off, &mut data, fua).await
             } else {
-                -libc::EINVAL
+                Err(Errno::EINVAL)
             };
             data.settle().await?;
-            r
+            Commit::of(r, req.len)
         }
-        _ if !in_range => -libc::EINVAL,
+        _ if !in_range => Commit::of(Err(Errno::EINVAL), 0),
         sys::UBLK_IO_OP_READ => {
             let may_map = qs.commit_from_map && !after_read::installs(&sh.policy, req.hinted());
             let mut buf = buf.request(req.len as usize);
@@ -177,22 +179,28 @@ async fn handle(
             n.set(n.get() + 1);
             let done = exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await;
             n.set(n.get() - 1);
-            let (res, from) = match done {
-                ReadDone::Buffer(r) => (r, None),
-                ReadDone::Mapped(at) => (req.len as i32, Some(at)),
-            };
-            if res >= 0 {
-                after_read(sh, qs, s, &req, &buf);
+            match done {
+                Ok(done) => {
+                    after_read(sh, qs, &done, &req, &buf);
+                    let from = match done.data {
+                        ReadData::Buffer => None,
+                        ReadData::Mapped(at) => Some(at),
+                    };
+                    Commit {
+                        res: req.len as i32,
+                        from,
+                    }
+                }
+                Err(e) => Commit::of(Err(e), 0),
             }
-            return Ok(Commit { res, from });
         }
-        sys::UBLK_IO_OP_FLUSH => exec::flush(q, sh).await,
+        sys::UBLK_IO_OP_FLUSH => Commit::of(exec::flush(q, sh).await, 0),
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            exec::write_zeroes(q, sh, qb, s, req.off, req.len).await
+            Commit::of(exec::write_zeroes(q, sh, qb, s, req.off, req.len).await, 0)
         }
-        _ => -libc::EINVAL,
+        _ => Commit::of(Err(Errno::EINVAL), 0),
     };
-    Ok(res.into())
+    Ok(commit)
 }
 
 /// Waits for the tag's next request after `cmd` (a fetch or a commit) was

@@ -20,6 +20,7 @@
 //! write to the overlay reports the error (`Placement::Refused`). A copy
 //! that stops part way is `Placement::Done` with fewer bytes.
 
+use crate::engine::Errno;
 use crate::ublk::request_buf::{RequestBuf, UserCopyAt};
 use libublk::io::UblkQueue;
 use libublk::{UblkError, sys};
@@ -61,9 +62,17 @@ enum State {
     InBuffer,
     /// Copied where the write path asked (the overlay).
     Placed,
-    /// Not to be had: ublk failed the command (errno), or the queue is
-    /// going down (`None`). The tag serves no more requests.
-    Lost(Option<i32>),
+    /// Not to be had. The tag serves no more requests.
+    Lost(Loss),
+}
+
+/// Why a request's data cannot be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    /// The queue is going down.
+    QueueDown,
+    /// ublk failed the command.
+    Failed(Errno),
 }
 
 /// What became of `WriteData::place`.
@@ -193,8 +202,8 @@ impl<'a> WriteData<'a> {
 
     /// The data, fetched into the buffer first if ublk still holds it (with
     /// zero copy: copied into the staging buffer by user copy, each time
-    /// this is called); a negative errno when it cannot be had there.
-    pub(crate) async fn in_buffer(&mut self) -> Result<&[u8], i32> {
+    /// this is called); an error when it cannot be had there.
+    pub(crate) async fn in_buffer(&mut self) -> Result<&[u8], Errno> {
         let stageable = self.can_buffer();
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
@@ -208,24 +217,24 @@ impl<'a> WriteData<'a> {
                 let buf = &mut staging[..*len];
                 return match from.read_into(buf) {
                     Ok(()) => Ok(buf),
-                    Err(e) => Err(-e.raw_os_error().unwrap_or(libc::EIO)),
+                    Err(e) => Err(Errno::of(&e)),
                 };
             }
             // Only `registered` reaches it.
-            Source::Registered { .. } => return Err(-libc::EINVAL),
+            Source::Registered { .. } => return Err(Errno::EINVAL),
         };
         if f.state == State::Pending {
             let at = f.buf.as_mut_ptr();
             f.state = match f.ask(at).await {
                 State::Placed => State::InBuffer,
                 // The tag's own buffer is always there to copy into.
-                State::Pending => State::Lost(Some(-libc::EFAULT)),
+                State::Pending => State::Lost(Loss::Failed(Errno(libc::EFAULT))),
                 lost => lost,
             };
         }
         match f.state {
             State::InBuffer => Ok(&*f.buf),
-            _ => Err(-libc::EIO),
+            _ => Err(Errno::EIO),
         }
     }
 
@@ -240,7 +249,10 @@ impl<'a> WriteData<'a> {
             Source::Request(Fetch {
                 state: State::Lost(lost),
                 ..
-            }) => Err(lost.map_or(UblkError::QueueIsDown, UblkError::OtherError)),
+            }) => Err(match lost {
+                Loss::QueueDown => UblkError::QueueIsDown,
+                Loss::Failed(e) => UblkError::OtherError(e.negative()),
+            }),
             _ => Ok(()),
         }
     }
@@ -259,9 +271,9 @@ impl Fetch<'_> {
         match r {
             r if r == sys::UBLK_IO_RES_OK as i32 => State::Placed,
             r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => State::Pending,
-            r if r == sys::UBLK_IO_RES_ABORT => State::Lost(None),
-            r if r < 0 => State::Lost(Some(r)),
-            _ => State::Lost(Some(-libc::EPROTO)),
+            r if r == sys::UBLK_IO_RES_ABORT => State::Lost(Loss::QueueDown),
+            r if r < 0 => State::Lost(Loss::Failed(Errno::from_negative(r))),
+            _ => State::Lost(Loss::Failed(Errno(libc::EPROTO))),
         }
     }
 }
