@@ -1,6 +1,7 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
 //! fetches a request, dispatches it by operation to `exec`, and commits the
-//! result, forever, until the queue goes down.
+//! result, forever, until the queue goes down. The ublk commands of a tag
+//! (fetch, commit, NEED_GET_DATA) are all sent and answered here.
 //!
 //! With zero copy (`params::IoMode`) ublk registers each request's pages as
 //! the tag's fixed buffer, and its commit names that buffer again. In copy
@@ -203,12 +204,71 @@ async fn handle(
     Ok(commit)
 }
 
-/// Waits for the tag's next request after `cmd` (a fetch or a commit) was
-/// pushed: true when it is a WRITE whose data ublk still holds.
-async fn next_request(
-    cmd: impl std::future::Future<Output = Result<i32, UblkError>>,
+// The ublk command exchange of a tag. Every command the daemon sends to
+// ublk is sent here, and every answer is read here:
+//
+// - `fetch`: FETCH_REQ, once, names the tag's buffer and waits for the
+//   first request;
+// - `commit`: COMMIT_AND_FETCH_REQ completes a request (its result, and
+//   where a READ's data is) and waits for the next;
+// - `get_data`: NEED_GET_DATA, in copy mode, has ublk copy a WRITE's data
+//   to an address (`write_data` decides which).
+//
+// A FETCH or COMMIT answered with UBLK_IO_RES_NEED_GET_DATA brings a WRITE
+// whose data ublk still holds; ublk takes no commit of such a WRITE before
+// its data was asked for (`WriteData::settle`).
+
+/// Sends the tag's FETCH_REQ and waits for its first request: true when it
+/// is a WRITE whose data ublk still holds.
+async fn fetch(q: &UblkQueue<'_>, tag: u16, buf: &TagBuf) -> Result<bool, UblkError> {
+    let r = q
+        .submit_io_prep_cmd(tag, buf.desc(), 0, buf.io_buf())
+        .await?;
+    Ok(r == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+}
+
+/// Commits the tag's request with `done` and waits for the next one: true
+/// when it is a WRITE whose data ublk still holds.
+async fn commit(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &TagBuf,
+    done: Commit,
 ) -> Result<bool, UblkError> {
-    Ok(cmd.await? == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+    let from = match done.from {
+        Some(at) => BufDesc::RawAddress(at),
+        None => buf.desc(),
+    };
+    let r = q.submit_io_commit_cmd(tag, from, done.res).await?;
+    Ok(r == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+}
+
+/// What ublk did with a NEED_GET_DATA.
+pub(crate) enum GetData {
+    /// It copied the WRITE's data to the address.
+    Copied,
+    /// It could not (a page it could not fault in) and will ask again.
+    Again,
+    /// The queue is going down.
+    QueueDown,
+    /// It failed the command.
+    Failed(Errno),
+}
+
+/// Sends NEED_GET_DATA for WRITE `tag`, naming `at` as where ublk copies its
+/// data (the request's length), and waits.
+pub(crate) async fn get_data(q: &UblkQueue<'_>, tag: u16, at: *mut u8) -> GetData {
+    #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
+    let r = q
+        .submit_io_cmd(tag, sys::UBLK_U_IO_NEED_GET_DATA, at, 0)
+        .await;
+    match r {
+        r if r == sys::UBLK_IO_RES_OK as i32 => GetData::Copied,
+        r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => GetData::Again,
+        r if r == sys::UBLK_IO_RES_ABORT => GetData::QueueDown,
+        r if r < 0 => GetData::Failed(Errno::from_negative(r)),
+        _ => GetData::Failed(Errno(libc::EPROTO)),
+    }
 }
 
 async fn tag_task(
@@ -223,17 +283,11 @@ async fn tag_task(
         TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
     };
     let mut scratch = TagScratch::default();
-    let fetch = q.submit_io_prep_cmd(tag, buf.desc(), 0, buf.io_buf());
-    let mut data_pending = next_request(fetch).await?;
+    let mut data_pending = fetch(&q, tag, &buf).await?;
     loop {
         let req = Request::of(&q, tag, data_pending);
         let done = handle(&q, &sh, &qs, &mut scratch, req, &mut buf).await?;
-        let from = match done.from {
-            Some(at) => BufDesc::RawAddress(at),
-            None => buf.desc(),
-        };
-        let commit = q.submit_io_commit_cmd(tag, from, done.res);
-        data_pending = next_request(commit).await?;
+        data_pending = commit(&q, tag, &buf, done).await?;
     }
 }
 

@@ -7,7 +7,9 @@
 //!
 //! In copy mode the device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives
 //! without its data, and ublk copies the data only when the daemon answers
-//! with `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
+//! with `UBLK_U_IO_NEED_GET_DATA` and an address (sent by
+//! `queue::get_data`, with ublk's other commands); this file decides which
+//! address and keeps what became of the data. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
 //! overlay's own pages, mapped (`MemoryPath::placeable`), which saves that
 //! second copy. ublk takes no commit of a WRITE before its data was asked
@@ -21,9 +23,10 @@
 //! that stops part way is `Placement::Done` with fewer bytes.
 
 use crate::engine::Errno;
+use crate::ublk::queue::{self, GetData};
 use crate::ublk::request_buf::{RequestBuf, UserCopyAt};
+use libublk::UblkError;
 use libublk::io::UblkQueue;
-use libublk::{UblkError, sys};
 
 /// A WRITE's data: bytes the daemon has, or a request's data in ublk.
 pub struct WriteData<'a> {
@@ -259,21 +262,15 @@ impl<'a> WriteData<'a> {
 }
 
 impl Fetch<'_> {
-    /// Sends `UBLK_U_IO_NEED_GET_DATA` naming `at` and waits: `Placed` when
-    /// ublk copied the data there, `Pending` when it could not and asks
-    /// again, else `Lost`.
+    /// Has ublk copy the data to `at` (`queue::get_data`) and waits:
+    /// `Placed` when it did, `Pending` when it could not and asks again,
+    /// else `Lost`.
     async fn ask(&self, at: *mut u8) -> State {
-        #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
-        let r = self
-            .q
-            .submit_io_cmd(self.tag, sys::UBLK_U_IO_NEED_GET_DATA, at, 0)
-            .await;
-        match r {
-            r if r == sys::UBLK_IO_RES_OK as i32 => State::Placed,
-            r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => State::Pending,
-            r if r == sys::UBLK_IO_RES_ABORT => State::Lost(Loss::QueueDown),
-            r if r < 0 => State::Lost(Loss::Failed(Errno::from_negative(r))),
-            _ => State::Lost(Loss::Failed(Errno(libc::EPROTO))),
+        match queue::get_data(self.q, self.tag, at).await {
+            GetData::Copied => State::Placed,
+            GetData::Again => State::Pending,
+            GetData::QueueDown => State::Lost(Loss::QueueDown),
+            GetData::Failed(e) => State::Lost(Loss::Failed(e)),
         }
     }
 }
