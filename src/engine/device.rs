@@ -698,6 +698,36 @@ mod tests {
         (dev, overlay)
     }
 
+    /// A block is marked written only once all its bytes are in the
+    /// overlay: a WRITE one of whose overlay writes fails (after `ok` that
+    /// succeed: fills first, then the data) leaves its blocks as they were.
+    #[test]
+    fn a_write_that_failed_marks_no_block() {
+        let bs = BS as u64;
+        for (ok, off, len) in [
+            (0, 0, bs),
+            (0, 512, 1024),
+            (1, 512, 1024),
+            (1, bs - 512, 1024),
+            (2, bs - 512, 1024),
+        ] {
+            let (dev, overlay) = new_device();
+            overlay.cut_power_after(ok);
+            let r = dev.write(off, &vec![7u8; len as usize]);
+            assert!(r.is_err(), "write {off}+{len} with {ok} overlay writes");
+            for b in 0..2 {
+                assert_eq!(
+                    dev.map().get(b),
+                    BlockState::Unallocated,
+                    "block {b} after write {off}+{len} failed after {ok} writes"
+                );
+            }
+            let mut buf = vec![0u8; 2 * BS as usize];
+            dev.read(0, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0xab), "base data hidden");
+        }
+    }
+
     #[test]
     fn a_failed_sync_fails_every_later_flush_and_persists_nothing() {
         let (dev, overlay) = new_device();
