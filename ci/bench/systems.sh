@@ -12,7 +12,10 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
 # default (--zero-copy=off); ublk-cow-direct, base reads around the page
 # cache (--base-io direct; for a base on a device: SLOW_MS), and
-# ublk-cow-direct-raoff, the same without prefetch (--readahead off).
+# ublk-cow-direct-raoff, the same without prefetch (--readahead off);
+# ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
+# commit's) for a before/after comparison in one boot, with a run
+# directory of its own (older builds made it with other modes).
 
 # The benchmarks' tmpfs $B (also $TMPDIR, where ublk-cow keeps its
 # overlays) and in it the base: 512 MiB of random data, $BASE_FILE = $BASE.
@@ -108,6 +111,8 @@ sys_up() {
             "$RUBLK" add loop -n 50 $zc -f "$(private_copy rublk)" >/dev/null
             wait_dev /dev/ublkb50 && echo /dev/ublkb50 ;;
         ublk-cow) "$UC" add --base "$BASE" ;;
+        ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old \
+            "${UBLK_COW_OLD_BIN:?the path of the other build}" add --base "$BASE" ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
@@ -127,6 +132,7 @@ sys_down() {
         nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
         rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
+        ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$2")" ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac
 }

@@ -12,8 +12,9 @@ use crate::engine::geometry::Geometry;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::{BlockMap, BlockState, MAP_PAGE, MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
-use crate::engine::plan::{self, Fill, ReadRun, ReadSource, WritePath};
+use crate::engine::plan::{self, Fill, ReadRun, ReadSource};
 use crate::engine::storage::Storage;
+use crate::engine::write;
 use crate::engine::{Error, IoContext};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -214,12 +215,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// Waits (yielding the thread) until `blocks` are locked.
     fn lock(&self, blocks: Range<u64>) -> RangeGuard<'_> {
-        loop {
-            if let Some(g) = self.locks.try_lock(blocks.start, blocks.end - blocks.start) {
-                return g;
-            }
-            std::thread::yield_now();
-        }
+        write::run_ready(write::lock(self, &mut Yield, blocks))
     }
 
     /// READ `buf.len()` bytes at `off`.
@@ -265,32 +261,12 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     }
 
     fn write_piece(&self, off: u64, data: &[u8]) -> Result<(), Error> {
-        let len = data.len() as u64;
-        let blocks = match plan::write_path(&self.map, &self.geo, off, len) {
-            WritePath::Unlocked => return self.overlay_write(data, off),
-            WritePath::Locked(blocks) => blocks,
+        let mut io = SyncWrite {
+            dev: self,
+            data,
+            fill: Default::default(),
         };
-        let guard = self.lock(blocks);
-        let plan = plan::plan_locked_write(&self.map, &self.geo, off, len);
-        for fill in plan.fills() {
-            self.fill(fill)?;
-        }
-        self.overlay_write(data, off)?;
-        self.map.allocate(&guard, plan.mark);
-        Ok(())
-    }
-
-    fn fill(&self, fill: Fill) -> Result<(), Error> {
-        match fill {
-            Fill::FromBase { off, len } => {
-                let mut buf = vec![0u8; len as usize];
-                self.base
-                    .read_at(&mut buf, off)
-                    .ctx(|| format!("base read at {off}"))?;
-                self.overlay_write(&buf, off)
-            }
-            Fill::Zeros { off, len } => self.overlay_write(&vec![0u8; len as usize], off),
-        }
+        write::run_ready(write::write(self, &mut io, off, data.len() as u64))
     }
 
     fn overlay_write(&self, data: &[u8], off: u64) -> Result<(), Error> {
@@ -302,33 +278,13 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// DISCARD or WRITE_ZEROES of `[off, off+len)`: whole blocks become
     /// `Zero` and their overlay space is punched; partial blocks are written
-    /// with zeros.
+    /// with zeros (the steps of [`write::write_zeroes`]).
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), Error> {
         self.geo.check_range(off, len)?;
         if len == 0 {
             return Ok(());
         }
-        let plan = plan::plan_zero(&self.geo, off, len);
-        for (o, l) in plan.head.into_iter().chain(plan.tail) {
-            self.write(o, &vec![0u8; l as usize])?;
-        }
-        if let Some(whole) = plan.whole {
-            let mut first = whole.start;
-            while first < whole.end {
-                let end = whole.end.min(first + MAX_LOCK_BLOCKS);
-                let guard = self.lock(first..end);
-                self.map.set_range(&guard, first..end, BlockState::Zero);
-                let start = self.geo.block_start(first);
-                // Space is only reclaimed: the map already says Zero, so a
-                // file system without hole punching loses nothing.
-                let _ = self.overlay.storage().punch(
-                    self.overlay.data_pos(start),
-                    self.geo.block_end(end - 1) - start,
-                );
-                first = end;
-            }
-        }
-        Ok(())
+        write::run_ready(write::write_zeroes(self, &mut SyncZero(self), off, len))
     }
 
     /// Waits for the device's one flush turn (see [`FlushTurn`]).
@@ -624,6 +580,89 @@ impl std::ops::AddAssign for CacheDone {
     }
 }
 
+/// How the synchronous executor waits for a lock: it yields its thread.
+struct Yield;
+
+impl write::LockWait for Yield {
+    async fn wait_for_lock(&mut self) {
+        std::thread::yield_now();
+    }
+}
+
+/// The synchronous executor's I/O for the steps of a WRITE
+/// ([`write::WriteIo`]): each write is done when its method returns.
+struct SyncWrite<'a, B: Storage, O: Storage> {
+    dev: &'a CowDevice<B, O>,
+    data: &'a [u8],
+    /// The base bytes of the head's and the tail's fill.
+    fill: [Vec<u8>; 2],
+}
+
+impl<B: Storage, O: Storage> write::LockWait for SyncWrite<'_, B, O> {
+    async fn wait_for_lock(&mut self) {
+        Yield.wait_for_lock().await
+    }
+}
+
+impl<B: Storage, O: Storage> write::WriteIo for SyncWrite<'_, B, O> {
+    type Error = Error;
+
+    fn unallocated_ready(&self) -> bool {
+        false
+    }
+
+    async fn read_fills(&mut self, fills: [Option<Fill>; 2]) -> Result<(), Error> {
+        for (buf, fill) in self.fill.iter_mut().zip(fills) {
+            if let Some(Fill::FromBase { off, len }) = fill {
+                buf.resize(len as usize, 0);
+                self.dev
+                    .base
+                    .read_at(buf, off)
+                    .ctx(|| format!("base read at {off}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_fill(&mut self, slot: usize, fill: Fill) -> Result<(), Error> {
+        match fill {
+            Fill::FromBase { off, .. } => self.dev.overlay_write(&self.fill[slot], off),
+            Fill::Zeros { off, len } => self.dev.overlay_write(&vec![0u8; len as usize], off),
+        }
+    }
+
+    async fn write_data(&mut self, off: u64, _pages_ready: bool) -> Result<(), Error> {
+        self.dev.overlay_write(self.data, off)
+    }
+
+    async fn complete(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// The synchronous executor's I/O for the steps of a DISCARD or
+/// WRITE_ZEROES ([`write::ZeroIo`]).
+struct SyncZero<'a, B: Storage, O: Storage>(&'a CowDevice<B, O>);
+
+impl<B: Storage, O: Storage> write::LockWait for SyncZero<'_, B, O> {
+    async fn wait_for_lock(&mut self) {
+        Yield.wait_for_lock().await
+    }
+}
+
+impl<B: Storage, O: Storage> write::ZeroIo for SyncZero<'_, B, O> {
+    type Error = Error;
+
+    async fn write_zeros(&mut self, off: u64, len: u64) -> Result<(), Error> {
+        self.0.write(off, &vec![0u8; len as usize])
+    }
+
+    async fn punch(&mut self, off: u64, len: u64) {
+        let overlay = &self.0.overlay;
+        let _ = overlay.storage().punch(overlay.data_pos(off), len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,6 +696,36 @@ mod tests {
         let blocks = SIZE / BS as u64;
         let dev = CowDevice::create(b, &id, overlay.clone(), BS, MapMemory::heap(blocks)).unwrap();
         (dev, overlay)
+    }
+
+    /// A block is marked written only once all its bytes are in the
+    /// overlay: a WRITE one of whose overlay writes fails (after `ok` that
+    /// succeed: fills first, then the data) leaves its blocks as they were.
+    #[test]
+    fn a_write_that_failed_marks_no_block() {
+        let bs = BS as u64;
+        for (ok, off, len) in [
+            (0, 0, bs),
+            (0, 512, 1024),
+            (1, 512, 1024),
+            (1, bs - 512, 1024),
+            (2, bs - 512, 1024),
+        ] {
+            let (dev, overlay) = new_device();
+            overlay.cut_power_after(ok);
+            let r = dev.write(off, &vec![7u8; len as usize]);
+            assert!(r.is_err(), "write {off}+{len} with {ok} overlay writes");
+            for b in 0..2 {
+                assert_eq!(
+                    dev.map().get(b),
+                    BlockState::Unallocated,
+                    "block {b} after write {off}+{len} failed after {ok} writes"
+                );
+            }
+            let mut buf = vec![0u8; 2 * BS as usize];
+            dev.read(0, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0xab), "base data hidden");
+        }
     }
 
     #[test]

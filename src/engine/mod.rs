@@ -5,7 +5,9 @@
 //!
 //! Data flow: a request is turned into a plan by [`plan`] from the [`map`];
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
-//! with plain positional I/O here, `crate::ublk` with io_uring.
+//! with plain positional I/O here, `crate::ublk` with io_uring. The steps of
+//! a WRITE and of a DISCARD/WRITE_ZEROES are written once, in [`write`],
+//! and both executors follow them.
 
 pub(crate) mod after_read;
 pub mod base;
@@ -19,6 +21,7 @@ pub mod overlay;
 pub(crate) mod plan;
 pub(crate) mod readahead;
 pub mod storage;
+pub(crate) mod write;
 
 use std::io;
 
@@ -63,6 +66,41 @@ impl Error {
             Error::Invalid(_) => libc::EINVAL,
             _ => libc::EIO,
         }
+    }
+}
+
+/// Why a block request failed, as the kernel names it: a positive errno
+/// value. Executors carry it in `Result`s; it becomes the negative number
+/// io_uring and ublk use only where a request is completed
+/// ([`Errno::negative`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+
+    /// The failure of an io_uring operation or of ublk, given as a negative
+    /// errno.
+    pub fn from_negative(r: i32) -> Errno {
+        debug_assert!(r < 0, "{r} is no failure");
+        Errno(-r)
+    }
+
+    /// The errno of a failed system call (EIO when it has none).
+    pub fn of(e: &io::Error) -> Errno {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+
+    /// The negative number a completion carries.
+    pub fn negative(self) -> i32 {
+        -self.0
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        io::Error::from_raw_os_error(self.0).fmt(f)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Request planning: what each READ, WRITE and DISCARD/WRITE_ZEROES must do,
-//! decided from the block-state map alone. Executors (the synchronous one in
-//! `device.rs`, the io_uring one in `ublk/`) only carry plans out.
+//! decided from the block-state map alone. The steps that carry a WRITE's
+//! plan out are in `write.rs`; executors (the synchronous one in
+//! `device.rs`, the io_uring one in `ublk/exec`) do their I/O.
 
 use crate::engine::geometry::Geometry;
 use crate::engine::map::{BlockMap, BlockState};
@@ -95,8 +96,9 @@ pub(crate) struct WritePlan {
 }
 
 impl WritePlan {
-    pub(crate) fn fills(&self) -> impl Iterator<Item = Fill> {
-        self.head.into_iter().chain(self.tail)
+    /// The head's and the tail's fill.
+    pub(crate) fn fills(&self) -> [Option<Fill>; 2] {
+        [self.head, self.tail]
     }
 }
 
@@ -235,7 +237,7 @@ mod tests {
         );
         assert_eq!(p.mark, 0..3);
         let p = plan_locked_write(&map, &geo, 4096 + 512, 512);
-        assert_eq!(p.fills().count(), 0);
+        assert_eq!(p.fills(), [None, None]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! the request can complete. Here a page-cache hit or a tmpfs write is one
 //! memory copy. Whatever may wait for a device is left to the ring.
 
+use crate::engine::Errno;
 use crate::sys::{self, Pipe, SharedMap};
 use crate::ublk::request_buf::UserCopyAt;
 use std::fs::File;
@@ -33,6 +34,15 @@ const RING_WRITE_MIN: usize = 128 << 10;
 
 /// Pages are 4 KiB on every machine this runs on; `cachestat` counts them.
 const PAGE: u64 = 4096;
+
+/// What `MemoryPath::write` did with a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Written, on this thread.
+    Here,
+    /// Not written: the ring must do it.
+    ToRing,
+}
 
 /// Inline I/O of one file (the base or the overlay).
 pub(crate) struct MemoryPath {
@@ -153,15 +163,15 @@ impl MemoryPath {
     }
 
     /// Writes `data` at `pos` if the file lives in memory and `data` is
-    /// shorter than `RING_WRITE_MIN`: `Some` with the result (0 or a
-    /// negative errno), or `None` when the ring must do it.
-    pub(crate) fn write(&self, pos: u64, data: &[u8]) -> Option<i32> {
+    /// shorter than `RING_WRITE_MIN` (`Written::Here`); else leaves it to
+    /// the ring (`Written::ToRing`).
+    pub(crate) fn write(&self, pos: u64, data: &[u8]) -> Result<Written, Errno> {
         if !self.writes_inline(data.len()) {
-            return None;
+            return Ok(Written::ToRing);
         }
         match self.file.write_all_at(data, pos) {
-            Ok(()) => Some(0),
-            Err(e) => Some(-e.raw_os_error().unwrap_or(libc::EIO)),
+            Ok(()) => Ok(Written::Here),
+            Err(e) => Err(Errno::of(&e)),
         }
     }
 
@@ -284,13 +294,13 @@ mod tests {
     fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
         let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
         let r = MemoryPath::new(&f, 64 * 1024, false).unwrap();
-        assert_eq!(r.write(1000, &[9u8; 5000]), Some(0));
+        assert_eq!(r.write(1000, &[9u8; 5000]), Ok(Written::Here));
         let mut back = vec![0u8; 5000];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
         assert!(back.iter().all(|&b| b == 9));
         assert_eq!(
             r.write(0, &vec![1u8; RING_WRITE_MIN]),
-            None,
+            Ok(Written::ToRing),
             "a large write"
         );
         let Some(dir) = disk_dir() else {
@@ -302,7 +312,7 @@ mod tests {
             MemoryPath::new(&f, 64 * 1024, false)
                 .unwrap()
                 .write(0, &[1u8; 10]),
-            None
+            Ok(Written::ToRing)
         );
     }
 

@@ -11,6 +11,7 @@
 //! caller awaits each operation it pushed before it lets go of the memory,
 //! even after another operation of the same request failed (`finish_all`).
 
+use crate::engine::Errno;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::uring_async::UblkUringOpFuture;
@@ -205,32 +206,35 @@ impl FileWrite {
     }
 }
 
-/// Completes `op`: 0, or a negative errno; fewer bytes than asked is EIO,
-/// but for a write, which is pushed again for the rest first.
-pub(crate) async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> i32 {
+/// Completes `op`; fewer bytes than asked is EIO, but for a write, which is
+/// pushed again for the rest first.
+pub(crate) async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> Result<(), Errno> {
     let mut op = op;
     loop {
         let r = op.done.await;
         if r < 0 {
-            return r;
+            return Err(Errno::from_negative(r));
         }
         if r as u32 == op.want {
-            return 0;
+            return Ok(());
         }
         match op.write {
             Some(w) if r > 0 => op = w.rest(r as u32).push(q),
-            _ => return -libc::EIO,
+            _ => return Err(Errno::EIO),
         }
     }
 }
 
 /// Completes each pushed operation, in order; the first failure is the
 /// result.
-pub(crate) async fn finish_all<R: Ring + ?Sized>(q: &R, ops: Vec<PendingOp<R>>) -> i32 {
-    let mut res = 0;
+pub(crate) async fn finish_all<R: Ring + ?Sized>(
+    q: &R,
+    ops: Vec<PendingOp<R>>,
+) -> Result<(), Errno> {
+    let mut res = Ok(());
     for op in ops {
         let r = finish(q, op).await;
-        if res == 0 {
+        if res.is_ok() {
             res = r;
         }
     }

@@ -227,7 +227,7 @@ mod tests {
             }
             finish_all(&ring, ops).await
         });
-        assert_eq!(res, 0);
+        assert_eq!(res, Ok(()));
         assert_eq!((a, b), ([7u8; 4096], [7u8; 4096]));
         let mut back = vec![0u8; 4 * 4096];
         overlay.read_exact_at(&mut back, 0).unwrap();
@@ -237,7 +237,7 @@ mod tests {
             let op = PendingOp::push(&ring, read(&mut a, 8192 - 100), 4096);
             finish_all(&ring, vec![op]).await
         });
-        assert_eq!(r, -libc::EIO);
+        assert_eq!(r, Err(crate::engine::Errno::EIO));
         assert_eq!(ring.inner.slots.borrow().in_flight, 0);
     }
 

@@ -1,6 +1,7 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
 //! fetches a request, dispatches it by operation to `exec`, and commits the
-//! result, forever, until the queue goes down.
+//! result, forever, until the queue goes down. The ublk commands of a tag
+//! (fetch, commit, NEED_GET_DATA) are all sent and answered here.
 //!
 //! With zero copy (`params::IoMode`) ublk registers each request's pages as
 //! the tag's fixed buffer, and its commit names that buffer again. In copy
@@ -9,13 +10,13 @@
 //! (`write_data`). A READ's commit names where ublk copies its data from:
 //! the tag's buffer, or the mapping that holds all of it.
 
+use crate::engine::Errno;
 use crate::engine::after_read::{self, CompletedRead};
-use crate::engine::plan::ReadSource;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::background::{self, Background, Job};
-use crate::ublk::exec::{self, ReadDone, TagScratch, ZeroBlocks};
+use crate::ublk::exec::{self, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::params::{self, IoMode};
 use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy};
 use crate::ublk::write_data::WriteData;
@@ -88,7 +89,7 @@ impl Request {
 fn after_read(
     sh: &ServedDevice,
     qs: &QueueState,
-    s: &TagScratch,
+    done: &ReadDone,
     req: &Request,
     buf: &RequestBuf<'_>,
 ) {
@@ -96,16 +97,12 @@ fn after_read(
     if hinted {
         Stats::add(&sh.stats.readahead_flagged_reads, 1);
     }
-    let bs = sh.dev.geometry().block_size() as u64;
     let read = CompletedRead {
         off: req.off,
         len: req.len,
         hinted,
         others_in_flight: qs.reads_in_flight.get() > 0,
-        read_base_block: s
-            .runs()
-            .iter()
-            .any(|r| r.source == ReadSource::Base && r.len >= bs),
+        read_base_block: done.read_base_block,
     };
     let size = sh.dev.geometry().size();
     let todo = after_read::after_read(&sh.policy, &mut qs.detector.borrow_mut(), size, &read);
@@ -135,8 +132,14 @@ struct Commit {
     from: Option<*const u8>,
 }
 
-impl From<i32> for Commit {
-    fn from(res: i32) -> Commit {
+impl Commit {
+    /// A request that did `n` (bytes, or 0 for a FLUSH or DISCARD), or
+    /// failed: the result as ublk takes it, a negative errno for a failure.
+    fn of(r: Result<(), Errno>, n: u64) -> Commit {
+        let res = match r {
+            Ok(()) => n as i32,
+            Err(e) => e.negative(),
+        };
         Commit { res, from: None }
     }
 }
@@ -153,7 +156,7 @@ async fn handle(
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
     let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
-    let res = match req.op {
+    let commit = match req.op {
         // This arm must stay before the range check below: ublk takes the
         // commit of a WRITE only once its data was asked for, so even a
         // WRITE refused for its range settles its data first.
@@ -164,12 +167,12 @@ async fn handle(
             let r = if in_range {
                 exec::write_request(q, sh, qb, s, req.off, &mut data, fua).await
             } else {
-                -libc::EINVAL
+                Err(Errno::EINVAL)
             };
             data.settle().await?;
-            r
+            Commit::of(r, req.len)
         }
-        _ if !in_range => -libc::EINVAL,
+        _ if !in_range => Commit::of(Err(Errno::EINVAL), 0),
         sys::UBLK_IO_OP_READ => {
             let may_map = qs.commit_from_map && !after_read::installs(&sh.policy, req.hinted());
             let mut buf = buf.request(req.len as usize);
@@ -177,30 +180,95 @@ async fn handle(
             n.set(n.get() + 1);
             let done = exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await;
             n.set(n.get() - 1);
-            let (res, from) = match done {
-                ReadDone::Buffer(r) => (r, None),
-                ReadDone::Mapped(at) => (req.len as i32, Some(at)),
-            };
-            if res >= 0 {
-                after_read(sh, qs, s, &req, &buf);
+            match done {
+                Ok(done) => {
+                    after_read(sh, qs, &done, &req, &buf);
+                    let from = match done.data {
+                        ReadData::Buffer => None,
+                        ReadData::Mapped(at) => Some(at),
+                    };
+                    Commit {
+                        res: req.len as i32,
+                        from,
+                    }
+                }
+                Err(e) => Commit::of(Err(e), 0),
             }
-            return Ok(Commit { res, from });
         }
-        sys::UBLK_IO_OP_FLUSH => exec::flush(q, sh).await,
+        sys::UBLK_IO_OP_FLUSH => Commit::of(exec::flush(q, sh).await, 0),
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            exec::write_zeroes(q, sh, qb, s, req.off, req.len).await
+            Commit::of(exec::write_zeroes(q, sh, qb, s, req.off, req.len).await, 0)
         }
-        _ => -libc::EINVAL,
+        _ => Commit::of(Err(Errno::EINVAL), 0),
     };
-    Ok(res.into())
+    Ok(commit)
 }
 
-/// Waits for the tag's next request after `cmd` (a fetch or a commit) was
-/// pushed: true when it is a WRITE whose data ublk still holds.
-async fn next_request(
-    cmd: impl std::future::Future<Output = Result<i32, UblkError>>,
+// The ublk command exchange of a tag. Every command the daemon sends to
+// ublk is sent here, and every answer is read here:
+//
+// - `fetch`: FETCH_REQ, once, names the tag's buffer and waits for the
+//   first request;
+// - `commit`: COMMIT_AND_FETCH_REQ completes a request (its result, and
+//   where a READ's data is) and waits for the next;
+// - `get_data`: NEED_GET_DATA, in copy mode, has ublk copy a WRITE's data
+//   to an address (`write_data` decides which).
+//
+// A FETCH or COMMIT answered with UBLK_IO_RES_NEED_GET_DATA brings a WRITE
+// whose data ublk still holds; ublk takes no commit of such a WRITE before
+// its data was asked for (`WriteData::settle`).
+
+/// Sends the tag's FETCH_REQ and waits for its first request: true when it
+/// is a WRITE whose data ublk still holds.
+async fn fetch(q: &UblkQueue<'_>, tag: u16, buf: &TagBuf) -> Result<bool, UblkError> {
+    let r = q
+        .submit_io_prep_cmd(tag, buf.desc(), 0, buf.io_buf())
+        .await?;
+    Ok(r == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+}
+
+/// Commits the tag's request with `done` and waits for the next one: true
+/// when it is a WRITE whose data ublk still holds.
+async fn commit(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &TagBuf,
+    done: Commit,
 ) -> Result<bool, UblkError> {
-    Ok(cmd.await? == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+    let from = match done.from {
+        Some(at) => BufDesc::RawAddress(at),
+        None => buf.desc(),
+    };
+    let r = q.submit_io_commit_cmd(tag, from, done.res).await?;
+    Ok(r == sys::UBLK_IO_RES_NEED_GET_DATA as i32)
+}
+
+/// What ublk did with a NEED_GET_DATA.
+pub(crate) enum GetData {
+    /// It copied the WRITE's data to the address.
+    Copied,
+    /// It could not (a page it could not fault in) and will ask again.
+    Again,
+    /// The queue is going down.
+    QueueDown,
+    /// It failed the command.
+    Failed(Errno),
+}
+
+/// Sends NEED_GET_DATA for WRITE `tag`, naming `at` as where ublk copies its
+/// data (the request's length), and waits.
+pub(crate) async fn get_data(q: &UblkQueue<'_>, tag: u16, at: *mut u8) -> GetData {
+    #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
+    let r = q
+        .submit_io_cmd(tag, sys::UBLK_U_IO_NEED_GET_DATA, at, 0)
+        .await;
+    match r {
+        r if r == sys::UBLK_IO_RES_OK as i32 => GetData::Copied,
+        r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => GetData::Again,
+        r if r == sys::UBLK_IO_RES_ABORT => GetData::QueueDown,
+        r if r < 0 => GetData::Failed(Errno::from_negative(r)),
+        _ => GetData::Failed(Errno(libc::EPROTO)),
+    }
 }
 
 async fn tag_task(
@@ -215,17 +283,11 @@ async fn tag_task(
         TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
     };
     let mut scratch = TagScratch::default();
-    let fetch = q.submit_io_prep_cmd(tag, buf.desc(), 0, buf.io_buf());
-    let mut data_pending = next_request(fetch).await?;
+    let mut data_pending = fetch(&q, tag, &buf).await?;
     loop {
         let req = Request::of(&q, tag, data_pending);
         let done = handle(&q, &sh, &qs, &mut scratch, req, &mut buf).await?;
-        let from = match done.from {
-            Some(at) => BufDesc::RawAddress(at),
-            None => buf.desc(),
-        };
-        let commit = q.submit_io_commit_cmd(tag, from, done.res);
-        data_pending = next_request(commit).await?;
+        data_pending = commit(&q, tag, &buf, done).await?;
     }
 }
 

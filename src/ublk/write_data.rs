@@ -7,7 +7,9 @@
 //!
 //! In copy mode the device sets `UBLK_F_NEED_GET_DATA`: a WRITE arrives
 //! without its data, and ublk copies the data only when the daemon answers
-//! with `UBLK_U_IO_NEED_GET_DATA` and an address. That address is the tag's
+//! with `UBLK_U_IO_NEED_GET_DATA` and an address (sent by
+//! `queue::get_data`, with ublk's other commands); this file decides which
+//! address and keeps what became of the data. That address is the tag's
 //! buffer, from which the data is then written to the overlay; or it is the
 //! overlay's own pages, mapped (`MemoryPath::placeable`), which saves that
 //! second copy. ublk takes no commit of a WRITE before its data was asked
@@ -20,9 +22,11 @@
 //! write to the overlay reports the error (`Placement::Refused`). A copy
 //! that stops part way is `Placement::Done` with fewer bytes.
 
+use crate::engine::Errno;
+use crate::ublk::queue::{self, GetData};
 use crate::ublk::request_buf::{RequestBuf, UserCopyAt};
+use libublk::UblkError;
 use libublk::io::UblkQueue;
-use libublk::{UblkError, sys};
 
 /// A WRITE's data: bytes the daemon has, or a request's data in ublk.
 pub struct WriteData<'a> {
@@ -61,9 +65,17 @@ enum State {
     InBuffer,
     /// Copied where the write path asked (the overlay).
     Placed,
-    /// Not to be had: ublk failed the command (errno), or the queue is
-    /// going down (`None`). The tag serves no more requests.
-    Lost(Option<i32>),
+    /// Not to be had. The tag serves no more requests.
+    Lost(Loss),
+}
+
+/// Why a request's data cannot be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    /// The queue is going down.
+    QueueDown,
+    /// ublk failed the command.
+    Failed(Errno),
 }
 
 /// What became of `WriteData::place`.
@@ -193,8 +205,8 @@ impl<'a> WriteData<'a> {
 
     /// The data, fetched into the buffer first if ublk still holds it (with
     /// zero copy: copied into the staging buffer by user copy, each time
-    /// this is called); a negative errno when it cannot be had there.
-    pub(crate) async fn in_buffer(&mut self) -> Result<&[u8], i32> {
+    /// this is called); an error when it cannot be had there.
+    pub(crate) async fn in_buffer(&mut self) -> Result<&[u8], Errno> {
         let stageable = self.can_buffer();
         let f = match &mut self.source {
             Source::Bytes(b) => return Ok(b),
@@ -208,24 +220,24 @@ impl<'a> WriteData<'a> {
                 let buf = &mut staging[..*len];
                 return match from.read_into(buf) {
                     Ok(()) => Ok(buf),
-                    Err(e) => Err(-e.raw_os_error().unwrap_or(libc::EIO)),
+                    Err(e) => Err(Errno::of(&e)),
                 };
             }
             // Only `registered` reaches it.
-            Source::Registered { .. } => return Err(-libc::EINVAL),
+            Source::Registered { .. } => return Err(Errno::EINVAL),
         };
         if f.state == State::Pending {
             let at = f.buf.as_mut_ptr();
             f.state = match f.ask(at).await {
                 State::Placed => State::InBuffer,
                 // The tag's own buffer is always there to copy into.
-                State::Pending => State::Lost(Some(-libc::EFAULT)),
+                State::Pending => State::Lost(Loss::Failed(Errno(libc::EFAULT))),
                 lost => lost,
             };
         }
         match f.state {
             State::InBuffer => Ok(&*f.buf),
-            _ => Err(-libc::EIO),
+            _ => Err(Errno::EIO),
         }
     }
 
@@ -240,28 +252,25 @@ impl<'a> WriteData<'a> {
             Source::Request(Fetch {
                 state: State::Lost(lost),
                 ..
-            }) => Err(lost.map_or(UblkError::QueueIsDown, UblkError::OtherError)),
+            }) => Err(match lost {
+                Loss::QueueDown => UblkError::QueueIsDown,
+                Loss::Failed(e) => UblkError::OtherError(e.negative()),
+            }),
             _ => Ok(()),
         }
     }
 }
 
 impl Fetch<'_> {
-    /// Sends `UBLK_U_IO_NEED_GET_DATA` naming `at` and waits: `Placed` when
-    /// ublk copied the data there, `Pending` when it could not and asks
-    /// again, else `Lost`.
+    /// Has ublk copy the data to `at` (`queue::get_data`) and waits:
+    /// `Placed` when it did, `Pending` when it could not and asks again,
+    /// else `Lost`.
     async fn ask(&self, at: *mut u8) -> State {
-        #[allow(deprecated)] // libublk 0.4.8 has no other call for this command
-        let r = self
-            .q
-            .submit_io_cmd(self.tag, sys::UBLK_U_IO_NEED_GET_DATA, at, 0)
-            .await;
-        match r {
-            r if r == sys::UBLK_IO_RES_OK as i32 => State::Placed,
-            r if r == sys::UBLK_IO_RES_NEED_GET_DATA as i32 => State::Pending,
-            r if r == sys::UBLK_IO_RES_ABORT => State::Lost(None),
-            r if r < 0 => State::Lost(Some(r)),
-            _ => State::Lost(Some(-libc::EPROTO)),
+        match queue::get_data(self.q, self.tag, at).await {
+            GetData::Copied => State::Placed,
+            GetData::Again => State::Pending,
+            GetData::QueueDown => State::Lost(Loss::QueueDown),
+            GetData::Failed(e) => State::Lost(Loss::Failed(e)),
         }
     }
 }

@@ -85,10 +85,9 @@ summary() {
 sector_hashes() { python3 "$ROOT/tests/e2e/logwrites.py" sectors "$1"; }
 
 # Power-cut replay of a dm-log-writes log $pc/log.img (logwrites.py): into a
-# copy of $pc/work.img the entries [$1, $2) kept by $3 (all, fua, durable or
-# a seed), mounted, the overlay $pc/mnt/ov added over the base $small, and
-# the sector hashes of its device left in $pc/got. $pc and $small are the
-# caller's.
+# copy of $pc/work.img the entries [$1, $2) kept by $3 (all or durable),
+# mounted, the overlay $pc/mnt/ov added over the base $small, and the sector
+# hashes of its device left in $pc/got. $pc and $small are the caller's.
 pc_point() {
     cp "$pc/work.img" "$pc/snap.img"
     python3 "$ROOT/tests/e2e/logwrites.py" replay "$pc/log.img" "$pc/snap.img" "$1" "$2" "$3"
@@ -101,9 +100,4 @@ pc_point() {
     sector_hashes "$d" > "$pc/got"
     "$UC" del -n "$(dev_id "$d")"
     umount "$pc/mnt"; losetup -d "$sl"
-}
-
-# Whether every sector of $pc/got is as in $1 or as in $2.
-old_or_new() {
-    paste "$pc/got" "$1" "$2" | awk '$1 != $2 && $1 != $3 { bad++ } END { exit bad > 0 }'
 }

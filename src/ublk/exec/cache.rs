@@ -3,6 +3,7 @@
 //! into the overlay under the blocks' locks.
 
 use super::{BASE_FD, OVERLAY_FD, RingRead, lock, overlay_write, read_op};
+use crate::engine::Errno;
 use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
 use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
@@ -45,7 +46,7 @@ pub async fn cache_range<R: Ring>(
                     let n = CACHE_PIECE.min(step.off + step.len - at);
                     let buf = match read_base(q, sh, at, n).await {
                         Ok(b) => b,
-                        Err(e) => return e,
+                        Err(e) => return e.negative(),
                     };
                     if step.action == CacheAction::ReadBase {
                         Stats::add(&st.cache_read_bytes, n);
@@ -84,18 +85,20 @@ pub async fn cache_range<R: Ring>(
 pub async fn install_from_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len: u64) -> i32 {
     match read_base(q, sh, off, len).await {
         Ok(data) => install(q, sh, off, &data).await,
-        Err(e) => e,
+        Err(e) => e.negative(),
     }
 }
 
 /// Reads `len` bytes of the base at `off` into a new buffer and waits.
-async fn read_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len: u64) -> Result<Vec<u8>, i32> {
+async fn read_base<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>, Errno> {
     let mut data = vec![0u8; len as usize];
     if let Some(op) = read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, &mut data) {
-        let r = finish(q, op).await;
-        if r < 0 {
-            return Err(r);
-        }
+        finish(q, op).await?;
     }
     Ok(data)
 }
@@ -125,8 +128,8 @@ pub async fn install<R: Ring>(q: &R, sh: &ServedDevice, off: u64, data: &[u8]) -
             let to = geo.block_end(run.end - 1);
             let src = &data[(from - off) as usize..(to - off) as usize];
             let r = overlay_write(q, sh, src, dev.overlay().data_pos(from)).await;
-            if r < 0 {
-                return r;
+            if let Err(e) = r {
+                return e.negative();
             }
             dev.map().set_range(&guard, run, BlockState::Copied);
             Stats::add(&sh.stats.copied_to_overlay_bytes, to - from);

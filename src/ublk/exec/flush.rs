@@ -4,6 +4,7 @@
 //! ring timeouts, so the queue's thread never blocks.
 
 use super::OVERLAY_FD;
+use crate::engine::Errno;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish, finish_all};
@@ -13,7 +14,7 @@ use io_uring::types;
 /// FLUSH: overlay data durable, then the changed map pages, then durable
 /// again (see `FlushTurn`, the same steps). Fails with EIO, writing
 /// nothing, once a flush of the device has failed.
-pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> i32 {
+pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
     let dev = &sh.dev;
     let turn = loop {
         if let Some(t) = dev.try_flush_turn() {
@@ -22,18 +23,15 @@ pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> i32 {
         let ts = types::Timespec::new().nsec(50_000);
         q.push(Op::Timeout(&ts)).await;
     };
-    if let Err(e) = turn.check() {
-        return -e.errno();
-    }
+    turn.check().map_err(|e| Errno(e.errno()))?;
     Stats::add(&sh.stats.flushes, 1);
     let pages = turn.take_pages();
     let datasync = || Op::DataSync { fd: OVERLAY_FD };
-    let r = finish(q, PendingOp::push(q, datasync(), 0)).await;
-    if r != 0 {
-        return fail(&turn, "syncing overlay data", r);
-    }
+    finish(q, PendingOp::push(q, datasync(), 0))
+        .await
+        .map_err(|e| fail(&turn, "syncing overlay data", e))?;
     if pages.is_empty() {
-        return 0;
+        return Ok(());
     }
     let writes = pages
         .iter()
@@ -47,19 +45,16 @@ pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> i32 {
             w.push(q)
         })
         .collect();
-    let r = finish_all(q, writes).await;
-    if r != 0 {
-        return fail(&turn, "writing the overlay map", r);
-    }
-    let r = finish(q, PendingOp::push(q, datasync(), 0)).await;
-    if r != 0 {
-        return fail(&turn, "syncing the overlay map", r);
-    }
-    0
+    finish_all(q, writes)
+        .await
+        .map_err(|e| fail(&turn, "writing the overlay map", e))?;
+    finish(q, PendingOp::push(q, datasync(), 0))
+        .await
+        .map_err(|e| fail(&turn, "syncing the overlay map", e))
 }
 
-/// Step 6: the device fails for good; `r` is the negative errno.
-fn fail(turn: &DeviceFlushTurn<'_>, what: &str, r: i32) -> i32 {
-    turn.fail(what, std::io::Error::from_raw_os_error(-r));
-    r
+/// Step 6: the device fails for good after `what` failed with `e`.
+fn fail(turn: &DeviceFlushTurn<'_>, what: &str, e: Errno) -> Errno {
+    turn.fail(what, std::io::Error::from_raw_os_error(e.0));
+    e
 }

@@ -20,7 +20,7 @@
 //! `inline`, of the pipe and of user copy: reads of data already in memory
 //! and writes to a file in memory, none of which starts a device I/O and
 //! waits for it. A READ that lies in one run of a mapped file is not copied
-//! here at all (`ReadDone::Mapped`), nor is a WRITE whose overlay pages are
+//! here at all (`ReadData::Mapped`), nor is a WRITE whose overlay pages are
 //! mapped and ready (`write::place`).
 
 mod cache;
@@ -30,17 +30,19 @@ mod write;
 
 pub use cache::{cache_range, install, install_from_base};
 pub use flush::flush;
-pub use read::{ReadDone, read};
+pub use read::{ReadData, ReadDone, read};
 pub use write::{write, write_request, write_zeroes};
 
+use crate::engine::Errno;
 use crate::engine::base::DirectAlign;
 use crate::engine::locks::RangeGuard;
 use crate::engine::plan::ReadRun;
+use crate::engine::write::LockWait;
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
-use crate::ublk::inline::MemoryPath;
-use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish};
+use crate::ublk::inline::{MemoryPath, Written};
+use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
 use io_uring::types;
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -92,18 +94,13 @@ impl ZeroBlocks {
 /// Per-tag scratch space, reused across requests.
 #[derive(Default)]
 pub struct TagScratch {
+    /// The plan of the tag's READ being served.
     runs: Vec<ReadRun>,
+    /// The base bytes of a WRITE's fills (`write::RingWrite`).
     fill: Vec<u8>,
     /// The tag's pipe for small READs of mapped data with zero copy (see
     /// `pipe_read`), made on first use; `None` in it if it could not be.
     pipe: OnceCell<Option<Pipe>>,
-}
-
-impl TagScratch {
-    /// The runs of the last READ.
-    pub(crate) fn runs(&self) -> &[ReadRun] {
-        &self.runs
-    }
 }
 
 /// Where a read goes for what the inline reader cannot serve.
@@ -179,60 +176,56 @@ fn read_op<R: Ring>(
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
-/// overlay lives in memory (`Err` is its failure), else a ring write, pushed
-/// and returned.
+/// overlay lives in memory, else as a ring write, pushed onto `pending`.
 fn overlay_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     data: &[u8],
     pos: u64,
-) -> Result<Option<PendingOp<R>>, i32> {
-    match sh.overlay_io.write(pos, data) {
-        Some(0) => Ok(None),
-        Some(e) => Err(e),
-        None => Ok(Some(
-            FileWrite {
-                fd: OVERLAY_FD,
-                from: WriteSource::Memory(data.as_ptr()),
-                len: data.len() as u32,
-                pos,
-            }
-            .push(q),
-        )),
+    pending: &mut Vec<PendingOp<R>>,
+) -> Result<(), Errno> {
+    if sh.overlay_io.write(pos, data)? == Written::ToRing {
+        let w = FileWrite {
+            fd: OVERLAY_FD,
+            from: WriteSource::Memory(data.as_ptr()),
+            len: data.len() as u32,
+            pos,
+        };
+        pending.push(w.push(q));
     }
+    Ok(())
 }
 
-/// Writes `data` at overlay file offset `pos` and waits: 0 or a negative
-/// errno.
-async fn overlay_write<R: Ring>(q: &R, sh: &ServedDevice, data: &[u8], pos: u64) -> i32 {
-    finish_write(q, overlay_write_op(q, sh, data, pos)).await
+/// Writes `data` at overlay file offset `pos` and waits.
+async fn overlay_write<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    data: &[u8],
+    pos: u64,
+) -> Result<(), Errno> {
+    let mut pending = Vec::new();
+    let started = overlay_write_op(q, sh, data, pos, &mut pending);
+    let done = finish_all(q, pending).await;
+    started.and(done)
 }
 
-/// Completes a write that was done inline (`Ok(None)`), pushed, or failed
-/// before it started: 0 or a negative errno.
-async fn finish_write<R: Ring>(q: &R, write: Result<Option<PendingOp<R>>, i32>) -> i32 {
-    match write {
-        Ok(None) => 0,
-        Ok(Some(op)) => finish(q, op).await,
-        Err(e) => e,
-    }
+/// How a queue's thread waits for a block lock another queue's thread (or
+/// a request of this queue) holds: it must keep its ring turning meanwhile,
+/// so the wait is a short io_uring timeout; each counts in `lock_waits`.
+struct RingLockWait<'a, R: Ring> {
+    q: &'a R,
+    sh: &'a ServedDevice,
 }
 
-/// Waits until `blocks` are locked. Another queue's thread (or a request of
-/// this queue) may hold them, and this thread must keep its ring turning
-/// meanwhile, so the wait is a short io_uring timeout between tries; each
-/// counts in `lock_waits`.
-async fn lock<'a, R: Ring>(q: &R, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
-    loop {
-        if let Some(g) = sh
-            .dev
-            .locks()
-            .try_lock(blocks.start, blocks.end - blocks.start)
-        {
-            return g;
-        }
-        Stats::add(&sh.stats.lock_waits, 1);
+impl<R: Ring> LockWait for RingLockWait<'_, R> {
+    async fn wait_for_lock(&mut self) {
+        Stats::add(&self.sh.stats.lock_waits, 1);
         let ts = types::Timespec::new().nsec(20_000);
-        q.push(Op::Timeout(&ts)).await;
+        self.q.push(Op::Timeout(&ts)).await;
     }
+}
+
+/// Waits until `blocks` are locked (see `RingLockWait`).
+async fn lock<'a, R: Ring>(q: &R, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
+    crate::engine::write::lock(&sh.dev, &mut RingLockWait { q, sh }, blocks).await
 }

@@ -1,8 +1,9 @@
 //! READ: the plan's runs read from the base, the overlay or zeros, into the
 //! request; or, for one run in a mapped file, left where it is for ublk to
-//! copy at the commit (`ReadDone::Mapped`).
+//! copy at the commit (`ReadData::Mapped`).
 
 use super::{BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, read_op};
+use crate::engine::Errno;
 use crate::engine::plan::{self, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
@@ -12,10 +13,19 @@ use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
 use crate::ublk::request_buf::RequestBuf;
 use std::cell::OnceCell;
 
+/// A READ done: what its commit and the after-read policy need.
+pub struct ReadDone {
+    pub data: ReadData,
+    /// It read at least one whole block's worth from the base
+    /// (`after_read::CompletedRead::read_base_block`).
+    pub read_base_block: bool,
+}
+
 /// Where a READ left its data.
-pub enum ReadDone {
-    /// In the request buffer; or the READ failed (a negative errno).
-    Buffer(i32),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadData {
+    /// In the request buffer.
+    Buffer,
     /// All of it is in one mapped file, at this address. ublk copies it into
     /// the request from there when the READ is committed: one copy instead
     /// of two.
@@ -30,7 +40,7 @@ enum Transfer {
     /// /dev/zero read into the request's registered pages.
     ZerosFromDevice,
     /// Nothing moved: the run is the whole READ and lies in a mapping, which
-    /// the commit names for ublk to copy from (`ReadDone::Mapped`).
+    /// the commit names for ublk to copy from (`ReadData::Mapped`).
     CommitMapping,
     /// Into the daemon's buffer: what memory holds now (`read_op`), the
     /// ring the rest.
@@ -86,7 +96,7 @@ impl Transfer {
 
 /// READ of `buf.len()` bytes at `off`. With `may_map`, data in the
 /// daemon's memory that lies in one mapped run is left where it is
-/// (`ReadDone::Mapped`).
+/// (`ReadData::Mapped`).
 pub async fn read<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -94,7 +104,7 @@ pub async fn read<R: Ring>(
     off: u64,
     mut buf: RequestBuf<'_>,
     may_map: bool,
-) -> ReadDone {
+) -> Result<ReadDone, Errno> {
     let dev = &sh.dev;
     let st = &sh.stats;
     plan::plan_read(
@@ -104,6 +114,15 @@ pub async fn read<R: Ring>(
         buf.len() as u64,
         &mut s.runs,
     );
+    let bs = dev.geometry().block_size() as u64;
+    let read_base_block = s
+        .runs
+        .iter()
+        .any(|r| r.source == ReadSource::Base && r.len >= bs);
+    let done = |data| ReadDone {
+        data,
+        read_base_block,
+    };
     let mut pending = Vec::with_capacity(s.runs.len());
     let single = s.runs.len() == 1;
     let mut spliced = false;
@@ -171,7 +190,7 @@ pub async fn read<R: Ring>(
                 Transfer::CommitMapping => match file.mapped(pos, len) {
                     Some(at) => {
                         Stats::add(&st.reads_from_mapping, 1);
-                        return ReadDone::Mapped(at);
+                        return Ok(done(ReadData::Mapped(at)));
                     }
                     None => {
                         way = way.fallback();
@@ -212,17 +231,14 @@ pub async fn read<R: Ring>(
         }
     }
     let r = finish_all(q, pending).await;
-    if r != 0
+    if r.is_err()
         && spliced
         && let Some(Some(p)) = s.pipe.get()
     {
         // What the failed read left in the pipe would reach the next one.
         p.drain();
     }
-    ReadDone::Buffer(match r {
-        0 => buf.len() as i32,
-        e => e,
-    })
+    r.map(|()| done(ReadData::Buffer))
 }
 
 /// With zero copy, a READ of one small run (`request_buf::USER_COPY_MAX`)

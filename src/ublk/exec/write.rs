@@ -1,67 +1,83 @@
-//! WRITE, DISCARD and WRITE_ZEROES: straight to the overlay where every
-//! block is allocated, else under the blocks' locks with the partial
-//! blocks filled from the base (or zeros), and the map changed last.
+//! WRITE, DISCARD and WRITE_ZEROES on the queue's ring: the I/O of each
+//! step of `engine::write` (`RingWrite`, `RingZero`), which decides the
+//! steps and their order. Writing a WRITE's data takes the fastest way to
+//! be had: ublk copies it straight into the overlay's mapped pages
+//! (`place`), a fixed-buffer write from the request's registered pages, or
+//! a write from the daemon's memory (`data_write_op`).
 
 use super::{
-    BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZeroBlocks, finish_write, lock, overlay_write_op,
-    read_op,
+    BASE_FD, OVERLAY_FD, RingLockWait, RingRead, TagScratch, ZeroBlocks, overlay_write_op, read_op,
 };
-use crate::engine::locks::MAX_LOCK_BLOCKS;
-use crate::engine::map::BlockState;
-use crate::engine::plan::{self, Fill, WritePath};
+use crate::engine::Errno;
+use crate::engine::plan::Fill;
+use crate::engine::write::{self as steps, LockWait, WriteIo, ZeroIo};
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
 use crate::ublk::write_data::{Placement, WriteData};
 
+/// What `place` did with a WRITE's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// All of it is in the overlay's pages.
+    Placed,
+    /// None of it went there: it must be written from a buffer.
+    WriteInstead,
+}
+
 /// Has ublk copy a WRITE's data straight into the overlay's pages at
 /// overlay offset `pos`, when they are mapped and the data is still with
-/// ublk: `Some` with the bytes placed (all of them) or a negative errno,
-/// `None` when the data must be written from the buffer instead.
+/// ublk: `Placed` (all of it), or `WriteInstead` when the data must be
+/// written from a buffer instead.
 ///
 /// A copy that stopped part way (a page missing on a full tmpfs) fails the
 /// request: kernels differ in what they do with the rest of a request
 /// committed short (6.12 serves it again; 7.3 completes the whole request,
 /// so the rest would be lost without an error).
-async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Option<i32> {
+async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Result<Place, Errno> {
     if let Some(from) = data.user_copy() {
         // Zero copy: the data stays in the request's pages, so a copy that
         // fell short is simply written again, whole, from there.
-        return match sh.overlay_io.copy_from_request(pos, data.size(), from)? {
-            true => {
-                Stats::add(&sh.stats.writes_to_mapping, 1);
-                Some(data.size() as i32)
-            }
-            false => {
-                Stats::add(&sh.stats.writes_mapping_refused, 1);
-                None
-            }
-        };
+        return Ok(
+            match sh.overlay_io.copy_from_request(pos, data.size(), from) {
+                Some(true) => {
+                    Stats::add(&sh.stats.writes_to_mapping, 1);
+                    Place::Placed
+                }
+                Some(false) => {
+                    Stats::add(&sh.stats.writes_mapping_refused, 1);
+                    Place::WriteInstead
+                }
+                None => Place::WriteInstead,
+            },
+        );
     }
     if !data.placeable() {
-        return None;
+        return Ok(Place::WriteInstead);
     }
-    let at = sh.overlay_io.placeable(pos, data.size())?;
+    let Some(at) = sh.overlay_io.placeable(pos, data.size()) else {
+        return Ok(Place::WriteInstead);
+    };
     match data.place(at).await {
         Placement::Done(n) if n == data.size() as u64 => {
             Stats::add(&sh.stats.writes_to_mapping, 1);
-            Some(n as i32)
+            Ok(Place::Placed)
         }
         Placement::Done(_) => {
             Stats::add(&sh.stats.writes_mapping_refused, 1);
-            Some(-libc::EIO)
+            Err(Errno::EIO)
         }
         Placement::Refused => {
             Stats::add(&sh.stats.writes_mapping_refused, 1);
-            None
+            Ok(Place::WriteInstead)
         }
-        Placement::Lost => Some(-libc::EIO),
+        Placement::Lost => Err(Errno::EIO),
     }
 }
 
-/// Writes a WRITE's data at overlay offset `pos`: from its registered
-/// buffer, or from the daemon's memory as `overlay_write_op` does (fetching
-/// it from ublk first if need be).
+/// Writes a WRITE's data at overlay offset `pos`, pushing the ring's write
+/// onto `pending`: from its registered buffer, or from the daemon's memory
+/// as `overlay_write_op` does (fetching it from ublk first if need be).
 ///
 /// With zero copy a small WRITE to an overlay in memory takes the second
 /// way: user copy into the tag's staging buffer, then `pwrite` on this
@@ -73,114 +89,140 @@ async fn data_write_op<R: Ring>(
     sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
-) -> Result<Option<PendingOp<R>>, i32> {
+    pending: &mut Vec<PendingOp<R>>,
+) -> Result<(), Errno> {
     let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
     if let Some(index) = data.registered() {
         if !staged {
             let from = WriteSource::Registered { index, at: 0 };
             let len = data.size() as u32;
-            return Ok(Some(
-                FileWrite {
-                    fd: OVERLAY_FD,
-                    from,
-                    len,
-                    pos,
-                }
-                .push(q),
-            ));
+            let w = FileWrite {
+                fd: OVERLAY_FD,
+                from,
+                len,
+                pos,
+            };
+            pending.push(w.push(q));
+            return Ok(());
         }
         Stats::add(&sh.stats.writes_staged, 1);
     }
     let d = data.in_buffer().await?;
-    overlay_write_op(q, sh, d, pos)
+    overlay_write_op(q, sh, d, pos, pending)
 }
 
-/// WRITE of `data` at `off`: straight to the overlay when every block is
-/// allocated; otherwise under the blocks' locks, with read-modify-write of
-/// partial blocks, then the blocks are marked allocated. Returns the bytes
-/// written (all of them) or a negative errno.
+/// The I/O of the steps of one WRITE on the queue's ring.
+struct RingWrite<'a, 'd, R: Ring> {
+    q: &'a R,
+    sh: &'a ServedDevice,
+    /// Zeros for `Fill::Zeros`.
+    zeros: &'a [u8],
+    /// The base bytes of the head's fill in `fill[..bs]`, the tail's in
+    /// `fill[bs..]`.
+    fill: &'a mut Vec<u8>,
+    data: &'a mut WriteData<'d>,
+    /// The writes pushed and not yet completed: what they point to (`fill`,
+    /// `zeros`, `data`) is borrowed as long as this lives.
+    writes: Vec<PendingOp<R>>,
+}
+
+impl<R: Ring> RingWrite<'_, '_, R> {
+    fn block_size(&self) -> usize {
+        self.sh.dev.geometry().block_size() as usize
+    }
+}
+
+impl<R: Ring> LockWait for RingWrite<'_, '_, R> {
+    async fn wait_for_lock(&mut self) {
+        let (q, sh) = (self.q, self.sh);
+        RingLockWait { q, sh }.wait_for_lock().await
+    }
+}
+
+impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
+    type Error = Errno;
+
+    fn unallocated_ready(&self) -> bool {
+        self.sh.unallocated_ready
+    }
+
+    /// Both reads in flight together, through the page cache.
+    async fn read_fills(&mut self, fills: [Option<Fill>; 2]) -> Result<(), Errno> {
+        Stats::add(
+            &self.sh.stats.rmw_blocks,
+            fills.iter().flatten().count() as u64,
+        );
+        let bs = self.block_size();
+        if self.fill.len() < 2 * bs {
+            self.fill.resize(2 * bs, 0);
+        }
+        let mut reads = Vec::new();
+        let (q, sh) = (self.q, self.sh);
+        for (buf, fill) in self.fill.chunks_mut(bs).zip(fills) {
+            if let Some(Fill::FromBase { off, len }) = fill {
+                let dst = &mut buf[..len as usize];
+                reads.extend(read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, dst));
+            }
+        }
+        finish_all(q, reads).await
+    }
+
+    fn write_fill(&mut self, slot: usize, fill: Fill) -> Result<(), Errno> {
+        let bs = self.block_size();
+        let (src, off) = match fill {
+            Fill::FromBase { off, len } => (&self.fill[slot * bs..][..len as usize], off),
+            Fill::Zeros { off, len } => (&self.zeros[..len as usize], off),
+        };
+        let pos = self.sh.dev.overlay().data_pos(off);
+        overlay_write_op(self.q, self.sh, src, pos, &mut self.writes)
+    }
+
+    /// Into the overlay's pages if they are ready and ublk can put it
+    /// there (`place`), else a write (`data_write_op`).
+    async fn write_data(&mut self, off: u64, pages_ready: bool) -> Result<(), Errno> {
+        let pos = self.sh.dev.overlay().data_pos(off);
+        if pages_ready && place(self.sh, self.data, pos).await? == Place::Placed {
+            return Ok(());
+        }
+        data_write_op(self.q, self.sh, self.data, pos, &mut self.writes).await
+    }
+
+    async fn complete(&mut self) -> Result<(), Errno> {
+        finish_all(self.q, std::mem::take(&mut self.writes)).await
+    }
+}
+
+impl<R: Ring> Drop for RingWrite<'_, '_, R> {
+    fn drop(&mut self) {
+        // The memory they point to is free again once this is gone.
+        if !self.writes.is_empty() && !std::thread::panicking() {
+            panic!("a WRITE's steps ended with writes in flight");
+        }
+    }
+}
+
+/// WRITE of `data` at `off`, in the steps of `engine::write::write`: all
+/// of it written, and its blocks `Allocated`, when it returns `Ok`.
 pub async fn write<R: Ring>(
     q: &R,
     sh: &ServedDevice,
-    qb: &ZeroBlocks,
+    zb: &ZeroBlocks,
     s: &mut TagScratch,
     off: u64,
     data: &mut WriteData<'_>,
-) -> i32 {
-    let dev = &sh.dev;
+) -> Result<(), Errno> {
     let len = data.size() as u64;
-    let pos = dev.overlay().data_pos(off);
     Stats::add(&sh.stats.write_ops, 1);
     Stats::add(&sh.stats.write_bytes, len);
-    let blocks = match plan::write_path(dev.map(), dev.geometry(), off, len) {
-        WritePath::Unlocked => {
-            if let Some(r) = place(sh, data, pos).await {
-                return r;
-            }
-            let r = finish_write(q, data_write_op(q, sh, data, pos).await).await;
-            return if r < 0 { r } else { len as i32 };
-        }
-        WritePath::Locked(blocks) => blocks,
+    let mut io = RingWrite {
+        q,
+        sh,
+        zeros: &zb.zeros,
+        fill: &mut s.fill,
+        data,
+        writes: Vec::new(),
     };
-    let guard = lock(q, sh, blocks.clone()).await;
-    let p = plan::plan_locked_write(dev.map(), dev.geometry(), off, len);
-    Stats::add(&sh.stats.rmw_blocks, p.fills().count() as u64);
-
-    // Base data for the fills first: head in fill[..bs], tail in fill[bs..].
-    let bs = dev.geometry().block_size() as usize;
-    if s.fill.len() < 2 * bs {
-        s.fill.resize(2 * bs, 0);
-    }
-    let mut reads = Vec::new();
-    for (i, f) in [p.head, p.tail].into_iter().enumerate() {
-        if let Some(Fill::FromBase { off, len }) = f {
-            let dst = &mut s.fill[i * bs..i * bs + len as usize];
-            reads.extend(read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, dst));
-        }
-    }
-    let r = finish_all(q, reads).await;
-    if r < 0 {
-        return r;
-    }
-    let mut writes = Vec::new();
-    let mut failed = 0;
-    for (i, f) in [p.head, p.tail].into_iter().enumerate() {
-        let (src, off) = match f {
-            Some(Fill::FromBase { off, len }) => (&s.fill[i * bs..i * bs + len as usize], off),
-            Some(Fill::Zeros { off, len }) => (&qb.zeros[..len as usize], off),
-            None => continue,
-        };
-        match overlay_write_op(q, sh, src, dev.overlay().data_pos(off)) {
-            Ok(op) => writes.extend(op),
-            Err(e) => failed = e,
-        }
-    }
-    if failed == 0 {
-        let ready = plan::overlay_pages_ready(dev.map(), blocks, sh.unallocated_ready);
-        let placed = if ready {
-            place(sh, data, pos).await
-        } else {
-            None
-        };
-        match placed {
-            Some(r) if r < 0 => failed = r,
-            Some(_) => {}
-            None => match data_write_op(q, sh, data, pos).await {
-                Ok(op) => writes.extend(op),
-                Err(e) => failed = e,
-            },
-        }
-    }
-    // Pushed writes use the buffers: wait for them even after a failure.
-    let r = finish_all(q, writes).await;
-    if failed < 0 {
-        return failed;
-    }
-    if r < 0 {
-        return r;
-    }
-    dev.map().allocate(&guard, p.mark);
-    len as i32
+    steps::write(&sh.dev, &mut io, off, len).await
 }
 
 /// A WRITE request: `write`, then with `fua` (the request must be durable
@@ -193,55 +235,59 @@ pub async fn write_request<R: Ring>(
     off: u64,
     data: &mut WriteData<'_>,
     fua: bool,
-) -> i32 {
-    let r = write(q, sh, zb, s, off, data).await;
-    if r < 0 || !fua {
-        return r;
+) -> Result<(), Errno> {
+    write(q, sh, zb, s, off, data).await?;
+    if fua {
+        super::flush(q, sh).await?;
     }
-    match super::flush(q, sh).await {
-        0 => r,
-        e => e,
+    Ok(())
+}
+
+/// The I/O of the steps of one DISCARD or WRITE_ZEROES on the queue's ring.
+struct RingZero<'a, R: Ring> {
+    q: &'a R,
+    sh: &'a ServedDevice,
+    zb: &'a ZeroBlocks,
+    s: &'a mut TagScratch,
+}
+
+impl<R: Ring> LockWait for RingZero<'_, R> {
+    async fn wait_for_lock(&mut self) {
+        let (q, sh) = (self.q, self.sh);
+        RingLockWait { q, sh }.wait_for_lock().await
     }
 }
 
-/// DISCARD / WRITE_ZEROES of `[off, off+len)`.
+impl<R: Ring> ZeroIo for RingZero<'_, R> {
+    type Error = Errno;
+
+    async fn write_zeros(&mut self, off: u64, len: u64) -> Result<(), Errno> {
+        let zb = self.zb;
+        let zeros = &mut WriteData::bytes(&zb.zeros[..len as usize]);
+        write(self.q, self.sh, zb, self.s, off, zeros).await
+    }
+
+    async fn punch(&mut self, off: u64, len: u64) {
+        let punch = Op::Punch {
+            fd: OVERLAY_FD,
+            pos: self.sh.dev.overlay().data_pos(off),
+            len,
+        };
+        let _ = self.q.push(punch).await;
+    }
+}
+
+/// DISCARD / WRITE_ZEROES of `[off, off+len)`, in the steps of
+/// `engine::write::write_zeroes`.
 pub async fn write_zeroes<R: Ring>(
     q: &R,
     sh: &ServedDevice,
-    qb: &ZeroBlocks,
+    zb: &ZeroBlocks,
     s: &mut TagScratch,
     off: u64,
     len: u64,
-) -> i32 {
-    let dev = &sh.dev;
-    let geo = *dev.geometry();
-    let p = plan::plan_zero(&geo, off, len);
+) -> Result<(), Errno> {
     Stats::add(&sh.stats.zero_ops, 1);
-    for (o, l) in p.head.into_iter().chain(p.tail) {
-        let zeros = &mut WriteData::bytes(&qb.zeros[..l as usize]);
-        let r = write(q, sh, qb, s, o, zeros).await;
-        if r < 0 {
-            return r;
-        }
-    }
-    if let Some(whole) = p.whole {
-        let mut first = whole.start;
-        while first < whole.end {
-            let end = whole.end.min(first + MAX_LOCK_BLOCKS);
-            let guard = lock(q, sh, first..end).await;
-            dev.map().set_range(&guard, first..end, BlockState::Zero);
-            let start = geo.block_start(first);
-            let bytes = geo.block_end(end - 1) - start;
-            let punch = Op::Punch {
-                fd: OVERLAY_FD,
-                pos: dev.overlay().data_pos(start),
-                len: bytes,
-            };
-            // Space is only reclaimed: the map already says Zero, so a file
-            // system without hole punching loses nothing.
-            let _ = q.push(punch).await;
-            first = end;
-        }
-    }
-    0
+    let mut io = RingZero { q, sh, zb, s };
+    steps::write_zeroes(&sh.dev, &mut io, off, len).await
 }
