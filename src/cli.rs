@@ -1,7 +1,8 @@
 //! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
 //! and `recover`, their options, and the call into the daemon each one
-//! makes; and `info`, `check` and `map`, which read overlay files
-//! (`engine::chain`) and print what they found. Every option's help is written here: the first paragraph of its
+//! makes; `info`, `check` and `map`, which read overlay files
+//! (`engine::chain`) and print what they found; and `snapshot`, which
+//! freezes one into a layer under a new overlay. Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
@@ -112,6 +113,16 @@ pub(crate) enum Command {
     /// depth it came from, so the extents at depth 0 are the blocks written
     /// or discarded in that overlay. Opens the files read-only.
     Map(MapArgs),
+    /// Freeze an overlay into a layer and put a new, empty overlay over it
+    ///
+    /// FILE, an overlay that no device uses, is frozen: it becomes a layer,
+    /// read-only from then on (a layer already stays one). NEW is created
+    /// over it and takes the writes: `ublk-cow add --base FILE --overlay NEW`
+    /// serves the chain, reading each block from the topmost layer that
+    /// holds it. Forks are more overlays over the same layer, made the same
+    /// way or by `add --base FILE --overlay FORK`. NEW must not exist;
+    /// nothing is changed when any check fails.
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +153,16 @@ pub(crate) struct MapArgs {
     /// Print JSON (as `qemu-img map --output=json`) instead of a table
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SnapshotArgs {
+    /// The overlay to freeze (not in use by a device)
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// The new overlay to create over it
+    #[arg(long, value_name = "NEW")]
+    pub(crate) overlay: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -235,9 +256,11 @@ fn base_io_modes() -> OneOf<BaseIo> {
 
 #[derive(Args, Debug)]
 pub(crate) struct AddArgs {
-    /// The base image (file or block device), its size a multiple of 512
+    /// The base: an image (file or block device, its size a multiple of
+    /// 512), or a layer (a frozen overlay, see `snapshot`)
     ///
-    /// It is opened read-only and never written.
+    /// It is opened read-only and never written. A layer is served with the
+    /// chain below it: each block is read from the topmost file holding it.
     #[arg(long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 
@@ -478,6 +501,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
         Command::Map(m) => map(&m.file, m.json),
+        Command::Snapshot(s) => {
+            if let Some(n) = daemon::in_use_by(&s.file) {
+                anyhow::bail!("{} is in use by device {n}", s.file.display());
+            }
+            chain::snapshot(&s.file, &s.overlay)?;
+            Ok(())
+        }
     }
 }
 

@@ -775,6 +775,36 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
     overlay.freeze().map_err(|e| about(&who, e))
 }
 
+/// Snapshot of an overlay no device uses: freezes the overlay at `path`
+/// (it becomes a layer; already one, it stays so) and creates `new`, an
+/// empty overlay over it that takes the writes from then on. `new` must not
+/// exist; it is checked, with the overlay, before anything is written.
+pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
+    if std::fs::symlink_metadata(new).is_ok() {
+        return Err(Error::invalid(format!(
+            "{} exists: a snapshot's new overlay is a new file",
+            new.display()
+        )));
+    }
+    match new.parent() {
+        Some(d) if d.as_os_str().is_empty() || d.is_dir() => {}
+        _ => {
+            return Err(Error::invalid(format!(
+                "{}: its directory does not exist",
+                new.display()
+            )));
+        }
+    }
+    // The chain below must open (and the overlay be one), before the
+    // overlay is frozen.
+    let chain = Chain::open(path, Purpose::Reads)?;
+    if !chain.layers[0].overlay.header().frozen() {
+        freeze(path)?;
+    }
+    drop(chain);
+    create_overlay(new, path, None)
+}
+
 /// Opens the live overlay at `path` for reading and writing with the
 /// synchronous executor, over the backing its header records (checked):
 /// the engine's device on the host, with no ublk.
