@@ -106,3 +106,81 @@ print(" ".join(str(b) for b in sorted(blocks)))')
 
 CASES+=("layers: a chain of 16 layers made by snapshot reads as its writes|case_chain_16")
 CASES+=("layers: two forks of a layer at once; map lists a fork's written blocks; refusals|case_chain_forks")
+
+# The same writes to a chain of ublk-cow layers and to a qcow2 chain made
+# with qemu-img (4 KiB clusters, written through qemu-nbd): the same bytes,
+# and the same layer holding each block (qemu-img map against ublk-cow map).
+case_chain_qcow2() {
+    local n=4 i j off dev q blocks=$((BASE_MB * 256 - 4))
+    rm -f "$WORK"/cq*.cow "$WORK"/cq*.qcow2
+    modprobe nbd max_part=0 || { die "no nbd module"; return; }
+    dev=$(add --base "$BASE" --overlay "$WORK/cq1.cow") || { die "add"; return; }
+    for i in $(seq 1 $n); do
+        q=$WORK/cq$i.qcow2
+        if [ "$i" = 1 ]; then
+            qemu-img create -q -f qcow2 -o cluster_size=4096 -b "$BASE" -F raw "$q"
+        else
+            qemu-img create -q -f qcow2 -o cluster_size=4096 -b "$WORK/cq$((i - 1)).qcow2" -F qcow2 "$q"
+        fi
+        qemu-nbd -c /dev/nbd3 -f qcow2 "$q" || { die "qemu-nbd"; return; }
+        wait_nbd /dev/nbd3
+        for j in 1 2 3 4 5; do
+            off=$(( (RANDOM * 32768 + RANDOM) % blocks ))
+            head -c $((4096 * (1 + RANDOM % 4))) /dev/urandom > piece
+            dd if=piece of="$dev" bs=4096 seek="$off" oflag=direct status=none
+            dd if=piece of=/dev/nbd3 bs=4096 seek="$off" oflag=direct status=none
+        done
+        # One 512-byte write inside a block: both copy the rest from below.
+        off=$(( (RANDOM * 32768 + RANDOM) % blocks ))
+        head -c 512 /dev/urandom > piece
+        dd if=piece of="$dev" bs=512 seek=$((off * 8 + 5)) oflag=direct status=none
+        dd if=piece of=/dev/nbd3 bs=512 seek=$((off * 8 + 5)) oflag=direct status=none
+        qemu-nbd -d /dev/nbd3 >/dev/null
+        "$UC" del -n "$(dev_id "$dev")"
+        [ "$i" = $n ] && break
+        "$UC" snapshot "$WORK/cq$i.cow" --overlay "$WORK/cq$((i + 1)).cow" || { die "snapshot"; return; }
+        dev=$(add --base "$WORK/cq$i.cow" --overlay "$WORK/cq$((i + 1)).cow") || { die "add $i"; return; }
+    done
+    qemu-img convert -O raw "$WORK/cq$n.qcow2" "$WORK/cq.raw"
+    dev=$(add --base "$WORK/cq$((n - 1)).cow" --overlay "$WORK/cq$n.cow") || { die "add top"; return; }
+    [ "$(sha "$dev")" = "$(sha "$WORK/cq.raw")" ] \
+        || { die "the ublk-cow chain and the qcow2 chain read differently"; return; }
+    "$UC" del -n "$(dev_id "$dev")"
+    rm -f "$WORK/cq.raw"
+    local ours theirs
+    ours=$("$UC" map --json "$WORK/cq$n.cow" | depth_per_block) || { die "map"; return; }
+    theirs=$(qemu-img map --output=json "$WORK/cq$n.qcow2" | depth_per_block) || { die "qemu-img map"; return; }
+    [ "$ours" = "$theirs" ] || { die "the layer of each block differs: ours $ours, qcow2 $theirs"; return; }
+    say "  $n layers: the same bytes as the qcow2 chain, and the same layer for each of $(echo "$ours" | wc -w) runs of written blocks"
+    base_unchanged
+}
+
+# wait_nbd DEV: until the device answers with a size.
+wait_nbd() {
+    local i
+    for i in $(seq 50); do [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return; sleep 0.1; done
+}
+
+# The extents of `map --json` (ours or qemu-img's) as runs of 4 KiB blocks
+# held above the base: "depth:first-last" for each, depth 0 the file named.
+depth_per_block() {
+    python3 -c '
+import json, sys
+ext = json.load(sys.stdin)
+deepest = max(e["depth"] for e in ext)
+held = {}
+for e in ext:
+    if e["depth"] < deepest and e.get("data", True):
+        for b in range(e["start"] // 4096, (e["start"] + e["length"]) // 4096):
+            held[b] = e["depth"]
+runs, prev = [], None
+for b in sorted(held):
+    if prev and prev[0] == held[b] and prev[2] == b - 1:
+        prev[2] = b
+    else:
+        prev = [held[b], b, b]
+        runs.append(prev)
+print(" ".join("%d:%d-%d" % tuple(r) for r in runs))'
+}
+
+CASES+=("layers: the same writes to a ublk-cow chain and a qcow2 chain (qemu-img): same bytes, same layers|case_chain_qcow2")
