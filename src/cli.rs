@@ -119,7 +119,8 @@ pub(crate) enum Command {
     /// read-only from then on (a layer already stays one). NEW is created
     /// over it and takes the writes: `ublk-cow add --base FILE --overlay NEW`
     /// serves the chain, reading each block from the topmost layer that
-    /// holds it. Forks are more overlays over the same layer, made the same
+    /// holds it. With -n N instead of FILE, the overlay of device N, in use:
+    /// the device goes on over the chain, its writes landing in NEW. Forks are more overlays over the same layer, made the same
     /// way or by `add --base FILE --overlay FORK`. NEW must not exist;
     /// nothing is changed when any check fails.
     Snapshot(SnapshotArgs),
@@ -157,9 +158,22 @@ pub(crate) struct MapArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct SnapshotArgs {
-    /// The overlay to freeze (not in use by a device)
-    #[arg(value_name = "FILE")]
-    pub(crate) file: PathBuf,
+    /// The overlay to freeze, one no device uses
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "number",
+        conflicts_with = "number"
+    )]
+    pub(crate) file: Option<PathBuf>,
+    /// The device N of /dev/ublkbN, in use: its overlay is frozen
+    ///
+    /// The device must have been added with --overlay. Its I/O pauses
+    /// while the overlay is closed and frozen and a new daemon takes over
+    /// (ublk's user recovery: the kernel holds the requests meanwhile, and
+    /// none fails); the pause is printed. If the snapshot is interrupted,
+    /// `ublk-cow recover -n N` finishes it.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
     /// The new overlay to create over it
     #[arg(long, value_name = "NEW")]
     pub(crate) overlay: PathBuf,
@@ -501,13 +515,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
         Command::Map(m) => map(&m.file, m.json),
-        Command::Snapshot(s) => {
-            if let Some(n) = daemon::in_use_by(&s.file) {
-                anyhow::bail!("{} is in use by device {n}", s.file.display());
+        Command::Snapshot(s) => match (s.number, &s.file) {
+            (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
+            (None, Some(file)) => {
+                if let Some(n) = daemon::in_use_by(file) {
+                    anyhow::bail!(
+                        "{} is in use by device {n}: `snapshot -n {n}` snapshots a device in use",
+                        file.display()
+                    );
+                }
+                chain::snapshot(file, &s.overlay)?;
+                Ok(())
             }
-            chain::snapshot(&s.file, &s.overlay)?;
-            Ok(())
-        }
+            (None, None) => unreachable!("clap requires FILE or -n"),
+        },
     }
 }
 

@@ -11,6 +11,7 @@
 //! map into the overlay, as it does for a device whose daemon died.
 
 pub(crate) mod control;
+pub(crate) mod snapshot;
 pub(crate) mod state;
 
 use crate::engine::base::{BaseIo, DirectBase};
@@ -295,6 +296,9 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
+    if st.snapshot_to.is_some() && !st.daemon_alive() {
+        return snapshot::finish(st, foreground);
+    }
     if st.daemon_alive() {
         bail!(
             "device {id} is alive (daemon pid {}): nothing to recover",
@@ -510,6 +514,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         base_io: req.base_io,
         owner,
         failed: false,
+        snapshot_to: None,
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -757,6 +762,9 @@ pub(crate) fn del(id: u32) -> Result<()> {
             Some(kept) if kept.pid == st.pid => st = kept,
             _ => return Ok(()),
         }
+    }
+    if st.snapshot_to.is_some() {
+        bail!("a snapshot of device {id} was interrupted: `ublk-cow recover -n {id}` finishes it");
     }
     let mut failed = st.failed;
     if !st.temporary_overlay && !failed && state::map_path(id).exists() {

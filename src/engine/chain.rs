@@ -780,6 +780,20 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
 /// empty overlay over it that takes the writes from then on. `new` must not
 /// exist; it is checked, with the overlay, before anything is written.
 pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
+    check_new_overlay(new)?;
+    // The chain below must open (and the overlay be one), before the
+    // overlay is frozen.
+    let chain = Chain::open(path, Purpose::Reads)?;
+    if !chain.layers[0].overlay.header().frozen() {
+        freeze(path)?;
+    }
+    drop(chain);
+    create_overlay(new, path, None)
+}
+
+/// Refuses `new` as the new overlay of a snapshot unless it is a path
+/// where a file can be made: nothing there, its directory there.
+pub fn check_new_overlay(new: &Path) -> Result<(), Error> {
     if std::fs::symlink_metadata(new).is_ok() {
         return Err(Error::invalid(format!(
             "{} exists: a snapshot's new overlay is a new file",
@@ -795,14 +809,13 @@ pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
             )));
         }
     }
-    // The chain below must open (and the overlay be one), before the
-    // overlay is frozen.
-    let chain = Chain::open(path, Purpose::Reads)?;
-    if !chain.layers[0].overlay.header().frozen() {
-        freeze(path)?;
-    }
-    drop(chain);
-    create_overlay(new, path, None)
+    Ok(())
+}
+
+/// Whether the overlay at `path` is frozen (a layer).
+pub fn is_frozen(path: &Path) -> Result<bool, Error> {
+    let layer = open_layer(path, 0)?;
+    Ok(layer.overlay.header().frozen())
 }
 
 /// Opens the live overlay at `path` for reading and writing with the

@@ -184,3 +184,50 @@ print(" ".join("%d:%d-%d" % tuple(r) for r in runs))'
 }
 
 CASES+=("layers: the same writes to a ublk-cow chain and a qcow2 chain (qemu-img): same bytes, same layers|case_chain_qcow2")
+
+# snapshot -n of a device in use: under a fio verify load (no error, no
+# failed request), then quietly: a fork of the frozen layer reads what the
+# device held at the snapshot, and map of the new top lists exactly the
+# blocks written since.
+case_live_snapshot() {
+    local l0=$WORK/live0.cow l1=$WORK/live1.cow l2=$WORK/live2.cow fork=$WORK/live-fork.cow
+    local dev id pause at_snapshot
+    rm -f "$l0" "$l1" "$l2" "$fork"
+    dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
+    id=$(dev_id "$dev")
+    fio --name=verify --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
+        --bs=4k --iodepth=16 --size=48M --verify=crc32c --do_verify=1 \
+        --output=fio.out >/dev/null 2>&1 &
+    local fio_pid=$!
+    sleep 3
+    pause=$("$UC" snapshot -n "$id" --overlay "$l1" 2>&1 >/dev/null) || { die "snapshot under load: $pause"; return; }
+    say "  under fio verify: $pause"
+    wait "$fio_pid" || { die "fio verify failed across the snapshot: $(grep -i err fio.out | head -3)"; return; }
+    "$UC" info "$l0" | grep -q 'frozen' || { die "the old overlay is not frozen"; return; }
+    "$UC" list | grep -q "$l1" || { die "the device does not name its new overlay: $("$UC" list)"; return; }
+    # Quiet: the device's contents at the snapshot are the frozen layer's.
+    at_snapshot=$(sha "$dev")
+    pause=$("$UC" snapshot -n "$id" --overlay "$l2" 2>&1 >/dev/null) || { die "snapshot: $pause"; return; }
+    say "  quiet: $pause"
+    local f; f=$(add --base "$l1" --overlay "$fork") || { die "add fork"; return; }
+    [ "$(sha "$f")" = "$at_snapshot" ] || { die "the fork does not read what the device held at the snapshot"; return; }
+    [ "$(sha "$dev")" = "$at_snapshot" ] || { die "the device changed at the snapshot"; return; }
+    "$UC" del -n "$(dev_id "$f")"
+    local off written=""
+    for off in 100 101 5000 20000; do
+        head -c 4096 /dev/urandom | dd of="$dev" bs=4096 seek="$off" oflag=direct status=none
+        written="$written $off"
+    done
+    expect_fail "a snapshot onto an existing file" "$UC" snapshot -n "$id" --overlay "$l1"
+    "$UC" del -n "$id"
+    local got
+    got=$("$UC" map --json "$l2" | python3 -c '
+import json, sys
+print(" ".join(str(b) for e in json.load(sys.stdin) if e["depth"] == 0
+               for b in range(e["start"] // 4096, (e["start"] + e["length"]) // 4096)))')
+    [ "$got" = "${written# }" ] || { die "map of the new top: [$got], written since the snapshot: [${written# }]"; return; }
+    expect_fail "a snapshot of no device" "$UC" snapshot -n 77 --overlay "$WORK/none.cow"
+    base_unchanged
+}
+
+CASES+=("layers: snapshot -n of a device under fio verify; a fork reads the snapshot; map lists the writes since|case_live_snapshot")
