@@ -238,7 +238,7 @@ pub(crate) struct AddArgs {
     /// The base image (file or block device), its size a multiple of 512
     ///
     /// It is opened read-only and never written.
-    #[arg(long, value_name = "PATH")]
+    #[arg(short, long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 
     /// Keep the overlay in this file [default: a temporary file]
@@ -248,7 +248,7 @@ pub(crate) struct AddArgs {
     /// The device then continues where it left off. A file that does not
     /// exist is created. The temporary file is made in $TMPDIR (or /tmp) and
     /// removed at `del`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(short, long, value_name = "PATH")]
     pub(crate) overlay: Option<PathBuf>,
 
     /// Copy-on-write block size: a power of two from 4K to 1M [default: 4K]
@@ -266,14 +266,15 @@ pub(crate) struct AddArgs {
     /// The default is half the CPUs, at least one: a queue's thread shares
     /// its CPU with the applications that submit I/O to it, and leaves them
     /// the others.
-    #[arg(long, value_name = "N", default_value_t = default_queues())]
+    #[arg(short, long, value_name = "N", default_value_t = default_queues())]
     pub(crate) queues: u16,
 
     /// Requests in flight per queue, from 1 to 4096
     ///
     /// Enough to keep a fast overlay busy; in copy mode each has a buffer of
     /// 1 MiB.
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(short, long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub(crate) depth: u16,
 
     /// How requests' data moves between kernel and daemon
@@ -288,12 +289,12 @@ pub(crate) struct AddArgs {
 
     /// Device number N for /dev/ublkbN [default: the first free one]
     ///
-    /// A number already taken is refused.
-    #[arg(long, value_name = "N")]
+    /// A number already taken is refused. `--id` is another name for it.
+    #[arg(short = 'n', long = "number", visible_alias = "id", value_name = "N")]
     pub(crate) id: Option<u32>,
 
     /// Make the device read-only
-    #[arg(long)]
+    #[arg(short, long)]
     pub(crate) read_only: bool,
 
     /// Allocate the overlay's whole data area before serving
@@ -391,10 +392,10 @@ pub(crate) struct CacheArgs {
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: u32,
     /// Start of the range
-    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
+    #[arg(short, long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
     pub(crate) offset: u64,
     /// Length of the range [default: to the end of the device]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(short, long, value_name = "SIZE", value_parser = size_arg)]
     pub(crate) length: Option<u64>,
     /// Cache mode for this request [default: the device's --cache-mode]
     #[arg(long, value_name = "MODE", value_parser = cache_modes())]
@@ -420,16 +421,40 @@ pub(crate) struct DelArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: Option<u32>,
-    /// Every ublk-cow device
-    #[arg(long)]
+    /// Every ublk-cow device (none is not an error)
+    #[arg(short, long)]
     pub(crate) all: bool,
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct ListArgs {
-    /// Print JSON instead of a table
+    /// Only device N of /dev/ublkbN
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
+    /// Print JSON instead of a table (the schema is in docs/usage.md)
     #[arg(long)]
     pub(crate) json: bool,
+    /// Sizes in bytes instead of binary units (K, M, G, T)
+    #[arg(long)]
+    pub(crate) bytes: bool,
+}
+
+/// An error and its causes on one line, `: ` between them, leaving out a
+/// cause whose text the message before it already ends with (an error that
+/// prints its source, as many do, would otherwise say it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -464,7 +489,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Some(n) => daemon::del(n),
             None => daemon::del_all(),
         },
-        Command::List(l) => daemon::list(l.json),
+        Command::List(l) => daemon::list(l.number, l.json, l.bytes),
         Command::Recover(r) => daemon::recover(r.number, r.foreground),
         Command::Cache(c) => {
             let mode = if c.cow_on_cache {

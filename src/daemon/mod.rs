@@ -259,6 +259,7 @@ pub(crate) fn add(req: AddRequest) -> Result<()> {
 /// `ublk-cow recover -n N`: starts a new daemon for device N, whose daemon
 /// died, with the options and the live map the old one left.
 pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
+    need_root("recover")?;
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
@@ -324,6 +325,22 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     })
 }
 
+/// Set once the daemon's stderr is its log (`<id>.log`): an error before
+/// that goes to `add` alone, which prints it as its one line.
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Refuses, in one line, a command that changes devices when not run as
+/// root (removing or serving a ublk device needs root).
+fn need_root(command: &str) -> Result<()> {
+    if !crate::sys::is_root() {
+        bail!(
+            "{command} needs root (uid {} is not): run it with sudo",
+            crate::sys::euid()
+        );
+    }
+    Ok(())
+}
+
 /// Serves a prepared device: in the foreground, or in a daemon while this
 /// process waits to print the device path.
 fn start(p: Prepared) -> Result<()> {
@@ -343,8 +360,13 @@ fn start(p: Prepared) -> Result<()> {
             let code = match serve(p, ready) {
                 Ok(()) => 0,
                 Err(e) => {
-                    let _ = writeln!(&child_end, "error {e:#}");
-                    log::error!("{e:#}");
+                    let line = crate::cli::error_line(&e);
+                    let _ = writeln!(&child_end, "error {line}");
+                    // Once detached, the log keeps it; before, the error
+                    // line that `add` prints is the only one.
+                    if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
+                        log::error!("{line}");
+                    }
                     1
                 }
             };
@@ -449,6 +471,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         let log =
             state::create_in_run_dir(&state::log_path(id)).context("creating the daemon log")?;
         crate::sys::detach(&log).context("detaching the daemon")?;
+        DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let (dev, made) = open_device(&req, base, &overlay, block_size, recover, id)?;
     let unclean = !made.created && !dev.was_clean();
@@ -694,6 +717,7 @@ fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
 /// had failed is removed with its overlay as of its last good flush, and
 /// `del` fails to say so.
 pub(crate) fn del(id: u32) -> Result<()> {
+    need_root("del")?;
     let Some(mut st) = DeviceState::load(id)? else {
         if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
@@ -788,62 +812,163 @@ fn close_from_live_map(st: &DeviceState) -> Result<bool> {
     Ok(true)
 }
 
-/// `ublk-cow del --all`.
+/// `ublk-cow del --all`: every device, each as `del -n N`. With none, says
+/// so and succeeds.
 pub(crate) fn del_all() -> Result<()> {
-    let mut failed = None;
-    for st in state::all()? {
+    need_root("del")?;
+    let all = state::all()?;
+    if all.is_empty() {
+        println!("no ublk-cow devices");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for st in &all {
         if let Err(e) = del(st.id) {
-            eprintln!("ublk-cow: device {}: {e:#}", st.id);
-            failed = Some(e);
+            eprintln!("ublk-cow: device {}: {}", st.id, crate::cli::error_line(&e));
+            failed += 1;
         }
     }
-    match failed {
-        Some(_) => bail!("some devices could not be removed"),
-        None => Ok(()),
+    if failed > 0 {
+        bail!("{failed} of {} devices could not be removed", all.len());
+    }
+    Ok(())
+}
+
+/// A device as `list --json` prints it: the schema docs/usage.md documents
+/// (not the state file, whose fields are internal and may change).
+#[derive(serde::Serialize)]
+struct ListEntry<'a> {
+    id: u32,
+    device: &'a str,
+    /// As the table's STATE: running, unclean, dead or failed.
+    state: &'static str,
+    pid: i32,
+    base: &'a Path,
+    overlay: &'a Path,
+    temporary_overlay: bool,
+    size: u64,
+    block_size: u32,
+    read_only: bool,
+    queues: u16,
+    depth: u16,
+    zero_copy: bool,
+    base_io: BaseIo,
+    cache_mode: CacheMode,
+    /// The `--readahead` value: `off`, `auto`, or a window in bytes.
+    readahead: String,
+    cow_on_read: bool,
+    forced: bool,
+    owner: u32,
+}
+
+impl<'a> ListEntry<'a> {
+    fn of(s: &'a DeviceState) -> ListEntry<'a> {
+        ListEntry {
+            id: s.id,
+            device: &s.device,
+            state: s.state_name(),
+            pid: s.pid,
+            base: &s.base,
+            overlay: &s.overlay,
+            temporary_overlay: s.temporary_overlay,
+            size: s.size,
+            block_size: s.block_size,
+            read_only: s.read_only,
+            queues: s.queues,
+            depth: s.depth,
+            zero_copy: s.zero_copy,
+            base_io: s.base_io,
+            cache_mode: s.policy.mode,
+            readahead: s.policy.readahead.to_string(),
+            cow_on_read: s.policy.cow_on_read,
+            forced: s.forced,
+            owner: s.owner,
+        }
     }
 }
 
-/// `ublk-cow list [--json]`.
-pub(crate) fn list(json: bool) -> Result<()> {
-    let all = state::all()?;
+/// `bytes` in binary units, as `ls -h` does: `512`, `4K`, `1.5G`.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let scale = 1u64 << (10 * unit);
+    if bytes % scale == 0 {
+        format!("{}{}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1}{}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}
+
+/// `ublk-cow list [-n N] [--json] [--bytes]`.
+pub(crate) fn list(number: Option<u32>, json: bool, bytes: bool) -> Result<()> {
+    let mut all = state::all()?;
+    if let Some(n) = number {
+        all.retain(|s| s.id == n);
+        if all.is_empty() {
+            bail!("there is no ublk-cow device {n}");
+        }
+    }
     if json {
-        let rows: Vec<_> = all
-            .iter()
-            .map(|s| {
-                let mut v = serde_json::to_value(s).unwrap();
-                v["running"] = serde_json::Value::Bool(s.daemon_alive());
-                v
-            })
-            .collect();
+        let rows: Vec<_> = all.iter().map(ListEntry::of).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} OVERLAY",
-        "ID", "DEVICE", "SIZE", "BLOCK", "STATE", "BASE"
-    );
-    for s in all {
-        let state = match (s.daemon_alive(), s.failed, s.recovered_unclean) {
-            (_, true, _) => "failed",
-            (false, _, _) => "dead",
-            (true, _, true) => "unclean",
-            (true, _, false) => "running",
-        };
-        println!(
-            "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} {}{}",
-            s.id,
-            s.device,
-            s.size,
-            s.block_size,
-            state,
-            s.base.display(),
-            s.overlay.display(),
-            if s.temporary_overlay {
-                " (temporary)"
-            } else {
-                ""
-            }
+    let size = |n: u64| if bytes { n.to_string() } else { human(n) };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "DEVICE".into(),
+        "SIZE".into(),
+        "BLOCK".into(),
+        "STATE".into(),
+        "BASE".into(),
+        "OVERLAY".into(),
+    ]];
+    for s in &all {
+        rows.push([
+            s.id.to_string(),
+            s.device.clone(),
+            size(s.size),
+            size(u64::from(s.block_size)),
+            s.state_name().into(),
+            s.base.display().to_string(),
+            format!(
+                "{}{}",
+                s.overlay.display(),
+                if s.temporary_overlay {
+                    " (temporary)"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+    }
+    // Each column as wide as its widest cell, so a long path shifts the
+    // columns after it instead of running into them; sizes to the right.
+    let width: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for r in &rows {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {:<w5$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4],
+            w5 = width[5],
         );
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
 }
