@@ -21,10 +21,18 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `--version`: the version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("UBLK_COW_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ublk-cow",
-    version,
+    version = VERSION,
     about = "A copy-on-write block device served from user space through ublk",
     long_about = "A copy-on-write block device served from user space through ublk.\n\n\
         `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \

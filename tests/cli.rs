@@ -630,3 +630,29 @@ fn every_command_takes_a_device_number_as_n() {
         sc.refused(&args, REFUSED, "multiple of 512");
     }
 }
+
+/// `--version` names the version and the commit the binary was built from
+/// (`unknown` outside a git checkout).
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let head = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    let commit = std::env::var("UBLK_COW_COMMIT")
+        .ok()
+        .or(head)
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        text.trim(),
+        format!("ublk-cow {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
