@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean man completions
 
 all: build
 
@@ -18,6 +18,17 @@ setup:
 # read back, base unchanged. In a VM when this host has no ublk_drv.
 demo: setup build
 	bash ci/in-ublk-env.sh tests/e2e/demo.sh
+
+# The man pages (ublk-cow.1, ublk-cow-COMMAND.1) and the bash, zsh and fish
+# completions, generated from the command line's definitions.
+MAN_DIR := target/man
+COMPLETIONS_DIR := target/completions
+
+man:
+	$(CARGO) run --release --locked --example generate -- man $(MAN_DIR)
+
+completions:
+	$(CARGO) run --release --locked --example generate -- completions $(COMPLETIONS_DIR)
 
 lint:
 	$(CARGO) fmt --check

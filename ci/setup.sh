@@ -1,10 +1,17 @@
 #!/bin/bash
 # Everything `make demo` and `make test` need on a fresh Debian machine with
-# Rust: libclang-dev for libublk's bindgen, then the VM tools.
+# Rust: libclang-dev for libublk's bindgen; man-db and groff to check the
+# man pages; systemd for `systemd-analyze verify` of the unit; then the VM
+# tools.
 set -eu
 cd "$(dirname "$0")/.."
-if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+PACKAGES="libclang-dev man-db groff-base systemd"
+missing=""
+for p in $PACKAGES; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 bash ci/vm-setup.sh
