@@ -31,17 +31,15 @@ fn main() {
         if std::fs::canonicalize(&top).ok()? != std::fs::canonicalize(&dir).ok()? {
             return None;
         }
-        // Rebuild when HEAD moves: HEAD itself, the branch it names, and
-        // packed refs.
-        for path in ["HEAD", "packed-refs"] {
-            if let Some(p) = git(&dir, &["rev-parse", "--git-path", path]) {
+        // Rebuild when HEAD moves: HEAD itself, the branches (a commit
+        // writes one), and packed refs. A path that does not exist is left
+        // out: cargo would run this script on every build.
+        for path in ["HEAD", "refs/heads", "packed-refs"] {
+            if let Some(p) = git(&dir, &["rev-parse", "--git-path", path])
+                && dir.join(&p).exists()
+            {
                 println!("cargo:rerun-if-changed={}", dir.join(p).display());
             }
-        }
-        if let Some(branch) = git(&dir, &["symbolic-ref", "-q", "HEAD"])
-            && let Some(p) = git(&dir, &["rev-parse", "--git-path", &branch])
-        {
-            println!("cargo:rerun-if-changed={}", dir.join(p).display());
         }
         git(&dir, &["rev-parse", "--short", "HEAD"])
     });

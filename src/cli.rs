@@ -120,6 +120,23 @@ pub(crate) enum Command {
     /// depth it came from, so the extents at depth 0 are the blocks written
     /// or discarded in that overlay. Opens the files read-only.
     Map(MapArgs),
+    /// Serve the device a configuration file describes (what systemd runs)
+    ///
+    /// What the unit ublk-cow@NAME.service runs with /etc/ublk-cow/NAME.conf:
+    /// `key = value` lines naming `base`, `overlay` and any other option of
+    /// `add` by its long name (`number = 3`, `read-only = yes`); `#` starts
+    /// a comment. The device is served in the foreground and systemd is told
+    /// READY=1 once it accepts I/O. When the overlay's device is there and
+    /// its daemon is gone (a crash), it is recovered instead of added: the
+    /// same /dev/ublkbN, no write lost. SIGTERM (`systemctl stop`) is `del`.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// The configuration file, e.g. /etc/ublk-cow/NAME.conf
+    #[arg(value_name = "CONFIG")]
+    pub(crate) config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -467,32 +484,8 @@ pub fn error_line(e: &anyhow::Error) -> String {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Add(a) => daemon::add(AddRequest {
-            base: a.base,
-            overlay: a.overlay,
-            block_size: a.block_size,
-            target: TargetConfig {
-                id: a.id,
-                queues: a.queues,
-                depth: a.depth,
-                zero_copy: a.zero_copy,
-            },
-            read_only: a.read_only,
-            preallocate: a.preallocate,
-            foreground: a.foreground,
-            force: a.force,
-            policy: CachePolicy {
-                mode: if a.cow_on_cache {
-                    CacheMode::Cow
-                } else {
-                    a.cache_mode
-                },
-                readahead: a.readahead,
-                cow_on_read: a.cow_on_read,
-                ..CachePolicy::default()
-            },
-            base_io: a.base_io,
-        }),
+        Command::Add(a) => daemon::add(add_request(a)),
+        Command::Serve(s) => serve(&s.config),
         Command::Del(d) => match d.number {
             Some(n) => daemon::del(n),
             None => daemon::del_all(),
@@ -511,6 +504,65 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
         Command::Map(m) => map(&m.file, m.json),
+    }
+}
+
+/// What `add` was asked for, from its options.
+fn add_request(a: AddArgs) -> AddRequest {
+    AddRequest {
+        base: a.base,
+        overlay: a.overlay,
+        block_size: a.block_size,
+        target: TargetConfig {
+            id: a.id,
+            queues: a.queues,
+            depth: a.depth,
+            zero_copy: a.zero_copy,
+        },
+        read_only: a.read_only,
+        preallocate: a.preallocate,
+        foreground: a.foreground,
+        force: a.force,
+        policy: CachePolicy {
+            mode: if a.cow_on_cache {
+                CacheMode::Cow
+            } else {
+                a.cache_mode
+            },
+            readahead: a.readahead,
+            cow_on_read: a.cow_on_read,
+            ..CachePolicy::default()
+        },
+        base_io: a.base_io,
+    }
+}
+
+/// `ublk-cow serve CONFIG`: the configuration read as `add --foreground`
+/// options, then served (or recovered) by `daemon::service`.
+fn serve(config: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let add = cmd
+        .find_subcommand("add")
+        .expect("the add command is defined");
+    let flags: Vec<String> = add
+        .get_arguments()
+        .filter(|a| !a.get_action().takes_values())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let argv = daemon::service::add_argv(config, &flags)?;
+    let cli = Cli::try_parse_from(&argv).map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "{}: {}",
+            config.display(),
+            first.trim_start_matches("error: ")
+        )
+    })?;
+    match cli.command {
+        Command::Add(a) => daemon::service::serve(add_request(a)),
+        _ => unreachable!("add_argv makes an add command line"),
     }
 }
 

@@ -98,7 +98,10 @@ fn extra_sections() -> Roff {
             "The log of device N's daemon. Removed when the device stops cleanly; kept \
              when the daemon fails (to start, or later), for the reason.",
         ),
-        ("/run/ublk-cow/N.sock", "The control socket of device N's daemon."),
+        (
+            "/run/ublk-cow/N.sock",
+            "The control socket of device N's daemon.",
+        ),
         (
             "/etc/ublk-cow/NAME.conf",
             "A device for the systemd unit ublk-cow@NAME.service.",

@@ -572,13 +572,22 @@ fn list_shows_human_sizes_and_aligned_columns() {
     let col = |l: &str, name: &str| lines[0].find(name).map(|i| l[i..].to_string());
     for l in &lines[1..] {
         assert!(col(l, "STATE").unwrap().starts_with("running"), "{text}");
-        assert!(col(l, "BASE").unwrap().starts_with("/srv/base.img"), "{text}");
+        assert!(
+            col(l, "BASE").unwrap().starts_with("/srv/base.img"),
+            "{text}"
+        );
         assert!(col(l, "OVERLAY").unwrap().starts_with('/'), "{text}");
     }
-    assert!(lines[1].contains(" 10G ") && lines[1].contains(" 64K "), "{text}");
+    assert!(
+        lines[1].contains(" 10G ") && lines[1].contains(" 64K "),
+        "{text}"
+    );
     assert!(lines[1].contains(&long), "{text}");
     let raw = String::from_utf8(sc.run(&["list", "--bytes"]).stdout).unwrap();
-    assert!(raw.contains(" 10737418240 ") && raw.contains(" 65536 "), "{raw}");
+    assert!(
+        raw.contains(" 10737418240 ") && raw.contains(" 65536 "),
+        "{raw}"
+    );
     let one = String::from_utf8(sc.run(&["list", "-n", "12"]).stdout).unwrap();
     assert_eq!(one.lines().count(), 2, "{one}");
     assert!(one.lines().nth(1).unwrap().starts_with("12 "), "{one}");
@@ -598,9 +607,25 @@ fn list_json_is_the_documented_schema() {
     let mut keys: Vec<&str> = d.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     keys.sort();
     let mut want = vec![
-        "id", "device", "state", "pid", "base", "overlay", "temporary_overlay", "size",
-        "block_size", "read_only", "queues", "depth", "zero_copy", "base_io", "cache_mode",
-        "readahead", "cow_on_read", "forced", "owner",
+        "id",
+        "device",
+        "state",
+        "pid",
+        "base",
+        "overlay",
+        "temporary_overlay",
+        "size",
+        "block_size",
+        "read_only",
+        "queues",
+        "depth",
+        "zero_copy",
+        "base_io",
+        "cache_mode",
+        "readahead",
+        "cow_on_read",
+        "forced",
+        "owner",
     ];
     want.sort();
     assert_eq!(keys, want);
@@ -642,7 +667,13 @@ fn version_names_the_commit() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).unwrap();
     let head = Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())

@@ -37,16 +37,33 @@ fn man_pages_are_clean_and_complete() {
         assert!(out.status.success(), "{page}: {err}");
         assert!(err.trim().is_empty(), "{page}: warnings: {err}");
         let name = page.trim_end_matches(".1");
-        assert!(String::from_utf8_lossy(&out.stdout).contains(name), "{page}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(name),
+            "{page}"
+        );
     }
     // Every option of `add` is in its page, with its default.
     let add = String::from_utf8(std::fs::read(d.join("ublk-cow-add.1")).unwrap()).unwrap();
     for opt in [
-        "base", "overlay", "block\\-size", "queues", "depth", "number", "read\\-only",
-        "preallocate", "foreground", "force", "cache\\-mode", "readahead", "base\\-io",
+        "base",
+        "overlay",
+        "block\\-size",
+        "queues",
+        "depth",
+        "number",
+        "read\\-only",
+        "preallocate",
+        "foreground",
+        "force",
+        "cache\\-mode",
+        "readahead",
+        "base\\-io",
         "zero\\-copy",
     ] {
-        assert!(add.contains(&format!("\\-\\-{opt}")), "ublk-cow-add.1 lacks --{opt}");
+        assert!(
+            add.contains(&format!("\\-\\-{opt}")),
+            "ublk-cow-add.1 lacks --{opt}"
+        );
     }
     assert!(add.contains("[default: 128]"), "{add}");
     let top = String::from_utf8(std::fs::read(d.join("ublk-cow.1")).unwrap()).unwrap();
@@ -74,5 +91,27 @@ fn completions_cover_every_command() {
         .status()
         .unwrap();
     assert!(bash.success());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The unit names `ublk-cow-serve(1)` and `ublk-cow(1)`: they must exist.
+#[test]
+fn the_unit_documents_pages_that_exist() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/systemd/ublk-cow@.service"
+    ))
+    .unwrap();
+    let d = scratch("unit-pages");
+    ublk_cow::generate::man_pages(&d).unwrap();
+    let docs = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Documentation="))
+        .unwrap();
+    for page in docs.split_whitespace() {
+        let name = page.trim_start_matches("man:").replace("(1)", ".1");
+        assert!(d.join(&name).exists(), "{page} is not generated");
+    }
+    assert!(unit.contains("Type=notify") && unit.contains(" serve /etc/ublk-cow/%i.conf"));
     std::fs::remove_dir_all(&d).unwrap();
 }

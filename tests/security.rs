@@ -148,7 +148,11 @@ fn a_daemon_of_another_user_is_alive() {
     }
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let state_of = |id: &str| {
         text.lines()
             .find(|l| l.split_whitespace().next() == Some(id))

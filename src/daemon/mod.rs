@@ -11,6 +11,7 @@
 //! map into the overlay, as it does for a device whose daemon died.
 
 pub(crate) mod control;
+pub(crate) mod service;
 pub(crate) mod state;
 
 use crate::engine::base::{Base, BaseIo, DirectBase, open_base};
@@ -345,7 +346,14 @@ fn need_root(command: &str) -> Result<()> {
 /// process waits to print the device path.
 fn start(p: Prepared) -> Result<()> {
     if p.req.foreground {
-        return serve(p, Box::new(|path| println!("{path}")));
+        return serve(
+            p,
+            Box::new(|path| {
+                println!("{path}");
+                // Under systemd (Type=notify): the device accepts I/O now.
+                service::notify(&format!("READY=1\nSTATUS=serving {path}"));
+            }),
+        );
     }
     let (mut parent_end, child_end) = UnixStream::pair().context("creating a pipe")?;
     // SAFETY: `add` and `recover` have started no thread yet: the ublk
