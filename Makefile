@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean man completions install uninstall check-kit
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -60,6 +60,13 @@ install: build man completions
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 	rm -f $(DESTDIR)$(MANDIR)/man1/ublk-cow.1 $(DESTDIR)$(MANDIR)/man1/ublk-cow-*.1
+
+# A Debian package with cargo-deb (`cargo install cargo-deb --locked`, which
+# `make setup` does): target/debian/ublk-cow_VERSION-1_ARCH.deb.
+deb: build man completions
+	mkdir -p target/deb
+	sed 's|@BINDIR@|/usr/bin|g' dist/systemd/ublk-cow@.service > target/deb/ublk-cow@.service
+	$(CARGO) deb --no-build --locked
 
 # What ships, checked: `make install` into a staging directory, the
 # installed binary's --version and --help, the unit verified by systemd,
