@@ -25,7 +25,12 @@ impl Progress {
     }
 
     fn new(what: &str, total: Option<u64>) -> Progress {
-        if !std::io::stderr().is_terminal() {
+        Progress::on(std::io::stderr().is_terminal(), what, total)
+    }
+
+    /// A bar drawn on stderr if `terminal`, else nothing.
+    fn on(terminal: bool, what: &str, total: Option<u64>) -> Progress {
+        if !terminal {
             return Progress { bar: None };
         }
         let bar = match total {
@@ -70,6 +75,26 @@ impl Drop for Progress {
     fn drop(&mut self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_only_on_a_terminal() {
+        for total in [Some(100), None] {
+            let silent = Progress::on(false, "test", total);
+            assert!(!silent.shown());
+            silent.set(50);
+            silent.finish();
+            let shown = Progress::on(true, "test", total);
+            assert!(shown.shown());
+            shown.set(50);
+            assert_eq!(shown.bar.as_ref().unwrap().position(), 50);
+            shown.finish();
         }
     }
 }

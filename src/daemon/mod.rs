@@ -382,10 +382,16 @@ fn start(p: Prepared) -> Result<()> {
         }
         Forked::Parent => {
             drop(child_end);
+            // Allocating (and on tmpfs initializing) the whole overlay takes
+            // time in proportion to the size.
+            let waiting = p
+                .req
+                .preallocate
+                .then(|| crate::progress::Progress::spinner("preallocating the overlay"));
             let mut line = String::new();
-            BufReader::new(&mut parent_end)
-                .read_line(&mut line)
-                .context("waiting for the daemon")?;
+            let read = BufReader::new(&mut parent_end).read_line(&mut line);
+            drop(waiting);
+            read.context("waiting for the daemon")?;
             match line.trim_end().split_once(' ') {
                 Some(("ready", path)) => {
                     println!("{path}");
@@ -710,9 +716,14 @@ fn open_device(
 
 /// `--preallocate`: allocates the overlay's data area, so that first writes
 /// find their space already there.
+/// One call, not pieces: where the space is not there, a file system such
+/// as tmpfs then leaves the file as it was.
 fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
     let size = dev.geometry().size();
     let overlay = dev.overlay();
+    // Shown in the foreground on a terminal; `add` shows its own while a
+    // daemon does this.
+    let _waiting = crate::progress::Progress::spinner("preallocating the overlay");
     crate::sys::allocate(overlay.storage(), overlay.data_pos(0), size)
         .with_context(|| format!("preallocating {size} bytes of the overlay"))
 }
@@ -741,6 +752,9 @@ pub(crate) fn del(id: u32) -> Result<()> {
     }
     if st.daemon_alive() {
         crate::sys::kill(st.pid, libc::SIGTERM).context("signalling the daemon")?;
+        let _waiting = crate::progress::Progress::spinner(&format!(
+            "device {id}: flushing the overlay and stopping"
+        ));
         let deadline = Instant::now() + Duration::from_secs(120);
         while st.daemon_alive() {
             if Instant::now() > deadline {
@@ -1003,7 +1017,7 @@ pub(crate) fn cache(
             st.size
         );
     }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && length >= (64 << 20);
+    let bar = crate::progress::Progress::bytes(&format!("cache of device {id}"), length);
     let start = Instant::now();
     let req = control::Request::Cache {
         offset,
@@ -1011,18 +1025,11 @@ pub(crate) fn cache(
         mode,
     };
     let last = control::call(id, &req, |r| {
-        if let (true, Some(p), Some(t)) = (tty, r.progress, r.total) {
-            eprint!(
-                "\rcache: {:3}% ({} of {} MiB)",
-                p * 100 / t,
-                p >> 20,
-                t >> 20
-            );
+        if let Some(p) = r.progress {
+            bar.set(p);
         }
     });
-    if tty {
-        eprintln!();
-    }
+    bar.finish();
     let done = last?
         .done
         .ok_or_else(|| anyhow!("the daemon did not finish the request"))?;
