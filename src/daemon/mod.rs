@@ -544,7 +544,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         match st_ready.save() {
             Ok(()) => ready(&path),
             Err(e) => {
-                log::error!("{e:#}");
+                log::error!("{}", crate::cli::error_line(&e));
                 let _ = ublk::stop(id);
             }
         }
@@ -554,7 +554,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
     let kept = closed.is_err() && !st.temporary_overlay;
     if let Err(e) = &closed {
-        log::error!("closing the overlay: {e:#}");
+        log::error!("closing the overlay: {}", crate::cli::error_line(e));
     }
     if kept {
         // The live map (or, after a failed flush, the failed state) stays
@@ -564,7 +564,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
             ..st.clone()
         };
         if let Err(e) = st.save() {
-            log::error!("{e:#}");
+            log::error!("{}", crate::cli::error_line(&e));
         }
         ctrl.disown();
         log::error!("{}", kept_note(&st));
@@ -618,7 +618,7 @@ fn watch_failure(sh: Arc<ServedDevice>, st: DeviceState) {
         if state::state_path(st.id).exists() {
             let st = DeviceState { failed: true, ..st };
             if let Err(e) = st.save() {
-                log::error!("{e:#}");
+                log::error!("{}", crate::cli::error_line(&e));
             }
         }
     });

@@ -114,7 +114,7 @@ pub(crate) fn notify(msg: &str) {
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET")
         && let Err(e) = notify_to(&path, msg)
     {
-        log::warn!("telling systemd {msg:?}: {e:#}");
+        log::warn!("telling systemd {msg:?}: {}", crate::cli::error_line(&e));
     }
 }
 
