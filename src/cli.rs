@@ -1,6 +1,6 @@
-//! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
-//! and `recover`, their options, and the call into the daemon each one
-//! makes; and `info`, `check` and `map`, which read overlay files
+//! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`,
+//! `recover` and `serve`, their options, and the call into the daemon each
+//! one makes; and `info`, `check` and `map`, which read overlay files
 //! (`engine::chain`) and print what they found. Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
@@ -67,8 +67,10 @@ pub(crate) enum Command {
     ///
     /// From the state files in /run/ublk-cow (or $UBLK_COW_RUN_DIR). STATE is
     /// `running`; `unclean` when the overlay had not been closed cleanly
-    /// before this daemon opened it; or `dead` when the daemon died (see
-    /// `recover`). --json adds the options each device was added with.
+    /// before this daemon opened it; `dead` when the daemon died (see
+    /// `recover`); or `failed` when a flush failed. Sizes are in binary
+    /// units (--bytes: in bytes). --json adds the options each device was
+    /// added with, in the schema docs/usage.md gives.
     List(ListArgs),
     /// Cache a range of a device: warm it, or copy it into the overlay
     ///
