@@ -687,3 +687,42 @@ fn version_names_the_commit() {
         format!("ublk-cow {} (commit {commit})", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `serve CONFIG`: a bad configuration is one line naming the file, and
+/// nothing is created.
+#[test]
+fn a_bad_serve_configuration_is_refused() {
+    let sc = Scratch::new("serve");
+    let base = sc.base();
+    let conf = sc.path("dev.conf");
+    let ov = sc.path("dev.overlay");
+    for (text, want) in [
+        (format!("base = {}\n", s(&base)), "no overlay"),
+        (
+            format!("base = {}\noverlay = {}\ncolour = red\n", s(&base), s(&ov)),
+            "unexpected argument '--colour'",
+        ),
+        (
+            format!("base = {}\noverlay = {}\ndepth = 0\n", s(&base), s(&ov)),
+            "not in 1..=4096",
+        ),
+        (
+            format!(
+                "base = {}\noverlay = {}\nread-only = perhaps\n",
+                s(&base),
+                s(&ov)
+            ),
+            "takes yes or no",
+        ),
+    ] {
+        std::fs::write(&conf, &text).unwrap();
+        sc.refused(&["serve", s(&conf)], REFUSED, want);
+        let err = String::from_utf8(sc.run(&["serve", s(&conf)]).stderr).unwrap();
+        assert!(err.contains(s(&conf)), "{err}");
+    }
+    sc.refused(
+        &["serve", s(&sc.path("none.conf"))],
+        REFUSED,
+        "No such file",
+    );
+}
