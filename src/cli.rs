@@ -1,7 +1,8 @@
 //! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
 //! and `recover`, their options, and the call into the daemon each one
-//! makes; and `info`, `check` and `map`, which read overlay files
-//! (`engine::chain`) and print what they found. Every option's help is written here: the first paragraph of its
+//! makes; `info`, `check` and `map`, which read overlay files
+//! (`engine::chain`) and print what they found; and `commit`, which merges
+//! an overlay into its backing (`engine::commit`). Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
@@ -112,6 +113,37 @@ pub(crate) enum Command {
     /// depth it came from, so the extents at depth 0 are the blocks written
     /// or discarded in that overlay. Opens the files read-only.
     Map(MapArgs),
+    /// Merge an overlay's blocks into its backing: the layer below, or the base
+    ///
+    /// The only command that writes a base, and only the one named as the
+    /// overlay's backing. Written blocks are copied into it, zero blocks made
+    /// zero there, and blocks copied up from below skipped (they are there
+    /// already). Afterwards the overlay holds no block, reads the same
+    /// through its backing, and records the backing's new identity, so that
+    /// `add --base BACKING --overlay LAYER` accepts it again; overlays made
+    /// over it still read the same. Progress on a terminal.
+    ///
+    /// Refused (one line, nothing changed) while the overlay or its backing
+    /// is in use by a device, while the overlay was not closed cleanly, and
+    /// while another overlay has the backing below it (found among the
+    /// running devices and in the directories of the overlay and of its
+    /// backing), as that one would read other data afterwards; --force skips
+    /// this last check. A commit that was stopped (killed, power cut) is
+    /// finished by running it again.
+    Commit(CommitArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CommitArgs {
+    /// The overlay (live or frozen) to merge into its backing
+    #[arg(value_name = "LAYER")]
+    pub(crate) layer: PathBuf,
+    /// Commit even though other overlays have the backing below them
+    ///
+    /// They then read the merged data where the committed overlay held
+    /// blocks. Every other check still applies.
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -478,7 +510,46 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
         Command::Map(m) => map(&m.file, m.json),
+        Command::Commit(c) => commit(&c.layer, c.force),
     }
+}
+
+fn commit(layer: &Path, force: bool) -> Result<()> {
+    use crate::engine::commit::{self, CommitOptions, DeviceUse};
+    // Unreadable state files leave the check to the locks devices hold.
+    let devices = daemon::state::all()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|st| DeviceUse {
+            id: st.id,
+            overlay: st.overlay,
+        })
+        .collect();
+    let bar = crate::progress::Progress::bytes("commit");
+    let done = commit::commit(
+        layer,
+        &CommitOptions { force, devices },
+        &mut |done, total| bar.set(done, total),
+    );
+    bar.finish();
+    let m = done?;
+    println!(
+        "{}: {} blocks written and {} made zero in its backing{}{}",
+        layer.display(),
+        m.written,
+        m.zeroed,
+        if m.skipped > 0 {
+            format!(", {} copied from below skipped", m.skipped)
+        } else {
+            String::new()
+        },
+        if m.resumed {
+            " (an earlier commit stopped midway is finished)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 fn info(file: &Path, json: bool, backing_chain: bool) -> Result<()> {

@@ -12,6 +12,7 @@
 //!   state files, and the control socket behind `cache` and `stats`.
 //! - [`cli`]: the command line and its help texts.
 //! - [`stats`]: the per-device counters that `stats` shows.
+//! - `progress`: the progress bar of long commands on a terminal.
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
 //! - [`sys`]: the system calls the standard library does not wrap, each
 //!   `unsafe` block with its reason.
@@ -19,6 +20,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
+mod progress;
 pub mod size;
 pub mod stats;
 pub mod sys;

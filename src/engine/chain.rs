@@ -179,7 +179,7 @@ fn about(who: &str, e: Error) -> Error {
 }
 
 /// Whether the file at `path` starts like an overlay.
-fn looks_like_overlay(file: &File) -> io::Result<bool> {
+pub(crate) fn looks_like_overlay(file: &File) -> io::Result<bool> {
     let mut magic = [0u8; 8];
     Storage::read_at(file, &mut magic, 0)?;
     Ok(&magic == b"UBLKCOW1")
