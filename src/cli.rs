@@ -112,6 +112,13 @@ pub(crate) enum Command {
     /// answer are merged. A block copied up from below is reported at the
     /// depth it came from, so the extents at depth 0 are the blocks written
     /// or discarded in that overlay. Opens the files read-only.
+    ///
+    /// With -n N, the top overlay of device N (named by its state file), read
+    /// while the device runs: its map is taken from the device's live map
+    /// (in the run directory), which holds every write the device has
+    /// completed, flushed or not; the layers below are frozen. Without a
+    /// live map (the daemon is gone and `del` wrote it back), from the
+    /// overlay's own map.
     Map(MapArgs),
     /// Merge an overlay's blocks into its backing: the layer below, or the base
     ///
@@ -167,10 +174,14 @@ pub(crate) struct CheckArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["file", "number"]))]
 pub(crate) struct MapArgs {
     /// The overlay file
     #[arg(value_name = "FILE")]
-    pub(crate) file: PathBuf,
+    pub(crate) file: Option<PathBuf>,
+    /// The top overlay of device N (/dev/ublkbN), as it is now
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
     /// Print JSON (as `qemu-img map --output=json`) instead of a table
     #[arg(long)]
     pub(crate) json: bool,
@@ -509,7 +520,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(s) => daemon::stats(s.number, s.json),
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
-        Command::Map(m) => map(&m.file, m.json),
+        Command::Map(m) => match (m.file, m.number) {
+            (Some(f), _) => map(&f, None, m.json),
+            (None, Some(n)) => map_device(n, m.json),
+            (None, None) => unreachable!("clap requires one"),
+        },
         Command::Commit(c) => commit(&c.layer, c.force),
     }
 }
@@ -627,8 +642,27 @@ fn check(file: &Path) -> Result<()> {
     std::process::exit(1);
 }
 
-fn map(file: &Path, json: bool) -> Result<()> {
-    let (extents, files) = chain::map(file)?;
+/// `map -n N`: the top overlay of device N, with its live map if the
+/// device has one.
+fn map_device(id: u32, json: bool) -> Result<()> {
+    let Some(st) = daemon::state::DeviceState::load(id)? else {
+        anyhow::bail!("there is no ublk-cow device {id}");
+    };
+    let live = match std::fs::read(daemon::state::map_path(id)) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reading the live map {}",
+                daemon::state::map_path(id).display()
+            )));
+        }
+    };
+    map(&st.overlay, live.as_deref(), json)
+}
+
+fn map(file: &Path, live_top: Option<&[u8]>, json: bool) -> Result<()> {
+    let (extents, files) = chain::map(file, live_top)?;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "[")?;

@@ -290,3 +290,96 @@ fn force_commits_under_other_overlays() {
     sc.ok(&["commit", "--force", s(&top)]);
     assert!(std::fs::read(&base).unwrap() == want);
 }
+
+/// Writes the state file of device `id` naming `overlay` over `base`.
+fn device_state(sc: &Scratch, id: u32, base: &Path, overlay: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let run = sc.path("run");
+    let _ = std::fs::create_dir(&run);
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = serde_json::json!({
+        "id": id, "pid": std::process::id(), "device": format!("/dev/ublkb{id}"),
+        "base": s(base), "overlay": s(overlay), "temporary_overlay": false,
+        "block_size": BS, "size": BLOCKS * BS, "queues": 1, "depth": 1,
+        "read_only": false, "recovered_unclean": false,
+    });
+    let p = run.join(format!("{id}.json"));
+    std::fs::write(&p, state.to_string()).unwrap();
+    p
+}
+
+#[test]
+fn a_device_named_by_a_state_file_keeps_its_overlay_and_base_from_commit() {
+    let sc = Scratch::new("state");
+    let base = base(&sc);
+    let (top, l, over) = (sc.path("top"), sc.path("l"), sc.path("over"));
+    create_overlay(&top, &base, Some(BS as u32)).unwrap();
+    write(&top, 4);
+    let st = device_state(&sc, 7, &base, &top);
+    sc.refused(&["commit", s(&top)], "in use by device 7");
+    sc.refused(&["commit", "--force", s(&top)], "in use by device 7");
+    std::fs::remove_file(&st).unwrap();
+    // A device over a layer whose backing is the base: the base is in use.
+    create_overlay(&l, &base, Some(BS as u32)).unwrap();
+    freeze(&l).unwrap();
+    create_overlay(&over, &l, None).unwrap();
+    device_state(&sc, 3, &l, &over);
+    sc.refused(&["commit", "--force", s(&top)], "is in use by device 3");
+    sc.refused(&["commit", s(&l)], "is in use by device 3");
+}
+
+#[test]
+fn map_of_a_device_reads_its_live_map_else_the_overlays() {
+    let sc = Scratch::new("map-n");
+    let base = base(&sc);
+    let top = sc.path("top");
+    create_overlay(&top, &base, Some(BS as u32)).unwrap();
+    let dev = open_device(&top).unwrap();
+    dev.write(2 * BS, &block(1, 2)).unwrap();
+    dev.close().unwrap();
+    device_state(&sc, 5, &base, &top);
+    let data = 1u64 << 20;
+    let ext = |start: u64, len: u64, depth: u32, off: u64| {
+        format!(
+            r#"{{"start":{},"length":{},"depth":{depth},"present":true,"zero":false,"data":true,"offset":{off}}}"#,
+            start * BS,
+            len * BS
+        )
+    };
+    let on_disk = format!(
+        "[\n{},\n{},\n{}\n]\n",
+        ext(0, 2, 1, 0),
+        ext(2, 1, 0, data + 2 * BS),
+        ext(3, BLOCKS - 3, 1, 3 * BS)
+    );
+    assert_eq!(sc.ok(&["map", "-n", "5", "--json"]), on_disk);
+    assert_eq!(sc.ok(&["map", "--number", "5", "--json"]), on_disk);
+    assert_eq!(sc.ok(&["map", s(&top), "--json"]), on_disk);
+    // The live map: block 5 written too, not yet in the overlay's map.
+    let mut live = vec![0u8; 4096];
+    live[0] = 0b01 << 4; // block 2
+    live[1] = 0b01 << 2; // block 5
+    std::fs::write(sc.path("run").join("5.map"), &live).unwrap();
+    let want = format!(
+        "[\n{},\n{},\n{},\n{},\n{}\n]\n",
+        ext(0, 2, 1, 0),
+        ext(2, 1, 0, data + 2 * BS),
+        ext(3, 2, 1, 3 * BS),
+        ext(5, 1, 0, data + 5 * BS),
+        ext(6, BLOCKS - 6, 1, 6 * BS)
+    );
+    assert_eq!(sc.ok(&["map", "-n", "5", "--json"]), want);
+    let table = sc.ok(&["map", "-n", "5"]);
+    assert_eq!(table.lines().count(), 6, "{table}");
+    // Bad input: no such device, a live map of the wrong size, both a
+    // file and a device.
+    sc.refused(&["map", "-n", "9"], "there is no ublk-cow device 9");
+    std::fs::write(sc.path("run").join("5.map"), &live[..100]).unwrap();
+    sc.refused(&["map", "-n", "5"], "the live map");
+    // A usage error (status 2, as for every usage error).
+    let out = sc.run(&["map", "-n", "5", s(&top)]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+}

@@ -910,9 +910,27 @@ pub(crate) struct Extent {
 
 /// `map`: the virtual disk of the overlay at `path` as extents, each at
 /// the depth that holds its blocks (a copy where it came from), adjacent
-/// equal answers merged; and the file at each depth.
-pub(crate) fn map(path: &Path) -> Result<(Vec<Extent>, Vec<String>), Error> {
+/// equal answers merged; and the file at each depth. `live_top`, when
+/// given, is the top's map to use instead of the one in its file (a
+/// running device's live map, in the map's on-disk form).
+pub(crate) fn map(
+    path: &Path,
+    live_top: Option<&[u8]>,
+) -> Result<(Vec<Extent>, Vec<String>), Error> {
     let c = Chain::open(path, Purpose::Origins)?;
+    if let Some(bytes) = live_top {
+        let want = crate::engine::map::map_bytes(c.geo.blocks());
+        if bytes.len() as u64 != want {
+            return Err(Error::corrupt(format!(
+                "the live map of {} has {} bytes, not {want}",
+                name(path, 0),
+                bytes.len()
+            )));
+        }
+        c.top
+            .load(bytes)
+            .map_err(|e| about(&format!("the live map of {}", name(path, 0)), e))?;
+    }
     let n = c.layers.len();
     let mut files: Vec<String> = c
         .layers
