@@ -237,7 +237,10 @@ pub(crate) fn merge<L: Storage, B: Storage>(
         Target::Raw(_) => None,
     };
     if !resumed {
-        layer.begin_commit(mtime_ns)?;
+        // Only a frozen overlay has overlays over it that record its
+        // mtime; a live one's is not kept (it may be frozen later, and
+        // then its mtime then is the one recorded above it).
+        layer.begin_commit(if h.frozen() { mtime_ns } else { 0 })?;
     }
 
     // Step 2: every held block into the backing.
