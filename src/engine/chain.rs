@@ -601,6 +601,14 @@ fn open_backing(path: &Path) -> Result<(Backed, BaseIdentity, Backing, Option<u3
     }
 }
 
+/// Opens the backing at `path` (a raw image, a block device or a frozen
+/// overlay) as an overlay over it reads it, with the identity such an
+/// overlay records: for a caller that keeps the overlay itself elsewhere.
+pub fn open_backed(path: &Path) -> Result<(Backed, BaseIdentity), Error> {
+    let (backed, id, _, _) = open_backing(path)?;
+    Ok((backed, id))
+}
+
 /// Creates a new, empty overlay at `path` over `backing` (a raw image, a
 /// block device or a frozen overlay), recording it. A layer's block size is
 /// kept; otherwise `block_size` or the default. `path` must not exist.
