@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
     long_about = "A copy-on-write block device served from user space through ublk.\n\n\
         `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \
         until a block is written; writes land in an overlay file. The base is opened \
-        read-only and never written.\n\n\
+        read-only and never written; only `ublk-cow commit`, when asked, merges an \
+        overlay into it.\n\n\
         `ublk-cow COMMAND --help` explains a command and each of its options."
 )]
 pub struct Cli {
@@ -280,7 +281,8 @@ fn base_io_modes() -> OneOf<BaseIo> {
 pub(crate) struct AddArgs {
     /// The base image (file or block device), its size a multiple of 512
     ///
-    /// It is opened read-only and never written.
+    /// It is opened read-only, and the device never writes it (`commit` does, when
+    /// asked, with no device over it).
     #[arg(long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 

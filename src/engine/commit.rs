@@ -482,14 +482,13 @@ pub fn commit(
             let what = if same(&m, &lmeta) {
                 who.clone()
             } else if same(&m, &bmeta) {
-                format!("its backing {}", backing.display())
+                format!("{who}: its backing {}", backing.display())
             } else {
                 continue;
             };
             let how = if p == d.overlay { "" } else { " below it" };
             return Err(Error::invalid(format!(
-                "{who}: {what} is in use by device {} (/dev/ublkb{}{how}): `ublk-cow del -n {}` \
-                 first",
+                "{what} is in use by device {} (/dev/ublkb{}{how}): `ublk-cow del -n {}` first",
                 d.id, d.id, d.id
             )));
         }
