@@ -1,8 +1,9 @@
 //! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`,
 //! `recover` and `serve`, their options, and the call into the daemon each
 //! one makes; `info`, `check` and `map`, which read overlay files
-//! (`engine::chain`) and print what they found; and `snapshot`, which
-//! freezes one into a layer under a new overlay. Every option's help is written here: the first paragraph of its
+//! (`engine::chain`) and print what they found; `snapshot`, which freezes
+//! one into a layer under a new overlay; and `commit`, which merges an
+//! overlay into its backing (`engine::commit`). Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
@@ -38,7 +39,8 @@ const VERSION: &str = concat!(
     long_about = "A copy-on-write block device served from user space through ublk.\n\n\
         `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \
         until a block is written; writes land in an overlay file. The base is opened \
-        read-only and never written.\n\n\
+        read-only and never written; only `ublk-cow commit`, when asked, merges an \
+        overlay into it.\n\n\
         `ublk-cow COMMAND --help` explains a command and each of its options."
 )]
 pub struct Cli {
@@ -122,6 +124,13 @@ pub(crate) enum Command {
     /// answer are merged. A block copied up from below is reported at the
     /// depth it came from, so the extents at depth 0 are the blocks written
     /// or discarded in that overlay. Opens the files read-only.
+    ///
+    /// With -n N, the top overlay of device N (named by its state file), read
+    /// while the device runs: its map is taken from the device's live map
+    /// (in the run directory), which holds every write the device has
+    /// completed, flushed or not; the layers below are frozen. Without a
+    /// live map (the daemon is gone and `del` wrote it back), from the
+    /// overlay's own map.
     Map(MapArgs),
     /// Freeze an overlay into a layer and put a new, empty overlay over it
     ///
@@ -145,6 +154,24 @@ pub(crate) enum Command {
     /// its daemon is gone (a crash), it is recovered instead of added: the
     /// same /dev/ublkbN, no write lost. SIGTERM (`systemctl stop`) is `del`.
     Serve(ServeArgs),
+    /// Merge an overlay's blocks into its backing: the layer below, or the base
+    ///
+    /// The only command that writes a base, and only the one named as the
+    /// overlay's backing. Written blocks are copied into it, zero blocks made
+    /// zero there, and blocks copied up from below skipped (they are there
+    /// already). Afterwards the overlay holds no block, reads the same
+    /// through its backing, and records the backing's new identity, so that
+    /// `add --base BACKING --overlay LAYER` accepts it again; overlays made
+    /// over it still read the same. Progress on a terminal.
+    ///
+    /// Refused (one line, nothing changed) while the overlay or its backing
+    /// is in use by a device, while the overlay was not closed cleanly, and
+    /// while another overlay has the backing below it (found among the
+    /// running devices and in the directories of the overlay and of its
+    /// backing), as that one would read other data afterwards; --force skips
+    /// this last check. A commit that was stopped (killed, power cut) is
+    /// finished by running it again.
+    Commit(CommitArgs),
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +179,19 @@ pub(crate) struct ServeArgs {
     /// The configuration file, e.g. /etc/ublk-cow/NAME.conf
     #[arg(value_name = "CONFIG")]
     pub(crate) config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CommitArgs {
+    /// The overlay (live or frozen) to merge into its backing
+    #[arg(value_name = "LAYER")]
+    pub(crate) layer: PathBuf,
+    /// Commit even though other overlays have the backing below them
+    ///
+    /// They then read the merged data where the committed overlay held
+    /// blocks. Every other check still applies.
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -175,10 +215,14 @@ pub(crate) struct CheckArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["file", "number"]))]
 pub(crate) struct MapArgs {
     /// The overlay file
     #[arg(value_name = "FILE")]
-    pub(crate) file: PathBuf,
+    pub(crate) file: Option<PathBuf>,
+    /// The top overlay of device N (/dev/ublkbN), as it is now
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
     /// Print JSON (as `qemu-img map --output=json`) instead of a table
     #[arg(long)]
     pub(crate) json: bool,
@@ -301,8 +345,10 @@ pub(crate) struct AddArgs {
     /// The base: an image (file or block device, its size a multiple of
     /// 512), or a layer (a frozen overlay, see `snapshot`)
     ///
-    /// It is opened read-only and never written. A layer is served with the
-    /// chain below it: each block is read from the topmost file holding it.
+    /// It is opened read-only and the device never writes it (`commit`
+    /// does, when asked, with no device over it). A layer is served with
+    /// the chain below it: each block is read from the topmost file holding
+    /// it.
     #[arg(short, long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 
@@ -543,7 +589,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(s) => daemon::stats(s.number, s.json),
         Command::Info(i) => info(&i.file, i.json, i.backing_chain),
         Command::Check(c) => check(&c.file),
-        Command::Map(m) => map(&m.file, m.json),
+        Command::Map(m) => match (m.file, m.number) {
+            (Some(f), _) => map(&f, None, m.json),
+            (None, Some(n)) => map_device(n, m.json),
+            (None, None) => unreachable!("clap requires one"),
+        },
+        Command::Commit(c) => commit(&c.layer, c.force),
         Command::Snapshot(s) => match (s.number, &s.file) {
             (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
             (None, Some(file)) => {
@@ -618,6 +669,50 @@ fn serve(config: &Path) -> Result<()> {
         Command::Add(a) => daemon::service::serve(add_request(a)),
         _ => unreachable!("add_argv makes an add command line"),
     }
+}
+
+fn commit(layer: &Path, force: bool) -> Result<()> {
+    use crate::engine::commit::{self, CommitOptions, DeviceUse};
+    // Unreadable state files leave the check to the locks devices hold.
+    let devices = daemon::state::all()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|st| DeviceUse {
+            id: st.id,
+            overlay: st.overlay,
+        })
+        .collect();
+    // The total is known once the commit has read the overlay's map.
+    let mut bar: Option<crate::progress::Progress> = None;
+    let done = commit::commit(
+        layer,
+        &CommitOptions { force, devices },
+        &mut |done, total| {
+            bar.get_or_insert_with(|| crate::progress::Progress::bytes("commit", total))
+                .set(done)
+        },
+    );
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let m = done?;
+    println!(
+        "{}: {} blocks written and {} made zero in its backing{}{}",
+        layer.display(),
+        m.written,
+        m.zeroed,
+        if m.skipped > 0 {
+            format!(", {} copied from below skipped", m.skipped)
+        } else {
+            String::new()
+        },
+        if m.resumed {
+            " (an earlier commit stopped midway is finished)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 fn info(file: &Path, json: bool, backing_chain: bool) -> Result<()> {
@@ -695,8 +790,27 @@ fn check(file: &Path) -> Result<()> {
     std::process::exit(1);
 }
 
-fn map(file: &Path, json: bool) -> Result<()> {
-    let (extents, files) = chain::map(file)?;
+/// `map -n N`: the top overlay of device N, with its live map if the
+/// device has one.
+fn map_device(id: u32, json: bool) -> Result<()> {
+    let Some(st) = daemon::state::DeviceState::load(id)? else {
+        anyhow::bail!("there is no ublk-cow device {id}");
+    };
+    let live = match std::fs::read(daemon::state::map_path(id)) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reading the live map {}",
+                daemon::state::map_path(id).display()
+            )));
+        }
+    };
+    map(&st.overlay, live.as_deref(), json)
+}
+
+fn map(file: &Path, live_top: Option<&[u8]>, json: bool) -> Result<()> {
+    let (extents, files) = chain::map(file, live_top)?;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "[")?;

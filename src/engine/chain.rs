@@ -179,7 +179,7 @@ fn about(who: &str, e: Error) -> Error {
 }
 
 /// Whether the file at `path` starts like an overlay.
-fn looks_like_overlay(file: &File) -> io::Result<bool> {
+pub(crate) fn looks_like_overlay(file: &File) -> io::Result<bool> {
     let mut magic = [0u8; 8];
     Storage::read_at(file, &mut magic, 0)?;
     Ok(&magic == b"UBLKCOW1")
@@ -710,6 +710,14 @@ pub fn open_lower(path: &Path) -> Result<Lower, Error> {
     }
 }
 
+/// Opens the backing at `path` (a raw image, a block device or a frozen
+/// overlay) as an overlay over it reads it, with the identity such an
+/// overlay records: for a caller that keeps the overlay itself elsewhere.
+pub fn open_backed(path: &Path) -> Result<(Backed, BaseIdentity), Error> {
+    let lower = open_lower(path)?;
+    Ok((lower.backed, lower.identity))
+}
+
 /// Creates a new, empty overlay at `path` over `backing` (a raw image, a
 /// block device or a frozen overlay), recording it. A layer's block size is
 /// kept; otherwise `block_size` or the default. `path` must not exist.
@@ -1068,9 +1076,27 @@ pub(crate) struct Extent {
 
 /// `map`: the virtual disk of the overlay at `path` as extents, each at
 /// the depth that holds its blocks (a copy where it came from), adjacent
-/// equal answers merged; and the file at each depth.
-pub(crate) fn map(path: &Path) -> Result<(Vec<Extent>, Vec<String>), Error> {
+/// equal answers merged; and the file at each depth. `live_top`, when
+/// given, is the top's map to use instead of the one in its file (a
+/// running device's live map, in the map's on-disk form).
+pub(crate) fn map(
+    path: &Path,
+    live_top: Option<&[u8]>,
+) -> Result<(Vec<Extent>, Vec<String>), Error> {
     let c = Chain::open(path, Purpose::Origins)?;
+    if let Some(bytes) = live_top {
+        let want = crate::engine::map::map_bytes(c.geo.blocks());
+        if bytes.len() as u64 != want {
+            return Err(Error::corrupt(format!(
+                "the live map of {} has {} bytes, not {want}",
+                name(path, 0),
+                bytes.len()
+            )));
+        }
+        c.top
+            .load(bytes)
+            .map_err(|e| about(&format!("the live map of {}", name(path, 0)), e))?;
+    }
     let n = c.layers.len();
     let mut files: Vec<String> = c
         .layers

@@ -111,6 +111,25 @@ impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
     }
 }
 
+/// After a stop without a clean close, takes every `Copied` block of the
+/// overlay's map as written: a write over a copy changes its state in the
+/// map only at the next flush, so a copy may now hold a write whose state
+/// change was lost, and no longer match what is below it (which `commit`
+/// and `map` rely on). Its pages are dirty: the next flush persists it.
+fn forget_copies(map: &BlockMap) {
+    let locks = BlockLocks::default();
+    let mut copies = Vec::new();
+    map.for_each_held(|b, s| {
+        if s == BlockState::Copied {
+            copies.push(b);
+        }
+    });
+    for b in copies {
+        let g = locks.try_lock(b, 1).expect("the map is not shared yet");
+        map.set_range(&g, b..b + 1, BlockState::Allocated);
+    }
+}
+
 /// What a flush of a failed device reports.
 fn failed_error() -> Error {
     Error::Io {
@@ -158,6 +177,9 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             MapSource::Load(mem) => {
                 let map = BlockMap::new(mem, blocks);
                 overlay.read_map(&map)?;
+                if !was_clean {
+                    forget_copies(&map);
+                }
                 map
             }
             MapSource::Live(mem) => {

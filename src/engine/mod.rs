@@ -13,6 +13,7 @@ pub(crate) mod after_read;
 pub mod base;
 pub mod cache;
 pub mod chain;
+pub mod commit;
 pub mod device;
 pub(crate) mod geometry;
 pub(crate) mod locks;

@@ -3,7 +3,8 @@
 //! ```text
 //! 0            header, 4 KiB (little endian), format version 2:
 //!                0  magic "UBLKCOW1"        8  version (2)
-//!               12  flags (bit 0: clean, bit 1: failed, bit 2: frozen)
+//!               12  flags (bit 0: clean, bit 1: failed, bit 2: frozen,
+//!                   bit 3: a commit into the backing is in progress)
 //!               16  block size             20  backing kind (0 unrecorded,
 //!                                              1 file, 2 block device,
 //!                                              3 overlay)
@@ -12,7 +13,9 @@
 //!                   (the backing's identity, `engine::base`)
 //!               56  map offset, 64 map bytes, 72 data offset
 //!               80  backing path length (u32), 84 zero
-//!               88  backing path (absolute, at most 4000 bytes), zeros
+//!               88  backing path (absolute, at most 3992 bytes), zeros
+//!             4080  the overlay file's mtime before its last commit began
+//!                   (0: none), restored when the commit ends
 //!             4088  FNV-1a checksum of bytes 0..4088
 //! 4 KiB        the block-state map, 2 bits per block, whole 4 KiB pages,
 //!              allocated when the overlay is made (a flush never needs space)
@@ -39,7 +42,9 @@
 //! failed flag is set when a flush failed (its map is then as of its last
 //! good flush, and data written after may be lost); a clean close clears it.
 //! The frozen flag makes the overlay a layer: read-only from then on, its
-//! header included (nothing clears it).
+//! header included (nothing clears it). `commit` (`engine::commit`) is the
+//! one writer of a frozen overlay: it empties its map into its backing, with
+//! the committing flag set for the whole of it.
 
 use crate::engine::base::{BaseIdentity, Fnv};
 use crate::engine::geometry::Geometry;
@@ -57,14 +62,17 @@ pub const VERSION: u32 = 2;
 pub(crate) const HEADER_SIZE: u64 = 4096;
 /// Version 1: the checksum's offset, and the bytes the header used.
 const V1_SUM_AT: usize = 80;
-/// Version 2: where the backing path starts and where the checksum is.
+/// Version 2: where the backing path starts, where the mtime a commit
+/// restores is, and where the checksum is.
 const PATH_AT: usize = 88;
+const COMMIT_MTIME_AT: usize = V2_SUM_AT - 8;
 const V2_SUM_AT: usize = HEADER_SIZE as usize - 8;
 /// The longest backing path an overlay header holds, in bytes.
-pub const MAX_BACKING_PATH: usize = V2_SUM_AT - PATH_AT;
+pub const MAX_BACKING_PATH: usize = COMMIT_MTIME_AT - PATH_AT;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_FAILED: u32 = 2;
 const FLAG_FROZEN: u32 = 4;
+const FLAG_COMMITTING: u32 = 8;
 /// Why a frozen overlay is not written.
 const FROZEN: &str =
     "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it";
@@ -160,6 +168,9 @@ pub(crate) struct Header {
     pub(crate) map_offset: u64,
     pub(crate) map_bytes: u64,
     pub(crate) data_offset: u64,
+    /// The overlay file's modification time (ns) before its last commit
+    /// began, to be restored when it ends; 0 when none was kept.
+    pub(crate) commit_mtime_ns: u64,
 }
 
 impl Header {
@@ -178,6 +189,7 @@ impl Header {
             map_offset,
             map_bytes,
             data_offset,
+            commit_mtime_ns: 0,
         }
     }
 
@@ -193,6 +205,12 @@ impl Header {
     /// A layer: read-only for good.
     pub(crate) fn frozen(&self) -> bool {
         self.flags & FLAG_FROZEN != 0
+    }
+
+    /// A commit of this overlay into its backing began and has not ended
+    /// (`engine::commit`).
+    pub(crate) fn committing(&self) -> bool {
+        self.flags & FLAG_COMMITTING != 0
     }
 
     /// Where the data area ends: the length of a whole overlay.
@@ -229,7 +247,8 @@ impl Header {
         b.extend_from_slice(&0u32.to_le_bytes());
         debug_assert_eq!(b.len(), PATH_AT);
         b.extend_from_slice(path);
-        b.resize(V2_SUM_AT, 0);
+        b.resize(COMMIT_MTIME_AT, 0);
+        b.extend_from_slice(&self.commit_mtime_ns.to_le_bytes());
         let mut h = Fnv::default();
         h.write(&b);
         b.extend_from_slice(&h.finish().to_le_bytes());
@@ -302,6 +321,11 @@ impl Header {
             map_offset: u64_at(56),
             map_bytes: u64_at(64),
             data_offset: u64_at(72),
+            commit_mtime_ns: if version == 1 {
+                0
+            } else {
+                u64_at(COMMIT_MTIME_AT)
+            },
         };
         if (header.map_offset, header.map_bytes, header.data_offset) != layout(geometry) {
             return Err(Error::corrupt("overlay header has an inconsistent layout"));
@@ -538,8 +562,14 @@ impl<S: Storage> Overlay<S> {
             return Err(Error::invalid(FROZEN));
         }
         let mut h = self.header.clone();
-        h.version = VERSION;
         h.flags = (*flags | set) & !clear;
+        self.write_header(&mut flags, h)
+    }
+
+    /// Writes `h` as the header (in the current format version) and makes
+    /// it durable; `flags` is the held lock on the flags on disk.
+    fn write_header(&self, flags: &mut u32, mut h: Header) -> Result<Header, Error> {
+        h.version = VERSION;
         self.storage
             .write_at(&h.encode(), 0)
             .ctx(|| "writing the overlay header".into())?;
@@ -548,6 +578,32 @@ impl<S: Storage> Overlay<S> {
             .sync()
             .ctx(|| "syncing the overlay header".into())?;
         Ok(h)
+    }
+
+    /// Marks a commit into the backing as begun, durably, keeping `mtime_ns`
+    /// (the file's modification time before it) to restore at its end. The
+    /// one header write a frozen overlay takes, with [`Overlay::end_commit`].
+    pub(crate) fn begin_commit(&mut self, mtime_ns: u64) -> Result<(), Error> {
+        let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.header.clone();
+        h.flags = *flags | FLAG_COMMITTING;
+        h.commit_mtime_ns = mtime_ns;
+        self.header = self.write_header(&mut flags, h)?;
+        Ok(())
+    }
+
+    /// Ends a commit: records `backing` as the backing's identity and clears
+    /// the committing flag, durably (the mtime to restore is kept).
+    pub(crate) fn end_commit(&mut self, backing: BaseIdentity) -> Result<(), Error> {
+        let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.header.clone();
+        h.flags = *flags & !FLAG_COMMITTING;
+        h.base = BaseIdentity {
+            legacy_fingerprint: None,
+            ..backing
+        };
+        self.header = self.write_header(&mut flags, h)?;
+        Ok(())
     }
 }
 
