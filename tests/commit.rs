@@ -2,91 +2,16 @@
 //! frozen layer merged into the one below it, read back through the chain;
 //! and each refusal: one line, a non-zero exit, no file changed.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::{Scratch, s};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use ublk_cow::engine::cache::CacheMode;
 use ublk_cow::engine::chain::{create_overlay, freeze, open_device};
 
 const BS: u64 = 4096;
 const BLOCKS: u64 = 64;
-
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("ublk-cow-commit-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
-            .env("UBLK_COW_RUN_DIR", self.path("run"))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn files(&self) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
-        let mut out: Vec<_> = std::fs::read_dir(&self.dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .map(|p| {
-                let m = std::fs::metadata(&p).unwrap().modified().unwrap();
-                (p.clone(), std::fs::read(&p).unwrap(), m)
-            })
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Runs `args`, which must fail with one `ublk-cow: ` line containing
-    /// `want`, and change no file.
-    fn refused(&self, args: &[&str], want: &str) {
-        let before = self.files();
-        let out = self.run(args);
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-        assert!(
-            err.starts_with("ublk-cow: ") && err.contains(want),
-            "{args:?}: {err}"
-        );
-        assert!(out.stdout.is_empty(), "{args:?}");
-        assert!(self.files() == before, "{args:?} changed a file");
-    }
-
-    /// Runs `args`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn block(seed: u8, b: u64) -> Vec<u8> {
     (0..BS)
@@ -128,7 +53,7 @@ fn base(sc: &Scratch) -> PathBuf {
 
 #[test]
 fn an_overlay_is_merged_into_its_raw_base_and_can_be_used_again() {
-    let sc = Scratch::new("raw");
+    let sc = Scratch::new("commit", "raw");
     let base = base(&sc);
     let top = sc.path("top");
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
@@ -165,7 +90,7 @@ fn an_overlay_is_merged_into_its_raw_base_and_can_be_used_again() {
 
 #[test]
 fn a_layer_is_merged_into_the_layer_below_and_the_overlays_above_still_read_the_same() {
-    let sc = Scratch::new("layers");
+    let sc = Scratch::new("commit", "layers");
     let base = base(&sc);
     let (l1, l2, top) = (sc.path("l1"), sc.path("l2"), sc.path("top"));
     create_overlay(&l1, &base, Some(BS as u32)).unwrap();
@@ -232,7 +157,7 @@ fn read_all_layer(layer: &Path) -> Vec<u8> {
 
 #[test]
 fn bad_input_is_refused_with_one_line_and_nothing_changed() {
-    let sc = Scratch::new("refused");
+    let sc = Scratch::new("commit", "refused");
     let base = base(&sc);
     let top = sc.path("top");
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
@@ -279,7 +204,7 @@ fn bad_input_is_refused_with_one_line_and_nothing_changed() {
 
 #[test]
 fn force_commits_under_other_overlays() {
-    let sc = Scratch::new("force");
+    let sc = Scratch::new("commit", "force");
     let base = base(&sc);
     let (top, other) = (sc.path("top"), sc.path("other"));
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
@@ -310,7 +235,7 @@ fn device_state(sc: &Scratch, id: u32, base: &Path, overlay: &Path) -> PathBuf {
 
 #[test]
 fn a_device_named_by_a_state_file_keeps_its_overlay_and_base_from_commit() {
-    let sc = Scratch::new("state");
+    let sc = Scratch::new("commit", "state");
     let base = base(&sc);
     let (top, l, over) = (sc.path("top"), sc.path("l"), sc.path("over"));
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
@@ -330,7 +255,7 @@ fn a_device_named_by_a_state_file_keeps_its_overlay_and_base_from_commit() {
 
 #[test]
 fn map_of_a_device_reads_its_live_map_else_the_overlays() {
-    let sc = Scratch::new("map-n");
+    let sc = Scratch::new("commit", "map-n");
     let base = base(&sc);
     let top = sc.path("top");
     create_overlay(&top, &base, Some(BS as u32)).unwrap();

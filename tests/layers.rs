@@ -4,8 +4,10 @@
 //! exact output, and for bad input one line, a non-zero exit and no file
 //! changed.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::{Scratch, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use ublk_cow::engine::cache::CacheMode;
 use ublk_cow::engine::chain::{MAX_LAYERS, create_overlay, freeze, open_device};
 
@@ -13,80 +15,6 @@ const BS: u64 = 4096;
 const BLOCKS: u64 = 16;
 /// Where an overlay's data area starts (1 MiB aligned, after a one-page map).
 const DATA: u64 = 1 << 20;
-
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("ublk-cow-layers-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
-            .env("UBLK_COW_RUN_DIR", self.path("run"))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Every file of the directory with its bytes and modification time.
-    fn files(&self) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
-        let mut out: Vec<_> = std::fs::read_dir(&self.dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .map(|p| {
-                let m = std::fs::metadata(&p).unwrap().modified().unwrap();
-                (p.clone(), std::fs::read(&p).unwrap(), m)
-            })
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Runs `args`, which must fail with one `ublk-cow: ` line containing
-    /// `want`, and change no file.
-    fn refused(&self, args: &[&str], want: &str) {
-        let before = self.files();
-        let out = self.run(args);
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-        assert!(
-            err.starts_with("ublk-cow: ") && err.contains(want),
-            "{args:?}: {err}"
-        );
-        assert!(out.stdout.is_empty(), "{args:?}");
-        assert!(self.files() == before, "{args:?} changed a file");
-    }
-
-    /// Runs `args`, which must succeed and change no file; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let before = self.files();
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(self.files() == before, "{args:?} changed a file");
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Block `b` as written by `seed`.
 fn block(seed: u8, b: u64) -> Vec<u8> {
@@ -177,7 +105,7 @@ fn read_all(top: &Path) -> Vec<u8> {
 
 #[test]
 fn a_chain_reads_as_its_layers_and_maps_exactly() {
-    let sc = Scratch::new("map");
+    let sc = Scratch::new("layers", "map");
     let c = build(&sc);
     assert!(read_all(&c.top) == c.want, "the chain reads wrong");
     let ext = |start: u64, len: u64, depth: u32, what: &str| {
@@ -209,9 +137,9 @@ fn a_chain_reads_as_its_layers_and_maps_exactly() {
         ext(10, 6, 3, &raw(10)),
     ];
     let want = format!("[\n{}\n]\n", lines.join(",\n"));
-    assert_eq!(sc.ok(&["map", s(&c.top), "--json"]), want);
+    assert_eq!(sc.ok_unchanged(&["map", s(&c.top), "--json"]), want);
     // A layer maps from its own depth.
-    let l2 = sc.ok(&["map", s(&c.l2), "--json"]);
+    let l2 = sc.ok_unchanged(&["map", s(&c.l2), "--json"]);
     let want_l2 = [
         ext(0, 1, 2, &raw(0)),
         ext(1, 1, 1, &off(1)),
@@ -222,7 +150,7 @@ fn a_chain_reads_as_its_layers_and_maps_exactly() {
     ];
     assert_eq!(l2, format!("[\n{}\n]\n", want_l2.join(",\n")));
     // The table: a header line and one line per extent, naming the file.
-    let table = sc.ok(&["map", s(&c.top)]);
+    let table = sc.ok_unchanged(&["map", s(&c.top)]);
     let rows: Vec<&str> = table.lines().collect();
     assert_eq!(rows.len(), 1 + lines.len(), "{table}");
     assert!(rows[0].starts_with("START"), "{table}");
@@ -239,10 +167,10 @@ fn a_chain_reads_as_its_layers_and_maps_exactly() {
 
 #[test]
 fn info_shows_each_layer_and_the_chain() {
-    let sc = Scratch::new("info");
+    let sc = Scratch::new("layers", "info");
     let c = build(&sc);
     let v: serde_json::Value =
-        serde_json::from_str(&sc.ok(&["info", s(&c.top), "--json"])).unwrap();
+        serde_json::from_str(&sc.ok_unchanged(&["info", s(&c.top), "--json"])).unwrap();
     assert_eq!(v["filename"], s(&c.top));
     assert_eq!(v["format"], "overlay");
     assert_eq!(v["format_version"], 2);
@@ -258,7 +186,8 @@ fn info_shows_each_layer_and_the_chain() {
     assert_eq!(v["failed"], false);
     assert!(v["allocated_bytes"].as_u64().unwrap() >= 4 * BS);
     let v: serde_json::Value =
-        serde_json::from_str(&sc.ok(&["info", s(&c.top), "--json", "--backing-chain"])).unwrap();
+        serde_json::from_str(&sc.ok_unchanged(&["info", s(&c.top), "--json", "--backing-chain"]))
+            .unwrap();
     let chain = v.as_array().unwrap();
     let names: Vec<_> = chain.iter().map(|e| e["filename"].clone()).collect();
     assert_eq!(names, [s(&c.top), s(&c.l2), s(&c.l1), s(&c.base)]);
@@ -279,7 +208,7 @@ fn info_shows_each_layer_and_the_chain() {
     assert_eq!(chain[1]["blocks_copied"], 2);
     assert_eq!(chain[3]["format"], "raw");
     assert_eq!(chain[3]["kind"], "file");
-    let text = sc.ok(&["info", s(&c.l1)]);
+    let text = sc.ok_unchanged(&["info", s(&c.l1)]);
     for want in [
         "format:        overlay, version 2",
         &format!("backing:       {} (file)", s(&c.base)),
@@ -288,7 +217,7 @@ fn info_shows_each_layer_and_the_chain() {
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
-    let text = sc.ok(&["info", s(&c.top), "--backing-chain"]);
+    let text = sc.ok_unchanged(&["info", s(&c.top), "--backing-chain"]);
     assert_eq!(text.matches("file:").count(), 4, "{text}");
     assert!(text.contains("format:        raw (file)"), "{text}");
     assert!(!text.contains("in use by"), "{text}");
@@ -305,23 +234,24 @@ fn info_shows_each_layer_and_the_chain() {
     });
     std::fs::write(run.join("7.json"), state.to_string()).unwrap();
     let v: serde_json::Value =
-        serde_json::from_str(&sc.ok(&["info", s(&c.top), "--json"])).unwrap();
+        serde_json::from_str(&sc.ok_unchanged(&["info", s(&c.top), "--json"])).unwrap();
     assert_eq!(v["in_use_by"], 7);
     assert!(
-        sc.ok(&["info", s(&c.top)])
+        sc.ok_unchanged(&["info", s(&c.top)])
             .contains("in use by:     /dev/ublkb7")
     );
-    let v: serde_json::Value = serde_json::from_str(&sc.ok(&["info", s(&c.l1), "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&sc.ok_unchanged(&["info", s(&c.l1), "--json"])).unwrap();
     assert_eq!(v["in_use_by"], serde_json::Value::Null);
 }
 
 #[test]
 fn check_passes_a_sound_chain_and_names_each_problem() {
-    let sc = Scratch::new("check");
+    let sc = Scratch::new("layers", "check");
     let c = build(&sc);
     for f in [&c.top, &c.l2, &c.l1] {
         assert_eq!(
-            sc.ok(&["check", s(f)]),
+            sc.ok_unchanged(&["check", s(f)]),
             format!("{}: no problems found\n", s(f))
         );
     }
@@ -382,12 +312,12 @@ fn check_passes_a_sound_chain_and_names_each_problem() {
     sc.refused(&["map", s(&c.top), "--json"], &want);
     sc.refused(&["info", s(&c.top), "--backing-chain"], &want);
     // l1 itself is sound as a file: its base did not change.
-    sc.ok(&["check", s(&c.l1)]);
+    sc.ok_unchanged(&["check", s(&c.l1)]);
 }
 
 #[test]
 fn a_cycle_and_a_missing_layer_are_one_line_each() {
-    let sc = Scratch::new("cycle");
+    let sc = Scratch::new("layers", "cycle");
     let c = build(&sc);
     // z over l2, frozen, then put in l1's place: l1 (z) has l2 below it,
     // whose backing is l1.
@@ -433,7 +363,7 @@ fn a_cycle_and_a_missing_layer_are_one_line_each() {
 
 #[test]
 fn twenty_layers_deep_read_and_map_and_the_depth_is_capped() {
-    let sc = Scratch::new("deep");
+    let sc = Scratch::new("layers", "deep");
     let base = sc.path("base.img");
     let mut want: Vec<u8> = (0..BLOCKS).flat_map(|b| block(0, b)).collect();
     std::fs::write(&base, &want).unwrap();
@@ -457,7 +387,7 @@ fn twenty_layers_deep_read_and_map_and_the_depth_is_capped() {
     }
     assert!(read_all(&below) == want, "20 layers read wrong");
     let map: serde_json::Value =
-        serde_json::from_str(&sc.ok(&["map", s(&below), "--json"])).unwrap();
+        serde_json::from_str(&sc.ok_unchanged(&["map", s(&below), "--json"])).unwrap();
     for e in map.as_array().unwrap() {
         let first = e["start"].as_u64().unwrap() / BS;
         let depth = e["depth"].as_u64().unwrap() as usize;
@@ -508,10 +438,11 @@ fn v1_overlay() -> Vec<u8> {
 
 #[test]
 fn a_version_1_overlay_is_shown_mapped_and_checked() {
-    let sc = Scratch::new("v1");
+    let sc = Scratch::new("layers", "v1");
     let p = sc.path("old.overlay");
     std::fs::write(&p, v1_overlay()).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&sc.ok(&["info", s(&p), "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&sc.ok_unchanged(&["info", s(&p), "--json"])).unwrap();
     assert_eq!(v["format_version"], 1);
     assert_eq!(v["backing_kind"], "unrecorded");
     assert_eq!(v["backing"], serde_json::Value::Null);
@@ -519,7 +450,7 @@ fn a_version_1_overlay_is_shown_mapped_and_checked() {
     assert_eq!(v["blocks_zero"], 1);
     assert_eq!(v["clean"], true);
     assert!(
-        sc.ok(&["info", s(&p)])
+        sc.ok_unchanged(&["info", s(&p)])
             .contains("backing:       not recorded")
     );
     let want = format!(
@@ -533,9 +464,9 @@ fn a_version_1_overlay_is_shown_mapped_and_checked() {
             (BLOCKS - 2) * BS
         )
     );
-    assert_eq!(sc.ok(&["map", s(&p), "--json"]), want);
+    assert_eq!(sc.ok_unchanged(&["map", s(&p), "--json"]), want);
     assert_eq!(
-        sc.ok(&["check", s(&p)]),
+        sc.ok_unchanged(&["check", s(&p)]),
         format!("{}: no problems found\n", s(&p))
     );
     // A copied state in a version 1 map is a problem.
@@ -555,7 +486,7 @@ fn a_version_1_overlay_is_shown_mapped_and_checked() {
 
 #[test]
 fn snapshot_freezes_and_stacks_a_new_overlay_and_refuses_bad_input() {
-    let sc = Scratch::new("snapshot");
+    let sc = Scratch::new("layers", "snapshot");
     let c = build(&sc);
     let new = sc.path("new");
     sc.refused(

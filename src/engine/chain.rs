@@ -470,6 +470,29 @@ fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
+/// The write side of a `Storage` that is only read (a chain, the chain
+/// from a depth down, what is below an overlay): every write fails with
+/// EROFS, and there is nothing to sync.
+macro_rules! read_only_writes {
+    () => {
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(read_only())
+        }
+        fn punch(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(read_only())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            Err(read_only())
+        }
+        fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(read_only())
+        }
+    };
+}
+
 impl Storage for FromDepth<'_> {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let c = self.chain;
@@ -481,24 +504,10 @@ impl Storage for FromDepth<'_> {
             },
         })
     }
-    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.chain.layers[self.depth].overlay.geometry().size())
     }
-    fn set_len(&self, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
+    read_only_writes!();
 }
 
 /// A chain is read-only storage: the virtual disk it reads as. Opened for
@@ -507,24 +516,10 @@ impl Storage for Chain {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.read_with(buf, off, |b| self.lookup(b))
     }
-    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.geo.size())
     }
-    fn set_len(&self, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
+    read_only_writes!();
 }
 
 /// What is below an overlay: a raw base, or a chain of layers.
@@ -600,27 +595,13 @@ impl Storage for Backed {
             Backed::Chain(c) => c.read_at(buf, off),
         }
     }
-    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn punch(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
     fn len(&self) -> io::Result<u64> {
         match self {
             Backed::Raw(f) => Storage::len(f),
             Backed::Chain(c) => c.len(),
         }
     }
-    fn set_len(&self, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-    fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
+    read_only_writes!();
     /// A chain's blocks lie in several files: hints go to a raw base only.
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         match self {
