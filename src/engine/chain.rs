@@ -166,7 +166,7 @@ fn name(path: &Path, depth: usize) -> String {
 }
 
 /// Prefixes an engine error with `who`, keeping its kind.
-fn about(who: &str, e: Error) -> Error {
+pub(crate) fn about(who: &str, e: Error) -> Error {
     match e {
         Error::Invalid(m) => Error::Invalid(format!("{who}: {m}")),
         Error::Mismatch(m) => Error::Mismatch(format!("{who}: {m}")),
@@ -185,16 +185,21 @@ pub(crate) fn looks_like_overlay(file: &File) -> io::Result<bool> {
     Ok(&magic == b"UBLKCOW1")
 }
 
+/// Opens `path` read-only; an error names it as `who`.
+fn open_named(path: &Path, who: &str) -> Result<File, Error> {
+    File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::invalid(format!("{who} does not exist")),
+        _ => Error::Io {
+            context: who.to_string(),
+            source: e,
+        },
+    })
+}
+
 /// Opens `path` as an overlay, read-only: its header and length checked.
 fn open_layer(path: &Path, depth: usize) -> Result<Layer, Error> {
     let who = name(path, depth);
-    let file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => Error::invalid(format!("{who} does not exist")),
-        _ => Error::Io {
-            context: who.clone(),
-            source: e,
-        },
-    })?;
+    let file = open_named(path, &who)?;
     let meta = file.metadata().ctx(|| who.clone())?;
     if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
         return Err(Error::invalid(format!("{who} is not a regular file")));
@@ -951,13 +956,7 @@ pub(crate) fn info(path: &Path, chain: bool) -> Result<Vec<Info>, Error> {
 pub(crate) fn check(path: &Path) -> Result<Vec<String>, Error> {
     use crate::engine::overlay::HEADER_SIZE;
     let who = name(path, 0);
-    let file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => Error::invalid(format!("{who} does not exist")),
-        _ => Error::Io {
-            context: who.clone(),
-            source: e,
-        },
-    })?;
+    let file = open_named(path, &who)?;
     let meta = file.metadata().ctx(|| who.clone())?;
     if !meta.is_file() {
         return Err(Error::invalid(format!("{who} is not a regular file")));

@@ -436,17 +436,7 @@ pub fn commit(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Merged, Error> {
     let who = format!("overlay {}", path.display());
-    let about = |e: Error| -> Error {
-        match e {
-            Error::Invalid(m) => Error::Invalid(format!("{who}: {m}")),
-            Error::Mismatch(m) => Error::Mismatch(format!("{who}: {m}")),
-            Error::Corrupt(m) => Error::Corrupt(format!("{who}: {m}")),
-            Error::Io { context, source } => Error::Io {
-                context: format!("{who}: {context}"),
-                source,
-            },
-        }
-    };
+    let about = |e: Error| crate::engine::chain::about(&who, e);
     let Some(h) = header_of(path) else {
         return Err(match std::fs::metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
