@@ -640,7 +640,9 @@ fn list_json_is_the_documented_schema() {
 #[test]
 fn every_command_takes_a_device_number_as_n() {
     let sc = Scratch::new("number");
-    for cmd in ["del", "cache", "stats", "recover", "list"] {
+    for cmd in [
+        "del", "cache", "stats", "recover", "list", "snapshot", "map",
+    ] {
         let out = sc.run(&[cmd, "--help"]);
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.contains("-n, --number <N>"), "{cmd}: {help}");

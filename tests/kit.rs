@@ -12,8 +12,9 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-const COMMANDS: [&str; 9] = [
-    "add", "del", "list", "cache", "stats", "recover", "info", "check", "map",
+const COMMANDS: [&str; 12] = [
+    "add", "del", "list", "cache", "stats", "recover", "info", "check", "map", "snapshot", "serve",
+    "commit",
 ];
 
 /// Every page renders with no warning from `man --warnings` (groff), and
