@@ -84,10 +84,13 @@ pub(crate) struct SharedMap {
     writable: bool,
     /// For a file that is neither written nor shortened nor punched while
     /// mapped (`map_unchanging`): one bit per `PRESENT_GRANULE` bytes, set
-    /// once every page of that granule was made present. A tmpfs page once
-    /// present stays the file's (it may be swapped out, never dropped), so
-    /// a read within set granules needs no new `populate_for_reads`, whose
-    /// walk of a large range costs more than the copy it protects.
+    /// once a read made every page of that granule present. A tmpfs page
+    /// once present stays the file's (it may be swapped out, never
+    /// dropped), so a read within set granules needs no new
+    /// `populate_for_reads`, whose walk of a large range costs more than
+    /// the copy it protects. (Something outside that truncates or punches
+    /// the file while it is served could then make a read fault: the base
+    /// and layers are under shared locks, and must not be changed.)
     present: Option<Box<[AtomicU64]>>,
 }
 
@@ -192,16 +195,23 @@ impl SharedMap {
         }) {
             return Ok(());
         }
-        // Whole granules, so that each bit set stands for all its pages;
-        // if some page of them cannot be had (a hole of a full tmpfs), the
-        // range alone, remembering nothing.
-        let from = granules.start * PRESENT_GRANULE;
-        let to = (granules.end * PRESENT_GRANULE).min(self.len as u64);
-        if self.populate(from, (to - from) as usize).is_err() {
-            return self.populate(off, len);
-        }
-        for g in granules {
+        // The range itself (no page more: a hole's page costs memory), and
+        // then the granules it covers whole are remembered.
+        self.populate(off, len)?;
+        let end = off + len as u64;
+        let whole = off.div_ceil(PRESENT_GRANULE)
+            ..(end / PRESENT_GRANULE).max(off.div_ceil(PRESENT_GRANULE));
+        for g in whole {
             let (w, b) = bit(g);
+            w.fetch_or(b, Relaxed);
+        }
+        // The last granule of a mapping whose length is not a multiple of
+        // one is whole when the range reaches the end.
+        if end == self.len as u64
+            && end % PRESENT_GRANULE != 0
+            && off <= end / PRESENT_GRANULE * PRESENT_GRANULE
+        {
+            let (w, b) = bit(end / PRESENT_GRANULE);
             w.fetch_or(b, Relaxed);
         }
         Ok(())

@@ -97,6 +97,14 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     req.base = absolute(&req.base)?;
     // A new overlay records it (`Lower::backing`): its path must fit.
     let base = open_lower(&req.base)?;
+    let layers = base.backed.layers().len();
+    if layers > crate::ublk::exec::MAX_RING_LAYERS {
+        bail!(
+            "base {} is a chain of {layers} layers: a device serves at most {} below its overlay",
+            req.base.display(),
+            crate::ublk::exec::MAX_RING_LAYERS
+        );
+    }
     if let (Some(want), Some(layer)) = (req.block_size, base.block_size)
         && want != layer
     {
@@ -216,9 +224,12 @@ pub(crate) fn in_use_by(path: &Path) -> Option<u32> {
 fn device_of(file: &File) -> Result<Option<DeviceState>> {
     use std::os::unix::fs::MetadataExt;
     let m = file.metadata().context("overlay")?;
-    Ok(state::all()?.into_iter().find(|st| {
-        std::fs::metadata(&st.overlay).is_ok_and(|o| o.dev() == m.dev() && o.ino() == m.ino())
-    }))
+    let same =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|o| o.dev() == m.dev() && o.ino() == m.ino());
+    // A snapshot in progress holds its new overlay too.
+    Ok(state::all()?
+        .into_iter()
+        .find(|st| same(&st.overlay) || st.snapshot_to.as_deref().is_some_and(same)))
 }
 
 /// Takes the exclusive lock on the overlay open as `file`, held as long as
@@ -298,9 +309,22 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
-    if st.snapshot_to.is_some() && !st.daemon_alive() {
-        return snapshot::finish(st, foreground);
-    }
+    // A snapshot that was interrupted is finished first (under its lock,
+    // which also waits for one in progress): the device is then recovered
+    // over the new chain.
+    let st = if st.snapshot_to.is_some() && !st.daemon_alive() {
+        let _lock = snapshot::SnapshotLock::take(id)?;
+        match DeviceState::load(id)? {
+            Some(st) if st.snapshot_to.is_some() && !st.daemon_alive() => {
+                snapshot::finish_locked(st)?;
+                DeviceState::load(id)?.context("the state file went away")?
+            }
+            Some(st) => st,
+            None => bail!("there is no ublk-cow device {id}"),
+        }
+    } else {
+        st
+    };
     if st.daemon_alive() {
         bail!(
             "device {id} is alive (daemon pid {}): nothing to recover",
@@ -552,6 +576,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         owner,
         failed: false,
         snapshot_to: None,
+        foreground: req.foreground,
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -810,7 +835,11 @@ pub(crate) fn del(id: u32) -> Result<()> {
         }
     }
     if st.snapshot_to.is_some() {
-        bail!("a snapshot of device {id} was interrupted: `ublk-cow recover -n {id}` finishes it");
+        let _lock = snapshot::SnapshotLock::take(id)?;
+        st = DeviceState::load(id)?.context("the state file went away")?;
+        if st.snapshot_to.is_some() {
+            st = snapshot::abandon(st)?;
+        }
     }
     let mut failed = st.failed;
     if !st.temporary_overlay && !failed && state::map_path(id).exists() {

@@ -61,6 +61,10 @@ pub(crate) struct DeviceState {
     /// finished (see `daemon::snapshot`): `recover` finishes it.
     #[serde(default)]
     pub(crate) snapshot_to: Option<PathBuf>,
+    /// Served in the foreground (`add --foreground`, or `serve` under
+    /// systemd): the process that serves it belongs to whoever started it.
+    #[serde(default)]
+    pub(crate) foreground: bool,
 }
 
 pub(crate) fn run_dir() -> PathBuf {
@@ -234,6 +238,7 @@ impl DeviceState {
         let _ = std::fs::remove_file(state_path(self.id));
         let _ = std::fs::remove_file(map_path(self.id));
         let _ = std::fs::remove_file(socket_path(self.id));
+        let _ = std::fs::remove_file(run_dir().join(format!("{}.lock", self.id)));
         if self.temporary_overlay {
             let _ = std::fs::remove_file(&self.overlay);
         }

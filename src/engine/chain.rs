@@ -775,14 +775,28 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
 /// exist; it is checked, with the overlay, before anything is written.
 pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
     check_new_overlay(new)?;
-    // The chain below must open (and the overlay be one), before the
-    // overlay is frozen.
-    let chain = Chain::open(path, Purpose::Reads)?;
-    if !chain.layers[0].overlay.header().frozen() {
+    check_can_stack(path, MAX_LAYERS - 1)?;
+    if !is_frozen(path)? {
         freeze(path)?;
     }
-    drop(chain);
     create_overlay(new, path, None)
+}
+
+/// Refuses to freeze the overlay at `path` into a layer for a new overlay
+/// over it unless that can then be made: its chain opens (each recorded
+/// identity checked), it has at most `max_layers` overlays (the new one's
+/// layers below), and its path fits the new overlay's header.
+pub fn check_can_stack(path: &Path, max_layers: usize) -> Result<(), Error> {
+    let chain = Chain::open(path, Purpose::Reads)?;
+    if chain.layers.len() > max_layers {
+        return Err(Error::invalid(format!(
+            "{} is a chain of {} overlays: an overlay over it would have more than {max_layers} layers below it",
+            path.display(),
+            chain.layers.len()
+        )));
+    }
+    Backing::new(BackingKind::Overlay, path)?;
+    Ok(())
 }
 
 /// Refuses `new` as the new overlay of a snapshot unless it is a path
