@@ -208,7 +208,7 @@ impl SharedMap {
         // The last granule of a mapping whose length is not a multiple of
         // one is whole when the range reaches the end.
         if end == self.len as u64
-            && end % PRESENT_GRANULE != 0
+            && !end.is_multiple_of(PRESENT_GRANULE)
             && off <= end / PRESENT_GRANULE * PRESENT_GRANULE
         {
             let (w, b) = bit(end / PRESENT_GRANULE);
