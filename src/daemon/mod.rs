@@ -158,6 +158,16 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
                         Some(d) if d.is_dir() => {}
                         _ => bail!("overlay {}: its directory does not exist", p.display()),
                     }
+                    if let Some(st) = state::all()?
+                        .into_iter()
+                        .find(|st| st.snapshot_to.as_deref() == Some(p.as_path()))
+                    {
+                        bail!(
+                            "overlay {} is the new overlay of an unfinished snapshot of device {}",
+                            p.display(),
+                            st.id
+                        );
+                    }
                     OverlaySource::New(p)
                 }
                 Err(e) => return Err(e).with_context(|| format!("overlay {}", p.display())),

@@ -235,3 +235,49 @@ print(" ".join(str(b) for e in json.load(sys.stdin) if e["depth"] == 0
 }
 
 CASES+=("layers: snapshot -n of a device under fio verify; a fork reads the snapshot; map lists the writes since|case_live_snapshot")
+
+# A snapshot interrupted after the daemon was stopped (as if `snapshot -n`
+# were killed there: the state file names the new overlay): `recover`
+# finishes it, and the device reads on over the chain; `del` of another
+# such device forgets the snapshot and keeps every write.
+case_interrupted_snapshot() {
+    local l0=$WORK/int0.cow l1=$WORK/int1.cow m0=$WORK/intm0.cow m1=$WORK/intm1.cow
+    local dev id sum st
+    rm -f "$l0" "$l1" "$m0" "$m1"
+    dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
+    id=$(dev_id "$dev")
+    head -c 4M /dev/urandom | dd of="$dev" bs=1M seek=7 oflag=direct status=none
+    sum=$(sha "$dev")
+    interrupt() { # ID NEW: kill the daemon, and record the snapshot begun
+        st=$(python3 -c "import json; print(json.load(open('$UBLK_COW_RUN_DIR/$1.json'))['pid'])")
+        kill -9 "$st"
+        while kill -0 "$st" 2>/dev/null; do sleep 0.05; done
+        python3 - "$UBLK_COW_RUN_DIR/$1.json" "$2" <<'PY'
+import json, sys
+p, new = sys.argv[1], sys.argv[2]
+s = json.load(open(p)); s["snapshot_to"] = new
+json.dump(s, open(p, "w"))
+PY
+    }
+    interrupt "$id" "$l1"
+    expect_fail "a snapshot's new overlay in use" "$UC" add --base "$BASE" --overlay "$l1"
+    "$UC" recover -n "$id" >/dev/null || { die "recover did not finish the snapshot"; return; }
+    "$UC" info "$l0" | grep -q frozen || { die "the old overlay is not frozen"; return; }
+    "$UC" list | grep -q "$l1" || { die "the device does not name the new overlay"; return; }
+    [ "$(sha "$dev")" = "$sum" ] || { die "the device reads other data after the finished snapshot"; return; }
+    "$UC" del -n "$id"
+    # del of an interrupted snapshot whose overlay is not frozen yet.
+    dev=$(add --base "$BASE" --overlay "$m0") || { die "add 2"; return; }
+    id=$(dev_id "$dev")
+    head -c 2M /dev/urandom | dd of="$dev" bs=1M seek=3 oflag=direct status=none
+    sum=$(sha "$dev")
+    interrupt "$id" "$m1"
+    "$UC" del -n "$id" || { die "del of an interrupted snapshot"; return; }
+    "$UC" info "$m0" | grep -q frozen && { die "del froze the overlay"; return; }
+    dev=$(add --base "$BASE" --overlay "$m0") || { die "add of the kept overlay"; return; }
+    [ "$(sha "$dev")" = "$sum" ] || { die "writes lost by del of an interrupted snapshot"; return; }
+    "$UC" del -n "$(dev_id "$dev")"
+    base_unchanged
+}
+
+CASES+=("layers: an interrupted snapshot: recover finishes it, del forgets it, no write lost|case_interrupted_snapshot")
