@@ -247,7 +247,7 @@ pub(crate) struct SnapshotArgs {
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: Option<u32>,
     /// The new overlay to create over it
-    #[arg(long, value_name = "NEW")]
+    #[arg(short, long, value_name = "NEW")]
     pub(crate) overlay: PathBuf,
 }
 
