@@ -275,6 +275,13 @@ impl Chain {
                 )));
             }
             let h = layer.overlay.header();
+            if h.committing() {
+                return Err(Error::invalid(format!(
+                    "{}: {}",
+                    name(&p, depth),
+                    crate::engine::overlay::STOPPED_COMMIT
+                )));
+            }
             if depth > 0 && !h.frozen() {
                 return Err(Error::invalid(format!(
                     "{} is not frozen: a live overlay cannot be below another",
@@ -846,6 +853,9 @@ pub(crate) fn check(path: &Path) -> Result<Vec<String>, Error> {
             return Ok(problems);
         }
     };
+    if h.committing() {
+        problems.push(crate::engine::overlay::STOPPED_COMMIT.into());
+    }
     if h.failed() {
         problems.push(
             "a flush of its last device failed: data written after its last good flush \

@@ -171,6 +171,22 @@ fn zero_raw(dst: &impl Storage, off: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Frees `[off, off+len)` of an overlay whose map no longer holds it: its
+/// space only, so a file system that cannot punch holes keeps it.
+fn free(s: &impl Storage, off: u64, len: u64) -> io::Result<()> {
+    match s.punch(off, len) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// The merge itself (the module doc's steps 1 to 5), over any storage.
 /// `now` is the backing's identity as found; `mtime_ns` the overlay file's
 /// modification time now, kept for step 6 (done by the caller, who has the
@@ -317,8 +333,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
                 .ctx(|| "syncing the map of the layer below".into())?;
             // Its zero blocks' data is no longer read: free it.
             for (start, end) in zeroed_runs {
-                o.storage()
-                    .punch(o.data_pos(start), end - start)
+                free(o.storage(), o.data_pos(start), end - start)
                     .ctx(|| "freeing zeroed blocks of the layer below".into())?;
             }
         }
@@ -342,9 +357,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
         .sync()
         .ctx(|| "syncing the overlay's map".into())?;
     // Step 4: its data freed.
-    layer
-        .storage()
-        .punch(h.data_offset, geo.size())
+    free(layer.storage(), h.data_offset, geo.size())
         .ctx(|| "freeing the overlay's data area".into())?;
     layer
         .storage()
@@ -630,7 +643,7 @@ pub fn commit(
 mod tests {
     use super::*;
     use crate::engine::geometry::Geometry;
-    use crate::engine::overlay::Backing;
+    use crate::engine::overlay::{Backing, OpenCheck};
     use crate::engine::storage::SimDisk;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -919,7 +932,7 @@ mod tests {
         };
         for (layer_below, frozen) in [(false, false), (false, true), (true, true), (true, false)] {
             let c = case(layer_below, frozen);
-            let mut stopped = 0;
+            let (mut stopped, mut midway) = (0, 0);
             for k in 0.. {
                 let (top, below) = (
                     Arc::new(SimDisk::new(c.top.clone())),
@@ -940,6 +953,25 @@ mod tests {
                     let top2 = Arc::new(top.after_power_cut(pick));
                     let below2 = Arc::new(below.after_power_cut(pick));
                     let what = format!("layer below {layer_below}, stopped after {k}, keep {keep}");
+                    // Stopped midway, the overlay serves no device and is
+                    // not frozen until the commit is run again.
+                    let mut o = Overlay::open_unchecked(SimDisk::new(top2.contents())).unwrap();
+                    if o.header().committing() {
+                        midway += 1;
+                    }
+                    if o.header().committing() && !frozen {
+                        let check = OpenCheck {
+                            base: &o.header().base.clone(),
+                            block_size: None,
+                            force: true,
+                        };
+                        let e = Overlay::open(SimDisk::new(top2.contents()), check)
+                            .err()
+                            .unwrap_or_else(|| panic!("{what}: a stopped commit's overlay opened"));
+                        assert!(e.to_string().contains("stopped midway"), "{what}: {e}");
+                        let e = o.freeze().unwrap_err();
+                        assert!(e.to_string().contains("stopped midway"), "{what}: {e}");
+                    }
                     let m = run(&c, &top2, &below2, i64::MAX)
                         .unwrap_or_else(|e| panic!("{what}: the rerun failed: {e}"));
                     check_done(&c, &top2, &below2, &what);
@@ -947,6 +979,7 @@ mod tests {
                 }
             }
             assert!(stopped > 8, "only {stopped} stops");
+            assert!(midway > 8, "only {midway} stops with the commit midway");
         }
     }
 }
