@@ -1,8 +1,9 @@
 //! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
 //! and `recover`, their options, and the call into the daemon each one
 //! makes; `info`, `check` and `map`, which read overlay files
-//! (`engine::chain`) and print what they found; and `commit`, which merges
-//! an overlay into its backing (`engine::commit`). Every option's help is written here: the first paragraph of its
+//! (`engine::chain`) and print what they found; `snapshot`, which freezes
+//! one into a layer under a new overlay; and `commit`, which merges an
+//! overlay into its backing (`engine::commit`). Every option's help is written here: the first paragraph of its
 //! doc comment is its line in `-h`, the whole comment its text in `--help`;
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
@@ -121,6 +122,17 @@ pub(crate) enum Command {
     /// live map (the daemon is gone and `del` wrote it back), from the
     /// overlay's own map.
     Map(MapArgs),
+    /// Freeze an overlay into a layer and put a new, empty overlay over it
+    ///
+    /// FILE, an overlay that no device uses, is frozen: it becomes a layer,
+    /// read-only from then on (a layer already stays one). NEW is created
+    /// over it and takes the writes: `ublk-cow add --base FILE --overlay NEW`
+    /// serves the chain, reading each block from the topmost layer that
+    /// holds it. With -n N instead of FILE, the overlay of device N, in use:
+    /// the device goes on over the chain, its writes landing in NEW. Forks are more overlays over the same layer, made the same
+    /// way or by `add --base FILE --overlay FORK`. NEW must not exist;
+    /// nothing is changed when any check fails.
+    Snapshot(SnapshotArgs),
     /// Merge an overlay's blocks into its backing: the layer below, or the base
     ///
     /// The only command that writes a base, and only the one named as the
@@ -186,6 +198,29 @@ pub(crate) struct MapArgs {
     /// Print JSON (as `qemu-img map --output=json`) instead of a table
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SnapshotArgs {
+    /// The overlay to freeze, one no device uses
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "number",
+        conflicts_with = "number"
+    )]
+    pub(crate) file: Option<PathBuf>,
+    /// The device N of /dev/ublkbN, in use: its overlay is frozen
+    ///
+    /// The device must have been added with --overlay. Its I/O pauses
+    /// while the overlay is closed and frozen and a new daemon takes over
+    /// (ublk's user recovery: the kernel holds the requests meanwhile, and
+    /// none fails); the pause is printed. If the snapshot is interrupted,
+    /// `ublk-cow recover -n N` finishes it.
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
+    /// The new overlay to create over it
+    #[arg(long, value_name = "NEW")]
+    pub(crate) overlay: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -279,10 +314,12 @@ fn base_io_modes() -> OneOf<BaseIo> {
 
 #[derive(Args, Debug)]
 pub(crate) struct AddArgs {
-    /// The base image (file or block device), its size a multiple of 512
+    /// The base: an image (file or block device, its size a multiple of
+    /// 512), or a layer (a frozen overlay, see `snapshot`)
     ///
-    /// It is opened read-only, and the device never writes it (`commit` does, when
-    /// asked, with no device over it).
+    /// It is opened read-only, and the device never writes it (`commit` does,
+    /// when asked, with no device over it). A layer is served with the chain
+    /// below it: each block is read from the topmost file holding it.
     #[arg(long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 
@@ -526,6 +563,20 @@ pub fn run(cli: Cli) -> Result<()> {
             (Some(f), _) => map(&f, None, m.json),
             (None, Some(n)) => map_device(n, m.json),
             (None, None) => unreachable!("clap requires one"),
+        },
+        Command::Snapshot(s) => match (s.number, &s.file) {
+            (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
+            (None, Some(file)) => {
+                if let Some(n) = daemon::in_use_by(file) {
+                    anyhow::bail!(
+                        "{} is in use by device {n}: `snapshot -n {n}` snapshots a device in use",
+                        file.display()
+                    );
+                }
+                chain::snapshot(file, &s.overlay)?;
+                Ok(())
+            }
+            (None, None) => unreachable!("clap requires FILE or -n"),
         },
         Command::Commit(c) => commit(&c.layer, c.force),
     }

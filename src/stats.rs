@@ -49,6 +49,9 @@ counters!(
     read_base_ops,
     read_base_bytes,
     read_base_direct_ops,
+    // Reads from the layers of a chain below the overlay.
+    read_layer_ops,
+    read_layer_bytes,
     read_overlay_ops,
     read_overlay_bytes,
     read_zero_ops,

@@ -82,7 +82,17 @@ pub(crate) struct SharedMap {
     ptr: *mut u8,
     len: usize,
     writable: bool,
+    /// For a file that is neither written nor shortened nor punched while
+    /// mapped (`map_unchanging`): one bit per `PRESENT_GRANULE` bytes, set
+    /// once every page of that granule was made present. A tmpfs page once
+    /// present stays the file's (it may be swapped out, never dropped), so
+    /// a read within set granules needs no new `populate_for_reads`, whose
+    /// walk of a large range costs more than the copy it protects.
+    present: Option<Box<[AtomicU64]>>,
 }
+
+/// The bytes of a `SharedMap` that one bit of `present` stands for.
+const PRESENT_GRANULE: u64 = 64 << 10;
 
 // SAFETY: this process only ever reads through the mapping; writes to the
 // file come from the kernel, so sharing reads across threads is sound.
@@ -119,7 +129,27 @@ impl SharedMap {
             ptr: ptr as *mut u8,
             len,
             writable,
+            present: None,
         })
+    }
+
+    /// As `map`, read-only, for a file that nothing writes, shortens or
+    /// punches while it is mapped (the base, a frozen layer): pages made
+    /// present once are remembered (`present`).
+    pub(crate) fn map_unchanging(file: &File, len: usize) -> io::Result<SharedMap> {
+        let mut m = SharedMap::map(file, len, false)?;
+        let granules = (len as u64).div_ceil(PRESENT_GRANULE);
+        m.present = Some(
+            (0..granules.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
+        Ok(m)
+    }
+
+    /// The granules of `present` that `[off, off + len)` touches.
+    fn granules(off: u64, len: usize) -> std::ops::Range<u64> {
+        off / PRESENT_GRANULE..(off + len as u64).div_ceil(PRESENT_GRANULE)
     }
 
     /// Copies `dst.len()` bytes from offset `off` into `dst`, once their
@@ -130,8 +160,9 @@ impl SharedMap {
         let src = self.addr(off, dst.len());
         // SAFETY: the source range is inside the mapping (`addr` checks),
         // which lives until drop and which the file backs in full (the file
-        // is never shortened while mapped); its pages were just made
-        // present, so the copy takes no fault that could fail; `dst` is a
+        // is never shortened while mapped); its pages were made present
+        // (just now, or once before in a file that keeps them: `present`),
+        // so the copy takes no fault that could fail; `dst` is a
         // distinct, writable buffer of the same length.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -149,6 +180,34 @@ impl SharedMap {
         if len == 0 {
             return Ok(());
         }
+        let Some(present) = &self.present else {
+            return self.populate(off, len);
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        let bit = |g: u64| (&present[(g / 64) as usize], 1u64 << (g % 64));
+        let granules = SharedMap::granules(off, len);
+        if granules.clone().all(|g| {
+            let (w, b) = bit(g);
+            w.load(Relaxed) & b != 0
+        }) {
+            return Ok(());
+        }
+        // Whole granules, so that each bit set stands for all its pages;
+        // if some page of them cannot be had (a hole of a full tmpfs), the
+        // range alone, remembering nothing.
+        let from = granules.start * PRESENT_GRANULE;
+        let to = (granules.end * PRESENT_GRANULE).min(self.len as u64);
+        if self.populate(from, (to - from) as usize).is_err() {
+            return self.populate(off, len);
+        }
+        for g in granules {
+            let (w, b) = bit(g);
+            w.fetch_or(b, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn populate(&self, off: u64, len: usize) -> io::Result<()> {
         let at = self.addr(off, len);
         let lead = at as usize % 4096;
         // SAFETY: madvise on pages inside our own live mapping (`addr`

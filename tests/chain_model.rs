@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use ublk_cow::engine::cache::CacheMode;
-use ublk_cow::engine::chain::{Backed, create_overlay, freeze, open_backed};
+use ublk_cow::engine::chain::{Backed, Lower, create_overlay, freeze, open_lower};
 use ublk_cow::engine::commit::{CommitOptions, commit};
 use ublk_cow::engine::device::{CowDevice, MapSource};
 use ublk_cow::engine::map::MapMemory;
@@ -218,7 +218,11 @@ impl Model {
             Some(b) => self.nodes[b].path.clone(),
             None => self.base.clone(),
         };
-        let (backed, id) = open_backed(&backing)
+        let Lower {
+            backed,
+            identity: id,
+            ..
+        } = open_lower(&backing)
             .map_err(|e| TestCaseError::fail(format!("the top's chain opens: {e}")))?;
         let check = OpenCheck {
             base: &id,
@@ -408,7 +412,7 @@ impl Model {
     /// Every frozen layer reads as the model says, and so does the base.
     fn check_layers(&self) -> Result<(), TestCaseError> {
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.frozen) {
-            let (backed, _) = open_backed(&n.path).expect("a layer opens");
+            let backed = open_lower(&n.path).expect("a layer opens").backed;
             let mut buf = vec![0u8; self.size() as usize];
             backed.read_at(&mut buf, 0).unwrap();
             prop_assert!(buf == n.expect, "layer o{} reads wrong", i);

@@ -27,9 +27,11 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use ublk_cow::engine::base::BaseIdentity;
 use ublk_cow::engine::cache::{CacheMode, CachePolicy};
+use ublk_cow::engine::chain::{self, Backed};
 use ublk_cow::engine::device::{CowDevice, MapSource};
 use ublk_cow::engine::map::{MapMemory, map_bytes};
 use ublk_cow::engine::overlay::OpenCheck;
+use ublk_cow::engine::storage::Storage;
 use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
 use ublk_cow::ublk::exec::{self, OVERLAY_FD, ReadData, TagScratch, ZeroBlocks};
@@ -68,6 +70,10 @@ enum Step {
 struct ExecCase {
     case: Case,
     steps: Vec<Step>,
+    /// Frozen layers between the base and the overlay (0: a raw base),
+    /// each written with a few writes and discards made from `layer_seed`.
+    layers: usize,
+    layer_seed: u64,
 }
 
 fn step(sectors: u64) -> impl Strategy<Value = Step> {
@@ -91,15 +97,23 @@ fn exec_case() -> impl Strategy<Value = ExecCase> {
         (1..=per_block * 24).prop_map(move |sectors| (bs, sectors))
     });
     let large = (16_385u64..20_000).prop_map(|blocks| (4096u32, blocks * 8));
-    prop_oneof![300 => small, 1 => large].prop_flat_map(|(bs, sectors)| {
-        proptest::collection::vec(step(sectors), 1..40).prop_map(move |steps| ExecCase {
-            case: Case {
-                block_size: bs,
-                sectors,
-                ops: Vec::new(),
-            },
-            steps,
-        })
+    let layers = prop_oneof![2 => Just(0usize), 1 => 1usize..=3];
+    prop_oneof![300 => small, 1 => large].prop_flat_map(move |(bs, sectors)| {
+        (
+            proptest::collection::vec(step(sectors), 1..40),
+            layers.clone(),
+            any::<u64>(),
+        )
+            .prop_map(move |(steps, layers, layer_seed)| ExecCase {
+                case: Case {
+                    block_size: bs,
+                    sectors,
+                    ops: Vec::new(),
+                },
+                steps,
+                layers,
+                layer_seed,
+            })
     })
 }
 
@@ -252,6 +266,8 @@ struct Served {
 struct Model {
     dir: PathBuf,
     base_path: PathBuf,
+    /// What the device is made over: the base, or the top layer of a chain.
+    lower_path: PathBuf,
     overlay_path: PathBuf,
     map_path: PathBuf,
     id: BaseIdentity,
@@ -277,21 +293,79 @@ fn rw(path: &Path) -> File {
     File::options().read(true).write(true).open(path).unwrap()
 }
 
+/// Makes `n` frozen layers over the raw base at `base_path` in `dir`, each
+/// written through the synchronous executor with a few writes and
+/// discards from `seed`, applied to `image` as well; returns the top
+/// layer's path (the base's with none).
+fn make_layers(
+    dir: &Path,
+    base_path: &Path,
+    bs: u32,
+    n: usize,
+    seed: u64,
+    image: &mut [u8],
+) -> PathBuf {
+    let mut below = base_path.to_path_buf();
+    let mut rng = seed | 1;
+    let mut next = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max
+    };
+    let sectors = image.len() as u64 / 512;
+    for i in 0..n {
+        let path = dir.join(format!("layer{i}"));
+        chain::create_overlay(&path, &below, Some(bs)).unwrap();
+        let dev = chain::open_device(&path).unwrap();
+        for _ in 0..1 + next(6) {
+            let off = next(sectors) * 512;
+            let len = (1 + next((sectors - off / 512).min(64))) * 512;
+            let r = off as usize..(off + len) as usize;
+            if next(4) == 0 {
+                dev.write_zeroes(off, len).unwrap();
+                image[r].fill(0);
+            } else {
+                let data = pattern(len as usize, next(256) as u8, off);
+                dev.write(off, &data).unwrap();
+                image[r].copy_from_slice(&data);
+            }
+        }
+        dev.close().unwrap();
+        chain::freeze(&path).unwrap();
+        below = path;
+    }
+    below
+}
+
 impl Model {
-    fn new(c: &Case) -> Model {
+    fn new(c: &ExecCase) -> Model {
+        let (layers, layer_seed, c) = (c.layers, c.layer_seed, &c.case);
         let dir = unique_dir();
         let size = c.sectors * 512;
-        let base_image = pattern(size as usize, 0xb5, 0);
+        let mut base_image = pattern(size as usize, 0xb5, 0);
         let base_path = dir.join("base");
         std::fs::write(&base_path, &base_image).unwrap();
-        let base = File::open(&base_path).unwrap();
-        let id = BaseIdentity::compute(&base, size, 1).unwrap();
+        let lower_path = make_layers(
+            &dir,
+            &base_path,
+            c.block_size,
+            layers,
+            layer_seed,
+            &mut base_image,
+        );
+        let lower = chain::open_lower(&lower_path).unwrap();
+        let id = lower.identity;
+        // The chain reads as the writes made it (the synchronous reader).
+        let mut through = vec![0u8; size as usize];
+        lower.backed.read_at(&mut through, 0).unwrap();
+        assert!(through == base_image, "the chain below reads wrong");
         let overlay_path = dir.join("overlay");
         let overlay = File::create_new(&overlay_path).unwrap();
         let blocks = size.div_ceil(c.block_size as u64);
         let map_path = dir.join("live.map");
         let dev = CowDevice::create(
-            base,
+            lower.backed,
             &id,
             overlay,
             c.block_size,
@@ -301,6 +375,7 @@ impl Model {
         let mut m = Model {
             dir,
             base_path,
+            lower_path,
             overlay_path,
             map_path,
             id,
@@ -315,7 +390,7 @@ impl Model {
     }
 
     /// Serves `dev` with a new executor; the disk holds the file as it is.
-    fn serve(&mut self, dev: CowDevice<File, File>) {
+    fn serve(&mut self, dev: CowDevice<Backed, File>) {
         *self.disk.borrow_mut() = Disk::durable_from(&rw(&self.overlay_path));
         let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
         let zero = File::open("/dev/zero").unwrap();
@@ -347,8 +422,8 @@ impl Model {
         } else {
             MapSource::Load(mem)
         };
-        let base = File::open(&self.base_path).unwrap();
-        let dev = CowDevice::open(base, rw(&self.overlay_path), check, source)
+        let lower = chain::open_lower(&self.lower_path).unwrap().backed;
+        let dev = CowDevice::open(lower, rw(&self.overlay_path), check, source)
             .expect("reopen after close, crash or power cut");
         self.serve(dev);
     }
@@ -572,9 +647,10 @@ static CASES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 static FAILED_SYNCS: AtomicU64 = AtomicU64::new(0);
 static LARGE: AtomicU64 = AtomicU64::new(0);
+static CHAINS: AtomicU64 = AtomicU64::new(0);
 
 fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
-    let mut m = Model::new(&c.case);
+    let mut m = Model::new(&c);
     for s in &c.steps {
         m.run(s)?;
     }
@@ -585,6 +661,9 @@ fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
         "the base was modified"
     );
     CASES.fetch_add(1, Ordering::Relaxed);
+    if c.layers > 0 {
+        CHAINS.fetch_add(1, Ordering::Relaxed);
+    }
     STEPS.fetch_add(c.steps.len() as u64, Ordering::Relaxed);
     FAILED_SYNCS.fetch_add(m.disk.borrow().syncs_failed, Ordering::Relaxed);
     if m.blocks > 16_384 {
@@ -604,14 +683,17 @@ fn io_uring_executor_matches_reference_model() {
     proptest!(cfg, |(c in exec_case())| run_case(c)?);
     let n = CASES.load(Ordering::Relaxed);
     println!(
-        "exec model: {n} cases ({} with maps of several pages), {} operations, {} failed syncs, 0 divergences",
+        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} failed syncs, 0 divergences",
         LARGE.load(Ordering::Relaxed),
+        CHAINS.load(Ordering::Relaxed),
         STEPS.load(Ordering::Relaxed),
         FAILED_SYNCS.load(Ordering::Relaxed),
     );
     assert!(n >= n_cases as u64, "only {n} model cases ran");
     assert!(
-        LARGE.load(Ordering::Relaxed) > 0 && FAILED_SYNCS.load(Ordering::Relaxed) > 0,
-        "the cases did not reach maps of several pages and failed syncs"
+        LARGE.load(Ordering::Relaxed) > 0
+            && FAILED_SYNCS.load(Ordering::Relaxed) > 0
+            && CHAINS.load(Ordering::Relaxed) > 0,
+        "the cases did not reach maps of several pages, failed syncs and chains"
     );
 }

@@ -552,3 +552,49 @@ fn a_version_1_overlay_is_shown_mapped_and_checked() {
         )
     );
 }
+
+#[test]
+fn snapshot_freezes_and_stacks_a_new_overlay_and_refuses_bad_input() {
+    let sc = Scratch::new("snapshot");
+    let c = build(&sc);
+    let new = sc.path("new");
+    sc.refused(
+        &["snapshot", s(&c.top), "--overlay", s(&c.l2)],
+        "exists: a snapshot's new overlay is a new file",
+    );
+    sc.refused(
+        &["snapshot", s(&c.base), "--overlay", s(&new)],
+        "is not a ublk-cow overlay",
+    );
+    sc.refused(
+        &["snapshot", s(&c.top), "--overlay", "/nonexistent/dir/new"],
+        "its directory does not exist",
+    );
+    // An overlay not closed cleanly (its device still open) is not frozen.
+    let dev = open_device(&c.top).unwrap();
+    drop(dev);
+    sc.refused(
+        &["snapshot", s(&c.top), "--overlay", s(&new)],
+        "not closed cleanly",
+    );
+    // Clean again, then snapshot: the top is a layer, the new overlay
+    // reads as it did and takes the writes.
+    open_device(&c.top).unwrap().close().unwrap();
+    let out = sc.run(&["snapshot", s(&c.top), "--overlay", s(&new)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = create_overlay(&sc.path("x"), &c.top, None);
+    assert!(err.is_ok(), "the snapshot did not freeze the top: {err:?}");
+    assert_eq!(read_all(&new), c.want);
+    let dev = open_device(&new).unwrap();
+    dev.write(0, &block(0xd, 0)).unwrap();
+    dev.close().unwrap();
+    let mut want = c.want.clone();
+    want[..BS as usize].copy_from_slice(&block(0xd, 0));
+    assert_eq!(read_all(&new), want);
+    // The frozen top is no device's overlay any more.
+    assert!(open_device(&c.top).is_err(), "a layer opened for writing");
+}

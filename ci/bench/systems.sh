@@ -13,7 +13,9 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # default (--zero-copy=off); ublk-cow-direct, base reads around the page
 # cache (--base-io direct; for a base on a device: SLOW_MS), and
 # ublk-cow-direct-raoff, the same without prefetch (--readahead off);
-# ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
+# ublk-cow-layer1 and ublk-cow-layers8, a fresh overlay over a chain whose
+# layers hold 256 MiB of random 4 KiB writes in all: in one layer, or 32
+# MiB in each of 8 (`layers`, made once per boot); ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
 # commit's) for a before/after comparison in one boot, with a run
 # directory of its own (older builds made it with other modes).
 
@@ -82,6 +84,27 @@ wait_dev() { # wait until a block device answers with its full size
     echo "device $1 did not come up" >&2; return 1
 }
 
+# layers N: a chain of N layers over $BASE whose layers hold 256 MiB of
+# random 4 KiB writes in all (256/N MiB in each, made with `snapshot`);
+# prints the top layer. Made once per boot, in $B/layersN.
+layers() {
+    local n=$1 d=$B/layers$1 i dev
+    if [ ! -e "$d/done" ]; then
+        rm -rf "$d"; mkdir -p "$d"
+        dev=$("$UC" add --base "$BASE" --overlay "$d/l1.cow")
+        for i in $(seq 1 "$n"); do
+            fio --name=layer --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
+                --bs=4k --iodepth=32 --io_size=$((256 / n))M --randseed="$i" >/dev/null
+            "$UC" del -n "$(dev_id "$dev")"
+            "$UC" snapshot "$d/l$i.cow" --overlay "$d/l$((i + 1)).cow"
+            [ "$i" = "$n" ] || dev=$("$UC" add --base "$d/l$i.cow" --overlay "$d/l$((i + 1)).cow")
+        done
+        rm -f "$d/l$((n + 1)).cow"
+        touch "$d/done"
+    fi
+    echo "$d/l$n.cow"
+}
+
 sys_up() {
     local sz; sz=$(($(stat -c %s "$BASE_FILE") / 512))
     case $1 in
@@ -113,6 +136,8 @@ sys_up() {
         ublk-cow) "$UC" add --base "$BASE" ;;
         ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old \
             "${UBLK_COW_OLD_BIN:?the path of the other build}" add --base "$BASE" ;;
+        ublk-cow-layer1) "$UC" add --base "$(layers 1)" --overlay $B/top.cow ;;
+        ublk-cow-layers8) "$UC" add --base "$(layers 8)" --overlay $B/top.cow ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
@@ -133,6 +158,7 @@ sys_down() {
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
         rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
         ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$2")" ;;
+        ublk-cow-layer*) "$UC" del -n "$(dev_id "$2")"; rm -f $B/top.cow ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac
 }

@@ -11,10 +11,12 @@
 //! map into the overlay, as it does for a device whose daemon died.
 
 pub(crate) mod control;
+pub(crate) mod snapshot;
 pub(crate) mod state;
 
-use crate::engine::base::{Base, BaseIo, DirectBase, open_base};
+use crate::engine::base::{BaseIo, DirectBase};
 use crate::engine::cache::{CacheMode, CachePolicy};
+use crate::engine::chain::{Backed, Lower, open_lower};
 use crate::engine::device::{CowDevice, MapSource};
 use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
 use crate::engine::map::{MapMemory, map_bytes};
@@ -64,7 +66,9 @@ enum OverlaySource {
 /// written yet.
 struct Prepared {
     req: AddRequest,
-    base: Base,
+    /// The base: a raw image or block device, or a frozen overlay (a layer)
+    /// and the chain below it.
+    base: Lower,
     /// The base opened for direct reads (`--base-io direct`).
     direct: Option<DirectBase>,
     overlay: OverlaySource,
@@ -90,10 +94,17 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
         bail!("--queues must be at least 1 and --depth from 1 to 4096");
     }
     req.base = absolute(&req.base)?;
-    let base = open_base(&req.base)?;
-    // A new overlay records it: its path must fit.
-    base.backing(&req.base)?;
-    let direct = open_direct(&req)?;
+    // A new overlay records it (`Lower::backing`): its path must fit.
+    let base = open_lower(&req.base)?;
+    if let (Some(want), Some(layer)) = (req.block_size, base.block_size)
+        && want != layer
+    {
+        bail!(
+            "--block-size {want}: base {} is a layer of block size {layer}, which an overlay over it keeps",
+            req.base.display()
+        );
+    }
+    let direct = open_direct(&req, &base)?;
     let overlay = match req.overlay.clone() {
         None => OverlaySource::Temporary(None),
         Some(p) => {
@@ -144,8 +155,11 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
             }
         }
     };
-    let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-    Geometry::new(base.size, block_size)?;
+    let block_size = req
+        .block_size
+        .or(base.block_size)
+        .unwrap_or(DEFAULT_BLOCK_SIZE);
+    Geometry::new(base.size(), block_size)?;
     state::check_run_dir()?;
     ublk::check_available()?;
     ublk::check_io_mode(req.target.zero_copy)?;
@@ -243,11 +257,31 @@ fn lock_base(path: &Path, file: &File) -> Result<()> {
     bail!("base {shown} is locked for writing by another process")
 }
 
+/// Takes the shared lock of `lock_base` on every file below a device: the
+/// raw base (`path`), or each layer of a chain and the raw base under it.
+fn lock_lower(path: &Path, below: &Backed) -> Result<()> {
+    match below {
+        Backed::Raw(f) => lock_base(path, f),
+        Backed::Chain(_) => {
+            for l in below.layers() {
+                lock_base(&l.path, l.overlay.storage())?;
+            }
+            match (below.raw_path(), below.raw()) {
+                (Some(p), Some(f)) => lock_base(p, f),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
 /// The base opened for direct reads, if `req` asks for them.
-fn open_direct(req: &AddRequest) -> Result<Option<DirectBase>> {
+fn open_direct(req: &AddRequest, base: &Lower) -> Result<Option<DirectBase>> {
     Ok(match req.base_io {
         BaseIo::Cached => None,
-        BaseIo::Direct => Some(DirectBase::open(&req.base)?),
+        // Of a chain, the raw base at its bottom.
+        BaseIo::Direct => Some(DirectBase::open(
+            base.backed.raw_path().unwrap_or(&req.base),
+        )?),
     })
 }
 
@@ -262,6 +296,9 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
+    if st.snapshot_to.is_some() && !st.daemon_alive() {
+        return snapshot::finish(st, foreground);
+    }
     if st.daemon_alive() {
         bail!(
             "device {id} is alive (daemon pid {}): nothing to recover",
@@ -300,9 +337,9 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
         policy: st.policy,
         base_io: st.base_io,
     };
-    let base = open_base(&req.base)?;
-    let direct = open_direct(&req)?;
-    if base.size != st.size {
+    let base = open_lower(&req.base)?;
+    let direct = open_direct(&req, &base)?;
+    if base.size() != st.size {
         bail!(
             "base {} changed size since the device was added",
             req.base.display()
@@ -477,6 +514,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         base_io: req.base_io,
         owner,
         failed: false,
+        snapshot_to: None,
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -614,13 +652,13 @@ impl CreatedFiles {
 /// overlay that was clean is left clean.
 fn open_device(
     req: &AddRequest,
-    base: Base,
+    base: Lower,
     overlay: &OverlaySource,
     block_size: u32,
     recover: Option<u32>,
     id: u32,
-) -> Result<(CowDevice<File, File>, CreatedFiles)> {
-    lock_base(&req.base, &base.file)?;
+) -> Result<(CowDevice<Backed, File>, CreatedFiles)> {
+    lock_lower(&req.base, &base.backed)?;
     let (overlay_path, overlay_file, created) = open_overlay(overlay, id)?;
     // Another opener: nothing made here is removed, the overlay is theirs.
     let patience = Duration::from_secs(if recover.is_some() { 10 } else { 0 });
@@ -630,20 +668,19 @@ fn open_device(
         created,
         map: recover.is_none().then(|| state::map_path(id)),
     };
-    let opened = (|| -> Result<CowDevice<File, File>> {
-        let geo = Geometry::new(base.size, block_size)?;
+    let opened = (|| -> Result<CowDevice<Backed, File>> {
+        let geo = Geometry::new(base.size(), block_size)?;
         let mem = map_memory(id, geo.blocks(), recover.is_none())?;
         let dev = if created {
             // Made with its backing recorded, then opened like any other.
-            let backing = base.backing(&req.base)?;
             let made = overlay_file.try_clone().context("the new overlay")?;
-            Overlay::create_backed(made, geo, &base.identity, backing)?;
+            Overlay::create_backed(made, geo, &base.identity, base.backing.clone())?;
             let check = OpenCheck {
                 base: &base.identity,
                 block_size: None,
                 force: false,
             };
-            CowDevice::open(base.file, overlay_file, check, MapSource::Load(mem))?
+            CowDevice::open(base.backed, overlay_file, check, MapSource::Load(mem))?
         } else {
             let check = OpenCheck {
                 base: &base.identity,
@@ -654,7 +691,7 @@ fn open_device(
                 None => MapSource::Load(mem),
                 Some(_) => MapSource::Live(mem),
             };
-            CowDevice::open(base.file, overlay_file, check, source)?
+            CowDevice::open(base.backed, overlay_file, check, source)?
         };
         if req.preallocate
             && let Err(e) = preallocate(&dev)
@@ -679,7 +716,7 @@ fn open_device(
 
 /// `--preallocate`: allocates the overlay's data area, so that first writes
 /// find their space already there.
-fn preallocate(dev: &CowDevice<File, File>) -> Result<()> {
+fn preallocate(dev: &CowDevice<Backed, File>) -> Result<()> {
     let size = dev.geometry().size();
     let overlay = dev.overlay();
     crate::sys::allocate(overlay.storage(), overlay.data_pos(0), size)
@@ -726,6 +763,9 @@ pub(crate) fn del(id: u32) -> Result<()> {
             _ => return Ok(()),
         }
     }
+    if st.snapshot_to.is_some() {
+        bail!("a snapshot of device {id} was interrupted: `ublk-cow recover -n {id}` finishes it");
+    }
     let mut failed = st.failed;
     if !st.temporary_overlay && !failed && state::map_path(id).exists() {
         failed = !close_from_live_map(&st).with_context(|| {
@@ -761,8 +801,8 @@ pub(crate) fn del(id: u32) -> Result<()> {
 /// stop would have done. Holds the overlay's lock meanwhile. `Ok(false)`,
 /// writing nothing, if the overlay is marked failed (a flush failed).
 fn close_from_live_map(st: &DeviceState) -> Result<bool> {
-    let base = open_base(&st.base)?;
-    lock_base(&st.base, &base.file)?;
+    let base = open_lower(&st.base)?;
+    lock_lower(&st.base, &base.backed)?;
     let file = File::options()
         .read(true)
         .write(true)
@@ -781,9 +821,9 @@ fn close_from_live_map(st: &DeviceState) -> Result<bool> {
         return Ok(false);
     }
     let file = checked.into_storage();
-    let geo = Geometry::new(base.size, st.block_size)?;
+    let geo = Geometry::new(base.size(), st.block_size)?;
     let mem = map_memory(st.id, geo.blocks(), false)?;
-    let dev = CowDevice::open(base.file, file, check, MapSource::Live(mem))?;
+    let dev = CowDevice::open(base.backed, file, check, MapSource::Live(mem))?;
     dev.close()?;
     Ok(true)
 }

@@ -57,6 +57,10 @@ pub(crate) struct DeviceState {
     /// the live map is never written into it.
     #[serde(default)]
     pub(crate) failed: bool,
+    /// A snapshot of the device into this new overlay was begun and not
+    /// finished (see `daemon::snapshot`): `recover` finishes it.
+    #[serde(default)]
+    pub(crate) snapshot_to: Option<PathBuf>,
 }
 
 pub(crate) fn run_dir() -> PathBuf {

@@ -393,7 +393,7 @@ impl Chain {
     fn identity_from(&self, depth: usize) -> Result<BaseIdentity, Error> {
         let layer = &self.layers[depth];
         let size = layer.overlay.geometry().size();
-        let reader = Below { chain: self, depth };
+        let reader = FromDepth { chain: self, depth };
         BaseIdentity::compute(&reader, size, mtime_ns(&layer.meta).max(1))
     }
 
@@ -468,7 +468,7 @@ impl Chain {
 }
 
 /// The chain from one depth down, for reading while it is opened.
-struct Below<'a> {
+struct FromDepth<'a> {
     chain: &'a Chain,
     depth: usize,
 }
@@ -477,7 +477,7 @@ fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
-impl Storage for Below<'_> {
+impl Storage for FromDepth<'_> {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let c = self.chain;
         c.read_with(buf, off, |b| match c.index.get(b) {
@@ -540,6 +540,66 @@ pub enum Backed {
     Chain(Box<Chain>),
 }
 
+/// Where a block below a device's overlay is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Below {
+    /// The raw base, at the block's own offset.
+    Base,
+    /// The layer at this depth of the chain below (0 is the layer the
+    /// overlay was made over), at its `data_pos` of the block's offset.
+    Layer(usize),
+    /// A layer holds the block as zeros.
+    Zero,
+}
+
+impl Backed {
+    /// Where `block` is read from: for a raw backing always the base; for
+    /// a chain its topmost holder, two loads whatever the depth.
+    #[inline]
+    pub(crate) fn below(&self, block: u64) -> Below {
+        match self {
+            Backed::Raw(_) => Below::Base,
+            Backed::Chain(c) => {
+                let h = c.lookup(block);
+                if h.depth == c.layers.len() {
+                    Below::Base
+                } else if h.state == BlockState::Zero {
+                    Below::Zero
+                } else {
+                    Below::Layer(h.depth)
+                }
+            }
+        }
+    }
+
+    /// The raw base at the bottom; `None` for a chain whose deepest layer
+    /// records no backing (format version 1), which no device serves.
+    pub(crate) fn raw(&self) -> Option<&File> {
+        match self {
+            Backed::Raw(f) => Some(f),
+            Backed::Chain(c) => c.base.as_ref().map(|b| &b.base.file),
+        }
+    }
+
+    /// The raw base's path, for a chain (a raw backing is the path the
+    /// caller named).
+    pub(crate) fn raw_path(&self) -> Option<&Path> {
+        match self {
+            Backed::Raw(_) => None,
+            Backed::Chain(c) => c.base.as_ref().map(|b| b.path.as_path()),
+        }
+    }
+
+    /// The layers below, from the one the overlay was made over down;
+    /// none for a raw backing.
+    pub(crate) fn layers(&self) -> &[Layer] {
+        match self {
+            Backed::Raw(_) => &[],
+            Backed::Chain(c) => &c.layers,
+        }
+    }
+}
+
 impl Storage for Backed {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         match self {
@@ -568,26 +628,62 @@ impl Storage for Backed {
     fn allocate(&self, _: u64, _: u64) -> io::Result<()> {
         Err(read_only())
     }
+    /// A chain's blocks lie in several files: hints go to a raw base only.
+    fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backed::Raw(f) => f.will_need(off, len),
+            Backed::Chain(_) => Ok(()),
+        }
+    }
+    fn dont_need(&self, off: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backed::Raw(f) => f.dont_need(off, len),
+            Backed::Chain(_) => Ok(()),
+        }
+    }
+    /// Only a raw base copies inside the kernel; a chain is read through.
+    fn as_file(&self) -> Option<&File> {
+        match self {
+            Backed::Raw(f) => Some(f),
+            Backed::Chain(_) => None,
+        }
+    }
+}
+
+/// A backing opened for an overlay over it (see [`open_lower`]).
+pub struct Lower {
+    pub backed: Backed,
+    /// What an overlay over it records of it, and checks.
+    pub identity: BaseIdentity,
+    /// How an overlay's header records it.
+    pub backing: Backing,
+    /// A layer's block size, which an overlay over it must keep.
+    pub block_size: Option<u32>,
+    /// The raw base is a block device.
+    pub is_block_device: bool,
+}
+
+impl Lower {
+    /// The virtual size.
+    pub fn size(&self) -> u64 {
+        self.identity.size
+    }
 }
 
 /// Opens the backing at `path` (a raw image, a block device or a frozen
 /// overlay) for an overlay over it: what to read, its identity, and how
-/// the header records it.
-fn open_backing(path: &Path) -> Result<(Backed, BaseIdentity, Backing, Option<u32>), Error> {
-    let probe = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => {
-            Error::invalid(format!("backing {} does not exist", path.display()))
-        }
-        _ => Error::Io {
-            context: format!("backing {}", path.display()),
-            source: e,
-        },
-    })?;
-    if probe.metadata().is_ok_and(|m| m.is_file()) && looks_like_overlay(&probe).unwrap_or(false) {
+/// the header records it. A live overlay is refused: only a frozen one (a
+/// layer) may be below another.
+pub fn open_lower(path: &Path) -> Result<Lower, Error> {
+    // A file that cannot be opened gets `open_base`'s error.
+    let layer = File::open(path).is_ok_and(|probe| {
+        probe.metadata().is_ok_and(|m| m.is_file()) && looks_like_overlay(&probe).unwrap_or(false)
+    });
+    if layer {
         let chain = Chain::open(path, Purpose::Reads)?;
         if !chain.layers[0].overlay.header().frozen() {
             return Err(Error::invalid(format!(
-                "backing {} is a live overlay: only a frozen one (a layer) can be below another",
+                "{} is a live overlay: only a frozen one (a layer) can be below another",
                 path.display()
             )));
         }
@@ -597,30 +693,40 @@ fn open_backing(path: &Path) -> Result<(Backed, BaseIdentity, Backing, Option<u3
                 path.display()
             )));
         }
-        let id = chain.identity()?;
-        let bs = chain.geometry().block_size();
+        let identity = chain.identity()?;
+        let block_size = Some(chain.geometry().block_size());
         let backing = Backing::new(BackingKind::Overlay, path)?;
-        Ok((Backed::Chain(Box::new(chain)), id, backing, Some(bs)))
+        let is_block_device = chain.base.as_ref().is_some_and(|b| b.base.is_block_device);
+        Ok(Lower {
+            backed: Backed::Chain(Box::new(chain)),
+            identity,
+            backing,
+            block_size,
+            is_block_device,
+        })
     } else {
         let base = open_base(path)?;
         let backing = base.backing(path)?;
-        Ok((Backed::Raw(base.file), base.identity, backing, None))
+        Ok(Lower {
+            backed: Backed::Raw(base.file),
+            identity: base.identity,
+            backing,
+            block_size: None,
+            is_block_device: base.is_block_device,
+        })
     }
-}
-
-/// Opens the backing at `path` (a raw image, a block device or a frozen
-/// overlay) as an overlay over it reads it, with the identity such an
-/// overlay records: for a caller that keeps the overlay itself elsewhere.
-pub fn open_backed(path: &Path) -> Result<(Backed, BaseIdentity), Error> {
-    let (backed, id, _, _) = open_backing(path)?;
-    Ok((backed, id))
 }
 
 /// Creates a new, empty overlay at `path` over `backing` (a raw image, a
 /// block device or a frozen overlay), recording it. A layer's block size is
 /// kept; otherwise `block_size` or the default. `path` must not exist.
 pub fn create_overlay(path: &Path, backing: &Path, block_size: Option<u32>) -> Result<(), Error> {
-    let (_, id, recorded, layer_bs) = open_backing(backing)?;
+    let Lower {
+        identity: id,
+        backing: recorded,
+        block_size: layer_bs,
+        ..
+    } = open_lower(backing)?;
     let bs = match (layer_bs, block_size) {
         (Some(l), Some(b)) if l != b => {
             return Err(Error::invalid(format!(
@@ -676,6 +782,49 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
     overlay.freeze().map_err(|e| about(&who, e))
 }
 
+/// Snapshot of an overlay no device uses: freezes the overlay at `path`
+/// (it becomes a layer; already one, it stays so) and creates `new`, an
+/// empty overlay over it that takes the writes from then on. `new` must not
+/// exist; it is checked, with the overlay, before anything is written.
+pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
+    check_new_overlay(new)?;
+    // The chain below must open (and the overlay be one), before the
+    // overlay is frozen.
+    let chain = Chain::open(path, Purpose::Reads)?;
+    if !chain.layers[0].overlay.header().frozen() {
+        freeze(path)?;
+    }
+    drop(chain);
+    create_overlay(new, path, None)
+}
+
+/// Refuses `new` as the new overlay of a snapshot unless it is a path
+/// where a file can be made: nothing there, its directory there.
+pub fn check_new_overlay(new: &Path) -> Result<(), Error> {
+    if std::fs::symlink_metadata(new).is_ok() {
+        return Err(Error::invalid(format!(
+            "{} exists: a snapshot's new overlay is a new file",
+            new.display()
+        )));
+    }
+    match new.parent() {
+        Some(d) if d.as_os_str().is_empty() || d.is_dir() => {}
+        _ => {
+            return Err(Error::invalid(format!(
+                "{}: its directory does not exist",
+                new.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the overlay at `path` is frozen (a layer).
+pub fn is_frozen(path: &Path) -> Result<bool, Error> {
+    let layer = open_layer(path, 0)?;
+    Ok(layer.overlay.header().frozen())
+}
+
 /// Opens the live overlay at `path` for reading and writing with the
 /// synchronous executor, over the backing its header records (checked):
 /// the engine's device on the host, with no ublk.
@@ -695,7 +844,8 @@ pub fn open_device(path: &Path) -> Result<CowDevice<Backed, File>, Error> {
             "{who} records no backing: it is used with `add --base`"
         )));
     };
-    let (below, id, _, _) = open_backing(backing).map_err(|e| about(&who, e))?;
+    let lower = open_lower(backing).map_err(|e| about(&who, e))?;
+    let (below, id) = (lower.backed, lower.identity);
     let check = OpenCheck {
         base: &id,
         block_size: None,

@@ -247,7 +247,16 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             return Ok(());
         }
         let mut runs = Vec::new();
-        plan::plan_read(&self.map, &self.geo, off, buf.len() as u64, &mut runs);
+        // The base reads through a chain itself (`Storage for Backed`).
+        let below = plan::raw_base;
+        plan::plan_read(
+            &self.map,
+            &self.geo,
+            off,
+            buf.len() as u64,
+            below,
+            &mut runs,
+        );
         for ReadRun {
             source,
             off,
@@ -257,7 +266,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         {
             let dst = &mut buf[buf_off..buf_off + len as usize];
             match source {
-                ReadSource::Base => self
+                ReadSource::Base | ReadSource::Layer(_) => self
                     .base
                     .read_at(dst, off)
                     .ctx(|| format!("base read at {off}"))?,

@@ -3,6 +3,7 @@
 //! plan out are in `write.rs`; executors (the synchronous one in
 //! `device.rs`, the io_uring one in `ublk/exec`) do their I/O.
 
+use crate::engine::chain::Below;
 use crate::engine::geometry::Geometry;
 use crate::engine::map::{BlockMap, BlockState};
 use std::ops::Range;
@@ -11,12 +12,22 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReadSource {
     Base,
+    /// A layer of the chain below the overlay (`chain::Below::Layer`).
+    Layer(usize),
     Overlay,
     Zero,
 }
 
+impl ReadSource {
+    /// Read from below the overlay (the base or a layer).
+    pub(crate) fn is_below(self) -> bool {
+        matches!(self, ReadSource::Base | ReadSource::Layer(_))
+    }
+}
+
 /// One run of a READ: `len` bytes at device offset `off`, landing at
-/// `buf_off` in the request's buffer. Adjacent blocks of one state are one run.
+/// `buf_off` in the request's buffer. Adjacent blocks read from one place
+/// are one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ReadRun {
     pub(crate) source: ReadSource,
@@ -25,35 +36,68 @@ pub(crate) struct ReadRun {
     pub(crate) buf_off: usize,
 }
 
-/// Splits the READ `[off, off+len)` into runs of equal block state.
+/// Splits the READ `[off, off+len)` into runs by where each block is read
+/// from: the overlay's map, and for its `Unallocated` blocks `below` (a
+/// raw base answers `Base` for all; a chain names the layer).
 pub(crate) fn plan_read(
     map: &BlockMap,
     geo: &Geometry,
     off: u64,
     len: u64,
+    below: impl Fn(u64) -> Below,
     out: &mut Vec<ReadRun>,
 ) {
     out.clear();
     let end = off + len;
     let blocks = geo.blocks_touched(off, len);
+    let mut push = |source: ReadSource, first: u64, last: u64| {
+        let run_start = geo.block_start(first).max(off);
+        let run_end = geo.block_end(last).min(end);
+        match out.last_mut() {
+            Some(prev) if prev.source == source && prev.off + prev.len == run_start => {
+                prev.len = run_end - prev.off;
+            }
+            _ => out.push(ReadRun {
+                source,
+                off: run_start,
+                len: run_end - run_start,
+                buf_off: (run_start - off) as usize,
+            }),
+        }
+    };
     let mut block = blocks.start;
     while block < blocks.end {
         let (state, n) = map.run_at(block, blocks.end);
-        let run_start = geo.block_start(block).max(off);
-        let run_end = geo.block_end(block + n - 1).min(end);
-        let source = match state {
-            BlockState::Unallocated => ReadSource::Base,
-            BlockState::Allocated | BlockState::Copied => ReadSource::Overlay,
-            BlockState::Zero => ReadSource::Zero,
-        };
-        out.push(ReadRun {
-            source,
-            off: run_start,
-            len: run_end - run_start,
-            buf_off: (run_start - off) as usize,
-        });
+        match state {
+            BlockState::Allocated | BlockState::Copied => {
+                push(ReadSource::Overlay, block, block + n - 1);
+            }
+            BlockState::Zero => push(ReadSource::Zero, block, block + n - 1),
+            BlockState::Unallocated => {
+                let mut b = block;
+                while b < block + n {
+                    let from = below(b);
+                    let mut e = b + 1;
+                    while e < block + n && below(e) == from {
+                        e += 1;
+                    }
+                    let source = match from {
+                        Below::Base => ReadSource::Base,
+                        Below::Layer(d) => ReadSource::Layer(d),
+                        Below::Zero => ReadSource::Zero,
+                    };
+                    push(source, b, e - 1);
+                    b = e;
+                }
+            }
+        }
         block += n;
     }
+}
+
+/// `plan_read`'s `below` for a raw base.
+pub(crate) fn raw_base(_: u64) -> Below {
+    Below::Base
 }
 
 /// How a WRITE must be carried out.
@@ -204,7 +248,7 @@ mod tests {
             Unallocated,
         ]);
         let mut runs = Vec::new();
-        plan_read(&map, &geo, 512, 6 * 4096 - 1024, &mut runs);
+        plan_read(&map, &geo, 512, 6 * 4096 - 1024, raw_base, &mut runs);
         let got: Vec<_> = runs
             .iter()
             .map(|r| (r.source, r.off, r.len, r.buf_off))
@@ -218,6 +262,40 @@ mod tests {
                 (ReadSource::Base, 20480, 4096 - 512, 20480 - 512),
             ]
         );
+    }
+
+    #[test]
+    fn read_below_the_overlay_splits_by_layer_and_merges_the_overlay() {
+        use BlockState::*;
+        let (map, geo) = setup(&[
+            Unallocated,
+            Unallocated,
+            Unallocated,
+            Allocated,
+            Copied,
+            Unallocated,
+            Unallocated,
+        ]);
+        let below = |b: u64| match b {
+            0 | 1 => Below::Layer(2),
+            2 => Below::Zero,
+            5 => Below::Layer(0),
+            _ => Below::Base,
+        };
+        let mut runs = Vec::new();
+        plan_read(&map, &geo, 0, 7 * 4096, below, &mut runs);
+        let got: Vec<_> = runs.iter().map(|r| (r.source, r.off, r.len)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ReadSource::Layer(2), 0, 8192),
+                (ReadSource::Zero, 8192, 4096),
+                (ReadSource::Overlay, 12288, 8192),
+                (ReadSource::Layer(0), 20480, 4096),
+                (ReadSource::Base, 24576, 4096),
+            ]
+        );
+        assert!(runs.iter().all(|r| r.buf_off as u64 == r.off));
     }
 
     #[test]

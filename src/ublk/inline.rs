@@ -60,14 +60,20 @@ pub(crate) struct MemoryPath {
 
 impl MemoryPath {
     /// Inline I/O for `file`, whose first `len` bytes are read through it;
-    /// `writable` maps them for the kernel to copy into as well.
+    /// `writable` maps them for the kernel to copy into as well (the
+    /// overlay). A file mapped read-only is one that nothing writes or
+    /// punches while it is served (the base), so pages it made present
+    /// are remembered (`SharedMap::map_unchanging`).
     pub(crate) fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
         let whole = file.metadata().is_ok_and(|m| m.len() >= len);
         let map = (whole && len > 0 && in_memory)
-            .then(|| SharedMap::map(file, len as usize, writable).ok())
+            .then(|| match writable {
+                true => SharedMap::map(file, len as usize, true).ok(),
+                false => SharedMap::map_unchanging(file, len as usize).ok(),
+            })
             .flatten();
         Ok(MemoryPath {
             map,
@@ -454,6 +460,10 @@ mod tests {
         assert_eq!(r.read(0, &mut buf), 4096);
         assert!(buf.iter().all(|&b| b == 5));
         assert!(r.mapped(0, 4096).is_some());
+        // A hole beside them, in the same granule (`SharedMap::present`):
+        // their read must not have marked it present.
+        assert_eq!(r.read(8192, &mut buf), 0, "a hole read through the map");
+        assert!(r.mapped(8192, 4096).is_none());
     }
 
     /// Reads what the pipe holds (the way io_uring's read takes it out).

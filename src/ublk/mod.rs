@@ -146,7 +146,7 @@ pub(crate) fn serve(
         // The `*_FD` constants of `exec` count on these following the char
         // device directly.
         assert_eq!(tgt.nr_fds, exec::FIRST_FILE as i32, "fixed files");
-        for (i, fd) in files.into_iter().enumerate() {
+        for (i, &fd) in files.iter().enumerate() {
             tgt.fds[exec::FIRST_FILE as usize + i] = fd;
         }
         tgt.nr_fds += files.len() as i32;

@@ -205,6 +205,7 @@ mod tests {
             overlay: overlay.as_raw_fd(),
             zero: base.as_raw_fd(),
             base_direct: base.as_raw_fd(),
+            layers: Vec::new(),
         };
         let ring = PlainRing::new(&files, 4).unwrap();
         let mut a = [0u8; 4096];

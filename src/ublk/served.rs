@@ -6,17 +6,19 @@
 
 use crate::engine::base::{DirectAlign, DirectBase};
 use crate::engine::cache::CachePolicy;
+use crate::engine::chain::Backed;
 use crate::engine::device::CowDevice;
 use crate::stats::Stats;
-use crate::ublk::exec::RingFiles;
+use crate::ublk::exec::{MAX_RING_LAYERS, RingFiles};
 use crate::ublk::inline::MemoryPath;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-/// The engine's device over the base and overlay files.
-pub(crate) type Device = CowDevice<File, File>;
+/// The engine's device: the overlay file over a raw base or a chain of
+/// layers.
+pub(crate) type Device = CowDevice<Backed, File>;
 /// A turn at flushing `Device` (see `CowDevice::try_flush_turn`).
-pub(crate) type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, File, File>;
+pub(crate) type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, Backed, File>;
 
 /// What every queue shares: the device (with its flush turn), its cache
 /// policy and the counters.
@@ -28,6 +30,8 @@ pub struct ServedDevice {
     /// thread (see `inline`).
     pub(crate) base_io: MemoryPath,
     pub(crate) overlay_io: MemoryPath,
+    /// The same for each layer of a chain below the overlay, by depth.
+    pub(crate) layer_io: Vec<MemoryPath>,
     /// The overlay's pages of every `Unallocated` block exist, initialized,
     /// in its mapping: it was preallocated and populated when the device
     /// was added (see `plan::overlay_pages_ready`).
@@ -48,7 +52,24 @@ impl ServedDevice {
         direct: Option<DirectBase>,
     ) -> std::io::Result<ServedDevice> {
         let size = dev.geometry().size();
-        let base_io = MemoryPath::new(dev.base(), size, false)?;
+        let layers = dev.base().layers();
+        if layers.len() > MAX_RING_LAYERS {
+            return Err(std::io::Error::other(format!(
+                "a device serves at most {MAX_RING_LAYERS} layers below its overlay, this chain has {}",
+                layers.len()
+            )));
+        }
+        let raw = dev.base().raw().ok_or_else(|| {
+            std::io::Error::other("the chain's deepest layer records no base (format version 1)")
+        })?;
+        let base_io = MemoryPath::new(raw, size, false)?;
+        let layer_io = layers
+            .iter()
+            .map(|l| {
+                let o = &l.overlay;
+                MemoryPath::new(o.storage(), o.data_pos(size), false)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         let overlay = dev.overlay();
         let overlay_io = MemoryPath::new(overlay.storage(), overlay.data_pos(size), true)?;
         let data = overlay.data_pos(0)..overlay.data_pos(size);
@@ -67,6 +88,7 @@ impl ServedDevice {
             stats: Stats::default(),
             base_io,
             overlay_io,
+            layer_io,
             unallocated_ready,
             direct,
         })
@@ -75,13 +97,24 @@ impl ServedDevice {
     /// The files of a ring that serves this device; `zero` is /dev/zero,
     /// open as long as the ring.
     pub fn ring_files(&self, zero: &File) -> RingFiles {
-        let base = self.dev.base().as_raw_fd();
+        let below = self.dev.base();
+        let base = below.raw().expect("checked in new").as_raw_fd();
         RingFiles {
             base,
             overlay: self.dev.overlay().storage().as_raw_fd(),
             zero: zero.as_raw_fd(),
             base_direct: self.direct_base().map_or(base, |f| f.as_raw_fd()),
+            layers: below
+                .layers()
+                .iter()
+                .map(|l| l.overlay.storage().as_raw_fd())
+                .collect(),
         }
+    }
+
+    /// Where device offset `off` lies in the file of the layer at `depth`.
+    pub(crate) fn layer_pos(&self, depth: usize, off: u64) -> u64 {
+        self.dev.base().layers()[depth].overlay.data_pos(off)
     }
 
     /// The base's descriptor for direct reads, if there is one.

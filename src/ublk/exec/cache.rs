@@ -2,14 +2,15 @@
 //! fadvise, read, copy into the overlay), and the installing of base data
 //! into the overlay under the blocks' locks.
 
-use super::{BASE_FD, OVERLAY_FD, RingRead, lock, overlay_write, read_op};
+use super::{BASE_FD, OVERLAY_FD, below_pieces, layer_fd, lock, overlay_write, read_below};
 use crate::engine::Errno;
 use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
+use crate::engine::chain::Below;
 use crate::engine::locks::MAX_LOCK_BLOCKS;
 use crate::engine::map::BlockState;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
-use crate::ublk::ops::{Op, Ring, finish};
+use crate::ublk::ops::{Op, Ring, finish_all};
 
 /// Largest piece of base data a cache request reads or copies at once.
 const CACHE_PIECE: u64 = 1 << 20;
@@ -33,13 +34,25 @@ pub async fn cache_range<R: Ring>(
     plan_cache(dev.map(), &geo, blocks, mode, &mut steps);
     let st = &sh.stats;
     for step in steps {
-        let (fd, pos, counter) = match step.action {
+        // What to advise: the overlay's data, or each piece below it where
+        // it lies (a chain's pieces in their layers; zeros need nothing).
+        let (advise, counter) = match step.action {
             CacheAction::FadviseOverlay => (
-                OVERLAY_FD,
-                dev.overlay().data_pos(step.off),
+                vec![(OVERLAY_FD, dev.overlay().data_pos(step.off), step.len)],
                 &st.fadvise_overlay_bytes,
             ),
-            CacheAction::FadviseBase => (BASE_FD, step.off, &st.fadvise_base_bytes),
+            CacheAction::FadviseBase => {
+                let pieces = below_pieces(sh, step.off, step.len);
+                let advise = pieces
+                    .into_iter()
+                    .filter_map(|(from, at, to)| match from {
+                        Below::Base => Some((BASE_FD, at, to - at)),
+                        Below::Layer(k) => Some((layer_fd(k), sh.layer_pos(k, at), to - at)),
+                        Below::Zero => None,
+                    })
+                    .collect();
+                (advise, &st.fadvise_base_bytes)
+            }
             CacheAction::ReadBase | CacheAction::CopyToOverlay => {
                 let mut at = step.off;
                 while at < step.off + step.len {
@@ -62,8 +75,10 @@ pub async fn cache_range<R: Ring>(
             }
         };
         Stats::add(counter, step.len);
-        let advice: Vec<_> = fadvise_pieces(pos, step.len)
-            .map(|(at, n)| {
+        let advice: Vec<_> = advise
+            .into_iter()
+            .flat_map(|(fd, pos, len)| fadvise_pieces(pos, len).map(move |p| (fd, p)))
+            .map(|(fd, (at, n))| {
                 q.push(Op::WillNeed {
                     fd,
                     pos: at,
@@ -89,7 +104,8 @@ pub async fn install_from_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len:
     }
 }
 
-/// Reads `len` bytes of the base at `off` into a new buffer and waits.
+/// Reads `len` bytes below the overlay at `off` (the base, or a chain's
+/// layers) into a new buffer and waits.
 async fn read_base<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -97,9 +113,9 @@ async fn read_base<R: Ring>(
     len: u64,
 ) -> Result<Vec<u8>, Errno> {
     let mut data = vec![0u8; len as usize];
-    if let Some(op) = read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, &mut data) {
-        finish(q, op).await?;
-    }
+    let mut pending = Vec::new();
+    read_below(q, sh, off, &mut data, &mut pending);
+    finish_all(q, pending).await?;
     Ok(data)
 }
 

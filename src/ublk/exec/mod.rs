@@ -35,6 +35,7 @@ pub use write::{write, write_request, write_zeroes};
 
 use crate::engine::Errno;
 use crate::engine::base::DirectAlign;
+use crate::engine::chain::Below;
 use crate::engine::locks::RangeGuard;
 use crate::engine::plan::ReadRun;
 use crate::engine::write::LockWait;
@@ -60,13 +61,29 @@ pub struct RingFiles {
     pub(crate) zero: RawFd,
     /// The base opened with O_DIRECT (`--base-io direct`), else the base.
     pub(crate) base_direct: RawFd,
+    /// The layers of a chain below the overlay, by depth (`layer_fd`).
+    pub(crate) layers: Vec<RawFd>,
 }
 
 impl RingFiles {
     /// The descriptors, in fixed-file order from `FIRST_FILE` on.
-    pub(crate) fn in_order(&self) -> [RawFd; 4] {
-        [self.base, self.overlay, self.zero, self.base_direct]
+    pub(crate) fn in_order(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.base, self.overlay, self.zero, self.base_direct];
+        fds.extend(&self.layers);
+        fds
     }
+}
+
+/// The most fixed files a queue's ring has: libublk's table (`UblkTgt::fds`).
+const RING_FILES_MAX: u32 = 32;
+/// The most layers a device serves below its overlay: one fixed file each,
+/// after ublk's char device and the four of `RingFiles`.
+pub const MAX_RING_LAYERS: usize = (RING_FILES_MAX - FIRST_FILE - 4) as usize;
+
+/// The fixed file of the layer at `depth` below the overlay.
+pub(crate) fn layer_fd(depth: usize) -> types::Fixed {
+    assert!(depth < MAX_RING_LAYERS, "layer depth {depth}");
+    types::Fixed(FIRST_FILE + 4 + depth as u32)
 }
 
 /// The fixed-file index of the first of `RingFiles`.
@@ -173,6 +190,57 @@ fn read_op<R: Ring>(
         pos: at,
     };
     Some(PendingOp::push(q, op, len))
+}
+
+/// The pieces of device bytes `[off, off + len)` below the overlay, each
+/// read from one place (`chain::Below`), as `(from, start, end)`: for a raw
+/// base one piece.
+fn below_pieces(sh: &ServedDevice, off: u64, len: u64) -> Vec<(Below, u64, u64)> {
+    let dev = &sh.dev;
+    let end = off + len;
+    if dev.base().layers().is_empty() {
+        return vec![(Below::Base, off, end)];
+    }
+    let geo = dev.geometry();
+    let mut pieces = Vec::new();
+    let mut at = off;
+    while at < end {
+        let first = geo.block_of(at);
+        let from = dev.base().below(first);
+        let mut next = first + 1;
+        while next < geo.blocks() && geo.block_start(next) < end && dev.base().below(next) == from {
+            next += 1;
+        }
+        let to = geo.block_end(next - 1).min(end);
+        pieces.push((from, at, to));
+        at = to;
+    }
+    pieces
+}
+
+/// Reads `dst`, device bytes at `off` below the overlay (the base, or the
+/// layers of a chain), as `read_op` does each piece; the ring reads are
+/// pushed onto `pending`.
+fn read_below<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    off: u64,
+    dst: &mut [u8],
+    pending: &mut Vec<PendingOp<R>>,
+) {
+    for (from, at, to) in below_pieces(sh, off, dst.len() as u64) {
+        let d = &mut dst[(at - off) as usize..(to - off) as usize];
+        match from {
+            Below::Base => {
+                pending.extend(read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, at, d))
+            }
+            Below::Layer(k) => {
+                let (io, pos) = (&sh.layer_io[k], sh.layer_pos(k, at));
+                pending.extend(read_op(q, RingRead::Cached(layer_fd(k)), io, pos, d));
+            }
+            Below::Zero => d.fill(0),
+        }
+    }
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the

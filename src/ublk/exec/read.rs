@@ -2,7 +2,9 @@
 //! request; or, for one run in a mapped file, left where it is for ublk to
 //! copy at the commit (`ReadData::Mapped`).
 
-use super::{BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, read_op};
+use super::{
+    BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, layer_fd, read_op,
+};
 use crate::engine::Errno;
 use crate::engine::plan::{self, ReadSource};
 use crate::stats::Stats;
@@ -107,18 +109,11 @@ pub async fn read<R: Ring>(
 ) -> Result<ReadDone, Errno> {
     let dev = &sh.dev;
     let st = &sh.stats;
-    plan::plan_read(
-        dev.map(),
-        dev.geometry(),
-        off,
-        buf.len() as u64,
-        &mut s.runs,
-    );
+    let below = |b| dev.base().below(b);
+    let len = buf.len() as u64;
+    plan::plan_read(dev.map(), dev.geometry(), off, len, below, &mut s.runs);
     let bs = dev.geometry().block_size() as u64;
-    let read_base_block = s
-        .runs
-        .iter()
-        .any(|r| r.source == ReadSource::Base && r.len >= bs);
+    let read_base_block = s.runs.iter().any(|r| r.source.is_below() && r.len >= bs);
     let done = |data| ReadDone {
         data,
         read_base_block,
@@ -141,6 +136,12 @@ pub async fn read<R: Ring>(
                     None => RingRead::Cached(BASE_FD),
                 };
                 (ring_read, &sh.base_io, run.off)
+            }
+            ReadSource::Layer(k) => {
+                Stats::add(&st.read_layer_ops, 1);
+                Stats::add(&st.read_layer_bytes, run.len);
+                let pos = sh.layer_pos(k, run.off);
+                (RingRead::Cached(layer_fd(k)), &sh.layer_io[k], pos)
             }
             ReadSource::Overlay => {
                 Stats::add(&st.read_overlay_ops, 1);

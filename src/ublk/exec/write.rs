@@ -5,9 +5,7 @@
 //! (`place`), a fixed-buffer write from the request's registered pages, or
 //! a write from the daemon's memory (`data_write_op`).
 
-use super::{
-    BASE_FD, OVERLAY_FD, RingLockWait, RingRead, TagScratch, ZeroBlocks, overlay_write_op, read_op,
-};
+use super::{OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_write_op, read_below};
 use crate::engine::Errno;
 use crate::engine::plan::Fill;
 use crate::engine::write::{self as steps, LockWait, WriteIo, ZeroIo};
@@ -161,7 +159,7 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
         for (buf, fill) in self.fill.chunks_mut(bs).zip(fills) {
             if let Some(Fill::FromBase { off, len }) = fill {
                 let dst = &mut buf[..len as usize];
-                reads.extend(read_op(q, RingRead::Cached(BASE_FD), &sh.base_io, off, dst));
+                read_below(q, sh, off, dst, &mut reads);
             }
         }
         finish_all(q, reads).await
