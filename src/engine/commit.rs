@@ -499,9 +499,13 @@ pub fn commit(
             } else {
                 continue;
             };
-            let how = if p == d.overlay { "" } else { " below it" };
+            let how = if p == d.overlay {
+                ""
+            } else {
+                ", below its overlay"
+            };
             return Err(Error::invalid(format!(
-                "{what} is in use by device {} (/dev/ublkb{}{how}): `ublk-cow del -n {}` first",
+                "{what} is in use by device {} (/dev/ublkb{}){how}: `ublk-cow del -n {}` first",
                 d.id, d.id, d.id
             )));
         }
