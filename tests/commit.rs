@@ -439,3 +439,37 @@ fn a_stopped_commit_is_reported_refused_for_use_and_finished_by_running_it_again
     );
     assert!(read_all(&top) == want);
 }
+
+#[test]
+fn a_fifo_beside_the_overlay_is_passed_over() {
+    let sc = Scratch::new("fifo");
+    let base = base(&sc);
+    let top = sc.path("top");
+    create_overlay(&top, &base, Some(BS as u32)).unwrap();
+    write(&top, 3);
+    let want = read_all(&top);
+    let fifo = std::ffi::CString::new(s(&sc.path("pipe"))).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // Opening the FIFO would block: give the command a deadline.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
+        .env("UBLK_COW_RUN_DIR", sc.path("run"))
+        .args(["commit", s(&top)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("commit hangs on the FIFO beside the overlay");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(std::fs::read(&base).unwrap() == want);
+}

@@ -401,6 +401,11 @@ fn same(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 
 /// The overlay at `path`'s header, if it is an overlay (read-only, no lock).
 fn header_of(path: &Path) -> Option<crate::engine::overlay::Header> {
+    // Only regular files are opened: opening a FIFO or a device node (a
+    // block device's directory is /dev) could block or act.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let f = File::open(path).ok()?;
     if !f.metadata().ok()?.is_file() || !looks_like_overlay(&f).ok()? {
         return None;
