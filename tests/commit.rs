@@ -2,7 +2,6 @@
 //! frozen layer merged into the one below it, read back through the chain;
 //! and each refusal: one line, a non-zero exit, no file changed.
 
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use ublk_cow::engine::cache::CacheMode;
@@ -242,14 +241,12 @@ fn bad_input_is_refused_with_one_line_and_nothing_changed() {
 
     // In use: a device holds its overlay locked.
     let held = std::fs::File::open(&top).unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    held.lock().unwrap();
     sc.refused(&["commit", s(&top)], "in use");
     drop(held);
     // ... or its base, with a shared lock.
     let held = std::fs::File::open(&base).unwrap();
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH) }, 0);
+    held.lock_shared().unwrap();
     sc.refused(&["commit", s(&top)], "in use");
     drop(held);
 
@@ -448,9 +445,8 @@ fn a_fifo_beside_the_overlay_is_passed_over() {
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
     write(&top, 3);
     let want = read_all(&top);
-    let fifo = std::ffi::CString::new(s(&sc.path("pipe"))).unwrap();
-    // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let made = Command::new("mkfifo").arg(sc.path("pipe")).status().unwrap();
+    assert!(made.success());
     // Opening the FIFO would block: give the command a deadline.
     let mut child = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
         .env("UBLK_COW_RUN_DIR", sc.path("run"))
