@@ -445,7 +445,10 @@ fn a_fifo_beside_the_overlay_is_passed_over() {
     create_overlay(&top, &base, Some(BS as u32)).unwrap();
     write(&top, 3);
     let want = read_all(&top);
-    let made = Command::new("mkfifo").arg(sc.path("pipe")).status().unwrap();
+    let made = Command::new("mkfifo")
+        .arg(sc.path("pipe"))
+        .status()
+        .unwrap();
     assert!(made.success());
     // Opening the FIFO would block: give the command a deadline.
     let mut child = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))

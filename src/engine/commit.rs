@@ -225,7 +225,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     let map = BlockMap::new(MapMemory::heap(blocks), blocks);
     layer.read_map(&map)?;
     let c = map.counts();
-    let mut out = Merged {
+    let out = Merged {
         written: c.allocated - c.copied,
         zeroed: c.zero,
         skipped: c.copied,
@@ -366,7 +366,6 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     // Step 5: the backing's identity recorded, the flag cleared.
     let id = identity()?;
     layer.end_commit(id)?;
-    out.resumed = resumed;
     Ok(out)
 }
 
