@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -18,6 +18,61 @@ setup:
 # read back, base unchanged. In a VM when this host has no ublk_drv.
 demo: setup build
 	bash ci/in-ublk-env.sh tests/e2e/demo.sh
+
+# The man pages (ublk-cow.1, ublk-cow-COMMAND.1) and the bash, zsh and fish
+# completions, generated from the command line's definitions.
+MAN_DIR := target/man
+COMPLETIONS_DIR := target/completions
+
+man:
+	$(CARGO) run --release --locked --example generate -- man $(MAN_DIR)
+
+completions:
+	$(CARGO) run --release --locked --example generate -- completions $(COMPLETIONS_DIR)
+
+# `make install` (PREFIX=/usr/local, DESTDIR for staging): the binary, the
+# man pages, the completions, the systemd unit and the module to load.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share
+LIBDIR ?= $(PREFIX)/lib
+UNITDIR ?= $(LIBDIR)/systemd/system
+INSTALLED := $(BINDIR)/ublk-cow \
+	$(DATADIR)/bash-completion/completions/ublk-cow \
+	$(DATADIR)/zsh/site-functions/_ublk-cow \
+	$(DATADIR)/fish/vendor_completions.d/ublk-cow.fish \
+	$(UNITDIR)/ublk-cow@.service \
+	$(LIBDIR)/modules-load.d/ublk-cow.conf
+
+install: build man completions
+	install -D -m 755 $(BIN) $(DESTDIR)$(BINDIR)/ublk-cow
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 644 $(MAN_DIR)/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -D -m 644 $(COMPLETIONS_DIR)/ublk-cow.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/ublk-cow
+	install -D -m 644 $(COMPLETIONS_DIR)/_ublk-cow $(DESTDIR)$(DATADIR)/zsh/site-functions/_ublk-cow
+	install -D -m 644 $(COMPLETIONS_DIR)/ublk-cow.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ublk-cow.fish
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/systemd/ublk-cow@.service > $(DESTDIR)$(UNITDIR)/ublk-cow@.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/ublk-cow@.service
+	install -D -m 644 dist/modules-load.d/ublk-cow.conf $(DESTDIR)$(LIBDIR)/modules-load.d/ublk-cow.conf
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	rm -f $(DESTDIR)$(MANDIR)/man1/ublk-cow.1 $(DESTDIR)$(MANDIR)/man1/ublk-cow-*.1
+
+# A Debian package with cargo-deb (`cargo install cargo-deb --locked`, which
+# `make setup` does): target/debian/ublk-cow_VERSION-1_ARCH.deb.
+deb: build man completions
+	mkdir -p target/deb
+	sed 's|@BINDIR@|/usr/bin|g' dist/systemd/ublk-cow@.service > target/deb/ublk-cow@.service
+	$(CARGO) deb --no-build --locked
+
+# What ships, checked: `make install` into a staging directory, the
+# installed binary's --version and --help, the unit verified by systemd,
+# `make uninstall` leaving nothing; then the Debian package, linted.
+check-kit:
+	bash ci/check-kit.sh
 
 lint:
 	$(CARGO) fmt --check
@@ -37,7 +92,7 @@ test-vm-newest: build
 	VM_KERNEL=newest bash ci/in-ublk-env.sh tests/e2e/run.sh
 
 # Everything, the demo included: CI proves both of the README's commands.
-test: setup lint test-host test-vm test-vm-newest
+test: setup lint test-host check-kit test-vm test-vm-newest
 	bash ci/in-ublk-env.sh tests/e2e/demo.sh
 
 clean:

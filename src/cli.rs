@@ -1,6 +1,6 @@
-//! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`
-//! and `recover`, their options, and the call into the daemon each one
-//! makes; `info`, `check` and `map`, which read overlay files
+//! The command line: the subcommands `add`, `del`, `list`, `cache`, `stats`,
+//! `recover` and `serve`, their options, and the call into the daemon each
+//! one makes; `info`, `check` and `map`, which read overlay files
 //! (`engine::chain`) and print what they found; `snapshot`, which freezes
 //! one into a layer under a new overlay; and `commit`, which merges an
 //! overlay into its backing (`engine::commit`). Every option's help is written here: the first paragraph of its
@@ -23,10 +23,18 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `--version`: the version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("UBLK_COW_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ublk-cow",
-    version,
+    version = VERSION,
     about = "A copy-on-write block device served from user space through ublk",
     long_about = "A copy-on-write block device served from user space through ublk.\n\n\
         `ublk-cow add --base disk.img` creates /dev/ublkbN: reads come from the base \
@@ -62,8 +70,10 @@ pub(crate) enum Command {
     ///
     /// From the state files in /run/ublk-cow (or $UBLK_COW_RUN_DIR). STATE is
     /// `running`; `unclean` when the overlay had not been closed cleanly
-    /// before this daemon opened it; or `dead` when the daemon died (see
-    /// `recover`). --json adds the options each device was added with.
+    /// before this daemon opened it; `dead` when the daemon died (see
+    /// `recover`); or `failed` when a flush failed. Sizes are in binary
+    /// units (--bytes: in bytes). --json adds the options each device was
+    /// added with, in the schema docs/usage.md gives.
     List(ListArgs),
     /// Cache a range of a device: warm it, or copy it into the overlay
     ///
@@ -129,10 +139,21 @@ pub(crate) enum Command {
     /// over it and takes the writes: `ublk-cow add --base FILE --overlay NEW`
     /// serves the chain, reading each block from the topmost layer that
     /// holds it. With -n N instead of FILE, the overlay of device N, in use:
-    /// the device goes on over the chain, its writes landing in NEW. Forks are more overlays over the same layer, made the same
-    /// way or by `add --base FILE --overlay FORK`. NEW must not exist;
-    /// nothing is changed when any check fails.
+    /// the device goes on over the chain, its writes landing in NEW. Forks
+    /// are more overlays over the same layer, made the same way or by `add
+    /// --base FILE --overlay FORK`. NEW must not exist; nothing is changed
+    /// when any check fails.
     Snapshot(SnapshotArgs),
+    /// Serve the device a configuration file describes (what systemd runs)
+    ///
+    /// What the unit ublk-cow@NAME.service runs with /etc/ublk-cow/NAME.conf:
+    /// `key = value` lines naming `base`, `overlay` and any other option of
+    /// `add` by its long name (`number = 3`, `read-only = yes`); `#` starts
+    /// a comment. The device is served in the foreground and systemd is told
+    /// READY=1 once it accepts I/O. When the overlay's device is there and
+    /// its daemon is gone (a crash), it is recovered instead of added: the
+    /// same /dev/ublkbN, no write lost. SIGTERM (`systemctl stop`) is `del`.
+    Serve(ServeArgs),
     /// Merge an overlay's blocks into its backing: the layer below, or the base
     ///
     /// The only command that writes a base, and only the one named as the
@@ -151,6 +172,13 @@ pub(crate) enum Command {
     /// this last check. A commit that was stopped (killed, power cut) is
     /// finished by running it again.
     Commit(CommitArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// The configuration file, e.g. /etc/ublk-cow/NAME.conf
+    #[arg(value_name = "CONFIG")]
+    pub(crate) config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -317,10 +345,11 @@ pub(crate) struct AddArgs {
     /// The base: an image (file or block device, its size a multiple of
     /// 512), or a layer (a frozen overlay, see `snapshot`)
     ///
-    /// It is opened read-only, and the device never writes it (`commit` does,
-    /// when asked, with no device over it). A layer is served with the chain
-    /// below it: each block is read from the topmost file holding it.
-    #[arg(long, value_name = "PATH")]
+    /// It is opened read-only and the device never writes it (`commit`
+    /// does, when asked, with no device over it). A layer is served with
+    /// the chain below it: each block is read from the topmost file holding
+    /// it.
+    #[arg(short, long, value_name = "PATH")]
     pub(crate) base: PathBuf,
 
     /// Keep the overlay in this file [default: a temporary file]
@@ -330,7 +359,7 @@ pub(crate) struct AddArgs {
     /// The device then continues where it left off. A file that does not
     /// exist is created. The temporary file is made in $TMPDIR (or /tmp) and
     /// removed at `del`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(short, long, value_name = "PATH")]
     pub(crate) overlay: Option<PathBuf>,
 
     /// Copy-on-write block size: a power of two from 4K to 1M [default: 4K]
@@ -348,14 +377,15 @@ pub(crate) struct AddArgs {
     /// The default is half the CPUs, at least one: a queue's thread shares
     /// its CPU with the applications that submit I/O to it, and leaves them
     /// the others.
-    #[arg(long, value_name = "N", default_value_t = default_queues())]
+    #[arg(short, long, value_name = "N", default_value_t = default_queues())]
     pub(crate) queues: u16,
 
     /// Requests in flight per queue, from 1 to 4096
     ///
     /// Enough to keep a fast overlay busy; in copy mode each has a buffer of
     /// 1 MiB.
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(short, long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub(crate) depth: u16,
 
     /// How requests' data moves between kernel and daemon
@@ -370,12 +400,12 @@ pub(crate) struct AddArgs {
 
     /// Device number N for /dev/ublkbN [default: the first free one]
     ///
-    /// A number already taken is refused.
-    #[arg(long, value_name = "N")]
+    /// A number already taken is refused. `--id` is another name for it.
+    #[arg(short = 'n', long = "number", visible_alias = "id", value_name = "N")]
     pub(crate) id: Option<u32>,
 
     /// Make the device read-only
-    #[arg(long)]
+    #[arg(short, long)]
     pub(crate) read_only: bool,
 
     /// Allocate the overlay's whole data area before serving
@@ -473,10 +503,10 @@ pub(crate) struct CacheArgs {
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: u32,
     /// Start of the range
-    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
+    #[arg(short, long, value_name = "SIZE", default_value = "0", value_parser = size_arg)]
     pub(crate) offset: u64,
     /// Length of the range [default: to the end of the device]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(short, long, value_name = "SIZE", value_parser = size_arg)]
     pub(crate) length: Option<u64>,
     /// Cache mode for this request [default: the device's --cache-mode]
     #[arg(long, value_name = "MODE", value_parser = cache_modes())]
@@ -502,51 +532,51 @@ pub(crate) struct DelArgs {
     /// The device number N of /dev/ublkbN
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: Option<u32>,
-    /// Every ublk-cow device
-    #[arg(long)]
+    /// Every ublk-cow device (none is not an error)
+    #[arg(short, long)]
     pub(crate) all: bool,
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct ListArgs {
-    /// Print JSON instead of a table
+    /// Only device N of /dev/ublkbN
+    #[arg(short = 'n', long = "number", value_name = "N")]
+    pub(crate) number: Option<u32>,
+    /// Print JSON instead of a table (the schema is in docs/usage.md)
     #[arg(long)]
     pub(crate) json: bool,
+    /// Sizes in bytes instead of binary units (K, M, G, T)
+    #[arg(long)]
+    pub(crate) bytes: bool,
+}
+
+/// An error and its causes on one line, `: ` between them, leaving out a
+/// cause whose text the message before it already ends with (an error that
+/// prints its source, as many do, would otherwise say it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Add(a) => daemon::add(AddRequest {
-            base: a.base,
-            overlay: a.overlay,
-            block_size: a.block_size,
-            target: TargetConfig {
-                id: a.id,
-                queues: a.queues,
-                depth: a.depth,
-                zero_copy: a.zero_copy,
-            },
-            read_only: a.read_only,
-            preallocate: a.preallocate,
-            foreground: a.foreground,
-            force: a.force,
-            policy: CachePolicy {
-                mode: if a.cow_on_cache {
-                    CacheMode::Cow
-                } else {
-                    a.cache_mode
-                },
-                readahead: a.readahead,
-                cow_on_read: a.cow_on_read,
-                ..CachePolicy::default()
-            },
-            base_io: a.base_io,
-        }),
+        Command::Add(a) => daemon::add(add_request(a)),
+        Command::Serve(s) => serve(&s.config),
         Command::Del(d) => match d.number {
             Some(n) => daemon::del(n),
             None => daemon::del_all(),
         },
-        Command::List(l) => daemon::list(l.json),
+        Command::List(l) => daemon::list(l.number, l.json, l.bytes),
         Command::Recover(r) => daemon::recover(r.number, r.foreground),
         Command::Cache(c) => {
             let mode = if c.cow_on_cache {
@@ -564,6 +594,7 @@ pub fn run(cli: Cli) -> Result<()> {
             (None, Some(n)) => map_device(n, m.json),
             (None, None) => unreachable!("clap requires one"),
         },
+        Command::Commit(c) => commit(&c.layer, c.force),
         Command::Snapshot(s) => match (s.number, &s.file) {
             (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
             (None, Some(file)) => {
@@ -578,7 +609,65 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             (None, None) => unreachable!("clap requires FILE or -n"),
         },
-        Command::Commit(c) => commit(&c.layer, c.force),
+    }
+}
+
+/// What `add` was asked for, from its options.
+fn add_request(a: AddArgs) -> AddRequest {
+    AddRequest {
+        base: a.base,
+        overlay: a.overlay,
+        block_size: a.block_size,
+        target: TargetConfig {
+            id: a.id,
+            queues: a.queues,
+            depth: a.depth,
+            zero_copy: a.zero_copy,
+        },
+        read_only: a.read_only,
+        preallocate: a.preallocate,
+        foreground: a.foreground,
+        force: a.force,
+        policy: CachePolicy {
+            mode: if a.cow_on_cache {
+                CacheMode::Cow
+            } else {
+                a.cache_mode
+            },
+            readahead: a.readahead,
+            cow_on_read: a.cow_on_read,
+            ..CachePolicy::default()
+        },
+        base_io: a.base_io,
+    }
+}
+
+/// `ublk-cow serve CONFIG`: the configuration read as `add --foreground`
+/// options, then served (or recovered) by `daemon::service`.
+fn serve(config: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let add = cmd
+        .find_subcommand("add")
+        .expect("the add command is defined");
+    let flags: Vec<String> = add
+        .get_arguments()
+        .filter(|a| !a.get_action().takes_values())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let argv = daemon::service::add_argv(config, &flags)?;
+    let cli = Cli::try_parse_from(&argv).map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "{}: {}",
+            config.display(),
+            first.trim_start_matches("error: ")
+        )
+    })?;
+    match cli.command {
+        Command::Add(a) => daemon::service::serve(add_request(a)),
+        _ => unreachable!("add_argv makes an add command line"),
     }
 }
 
@@ -593,13 +682,19 @@ fn commit(layer: &Path, force: bool) -> Result<()> {
             overlay: st.overlay,
         })
         .collect();
-    let bar = crate::progress::Progress::bytes("commit");
+    // The total is known once the commit has read the overlay's map.
+    let mut bar: Option<crate::progress::Progress> = None;
     let done = commit::commit(
         layer,
         &CommitOptions { force, devices },
-        &mut |done, total| bar.set(done, total),
+        &mut |done, total| {
+            bar.get_or_insert_with(|| crate::progress::Progress::bytes("commit", total))
+                .set(done)
+        },
     );
-    bar.finish();
+    if let Some(b) = bar {
+        b.finish();
+    }
     let m = done?;
     println!(
         "{}: {} blocks written and {} made zero in its backing{}{}",

@@ -11,8 +11,9 @@
 //! - [`daemon`]: device lifetime — `add`, `del`, `list`, `recover`, the
 //!   state files, and the control socket behind `cache` and `stats`.
 //! - [`cli`]: the command line and its help texts.
+//! - [`generate`]: the man pages and shell completions, from [`cli`].
+//! - [`progress`]: progress bars for long commands, on a terminal only.
 //! - [`stats`]: the per-device counters that `stats` shows.
-//! - `progress`: the progress bar of long commands on a terminal.
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
 //! - [`sys`]: the system calls the standard library does not wrap, each
 //!   `unsafe` block with its reason.
@@ -20,7 +21,8 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
-mod progress;
+pub mod generate;
+pub mod progress;
 pub mod size;
 pub mod stats;
 pub mod sys;

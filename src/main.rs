@@ -1,16 +1,29 @@
+//! The `ublk-cow` executable: parses the command line, runs the command,
+//! and turns any error into one line on stderr and an exit status: 0 done,
+//! 1 a runtime failure or refusal, 2 a command line that does not parse.
+
 use clap::Parser;
 use clap::error::ErrorKind;
-use ublk_cow::cli::{Cli, run};
+use ublk_cow::cli::{Cli, error_line, run};
 
-/// clap's usage errors span several lines; the user gets one.
+/// clap's usage errors span several lines; the user gets one: the error,
+/// then any `tip:` (a similar argument or subcommand) after a `;`.
 fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let lines: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    lines.join(" ").trim_start_matches("error: ").to_string()
+    let mut parts: Vec<String> = Vec::new();
+    let mut paragraphs = text.split("\n\n");
+    if let Some(first) = paragraphs.next() {
+        let joined: Vec<&str> = first.lines().map(str::trim).collect();
+        parts.push(joined.join(" ").trim_start_matches("error: ").to_string());
+    }
+    for p in paragraphs {
+        for l in p.lines().map(str::trim) {
+            if l.starts_with("tip:") {
+                parts.push(l.to_string());
+            }
+        }
+    }
+    parts.join("; ")
 }
 
 fn main() {
@@ -37,7 +50,7 @@ fn main() {
         }
     };
     if let Err(e) = run(cli) {
-        eprintln!("ublk-cow: {e:#}");
+        eprintln!("ublk-cow: {}", error_line(&e));
         std::process::exit(1);
     }
 }

@@ -384,7 +384,11 @@ fn short_help_is_a_summary_and_long_help_the_whole_text() {
     let long = help(&["add", "--help"]);
     let option_lines = |text: &str| {
         text.lines()
-            .filter(|l| l.trim_start().starts_with("--"))
+            .map(str::trim_start)
+            .filter(|t| {
+                (t.starts_with("--") || (t.starts_with('-') && t.get(2..6) == Some(", --")))
+                    && !t.starts_with("-h, --help")
+            })
             .count()
     };
     // One line per option in `-h`, after the title, usage and heading, and
@@ -441,4 +445,284 @@ fn short_help_is_a_summary_and_long_help_the_whole_text() {
             assert!(n <= 1, "a default stated {n} times:\n{option}");
         }
     }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// clap's tip (a similar option or subcommand) stays on the one line.
+#[test]
+fn a_misspelt_option_or_command_keeps_the_tip() {
+    let sc = Scratch::new("tip");
+    sc.refused(
+        &["add", "--read-onl"],
+        USAGE,
+        "tip: a similar argument exists: '--read-only'",
+    );
+    sc.refused(&["lst"], USAGE, "tip: a similar subcommand exists: 'list'");
+}
+
+#[test]
+fn depth_out_of_range_names_the_range() {
+    let sc = Scratch::new("depth");
+    let base = sc.base();
+    for depth in ["0", "4097", "100000"] {
+        let args = ["add", "--base", s(&base), "--depth", depth];
+        sc.refused(&args, USAGE, "not in 1..=4096");
+    }
+}
+
+/// An I/O error whose message carries its cause prints that cause once.
+#[test]
+fn an_io_error_says_its_cause_once() {
+    let sc = Scratch::new("io-cause");
+    let ov = sc.overlay_for(&sc.base());
+    std::fs::set_permissions(&ov, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ublk-cow"));
+    cmd.args(["info", s(&ov)]);
+    if is_root() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(REFUSED), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("Permission denied").count(), 1, "{err}");
+}
+
+/// `del` and `recover` change devices: a user is told they need root, in
+/// one line, and nothing happens.
+#[test]
+fn commands_that_need_root_say_so() {
+    let sc = Scratch::new("root");
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ublk-cow"));
+        cmd.env("UBLK_COW_RUN_DIR", sc.path("run")).args(args);
+        if is_root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        cmd.output().unwrap()
+    };
+    for args in [
+        &["del", "-n", "0"][..],
+        &["del", "--all"],
+        &["del", "-a"],
+        &["recover", "-n", "0"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(REFUSED), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("ublk-cow: "), "{args:?}: {err}");
+        assert!(err.contains("needs root"), "{args:?}: {err}");
+    }
+}
+
+/// `del --all` with no devices succeeds and says there were none; as a
+/// user it is refused for want of root.
+#[test]
+fn del_all_without_devices_says_so() {
+    let sc = Scratch::new("del-all");
+    let out = sc.run(&["del", "--all"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if is_root() {
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout.trim(), "no ublk-cow devices");
+    } else {
+        assert_eq!(out.status.code(), Some(REFUSED));
+    }
+}
+
+/// A state file for device `id` in the scratch run directory (0700), as
+/// a running daemon (this test process) writes it.
+fn write_state(sc: &Scratch, id: u32, overlay: &str) {
+    let d = sc.path("run");
+    std::fs::DirBuilder::new().mode(0o700).create(&d).ok();
+    let state = serde_json::json!({
+        "id": id, "pid": std::process::id(), "device": format!("/dev/ublkb{id}"),
+        "base": "/srv/base.img", "overlay": overlay, "temporary_overlay": false,
+        "block_size": 65536, "size": 10u64 << 30, "queues": 2, "depth": 128,
+        "read_only": false, "recovered_unclean": false,
+        "policy": {"mode": "passthrough", "readahead": "Auto", "cow_on_read": false,
+                   "budget": 8388608},
+        "base_io": "cached", "owner": 0, "failed": false,
+    });
+    std::fs::write(d.join(format!("{id}.json")), state.to_string()).unwrap();
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// `list`: human sizes (raw with --bytes), a STATE column, and columns that
+/// stay aligned with a long path; `-n N` for one device.
+#[test]
+fn list_shows_human_sizes_and_aligned_columns() {
+    let sc = Scratch::new("list");
+    let long = format!("/{}/disk.overlay", "a-very-long-directory-name".repeat(3));
+    write_state(&sc, 3, &long);
+    write_state(&sc, 12, "/short.overlay");
+    let out = sc.run(&["list"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let col = |l: &str, name: &str| lines[0].find(name).map(|i| l[i..].to_string());
+    for l in &lines[1..] {
+        assert!(col(l, "STATE").unwrap().starts_with("running"), "{text}");
+        assert!(
+            col(l, "BASE").unwrap().starts_with("/srv/base.img"),
+            "{text}"
+        );
+        assert!(col(l, "OVERLAY").unwrap().starts_with('/'), "{text}");
+    }
+    assert!(
+        lines[1].contains(" 10G ") && lines[1].contains(" 64K "),
+        "{text}"
+    );
+    assert!(lines[1].contains(&long), "{text}");
+    let raw = String::from_utf8(sc.run(&["list", "--bytes"]).stdout).unwrap();
+    assert!(
+        raw.contains(" 10737418240 ") && raw.contains(" 65536 "),
+        "{raw}"
+    );
+    let one = String::from_utf8(sc.run(&["list", "-n", "12"]).stdout).unwrap();
+    assert_eq!(one.lines().count(), 2, "{one}");
+    assert!(one.lines().nth(1).unwrap().starts_with("12 "), "{one}");
+    sc.refused(&["list", "-n", "7"], REFUSED, "no ublk-cow device 7");
+}
+
+/// `list --json`: the documented schema: a `state` as in the table,
+/// lowercase values, and no internal fields.
+#[test]
+fn list_json_is_the_documented_schema() {
+    let sc = Scratch::new("list-json");
+    write_state(&sc, 0, "/x.overlay");
+    let out = sc.run(&["list", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &v[0];
+    let mut keys: Vec<&str> = d.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    let mut want = vec![
+        "id",
+        "device",
+        "state",
+        "pid",
+        "base",
+        "overlay",
+        "temporary_overlay",
+        "size",
+        "block_size",
+        "read_only",
+        "queues",
+        "depth",
+        "zero_copy",
+        "base_io",
+        "cache_mode",
+        "readahead",
+        "cow_on_read",
+        "forced",
+        "owner",
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+    assert_eq!(d["state"], "running");
+    assert_eq!(d["cache_mode"], "passthrough");
+    assert_eq!(d["readahead"], "auto");
+    assert_eq!(d["base_io"], "cached");
+    assert_eq!(d["size"], 10u64 << 30);
+}
+
+/// The device number is `-n`/`--number` everywhere; `add --id` still works.
+#[test]
+fn every_command_takes_a_device_number_as_n() {
+    let sc = Scratch::new("number");
+    for cmd in ["del", "cache", "stats", "recover", "list"] {
+        let out = sc.run(&[cmd, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("-n, --number <N>"), "{cmd}: {help}");
+    }
+    let help = String::from_utf8(sc.run(&["add", "--help"]).stdout).unwrap();
+    assert!(help.contains("-n, --number <N>"), "{help}");
+    assert!(help.contains("[alias: --id]"), "{help}");
+    // Every spelling parses: what stops them is the base's size.
+    let odd = sc.file("odd.img", 1000, 3);
+    for flag in ["--id", "-n", "--number"] {
+        let args = ["add", "-b", s(&odd), flag, "4", "-q", "1", "-d", "8"];
+        sc.refused(&args, REFUSED, "multiple of 512");
+    }
+}
+
+/// `--version` names the version and the commit the binary was built from
+/// (`unknown` outside a git checkout).
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let head = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    let commit = std::env::var("UBLK_COW_COMMIT")
+        .ok()
+        .or(head)
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        text.trim(),
+        format!("ublk-cow {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `serve CONFIG`: a bad configuration is one line naming the file, and
+/// nothing is created.
+#[test]
+fn a_bad_serve_configuration_is_refused() {
+    let sc = Scratch::new("serve");
+    let base = sc.base();
+    let conf = sc.path("dev.conf");
+    let ov = sc.path("dev.overlay");
+    for (text, want) in [
+        (format!("base = {}\n", s(&base)), "no overlay"),
+        (
+            format!("base = {}\noverlay = {}\ncolour = red\n", s(&base), s(&ov)),
+            "unexpected argument '--colour'",
+        ),
+        (
+            format!("base = {}\noverlay = {}\ndepth = 0\n", s(&base), s(&ov)),
+            "not in 1..=4096",
+        ),
+        (
+            format!(
+                "base = {}\noverlay = {}\nread-only = perhaps\n",
+                s(&base),
+                s(&ov)
+            ),
+            "takes yes or no",
+        ),
+    ] {
+        std::fs::write(&conf, &text).unwrap();
+        sc.refused(&["serve", s(&conf)], REFUSED, want);
+        let err = String::from_utf8(sc.run(&["serve", s(&conf)]).stderr).unwrap();
+        assert!(err.contains(s(&conf)), "{err}");
+    }
+    sc.refused(
+        &["serve", s(&sc.path("none.conf"))],
+        REFUSED,
+        "No such file",
+    );
 }

@@ -108,3 +108,59 @@ fn a_new_overlay_is_not_created_through_a_dangling_symlink() {
     );
     std::fs::remove_dir_all(&t).unwrap();
 }
+
+/// A state file for device `id` served by `pid`, as a daemon writes it.
+fn write_state(run_dir: &Path, id: u32, pid: i32) {
+    let state = format!(
+        r#"{{"id": {id}, "pid": {pid}, "device": "/dev/ublkb{id}", "base": "/b.img",
+        "overlay": "/b.overlay", "temporary_overlay": false, "block_size": 4096,
+        "size": 1048576, "queues": 1, "depth": 128, "read_only": false,
+        "recovered_unclean": false}}"#
+    );
+    std::fs::write(run_dir.join(format!("{id}.json")), state).unwrap();
+}
+
+/// A user's `list` shows root's running daemon as running: `kill(pid, 0)`
+/// failing with EPERM means the process is there, only not ours to signal.
+/// As root the command runs as nobody, over a run directory of nobody's.
+#[test]
+fn a_daemon_of_another_user_is_alive() {
+    let t = scratch("eperm");
+    let d = t.join("run");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Init (pid 1) is root's; a reaped child's pid is nobody's.
+    write_state(&d, 0, 1);
+    let mut child = Command::new("true").spawn().unwrap();
+    let gone = child.id() as i32;
+    child.wait().unwrap();
+    write_state(&d, 1, gone);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ublk-cow"));
+    cmd.env("UBLK_COW_RUN_DIR", &d).arg("list");
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt;
+        std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+        for f in ["0.json", "1.json"] {
+            std::os::unix::fs::chown(d.join(f), Some(65534), Some(65534)).unwrap();
+        }
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state_of = |id: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(state_of("0"), "running", "{text}");
+    assert_eq!(state_of("1"), "dead", "{text}");
+    std::fs::remove_dir_all(&t).unwrap();
+}

@@ -85,7 +85,7 @@ pub(crate) fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
                     continue;
                 }
                 if let Err(e) = handle(conn, &sh) {
-                    log::warn!("control request: {e:#}");
+                    log::warn!("control request: {}", crate::cli::error_line(&e));
                 }
             }
         })?;

@@ -11,6 +11,7 @@
 //! map into the overlay, as it does for a device whose daemon died.
 
 pub(crate) mod control;
+pub(crate) mod service;
 pub(crate) mod snapshot;
 pub(crate) mod state;
 
@@ -293,6 +294,7 @@ pub(crate) fn add(req: AddRequest) -> Result<()> {
 /// `ublk-cow recover -n N`: starts a new daemon for device N, whose daemon
 /// died, with the options and the live map the old one left.
 pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
+    need_root("recover")?;
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
@@ -361,11 +363,34 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     })
 }
 
+/// Set once the daemon's stderr is its log (`<id>.log`): an error before
+/// that goes to `add` alone, which prints it as its one line.
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Refuses, in one line, a command that changes devices when not run as
+/// root (removing or serving a ublk device needs root).
+fn need_root(command: &str) -> Result<()> {
+    if !crate::sys::is_root() {
+        bail!(
+            "{command} needs root (uid {} is not): run it with sudo",
+            crate::sys::euid()
+        );
+    }
+    Ok(())
+}
+
 /// Serves a prepared device: in the foreground, or in a daemon while this
 /// process waits to print the device path.
 fn start(p: Prepared) -> Result<()> {
     if p.req.foreground {
-        return serve(p, Box::new(|path| println!("{path}")));
+        return serve(
+            p,
+            Box::new(|path| {
+                println!("{path}");
+                // Under systemd (Type=notify): the device accepts I/O now.
+                service::notify(&format!("READY=1\nSTATUS=serving {path}"));
+            }),
+        );
     }
     let (mut parent_end, child_end) = UnixStream::pair().context("creating a pipe")?;
     // SAFETY: `add` and `recover` have started no thread yet: the ublk
@@ -380,8 +405,13 @@ fn start(p: Prepared) -> Result<()> {
             let code = match serve(p, ready) {
                 Ok(()) => 0,
                 Err(e) => {
-                    let _ = writeln!(&child_end, "error {e:#}");
-                    log::error!("{e:#}");
+                    let line = crate::cli::error_line(&e);
+                    let _ = writeln!(&child_end, "error {line}");
+                    // Once detached, the log keeps it; before, the error
+                    // line that `add` prints is the only one.
+                    if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
+                        log::error!("{line}");
+                    }
                     1
                 }
             };
@@ -389,10 +419,16 @@ fn start(p: Prepared) -> Result<()> {
         }
         Forked::Parent => {
             drop(child_end);
+            // Allocating (and on tmpfs initializing) the whole overlay takes
+            // time in proportion to the size.
+            let waiting = p
+                .req
+                .preallocate
+                .then(|| crate::progress::Progress::spinner("preallocating the overlay"));
             let mut line = String::new();
-            BufReader::new(&mut parent_end)
-                .read_line(&mut line)
-                .context("waiting for the daemon")?;
+            let read = BufReader::new(&mut parent_end).read_line(&mut line);
+            drop(waiting);
+            read.context("waiting for the daemon")?;
             match line.trim_end().split_once(' ') {
                 Some(("ready", path)) => {
                     println!("{path}");
@@ -486,6 +522,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         let log =
             state::create_in_run_dir(&state::log_path(id)).context("creating the daemon log")?;
         crate::sys::detach(&log).context("detaching the daemon")?;
+        DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let (dev, made) = open_device(&req, base, &overlay, block_size, recover, id)?;
     let unclean = !made.created && !dev.was_clean();
@@ -545,7 +582,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         match st_ready.save() {
             Ok(()) => ready(&path),
             Err(e) => {
-                log::error!("{e:#}");
+                log::error!("{}", crate::cli::error_line(&e));
                 let _ = ublk::stop(id);
             }
         }
@@ -555,7 +592,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
     let kept = closed.is_err() && !st.temporary_overlay;
     if let Err(e) = &closed {
-        log::error!("closing the overlay: {e:#}");
+        log::error!("closing the overlay: {}", crate::cli::error_line(e));
     }
     if kept {
         // The live map (or, after a failed flush, the failed state) stays
@@ -565,7 +602,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
             ..st.clone()
         };
         if let Err(e) = st.save() {
-            log::error!("{e:#}");
+            log::error!("{}", crate::cli::error_line(&e));
         }
         ctrl.disown();
         log::error!("{}", kept_note(&st));
@@ -619,7 +656,7 @@ fn watch_failure(sh: Arc<ServedDevice>, st: DeviceState) {
         if state::state_path(st.id).exists() {
             let st = DeviceState { failed: true, ..st };
             if let Err(e) = st.save() {
-                log::error!("{e:#}");
+                log::error!("{}", crate::cli::error_line(&e));
             }
         }
     });
@@ -716,9 +753,14 @@ fn open_device(
 
 /// `--preallocate`: allocates the overlay's data area, so that first writes
 /// find their space already there.
+/// One call, not pieces: where the space is not there, a file system such
+/// as tmpfs then leaves the file as it was.
 fn preallocate(dev: &CowDevice<Backed, File>) -> Result<()> {
     let size = dev.geometry().size();
     let overlay = dev.overlay();
+    // Shown in the foreground on a terminal; `add` shows its own while a
+    // daemon does this.
+    let _waiting = crate::progress::Progress::spinner("preallocating the overlay");
     crate::sys::allocate(overlay.storage(), overlay.data_pos(0), size)
         .with_context(|| format!("preallocating {size} bytes of the overlay"))
 }
@@ -731,6 +773,7 @@ fn preallocate(dev: &CowDevice<Backed, File>) -> Result<()> {
 /// had failed is removed with its overlay as of its last good flush, and
 /// `del` fails to say so.
 pub(crate) fn del(id: u32) -> Result<()> {
+    need_root("del")?;
     let Some(mut st) = DeviceState::load(id)? else {
         if ublk::device_exists(id) {
             bail!("ublk device {id} is not a ublk-cow device");
@@ -746,6 +789,9 @@ pub(crate) fn del(id: u32) -> Result<()> {
     }
     if st.daemon_alive() {
         crate::sys::kill(st.pid, libc::SIGTERM).context("signalling the daemon")?;
+        let _waiting = crate::progress::Progress::spinner(&format!(
+            "device {id}: flushing the overlay and stopping"
+        ));
         let deadline = Instant::now() + Duration::from_secs(120);
         while st.daemon_alive() {
             if Instant::now() > deadline {
@@ -828,62 +874,163 @@ fn close_from_live_map(st: &DeviceState) -> Result<bool> {
     Ok(true)
 }
 
-/// `ublk-cow del --all`.
+/// `ublk-cow del --all`: every device, each as `del -n N`. With none, says
+/// so and succeeds.
 pub(crate) fn del_all() -> Result<()> {
-    let mut failed = None;
-    for st in state::all()? {
+    need_root("del")?;
+    let all = state::all()?;
+    if all.is_empty() {
+        println!("no ublk-cow devices");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for st in &all {
         if let Err(e) = del(st.id) {
-            eprintln!("ublk-cow: device {}: {e:#}", st.id);
-            failed = Some(e);
+            eprintln!("ublk-cow: device {}: {}", st.id, crate::cli::error_line(&e));
+            failed += 1;
         }
     }
-    match failed {
-        Some(_) => bail!("some devices could not be removed"),
-        None => Ok(()),
+    if failed > 0 {
+        bail!("{failed} of {} devices could not be removed", all.len());
+    }
+    Ok(())
+}
+
+/// A device as `list --json` prints it: the schema docs/usage.md documents
+/// (not the state file, whose fields are internal and may change).
+#[derive(serde::Serialize)]
+struct ListEntry<'a> {
+    id: u32,
+    device: &'a str,
+    /// As the table's STATE: running, unclean, dead or failed.
+    state: &'static str,
+    pid: i32,
+    base: &'a Path,
+    overlay: &'a Path,
+    temporary_overlay: bool,
+    size: u64,
+    block_size: u32,
+    read_only: bool,
+    queues: u16,
+    depth: u16,
+    zero_copy: bool,
+    base_io: BaseIo,
+    cache_mode: CacheMode,
+    /// The `--readahead` value: `off`, `auto`, or a window in bytes.
+    readahead: String,
+    cow_on_read: bool,
+    forced: bool,
+    owner: u32,
+}
+
+impl<'a> ListEntry<'a> {
+    fn of(s: &'a DeviceState) -> ListEntry<'a> {
+        ListEntry {
+            id: s.id,
+            device: &s.device,
+            state: s.state_name(),
+            pid: s.pid,
+            base: &s.base,
+            overlay: &s.overlay,
+            temporary_overlay: s.temporary_overlay,
+            size: s.size,
+            block_size: s.block_size,
+            read_only: s.read_only,
+            queues: s.queues,
+            depth: s.depth,
+            zero_copy: s.zero_copy,
+            base_io: s.base_io,
+            cache_mode: s.policy.mode,
+            readahead: s.policy.readahead.to_string(),
+            cow_on_read: s.policy.cow_on_read,
+            forced: s.forced,
+            owner: s.owner,
+        }
     }
 }
 
-/// `ublk-cow list [--json]`.
-pub(crate) fn list(json: bool) -> Result<()> {
-    let all = state::all()?;
+/// `bytes` in binary units, as `ls -h` does: `512`, `4K`, `1.5G`.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let scale = 1u64 << (10 * unit);
+    if bytes.is_multiple_of(scale) {
+        format!("{}{}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1}{}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}
+
+/// `ublk-cow list [-n N] [--json] [--bytes]`.
+pub(crate) fn list(number: Option<u32>, json: bool, bytes: bool) -> Result<()> {
+    let mut all = state::all()?;
+    if let Some(n) = number {
+        all.retain(|s| s.id == n);
+        if all.is_empty() {
+            bail!("there is no ublk-cow device {n}");
+        }
+    }
     if json {
-        let rows: Vec<_> = all
-            .iter()
-            .map(|s| {
-                let mut v = serde_json::to_value(s).unwrap();
-                v["running"] = serde_json::Value::Bool(s.daemon_alive());
-                v
-            })
-            .collect();
+        let rows: Vec<_> = all.iter().map(ListEntry::of).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} OVERLAY",
-        "ID", "DEVICE", "SIZE", "BLOCK", "STATE", "BASE"
-    );
-    for s in all {
-        let state = match (s.daemon_alive(), s.failed, s.recovered_unclean) {
-            (_, true, _) => "failed",
-            (false, _, _) => "dead",
-            (true, _, true) => "unclean",
-            (true, _, false) => "running",
-        };
-        println!(
-            "{:<4} {:<14} {:>12} {:>6} {:<8} {:<30} {}{}",
-            s.id,
-            s.device,
-            s.size,
-            s.block_size,
-            state,
-            s.base.display(),
-            s.overlay.display(),
-            if s.temporary_overlay {
-                " (temporary)"
-            } else {
-                ""
-            }
+    let size = |n: u64| if bytes { n.to_string() } else { human(n) };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "DEVICE".into(),
+        "SIZE".into(),
+        "BLOCK".into(),
+        "STATE".into(),
+        "BASE".into(),
+        "OVERLAY".into(),
+    ]];
+    for s in &all {
+        rows.push([
+            s.id.to_string(),
+            s.device.clone(),
+            size(s.size),
+            size(u64::from(s.block_size)),
+            s.state_name().into(),
+            s.base.display().to_string(),
+            format!(
+                "{}{}",
+                s.overlay.display(),
+                if s.temporary_overlay {
+                    " (temporary)"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+    }
+    // Each column as wide as its widest cell, so a long path shifts the
+    // columns after it instead of running into them; sizes to the right.
+    let width: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for r in &rows {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {:<w5$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4],
+            w5 = width[5],
         );
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
 }
@@ -910,7 +1057,7 @@ pub(crate) fn cache(
             st.size
         );
     }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && length >= (64 << 20);
+    let bar = crate::progress::Progress::bytes(&format!("cache of device {id}"), length);
     let start = Instant::now();
     let req = control::Request::Cache {
         offset,
@@ -918,18 +1065,11 @@ pub(crate) fn cache(
         mode,
     };
     let last = control::call(id, &req, |r| {
-        if let (true, Some(p), Some(t)) = (tty, r.progress, r.total) {
-            eprint!(
-                "\rcache: {:3}% ({} of {} MiB)",
-                p * 100 / t,
-                p >> 20,
-                t >> 20
-            );
+        if let Some(p) = r.progress {
+            bar.set(p);
         }
     });
-    if tty {
-        eprintln!();
-    }
+    bar.finish();
     let done = last?
         .done
         .ok_or_else(|| anyhow!("the daemon did not finish the request"))?;

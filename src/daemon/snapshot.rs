@@ -12,7 +12,7 @@
 //! Whatever crashed mid-way, the state file says how far it got: while its
 //! `snapshot_to` names NEW, `recover -n N` finishes the snapshot first.
 
-use super::state::{self, DeviceState};
+use super::state::DeviceState;
 use super::{absolute, close_from_live_map, map_memory};
 use crate::engine::chain;
 use crate::engine::geometry::Geometry;
@@ -24,16 +24,10 @@ use std::time::{Duration, Instant};
 /// Takes a snapshot of device `id`, whose overlay must be a named one
 /// (`add --overlay`), into `new`, which must not exist.
 pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
+    super::need_root("snapshot -n")?;
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
-    let me = crate::sys::uid();
-    if !state::may_use(me, st.owner) {
-        bail!(
-            "device {id}: permission denied to uid {me}: only root and its owner (uid {}) may snapshot it",
-            st.owner
-        );
-    }
     if !st.daemon_alive() {
         bail!(
             "device {id} has no running daemon: `ublk-cow recover -n {id}` serves it again first"

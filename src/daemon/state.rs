@@ -207,9 +207,26 @@ impl DeviceState {
         load_file(&state_path(id))
     }
 
-    /// Whether the daemon that wrote this is still running.
+    /// Whether the daemon that wrote this is still running. A process that
+    /// we may not signal (`EPERM`: another user's, root's to a user) is
+    /// alive all the same.
     pub(crate) fn daemon_alive(&self) -> bool {
-        crate::sys::kill(self.pid, 0).unwrap_or(false)
+        match crate::sys::kill(self.pid, 0) {
+            Ok(alive) => alive,
+            Err(e) => e.raw_os_error() == Some(libc::EPERM),
+        }
+    }
+
+    /// What `list` says of the device: `failed` (a flush failed), `dead`
+    /// (its daemon is gone), `unclean` (running, over an overlay that had
+    /// not been closed cleanly) or `running`.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match (self.failed, self.daemon_alive(), self.recovered_unclean) {
+            (true, _, _) => "failed",
+            (false, false, _) => "dead",
+            (false, true, true) => "unclean",
+            (false, true, false) => "running",
+        }
     }
 
     /// Removes the state, map and (for a temporary overlay) overlay files.

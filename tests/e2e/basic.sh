@@ -129,6 +129,14 @@ case_bad_input() {
     [ "$dev" = /dev/ublkb5 ] || die "--id 5 gave $dev"
     expect_fail "add twice with --id 5" "$UC" add --base "$BASE" --id 5
     "$UC" del -n 5
+    dev=$(add -b "$BASE" -n 6 -q 1 -d 16)
+    [ "$dev" = /dev/ublkb6 ] || die "-n 6 gave $dev"
+    "$UC" list -n 6 | grep -q '^6 .* running ' || die "list -n 6: $("$UC" list -n 6)"
+    "$UC" del -n 6
+    # A daemon that fails after the device is made but before it detaches
+    # (its run directory cannot be made): one line, the device gone.
+    expect_fail "a daemon that cannot make its run directory" \
+        env UBLK_COW_RUN_DIR=/proc/ublk-cow-none "$UC" add --base "$BASE"
     local after; after=$(ls /sys/class/ublk-char/ 2>/dev/null | wc -l)
     [ "$before" = "$after" ] || die "devices left behind ($before before, $after after)"
     [ -z "$(ls "$UBLK_COW_RUN_DIR" 2>/dev/null)" ] || die "state files left: $(ls "$UBLK_COW_RUN_DIR")"

@@ -198,8 +198,12 @@ case_live_snapshot() {
     fio --name=verify --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
         --bs=4k --iodepth=16 --size=48M --verify=crc32c --do_verify=1 \
         --output=fio.out >/dev/null 2>&1 &
-    local fio_pid=$!
-    sleep 3
+    local fio_pid=$! waited=0
+    # The snapshot falls in the middle of the writes: after 16 MiB of 48.
+    while [ "$(stat_of "$id" write_bytes)" -lt $((16 << 20)) ]; do
+        sleep 0.2; waited=$((waited + 1))
+        [ "$waited" -lt 600 ] || { die "fio wrote less than 16 MiB in 120 s"; return; }
+    done
     pause=$("$UC" snapshot -n "$id" --overlay "$l1" 2>&1 >/dev/null) || { die "snapshot under load: $pause"; return; }
     say "  under fio verify: $pause"
     wait "$fio_pid" || { die "fio verify failed across the snapshot: $(grep -i err fio.out | head -3)"; return; }
