@@ -106,7 +106,7 @@ fn case() -> impl Strategy<Value = Case> {
     prop_oneof![Just(4096u32), Just(8192)].prop_flat_map(|bs| {
         let per_block = bs as u64 / 512;
         (1..=per_block * 12).prop_flat_map(move |sectors| {
-            proptest::collection::vec(op(sectors), 1..16).prop_map(move |ops| Case {
+            proptest::collection::vec(op(sectors), 1..13).prop_map(move |ops| Case {
                 block_size: bs,
                 sectors,
                 ops,
