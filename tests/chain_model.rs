@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use ublk_cow::engine::cache::CacheMode;
-use ublk_cow::engine::chain::{Backed, create_overlay, freeze, open_backed};
+use ublk_cow::engine::chain::{Backed, Lower, create_overlay, freeze, open_lower};
 use ublk_cow::engine::commit::{CommitOptions, commit};
 use ublk_cow::engine::device::{CowDevice, MapSource};
 use ublk_cow::engine::map::MapMemory;
@@ -106,7 +106,7 @@ fn case() -> impl Strategy<Value = Case> {
     prop_oneof![Just(4096u32), Just(8192)].prop_flat_map(|bs| {
         let per_block = bs as u64 / 512;
         (1..=per_block * 12).prop_flat_map(move |sectors| {
-            proptest::collection::vec(op(sectors), 1..16).prop_map(move |ops| Case {
+            proptest::collection::vec(op(sectors), 1..13).prop_map(move |ops| Case {
                 block_size: bs,
                 sectors,
                 ops,
@@ -218,7 +218,11 @@ impl Model {
             Some(b) => self.nodes[b].path.clone(),
             None => self.base.clone(),
         };
-        let (backed, id) = open_backed(&backing)
+        let Lower {
+            backed,
+            identity: id,
+            ..
+        } = open_lower(&backing)
             .map_err(|e| TestCaseError::fail(format!("the top's chain opens: {e}")))?;
         let check = OpenCheck {
             base: &id,
@@ -408,7 +412,7 @@ impl Model {
     /// Every frozen layer reads as the model says, and so does the base.
     fn check_layers(&self) -> Result<(), TestCaseError> {
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.frozen) {
-            let (backed, _) = open_backed(&n.path).expect("a layer opens");
+            let backed = open_lower(&n.path).expect("a layer opens").backed;
             let mut buf = vec![0u8; self.size() as usize];
             backed.read_at(&mut buf, 0).unwrap();
             prop_assert!(buf == n.expect, "layer o{} reads wrong", i);
@@ -500,4 +504,34 @@ fn chains_match_the_reference_model() {
 #[test]
 fn chains_match_the_reference_model_second_half() {
     run_cases("chain model, second half", cases(10_000).div_ceil(2));
+}
+
+/// The sequence that showed that a copied block written over before a power
+/// cut may keep `Copied` in the overlay's map while holding the write: a
+/// commit (which skips copies) would then lose the write. Fixed, as the
+/// random cases meet it rarely.
+#[test]
+fn a_copy_written_over_before_a_power_cut_is_committed() {
+    let ops = vec![
+        Op::CopyUp { off: 0, len: 4096 },
+        Op::Flush,
+        Op::Write {
+            off: 0,
+            len: 512,
+            seed: 7,
+        },
+        // Keeps the write's data (the first write since the flush), not
+        // the map change, which a flush had not yet written.
+        Op::PowerCut {
+            keep_seed: 1,
+            cut_flush_after: None,
+        },
+        Op::Commit { pick: 0 },
+    ];
+    run_case(Case {
+        block_size: 4096,
+        sectors: 16,
+        ops,
+    })
+    .unwrap();
 }

@@ -5,8 +5,8 @@
 #[path = "common/scratch.rs"]
 mod scratch;
 use scratch::{Scratch, s};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use ublk_cow::engine::cache::CacheMode;
 use ublk_cow::engine::chain::{create_overlay, freeze, open_device};
 
@@ -167,14 +167,12 @@ fn bad_input_is_refused_with_one_line_and_nothing_changed() {
 
     // In use: a device holds its overlay locked.
     let held = std::fs::File::open(&top).unwrap();
-    // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    held.lock().unwrap();
     sc.refused(&["commit", s(&top)], "in use");
     drop(held);
     // ... or its base, with a shared lock.
     let held = std::fs::File::open(&base).unwrap();
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH) }, 0);
+    held.lock_shared().unwrap();
     sc.refused(&["commit", s(&top)], "in use");
     drop(held);
 
@@ -307,4 +305,96 @@ fn map_of_a_device_reads_its_live_map_else_the_overlays() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// Sets the committing flag in the header of the overlay at `path`, as a
+/// commit stopped after its first step leaves it.
+fn mark_committing(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) | 8;
+    bytes[12..16].copy_from_slice(&flags.to_le_bytes());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &bytes[..4088] {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    bytes[4088..4096].copy_from_slice(&h.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_stopped_commit_is_reported_refused_for_use_and_finished_by_running_it_again() {
+    let sc = Scratch::new("commit", "stopped");
+    let base = base(&sc);
+    let top = sc.path("top");
+    create_overlay(&top, &base, Some(BS as u32)).unwrap();
+    write(&top, 6);
+    let want = read_all(&top);
+    // Stopped midway: the flag set, one block already copied below (the
+    // base changed since the overlay recorded it).
+    mark_committing(&top);
+    let mut b = std::fs::read(&base).unwrap();
+    b[20 * BS as usize..21 * BS as usize]
+        .copy_from_slice(&want[20 * BS as usize..21 * BS as usize]);
+    std::fs::write(&base, &b).unwrap();
+
+    let out = sc.run(&["check", s(&top)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("stopped midway"), "{text}");
+    assert!(
+        open_device(&top).is_err(),
+        "a stopped commit's overlay opened"
+    );
+    sc.refused(&["map", s(&top)], "stopped midway");
+
+    let out = sc.ok(&["commit", s(&top)]);
+    assert!(
+        out.contains("an earlier commit stopped midway is finished"),
+        "{out}"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == want,
+        "the base reads wrong"
+    );
+    assert_eq!(
+        sc.ok(&["check", s(&top)]),
+        format!("{}: no problems found\n", s(&top))
+    );
+    assert!(read_all(&top) == want);
+}
+
+#[test]
+fn a_fifo_beside_the_overlay_is_passed_over() {
+    let sc = Scratch::new("commit", "fifo");
+    let base = base(&sc);
+    let top = sc.path("top");
+    create_overlay(&top, &base, Some(BS as u32)).unwrap();
+    write(&top, 3);
+    let want = read_all(&top);
+    let made = Command::new("mkfifo")
+        .arg(sc.path("pipe"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Opening the FIFO would block: give the command a deadline.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ublk-cow"))
+        .env("UBLK_COW_RUN_DIR", sc.path("run"))
+        .args(["commit", s(&top)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("commit hangs on the FIFO beside the overlay");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(std::fs::read(&base).unwrap() == want);
 }

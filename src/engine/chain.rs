@@ -280,6 +280,13 @@ impl Chain {
                 )));
             }
             let h = layer.overlay.header();
+            if h.committing() {
+                return Err(Error::invalid(format!(
+                    "{}: {}",
+                    name(&p, depth),
+                    crate::engine::overlay::STOPPED_COMMIT
+                )));
+            }
             if depth > 0 && !h.frozen() {
                 return Err(Error::invalid(format!(
                     "{} is not frozen: a live overlay cannot be below another",
@@ -696,14 +703,6 @@ pub fn open_lower(path: &Path) -> Result<Lower, Error> {
     }
 }
 
-/// Opens the backing at `path` (a raw image, a block device or a frozen
-/// overlay) as an overlay over it reads it, with the identity such an
-/// overlay records: for a caller that keeps the overlay itself elsewhere.
-pub fn open_backed(path: &Path) -> Result<(Backed, BaseIdentity), Error> {
-    let lower = open_lower(path)?;
-    Ok((lower.backed, lower.identity))
-}
-
 /// Creates a new, empty overlay at `path` over `backing` (a raw image, a
 /// block device or a frozen overlay), recording it. A layer's block size is
 /// kept; otherwise `block_size` or the default. `path` must not exist.
@@ -998,6 +997,9 @@ pub(crate) fn check(path: &Path) -> Result<Vec<String>, Error> {
             return Ok(problems);
         }
     };
+    if h.committing() {
+        problems.push(crate::engine::overlay::STOPPED_COMMIT.into());
+    }
     if h.failed() {
         problems.push(
             "a flush of its last device failed: data written after its last good flush \

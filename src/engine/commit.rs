@@ -171,6 +171,22 @@ fn zero_raw(dst: &impl Storage, off: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Frees `[off, off+len)` of an overlay whose map no longer holds it: its
+/// space only, so a file system that cannot punch holes keeps it.
+fn free(s: &impl Storage, off: u64, len: u64) -> io::Result<()> {
+    match s.punch(off, len) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// The merge itself (the module doc's steps 1 to 5), over any storage.
 /// `now` is the backing's identity as found; `mtime_ns` the overlay file's
 /// modification time now, kept for step 6 (done by the caller, who has the
@@ -209,7 +225,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     let map = BlockMap::new(MapMemory::heap(blocks), blocks);
     layer.read_map(&map)?;
     let c = map.counts();
-    let mut out = Merged {
+    let out = Merged {
         written: c.allocated - c.copied,
         zeroed: c.zero,
         skipped: c.copied,
@@ -317,8 +333,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
                 .ctx(|| "syncing the map of the layer below".into())?;
             // Its zero blocks' data is no longer read: free it.
             for (start, end) in zeroed_runs {
-                o.storage()
-                    .punch(o.data_pos(start), end - start)
+                free(o.storage(), o.data_pos(start), end - start)
                     .ctx(|| "freeing zeroed blocks of the layer below".into())?;
             }
         }
@@ -342,9 +357,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
         .sync()
         .ctx(|| "syncing the overlay's map".into())?;
     // Step 4: its data freed.
-    layer
-        .storage()
-        .punch(h.data_offset, geo.size())
+    free(layer.storage(), h.data_offset, geo.size())
         .ctx(|| "freeing the overlay's data area".into())?;
     layer
         .storage()
@@ -353,7 +366,6 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     // Step 5: the backing's identity recorded, the flag cleared.
     let id = identity()?;
     layer.end_commit(id)?;
-    out.resumed = resumed;
     Ok(out)
 }
 
@@ -388,6 +400,11 @@ fn same(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 
 /// The overlay at `path`'s header, if it is an overlay (read-only, no lock).
 fn header_of(path: &Path) -> Option<crate::engine::overlay::Header> {
+    // Only regular files are opened: opening a FIFO or a device node (a
+    // block device's directory is /dev) could block or act.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let f = File::open(path).ok()?;
     if !f.metadata().ok()?.is_file() || !looks_like_overlay(&f).ok()? {
         return None;
@@ -476,9 +493,13 @@ pub fn commit(
             } else {
                 continue;
             };
-            let how = if p == d.overlay { "" } else { " below it" };
+            let how = if p == d.overlay {
+                ""
+            } else {
+                ", below its overlay"
+            };
             return Err(Error::invalid(format!(
-                "{what} is in use by device {} (/dev/ublkb{}{how}): `ublk-cow del -n {}` first",
+                "{what} is in use by device {} (/dev/ublkb{}){how}: `ublk-cow del -n {}` first",
                 d.id, d.id, d.id
             )));
         }
@@ -620,7 +641,7 @@ pub fn commit(
 mod tests {
     use super::*;
     use crate::engine::geometry::Geometry;
-    use crate::engine::overlay::Backing;
+    use crate::engine::overlay::{Backing, OpenCheck};
     use crate::engine::storage::SimDisk;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -909,7 +930,7 @@ mod tests {
         };
         for (layer_below, frozen) in [(false, false), (false, true), (true, true), (true, false)] {
             let c = case(layer_below, frozen);
-            let mut stopped = 0;
+            let (mut stopped, mut midway) = (0, 0);
             for k in 0.. {
                 let (top, below) = (
                     Arc::new(SimDisk::new(c.top.clone())),
@@ -930,6 +951,25 @@ mod tests {
                     let top2 = Arc::new(top.after_power_cut(pick));
                     let below2 = Arc::new(below.after_power_cut(pick));
                     let what = format!("layer below {layer_below}, stopped after {k}, keep {keep}");
+                    // Stopped midway, the overlay serves no device and is
+                    // not frozen until the commit is run again.
+                    let mut o = Overlay::open_unchecked(SimDisk::new(top2.contents())).unwrap();
+                    if o.header().committing() {
+                        midway += 1;
+                    }
+                    if o.header().committing() && !frozen {
+                        let check = OpenCheck {
+                            base: &o.header().base.clone(),
+                            block_size: None,
+                            force: true,
+                        };
+                        let e = Overlay::open(SimDisk::new(top2.contents()), check)
+                            .err()
+                            .unwrap_or_else(|| panic!("{what}: a stopped commit's overlay opened"));
+                        assert!(e.to_string().contains("stopped midway"), "{what}: {e}");
+                        let e = o.freeze().unwrap_err();
+                        assert!(e.to_string().contains("stopped midway"), "{what}: {e}");
+                    }
                     let m = run(&c, &top2, &below2, i64::MAX)
                         .unwrap_or_else(|e| panic!("{what}: the rerun failed: {e}"));
                     check_done(&c, &top2, &below2, &what);
@@ -937,6 +977,7 @@ mod tests {
                 }
             }
             assert!(stopped > 8, "only {stopped} stops");
+            assert!(midway > 8, "only {midway} stops with the commit midway");
         }
     }
 }

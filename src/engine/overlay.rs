@@ -76,6 +76,9 @@ const FLAG_COMMITTING: u32 = 8;
 /// Why a frozen overlay is not written.
 const FROZEN: &str =
     "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it";
+/// Why an overlay whose commit was stopped is not used.
+pub(crate) const STOPPED_COMMIT: &str = "a commit of the overlay into its backing was stopped \
+     midway: run `ublk-cow commit` on it again to finish it";
 /// The data area starts on a boundary of at least this, so that data I/O is
 /// aligned for O_DIRECT and for large blocks.
 const DATA_ALIGN: u64 = 1 << 20;
@@ -428,6 +431,9 @@ impl<S: Storage> Overlay<S> {
         if overlay.header.frozen() {
             return Err(Error::invalid(FROZEN));
         }
+        if overlay.header.committing() {
+            return Err(Error::invalid(STOPPED_COMMIT));
+        }
         check_match(&overlay.header, &check)?;
         Ok(overlay)
     }
@@ -527,6 +533,9 @@ impl<S: Storage> Overlay<S> {
 
     /// Freezes a clean overlay: it becomes a layer, read-only for good.
     pub(crate) fn freeze(&mut self) -> Result<(), Error> {
+        if self.header.committing() {
+            return Err(Error::invalid(STOPPED_COMMIT));
+        }
         if !self.header.clean() || self.header.failed() {
             return Err(Error::invalid(
                 "the overlay was not closed cleanly: it is in use, or its device \

@@ -1,5 +1,6 @@
-# Layers: `commit` of an overlay into a copy of the base, and commit
-# refused while the overlay is in use. Sourced by run.sh.
+# Layers: `commit` of an overlay into a copy of the base, then of a chain
+# (a snapshot's new top into the layer, the layer into the base), and commit
+# refused while a device uses the overlay or the layer. Sourced by run.sh.
 
 case_commit() {
     local base=$WORK/commit-base.img ov=$WORK/commit.ov
@@ -37,8 +38,33 @@ case_commit() {
     dev=$(add --base "$base" --overlay "$ov")
     [ "$(sha "$dev")" = "$want" ] || die "the device after commit reads other data"
     "$UC" del -n "$(dev_id "$dev")"
-    rm -f "$ov" "$base" commit.log
+
+    # A chain: the overlay frozen by a snapshot, a device over the new top.
+    local top=$WORK/commit.top
+    rm -f "$top"
+    "$UC" snapshot "$ov" --overlay "$top" >/dev/null
+    dev=$(add --base "$ov" --overlay "$top")
+    for i in $(seq 1 20); do
+        dd if=/dev/urandom of="$dev" bs=64k count=$((RANDOM % 16 + 1)) \
+            seek=$(( (RANDOM * 32768 + RANDOM) % 3000 )) oflag=direct status=none
+    done
+    want=$(sha "$dev")
+    expect_fail "commit of a layer below a device" "$UC" commit "$ov"
+    expect_fail "commit of a device's top" "$UC" commit "$top"
+    "$UC" del -n "$(dev_id "$dev")"
+    # The top into the layer, then the layer into the base: the chain
+    # reads the same after each, and the base at last reads as the device.
+    "$UC" commit "$top" >/dev/null
+    dev=$(add --base "$ov" --overlay "$top")
+    [ "$(sha "$dev")" = "$want" ] || die "the chain reads other data after the top's commit"
+    "$UC" del -n "$(dev_id "$dev")"
+    "$UC" commit "$ov" >/dev/null
+    [ "$(sha "$base")" = "$want" ] || die "the base after the layer's commit differs"
+    dev=$(add --base "$ov" --overlay "$top")
+    [ "$(sha "$dev")" = "$want" ] || die "the chain reads other data after the layer's commit"
+    "$UC" del -n "$(dev_id "$dev")"
+    rm -f "$ov" "$top" "$base" commit.log
     base_unchanged
 }
 
-CASES+=("commit of an overlay into a copy of the base; refused while in use|case_commit")
+CASES+=("layers: commit of an overlay into a copy of the base, of a chain down to it; refused while in use|case_commit")
