@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -122,3 +122,9 @@ bench-alloc:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/alloc-guest.sh bash ci/bench/run.sh
+
+# commit of an overlay against cp --sparse=always of the same data.
+bench-commit:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	BENCH_SCRIPT=ci/bench/commit-guest.sh bash ci/bench/run.sh
