@@ -319,11 +319,13 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
-    // A snapshot that was interrupted is finished first (under its lock,
-    // which also waits for one in progress): the device is then recovered
-    // over the new chain.
-    let st = if st.snapshot_to.is_some() && !st.daemon_alive() {
+    // Under the snapshot lock (which waits for a `snapshot -n` in
+    // progress), the state read again; an interrupted snapshot is finished
+    // first, and the device then recovered over the new chain. The lock is
+    // let go before the daemon is forked, which would inherit it.
+    let st = {
         let _lock = snapshot::SnapshotLock::take(id)?;
+        drop(st);
         match DeviceState::load(id)? {
             Some(st) if st.snapshot_to.is_some() && !st.daemon_alive() => {
                 snapshot::finish_locked(st)?;
@@ -332,8 +334,6 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
             Some(st) => st,
             None => bail!("there is no ublk-cow device {id}"),
         }
-    } else {
-        st
     };
     if st.daemon_alive() {
         bail!(
