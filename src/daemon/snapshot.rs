@@ -10,7 +10,9 @@
 //! made over it with an empty live map, the state file names the chain, and
 //! a new daemon recovers the device over it; the held requests are served.
 //! Whatever crashed mid-way, the state file says how far it got: while its
-//! `snapshot_to` names NEW, `recover -n N` finishes the snapshot first.
+//! `snapshot_to` names NEW, `recover -n N` finishes the snapshot first, and
+//! `del -n N` forgets it (`abandon`). `SnapshotLock` keeps two of these
+//! from running at once.
 
 use super::state::{self, DeviceState};
 use super::{absolute, close_from_live_map, map_memory};
