@@ -120,7 +120,11 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
         ..st
     };
     st.save()?;
-    finish_locked(st)?;
+    finish_locked(st).with_context(|| {
+        format!(
+            "the snapshot of device {id} is not finished (its I/O waits): `ublk-cow recover -n {id}` tries again, `ublk-cow del -n {id}` gives it up"
+        )
+    })?;
     drop(lock);
     super::recover(id, false)?;
     eprintln!(
