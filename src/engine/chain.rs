@@ -436,20 +436,10 @@ impl Chain {
     ) -> io::Result<()> {
         let size = self.geo.size();
         let end = off + buf.len() as u64;
-        let mut at = off;
-        while at < end {
-            if at >= size {
-                buf[(at - off) as usize..].fill(0);
-                break;
-            }
-            let first = self.geo.block_of(at);
-            let h = holder(first);
-            let mut next = first + 1;
-            while next < self.geo.blocks() && self.geo.block_start(next) < end && holder(next) == h
-            {
-                next += 1;
-            }
-            let to = self.geo.block_end(next - 1).min(end);
+        // Bytes past the end read as zeros.
+        let inside = end.min(size).max(off);
+        buf[(inside - off) as usize..].fill(0);
+        for (h, at, to) in self.geo.pieces(off, inside, holder) {
             let dst = &mut buf[(at - off) as usize..(to - off) as usize];
             if h.depth == self.layers.len() {
                 match &self.base {
@@ -466,7 +456,6 @@ impl Chain {
                 let o = &self.layers[h.depth].overlay;
                 o.storage().read_at(dst, o.data_pos(at))?;
             }
-            at = to;
         }
         Ok(())
     }
@@ -754,16 +743,23 @@ fn lock(file: &File, who: &str) -> Result<(), Error> {
     Err(Error::invalid(format!("{who} is in use (locked)")))
 }
 
-/// Freezes the clean overlay at `path`: it becomes a layer, read-only for
-/// good, that new overlays can be made over.
-pub fn freeze(path: &Path) -> Result<(), Error> {
-    let who = name(path, 0);
+/// Opens the overlay at `path` for writing under the exclusive lock a
+/// device takes (`lock`); errors name it as `who`.
+fn open_locked(path: &Path, who: &str) -> Result<File, Error> {
     let file = File::options()
         .read(true)
         .write(true)
         .open(path)
-        .ctx(|| who.clone())?;
-    lock(&file, &who)?;
+        .ctx(|| who.to_string())?;
+    lock(&file, who)?;
+    Ok(file)
+}
+
+/// Freezes the clean overlay at `path`: it becomes a layer, read-only for
+/// good, that new overlays can be made over.
+pub fn freeze(path: &Path) -> Result<(), Error> {
+    let who = name(path, 0);
+    let file = open_locked(path, &who)?;
     let mut overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
     overlay.freeze().map_err(|e| about(&who, e))
 }
@@ -830,12 +826,7 @@ pub fn is_frozen(path: &Path) -> Result<bool, Error> {
 /// the engine's device on the host, with no ublk.
 pub fn open_device(path: &Path) -> Result<CowDevice<Backed, File>, Error> {
     let who = name(path, 0);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .ctx(|| who.clone())?;
-    lock(&file, &who)?;
+    let file = open_locked(path, &who)?;
     let probe = Overlay::open_unchecked(file.try_clone().ctx(|| who.clone())?)
         .map_err(|e| about(&who, e))?;
     let h: Header = probe.header().clone();

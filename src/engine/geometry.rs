@@ -73,6 +73,30 @@ impl Geometry {
     }
 
     /// Checks that `[off, off+len)` is sector aligned and inside the device.
+    /// Cuts `[off, end)` (inside the device) into pieces of adjacent blocks
+    /// for which `answer` is the same, as `(answer, start, end)` in bytes.
+    pub(crate) fn pieces<T: PartialEq>(
+        &self,
+        off: u64,
+        end: u64,
+        answer: impl Fn(u64) -> T,
+    ) -> Vec<(T, u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = off;
+        while at < end {
+            let first = self.block_of(at);
+            let a = answer(first);
+            let mut next = first + 1;
+            while next < self.blocks() && self.block_start(next) < end && answer(next) == a {
+                next += 1;
+            }
+            let to = self.block_end(next - 1).min(end);
+            out.push((a, at, to));
+            at = to;
+        }
+        out
+    }
+
     pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<(), Error> {
         if !off.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(Error::invalid(format!(

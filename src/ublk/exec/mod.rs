@@ -201,21 +201,7 @@ fn below_pieces(sh: &ServedDevice, off: u64, len: u64) -> Vec<(Below, u64, u64)>
     if dev.base().layers().is_empty() {
         return vec![(Below::Base, off, end)];
     }
-    let geo = dev.geometry();
-    let mut pieces = Vec::new();
-    let mut at = off;
-    while at < end {
-        let first = geo.block_of(at);
-        let from = dev.base().below(first);
-        let mut next = first + 1;
-        while next < geo.blocks() && geo.block_start(next) < end && dev.base().below(next) == from {
-            next += 1;
-        }
-        let to = geo.block_end(next - 1).min(end);
-        pieces.push((from, at, to));
-        at = to;
-    }
-    pieces
+    dev.geometry().pieces(off, end, |b| dev.base().below(b))
 }
 
 /// Reads `dst`, device bytes at `off` below the overlay (the base, or the
