@@ -108,6 +108,7 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    let stopped = started.elapsed();
     // Read again: the daemon may have marked a failed flush before it died.
     let st = DeviceState::load(id)?.context("the state file went away")?;
     if st.failed {
@@ -126,10 +127,15 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
         )
     })?;
     drop(lock);
+    let made = started.elapsed();
     super::recover(id, false)?;
+    let paused = started.elapsed();
     eprintln!(
-        "ublk-cow: device {id}: I/O paused for {} ms",
-        started.elapsed().as_millis()
+        "ublk-cow: device {id}: I/O paused for {} ms (daemon stopped in {} ms, chain made in {} ms, new daemon serving in {} ms)",
+        paused.as_millis(),
+        stopped.as_millis(),
+        (made - stopped).as_millis(),
+        (paused - made).as_millis()
     );
     Ok(())
 }
