@@ -7,7 +7,7 @@ If-Unmodified-Since (412 when they fail).
 usage: range_server.py DIR PORT [--delay SECONDS] [--log FILE]
 
 --delay holds every GET that long before it answers; --log appends one line
-per GET ("GET /path bytes=a-b"). Prints "ready" once it listens.
+per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
 """
 import email.utils
 import os
@@ -91,7 +91,7 @@ class Handler(BaseHTTPRequestHandler):
         if body:
             if LOG:
                 with LOG_LOCK, open(LOG, "a") as f:
-                    f.write(f"GET {self.path} {rng}\n")
+                    f.write(f"GET {self.path} {rng} If-Match: {im}\n")
             if DELAY:
                 time.sleep(DELAY)
         self.send_response(status)
