@@ -290,7 +290,10 @@ fn http_concurrent_fetches_of_one_unit_share_one_get() {
     assert_eq!(gets.lines().count(), 1, "{gets}");
     // Pinned to the object that was opened.
     let etag = f.identity().etag.clone().unwrap();
-    assert!(gets.trim_end().ends_with(&format!("If-Match: {etag}")), "{gets}");
+    assert!(
+        gets.trim_end().ends_with(&format!("If-Match: {etag}")),
+        "{gets}"
+    );
     // After it finished, a new request is a new GET.
     f.fetch(1).unwrap();
     assert_eq!(f.counters().snapshot().gets, 2);
