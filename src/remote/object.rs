@@ -124,6 +124,26 @@ fn innermost(e: &dyn std::error::Error) -> String {
     last.to_string()
 }
 
+/// The object's path in its store: an S3 key as it is, an HTTP path
+/// percent-decoded. Empty, `.` and `..` segments are refused: the store
+/// would quietly name another object.
+fn object_path(url: &RemoteUrl) -> Result<Path, Error> {
+    let bad = |why: String| Error::BadUrl {
+        url: url.to_string(),
+        why,
+    };
+    let path = match url {
+        RemoteUrl::S3 { key, .. } => {
+            if key.starts_with('/') {
+                return Err(bad("the key has an empty path segment".into()));
+            }
+            Path::parse(key)
+        }
+        RemoteUrl::Http { path, .. } => Path::from_url_path(path),
+    };
+    path.map_err(|e| bad(innermost(&e)))
+}
+
 /// Builds the store for `url` and the object's path in it.
 fn build(
     url: &RemoteUrl,
@@ -135,7 +155,8 @@ fn build(
         why: innermost(&e),
     };
     match url {
-        RemoteUrl::S3 { bucket, key } => {
+        RemoteUrl::S3 { bucket, .. } => {
+            let path = object_path(url)?;
             let mut b = AmazonS3Builder::new();
             for (k, v) in &env.vars {
                 if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
@@ -155,13 +176,10 @@ fn build(
                 )
                 .build()
                 .map_err(config)?;
-            Ok((Arc::new(store), Path::from(key.as_str())))
+            Ok((Arc::new(store), path))
         }
-        RemoteUrl::Http {
-            tls,
-            authority,
-            path,
-        } => {
+        RemoteUrl::Http { tls, authority, .. } => {
+            let path = object_path(url)?;
             let scheme = if *tls { "https" } else { "http" };
             let store = HttpBuilder::new()
                 .with_url(format!("{scheme}://{authority}"))
@@ -171,10 +189,6 @@ fn build(
                 .with_config(ClientConfigKey::Timeout, ms(params.fetch_timeout))
                 .build()
                 .map_err(config)?;
-            let path = Path::from_url_path(path).map_err(|e| Error::BadUrl {
-                url: url.to_string(),
-                why: innermost(&e),
-            })?;
             Ok((Arc::new(store), path))
         }
     }
@@ -338,5 +352,47 @@ async fn not_found(url: &RemoteUrl, store: &Arc<dyn ObjectStore>, path: &Path) -
     }
     Error::NoSuchObject {
         url: url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths() {
+        let p = |u: &str| object_path(&RemoteUrl::parse(u).unwrap());
+        assert_eq!(
+            p("s3://bucket/a/b-c_1.img").unwrap().as_ref(),
+            "a/b-c_1.img"
+        );
+        assert_eq!(p("http://h/a/b%20c.img").unwrap().as_ref(), "a/b c.img");
+        for bad in [
+            "s3://bucket//a.img",
+            "s3://bucket/a//b.img",
+            "s3://bucket/a/../b.img",
+            "http://h/a//b.img",
+            "http://h/./b.img",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(matches!(e, Error::BadUrl { .. }), "{bad}: {e:?}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let env = AwsEnv::from_pairs([
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+            ("AWS_SESSION_TOKEN", "t0k3n"),
+            ("HOME", "/root"),
+        ]);
+        assert_eq!(env.vars.len(), 3);
+        let d = format!("{env:?}");
+        assert!(
+            d.contains("AKID") && !d.contains("s3cr3t") && !d.contains("t0k3n"),
+            "{d}"
+        );
     }
 }
