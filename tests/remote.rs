@@ -250,6 +250,7 @@ fn http_concurrent_fetches_of_one_unit_share_one_get() {
     let opts = RangeOpts {
         delay: Some(0.5),
         log: Some(log.clone()),
+        ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
     let f = Arc::new(
@@ -337,7 +338,7 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
     let (dir, data) = Dir::new("prefetch");
     let opts = RangeOpts {
         delay: Some(0.2),
-        log: None,
+        ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
     let p = Params {
@@ -368,4 +369,62 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
     let c = f.counters().snapshot();
     assert_eq!(c.gets, units);
     assert_eq!(c.in_flight_max, 2, "{c:?}");
+}
+
+#[test]
+fn http_server_errors_are_retried_a_bounded_number_of_times() {
+    let (dir, data) = Dir::new("retries");
+    let p = Params {
+        max_retries: 3,
+        ..params()
+    };
+    // Two 503s, then the data: the fetch works after two retries.
+    let opts = RangeOpts {
+        fail: Some((2, 503)),
+        ..RangeOpts::default()
+    };
+    let srv = range_server(&dir.0, free_port(), &opts);
+    let f = Fetcher::open(
+        &http(srv.port, "disk.img"),
+        &AwsEnv::default(),
+        p.clone(),
+        BLOCK,
+    )
+    .unwrap();
+    assert!(f.fetch(0).unwrap()[..] == data[..UNIT as usize]);
+    let c = f.counters().snapshot();
+    assert_eq!((c.gets, c.retries, c.failures), (3, 2, 0), "{c:?}");
+    drop(srv);
+
+    // Always 503: the fourth failure ends the fetch, long before its deadline.
+    let opts = RangeOpts {
+        fail: Some((1000, 503)),
+        ..RangeOpts::default()
+    };
+    let srv = range_server(&dir.0, free_port(), &opts);
+    let f = Fetcher::open(
+        &http(srv.port, "disk.img"),
+        &AwsEnv::default(),
+        p.clone(),
+        BLOCK,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = f.fetch(1).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(matches!(e, Error::Failed { .. }), "{e:?}");
+    assert!(e.to_string().contains("HTTP 503 (after 3 retries)"), "{e}");
+    let c = f.counters().snapshot();
+    assert_eq!((c.gets, c.retries, c.failures), (4, 3, 1), "{c:?}");
+    drop(srv);
+
+    // A 403 is not retried.
+    let opts = RangeOpts {
+        fail: Some((1000, 403)),
+        ..RangeOpts::default()
+    };
+    let srv = range_server(&dir.0, free_port(), &opts);
+    let f = Fetcher::open(&http(srv.port, "disk.img"), &AwsEnv::default(), p, BLOCK).unwrap();
+    assert!(matches!(f.fetch(1), Err(Error::Denied { .. })));
+    assert_eq!(f.counters().snapshot().gets, 1);
 }

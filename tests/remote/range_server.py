@@ -4,10 +4,10 @@ directory with HEAD and GET, single-range requests (206 with
 Content-Range), ETag, Last-Modified, Content-Length, If-Match and
 If-Unmodified-Since (412 when they fail).
 
-usage: range_server.py DIR PORT [--delay SECONDS] [--log FILE]
+usage: range_server.py DIR PORT [--delay SECONDS] [--log FILE] [--fail N STATUS]
 
---delay holds every GET that long before it answers; --log appends one line
-per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
+--delay holds every GET that long before it answers; --fail answers the
+first N GETs with STATUS and no body; --log appends one line per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
 """
 import email.utils
 import os
@@ -21,12 +21,16 @@ ROOT = sys.argv[1]
 PORT = int(sys.argv[2])
 DELAY = 0.0
 LOG = None
+FAIL = [0, 500]
 args = sys.argv[3:]
 while args:
     if args[0] == "--delay":
         DELAY = float(args[1])
     elif args[0] == "--log":
         LOG = args[1]
+    elif args[0] == "--fail":
+        FAIL = [int(args[1]), int(args[2])]
+        args = args[1:]
     else:
         sys.exit(f"unknown argument {args[0]}")
     args = args[2:]
@@ -94,6 +98,11 @@ class Handler(BaseHTTPRequestHandler):
                     f.write(f"GET {self.path} {rng} If-Match: {im}\n")
             if DELAY:
                 time.sleep(DELAY)
+            with LOG_LOCK:
+                failing = FAIL[0] > 0
+                FAIL[0] -= 1
+            if failing:
+                return self.fail(FAIL[1])
         self.send_response(status)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)

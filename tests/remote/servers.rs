@@ -68,6 +68,8 @@ pub struct RangeOpts {
     pub delay: Option<f64>,
     /// A file that gets one line per GET.
     pub log: Option<PathBuf>,
+    /// The first so many GETs are answered with this HTTP status.
+    pub fail: Option<(u32, u16)>,
 }
 
 /// Starts `range_server.py` serving `dir` on `port`.
@@ -81,6 +83,9 @@ pub fn range_server(dir: &Path, port: u16, opts: &RangeOpts) -> Server {
     }
     if let Some(l) = &opts.log {
         cmd.arg("--log").arg(l);
+    }
+    if let Some((n, status)) = opts.fail {
+        cmd.args(["--fail", &n.to_string(), &status.to_string()]);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
