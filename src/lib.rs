@@ -13,6 +13,8 @@
 //! - [`cli`]: the command line and its help texts.
 //! - [`generate`]: the man pages and shell completions, from [`cli`].
 //! - [`progress`]: progress bars for long commands, on a terminal only.
+//! - [`remote`]: a base in an object store or on an HTTP server, fetched
+//!   in units with ranged GETs.
 //! - [`stats`]: the per-device counters that `stats` shows.
 //! - [`size`]: parsing sizes such as `4K` or `1G`.
 //! - [`sys`]: the system calls the standard library does not wrap, each
@@ -23,6 +25,7 @@ pub mod daemon;
 pub mod engine;
 pub mod generate;
 pub mod progress;
+pub mod remote;
 pub mod size;
 pub mod stats;
 pub mod sys;

@@ -1,0 +1,346 @@
+//! The fetcher: a remote base read in units of `fetch_size` bytes, unit `i`
+//! covering `[i * fetch_size, min((i + 1) * fetch_size, size))`.
+//!
+//! It owns a small tokio runtime of its own (the daemon's queue threads are
+//! not tokio threads) and offers three ways in, all usable from any thread
+//! outside that runtime:
+//! - [`Fetcher::fetch`]: blocks until the unit is there or has failed;
+//! - [`Fetcher::start`]: returns at once, and calls a callback (on one of
+//!   the fetcher's threads) when the unit is there or has failed;
+//! - [`Fetcher::fetch_async`]: the same as a future.
+//!
+//! Concurrent requests of one unit share one GET (single flight): the first
+//! one starts it, the others wait for its answer. Each fetch retries
+//! transient faults with exponential backoff, at most
+//! [`Params::max_retries`] times, and fails with [`Error::Timeout`] once
+//! [`Params::fetch_timeout`] has passed since it started. Nothing is kept
+//! after a fetch finishes: a failed unit is fetched anew at the next
+//! request, and where fetched data is kept is the caller's business.
+//! [`Fetcher::prefetch`] starts fetches of units ahead, at most
+//! [`Params::prefetch_depth`] of its GETs in flight.
+
+use super::error::Fault;
+use super::object::RemoteObject;
+use super::{AwsEnv, Counters, Error, Identity, Params, RemoteUrl};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+/// What a fetch of one unit gives: its bytes, or why not.
+pub type Outcome = Result<Bytes, Error>;
+
+/// A callback for one unit's outcome. It runs on one of the fetcher's
+/// threads: it must be quick, and must not wait for another fetch.
+pub type Done = Box<dyn FnOnce(Outcome) + Send + 'static>;
+
+/// A remote base, opened, with its fetches.
+pub struct Fetcher {
+    /// `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+}
+
+/// What the fetcher's tasks share (never the runtime itself, so that no
+/// task can hold the last reference to it).
+struct Shared {
+    object: RemoteObject,
+    params: Params,
+    counters: Counters,
+    /// The units being fetched, each with the callbacks that wait for it:
+    /// protects the single flight (a unit is in the table from the start
+    /// of its fetch until its outcome is handed out).
+    flights: Mutex<HashMap<u64, Vec<Done>>>,
+    /// Permits for prefetch GETs: [`Params::prefetch_depth`] of them.
+    prefetch: Arc<Semaphore>,
+}
+
+impl Fetcher {
+    /// Opens `url` (S3 settings from `env`) and checks `params` against
+    /// the device's `block_size`. Blocks for the HEAD; call it outside an
+    /// async context.
+    pub fn open(
+        url: &RemoteUrl,
+        env: &AwsEnv,
+        params: Params,
+        block_size: u32,
+    ) -> Result<Fetcher, Error> {
+        params.check(block_size)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(params.threads)
+            .thread_name("ublk-cow-fetch")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Open {
+                url: url.to_string(),
+                why: format!("cannot start the fetcher's threads: {e}"),
+            })?;
+        let object = runtime.block_on(RemoteObject::open(url, env, &params))?;
+        let shared = Arc::new(Shared {
+            object,
+            prefetch: Arc::new(Semaphore::new(params.prefetch_depth)),
+            params,
+            counters: Counters::default(),
+            flights: Mutex::new(HashMap::new()),
+        });
+        Ok(Fetcher {
+            runtime: Some(runtime),
+            shared,
+        })
+    }
+
+    /// The object's identity (size, ETag, Last-Modified) as opened; every
+    /// fetch is pinned to it.
+    pub fn identity(&self) -> &Identity {
+        self.shared.object.identity()
+    }
+
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.identity().size
+    }
+
+    /// The URL, as given.
+    pub fn url(&self) -> &str {
+        self.shared.object.url()
+    }
+
+    /// The parameters in use.
+    pub fn params(&self) -> &Params {
+        &self.shared.params
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Units the object is cut into (the last one may be short).
+    pub fn units(&self) -> u64 {
+        self.shared.units()
+    }
+
+    /// The bytes unit `unit` covers.
+    pub fn unit_range(&self, unit: u64) -> Range<u64> {
+        self.shared.unit_range(unit)
+    }
+
+    /// Starts a fetch of `unit` (or joins the one in flight) and returns at
+    /// once; `done` gets the outcome on one of the fetcher's threads. A
+    /// unit past the end gets an error at once, on this thread.
+    pub fn start(&self, unit: u64, done: impl FnOnce(Outcome) + Send + 'static) {
+        if unit >= self.units() {
+            done(Err(self.shared.past_end(unit)));
+            return;
+        }
+        let mut flights = self.shared.flights.lock().unwrap();
+        if let Some(waiting) = flights.get_mut(&unit) {
+            waiting.push(Box::new(done));
+            return;
+        }
+        flights.insert(unit, vec![Box::new(done)]);
+        drop(flights);
+        let shared = self.shared.clone();
+        self.handle().spawn(async move { shared.fly(unit).await });
+    }
+
+    /// Fetches `unit`, blocking until it is there or has failed (within
+    /// about [`Params::fetch_timeout`]). Not for the fetcher's own threads
+    /// nor another async context: use [`Fetcher::fetch_async`] there.
+    pub fn fetch(&self, unit: u64) -> Outcome {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.start(unit, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or_else(|_| Err(self.shared.stopped(unit)))
+    }
+
+    /// Fetches `unit` without blocking a thread.
+    pub async fn fetch_async(&self, unit: u64) -> Outcome {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.start(unit, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await.unwrap_or_else(|_| Err(self.shared.stopped(unit)))
+    }
+
+    /// Starts fetches of `units` in the background, at most
+    /// [`Params::prefetch_depth`] GETs of them in flight at once (a unit
+    /// already in flight is joined, not fetched again), roughly in the
+    /// order given; `done` gets each unit's outcome on one of the fetcher's
+    /// threads. Returns at once.
+    pub fn prefetch(
+        &self,
+        units: impl IntoIterator<Item = u64>,
+        done: Arc<dyn Fn(u64, Outcome) + Send + Sync>,
+    ) {
+        for unit in units {
+            if unit >= self.units() {
+                done(unit, Err(self.shared.past_end(unit)));
+                continue;
+            }
+            let shared = self.shared.clone();
+            let done = done.clone();
+            let sem = shared.prefetch.clone();
+            let permit = sem.acquire_owned();
+            self.handle().spawn(async move {
+                let Ok(_permit) = permit.await else { return };
+                let callback: Done = Box::new(move |r| done(unit, r));
+                {
+                    let mut flights = shared.flights.lock().unwrap();
+                    if let Some(waiting) = flights.get_mut(&unit) {
+                        waiting.push(callback);
+                        return;
+                    }
+                    flights.insert(unit, vec![callback]);
+                }
+                shared.fly(unit).await;
+            });
+        }
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime.as_ref().expect("runtime").handle()
+    }
+}
+
+impl Drop for Fetcher {
+    /// Stops the fetcher's threads without waiting for GETs in flight;
+    /// their callbacks are dropped uncalled (a blocked [`Fetcher::fetch`]
+    /// cannot be waiting: it borrows the fetcher).
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Shared {
+    fn units(&self) -> u64 {
+        self.object.identity().size.div_ceil(self.params.fetch_size)
+    }
+
+    fn unit_range(&self, unit: u64) -> Range<u64> {
+        let size = self.object.identity().size;
+        let start = unit.saturating_mul(self.params.fetch_size).min(size);
+        start..start.saturating_add(self.params.fetch_size).min(size)
+    }
+
+    fn past_end(&self, unit: u64) -> Error {
+        Error::Param(format!(
+            "{}: unit {unit} is past the end ({} units of {} bytes)",
+            self.object.url(),
+            self.units(),
+            self.params.fetch_size
+        ))
+    }
+
+    fn stopped(&self, unit: u64) -> Error {
+        let r = self.unit_range(unit);
+        Error::Failed {
+            url: self.object.url().to_string(),
+            start: r.start,
+            end: r.end,
+            why: "the fetcher stopped".into(),
+        }
+    }
+
+    /// Fetches `unit` (already in the table) and hands the outcome to
+    /// every callback waiting for it.
+    async fn fly(&self, unit: u64) {
+        let outcome = self.fetch_unit(unit).await;
+        let waiting = self
+            .flights
+            .lock()
+            .unwrap()
+            .remove(&unit)
+            .unwrap_or_default();
+        for done in waiting {
+            done(outcome.clone());
+        }
+    }
+
+    /// One fetch, within its deadline.
+    async fn fetch_unit(&self, unit: u64) -> Outcome {
+        let range = self.unit_range(unit);
+        let started = Instant::now();
+        // The last fault, for the message of a timeout.
+        let last = Mutex::new(String::new());
+        let attempts = self.attempts(range.clone(), &last);
+        let outcome = match tokio::time::timeout(self.params.fetch_timeout, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                url: self.object.url().to_string(),
+                start: range.start,
+                end: range.end,
+                after: self.params.fetch_timeout,
+                last: std::mem::take(&mut *last.lock().unwrap()),
+            }),
+        };
+        self.counters.fetch_done(started.elapsed(), outcome.is_ok());
+        outcome
+    }
+
+    /// GETs of `range` until one succeeds, a fault is permanent, or the
+    /// retries are spent.
+    async fn attempts(&self, range: Range<u64>, last: &Mutex<String>) -> Outcome {
+        let mut backoff = self.params.backoff_initial;
+        let mut retries = 0;
+        loop {
+            let got = {
+                let _in_flight = self.counters.get_started();
+                self.object.get(range.clone()).await
+            };
+            match got {
+                Ok(bytes) => {
+                    self.counters.bytes.fetch_add(bytes.len() as u64, Relaxed);
+                    return Ok(bytes);
+                }
+                Err(f) if f.retryable() && retries < self.params.max_retries => {
+                    log::debug!(
+                        "{}: bytes {range:?}: {}; retry in {backoff:?}",
+                        self.object.url(),
+                        f.why()
+                    );
+                    *last.lock().unwrap() = f.why();
+                    retries += 1;
+                    self.counters.retries.fetch_add(1, Relaxed);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.params.backoff_max);
+                }
+                Err(f) => return Err(self.error(f, range, retries)),
+            }
+        }
+    }
+
+    fn error(&self, f: Fault, range: Range<u64>, retries: u32) -> Error {
+        let url = self.object.url().to_string();
+        match f {
+            Fault::NotFound => Error::Changed {
+                url,
+                why: "it is gone".into(),
+            },
+            Fault::Precondition => Error::Changed {
+                url,
+                why: "its ETag or modification time no longer matches".into(),
+            },
+            Fault::Mismatch(why) => Error::Changed { url, why },
+            Fault::Denied(why) => Error::Denied { url, why },
+            Fault::Connect(why) | Fault::Transient(why) | Fault::Permanent(why) => {
+                let why = match retries {
+                    0 => why,
+                    n => format!("{why} (after {n} retries)"),
+                };
+                Error::Failed {
+                    url,
+                    start: range.start,
+                    end: range.end,
+                    why,
+                }
+            }
+        }
+    }
+}
