@@ -435,6 +435,80 @@ fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<(
     Ok(())
 }
 
+/// Most pieces one `process_vm_readv` takes (`IOV_MAX`).
+const GATHER_MAX: usize = 1024;
+
+/// One piece of a `gather`: `len` bytes at address `from` of this process
+/// (a mapping of a file), to land at `at` in the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub(crate) from: usize,
+    pub(crate) at: usize,
+    pub(crate) len: usize,
+}
+
+/// Copies `pieces`, in order, from this process's own memory into `dst`,
+/// with the kernel doing the copy: one `process_vm_readv` for up to
+/// `GATHER_MAX` pieces. Returns how many leading pieces were copied whole;
+/// the rest (from a page the kernel could not fault in, such as a hole of
+/// a full tmpfs: never a signal; or all of them when the call is refused)
+/// are the caller's to read another way. A piece that does not lie inside
+/// `dst` is never copied.
+pub(crate) fn gather(dst: &mut [u8], pieces: &[Piece]) -> usize {
+    let mut done = 0;
+    for chunk in pieces.chunks(GATHER_MAX) {
+        let fits = chunk
+            .iter()
+            .take_while(|p| p.at.checked_add(p.len).is_some_and(|e| e <= dst.len()))
+            .count();
+        let whole_chunk = chunk.len();
+        let chunk = &chunk[..fits];
+        let base = dst.as_mut_ptr();
+        let local: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: base.wrapping_add(p.at).cast(),
+                iov_len: p.len,
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.from as *mut libc::c_void,
+                iov_len: p.len,
+            })
+            .collect();
+        // SAFETY: the kernel writes only into the local iovecs, each inside
+        // `dst` (checked above), which is live and borrowed mutably for the
+        // call; it reads the remote ones as another process's memory, so an
+        // address it cannot read is an error return (EFAULT), not a fault
+        // here. Both arrays live across the call.
+        let r = unsafe {
+            libc::process_vm_readv(
+                libc::getpid(),
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        let got = if r < 0 { 0 } else { r as usize };
+        let mut left = got;
+        for p in chunk {
+            if left < p.len {
+                return done;
+            }
+            left -= p.len;
+            done += 1;
+        }
+        if fits < whole_chunk {
+            return done;
+        }
+    }
+    done
+}
+
 /// `pread` on a descriptor the caller keeps open (ublk's char device, for
 /// user copy): the bytes read into `buf`.
 pub(crate) fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
