@@ -118,13 +118,6 @@ impl MemoryPath {
         Some(m.addr(pos, len))
     }
 
-    /// The address of bytes `[pos, pos + len)` of the file in its mapping,
-    /// if it is mapped, for the kernel to copy from (`sys::gather`), which
-    /// faults their pages in itself: nothing is made present here.
-    pub(crate) fn mapped_at(&self, pos: u64, len: usize) -> Option<usize> {
-        self.map.as_ref().map(|m| m.addr(pos, len) as usize)
-    }
-
     /// Where ublk may copy bytes `[pos, pos + len)` of the file straight
     /// into its pages, if the file is mapped writable.
     pub(crate) fn placeable(&self, pos: u64, len: usize) -> Option<*mut u8> {
@@ -460,21 +453,6 @@ mod tests {
                 Some(true),
                 "a hole copied to the request"
             );
-            // The kernel's gather stops at the hole, which is left to the
-            // ring.
-            let pieces = [
-                sys::Piece {
-                    from: r.mapped_at(0, 4096).unwrap(),
-                    at: 0,
-                    len: 4096,
-                },
-                sys::Piece {
-                    from: r.mapped_at(hole, 4096).unwrap(),
-                    at: 4096,
-                    len: 4096,
-                },
-            ];
-            assert!(sys::gather(&mut buf, &pieces) < 2, "a hole gathered");
         }
         // Pages that exist are read through the mapping all the same.
         let r = MemoryPath::new(&base, LEN, false).unwrap();
@@ -486,70 +464,6 @@ mod tests {
         // their read must not have marked it present.
         assert_eq!(r.read(8192, &mut buf), 0, "a hole read through the map");
         assert!(r.mapped(8192, 4096).is_none());
-    }
-
-    /// The kernel copies pieces of two mappings into one buffer, each at
-    /// its offset, in one call; a piece outside the buffer ends the copy
-    /// there, and the caller reads what was left.
-    #[test]
-    fn gathers_pieces_of_mappings_into_a_buffer() {
-        let shm = std::path::Path::new("/dev/shm");
-        let (f, data) = file_in(shm, "gather-a");
-        let (g, _) = file_in(shm, "gather-b");
-        let other: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
-        g.write_all_at(&other, 0).unwrap();
-        let a = MemoryPath::new(&f, data.len() as u64, false).unwrap();
-        let b = MemoryPath::new(&g, data.len() as u64, true).unwrap();
-        // Alternate runs of the two files, of uneven lengths, as a READ
-        // over base and overlay has them.
-        let mut want = vec![0u8; 40100];
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for (k, len) in [4096, 8192, 100, 4096, 12288, 512, 10816]
-            .into_iter()
-            .enumerate()
-        {
-            let (m, src) = if k % 2 == 0 {
-                (&a, &data)
-            } else {
-                (&b, &other)
-            };
-            let pos = 1000 + at / 2;
-            want[at..at + len].copy_from_slice(&src[pos..pos + len]);
-            let from = m.mapped_at(pos as u64, len).unwrap();
-            pieces.push(sys::Piece { from, at, len });
-            at += len;
-        }
-        assert_eq!(at, want.len());
-        let mut buf = vec![0u8; at];
-        assert_eq!(sys::gather(&mut buf, &pieces), pieces.len());
-        assert_eq!(buf, want);
-        // A piece past the end of the buffer is not copied, nor any after it.
-        let mut short = vec![0u8; at - 1];
-        assert_eq!(sys::gather(&mut short, &pieces), pieces.len() - 1);
-        assert_eq!(short[..at - 10816], want[..at - 10816]);
-        let mut moved = pieces.clone();
-        moved[2].at = usize::MAX;
-        assert_eq!(sys::gather(&mut buf, &moved), 2);
-        // More pieces than one call takes.
-        let many: Vec<sys::Piece> = (0..2500)
-            .map(|i| sys::Piece {
-                from: a.mapped_at(i * 16, 16).unwrap(),
-                at: i as usize * 16,
-                len: 16,
-            })
-            .collect();
-        let mut buf = vec![0u8; 2500 * 16];
-        assert_eq!(sys::gather(&mut buf, &many), many.len());
-        assert_eq!(buf, data[..buf.len()]);
-        // A file that is not mapped has no address to copy from.
-        if let Some(dir) = disk_dir() {
-            let (h, _) = file_in(&dir, "gather-c");
-            assert_eq!(
-                MemoryPath::new(&h, 4096, false).unwrap().mapped_at(0, 4096),
-                None
-            );
-        }
     }
 
     /// Reads what the pipe holds (the way io_uring's read takes it out).

@@ -113,9 +113,6 @@ impl ZeroBlocks {
 pub struct TagScratch {
     /// The plan of the tag's READ being served.
     runs: Vec<ReadRun>,
-    /// The mapped runs of that READ that the kernel copies into its buffer
-    /// together (`read::Transfer::Gather`), each with its run's index.
-    gather: Vec<(usize, crate::sys::Piece)>,
     /// The base bytes of a WRITE's fills (`write::RingWrite`).
     fill: Vec<u8>,
     /// The tag's pipe for small READs of mapped data with zero copy (see

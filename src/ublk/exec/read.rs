@@ -6,9 +6,9 @@ use super::{
     BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, layer_fd, read_op,
 };
 use crate::engine::Errno;
-use crate::engine::plan::{self, ReadRun, ReadSource};
+use crate::engine::plan::{self, ReadSource};
 use crate::stats::Stats;
-use crate::sys::{self, Piece, Pipe};
+use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
 use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
@@ -47,10 +47,6 @@ enum Transfer {
     /// Into the daemon's buffer: what memory holds now (`read_op`), the
     /// ring the rest.
     ToBuffer,
-    /// Into the daemon's buffer from the file's mapping, copied by the
-    /// kernel together with the READ's other mapped runs in one system
-    /// call (`sys::gather`); a run it could not copy is read `ToBuffer`.
-    Gather,
     /// The mapped pages through the tag's pipe into the registered pages.
     Splice,
     /// User copy from the mapping into the request.
@@ -82,7 +78,6 @@ fn choose(f: RunFacts) -> Transfer {
         (true, false) => Transfer::FillZeros,
         (true, true) => Transfer::ZerosFromDevice,
         (false, false) if f.may_map && f.single && f.mapped => Transfer::CommitMapping,
-        (false, false) if f.mapped => Transfer::Gather,
         (false, false) => Transfer::ToBuffer,
         (false, true) if f.user_copy && f.mapped && f.single => Transfer::Splice,
         (false, true) if f.user_copy && f.mapped => Transfer::UserCopy,
@@ -95,7 +90,7 @@ impl Transfer {
         match self {
             Transfer::Splice => Transfer::UserCopy,
             Transfer::UserCopy => Transfer::RingFixed,
-            Transfer::CommitMapping | Transfer::Gather => Transfer::ToBuffer,
+            Transfer::CommitMapping => Transfer::ToBuffer,
             other => unreachable!("{other:?} cannot fail before it starts"),
         }
     }
@@ -126,17 +121,35 @@ pub async fn read<R: Ring>(
     let mut pending = Vec::with_capacity(s.runs.len());
     let single = s.runs.len() == 1;
     let mut spliced = false;
-    s.gather.clear();
-    for (i, run) in s.runs.iter().enumerate() {
-        let (ops, bytes) = match run.source {
-            ReadSource::Zero => (&st.read_zero_ops, &st.read_zero_bytes),
-            ReadSource::Base => (&st.read_base_ops, &st.read_base_bytes),
-            ReadSource::Layer(_) => (&st.read_layer_ops, &st.read_layer_bytes),
-            ReadSource::Overlay => (&st.read_overlay_ops, &st.read_overlay_bytes),
+    for run in &s.runs {
+        let (ring_read, file, pos) = match run.source {
+            ReadSource::Zero => {
+                Stats::add(&st.read_zero_ops, 1);
+                Stats::add(&st.read_zero_bytes, run.len);
+                (RingRead::Cached(ZERO_FD), &sh.base_io, 0)
+            }
+            ReadSource::Base => {
+                Stats::add(&st.read_base_ops, 1);
+                Stats::add(&st.read_base_bytes, run.len);
+                let ring_read = match sh.direct_align() {
+                    Some(a) => RingRead::DirectBase(a, &st.read_base_direct_ops),
+                    None => RingRead::Cached(BASE_FD),
+                };
+                (ring_read, &sh.base_io, run.off)
+            }
+            ReadSource::Layer(k) => {
+                Stats::add(&st.read_layer_ops, 1);
+                Stats::add(&st.read_layer_bytes, run.len);
+                let pos = sh.layer_pos(k, run.off);
+                (RingRead::Cached(layer_fd(k)), &sh.layer_io[k], pos)
+            }
+            ReadSource::Overlay => {
+                Stats::add(&st.read_overlay_ops, 1);
+                Stats::add(&st.read_overlay_bytes, run.len);
+                let pos = dev.overlay().data_pos(run.off);
+                (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
+            }
         };
-        Stats::add(ops, 1);
-        Stats::add(bytes, run.len);
-        let (ring_read, file, pos) = source_of(sh, run);
         let len = run.len as usize;
         let user_copy = buf.user_copy(run.buf_off);
         let mut way = choose(RunFacts {
@@ -191,16 +204,6 @@ pub async fn read<R: Ring>(
                         pending.extend(read_op(q, ring_read, file, pos, dst));
                     }
                 }
-                Transfer::Gather => match file.mapped_at(pos, len) {
-                    Some(from) => {
-                        let at = run.buf_off;
-                        s.gather.push((i, Piece { from, at, len }));
-                    }
-                    None => {
-                        way = way.fallback();
-                        continue;
-                    }
-                },
                 Transfer::Splice => {
                     match pipe_read(q, &s.pipe, file, pos, index, run.buf_off, len as u32) {
                         Some(op) => {
@@ -228,17 +231,6 @@ pub async fn read<R: Ring>(
             break;
         }
     }
-    if let RequestBuf::Memory(b) = &mut buf
-        && !s.gather.is_empty()
-    {
-        let pieces: Vec<Piece> = s.gather.iter().map(|&(_, p)| p).collect();
-        let copied = sys::gather(b, &pieces);
-        for &(i, p) in &s.gather[copied..] {
-            let (ring_read, file, pos) = source_of(sh, &s.runs[i]);
-            let dst = &mut b[p.at..][..p.len];
-            pending.extend(read_op(q, ring_read, file, pos, dst));
-        }
-    }
     let r = finish_all(q, pending).await;
     if r.is_err()
         && spliced
@@ -248,29 +240,6 @@ pub async fn read<R: Ring>(
         p.drain();
     }
     r.map(|()| done(ReadData::Buffer))
-}
-
-/// Where run `run` of a READ is read from: how the ring reads it, the
-/// inline I/O of its file, and its position in that file.
-fn source_of<'a>(sh: &'a ServedDevice, run: &ReadRun) -> (RingRead<'a>, &'a MemoryPath, u64) {
-    match run.source {
-        ReadSource::Zero => (RingRead::Cached(ZERO_FD), &sh.base_io, 0),
-        ReadSource::Base => {
-            let ring_read = match sh.direct_align() {
-                Some(a) => RingRead::DirectBase(a, &sh.stats.read_base_direct_ops),
-                None => RingRead::Cached(BASE_FD),
-            };
-            (ring_read, &sh.base_io, run.off)
-        }
-        ReadSource::Layer(k) => {
-            let pos = sh.layer_pos(k, run.off);
-            (RingRead::Cached(layer_fd(k)), &sh.layer_io[k], pos)
-        }
-        ReadSource::Overlay => {
-            let pos = sh.dev.overlay().data_pos(run.off);
-            (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
-        }
-    }
 }
 
 /// With zero copy, a READ of one small run (`request_buf::USER_COPY_MAX`)
@@ -323,24 +292,17 @@ mod tests {
             single: false,
             ..facts()
         };
-        assert_eq!(choose(f), Transfer::Gather, "one of several mapped runs");
+        assert_eq!(choose(f), Transfer::ToBuffer);
         let f = RunFacts {
             may_map: false,
             ..facts()
         };
-        assert_eq!(choose(f), Transfer::Gather, "a READ to be copied in");
+        assert_eq!(choose(f), Transfer::ToBuffer, "a READ to be copied in");
         let f = RunFacts {
             mapped: false,
             ..facts()
         };
         assert_eq!(choose(f), Transfer::ToBuffer);
-        let f = RunFacts {
-            mapped: false,
-            single: false,
-            ..facts()
-        };
-        assert_eq!(choose(f), Transfer::ToBuffer, "a run the ring may read");
-        assert_eq!(Transfer::Gather.fallback(), Transfer::ToBuffer);
         let f = RunFacts {
             zero: true,
             ..facts()
