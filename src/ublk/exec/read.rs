@@ -61,7 +61,8 @@ struct RunFacts {
     zero: bool,
     /// The request's data is in its registered pages (zero copy).
     registered: bool,
-    /// User copy reaches the request (a small one, `USER_COPY_MAX`).
+    /// User copy reaches the request: a small one (`USER_COPY_MAX`), or
+    /// any with several runs.
     user_copy: bool,
     /// The run is the READ's only one.
     single: bool,
@@ -151,7 +152,10 @@ pub async fn read<R: Ring>(
             }
         };
         let len = run.len as usize;
-        let user_copy = buf.user_copy(run.buf_off);
+        let user_copy = match single {
+            true => buf.user_copy(run.buf_off),
+            false => buf.user_copy_any_size(run.buf_off),
+        };
         let mut way = choose(RunFacts {
             zero: run.source == ReadSource::Zero,
             registered: matches!(buf, RequestBuf::Registered { .. }),
