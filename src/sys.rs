@@ -94,6 +94,14 @@ pub(crate) struct SharedMap {
     present: Option<Box<[AtomicU64]>>,
 }
 
+/// The most bytes `SharedMap::copy_out` hands one `memcpy`. glibc's
+/// `memcpy` copies larger sizes with `rep movsb`, which QEMU's software
+/// emulation (where the benchmarks run) executes several times slower than
+/// the vector loop it uses below this size; on hardware, copying in pieces
+/// of this size costs about a tenth more than one `memcpy`
+/// (docs/benchmarks.md).
+const COPY_PIECE: usize = 8192;
+
 /// The bytes of a `SharedMap` that one bit of `present` stands for.
 const PRESENT_GRANULE: u64 = 64 << 10;
 
@@ -167,7 +175,10 @@ impl SharedMap {
         // (just now, or once before in a file that keeps them: `present`),
         // so the copy takes no fault that could fail; `dst` is a
         // distinct, writable buffer of the same length.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        for (i, to) in dst.chunks_mut(COPY_PIECE).enumerate() {
+            let from = src.wrapping_add(i * COPY_PIECE);
+            unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), to.len()) };
+        }
         Ok(())
     }
 
