@@ -706,7 +706,10 @@ fn io_uring_executor_matches_reference_model() {
 #[test]
 fn reads_spanning_many_runs_of_mapped_files() {
     let shm = Path::new("/dev/shm");
-    assert!(shm.is_dir(), "/dev/shm is missing: the tmpfs case cannot run");
+    assert!(
+        shm.is_dir(),
+        "/dev/shm is missing: the tmpfs case cannot run"
+    );
     let dir = shm.join(format!("ublk-cow-exec-reads-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

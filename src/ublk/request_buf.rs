@@ -8,9 +8,10 @@
 //! mapping; or, where the overlay has no page for it yet, into the tag's
 //! staging buffer, to be written from there), a READ through the tag's
 //! pipe (`exec::read::pipe_read`; user copy, `pwrite` from the mapping,
-//! when there is no pipe). A READ of several runs, whatever its size, has
-//! each run of mapped data copied by user copy from its mapping into the
-//! request at its offset (`RequestBuf::user_copy_any_size`).
+//! when there is no pipe). A READ of several runs all in mappings goes
+//! through the tag's pipe whatever its size (`exec::read::pipe_read_all`);
+//! user copy of each of its runs measured slower than the ring's reads
+//! (docs/benchmarks.md).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;
@@ -159,21 +160,6 @@ impl RequestBuf<'_> {
         }
     }
 
-    /// Where user copy reaches byte `at` of the request, whatever its size:
-    /// for the runs of mapped data of a READ that has several, each copied
-    /// straight from its mapping into the request at its offset (one copy
-    /// per byte, where the ring's reads would each go to a worker).
-    pub(crate) fn user_copy_any_size(&self, at: usize) -> Option<UserCopyAt> {
-        match self {
-            &RequestBuf::Registered {
-                index,
-                copy: Some(c),
-                ..
-            } => Some(c.at(index, at)),
-            _ => None,
-        }
-    }
-
     pub fn len(&self) -> usize {
         match self {
             RequestBuf::Memory(b) => b.len(),
@@ -245,22 +231,10 @@ mod tests {
         // Fewer bytes than asked for (past the end here) are an error.
         let err = copy.unwrap().at(3, 4000).read_into(&mut part).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
-        // A request larger than USER_COPY_MAX: user copy reaches it only
-        // for a READ's runs, when it has several (`user_copy_any_size`),
-        // at the position of each run's offset.
-        let big = tag.request(1 << 20);
-        assert!(big.user_copy(0).is_none());
-        let at = big.user_copy_any_size(8192).unwrap();
-        assert_eq!(at.pos, copy.unwrap().at(3, 8192).pos);
-        assert_eq!(at.pos - big.user_copy_any_size(0).unwrap().pos, 8192);
         // Without user copy there is no staging buffer.
-        let mut plain = TagBuf::registered(3, None);
-        assert!(plain.request(1 << 20).user_copy_any_size(0).is_none());
-        let TagBuf::Registered { staging, .. } = plain else {
+        let TagBuf::Registered { staging, .. } = TagBuf::registered(3, None) else {
             unreachable!()
         };
         assert!(staging.is_empty());
-        let mut mem = vec![0u8; 8192];
-        assert!(RequestBuf::Memory(&mut mem).user_copy_any_size(0).is_none());
     }
 }
