@@ -169,14 +169,15 @@ impl SharedMap {
     pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) -> io::Result<()> {
         self.populate_for_reads(off, dst.len())?;
         let src = self.addr(off, dst.len());
-        // SAFETY: the source range is inside the mapping (`addr` checks),
-        // which lives until drop and which the file backs in full (the file
-        // is never shortened while mapped); its pages were made present
-        // (just now, or once before in a file that keeps them: `present`),
-        // so the copy takes no fault that could fail; `dst` is a
-        // distinct, writable buffer of the same length.
         for (i, to) in dst.chunks_mut(COPY_PIECE).enumerate() {
             let from = src.wrapping_add(i * COPY_PIECE);
+            // SAFETY: the source piece is inside the mapping (`addr` checked
+            // the whole range), which lives until drop and which the file
+            // backs in full (the file is never shortened while mapped); its
+            // pages were made present (just now, or once before in a file
+            // that keeps them: `present`), so the copy takes no fault that
+            // could fail; `to` is a distinct, writable piece of `dst` of
+            // the same length.
             unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), to.len()) };
         }
         Ok(())
