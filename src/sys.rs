@@ -94,6 +94,14 @@ pub(crate) struct SharedMap {
     present: Option<Box<[AtomicU64]>>,
 }
 
+/// The most bytes `SharedMap::copy_out` hands one `memcpy`. glibc's
+/// `memcpy` copies larger sizes with `rep movsb`, which QEMU's software
+/// emulation (where the benchmarks run) executes several times slower than
+/// the vector loop it uses below this size; on hardware, copying in pieces
+/// of this size costs about a tenth more than one `memcpy`
+/// (docs/benchmarks.md).
+const COPY_PIECE: usize = 8192;
+
 /// The bytes of a `SharedMap` that one bit of `present` stands for.
 const PRESENT_GRANULE: u64 = 64 << 10;
 
@@ -161,13 +169,17 @@ impl SharedMap {
     pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) -> io::Result<()> {
         self.populate_for_reads(off, dst.len())?;
         let src = self.addr(off, dst.len());
-        // SAFETY: the source range is inside the mapping (`addr` checks),
-        // which lives until drop and which the file backs in full (the file
-        // is never shortened while mapped); its pages were made present
-        // (just now, or once before in a file that keeps them: `present`),
-        // so the copy takes no fault that could fail; `dst` is a
-        // distinct, writable buffer of the same length.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        for (i, to) in dst.chunks_mut(COPY_PIECE).enumerate() {
+            let from = src.wrapping_add(i * COPY_PIECE);
+            // SAFETY: the source piece is inside the mapping (`addr` checked
+            // the whole range), which lives until drop and which the file
+            // backs in full (the file is never shortened while mapped); its
+            // pages were made present (just now, or once before in a file
+            // that keeps them: `present`), so the copy takes no fault that
+            // could fail; `to` is a distinct, writable piece of `dst` of
+            // the same length.
+            unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), to.len()) };
+        }
         Ok(())
     }
 
@@ -352,6 +364,8 @@ impl SharedMap {
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// The bytes it can hold (`grow`).
+    capacity: usize,
 }
 
 impl Pipe {
@@ -363,7 +377,74 @@ impl Pipe {
         }
         // SAFETY: two fresh descriptors that nothing else owns.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Pipe { read, write })
+        let mut p = Pipe {
+            read,
+            write,
+            capacity: 0,
+        };
+        p.capacity = p.grow(0);
+        Ok(p)
+    }
+
+    /// Lets the pipe hold `bytes` if the system allows it (0: only asks);
+    /// returns how many bytes it holds, kept if it could not grow.
+    fn grow(&self, bytes: usize) -> usize {
+        let fd = self.write.as_raw_fd();
+        // SAFETY: fcntl on our own pipe; F_SETPIPE_SZ fails cleanly (EPERM
+        // above the unprivileged limit, EBUSY) and changes nothing then.
+        unsafe {
+            if bytes > 0 {
+                libc::fcntl(fd, libc::F_SETPIPE_SZ, bytes as libc::c_int);
+            }
+            libc::fcntl(fd, libc::F_GETPIPE_SZ).max(0) as usize
+        }
+    }
+
+    /// A pipe that holds `bytes` if the system allows it, else as much as
+    /// it can (`capacity`).
+    pub(crate) fn with_capacity(bytes: usize) -> io::Result<Pipe> {
+        let mut p = Pipe::new()?;
+        p.capacity = p.grow(bytes);
+        Ok(p)
+    }
+
+    /// The bytes the pipe can hold, in pages: a piece that does not start
+    /// or end on a page boundary takes a page for each it touches.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Puts `pieces` of this process's memory, `(address, length)` of
+    /// mappings in order, into the pipe by reference in one `vmsplice`, as
+    /// `SharedMap::splice_to` does one range: all of them or, as an error,
+    /// none (the pipe emptied again). A page the kernel cannot fault in (a
+    /// hole of a full tmpfs) fails it (EFAULT), never with a signal.
+    pub(crate) fn hold(&self, pieces: &[(usize, usize)]) -> io::Result<()> {
+        if pieces.len() > GATHER_MAX {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let iov: Vec<libc::iovec> = pieces
+            .iter()
+            .map(|&(at, len)| libc::iovec {
+                iov_base: at as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        let want: usize = pieces.iter().map(|p| p.1).sum();
+        // SAFETY: the kernel takes references to the pages the iovecs name
+        // and writes nothing to them; an address it cannot reach is an
+        // error return. The array lives across the call.
+        let n = unsafe { libc::vmsplice(self.write.as_raw_fd(), iov.as_ptr(), iov.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            self.drain();
+            return Err(e);
+        }
+        if n as usize != want {
+            self.drain();
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        Ok(())
     }
 
     /// The end the held bytes are read from.
@@ -434,6 +515,9 @@ fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<(
     }
     Ok(())
 }
+
+/// Most pieces one `Pipe::hold` takes (`IOV_MAX`).
+const GATHER_MAX: usize = 1024;
 
 /// `pread` on a descriptor the caller keeps open (ublk's char device, for
 /// user copy): the bytes read into `buf`.

@@ -697,3 +697,89 @@ fn io_uring_executor_matches_reference_model() {
         "the cases did not reach maps of several pages, failed syncs and chains"
     );
 }
+
+/// READs of many runs whose files are all in memory (base, a layer and the
+/// overlay in tmpfs, so mapped): half the blocks, at random, written
+/// first, then reads of 4 KiB to 1 MiB, aligned and not, each checked
+/// against the bytes written: every run copied from its file's mapping into
+/// the request's buffer at its offset.
+#[test]
+fn reads_spanning_many_runs_of_mapped_files() {
+    let shm = Path::new("/dev/shm");
+    assert!(
+        shm.is_dir(),
+        "/dev/shm is missing: the tmpfs case cannot run"
+    );
+    let dir = shm.join(format!("ublk-cow-exec-reads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let size = 4u64 << 20;
+    let bs = 4096u32;
+    let mut image = pattern(size as usize, 0xb5, 0);
+    let base_path = dir.join("base");
+    std::fs::write(&base_path, &image).unwrap();
+    let lower_path = make_layers(&dir, &base_path, bs, 1, 7, &mut image);
+    let lower = chain::open_lower(&lower_path).unwrap();
+    let id = lower.identity;
+    let overlay = File::create_new(dir.join("overlay")).unwrap();
+    let blocks = size / bs as u64;
+    let map = live_map(&dir.join("live.map"), blocks, true);
+    let dev = CowDevice::create(lower.backed, &id, overlay, bs, map).unwrap();
+    let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+    let zero = File::open("/dev/zero").unwrap();
+    let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
+    let zeros = ZeroBlocks::new(bs);
+    let mut scratch = TagScratch::default();
+    let mut x = 25u64;
+    let mut below = |max: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % max
+    };
+    for b in 0..blocks {
+        if below(2) == 0 {
+            let off = b * bs as u64;
+            let data = pattern(bs as usize, below(256) as u8, off);
+            let mut d = WriteData::bytes(&data);
+            ring.block_on(exec::write_request(
+                &ring,
+                &sh,
+                &zeros,
+                &mut scratch,
+                off,
+                &mut d,
+                false,
+            ))
+            .unwrap();
+            image[off as usize..][..data.len()].copy_from_slice(&data);
+        }
+    }
+    let mut reads = 0;
+    for len in [4096u64, 65536, 262144, 1 << 20, 100 * 1024 + 512] {
+        for _ in 0..8 {
+            let off = below((size - len) / 512) * 512;
+            let mut buf = vec![0u8; len as usize];
+            let done = ring.block_on(exec::read(
+                &ring,
+                &sh,
+                &mut scratch,
+                off,
+                RequestBuf::Memory(&mut buf),
+                false,
+            ));
+            assert!(
+                matches!(done.map(|d| d.data), Ok(ReadData::Buffer)),
+                "read {off}+{len}"
+            );
+            assert!(
+                buf == image[off as usize..][..len as usize],
+                "read {off}+{len} differs"
+            );
+            reads += 1;
+        }
+    }
+    assert_eq!(reads, 40);
+    drop((sh, ring));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

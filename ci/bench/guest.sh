@@ -15,7 +15,7 @@ need_ublk
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
 SYSTEMS=${SYSTEMS:-$SYSTEMS_ALL}
-WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first chunkwrite-4k-first randread-4k-written seqread-1m seqwrite-1m-first randrw-4k"}
+WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k-first chunkwrite-4k-first randread-4k-written seqread-1m seqread-64k-written seqread-256k-written seqread-1m-written seqwrite-1m-first randrw-4k"}
 OUT=${OUT:-/tmp/ublk-cow-bench-out}
 mkdir -p "$OUT"; : > "$OUT/runs.jsonl"
 
@@ -46,18 +46,30 @@ workload_args() {
         randread-4k-written) echo "--rw=randread --bs=4k --iodepth=32 --size=64M $TIMED" ;;
         chunkwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=32M" ;;
         seqread-1m) echo "--rw=read --bs=1m --iodepth=8 $TIMED" ;;
+        seqread-64k-written|seqread-256k-written|seqread-1m-written)
+            local bs=${1#seqread-}; bs=${bs%-written}
+            echo "--rw=read --bs=$bs --iodepth=8 --size=64M $TIMED" ;;
         seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
         randrw-4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 $TIMED" ;;
         *) echo "unknown workload $1" >&2; return 1 ;;
     esac
 }
 
-# Untimed preparation of a fresh device for a workload.
+# Untimed preparation of a fresh device for a workload. randread-4k-written
+# reads the first 64 MiB after every 4 KiB block of it was written once.
+# The seqread-*-written workloads read the same 64 MiB from its start, in
+# order, after half of its 4 KiB blocks, chosen at random, were written
+# (fio's random map writes each block once): about half of the blocks are
+# in the overlay, scattered among the base's, as on a disk in use, so
+# almost every request spans runs of both.
 prepare() {
     case $2 in
         randread-4k-written)
             fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
                 --bs=4k --iodepth=32 --size=64M >/dev/null ;;
+        seqread-*-written)
+            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
+                --bs=4k --iodepth=32 --size=64M --io_size=32M >/dev/null ;;
     esac
 }
 

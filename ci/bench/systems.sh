@@ -17,7 +17,8 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # layers hold 256 MiB of random 4 KiB writes in all: in one layer, or 32
 # MiB in each of 8 (`layers`, made once per boot); ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
 # commit's) for a before/after comparison in one boot, with a run
-# directory of its own (older builds made it with other modes).
+# directory of its own (older builds made it with other modes), and
+# ublk-cow-old2 a third build (UBLK_COW_OLD2_BIN), to compare two changes.
 
 # The benchmarks' tmpfs $B (also $TMPDIR, where ublk-cow keeps its
 # overlays) and in it the base: 512 MiB of random data, $BASE_FILE = $BASE.
@@ -136,6 +137,8 @@ sys_up() {
         ublk-cow) "$UC" add --base "$BASE" ;;
         ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old \
             "${UBLK_COW_OLD_BIN:?the path of the other build}" add --base "$BASE" ;;
+        ublk-cow-old2) UBLK_COW_RUN_DIR=/run/ublk-cow-old2 \
+            "${UBLK_COW_OLD2_BIN:?the path of a third build}" add --base "$BASE" ;;
         ublk-cow-layer1) "$UC" add --base "$(layers 1)" --overlay $B/top.cow ;;
         ublk-cow-layers8) "$UC" add --base "$(layers 8)" --overlay $B/top.cow ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
@@ -158,6 +161,7 @@ sys_down() {
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
         rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
         ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$2")" ;;
+        ublk-cow-old2) UBLK_COW_RUN_DIR=/run/ublk-cow-old2 "$UBLK_COW_OLD2_BIN" del -n "$(dev_id "$2")" ;;
         ublk-cow-layer*) "$UC" del -n "$(dev_id "$2")"; rm -f $B/top.cow ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac

@@ -298,6 +298,40 @@ mod tests {
         assert!(runs.iter().all(|r| r.buf_off as u64 == r.off));
     }
 
+    /// Adjacent blocks read from one file are one run whatever their
+    /// states: `Copied` beside `Allocated` (both the overlay's), a `Zero`
+    /// block beside one that reads as zeros below the overlay.
+    #[test]
+    fn read_merges_runs_of_one_file_across_states() {
+        use BlockState::*;
+        let (map, geo) = setup(&[
+            Copied,
+            Allocated,
+            Copied,
+            Copied,
+            Allocated,
+            Zero,
+            Unallocated,
+            Zero,
+            Unallocated,
+        ]);
+        let below = |b: u64| if b == 6 { Below::Zero } else { Below::Base };
+        let mut runs = Vec::new();
+        plan_read(&map, &geo, 100, 9 * 4096 - 200, below, &mut runs);
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| (r.source, r.off, r.len, r.buf_off))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ReadSource::Overlay, 100, 5 * 4096 - 100, 0),
+                (ReadSource::Zero, 5 * 4096, 3 * 4096, 5 * 4096 - 100),
+                (ReadSource::Base, 8 * 4096, 4096 - 100, 8 * 4096 - 100),
+            ]
+        );
+    }
+
     #[test]
     fn unaligned_write_fills_head_and_tail() {
         use BlockState::*;

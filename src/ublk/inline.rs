@@ -118,6 +118,14 @@ impl MemoryPath {
         Some(m.addr(pos, len))
     }
 
+    /// The address of bytes `[pos, pos + len)` of the file in its mapping,
+    /// if it is mapped, for the kernel to take its pages from
+    /// (`Pipe::hold`), which faults them in itself: nothing is made present
+    /// here.
+    pub(crate) fn mapped_at(&self, pos: u64, len: usize) -> Option<usize> {
+        self.map.as_ref().map(|m| m.addr(pos, len) as usize)
+    }
+
     /// Where ublk may copy bytes `[pos, pos + len)` of the file straight
     /// into its pages, if the file is mapped writable.
     pub(crate) fn placeable(&self, pos: u64, len: usize) -> Option<*mut u8> {
@@ -448,6 +456,8 @@ mod tests {
                 "a hole named for the commit"
             );
             assert!(!r.splice_to(hole, 4096, &p), "a hole held by the pipe");
+            let pieces = [(r.mapped_at(hole, 4096).unwrap(), 4096)];
+            assert!(p.hold(&pieces).is_err(), "a hole held by the pipe");
             assert_ne!(
                 r.copy_to_request(hole, 4096, to),
                 Some(true),
@@ -464,6 +474,50 @@ mod tests {
         // their read must not have marked it present.
         assert_eq!(r.read(8192, &mut buf), 0, "a hole read through the map");
         assert!(r.mapped(8192, 4096).is_none());
+    }
+
+    /// One pipe holds pieces of two mappings, in order, from one call, as
+    /// a READ of several runs over base and overlay has them: all of them,
+    /// or none when they do not fit.
+    #[test]
+    fn a_pipe_holds_pieces_of_mappings_in_order() {
+        let shm = std::path::Path::new("/dev/shm");
+        let (f, data) = file_in(shm, "hold-a");
+        let (g, _) = file_in(shm, "hold-b");
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+        g.write_all_at(&other, 0).unwrap();
+        let a = MemoryPath::new(&f, data.len() as u64, false).unwrap();
+        let b = MemoryPath::new(&g, data.len() as u64, true).unwrap();
+        let p = Pipe::with_capacity(1 << 20).unwrap();
+        assert!(p.capacity() >= 64 << 10, "capacity {}", p.capacity());
+        let mut want = Vec::new();
+        let mut pieces = Vec::new();
+        let mut pos = 512;
+        for (k, len) in [4096, 8192, 100, 4096, 12288, 512, 3000]
+            .into_iter()
+            .enumerate()
+        {
+            let (m, src) = if k % 2 == 0 {
+                (&a, &data)
+            } else {
+                (&b, &other)
+            };
+            want.extend_from_slice(&src[pos..pos + len]);
+            pieces.push((m.mapped_at(pos as u64, len).unwrap(), len));
+            pos += len + 1000;
+        }
+        p.hold(&pieces).unwrap();
+        assert_eq!(take(&p, want.len()), want);
+        // More than the pipe has room for: nothing of it is left there.
+        let whole = (a.mapped_at(0, data.len()).unwrap(), data.len());
+        let many = vec![whole; p.capacity() / data.len() + 1];
+        assert!(p.hold(&many).is_err());
+        let mut one = [0u8; 1];
+        // SAFETY: reads into our own buffer; the pipe does not block.
+        let n = unsafe { libc::read(p.read_end(), one.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, -1, "a refused hold leaves the pipe empty");
+        p.hold(&pieces[..2]).unwrap();
+        assert_eq!(take(&p, 4096 + 8192), want[..4096 + 8192]);
     }
 
     /// Reads what the pipe holds (the way io_uring's read takes it out).

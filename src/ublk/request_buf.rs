@@ -8,7 +8,10 @@
 //! mapping; or, where the overlay has no page for it yet, into the tag's
 //! staging buffer, to be written from there), a READ through the tag's
 //! pipe (`exec::read::pipe_read`; user copy, `pwrite` from the mapping,
-//! when there is no pipe).
+//! when there is no pipe). A READ of several runs all in mappings goes
+//! through the tag's pipe whatever its size (`exec::read::pipe_read_all`);
+//! user copy of each of its runs measured slower than the ring's reads
+//! (docs/benchmarks.md).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;

@@ -196,6 +196,18 @@ case_tmpfs_files() {
         --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=9 --name=tm)
     fio "${job[@]}" --do_verify=0 >tm-w.log 2>&1 || { cat tm-w.log; die "fio write"; }
     fio "${job[@]}" --verify_only --verify_fatal=1 >tm-v.log 2>&1 || { cat tm-v.log; die "verify"; }
+    # Large reads of an area where every other block is written span runs
+    # of base and overlay (each copied from its mapping into the buffer);
+    # 4 KiB reads are one run each.
+    fio --name=holes --filename="$dev" --direct=1 --ioengine=io_uring --rw=write:4k --bs=4k \
+        --offset=48M --size=4M >tm-h.log 2>&1 || { cat tm-h.log; die "fio every other block"; }
+    dd if="$dev" bs=4k skip=$((48 << 8)) count=1024 iflag=direct status=none > small
+    local bs
+    for bs in 1M 256K 64K; do
+        cmp <(dd if="$dev" bs=$bs skip=48M count=4M iflag=direct,skip_bytes,count_bytes status=none) \
+            small || die "$bs reads across base and overlay runs differ from 4K reads"
+    done
+    rm -f small tm-h.log
     dd if=/dev/urandom of="$dev" bs=512 count=3 seek=$(((100 << 11) + 3)) oflag=direct status=none
     cp "$BASE" expect.img
     dd if="$dev" of=part bs=512 count=3 skip=$(((100 << 11) + 3)) iflag=direct status=none
@@ -325,6 +337,23 @@ case_zero_copy() {
             || { cat zc-v.log; die "user copy verify"; }
         cmp <(dd if="$dev" bs=4k skip=16384 count=256 iflag=direct status=none) \
             <(dd if="$BASE" bs=4k skip=16384 count=256 status=none) || die "untouched 4K reads differ"
+        # Large reads of an area where every other block is written span
+        # runs of base and overlay: the tag's pipe holds them all, and one
+        # read takes them into the request. 4 KiB reads are one run each.
+        local bs n spliced0 spliced
+        fio --name=holes --filename="$dev" --direct=1 --ioengine=io_uring --rw=write:4k --bs=4k \
+            --offset=16M --size=4M >zc-h.log 2>&1 || { cat zc-h.log; die "fio every other block"; }
+        dd if="$dev" bs=4k skip=4096 count=1024 iflag=direct status=none > small
+        for bs in 1M 256K 64K; do
+            spliced0=$(stat_of "$id" reads_spliced)
+            n=$(((4 << 20) / $(numfmt --from=iec $bs)))
+            cmp <(dd if="$dev" bs=$bs skip=16M count=$n iflag=direct,skip_bytes status=none) small \
+                || die "$bs reads across base and overlay runs differ from 4K reads"
+            spliced=$(($(stat_of "$id" reads_spliced) - spliced0))
+            say "  $n reads of $bs, every other block written: as 4K reads, $spliced through the pipe whole"
+            [ "$spliced" -ge "$n" ] || die "not every $bs read of several runs went through the pipe"
+        done
+        rm -f small zc-h.log
         cmp <(dd if="$dev" bs=512 skip=$(((16384 << 3) + 1)) count=8 iflag=direct status=none) \
             <(dd if="$BASE" bs=512 skip=$(((16384 << 3) + 1)) count=8 status=none) \
             || die "an untouched 4K read across two pages differs"

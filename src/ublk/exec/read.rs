@@ -6,7 +6,7 @@ use super::{
     BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, layer_fd, read_op,
 };
 use crate::engine::Errno;
-use crate::engine::plan::{self, ReadSource};
+use crate::engine::plan::{self, ReadRun, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
@@ -121,35 +121,26 @@ pub async fn read<R: Ring>(
     let mut pending = Vec::with_capacity(s.runs.len());
     let single = s.runs.len() == 1;
     let mut spliced = false;
-    for run in &s.runs {
-        let (ring_read, file, pos) = match run.source {
-            ReadSource::Zero => {
-                Stats::add(&st.read_zero_ops, 1);
-                Stats::add(&st.read_zero_bytes, run.len);
-                (RingRead::Cached(ZERO_FD), &sh.base_io, 0)
-            }
-            ReadSource::Base => {
-                Stats::add(&st.read_base_ops, 1);
-                Stats::add(&st.read_base_bytes, run.len);
-                let ring_read = match sh.direct_align() {
-                    Some(a) => RingRead::DirectBase(a, &st.read_base_direct_ops),
-                    None => RingRead::Cached(BASE_FD),
-                };
-                (ring_read, &sh.base_io, run.off)
-            }
-            ReadSource::Layer(k) => {
-                Stats::add(&st.read_layer_ops, 1);
-                Stats::add(&st.read_layer_bytes, run.len);
-                let pos = sh.layer_pos(k, run.off);
-                (RingRead::Cached(layer_fd(k)), &sh.layer_io[k], pos)
-            }
-            ReadSource::Overlay => {
-                Stats::add(&st.read_overlay_ops, 1);
-                Stats::add(&st.read_overlay_bytes, run.len);
-                let pos = dev.overlay().data_pos(run.off);
-                (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
+    if let RequestBuf::Registered { index, .. } = buf
+        && !single
+        && let Some(op) = pipe_read_all(q, sh, &s.runs, &s.pipe, index, buf.len() as u32)
+    {
+        Stats::add(&st.reads_from_mapping, s.runs.len() as u64);
+        Stats::add(&st.reads_spliced, 1);
+        for run in &s.runs {
+            count(st, run);
+        }
+        return match finish_all(q, vec![op]).await {
+            Ok(()) => Ok(done(ReadData::Buffer)),
+            Err(e) => {
+                drain(&s.pipe);
+                Err(e)
             }
         };
+    }
+    for run in &s.runs {
+        count(st, run);
+        let (ring_read, file, pos) = source_of(sh, run);
         let len = run.len as usize;
         let user_copy = buf.user_copy(run.buf_off);
         let mut way = choose(RunFacts {
@@ -242,6 +233,106 @@ pub async fn read<R: Ring>(
     r.map(|()| done(ReadData::Buffer))
 }
 
+/// Counts run `run` of a READ in the device's statistics.
+fn count(st: &Stats, run: &ReadRun) {
+    let (ops, bytes) = match run.source {
+        ReadSource::Zero => (&st.read_zero_ops, &st.read_zero_bytes),
+        ReadSource::Base => (&st.read_base_ops, &st.read_base_bytes),
+        ReadSource::Layer(_) => (&st.read_layer_ops, &st.read_layer_bytes),
+        ReadSource::Overlay => (&st.read_overlay_ops, &st.read_overlay_bytes),
+    };
+    Stats::add(ops, 1);
+    Stats::add(bytes, run.len);
+}
+
+/// Where run `run` of a READ is read from: how the ring reads it, the
+/// inline I/O of its file, and its position in that file.
+fn source_of<'a>(sh: &'a ServedDevice, run: &ReadRun) -> (RingRead<'a>, &'a MemoryPath, u64) {
+    match run.source {
+        ReadSource::Zero => (RingRead::Cached(ZERO_FD), &sh.base_io, 0),
+        ReadSource::Base => {
+            let ring_read = match sh.direct_align() {
+                Some(a) => RingRead::DirectBase(a, &sh.stats.read_base_direct_ops),
+                None => RingRead::Cached(BASE_FD),
+            };
+            (ring_read, &sh.base_io, run.off)
+        }
+        ReadSource::Layer(k) => {
+            let pos = sh.layer_pos(k, run.off);
+            (RingRead::Cached(layer_fd(k)), &sh.layer_io[k], pos)
+        }
+        ReadSource::Overlay => {
+            let pos = sh.dev.overlay().data_pos(run.off);
+            (RingRead::Cached(OVERLAY_FD), &sh.overlay_io, pos)
+        }
+    }
+}
+
+/// The most bytes a tag's pipe is asked to hold: the largest request
+/// (`params`: 1 MiB) in pieces that may each start and end inside a page.
+const PIPE_BYTES: usize = 2 << 20;
+
+/// The tag's pipe, made (as large as `PIPE_BYTES`, if the system allows)
+/// on first use; `None` if it could not be.
+fn tag_pipe(pipe: &OnceCell<Option<Pipe>>) -> Option<&Pipe> {
+    pipe.get_or_init(|| Pipe::with_capacity(PIPE_BYTES).ok())
+        .as_ref()
+}
+
+/// Empties the tag's pipe after a failed read from it: what it left there
+/// would reach the next one.
+fn drain(pipe: &OnceCell<Option<Pipe>>) {
+    if let Some(Some(p)) = pipe.get() {
+        p.drain();
+    }
+}
+
+/// The pages a pipe takes to hold `pieces` (`(address, length)`).
+fn pages_held(pieces: &[(usize, usize)]) -> usize {
+    const PAGE: usize = 4096;
+    pieces
+        .iter()
+        .map(|&(at, len)| (at + len).div_ceil(PAGE) - at / PAGE)
+        .sum()
+}
+
+/// With zero copy, a READ of several runs that all lie in mappings (no
+/// zeros, every file in memory): the tag's pipe holds every run, in order,
+/// from one `vmsplice`, and one fixed-buffer read takes them all into the
+/// request, pushed and returned. One copy per byte, the kernel's `memcpy`
+/// from the pipe's pages, on this thread, where each run's own fixed-buffer
+/// read from its file would go to an io_uring worker. `None` when a run is
+/// not mapped or the pipe cannot hold them all; each run then takes its
+/// own way.
+fn pipe_read_all<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    runs: &[ReadRun],
+    pipe: &OnceCell<Option<Pipe>>,
+    index: u16,
+    len: u32,
+) -> Option<PendingOp<R>> {
+    let mut pieces = Vec::with_capacity(runs.len());
+    for run in runs {
+        if run.source == ReadSource::Zero {
+            return None;
+        }
+        let (_, file, pos) = source_of(sh, run);
+        pieces.push((file.mapped_at(pos, run.len as usize)?, run.len as usize));
+    }
+    let pipe = tag_pipe(pipe)?;
+    if pages_held(&pieces) * 4096 > pipe.capacity() || pipe.hold(&pieces).is_err() {
+        return None;
+    }
+    let op = Op::ReadFixedFromPipe {
+        fd: pipe.read_end(),
+        index,
+        at: 0,
+        len,
+    };
+    Some(PendingOp::push(q, op, len))
+}
+
 /// With zero copy, a READ of one small run (`request_buf::USER_COPY_MAX`)
 /// that lies in a mapping: the tag's pipe holds the run's pages
 /// (`vmsplice`), and a fixed-buffer read takes them into the request at
@@ -257,7 +348,7 @@ fn pipe_read<R: Ring>(
     at: usize,
     len: u32,
 ) -> Option<PendingOp<R>> {
-    let pipe = pipe.get_or_init(|| Pipe::new().ok()).as_ref()?;
+    let pipe = tag_pipe(pipe)?;
     if !reader.splice_to(pos, len as usize, pipe) {
         return None;
     }
@@ -309,6 +400,17 @@ mod tests {
         };
         assert_eq!(choose(f), Transfer::FillZeros);
         assert_eq!(Transfer::CommitMapping.fallback(), Transfer::ToBuffer);
+    }
+
+    #[test]
+    fn a_pipe_takes_a_page_for_each_page_a_piece_touches() {
+        assert_eq!(pages_held(&[]), 0);
+        assert_eq!(pages_held(&[(4096, 4096), (8192, 8192)]), 3);
+        assert_eq!(pages_held(&[(4096 + 512, 4096)]), 2);
+        assert_eq!(pages_held(&[(100, 10), (4000, 200)]), 3);
+        // The largest request, each of its runs starting inside a page.
+        let worst: Vec<_> = (0..256).map(|i| (i * 8192 + 512, 4096)).collect();
+        assert!(pages_held(&worst) * 4096 <= PIPE_BYTES);
     }
 
     #[test]
