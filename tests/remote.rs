@@ -218,6 +218,11 @@ fn http(port: u16, path: &str) -> RemoteUrl {
     RemoteUrl::parse(&format!("http://127.0.0.1:{port}/{path}")).unwrap()
 }
 
+/// `disk.img` of the range server on `port`, opened with `p`.
+fn open_http(port: u16, p: Params) -> Fetcher {
+    Fetcher::open(&http(port, "disk.img"), &AwsEnv::default(), p, BLOCK).unwrap()
+}
+
 #[test]
 fn http_units_a_replaced_file_and_bad_inputs() {
     let (dir, data) = Dir::new("units");
@@ -253,15 +258,7 @@ fn http_concurrent_fetches_of_one_unit_share_one_get() {
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
-    let f = Arc::new(
-        Fetcher::open(
-            &http(srv.port, "disk.img"),
-            &AwsEnv::default(),
-            params(),
-            BLOCK,
-        )
-        .unwrap(),
-    );
+    let f = Arc::new(open_http(srv.port, params()));
     let want = data[UNIT as usize..2 * UNIT as usize].to_vec();
     // Callbacks first: they return at once and wait together.
     let (tx, rx) = mpsc::channel();
@@ -310,7 +307,7 @@ fn http_outage_fails_within_the_timeout_then_the_same_fetch_works() {
         fetch_timeout: timeout,
         ..params()
     };
-    let f = Fetcher::open(&http(port, "disk.img"), &AwsEnv::default(), p, BLOCK).unwrap();
+    let f = open_http(port, p);
     f.fetch(0).unwrap();
     srv.stop();
 
@@ -346,7 +343,7 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
         prefetch_depth: 2,
         ..params()
     };
-    let f = Fetcher::open(&http(srv.port, "disk.img"), &AwsEnv::default(), p, BLOCK).unwrap();
+    let f = open_http(srv.port, p);
     let units = f.units();
     assert_eq!(units, SIZE.div_ceil(16 << 10));
     let (tx, rx) = mpsc::channel();
@@ -384,13 +381,7 @@ fn http_server_errors_are_retried_a_bounded_number_of_times() {
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
-    let f = Fetcher::open(
-        &http(srv.port, "disk.img"),
-        &AwsEnv::default(),
-        p.clone(),
-        BLOCK,
-    )
-    .unwrap();
+    let f = open_http(srv.port, p.clone());
     assert!(f.fetch(0).unwrap()[..] == data[..UNIT as usize]);
     let c = f.counters().snapshot();
     assert_eq!((c.gets, c.retries, c.failures), (3, 2, 0), "{c:?}");
@@ -402,13 +393,7 @@ fn http_server_errors_are_retried_a_bounded_number_of_times() {
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
-    let f = Fetcher::open(
-        &http(srv.port, "disk.img"),
-        &AwsEnv::default(),
-        p.clone(),
-        BLOCK,
-    )
-    .unwrap();
+    let f = open_http(srv.port, p.clone());
     let t = Instant::now();
     let e = f.fetch(1).unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(5));
@@ -424,7 +409,7 @@ fn http_server_errors_are_retried_a_bounded_number_of_times() {
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
-    let f = Fetcher::open(&http(srv.port, "disk.img"), &AwsEnv::default(), p, BLOCK).unwrap();
+    let f = open_http(srv.port, p);
     assert!(matches!(f.fetch(1), Err(Error::Denied { .. })));
     assert_eq!(f.counters().snapshot().gets, 1);
 }

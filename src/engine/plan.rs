@@ -236,6 +236,22 @@ mod tests {
 
     use crate::engine::map::test_map as setup;
 
+    /// The runs `plan_read` makes of `[off, off+len)`, as
+    /// `(source, off, len, buf_off)`.
+    fn planned(
+        map: &BlockMap,
+        geo: &Geometry,
+        off: u64,
+        len: u64,
+        below: impl Fn(u64) -> Below,
+    ) -> Vec<(ReadSource, u64, u64, usize)> {
+        let mut runs = Vec::new();
+        plan_read(map, geo, off, len, below, &mut runs);
+        runs.iter()
+            .map(|r| (r.source, r.off, r.len, r.buf_off))
+            .collect()
+    }
+
     #[test]
     fn read_merges_equal_blocks() {
         use BlockState::*;
@@ -247,12 +263,7 @@ mod tests {
             Zero,
             Unallocated,
         ]);
-        let mut runs = Vec::new();
-        plan_read(&map, &geo, 512, 6 * 4096 - 1024, raw_base, &mut runs);
-        let got: Vec<_> = runs
-            .iter()
-            .map(|r| (r.source, r.off, r.len, r.buf_off))
-            .collect();
+        let got = planned(&map, &geo, 512, 6 * 4096 - 1024, raw_base);
         assert_eq!(
             got,
             vec![
@@ -316,12 +327,7 @@ mod tests {
             Unallocated,
         ]);
         let below = |b: u64| if b == 6 { Below::Zero } else { Below::Base };
-        let mut runs = Vec::new();
-        plan_read(&map, &geo, 100, 9 * 4096 - 200, below, &mut runs);
-        let got: Vec<_> = runs
-            .iter()
-            .map(|r| (r.source, r.off, r.len, r.buf_off))
-            .collect();
+        let got = planned(&map, &geo, 100, 9 * 4096 - 200, below);
         assert_eq!(
             got,
             vec![
