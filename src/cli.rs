@@ -8,11 +8,12 @@
 //! a default is stated once, by clap where clap fills it in, else in the
 //! text. docs/usage.md says the same at more length.
 
-use crate::daemon::{self, AddRequest};
+use crate::daemon::{self, AddRequest, RemoteSettings};
 use crate::engine::base::BaseIo;
 use crate::engine::cache::{CacheMode, CachePolicy};
 use crate::engine::chain;
 use crate::engine::readahead::Readahead;
+use crate::remote::AwsEnv;
 use crate::size::parse_size;
 use crate::ublk::TargetConfig;
 use crate::ublk::params::ZeroCopy;
@@ -343,13 +344,22 @@ fn base_io_modes() -> OneOf<BaseIo> {
 #[derive(Args, Debug)]
 pub(crate) struct AddArgs {
     /// The base: an image (file or block device, its size a multiple of
-    /// 512), or a layer (a frozen overlay, see `snapshot`)
+    /// 512), a layer (a frozen overlay, see `snapshot`), or a URL of a raw
+    /// image (s3://BUCKET/KEY, https://HOST/PATH, http://HOST/PATH)
     ///
     /// It is opened read-only and the device never writes it (`commit`
     /// does, when asked, with no device over it). A layer is served with
     /// the chain below it: each block is read from the topmost file holding
-    /// it.
-    #[arg(short, long, value_name = "PATH")]
+    /// it. A URL is read lazily, in units of --fetch-size, with ranged GETs;
+    /// each unit fetched lands in the overlay, so no block is fetched twice.
+    /// For s3:// the standard AWS variables apply: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION (default
+    /// us-east-1), AWS_ENDPOINT_URL (another store than AWS) and
+    /// AWS_ALLOW_HTTP=true (an endpoint without TLS); the daemon keeps them.
+    /// The object's size and ETag (or Last-Modified) are its identity: an
+    /// overlay made for another version is refused, and if the object
+    /// changes while the device runs, reads of blocks not yet fetched fail.
+    #[arg(short, long, value_name = "PATH|URL")]
     pub(crate) base: PathBuf,
 
     /// Keep the overlay in this file [default: a temporary file]
@@ -479,6 +489,26 @@ pub(crate) struct AddArgs {
     /// do direct I/O is refused. A device keeps it across `recover`.
     #[arg(long, value_name = "MODE", default_value = "cached", value_parser = base_io_modes())]
     pub(crate) base_io: BaseIo,
+
+    /// Bytes per ranged GET of a remote base [default: 1M]
+    ///
+    /// A multiple of the block size, at most 64M. Each READ of blocks not
+    /// yet fetched fetches the units it touches whole and keeps them in the
+    /// overlay.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub(crate) fetch_size: Option<u64>,
+
+    /// Deadline of one fetch of a remote base, retries included [default: 30s]
+    ///
+    /// Seconds, or with a unit (500ms, 30s, 2m). Transient faults (5xx, a
+    /// refused or reset connection) are retried with backoff until then;
+    /// past it the READ fails with EIO, and the device stays up.
+    #[arg(long, value_name = "TIME", value_parser = fetch_timeout_arg)]
+    pub(crate) fetch_timeout: Option<std::time::Duration>,
+}
+
+fn fetch_timeout_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::remote::parse_fetch_timeout(s).map_err(|e| e.to_string())
 }
 
 fn base_io_arg(s: &str) -> Result<BaseIo, String> {
@@ -614,6 +644,15 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// What `add` was asked for, from its options.
 fn add_request(a: AddArgs) -> AddRequest {
+    let remote = RemoteSettings {
+        env: if is_url(&a.base) {
+            AwsEnv::from_process()
+        } else {
+            AwsEnv::default()
+        },
+        fetch_size: a.fetch_size.unwrap_or(0),
+        fetch_timeout_ms: a.fetch_timeout.map_or(0, |t| (t.as_millis() as u64).max(1)),
+    };
     AddRequest {
         base: a.base,
         overlay: a.overlay,
@@ -639,7 +678,13 @@ fn add_request(a: AddArgs) -> AddRequest {
             ..CachePolicy::default()
         },
         base_io: a.base_io,
+        remote,
     }
+}
+
+fn is_url(base: &Path) -> bool {
+    base.to_str()
+        .is_some_and(crate::remote::RemoteUrl::looks_like_url)
 }
 
 /// `ublk-cow serve CONFIG`: the configuration read as `add --foreground`

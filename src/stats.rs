@@ -82,6 +82,22 @@ counters!(
     blocks_unallocated,
     blocks_allocated,
     blocks_zero,
+    // A remote base: requests that waited for fetches, and those failed
+    // because a fetch failed (EIO).
+    remote_waits,
+    remote_failed_requests,
+    // The remote fetcher's own counters (`remote::Counters`), read when
+    // the snapshot is taken: GETs (each retry is one), bytes, retries,
+    // failed fetches, fetches and their latency in microseconds, most GETs
+    // in flight at once.
+    remote_gets,
+    remote_bytes,
+    remote_retries,
+    remote_fetch_failures,
+    remote_fetches,
+    remote_fetch_latency_us_sum,
+    remote_fetch_latency_us_max,
+    remote_gets_in_flight_max,
 );
 
 impl Stats {

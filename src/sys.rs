@@ -475,6 +475,37 @@ impl Drop for SharedMap {
     }
 }
 
+/// An eventfd: a counter that any thread adds to ([`EventFd::signal`]) and
+/// one reader reads (a queue's ring reads it, so its thread never blocks).
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes no pointers; a valid fd is owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds 1 to the counter, waking its reader.
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which outlives the call. It
+        // can only fail if the counter would overflow, which 1 at a time
+        // per fetch never makes it.
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// Whether `file` lives in memory (tmpfs): its "I/O" is memory copies.
 pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;

@@ -3,6 +3,7 @@
 //! HEAD, every unit's bytes, single flight, a replaced object, an outage
 //! and its end, prefetch's depth, and the refusals of bad inputs.
 
+mod common;
 #[path = "remote/servers.rs"]
 mod servers;
 
@@ -20,17 +21,8 @@ const UNIT: u64 = 64 << 10;
 /// Three whole units and a short one of 4608 bytes.
 const SIZE: u64 = 3 * UNIT + 4608;
 
-/// Bytes that differ at every offset and between seeds.
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::noise(len, seed)
 }
 
 fn params() -> Params {

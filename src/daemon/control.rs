@@ -13,7 +13,8 @@
 //!
 //! Cache commands run on the socket's own thread with the synchronous
 //! executor, in pieces, so that a whole-device request neither blocks a
-//! queue nor holds any block lock for long.
+//! queue nor holds any block lock for long; over a remote base, as
+//! `fetch_all` does them.
 
 use crate::daemon::state;
 use crate::engine::cache::CacheMode;
@@ -128,6 +129,17 @@ pub(crate) fn snapshot(sh: &ServedDevice) -> StatsSnapshot {
     s.blocks_unallocated = c.unallocated;
     s.blocks_allocated = c.allocated;
     s.blocks_zero = c.zero;
+    if let Some(f) = sh.dev.base().remote().and_then(|r| r.fetcher()) {
+        let r = f.counters().snapshot();
+        s.remote_gets = r.gets;
+        s.remote_bytes = r.bytes;
+        s.remote_retries = r.retries;
+        s.remote_fetch_failures = r.failures;
+        s.remote_fetches = r.fetches;
+        s.remote_fetch_latency_us_sum = r.latency_us_sum;
+        s.remote_fetch_latency_us_max = r.latency_us_max;
+        s.remote_gets_in_flight_max = r.in_flight_max;
+    }
     s
 }
 
@@ -155,6 +167,26 @@ fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
                 return send(&mut conn, &Reply::error(error));
             }
             sh.stats.cache_request(CacheSource::Command);
+            if let Some(remote) = sh.dev.base().remote() {
+                let total = Some(length);
+                let done = super::fetch_all::cache_range(sh, remote, offset, length, |at| {
+                    let progress = Reply {
+                        progress: Some(at),
+                        total,
+                        ..Reply::default()
+                    };
+                    // A client that went away stops the work.
+                    send(&mut conn, &progress)
+                });
+                let reply = match done {
+                    Ok(d) => Reply {
+                        done: Some(d),
+                        ..Reply::default()
+                    },
+                    Err(e) => Reply::error(crate::cli::error_line(&e)),
+                };
+                return send(&mut conn, &reply);
+            }
             let mut report = CacheDone::default();
             let mut at = offset;
             while at < offset + length {

@@ -11,6 +11,7 @@
 //! map into the overlay, as it does for a device whose daemon died.
 
 pub(crate) mod control;
+mod fetch_all;
 pub(crate) mod service;
 pub(crate) mod snapshot;
 pub(crate) mod state;
@@ -22,6 +23,7 @@ use crate::engine::device::{CowDevice, MapSource};
 use crate::engine::geometry::{DEFAULT_BLOCK_SIZE, Geometry, check_block_size};
 use crate::engine::map::{MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
+use crate::remote::{AwsEnv, Params as RemoteParams, RemoteBase, RemoteUrl};
 use crate::sys::{Forked, MappedFile};
 use crate::ublk::ServedDevice;
 use crate::ublk::params::{IoMode, ZeroCopy};
@@ -50,6 +52,54 @@ pub(crate) struct AddRequest {
     pub(crate) policy: CachePolicy,
     /// How base blocks that the page cache lacks are read.
     pub(crate) base_io: BaseIo,
+    /// For a base that is a URL: the AWS settings and the fetcher's
+    /// parameters.
+    pub(crate) remote: RemoteSettings,
+}
+
+/// What a remote base (`--base URL`) is opened with; kept in the state
+/// file so that `recover` opens it the same way.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RemoteSettings {
+    /// The `AWS_*` variables as `add` saw them.
+    pub(crate) env: AwsEnv,
+    /// `--fetch-size` in bytes; 0 for the default.
+    pub(crate) fetch_size: u64,
+    /// `--fetch-timeout` in milliseconds; 0 for the default.
+    pub(crate) fetch_timeout_ms: u64,
+}
+
+impl RemoteSettings {
+    /// The fetcher's parameters: the defaults, with what the user set.
+    pub(crate) fn params(&self) -> RemoteParams {
+        let mut p = RemoteParams::default();
+        if self.fetch_size != 0 {
+            p.fetch_size = self.fetch_size;
+        }
+        if self.fetch_timeout_ms != 0 {
+            p.fetch_timeout = Duration::from_millis(self.fetch_timeout_ms);
+        }
+        p
+    }
+}
+
+/// The URL `base` names, if it names one (`s3://`, `http://`, `https://`).
+pub(crate) fn base_url(base: &Path) -> Result<Option<RemoteUrl>> {
+    let Some(s) = base.to_str().filter(|s| RemoteUrl::looks_like_url(s)) else {
+        return Ok(None);
+    };
+    Ok(Some(RemoteUrl::parse(s)?))
+}
+
+/// Opens the remote base at `url`: one HEAD, with `req`'s settings. The
+/// fetcher's threads are stopped again until the daemon serves it.
+fn open_remote(req: &AddRequest, url: RemoteUrl) -> Result<Lower> {
+    if req.base_io == BaseIo::Direct {
+        bail!("--base-io direct: a remote base has no file to read directly");
+    }
+    let bs = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let base = RemoteBase::open(url, req.remote.env.clone(), req.remote.params(), bs)?;
+    Ok(Lower::remote(base)?)
 }
 
 /// Where the overlay comes from.
@@ -94,9 +144,20 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     if req.target.queues == 0 || req.target.depth == 0 || req.target.depth > 4096 {
         bail!("--queues must be at least 1 and --depth from 1 to 4096");
     }
-    req.base = absolute(&req.base)?;
-    // A new overlay records it (`Lower::backing`): its path must fit.
-    let base = open_lower(&req.base)?;
+    let url = base_url(&req.base)?;
+    let base = match url {
+        Some(url) => open_remote(&req, url)?,
+        None => {
+            if req.remote.fetch_size != 0 || req.remote.fetch_timeout_ms != 0 {
+                bail!(
+                    "--fetch-size and --fetch-timeout apply to a remote base (--base s3://, https://, http://) only"
+                );
+            }
+            req.base = absolute(&req.base)?;
+            // A new overlay records it (`Lower::backing`): its path must fit.
+            open_lower(&req.base)?
+        }
+    };
     let layers = base.backed.layers().len();
     if layers > crate::ublk::exec::MAX_RING_LAYERS {
         bail!(
@@ -135,8 +196,18 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
                         force: req.force,
                     };
                     refuse_if_used(&p, &f)?;
-                    let o = Overlay::open(f, check)
-                        .with_context(|| format!("overlay {}", p.display()))?;
+                    let o = Overlay::open(f, check).map_err(|e| match (&e, base.backed.remote()) {
+                        (crate::engine::Error::Mismatch(_), Some(r)) if base.size() == r.identity().size => {
+                            anyhow!(
+                                "overlay {} was made for another object or another version of it: \
+                                 {} is now {}; --force uses it anyway",
+                                p.display(),
+                                r.url(),
+                                r.identity()
+                            )
+                        }
+                        _ => anyhow::Error::from(e).context(format!("overlay {}", p.display())),
+                    })?;
                     if o.header().failed() {
                         eprintln!(
                             "ublk-cow: warning: overlay {}: a flush of its last device failed; \
@@ -283,6 +354,8 @@ fn lock_base(path: &Path, file: &File) -> Result<()> {
 /// raw base (`path`), or each layer of a chain and the raw base under it.
 fn lock_lower(path: &Path, below: &Backed) -> Result<()> {
     match below {
+        // Nothing local to lock: the object's version is pinned instead.
+        Backed::Remote(_) => Ok(()),
         Backed::Raw(f) => lock_base(path, f),
         Backed::Chain(_) => {
             for l in below.layers() {
@@ -372,8 +445,21 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
         force: st.forced,
         policy: st.policy,
         base_io: st.base_io,
+        remote: st.remote.clone(),
     };
-    let base = open_lower(&req.base)?;
+    let base = match base_url(&req.base)? {
+        Some(url) => open_remote(&req, url)?,
+        None => open_lower(&req.base)?,
+    };
+    if let (Some(r), Some(was)) = (base.backed.remote(), &st.remote_identity)
+        && r.identity() != was
+    {
+        bail!(
+            "{}: the object changed since the device was added (it was {was}, it is now {})",
+            r.url(),
+            r.identity()
+        );
+    }
     let direct = open_direct(&req, &base)?;
     if base.size() != st.size {
         bail!(
@@ -587,6 +673,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         failed: false,
         snapshot_to: None,
         foreground: req.foreground,
+        remote: req.remote.clone(),
+        remote_identity: shared_remote_identity(&dev),
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => Arc::new(sh),
@@ -654,6 +742,11 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     // A clean stop leaves nothing behind; a failed one keeps its log.
     let _ = std::fs::remove_file(state::log_path(id));
     Ok(())
+}
+
+/// The identity of `dev`'s base if it is remote, for the state file.
+fn shared_remote_identity(dev: &CowDevice<Backed, File>) -> Option<crate::remote::Identity> {
+    dev.base().remote().map(|r| r.identity().clone())
 }
 
 /// What stays of device `st` whose overlay could not be closed, and what
@@ -741,6 +834,10 @@ fn open_device(
         map: recover.is_none().then(|| state::map_path(id)),
     };
     let opened = (|| -> Result<CowDevice<Backed, File>> {
+        if let Some(r) = base.backed.remote() {
+            // In the daemon: the fetcher's threads start here, after the fork.
+            r.connect()?;
+        }
         let geo = Geometry::new(base.size(), block_size)?;
         let mem = map_memory(id, geo.blocks(), recover.is_none())?;
         let dev = if created {
@@ -886,7 +983,18 @@ pub(crate) fn del(id: u32) -> Result<()> {
 /// stop would have done. Holds the overlay's lock meanwhile. `Ok(false)`,
 /// writing nothing, if the overlay is marked failed (a flush failed).
 fn close_from_live_map(st: &DeviceState) -> Result<bool> {
-    let base = open_lower(&st.base)?;
+    // A remote base is not asked: its identity is in the state file, and
+    // closing reads no base data.
+    let base = match (base_url(&st.base)?, &st.remote_identity) {
+        (Some(url), Some(id)) => Lower::remote(RemoteBase::known(
+            url,
+            st.remote.env.clone(),
+            st.remote.params(),
+            st.block_size,
+            id.clone(),
+        )?)?,
+        _ => open_lower(&st.base)?,
+    };
     lock_lower(&st.base, &base.backed)?;
     let file = File::options()
         .read(true)

@@ -83,6 +83,12 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
             "device {id} is served in the foreground (add --foreground, or systemd's serve): snapshot -n replaces its daemon; stop it and use `snapshot FILE`"
         );
     }
+    if st.remote_identity.is_some() {
+        bail!(
+            "device {id} has a remote base ({}): a layer over a remote base is not served, so it cannot be snapshotted",
+            st.base.display()
+        );
+    }
     if st.forced {
         bail!(
             "device {id} was added with --force: its overlay does not match its base, and a layer must"

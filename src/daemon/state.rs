@@ -65,6 +65,15 @@ pub(crate) struct DeviceState {
     /// systemd): the process that serves it belongs to whoever started it.
     #[serde(default)]
     pub(crate) foreground: bool,
+    /// For a remote base (`base` is its URL): the settings it is opened
+    /// with, AWS credentials included (this file is the owner's only, mode
+    /// 0600, in a directory of mode 0700).
+    #[serde(default)]
+    pub(crate) remote: super::RemoteSettings,
+    /// The object's size and version when the device was added: `recover`
+    /// refuses another.
+    #[serde(default)]
+    pub(crate) remote_identity: Option<crate::remote::Identity>,
 }
 
 pub(crate) fn run_dir() -> PathBuf {

@@ -64,6 +64,27 @@ impl BaseIdentity {
         })
     }
 
+    /// The identity of a remote object (`--base URL`): its size, and a
+    /// fingerprint of its URL and version (ETag, else Last-Modified), so
+    /// that an overlay is never laid over another object or a replaced one.
+    /// No mtime: the version stands for it.
+    pub fn remote(url: &str, id: &crate::remote::Identity) -> BaseIdentity {
+        let mut h = Fnv::default();
+        h.write(b"remote\0");
+        h.write(url.as_bytes());
+        h.write(b"\0");
+        h.write(id.etag.as_deref().unwrap_or("").as_bytes());
+        h.write(b"\0");
+        h.write(id.last_modified.as_deref().unwrap_or("").as_bytes());
+        h.write(&id.size.to_le_bytes());
+        BaseIdentity {
+            size: id.size,
+            mtime_ns: 0,
+            fingerprint: h.finish(),
+            legacy_fingerprint: None,
+        }
+    }
+
     /// Whether an overlay that recorded `fingerprint` was made for a base
     /// with these contents.
     pub(crate) fn fingerprint_matches(&self, fingerprint: u64) -> bool {

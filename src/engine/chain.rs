@@ -45,6 +45,7 @@ use crate::engine::map::{BlockMap, BlockState, MapMemory};
 use crate::engine::overlay::{Backing, BackingKind, Header, OpenCheck, Overlay};
 use crate::engine::storage::Storage;
 use crate::engine::{Error, IoContext};
+use crate::remote::RemoteBase;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -317,6 +318,13 @@ impl Chain {
                 (BackingKind::File | BackingKind::BlockDevice, Some(b)) => {
                     raw = Some((b.clone(), h.backing.kind));
                 }
+                (BackingKind::Remote, Some(url)) => {
+                    return Err(Error::invalid(format!(
+                        "{}: its base is remote ({}): a layer over a remote base is not served",
+                        name(&p, depth),
+                        url.display()
+                    )));
+                }
                 _ => {}
             }
             layers.push(layer);
@@ -523,10 +531,12 @@ impl Storage for Chain {
     read_only_writes!();
 }
 
-/// What is below an overlay: a raw base, or a chain of layers.
+/// What is below an overlay: a raw base, a chain of layers, or a raw
+/// image in an object store (`add --base URL`).
 pub enum Backed {
     Raw(File),
     Chain(Box<Chain>),
+    Remote(Box<RemoteBase>),
 }
 
 /// Where a block below a device's overlay is read from.
@@ -547,7 +557,7 @@ impl Backed {
     #[inline]
     pub(crate) fn below(&self, block: u64) -> Below {
         match self {
-            Backed::Raw(_) => Below::Base,
+            Backed::Raw(_) | Backed::Remote(_) => Below::Base,
             Backed::Chain(c) => {
                 let h = c.lookup(block);
                 if h.depth == c.layers.len() {
@@ -562,11 +572,22 @@ impl Backed {
     }
 
     /// The raw base at the bottom; `None` for a chain whose deepest layer
-    /// records no backing (format version 1), which no device serves.
+    /// records no backing (format version 1), which no device serves. For
+    /// a remote base, a file that refuses every read
+    /// (`RemoteBase::refuser`): its data comes only through the fetcher.
     pub(crate) fn raw(&self) -> Option<&File> {
         match self {
             Backed::Raw(f) => Some(f),
             Backed::Chain(c) => c.base.as_ref().map(|b| &b.base.file),
+            Backed::Remote(r) => Some(r.refuser()),
+        }
+    }
+
+    /// The remote base, if the base is one.
+    pub fn remote(&self) -> Option<&RemoteBase> {
+        match self {
+            Backed::Remote(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -574,7 +595,7 @@ impl Backed {
     /// caller named).
     pub(crate) fn raw_path(&self) -> Option<&Path> {
         match self {
-            Backed::Raw(_) => None,
+            Backed::Raw(_) | Backed::Remote(_) => None,
             Backed::Chain(c) => c.base.as_ref().map(|b| b.path.as_path()),
         }
     }
@@ -583,7 +604,7 @@ impl Backed {
     /// none for a raw backing.
     pub(crate) fn layers(&self) -> &[Layer] {
         match self {
-            Backed::Raw(_) => &[],
+            Backed::Raw(_) | Backed::Remote(_) => &[],
             Backed::Chain(c) => &c.layers,
         }
     }
@@ -594,33 +615,36 @@ impl Storage for Backed {
         match self {
             Backed::Raw(f) => Storage::read_at(f, buf, off),
             Backed::Chain(c) => c.read_at(buf, off),
+            Backed::Remote(r) => r.read_at(buf, off),
         }
     }
     fn len(&self) -> io::Result<u64> {
         match self {
             Backed::Raw(f) => Storage::len(f),
             Backed::Chain(c) => c.len(),
+            Backed::Remote(r) => Ok(r.identity().size),
         }
     }
     read_only_writes!();
-    /// A chain's blocks lie in several files: hints go to a raw base only.
+    /// A chain's blocks lie in several files, a remote base has no page
+    /// cache: hints go to a raw base only.
     fn will_need(&self, off: u64, len: u64) -> io::Result<()> {
         match self {
             Backed::Raw(f) => f.will_need(off, len),
-            Backed::Chain(_) => Ok(()),
+            Backed::Chain(_) | Backed::Remote(_) => Ok(()),
         }
     }
     fn dont_need(&self, off: u64, len: u64) -> io::Result<()> {
         match self {
             Backed::Raw(f) => f.dont_need(off, len),
-            Backed::Chain(_) => Ok(()),
+            Backed::Chain(_) | Backed::Remote(_) => Ok(()),
         }
     }
     /// Only a raw base copies inside the kernel; a chain is read through.
     fn as_file(&self) -> Option<&File> {
         match self {
             Backed::Raw(f) => Some(f),
-            Backed::Chain(_) => None,
+            Backed::Chain(_) | Backed::Remote(_) => None,
         }
     }
 }
@@ -639,6 +663,20 @@ pub struct Lower {
 }
 
 impl Lower {
+    /// A remote base (`add --base URL`), opened: recorded by its URL,
+    /// identified by its size and version.
+    pub fn remote(base: RemoteBase) -> Result<Lower, Error> {
+        let url = base.url().to_string();
+        let identity = BaseIdentity::remote(&url, base.identity());
+        Ok(Lower {
+            backing: Backing::remote(&url)?,
+            backed: Backed::Remote(Box::new(base)),
+            identity,
+            block_size: None,
+            is_block_device: false,
+        })
+    }
+
     /// The virtual size.
     pub fn size(&self) -> u64 {
         self.identity.size

@@ -96,6 +96,9 @@ pub enum BackingKind {
     BlockDevice = 2,
     /// Another overlay: a layer, frozen.
     Overlay = 3,
+    /// A raw image in an object store or on an HTTP server: the path is
+    /// its URL (`s3://BUCKET/KEY`, `https://HOST/PATH`).
+    Remote = 4,
 }
 
 impl BackingKind {
@@ -105,6 +108,7 @@ impl BackingKind {
             1 => Some(BackingKind::File),
             2 => Some(BackingKind::BlockDevice),
             3 => Some(BackingKind::Overlay),
+            4 => Some(BackingKind::Remote),
             _ => None,
         }
     }
@@ -116,6 +120,7 @@ impl BackingKind {
             BackingKind::File => "file",
             BackingKind::BlockDevice => "block-device",
             BackingKind::Overlay => "overlay",
+            BackingKind::Remote => "remote",
         }
     }
 }
@@ -124,7 +129,8 @@ impl BackingKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backing {
     pub kind: BackingKind,
-    /// Absolute; `None` exactly when the kind is `Unrecorded`.
+    /// Absolute (a URL for `Remote`); `None` exactly when the kind is
+    /// `Unrecorded`.
     pub path: Option<PathBuf>,
 }
 
@@ -154,6 +160,21 @@ impl Backing {
         Ok(Backing {
             kind,
             path: Some(path),
+        })
+    }
+
+    /// A remote base at `url`, recorded as given.
+    pub fn remote(url: &str) -> Result<Backing, Error> {
+        if url.len() > MAX_BACKING_PATH {
+            return Err(Error::invalid(format!(
+                "the base's URL is too long to record ({} bytes, an overlay holds at most \
+                 {MAX_BACKING_PATH})",
+                url.len()
+            )));
+        }
+        Ok(Backing {
+            kind: BackingKind::Remote,
+            path: Some(PathBuf::from(url)),
         })
     }
 }

@@ -202,6 +202,14 @@ impl Fetcher {
         }
     }
 
+    /// Stops the fetcher and waits (at most a few seconds) until its
+    /// threads have ended: after it the process may fork.
+    pub fn close(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+
     fn handle(&self) -> &tokio::runtime::Handle {
         self.runtime.as_ref().expect("runtime").handle()
     }

@@ -7,9 +7,11 @@
 //! ([`params`]), opening the object and pinning its identity ([`object`]),
 //! the errors a user sees ([`error`]), the fetches themselves — single
 //! flight, retries, deadline, prefetch ([`fetcher`]) — and their counters
-//! ([`counters`]). It knows nothing of ublk, the overlay or the block map:
-//! whoever calls it decides where a fetched unit goes.
+//! ([`counters`]); and the base a device keeps of it ([`base`]). It knows
+//! nothing of ublk, the overlay or the block map: whoever calls it decides
+//! where a fetched unit goes.
 
+pub mod base;
 pub mod counters;
 pub mod error;
 pub mod fetcher;
@@ -17,6 +19,7 @@ pub mod object;
 pub mod params;
 pub mod url;
 
+pub use base::RemoteBase;
 pub use counters::{Counters, CountersSnapshot};
 pub use error::Error;
 pub use fetcher::Fetcher;

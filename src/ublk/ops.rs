@@ -88,6 +88,12 @@ pub enum Op<'a> {
     },
     /// Completes (with -ETIME) once this time has passed.
     Timeout(&'a types::Timespec),
+    /// Reads eventfd `fd`'s counter (8 bytes, into `to`): completes once
+    /// another thread has signalled it.
+    ReadEvent {
+        fd: RawFd,
+        to: *mut u64,
+    },
 }
 
 impl Op<'_> {
@@ -123,6 +129,9 @@ impl Op<'_> {
                     .build()
             }
             Op::Timeout(ts) => opcode::Timeout::new(ts).build(),
+            Op::ReadEvent { fd, to } => opcode::Read::new(types::Fd(fd), to.cast(), 8)
+                .offset(u64::MAX)
+                .build(),
         }
     }
 }

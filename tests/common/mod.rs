@@ -209,12 +209,23 @@ pub fn cases(default: u32) -> u32 {
 pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub fn bit(&mut self) -> bool {
+    pub fn next(&mut self) -> u64 {
         let x = &mut self.0;
         *x |= 1;
         *x ^= *x << 13;
         *x ^= *x >> 7;
         *x ^= *x << 17;
-        *x & 1 == 1
+        *x
     }
+
+    pub fn bit(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+}
+
+/// `len` bytes that differ at every offset and between seeds, with no
+/// short period: data read from the wrong place never passes for right.
+pub fn noise(len: u64, seed: u64) -> Vec<u8> {
+    let mut x = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (0..len).map(|_| x.next() as u8).collect()
 }

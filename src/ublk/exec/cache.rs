@@ -30,6 +30,14 @@ pub async fn cache_range<R: Ring>(
     let Ok(blocks) = cache_blocks(&geo, off, len) else {
         return -libc::EINVAL;
     };
+    if dev.base().remote().is_some() {
+        // A remote base has no page cache: whatever the mode, its blocks
+        // are fetched into the overlay.
+        return match super::fetch_below(q, sh, off, len).await {
+            Ok(_) => 0,
+            Err(e) => e.negative(),
+        };
+    }
     let mut steps = Vec::new();
     plan_cache(dev.map(), &geo, blocks, mode, &mut steps);
     let st = &sh.stats;
@@ -98,6 +106,10 @@ pub async fn cache_range<R: Ring>(
 /// does, reading it from the base first: with zero copy a READ's data never
 /// passes through the daemon's memory.
 pub async fn install_from_base<R: Ring>(q: &R, sh: &ServedDevice, off: u64, len: u64) -> i32 {
+    if sh.dev.base().remote().is_some() {
+        // A READ fetched its units into the overlay already.
+        return 0;
+    }
     match read_base(q, sh, off, len).await {
         Ok(data) => install(q, sh, off, &data).await,
         Err(e) => e.negative(),

@@ -26,11 +26,13 @@
 mod cache;
 mod flush;
 mod read;
+mod remote;
 mod write;
 
 pub use cache::{cache_range, install, install_from_base};
 pub use flush::flush;
 pub use read::{ReadData, ReadDone, read};
+pub use remote::{fetch_below, fetch_edges};
 pub use write::{write, write_request, write_zeroes};
 
 use crate::engine::Errno;

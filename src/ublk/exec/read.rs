@@ -111,9 +111,11 @@ pub async fn read<R: Ring>(
     let st = &sh.stats;
     let below = |b| dev.base().below(b);
     let len = buf.len() as u64;
+    // A remote base's blocks are fetched into the overlay first.
+    let fetched = super::fetch_below(q, sh, off, len).await?;
     plan::plan_read(dev.map(), dev.geometry(), off, len, below, &mut s.runs);
     let bs = dev.geometry().block_size() as u64;
-    let read_base_block = s.runs.iter().any(|r| r.source.is_below() && r.len >= bs);
+    let read_base_block = fetched > 0 || s.runs.iter().any(|r| r.source.is_below() && r.len >= bs);
     let done = |data| ReadDone {
         data,
         read_base_block,

@@ -212,6 +212,8 @@ pub async fn write<R: Ring>(
     let len = data.size() as u64;
     Stats::add(&sh.stats.write_ops, 1);
     Stats::add(&sh.stats.write_bytes, len);
+    // A remote base's part of the blocks written in part is fetched first.
+    super::fetch_edges(q, sh, off, len).await?;
     let mut io = RingWrite {
         q,
         sh,
@@ -286,6 +288,7 @@ pub async fn write_zeroes<R: Ring>(
     len: u64,
 ) -> Result<(), Errno> {
     Stats::add(&sh.stats.zero_ops, 1);
+    super::fetch_edges(q, sh, off, len).await?;
     let mut io = RingZero { q, sh, zb, s };
     steps::write_zeroes(&sh.dev, &mut io, off, len).await
 }

@@ -1,0 +1,76 @@
+//! `cache` of a device over a remote base: every unit of the range that
+//! holds a block still on the base is fetched, at most the fetcher's
+//! prefetch depth of GETs in flight, and installed in the overlay as
+//! `Copied` blocks as it arrives (only into blocks still `Unallocated`, so
+//! writes that came meanwhile win). Whatever the cache mode: a remote base
+//! has no page cache to warm.
+
+use crate::engine::device::{CacheDone, CopyJob};
+use crate::engine::map::BlockState;
+use crate::remote::RemoteBase;
+use crate::stats::Stats;
+use crate::ublk::ServedDevice;
+use anyhow::{Result, anyhow};
+use std::sync::{Arc, mpsc};
+
+/// Fetches and installs the units of `[offset, offset + length)`;
+/// `progress` gets the bytes of the range done so far after each unit.
+pub(crate) fn cache_range(
+    sh: &ServedDevice,
+    remote: &RemoteBase,
+    offset: u64,
+    length: u64,
+    mut progress: impl FnMut(u64) -> Result<()>,
+) -> Result<CacheDone> {
+    let fetcher = remote
+        .fetcher()
+        .ok_or_else(|| anyhow!("the remote base is not connected"))?;
+    let geo = *sh.dev.geometry();
+    let map = sh.dev.map();
+    let end = offset + length;
+    let all: Vec<u64> = remote.units_of(offset, length).collect();
+    let needed: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|&u| {
+            let r = fetcher.unit_range(u);
+            let (from, to) = (r.start.max(offset), r.end.min(end));
+            (geo.block_of(from)..=geo.block_of(to - 1))
+                .any(|b| map.get(b) == BlockState::Unallocated)
+        })
+        .collect();
+    // Units with nothing to fetch count as done at once.
+    let span = |u: u64| {
+        let r = fetcher.unit_range(u);
+        r.end.min(end) - r.start.max(offset)
+    };
+    let mut done_bytes: u64 = all
+        .iter()
+        .filter(|u| !needed.contains(u))
+        .map(|&u| span(u))
+        .sum();
+    let (tx, rx) = mpsc::channel();
+    fetcher.prefetch(
+        needed.clone(),
+        Arc::new(move |u, outcome| {
+            let _ = tx.send((u, outcome));
+        }),
+    );
+    let mut report = CacheDone::default();
+    for _ in 0..needed.len() {
+        let (u, outcome) = rx.recv().map_err(|_| anyhow!("the fetcher stopped"))?;
+        let bytes = outcome?;
+        let r = fetcher.unit_range(u);
+        let job = CopyJob {
+            first: geo.block_of(r.start),
+            data: bytes.to_vec(),
+        };
+        let blocks = sh.dev.copy_install(job)?;
+        let copied = (blocks * geo.block_size() as u64).min(r.end - r.start);
+        report.copied += copied;
+        Stats::add(&sh.stats.copied_to_overlay_bytes, copied);
+        done_bytes += span(u);
+        progress(done_bytes)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,152 @@
+//! Requests over a remote base (`add --base URL`): before a request is
+//! planned, the units of the base it needs are fetched and installed in the
+//! overlay as `Copied` blocks, so that its plan finds them there and never
+//! reads the base itself (whose ring file refuses reads: see
+//! `RemoteBase::refuser`).
+//!
+//! A queue's thread never blocks on a fetch. Each wait has its own
+//! [`Arrivals`]: the fetcher's callback (on one of the fetcher's threads)
+//! leaves the unit's outcome there and signals its eventfd, which the
+//! waiting task reads on its ring; the other tags go on meanwhile.
+//! Concurrent requests of one unit share its GET (the fetcher's single
+//! flight), and a unit is installed only into blocks still `Unallocated`,
+//! so a write that came meanwhile wins.
+
+use super::cache::install;
+use crate::engine::Errno;
+use crate::engine::map::BlockState;
+use crate::remote::fetcher::Outcome;
+use crate::stats::Stats;
+use crate::sys::EventFd;
+use crate::ublk::ServedDevice;
+use crate::ublk::ops::{Op, Ring};
+use std::sync::{Arc, Mutex};
+
+/// Where the outcomes of one wait's fetches arrive.
+struct Arrivals {
+    event: EventFd,
+    /// Units whose fetch ended, not yet taken by the waiting task: filled
+    /// by the fetcher's callbacks, emptied by the task.
+    done: Mutex<Vec<(u64, Outcome)>>,
+}
+
+impl Arrivals {
+    fn arrive(&self, unit: u64, outcome: Outcome) {
+        self.done.lock().unwrap().push((unit, outcome));
+        self.event.signal();
+    }
+
+    fn take(&self) -> Vec<(u64, Outcome)> {
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
+}
+
+/// Brings into the overlay every unit of a remote base that holds a block
+/// of `[off, off + len)` still on the base. Returns the units fetched: 0
+/// when none was needed, or the base is not remote. A failed fetch fails
+/// the request with EIO (after every fetch it started has ended); the
+/// units that did arrive are kept.
+pub async fn fetch_below<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    off: u64,
+    len: u64,
+) -> Result<u64, Errno> {
+    let Some(remote) = sh.dev.base().remote() else {
+        return Ok(0);
+    };
+    let Some(fetcher) = remote.fetcher() else {
+        return Err(Errno::EIO);
+    };
+    let geo = sh.dev.geometry();
+    let map = sh.dev.map();
+    let end = (off + len).min(geo.size());
+    if off >= end {
+        return Ok(0);
+    }
+    let units: Vec<u64> = remote
+        .units_of(off, end - off)
+        .filter(|&u| {
+            let r = fetcher.unit_range(u);
+            let (from, to) = (r.start.max(off), r.end.min(end));
+            (geo.block_of(from)..=geo.block_of(to - 1))
+                .any(|b| map.get(b) == BlockState::Unallocated)
+        })
+        .collect();
+    if units.is_empty() {
+        return Ok(0);
+    }
+    let arrivals = Arc::new(Arrivals {
+        event: EventFd::new().map_err(|e| Errno::of(&e))?,
+        done: Mutex::new(Vec::new()),
+    });
+    for &u in &units {
+        let a = arrivals.clone();
+        fetcher.start(u, move |outcome| a.arrive(u, outcome));
+    }
+    Stats::add(&sh.stats.remote_waits, 1);
+    let mut left = units.len();
+    let mut result = Ok(units.len() as u64);
+    let mut counter = Box::new(0u64);
+    while left > 0 {
+        let arrived = arrivals.take();
+        if arrived.is_empty() {
+            let wait = Op::ReadEvent {
+                fd: arrivals.event.raw(),
+                to: &mut *counter,
+            };
+            // `counter` stays in place until the read completes: awaited here.
+            let r = q.push(wait).await;
+            if r < 0 && r != -libc::EINTR && r != -libc::EAGAIN {
+                // The ring cannot wait for the fetches: their callbacks
+                // still come (into `arrivals`, kept alive by them).
+                return Err(Errno::from_negative(r));
+            }
+            continue;
+        }
+        for (unit, outcome) in arrived {
+            left -= 1;
+            match outcome {
+                Ok(bytes) => {
+                    let at = fetcher.unit_range(unit).start;
+                    let r = install(q, sh, at, &bytes).await;
+                    if r < 0 {
+                        log::warn!("installing fetched bytes at {at}: errno {}", -r);
+                        result = Err(Errno::from_negative(r));
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    Stats::add(&sh.stats.remote_failed_requests, 1);
+                    result = Err(Errno::EIO);
+                }
+            }
+        }
+    }
+    result
+}
+
+/// [`fetch_below`] for the blocks a WRITE or a WRITE_ZEROES of `[off, off +
+/// len)` covers only in part: the rest of each comes from below.
+pub async fn fetch_edges<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    off: u64,
+    len: u64,
+) -> Result<(), Errno> {
+    if sh.dev.base().remote().is_none() || len == 0 {
+        return Ok(());
+    }
+    let geo = sh.dev.geometry();
+    let bs = geo.block_size() as u64;
+    let end = off + len;
+    let head = geo.block_start(geo.block_of(off));
+    if off != head {
+        fetch_below(q, sh, head, bs).await?;
+    }
+    let tail = geo.block_start(geo.block_of(end - 1));
+    if !end.is_multiple_of(bs) && end < geo.size() && (tail != head || off == head) {
+        fetch_below(q, sh, tail, bs).await?;
+    }
+    Ok(())
+}
