@@ -82,6 +82,28 @@ fn extra_sections() -> Roff {
     r.text([roman(
         "Where a temporary overlay (add without --overlay) is made; /tmp if unset.",
     )]);
+    for (var, text) in [
+        (
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN",
+            "The credentials of an s3:// base (add --base s3://BUCKET/KEY). add \
+             reads every AWS_* variable once; the daemon keeps them in its state \
+             file (mode 0600), so that recover opens the base the same way.",
+        ),
+        ("AWS_REGION", "The region of an s3:// base; us-east-1 if unset."),
+        (
+            "AWS_ENDPOINT_URL",
+            "Another S3-compatible store than AWS (Ceph RGW, MinIO), as a URL; \
+             requests then name the bucket in the path.",
+        ),
+        (
+            "AWS_ALLOW_HTTP",
+            "true lets AWS_ENDPOINT_URL be a plain http:// endpoint, without TLS.",
+        ),
+    ] {
+        r.control("TP", []);
+        r.text([bold(var)]);
+        r.text([roman(text)]);
+    }
     r.control("SH", ["FILES"]);
     for (file, text) in [
         (

@@ -68,7 +68,15 @@ fn man_pages_are_clean_and_complete() {
     }
     assert!(add.contains("[default: 128]"), "{add}");
     let top = String::from_utf8(std::fs::read(d.join("ublk-cow.1")).unwrap()).unwrap();
-    for section in ["EXIT STATUS", "ENVIRONMENT", "RUST_LOG", "N.log", "FILES"] {
+    for section in [
+        "EXIT STATUS",
+        "ENVIRONMENT",
+        "RUST_LOG",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "N.log",
+        "FILES",
+    ] {
         assert!(top.contains(section), "ublk-cow.1 lacks {section}");
     }
     std::fs::remove_dir_all(&d).unwrap();

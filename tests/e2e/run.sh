@@ -20,7 +20,7 @@ base_unchanged() {
 }
 
 CASES=()
-for f in basic.sh cache.sh crash.sh powercut.sh security.sh chain.sh layers.sh service.sh; do
+for f in basic.sh cache.sh crash.sh powercut.sh security.sh chain.sh layers.sh service.sh remote.sh; do
     source "$(dirname "${BASH_SOURCE[0]}")/$f"
 done
 for c in "${CASES[@]}"; do

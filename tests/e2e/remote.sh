@@ -1,0 +1,174 @@
+# A remote base (`add --base s3://...`, `http://...`): moto_server (S3) and
+# tests/remote/range_server.py (HTTP with Range) on 127.0.0.1 in the guest,
+# started once for all cases (`remote_up`). Sourced by run.sh.
+
+RDIR=$ROOT/tests/remote
+REMOTE_ENV=$WORK/remote.env
+# The Python that has moto (ci/setup.sh installs it with pip; under pyenv
+# its shims may not be on the guest's PATH).
+for d in "$HOME/.pyenv/shims" /root/.pyenv/shims; do
+    [ -d "$d" ] && ! command -v moto_server >/dev/null && PATH=$d:$PATH
+done
+
+# Starts the servers unless they run, with an S3 object `disk.img` (the
+# suite's base) and `ext4.img`, and the same files over HTTP; sources
+# the AWS_* settings and ports into this shell.
+remote_up() {
+    if [ ! -f "$REMOTE_ENV" ]; then
+        local mport=18081 hport=18082
+        # Left from a case that stopped moto: started again below.
+        if [ -f "$WORK/http.pid" ]; then kill "$(cat "$WORK/http.pid")" 2>/dev/null || true; fi
+        wait_gone "$(cat "$WORK/http.pid" 2>/dev/null || echo 0)" 
+        mkdir -p "$WORK/http"
+        INITIAL_NO_AUTH_ACTION_COUNT=3 setsid moto_server -H 127.0.0.1 -p $mport \
+            >"$WORK/moto.log" 2>&1 &
+        echo $! > "$WORK/moto.pid"
+        local i
+        for i in $(seq 1 600); do
+            (exec 3<>/dev/tcp/127.0.0.1/$mport) 2>/dev/null && break
+            sleep 0.1
+        done
+        local creds; creds=$(python3 "$RDIR/moto_setup.py" "http://127.0.0.1:$mport" images)
+        cat > "$REMOTE_ENV" <<ENV
+export AWS_ACCESS_KEY_ID=${creds% *} AWS_SECRET_ACCESS_KEY=${creds#* }
+export AWS_REGION=us-east-1 AWS_ENDPOINT_URL=http://127.0.0.1:$mport AWS_ALLOW_HTTP=true
+MOTO_PORT=$mport HTTP_PORT=$hport
+ENV
+        # shellcheck disable=SC1090
+        source "$REMOTE_ENV"
+        python3 "$RDIR/s3put.py" images disk.img "$BASE"
+        # An ext4 image with a few files, and their sums.
+        rm -rf "$WORK/ext4-files"; mkdir -p "$WORK/ext4-files"
+        head -c $((3 << 20)) /dev/urandom > "$WORK/ext4-files/big"
+        seq 1 20000 > "$WORK/ext4-files/numbers"
+        truncate -s 64M "$WORK/ext4.img"
+        mkfs.ext4 -q -d "$WORK/ext4-files" "$WORK/ext4.img"
+        python3 "$RDIR/s3put.py" images ext4.img "$WORK/ext4.img"
+        cp "$BASE" "$WORK/http/disk.img"
+        http_up
+    fi
+    # shellcheck disable=SC1090
+    source "$REMOTE_ENV"
+}
+
+# (Re)starts the HTTP range server over $WORK/http.
+http_up() {
+    # shellcheck disable=SC1090
+    [ -n "${HTTP_PORT:-}" ] || source "$REMOTE_ENV"
+    setsid python3 "$RDIR/range_server.py" "$WORK/http" "$HTTP_PORT" \
+        >"$WORK/http.out" 2>&1 &
+    echo $! > "$WORK/http.pid"
+    local i
+    for i in $(seq 1 300); do
+        grep -q ready "$WORK/http.out" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "the range server did not start"
+}
+
+http_down() { kill "$(cat "$WORK/http.pid")"; wait_gone "$(cat "$WORK/http.pid")"; }
+wait_gone() { while [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
+
+case_remote_s3() {
+    remote_up
+    local url=s3://images/disk.img
+    local dev; dev=$(add --base $url --overlay "$WORK/remote.ov")
+    local id; id=$(dev_id "$dev")
+    "$UC" list | grep -q "$url" || die "list does not name the URL"
+    [ "$(sha "$dev")" = "$BASE_SHA" ] || die "the device reads other data than the object"
+    local gets; gets=$(stat_of "$id" remote_gets)
+    say "  whole device read: $gets GETs, $(stat_of "$id" remote_bytes) bytes"
+    [ "$gets" -ge $((BASE_MB)) ] || die "only $gets GETs for $BASE_MB units"
+    # Read again: every unit is in the overlay now.
+    [ "$(sha "$dev")" = "$BASE_SHA" ] || die "a second read differs"
+    [ "$(stat_of "$id" remote_gets)" = "$gets" ] || die "a second read fetched again"
+    # A write lands in the overlay; after del and add the fetched part
+    # and the write are still there, with no GET.
+    dd if=/dev/urandom of="$WORK/w.bin" bs=1k count=6 status=none
+    dd if="$WORK/w.bin" of="$dev" bs=1k seek=4097 oflag=direct conv=notrunc status=none
+    local want; want=$(sha "$dev")
+    "$UC" del -n "$id"
+    dev=$(add --base $url --overlay "$WORK/remote.ov"); id=$(dev_id "$dev")
+    [ "$(sha "$dev")" = "$want" ] || die "after del and add the device reads other data"
+    [ "$(stat_of "$id" remote_gets)" = 0 ] || die "the kept overlay was fetched again"
+    "$UC" del -n "$id"
+
+    # The object replaced: add with that overlay is refused, one line.
+    head -c $((BASE_MB << 20)) /dev/urandom > "$WORK/other.img"
+    python3 "$RDIR/s3put.py" images disk.img "$WORK/other.img"
+    local ov_sha; ov_sha=$(sha "$WORK/remote.ov")
+    expect_fail "an overlay made for another version" add --base $url --overlay "$WORK/remote.ov"
+    [ "$(sha "$WORK/remote.ov")" = "$ov_sha" ] || die "a refused add changed the overlay"
+    python3 "$RDIR/s3put.py" images disk.img "$BASE"
+    rm -f "$WORK/remote.ov" "$WORK/other.img"
+}
+
+case_remote_ext4_and_cache() {
+    remote_up
+    local dev; dev=$(add --base s3://images/ext4.img)
+    local id; id=$(dev_id "$dev")
+    mkdir -p "$WORK/mnt"
+    mount -o ro,noload "$dev" "$WORK/mnt"
+    cmp "$WORK/mnt/big" "$WORK/ext4-files/big" || die "a file of the ext4 image differs"
+    cmp "$WORK/mnt/numbers" "$WORK/ext4-files/numbers" || die "numbers differs"
+    umount "$WORK/mnt"
+    # The whole image into the overlay, then the server gone: every read
+    # still works.
+    "$UC" cache -n "$id" > "$WORK/cache.out" 2>&1 || { cat "$WORK/cache.out"; die "cache failed"; }
+    say "  $(tail -n1 "$WORK/cache.out")"
+    kill "$(cat "$WORK/moto.pid")"; wait_gone "$(cat "$WORK/moto.pid")"
+    rm -f "$REMOTE_ENV"
+    [ "$(sha "$dev")" = "$(sha "$WORK/ext4.img")" ] || die "after cache, with the server gone, the device differs"
+    mount -o ro,noload "$dev" "$WORK/mnt"
+    cmp "$WORK/mnt/big" "$WORK/ext4-files/big" || die "after cache a file differs"
+    umount "$WORK/mnt"
+    "$UC" del -n "$id"
+}
+
+case_remote_http_outage() {
+    remote_up
+    local url=http://127.0.0.1:$HTTP_PORT/disk.img
+    local dev; dev=$(add --base "$url" --fetch-timeout 3s)
+    local id; id=$(dev_id "$dev")
+    dd if="$dev" of=/dev/null bs=1M count=2 iflag=direct status=none
+    http_down
+    # Fetched: served. Not fetched: EIO within the timeout, and the daemon
+    # lives.
+    dd if="$dev" of=/dev/null bs=1M count=2 iflag=direct status=none ||
+        die "a fetched range failed with the server down"
+    local t0=$SECONDS
+    if dd if="$dev" of=/dev/null bs=4k count=1 skip=$((100 << 8)) iflag=direct status=none 2>"$WORK/dd.err"; then
+        die "a read of an unfetched block succeeded with the server down"
+    fi
+    grep -q "Input/output error" "$WORK/dd.err" || die "not EIO: $(cat "$WORK/dd.err")"
+    local took=$((SECONDS - t0))
+    say "  unfetched read failed after ${took}s: $(cat "$WORK/dd.err")"
+    [ "$took" -le 20 ] || die "EIO took ${took}s with a 3s timeout"
+    "$UC" list | grep -q running || die "the daemon is gone"
+    http_up
+    local want; want=$(dd if="$BASE" bs=4k count=1 skip=$((100 << 8)) status=none | sha256sum)
+    [ "$(dd if="$dev" bs=4k count=1 skip=$((100 << 8)) iflag=direct status=none | sha256sum)" = "$want" ] ||
+        die "after the server came back the same read differs"
+    "$UC" del -n "$id"
+}
+
+case_remote_bad_input() {
+    remote_up
+    local n; n=$(ublk_devices)
+    expect_fail "a malformed URL" add --base "s3://"
+    expect_fail "an unknown bucket" add --base s3://nobucket/disk.img
+    expect_fail "an unknown key" add --base s3://images/nokey.img
+    AWS_SECRET_ACCESS_KEY=wrong expect_fail "wrong credentials" add --base s3://images/disk.img
+    AWS_ENDPOINT_URL=http://127.0.0.1:1 expect_fail "an unreachable endpoint" add --base s3://images/disk.img
+    head -c 1000 /dev/urandom > "$WORK/http/odd.img"
+    expect_fail "a size not a multiple of 512" add --base "http://127.0.0.1:$HTTP_PORT/odd.img"
+    expect_fail "--fetch-size on a local base" add --base "$BASE" --fetch-size 1M
+    [ "$(ublk_devices)" = "$n" ] || die "a refused add left a device"
+}
+
+CASES+=(
+    "remote base over S3: whole device, overlay kept, replaced object|case_remote_s3"
+    "remote base: ext4 mounted, cache, server gone|case_remote_ext4_and_cache"
+    "remote base over HTTP: outage fails with EIO, then works|case_remote_http_outage"
+    "remote base: bad input refused in one line|case_remote_bad_input"
+)
