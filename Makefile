@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -122,6 +122,12 @@ bench-alloc:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/alloc-guest.sh bash ci/bench/run.sh
+
+# A remote base (moto_server, S3) against curl of the same object.
+bench-remote:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	BENCH_SCRIPT=ci/bench/remote-guest.sh bash ci/bench/run.sh
 
 # commit of an overlay against cp --sparse=always of the same data.
 bench-commit:

@@ -89,7 +89,10 @@ fn extra_sections() -> Roff {
              reads every AWS_* variable once; the daemon keeps them in its state \
              file (mode 0600), so that recover opens the base the same way.",
         ),
-        ("AWS_REGION", "The region of an s3:// base; us-east-1 if unset."),
+        (
+            "AWS_REGION",
+            "The region of an s3:// base; us-east-1 if unset.",
+        ),
         (
             "AWS_ENDPOINT_URL",
             "Another S3-compatible store than AWS (Ceph RGW, MinIO), as a URL; \

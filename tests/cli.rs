@@ -728,3 +728,34 @@ fn a_bad_serve_configuration_is_refused() {
         "No such file",
     );
 }
+
+#[test]
+fn a_remote_base_with_bad_settings_is_refused_before_any_request() {
+    let sc = Scratch::new("remote-settings");
+    sc.refused(&["add", "--base", "s3://"], REFUSED, "bucket is empty");
+    sc.refused(&["add", "--base", "s3://bucket"], REFUSED, "no object key");
+    sc.refused(
+        &["add", "--base", "ftp://host/disk.img"],
+        REFUSED,
+        "not a base URL",
+    );
+    let base = sc.base();
+    sc.refused(
+        &["add", "--base", s(&base), "--fetch-size", "1M"],
+        REFUSED,
+        "apply to a remote base",
+    );
+    // Checked before the server is asked: nothing listens on port 1.
+    let url = "http://127.0.0.1:1/disk.img";
+    sc.refused(
+        &["add", "--base", url, "--fetch-size", "6K"],
+        REFUSED,
+        "multiple of the block size",
+    );
+    sc.refused(
+        &["add", "--base", url, "--fetch-timeout", "0"],
+        USAGE,
+        "must be more than 0",
+    );
+    sc.refused(&["add", "--base", url], REFUSED, "cannot reach the server");
+}

@@ -2,14 +2,7 @@
 # tests/remote/range_server.py (HTTP with Range) on 127.0.0.1 in the guest,
 # started once for all cases (`remote_up`). Sourced by run.sh.
 
-RDIR=$ROOT/tests/remote
-REMOTE_ENV=$WORK/remote.env
-# The Python that has moto (ci/setup.sh installs it with pip; under pyenv
-# its shims may not be on the guest's PATH).
-for d in "$HOME/.pyenv/shims" /root/.pyenv/shims; do
-    [ -d "$d" ] && ! command -v moto_server >/dev/null && PATH=$d:$PATH
-done
-
+source "$(dirname "${BASH_SOURCE[0]}")/remote-servers.sh"
 # Python (moto, boto3) is slow under emulation: the objects are small.
 RIMG=$WORK/remote.img
 RIMG_MB=16
@@ -24,23 +17,11 @@ remote_up() {
         if [ -f "$WORK/http.pid" ]; then kill "$(cat "$WORK/http.pid")" 2>/dev/null || true; fi
         wait_gone "$(cat "$WORK/http.pid" 2>/dev/null || echo 0)" 
         mkdir -p "$WORK/http"
-        INITIAL_NO_AUTH_ACTION_COUNT=3 setsid moto_server -H 127.0.0.1 -p $mport \
-            >"$WORK/moto.log" 2>&1 &
-        echo $! > "$WORK/moto.pid"
-        local i
-        for i in $(seq 1 600); do
-            (exec 3<>/dev/tcp/127.0.0.1/$mport) 2>/dev/null && break
-            sleep 0.1
-        done
-        say "  moto_server listens ($SECONDS s)"
-        local creds; creds=$(python3 "$RDIR/moto_setup.py" "http://127.0.0.1:$mport" images)
-        cat > "$REMOTE_ENV" <<ENV
-export AWS_ACCESS_KEY_ID=${creds% *} AWS_SECRET_ACCESS_KEY=${creds#* }
-export AWS_REGION=us-east-1 AWS_ENDPOINT_URL=http://127.0.0.1:$mport AWS_ALLOW_HTTP=true
-MOTO_PORT=$mport HTTP_PORT=$hport
-ENV
+        moto_up $mport images "$REMOTE_ENV"
+        echo "HTTP_PORT=$hport" >> "$REMOTE_ENV"
         # shellcheck disable=SC1090
         source "$REMOTE_ENV"
+        say "  moto_server ready ($SECONDS s)"
         head -c $((RIMG_MB << 20)) /dev/urandom > "$RIMG"
         python3 "$RDIR/s3put.py" images disk.img "$RIMG"
         # An ext4 image with a few files.
@@ -57,24 +38,6 @@ ENV
     # shellcheck disable=SC1090
     source "$REMOTE_ENV"
 }
-
-# (Re)starts the HTTP range server over $WORK/http.
-http_up() {
-    # shellcheck disable=SC1090
-    [ -n "${HTTP_PORT:-}" ] || source "$REMOTE_ENV"
-    setsid python3 "$RDIR/range_server.py" "$WORK/http" "$HTTP_PORT" \
-        >"$WORK/http.out" 2>&1 &
-    echo $! > "$WORK/http.pid"
-    local i
-    for i in $(seq 1 300); do
-        grep -q ready "$WORK/http.out" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "the range server did not start"
-}
-
-http_down() { kill "$(cat "$WORK/http.pid")"; wait_gone "$(cat "$WORK/http.pid")"; }
-wait_gone() { while [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
 
 case_remote_s3() {
     remote_up
