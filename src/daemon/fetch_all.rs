@@ -29,16 +29,9 @@ pub(crate) fn cache_range(
     let map = sh.dev.map();
     let end = offset + length;
     let all: Vec<u64> = remote.units_of(offset, length).collect();
-    let needed: Vec<u64> = all
-        .iter()
-        .copied()
-        .filter(|&u| {
-            let r = fetcher.unit_range(u);
-            let (from, to) = (r.start.max(offset), r.end.min(end));
-            (geo.block_of(from)..=geo.block_of(to - 1))
-                .any(|b| map.get(b) == BlockState::Unallocated)
-        })
-        .collect();
+    let needed = remote.units_needed(offset, length, geo.block_size(), |b| {
+        map.get(b) == BlockState::Unallocated
+    });
     // Units with nothing to fetch count as done at once.
     let span = |u: u64| {
         let r = fetcher.unit_range(u);

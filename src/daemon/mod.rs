@@ -862,9 +862,20 @@ fn open_device(
             };
             CowDevice::open(base.backed, overlay_file, check, source)?
         };
-        if req.preallocate
-            && let Err(e) = preallocate(&dev)
-        {
+        // An existing overlay may have another block size than `add`
+        // checked a remote base's fetch size against.
+        let fits = match dev.base().remote() {
+            Some(r) => r
+                .params()
+                .check(dev.geometry().block_size())
+                .map_err(anyhow::Error::from),
+            None => Ok(()),
+        };
+        let ready = fits.and_then(|()| match req.preallocate {
+            true => preallocate(&dev),
+            false => Ok(()),
+        });
+        if let Err(e) = ready {
             // Opening marked the overlay in use; nothing was served, so an
             // overlay that was clean is clean again.
             if !created && dev.was_clean() {

@@ -125,6 +125,30 @@ impl RemoteBase {
         off / unit..(off + len).div_ceil(unit)
     }
 
+    /// The units holding a byte of `[off, off + len)` (cut at the object's
+    /// end) that lies in a block still to be fetched: `unfetched(b)` for
+    /// block `b` of the device's `block_size` bytes.
+    pub fn units_needed(
+        &self,
+        off: u64,
+        len: u64,
+        block_size: u32,
+        unfetched: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        let end = (off + len).min(self.identity.size);
+        if off >= end {
+            return Vec::new();
+        }
+        let (unit, bs) = (self.params.fetch_size, block_size as u64);
+        self.units_of(off, end - off)
+            .filter(|&u| {
+                let from = (u * unit).max(off);
+                let to = ((u + 1) * unit).min(end);
+                (from / bs..=(to - 1) / bs).any(&unfetched)
+            })
+            .collect()
+    }
+
     /// Reads `buf` at `off`, fetching every unit it touches (blocking: not
     /// for a queue's thread). Bytes past the end read as zeros.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

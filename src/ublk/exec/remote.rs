@@ -58,21 +58,10 @@ pub async fn fetch_below<R: Ring>(
     let Some(fetcher) = remote.fetcher() else {
         return Err(Errno::EIO);
     };
-    let geo = sh.dev.geometry();
     let map = sh.dev.map();
-    let end = (off + len).min(geo.size());
-    if off >= end {
-        return Ok(0);
-    }
-    let units: Vec<u64> = remote
-        .units_of(off, end - off)
-        .filter(|&u| {
-            let r = fetcher.unit_range(u);
-            let (from, to) = (r.start.max(off), r.end.min(end));
-            (geo.block_of(from)..=geo.block_of(to - 1))
-                .any(|b| map.get(b) == BlockState::Unallocated)
-        })
-        .collect();
+    let units = remote.units_needed(off, len, sh.dev.geometry().block_size(), |b| {
+        map.get(b) == BlockState::Unallocated
+    });
     if units.is_empty() {
         return Ok(0);
     }
