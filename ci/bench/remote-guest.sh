@@ -20,7 +20,8 @@ source $B/env
 head -c "${MB}M" /dev/urandom > $B/obj.img
 python3 "$RDIR/s3put.py" bench obj.img $B/obj.img
 URL=http://127.0.0.1:$MOTO_PORT/bench/obj.img
-SIGV4=(--aws-sigv4 "aws:amz:us-east-1:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY")
+SIGV4=(--aws-sigv4 "aws:amz:us-east-1:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
 say "bench: a $MB MiB object in moto_server; $ROUNDS rounds"
 
 now() { date +%s.%N; }

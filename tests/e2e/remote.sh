@@ -131,6 +131,16 @@ case_remote_http_outage() {
     local want; want=$(dd if="$RIMG" bs=4k count=1 skip=$((10 << 8)) status=none | sha256sum)
     [ "$(dd if="$dev" bs=4k count=1 skip=$((10 << 8)) iflag=direct status=none | sha256sum)" = "$want" ] ||
         die "after the server came back the same read differs"
+    # A write, the daemon killed, `recover`: the same object, the write
+    # kept, the rest of the object still fetched on demand.
+    dd if=/dev/urandom of="$dev" bs=4k count=1 seek=5 oflag=direct conv=notrunc status=none
+    local before; before=$(dd if="$dev" bs=1M count=1 iflag=direct status=none | sha256sum)
+    kill_and_recover "$id"
+    [ "$(dd if="$dev" bs=1M count=1 iflag=direct status=none | sha256sum)" = "$before" ] ||
+        die "after recover the first MiB differs"
+    [ "$(dd if="$dev" bs=1M skip=12 count=1 iflag=direct status=none | sha256sum)" = \
+      "$(dd if="$RIMG" bs=1M skip=12 count=1 status=none | sha256sum)" ] ||
+        die "after recover an unfetched MiB differs"
     "$UC" del -n "$id"
 }
 
@@ -150,7 +160,7 @@ case_remote_bad_input() {
 
 CASES+=(
     "remote base over S3: whole device, overlay kept, replaced object|case_remote_s3"
-    "remote base over HTTP: outage fails with EIO, then works|case_remote_http_outage"
+    "remote base over HTTP: outage fails with EIO, then works; recover|case_remote_http_outage"
     "remote base: bad input refused in one line|case_remote_bad_input"
     "remote base: ext4 mounted, cache, server gone|case_remote_ext4_and_cache"
 )
