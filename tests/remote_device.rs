@@ -12,6 +12,7 @@ mod servers;
 use servers::{RangeOpts, Server, free_port, range_server};
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_cow::engine::Errno;
 use ublk_cow::engine::cache::CachePolicy;
@@ -60,8 +61,14 @@ impl Drop for Dir {
 }
 
 fn serve(dir: &Dir, port: u16) -> Server {
+    serve_slowly(dir, port, None)
+}
+
+/// With `delay`, every GET waits that many seconds before it answers.
+fn serve_slowly(dir: &Dir, port: u16, delay: Option<f64>) -> Server {
     let opts = RangeOpts {
         log: Some(dir.0.join("gets.log")),
+        delay,
         ..RangeOpts::default()
     };
     range_server(&dir.srv(), port, &opts)
@@ -70,7 +77,7 @@ fn serve(dir: &Dir, port: u16) -> Server {
 /// A device over `http://127.0.0.1:port/disk.img` with a new overlay in
 /// `dir`, its fetcher connected, and a plain ring to serve it.
 struct Served {
-    sh: ServedDevice,
+    sh: Arc<ServedDevice>,
     ring: PlainRing,
     zeros: ZeroBlocks,
     scratch: TagScratch,
@@ -93,7 +100,8 @@ impl Served {
         let map = MapMemory::heap(blocks);
         let id = lower.identity;
         let dev = CowDevice::create(lower.backed, &id, overlay, BLOCK, map).unwrap();
-        let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+        let sh = Arc::new(ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap());
+        ServedDevice::keep_fetched_units(&sh);
         let zero = File::open("/dev/zero").unwrap();
         let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
         Served {
@@ -230,4 +238,24 @@ fn a_replaced_object_is_never_mixed_in() {
     assert_eq!(s.state(UNIT), BlockState::Unallocated);
     // What was fetched before is still the old object's.
     assert!(s.read(0, UNIT).unwrap() == image[..UNIT as usize]);
+}
+
+#[test]
+fn prefetched_units_are_kept_and_reads_join_fetches_in_flight() {
+    let image = common::noise(SIZE, 41);
+    let dir = Dir::new("prefetch", &image);
+    let srv = serve_slowly(&dir, free_port(), Some(0.3));
+    let mut s = Served::new(&dir, srv.port, Duration::from_secs(30));
+    // The whole device prefetched, and read at once while the GETs fly.
+    exec::prefetch_below(&s.sh, 0, SIZE);
+    assert!(s.read(0, SIZE).unwrap() == image);
+    assert_eq!(dir.gets(), 5, "five units, each fetched once");
+    // Every unit is kept in the overlay by the fetch itself: reading
+    // again, or prefetching again, asks nothing more.
+    for off in (0..SIZE).step_by(BLOCK as usize) {
+        assert_eq!(s.state(off), BlockState::Copied, "block at {off}");
+    }
+    exec::prefetch_below(&s.sh, 0, SIZE);
+    assert!(s.read(0, SIZE).unwrap() == image);
+    assert_eq!(dir.gets(), 5);
 }

@@ -1,14 +1,12 @@
 //! `cache` of a device over a remote base: every unit of the range that
 //! holds a block still on the base is fetched, at most the fetcher's
-//! prefetch depth of GETs in flight, and installed in the overlay as
-//! `Copied` blocks as it arrives (only into blocks still `Unallocated`, so
-//! writes that came meanwhile win). Whatever the cache mode: a remote base
-//! has no page cache to warm.
+//! prefetch depth of GETs in flight; the fetcher keeps each in the overlay
+//! as `Copied` blocks (`ServedDevice::keep_fetched_units`). Whatever the
+//! cache mode: a remote base has no page cache to warm.
 
-use crate::engine::device::{CacheDone, CopyJob};
+use crate::engine::device::CacheDone;
 use crate::engine::map::BlockState;
 use crate::remote::RemoteBase;
-use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use anyhow::{Result, anyhow};
 use std::sync::{Arc, mpsc};
@@ -53,15 +51,7 @@ pub(crate) fn cache_range(
     for _ in 0..needed.len() {
         let (u, outcome) = rx.recv().map_err(|_| anyhow!("the fetcher stopped"))?;
         let bytes = outcome?;
-        let r = fetcher.unit_range(u);
-        let job = CopyJob {
-            first: geo.block_of(r.start),
-            data: bytes.to_vec(),
-        };
-        let blocks = sh.dev.copy_install(job)?;
-        let copied = (blocks * geo.block_size() as u64).min(r.end - r.start);
-        report.copied += copied;
-        Stats::add(&sh.stats.copied_to_overlay_bytes, copied);
+        report.copied += bytes.len() as u64;
         done_bytes += span(u);
         progress(done_bytes)?;
     }

@@ -677,7 +677,11 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         remote_identity: shared_remote_identity(&dev),
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
-        Ok(sh) => Arc::new(sh),
+        Ok(sh) => {
+            let sh = Arc::new(sh);
+            ServedDevice::keep_fetched_units(&sh);
+            sh
+        }
         Err(e) => {
             made.remove();
             return Err(anyhow::Error::from(e).context("opening base and overlay for the queues"));

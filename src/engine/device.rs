@@ -474,17 +474,36 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     /// that a write or discard reached since [`CowDevice::copy_read`] keeps
     /// what that write or discard left. Returns the blocks installed.
     pub fn copy_install(&self, job: CopyJob) -> Result<u64, Error> {
+        self.install_copy(job.first, &job.data)
+    }
+
+    /// Installs `data`, the bytes below the overlay of the blocks from
+    /// `first` on (the last one may be cut at the device's end), as
+    /// [`CowDevice::copy_install`] does: only into blocks still
+    /// `Unallocated`, under their locks, at most [`MAX_LOCK_BLOCKS`] at a
+    /// time. Returns the blocks installed.
+    pub fn install_copy(&self, first: u64, data: &[u8]) -> Result<u64, Error> {
         let bs = self.geo.block_size() as u64;
-        let n = (job.data.len() as u64).div_ceil(bs);
-        let blocks = job.first..job.first + n;
-        let guard = self.lock(blocks.clone());
+        let end = first + (data.len() as u64).div_ceil(bs);
         let mut installed = 0;
-        for run in self.map.unallocated_runs(blocks) {
-            let from = ((run.start - job.first) * bs) as usize;
-            let to = (((run.end - job.first) * bs) as usize).min(job.data.len());
-            self.overlay_write(&job.data[from..to], self.geo.block_start(run.start))?;
-            installed += run.end - run.start;
-            self.map.set_range(&guard, run, BlockState::Copied);
+        let mut at = first;
+        while at < end {
+            let chunk = at..end.min(at + MAX_LOCK_BLOCKS);
+            at = chunk.end;
+            if !chunk
+                .clone()
+                .any(|b| self.map.get(b) == BlockState::Unallocated)
+            {
+                continue;
+            }
+            let guard = self.lock(chunk.clone());
+            for run in self.map.unallocated_runs(chunk) {
+                let from = ((run.start - first) * bs) as usize;
+                let to = (((run.end - first) * bs) as usize).min(data.len());
+                self.overlay_write(&data[from..to], self.geo.block_start(run.start))?;
+                installed += run.end - run.start;
+                self.map.set_range(&guard, run, BlockState::Copied);
+            }
         }
         Ok(installed)
     }

@@ -37,6 +37,12 @@ pub type Outcome = Result<Bytes, Error>;
 /// threads: it must be quick, and must not wait for another fetch.
 pub type Done = Box<dyn FnOnce(Outcome) + Send + 'static>;
 
+/// Where every fetched unit is kept (the device's overlay): called with the
+/// unit and its bytes once its GET succeeded, before the unit leaves the
+/// table of flights and before any callback hears of it, on a thread that
+/// may block. An `Err` (one line) fails the fetch.
+pub type Sink = Arc<dyn Fn(u64, &Bytes) -> Result<(), String> + Send + Sync>;
+
 /// A remote base, opened, with its fetches.
 pub struct Fetcher {
     /// `None` only while dropping.
@@ -56,6 +62,8 @@ struct Shared {
     flights: Mutex<HashMap<u64, Vec<Done>>>,
     /// Permits for prefetch GETs: [`Params::prefetch_depth`] of them.
     prefetch: Arc<Semaphore>,
+    /// Set once, by [`Fetcher::set_sink`].
+    sink: std::sync::OnceLock<Sink>,
 }
 
 impl Fetcher {
@@ -85,6 +93,7 @@ impl Fetcher {
             params,
             counters: Counters::default(),
             flights: Mutex::new(HashMap::new()),
+            sink: std::sync::OnceLock::new(),
         });
         Ok(Fetcher {
             runtime: Some(runtime),
@@ -111,6 +120,14 @@ impl Fetcher {
     /// The parameters in use.
     pub fn params(&self) -> &Params {
         &self.shared.params
+    }
+
+    /// Has every unit fetched from now on kept by `sink` (see [`Sink`]):
+    /// while it keeps a unit, the unit is still in flight, so a request
+    /// of it joins that fetch instead of starting another. Set once; a
+    /// second sink is ignored.
+    pub fn set_sink(&self, sink: Sink) {
+        let _ = self.shared.sink.set(sink);
     }
 
     /// The counters.
@@ -259,7 +276,22 @@ impl Shared {
     /// Fetches `unit` (already in the table) and hands the outcome to
     /// every callback waiting for it.
     async fn fly(&self, unit: u64) {
-        let outcome = self.fetch_unit(unit).await;
+        let mut outcome = self.fetch_unit(unit).await;
+        if let (Ok(bytes), Some(sink)) = (&outcome, self.sink.get()) {
+            let (sink, bytes) = (sink.clone(), bytes.clone());
+            let kept = tokio::task::spawn_blocking(move || sink(unit, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(why) = kept {
+                let r = self.unit_range(unit);
+                outcome = Err(Error::Failed {
+                    url: self.object.url().to_string(),
+                    start: r.start,
+                    end: r.end,
+                    why: format!("keeping the fetched bytes: {why}"),
+                });
+            }
+        }
         let waiting = self
             .flights
             .lock()

@@ -13,6 +13,7 @@ use crate::ublk::exec::{MAX_RING_LAYERS, RingFiles};
 use crate::ublk::inline::MemoryPath;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 /// The engine's device: the overlay file over a raw base or a chain of
 /// layers.
@@ -92,6 +93,37 @@ impl ServedDevice {
             unallocated_ready,
             direct,
         })
+    }
+
+    /// For a remote base: has its fetcher keep every unit it fetches in the
+    /// overlay, as `Copied` blocks (only into blocks still `Unallocated`),
+    /// before the unit leaves its flight (`Fetcher::set_sink`). So a
+    /// request of a unit joins its fetch until the unit is in the overlay,
+    /// and finds it there after: no unit is fetched twice, and a READ or
+    /// a prefetch has nothing to install itself.
+    pub fn keep_fetched_units(sh: &Arc<ServedDevice>) {
+        let Some(remote) = sh.dev.base().remote() else {
+            return;
+        };
+        let Some(fetcher) = remote.fetcher() else {
+            return;
+        };
+        let unit_bytes = remote.params().fetch_size;
+        let weak = Arc::downgrade(sh);
+        fetcher.set_sink(Arc::new(move |unit, bytes| {
+            let Some(sh) = weak.upgrade() else {
+                return Err("the device is gone".into());
+            };
+            let geo = sh.dev.geometry();
+            let first = geo.block_of(unit * unit_bytes);
+            let blocks = sh
+                .dev
+                .install_copy(first, bytes)
+                .map_err(|e| e.to_string())?;
+            let bytes = (blocks * geo.block_size() as u64).min(bytes.len() as u64);
+            Stats::add(&sh.stats.copied_to_overlay_bytes, bytes);
+            Ok(())
+        }));
     }
 
     /// The files of a ring that serves this device; `zero` is /dev/zero,

@@ -32,11 +32,9 @@ pub async fn cache_range<R: Ring>(
     };
     if dev.base().remote().is_some() {
         // A remote base has no page cache: whatever the mode, its blocks
-        // are fetched into the overlay.
-        return match super::fetch_below(q, sh, off, len).await {
-            Ok(_) => 0,
-            Err(e) => e.negative(),
-        };
+        // are fetched into the overlay, in the background.
+        super::prefetch_below(sh, off, len);
+        return 0;
     }
     let mut steps = Vec::new();
     plan_cache(dev.map(), &geo, blocks, mode, &mut steps);

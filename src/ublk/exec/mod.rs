@@ -32,7 +32,7 @@ mod write;
 pub use cache::{cache_range, install, install_from_base};
 pub use flush::flush;
 pub use read::{ReadData, ReadDone, read};
-pub use remote::{fetch_below, fetch_edges};
+pub use remote::{fetch_below, fetch_edges, prefetch_below};
 pub use write::{write, write_request, write_zeroes};
 
 use crate::engine::Errno;

@@ -1,18 +1,19 @@
 //! Requests over a remote base (`add --base URL`): before a request is
-//! planned, the units of the base it needs are fetched and installed in the
-//! overlay as `Copied` blocks, so that its plan finds them there and never
-//! reads the base itself (whose ring file refuses reads: see
-//! `RemoteBase::refuser`).
+//! planned, the units of the base it needs are fetched into the overlay as
+//! `Copied` blocks, so that its plan finds them there and never reads the
+//! base itself (whose ring file refuses reads: see `RemoteBase::refuser`).
+//! The fetcher keeps each unit in the overlay itself before it reports it
+//! (`ServedDevice::keep_fetched_units`), only into blocks still
+//! `Unallocated`, so a write that came meanwhile wins; and a request of a
+//! unit in flight joins that fetch (single flight), so none is fetched
+//! twice.
 //!
 //! A queue's thread never blocks on a fetch. Each wait has its own
 //! [`Arrivals`]: the fetcher's callback (on one of the fetcher's threads)
 //! leaves the unit's outcome there and signals its eventfd, which the
 //! waiting task reads on its ring; the other tags go on meanwhile.
-//! Concurrent requests of one unit share its GET (the fetcher's single
-//! flight), and a unit is installed only into blocks still `Unallocated`,
-//! so a write that came meanwhile wins.
+//! Prefetch ([`prefetch_below`]) does not wait at all.
 
-use super::cache::install;
 use crate::engine::Errno;
 use crate::engine::map::BlockState;
 use crate::remote::fetcher::Outcome;
@@ -93,26 +94,34 @@ pub async fn fetch_below<R: Ring>(
             }
             continue;
         }
-        for (unit, outcome) in arrived {
+        for (_, outcome) in arrived {
             left -= 1;
-            match outcome {
-                Ok(bytes) => {
-                    let at = fetcher.unit_range(unit).start;
-                    let r = install(q, sh, at, &bytes).await;
-                    if r < 0 {
-                        log::warn!("installing fetched bytes at {at}: errno {}", -r);
-                        result = Err(Errno::from_negative(r));
-                    }
-                }
-                Err(e) => {
-                    log::warn!("{e}");
-                    Stats::add(&sh.stats.remote_failed_requests, 1);
-                    result = Err(Errno::EIO);
-                }
+            if let Err(e) = outcome {
+                log::warn!("{e}");
+                Stats::add(&sh.stats.remote_failed_requests, 1);
+                result = Err(Errno::EIO);
             }
         }
     }
     result
+}
+
+/// Starts fetches of the units of `[off, off + len)` not in the overlay
+/// yet, at most the fetcher's prefetch depth of GETs in flight, and returns
+/// at once: the fetcher keeps them in the overlay. For readahead.
+pub fn prefetch_below(sh: &ServedDevice, off: u64, len: u64) {
+    let Some(remote) = sh.dev.base().remote() else {
+        return;
+    };
+    let Some(fetcher) = remote.fetcher() else {
+        return;
+    };
+    let map = sh.dev.map();
+    let bs = sh.dev.geometry().block_size();
+    let units = remote.units_needed(off, len, bs, |b| map.get(b) == BlockState::Unallocated);
+    if !units.is_empty() {
+        fetcher.prefetch(units, Arc::new(|_, _| {}));
+    }
 }
 
 /// [`fetch_below`] for the blocks a WRITE or a WRITE_ZEROES of `[off, off +
