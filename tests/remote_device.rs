@@ -30,6 +30,9 @@ const BLOCK: u32 = 4096;
 const UNIT: u64 = 64 << 10;
 /// Four whole units and a short one of 8 KiB.
 const SIZE: u64 = 4 * UNIT + 8192;
+/// GETs of opening a remote base: one, of the object's first bytes (is it
+/// an overlay?).
+const OPEN: usize = 1;
 
 /// A scratch directory holding the served `disk.img`, removed when dropped.
 struct Dir(PathBuf);
@@ -150,8 +153,8 @@ fn reads_fetch_each_unit_once_and_partial_writes_fetch_their_blocks() {
     let dir = Dir::new("once", &image);
     let _srv = serve(&dir, free_port());
     let mut s = Served::new(&dir, _srv.port, Duration::from_secs(30));
-    // The HEADs of open and connect are not GETs.
-    assert_eq!(dir.gets(), 0);
+    // Open's look at the object's first bytes is one GET; its HEADs are none.
+    assert_eq!(dir.gets(), OPEN);
 
     // 512 bytes in the middle of a block of unit 1: its unit is fetched,
     // and the block keeps the base's bytes around the write.
@@ -159,14 +162,14 @@ fn reads_fetch_each_unit_once_and_partial_writes_fetch_their_blocks() {
     let data = common::noise(512, 12);
     s.write(at, &data).unwrap();
     image[at as usize..][..512].copy_from_slice(&data);
-    assert_eq!(dir.gets(), 1);
+    assert_eq!(dir.gets(), OPEN + 1);
     assert_eq!(s.state(at), BlockState::Allocated);
     assert_eq!(s.state(UNIT), BlockState::Copied);
     // A whole-block write needs nothing from below.
     let whole = common::noise(4096, 13);
     s.write(3 * UNIT, &whole).unwrap();
     image[3 * UNIT as usize..][..4096].copy_from_slice(&whole);
-    assert_eq!(dir.gets(), 1);
+    assert_eq!(dir.gets(), OPEN + 1);
     assert_eq!(s.state(3 * UNIT + 4096), BlockState::Unallocated);
 
     // The whole device, in reads that straddle units: every byte right,
@@ -181,13 +184,13 @@ fn reads_fetch_each_unit_once_and_partial_writes_fetch_their_blocks() {
         );
         off += len;
     }
-    assert_eq!(dir.gets(), 5, "five units, each fetched once");
+    assert_eq!(dir.gets(), OPEN + 5, "five units, each fetched once");
     assert_eq!(s.state(3 * UNIT), BlockState::Allocated);
     assert_eq!(s.state(3 * UNIT + 4096), BlockState::Copied);
     assert_eq!(s.state(SIZE - 1), BlockState::Copied);
     // Read again: all from the overlay.
     assert!(s.read(0, SIZE).unwrap() == image);
-    assert_eq!(dir.gets(), 5);
+    assert_eq!(dir.gets(), OPEN + 5);
 }
 
 #[test]
@@ -249,7 +252,7 @@ fn prefetched_units_are_kept_and_reads_join_fetches_in_flight() {
     // The whole device prefetched, and read at once while the GETs fly.
     exec::prefetch_below(&s.sh, 0, SIZE);
     assert!(s.read(0, SIZE).unwrap() == image);
-    assert_eq!(dir.gets(), 5, "five units, each fetched once");
+    assert_eq!(dir.gets(), OPEN + 5, "five units, each fetched once");
     // Every unit is kept in the overlay by the fetch itself: reading
     // again, or prefetching again, asks nothing more.
     for off in (0..SIZE).step_by(BLOCK as usize) {
@@ -257,5 +260,18 @@ fn prefetched_units_are_kept_and_reads_join_fetches_in_flight() {
     }
     exec::prefetch_below(&s.sh, 0, SIZE);
     assert!(s.read(0, SIZE).unwrap() == image);
-    assert_eq!(dir.gets(), 5);
+    assert_eq!(dir.gets(), OPEN + 5);
+}
+
+#[test]
+fn an_object_that_is_an_overlay_is_refused() {
+    let mut layer = common::noise(SIZE, 51);
+    layer[..8].copy_from_slice(b"UBLKCOW1");
+    let dir = Dir::new("layer", &layer);
+    let srv = serve(&dir, free_port());
+    let url = RemoteUrl::parse(&format!("http://127.0.0.1:{}/disk.img", srv.port)).unwrap();
+    let e = RemoteBase::open(url, AwsEnv::default(), Params::default(), BLOCK)
+        .err()
+        .expect("an overlay in an object store is refused");
+    assert!(e.to_string().contains("not a raw image"), "{e}");
 }

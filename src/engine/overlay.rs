@@ -56,7 +56,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-const MAGIC: &[u8; 8] = b"UBLKCOW1";
+pub(crate) const MAGIC: &[u8; 8] = b"UBLKCOW1";
 /// The format version this build writes.
 pub const VERSION: u32 = 2;
 pub(crate) const HEADER_SIZE: u64 = 4096;

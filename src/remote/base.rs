@@ -10,6 +10,7 @@
 //! refuses an object whose identity changed in between.
 
 use super::{AwsEnv, Error, Fetcher, Identity, Params, RemoteUrl};
+use crate::engine::overlay::MAGIC;
 use std::fs::File;
 use std::io;
 use std::sync::OnceLock;
@@ -42,7 +43,17 @@ impl RemoteBase {
     ) -> Result<RemoteBase, Error> {
         let probe = Fetcher::open(&url, &env, params.clone(), block_size)?;
         let identity = probe.identity().clone();
+        let head = probe.peek(MAGIC.len() as u64);
         probe.close();
+        if head?[..] == MAGIC[..] {
+            return Err(Error::Config {
+                url: url.to_string(),
+                why: "the object is a ublk-cow overlay, not a raw image: overlays and layers \
+                      in an object store are not served (a layer is sparse at device offsets, \
+                      which an object cannot be)"
+                    .into(),
+            });
+        }
         RemoteBase::known(url, env, params, block_size, identity)
     }
 

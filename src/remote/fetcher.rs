@@ -219,6 +219,28 @@ impl Fetcher {
         }
     }
 
+    /// The object's first `len` bytes (at most its size): one GET, pinned
+    /// like every other, with the same retries and deadline, outside the
+    /// units (nothing is kept). For telling what the object holds.
+    pub fn peek(&self, len: u64) -> Outcome {
+        let end = len.min(self.size());
+        let shared = self.shared.clone();
+        self.handle().block_on(async move {
+            let last = Mutex::new(String::new());
+            let attempts = shared.attempts(0..end, &last);
+            match tokio::time::timeout(shared.params.fetch_timeout, attempts).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout {
+                    url: shared.object.url().to_string(),
+                    start: 0,
+                    end,
+                    after: shared.params.fetch_timeout,
+                    last: std::mem::take(&mut *last.lock().unwrap()),
+                }),
+            }
+        })
+    }
+
     /// Stops the fetcher and waits (at most a few seconds) until its
     /// threads have ended: after it the process may fork.
     pub fn close(mut self) {
