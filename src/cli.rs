@@ -343,10 +343,11 @@ fn base_io_modes() -> OneOf<BaseIo> {
 
 #[derive(Args, Debug)]
 pub(crate) struct AddArgs {
-    /// The base: an image (file or block device, its size a multiple of
-    /// 512), a layer (a frozen overlay, see `snapshot`), or a URL of a raw
-    /// image (s3://BUCKET/KEY, https://HOST/PATH, http://HOST/PATH)
+    /// The base: an image file or block device, a layer, or a URL
     ///
+    /// An image's size is a multiple of 512. A layer is a frozen overlay
+    /// (see `snapshot`). A URL names a raw image in an object store or on a
+    /// server: s3://BUCKET/KEY, https://HOST/PATH or http://HOST/PATH.
     /// It is opened read-only and the device never writes it (`commit`
     /// does, when asked, with no device over it). A layer is served with
     /// the chain below it: each block is read from the topmost file holding
