@@ -1,9 +1,27 @@
 #!/bin/bash
 # Cache benchmarks inside a guest with ublk_drv, in one boot:
 # 1. readahead over a slow base (dm-delay, 1 ms per I/O, over a loop device):
-#    sequential 4K O_DIRECT reads at QD1 on ublk-cow with --readahead auto
-#    and off, and on the kernel loop driver (buffered) over the same base;
-#    interleaved rounds, medians.
+#    each workload on ublk-cow with --readahead auto, off, and auto with
+#    --cache-mode cow, and on the kernel loop driver (direct I/O off, so it
+#    reads through its page cache) over the same base; interleaved rounds,
+#    medians. After each ublk-cow run its prefetch counters (bytes asked,
+#    bytes of those later read) go into the record. WORKLOADS and SYSTEMS
+#    (space-separated) pick some of:
+#      seqread-4k-qd1-slow-base        4K O_DIRECT sequential, QD1
+#      seqread-64k-qd1-slow-base       64K O_DIRECT sequential, QD1
+#      seqread-buffered-4k-slow-base   4K buffered sequential (the kernel's
+#                                      readahead-hint path, as dd bs=4k)
+#      seqread-2streams-4k-slow-base   two 4K O_DIRECT QD1 readers, 128M apart
+#      seqread-backwards-4k-slow-base  4K O_DIRECT QD1, going backwards
+#      randread-4k-qd1-slow-base       4K O_DIRECT random, QD1
+#      seqread-4k-qd1-no-delay         4K O_DIRECT sequential, QD1, over the
+#                                      loop device without the delay: what
+#                                      each system can do when reads never
+#                                      wait for the base (not in the default)
+#    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
+#    ublk-cow-old-ra-auto (another build, UBLK_COW_OLD_BIN; not in the
+#    default).
+#    Each run reads at most RUNTIME seconds and at most the device once.
 # 2. `cache --cow-on-cache` of a whole device against `cp` of the base file
 #    to the same file system.
 # Prints "bench-json: {...}" lines and a summary.
@@ -12,6 +30,10 @@ set -e
 need_ublk
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
+ALL_WORKLOADS="seqread-4k-qd1-slow-base seqread-64k-qd1-slow-base seqread-buffered-4k-slow-base
+ seqread-2streams-4k-slow-base seqread-backwards-4k-slow-base randread-4k-qd1-slow-base"
+WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
+SYSTEMS=${SYSTEMS:-loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow}
 B=/tmp/ublk-cow-cache-bench
 mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=1800M tmpfs $B
 export TMPDIR=$B
@@ -24,28 +46,69 @@ SZ=$(blockdev --getsz "$LO")
 dmsetup create ucslow --table "0 $SZ delay $LO 0 1"
 SLOW=/dev/mapper/ucslow
 
-record() { # system workload round fio.json
-    python3 - "$4" "$1" "$2" "$3" >> $OUT/runs.jsonl <<'PY'
+record() { # system workload round fio.json [stats.json]
+    python3 - "$4" "$1" "$2" "$3" "${5:-}" >> $OUT/runs.jsonl <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-                  "iops": j["read"]["iops"], "mib_s": j["read"]["bw_bytes"] / 2**20}))
+r = {"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
+     "iops": j["read"]["iops"], "mib_s": j["read"]["bw_bytes"] / 2**20}
+if sys.argv[5]:
+    st = json.load(open(sys.argv[5]))
+    st = st.get("stats", st)
+    for k in ("prefetch_bytes", "prefetch_read_bytes", "cache_dropped_over_budget",
+              "read_base_ops", "read_base_bytes"):
+        r[k] = st.get(k, 0)
+    r["bytes_read"] = j["read"]["io_bytes"]
+print(json.dumps(r))
 PY
     echo "bench-json: $(tail -n1 $OUT/runs.jsonl)"
 }
 
+# fio options of each workload: all at QD1 (psync), each stops after
+# RUNTIME seconds or one pass over the device.
+fio_args() {
+    local common="--ioengine=psync --iodepth=1 --runtime=$RUNTIME --output-format=json"
+    case $1 in
+        seqread-4k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=4k $common" ;;
+        seqread-64k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=64k $common" ;;
+        seqread-buffered-4k-slow-base) echo "--name=w --direct=0 --rw=read --bs=4k $common" ;;
+        seqread-2streams-4k-slow-base)
+            echo "--name=w --direct=1 --rw=read --bs=4k --numjobs=2 --size=128M" \
+                 "--offset_increment=128M --group_reporting $common" ;;
+        # Back 8K after each 4K read: every read is the one before the last.
+        seqread-backwards-4k-slow-base) echo "--name=w --direct=1 --rw=read:-8k --bs=4k $common" ;;
+        randread-4k-qd1-slow-base) echo "--name=w --direct=1 --rw=randread --bs=4k $common" ;;
+        seqread-4k-qd1-no-delay) echo "--name=w --direct=1 --rw=read --bs=4k $common" ;;
+    esac
+}
+
 for round in $(seq 1 "$ROUNDS"); do
-    for sys in loop ublk-cow-ra-auto ublk-cow-ra-off; do
-        echo 3 > /proc/sys/vm/drop_caches
-        case $sys in
-            loop) dev=$(losetup -f --show "$SLOW") ;;
-            ublk-cow-ra-auto) dev=$("$UC" add --base "$SLOW" --readahead auto) ;;
-            ublk-cow-ra-off) dev=$("$UC" add --base "$SLOW" --readahead off) ;;
-        esac
-        fio --name=seq4k --filename="$dev" --direct=1 --ioengine=psync --rw=read --bs=4k \
-            --iodepth=1 --time_based --runtime="$RUNTIME" --output-format=json > $OUT/fio.json
-        case $sys in loop) losetup -d "$dev" ;; *) "$UC" del -n "$(dev_id "$dev")" ;; esac
-        record "$sys" seqread-4k-qd1-slow-base "$round" $OUT/fio.json
+    for wl in $WORKLOADS; do
+        for sys in $SYSTEMS; do
+            echo 3 > /proc/sys/vm/drop_caches
+            base=$SLOW; case $wl in *no-delay) base=$LO ;; esac
+            case $sys in
+                loop) dev=$(losetup -f --show "$base") ;;
+                ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
+                ublk-cow-ra-off) dev=$("$UC" add --base "$base" --readahead off) ;;
+                ublk-cow-ra-auto-cow) dev=$("$UC" add --base "$base" --readahead auto --cache-mode cow) ;;
+                ublk-cow-old-ra-auto)
+                    dev=$(UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" add --base "$base" --readahead auto) ;;
+            esac
+            # shellcheck disable=SC2046
+            fio --filename="$dev" $(fio_args "$wl") > $OUT/fio.json
+            case $sys in
+                loop) losetup -d "$dev"; record "$sys" "$wl" "$round" $OUT/fio.json ;;
+                ublk-cow-old-ra-auto)
+                    UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$dev")"
+                    record "$sys" "$wl" "$round" $OUT/fio.json ;;
+                *)
+                    "$UC" stats -n "$(dev_id "$dev")" --json > $OUT/stats.json
+                    "$UC" del -n "$(dev_id "$dev")"
+                    record "$sys" "$wl" "$round" $OUT/fio.json $OUT/stats.json
+                    ;;
+            esac
+        done
     done
 done
 dmsetup remove ucslow; losetup -d "$LO"
@@ -53,7 +116,8 @@ fi
 
 # Whole-device copy-on-cache against cp, same file system (tmpfs), same base;
 # which of the two goes first alternates between rounds. Set COPY_ONLY=1 to
-# skip the readahead part.
+# skip the readahead part, READAHEAD_ONLY=1 to skip this one.
+if [ -z "${READAHEAD_ONLY:-}" ]; then
 time_cp() {
     local t0 t1
     t0=$(date +%s.%N); cp $B/base.img $B/copy.img; t1=$(date +%s.%N)
@@ -85,4 +149,5 @@ for sysname, secs in (("cp", t1 - t0), ("ublk-cow-cache-cow", t3 - t2)):
 PY
     tail -n2 $OUT/runs.jsonl | sed 's/^/bench-json: /'
 done
+fi
 python3 "$ROOT/ci/bench/summarize.py" $OUT/runs.jsonl
