@@ -19,8 +19,8 @@
 #                                      each system can do when reads never
 #                                      wait for the base (not in the default)
 #    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
-#    ublk-cow-old-ra-auto (another build, UBLK_COW_OLD_BIN; not in the
-#    default).
+#    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
+#    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN; not in the default).
 #    Each run reads at most RUNTIME seconds and at most the device once.
 # 2. `cache --cow-on-cache` of a whole device against `cp` of the base file
 #    to the same file system.
@@ -46,12 +46,17 @@ SZ=$(blockdev --getsz "$LO")
 dmsetup create ucslow --table "0 $SZ delay $LO 0 1"
 SLOW=/dev/mapper/ucslow
 
-record() { # system workload round fio.json [stats.json]
-    python3 - "$4" "$1" "$2" "$3" "${5:-}" >> $OUT/runs.jsonl <<'PY'
+# The base's reads and sectors read so far (/sys/block/*/stat).
+base_io() { read -r r _ s _ < "/sys/block/$(basename "$(readlink -f "$1")")/stat"; echo "$r $s"; }
+
+record() { # system workload round fio.json [stats.json]; BASE0/BASE1 the base_io around it
+    python3 - "$4" "$1" "$2" "$3" "${5:-}" $BASE0 $BASE1 >> $OUT/runs.jsonl <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
+r0, s0, r1, s1 = map(int, sys.argv[6:10])
 r = {"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-     "iops": j["read"]["iops"], "mib_s": j["read"]["bw_bytes"] / 2**20}
+     "iops": j["read"]["iops"], "mib_s": j["read"]["bw_bytes"] / 2**20,
+     "base_reads": r1 - r0, "base_read_bytes": (s1 - s0) * 512}
 if sys.argv[5]:
     st = json.load(open(sys.argv[5]))
     st = st.get("stats", st)
@@ -94,14 +99,22 @@ for round in $(seq 1 "$ROUNDS"); do
                 ublk-cow-ra-auto-cow) dev=$("$UC" add --base "$base" --readahead auto --cache-mode cow) ;;
                 ublk-cow-old-ra-auto)
                     dev=$(UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" add --base "$base" --readahead auto) ;;
+                ublk-cow-old2-ra-auto)
+                    dev=$(UBLK_COW_RUN_DIR=/run/ublk-cow-old2 "$UBLK_COW_OLD2_BIN" add --base "$base" --readahead auto) ;;
             esac
+            BASE0=$(base_io "$base")
             # shellcheck disable=SC2046
             fio --filename="$dev" $(fio_args "$wl") > $OUT/fio.json
+            BASE1=$(base_io "$base")
             case $sys in
                 loop) losetup -d "$dev"; record "$sys" "$wl" "$round" $OUT/fio.json ;;
                 ublk-cow-old-ra-auto)
                     UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$dev")"
                     record "$sys" "$wl" "$round" $OUT/fio.json ;;
+                ublk-cow-old2-ra-auto)
+                    UBLK_COW_RUN_DIR=/run/ublk-cow-old2 "$UBLK_COW_OLD2_BIN" stats -n "$(dev_id "$dev")" --json > $OUT/stats.json
+                    UBLK_COW_RUN_DIR=/run/ublk-cow-old2 "$UBLK_COW_OLD2_BIN" del -n "$(dev_id "$dev")"
+                    record "$sys" "$wl" "$round" $OUT/fio.json $OUT/stats.json ;;
                 *)
                     "$UC" stats -n "$(dev_id "$dev")" --json > $OUT/stats.json
                     "$UC" del -n "$(dev_id "$dev")"
