@@ -20,7 +20,8 @@
 #                                      wait for the base (not in the default)
 #    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
 #    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
-#    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN; not in the default).
+#    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN), ublk-cow-ra-auto-rakb1m and
+#    loop-rakb1m (the device's read_ahead_kb at 1024; not in the default).
 #    Each run reads at most RUNTIME seconds and at most the device once.
 # 2. `cache --cow-on-cache` of a whole device against `cp` of the base file
 #    to the same file system.
@@ -97,6 +98,14 @@ for round in $(seq 1 "$ROUNDS"); do
                 ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
                 ublk-cow-ra-off) dev=$("$UC" add --base "$base" --readahead off) ;;
                 ublk-cow-ra-auto-cow) dev=$("$UC" add --base "$base" --readahead auto --cache-mode cow) ;;
+                # The kernel's own readahead window on the device at 1 MiB
+                # instead of 128 KiB (buffered readers only).
+                ublk-cow-ra-auto-rakb1m)
+                    dev=$("$UC" add --base "$base" --readahead auto)
+                    echo 1024 > "/sys/block/$(basename "$dev")/queue/read_ahead_kb" ;;
+                loop-rakb1m)
+                    dev=$(losetup -f --show "$base")
+                    echo 1024 > "/sys/block/$(basename "$dev")/queue/read_ahead_kb" ;;
                 ublk-cow-old-ra-auto)
                     dev=$(UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" add --base "$base" --readahead auto) ;;
                 ublk-cow-old2-ra-auto)
@@ -107,7 +116,7 @@ for round in $(seq 1 "$ROUNDS"); do
             fio --filename="$dev" $(fio_args "$wl") > $OUT/fio.json
             BASE1=$(base_io "$base")
             case $sys in
-                loop) losetup -d "$dev"; record "$sys" "$wl" "$round" $OUT/fio.json ;;
+                loop*) losetup -d "$dev"; record "$sys" "$wl" "$round" $OUT/fio.json ;;
                 ublk-cow-old-ra-auto)
                     UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$dev")"
                     record "$sys" "$wl" "$round" $OUT/fio.json ;;

@@ -16,12 +16,13 @@ use std::collections::VecDeque;
 /// Largest piece of base data a cache request reads or copies at once.
 const CACHE_PIECE: u64 = 1 << 20;
 
-/// `fadvise(WILLNEED)` pieces of one cache request in flight at once.
-/// io_uring runs each on a worker thread of its own (the advice may
-/// block), and each piece only starts its reads, so one after another they
-/// still keep the base busy, without a thread per piece
-/// (docs/benchmarks.md, "Readahead over a slow base").
-const WILLNEED_IN_FLIGHT: usize = 1;
+/// `fadvise(WILLNEED)` pieces of one cache request in flight at once: a
+/// whole 4 MiB window. io_uring runs each on a worker thread (the advice
+/// may block), and each starts its reads and returns; one at a time left
+/// the base idle whenever the queue's thread waited for a page still being
+/// read, and measured slower over a slow base (docs/benchmarks.md,
+/// "Readahead over a slow base").
+const WILLNEED_IN_FLIGHT: usize = 32;
 
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
 /// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, `WILLNEED_IN_FLIGHT`
