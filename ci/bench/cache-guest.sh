@@ -18,6 +18,12 @@
 #                                      loop device without the delay: what
 #                                      each system can do when reads never
 #                                      wait for the base (not in the default)
+#    Any of the *-slow-base ones with "-nullb" appended runs over another
+#    1 ms base instead: a null_blk disk holding the same bytes in memory
+#    that completes each I/O by a timer. device-mapper's delay target keeps
+#    a CPU busy while any I/O waits, which under emulation with two CPUs
+#    takes one from the reader and the daemon for as long as prefetch
+#    keeps I/O in flight (not in the default).
 #    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
 #    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
 #    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN), ublk-cow-ra-auto-rakb1m and
@@ -46,6 +52,12 @@ LO=$(losetup -f --show $B/base.img)
 SZ=$(blockdev --getsz "$LO")
 dmsetup create ucslow --table "0 $SZ delay $LO 0 1"
 SLOW=/dev/mapper/ucslow
+case $WORKLOADS in *-nullb*)
+    modprobe null_blk nr_devices=1 gb=1 bs=4096 memory_backed=1 irqmode=2 completion_nsec=1000000
+    dd if=$B/base.img of=/dev/nullb0 bs=1M oflag=direct status=none
+    dmsetup create ucnullb --readonly --table "0 $SZ linear /dev/nullb0 0"
+    NULLB=/dev/mapper/ucnullb ;;
+esac
 
 # The base's reads and sectors read so far (/sys/block/*/stat).
 base_io() { read -r r _ s _ < "/sys/block/$(basename "$(readlink -f "$1")")/stat"; echo "$r $s"; }
@@ -74,7 +86,7 @@ PY
 # RUNTIME seconds or one pass over the device.
 fio_args() {
     local common="--ioengine=psync --iodepth=1 --runtime=$RUNTIME --output-format=json"
-    case $1 in
+    case ${1%-nullb} in
         seqread-4k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=4k $common" ;;
         seqread-64k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=64k $common" ;;
         seqread-buffered-4k-slow-base) echo "--name=w --direct=0 --rw=read --bs=4k $common" ;;
@@ -92,7 +104,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for wl in $WORKLOADS; do
         for sys in $SYSTEMS; do
             echo 3 > /proc/sys/vm/drop_caches
-            base=$SLOW; case $wl in *no-delay) base=$LO ;; esac
+            base=$SLOW; case $wl in *no-delay) base=$LO ;; *-nullb) base=$NULLB ;; esac
             case $sys in
                 loop) dev=$(losetup -f --show "$base") ;;
                 ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
@@ -134,6 +146,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 dmsetup remove ucslow; losetup -d "$LO"
+[ -z "${NULLB:-}" ] || { dmsetup remove ucnullb; rmmod null_blk; }
 fi
 
 # Whole-device copy-on-cache against cp, same file system (tmpfs), same base;
