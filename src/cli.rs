@@ -470,8 +470,10 @@ pub(crate) struct AddArgs {
 
     /// Prefetch for sequential readers; SIZE caps its window
     ///
-    /// `auto` asks for windows from 64K doubling up to 4M; a SIZE takes that
-    /// as the largest window instead. Prefetch serves readers that bypass
+    /// Each queue follows up to four sequential readers, going up or down;
+    /// `auto` asks for windows from 64K doubling up to 4M while a reader
+    /// keeps on, halved when it skips what was asked; a SIZE takes that as
+    /// the largest window instead. Prefetch serves readers that bypass
     /// the page cache (O_DIRECT), whose reads carry no readahead hint, and
     /// the hints of buffered readers. A READ that completes while others of
     /// its queue are in flight asks for nothing: that reader reads ahead

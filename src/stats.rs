@@ -75,6 +75,11 @@ counters!(
     cache_from_command,
     cache_from_cow_on_read,
     cache_dropped_over_budget,
+    // Bytes that prefetches (hints and the detector) queued, and bytes of
+    // READs within ranges the detector had asked for before them (a
+    // request then dropped over the budget included).
+    prefetch_bytes,
+    prefetch_read_bytes,
     fadvise_overlay_bytes,
     fadvise_base_bytes,
     cache_read_bytes,

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Medians (with min..max spread) per system and workload from runs.jsonl,
-and each system's ratio to kernel loop, as a Markdown table."""
+and each system's ratio to kernel loop, as a Markdown table; where the runs
+have a `ublk-cow-ra-off` system, the ratio to it too, and where they carry
+prefetch counters, a second table of how much of what was prefetched was
+read."""
 import json
 import statistics
 import sys
@@ -24,8 +27,11 @@ def reference(wl):
     """Ratios are to kernel loop, or to cp for copies."""
     return "cp" if wl.startswith("copy") else "loop"
 
-print("| workload | system | median | spread (min..max) | rounds | ratio to loop (cp for copies) |")
-print("| --- | --- | ---: | --- | ---: | ---: |")
+OFF = "ublk-cow-ra-off"
+has_off = OFF in systems
+print("| workload | system | median | spread (min..max) | rounds | ratio to loop (cp for copies) |"
+      + (" ratio to ra-off |" if has_off else ""))
+print("| --- | --- | ---: | --- | ---: | ---: |" + (" ---: |" if has_off else ""))
 for wl in workloads:
     m = metric(wl)
     unit = "MiB/s" if m == "mib_s" else "IOPS"
@@ -37,6 +43,25 @@ for wl in workloads:
             continue
         med = statistics.median(vals)
         ratio = f"{med / ref_med:.2f}x" if ref_med else "-"
+        if has_off:
+            off = [r[m] for r in by.get((wl, OFF), [])]
+            ratio += f" | {med / statistics.median(off):.2f}x" if off else " | -"
         # Small values keep two decimals, so that a ratio can be checked.
         f = (lambda v: f"{v:,.2f}") if med < 10 else (lambda v: f"{v:,.0f}")
         print(f"| {wl} | {s} | {f(med)} {unit} | {f(min(vals))}..{f(max(vals))} | {len(vals)} | {ratio} |")
+
+pf = [k for k in by if any("prefetch_bytes" in r for r in by[k])]
+if pf:
+    print()
+    print("| workload | system | prefetched MiB | of it read | read by the reader MiB |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for wl in workloads:
+        for s in systems:
+            rs = [r for r in by.get((wl, s), []) if "prefetch_bytes" in r]
+            if not rs:
+                continue
+            asked = statistics.median(r["prefetch_bytes"] for r in rs) / 2**20
+            used = statistics.median(r["prefetch_read_bytes"] for r in rs) / 2**20
+            total = statistics.median(r["bytes_read"] for r in rs) / 2**20
+            share = f"{used / asked:.0%}" if asked else "-"
+            print(f"| {wl} | {s} | {asked:,.1f} | {share} | {total:,.1f} |")

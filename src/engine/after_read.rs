@@ -6,7 +6,7 @@
 //! out in the background.
 
 use crate::engine::cache::{CacheMode, CachePolicy};
-use crate::engine::readahead::Detector;
+use crate::engine::readahead::{Detector, ReadKind};
 use crate::stats::CacheSource;
 
 /// A READ that completed, as the policy sees it.
@@ -31,6 +31,8 @@ pub(crate) struct AfterRead {
     /// Copy the base blocks the READ read into the overlay, for this
     /// source.
     pub(crate) install: Option<CacheSource>,
+    /// Bytes of the READ that an earlier prefetch had asked for.
+    pub(crate) read_ahead: u64,
 }
 
 /// Whether the policy copies the base data of a READ (`hinted` or not)
@@ -48,14 +50,14 @@ pub(crate) fn after_read(
     size: u64,
     read: &CompletedRead,
 ) -> AfterRead {
-    let ahead = if read.hinted {
-        detector.on_hint(read.off, read.len)
+    let kind = if read.hinted {
+        ReadKind::Hint
     } else if read.others_in_flight {
-        detector.on_deep_read(read.off, read.len);
-        None
+        ReadKind::Deep
     } else {
-        detector.on_read(read.off, read.len)
+        ReadKind::Plain
     };
+    let ahead = detector.on_read(read.off, read.len, kind);
     let source = if read.hinted {
         CacheSource::KernelHint
     } else {
@@ -71,7 +73,11 @@ pub(crate) fn after_read(
         CacheSource::KernelHint
     };
     let install = (installs(policy, read.hinted) && read.read_base_block).then_some(source);
-    AfterRead { prefetch, install }
+    AfterRead {
+        prefetch,
+        install,
+        read_ahead: detector.take_read_ahead(),
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,11 @@ impl Background {
             return;
         }
         sh.stats.cache_request(source);
+        if matches!(source, CacheSource::KernelHint | CacheSource::Detector)
+            && matches!(job, Job::Cache { .. })
+        {
+            Stats::add(&sh.stats.prefetch_bytes, n);
+        }
         self.bytes.set(self.bytes.get() + n);
         self.jobs.borrow_mut().push_back(job);
         if let Some(w) = self.waker.borrow_mut().take() {

@@ -106,6 +106,7 @@ fn after_read(
     };
     let size = sh.dev.geometry().size();
     let todo = after_read::after_read(&sh.policy, &mut qs.detector.borrow_mut(), size, &read);
+    Stats::add(&sh.stats.prefetch_read_bytes, todo.read_ahead);
     if let Some((off, len, source)) = todo.prefetch {
         qs.background.push(Job::Cache { off, len }, source, sh);
     }

@@ -51,6 +51,49 @@ case_detector() {
     base_unchanged
 }
 
+# Readers the detector follows besides one going up: one going backwards
+# and two at once at different offsets. The base is a loop device again:
+# with `auto` the base sees large reads and the prefetched bytes are read;
+# with `off` it sees the readers' own 4K reads.
+case_detector_streams() {
+    local dev id lo
+    lo=$(losetup -f --show -r "$BASE")
+    local stat=/sys/block/$(basename "$lo")/stat
+    local back=(--name=back --direct=1 --ioengine=psync --rw=read:-8k --bs=4k --size=8M
+        --offset=16M)
+    local two=(--name=two --direct=1 --ioengine=psync --rw=read --bs=4k --size=4M
+        --numjobs=2 --offset_increment=32M)
+    for ra in auto off; do
+        for job in back two; do
+            echo 3 > /proc/sys/vm/drop_caches
+            dev=$(add --base "$lo" --readahead $ra); id=$(dev_id "$dev")
+            local r0 s0 r1 s1 args
+            if [ $job = back ]; then args=("${back[@]}"); else args=("${two[@]}"); fi
+            read -r r0 _ s0 _ < "$stat"
+            fio --filename="$dev" "${args[@]}" > fio-$job.log 2>&1 || {
+                cat fio-$job.log; die "fio $job failed"
+            }
+            read -r r1 _ s1 _ < "$stat"
+            local reads=$((r1 - r0)) kib=$(((s1 - s0) / 2)) asked used
+            asked=$(stat_of "$id" prefetch_bytes); used=$(stat_of "$id" prefetch_read_bytes)
+            say "  $job, --readahead $ra: the base saw $reads reads, $kib KiB;" \
+                "prefetched $((asked >> 10)) KiB, of it read $((used >> 10)) KiB"
+            [ "$kib" -ge 7936 ] || die "the base saw less than was read"
+            if [ $ra = auto ]; then
+                [ $((kib / reads)) -ge 32 ] || die "$job: prefetch did not reach the base in large reads"
+                [ "$used" -ge $((6 << 20)) ] || die "$job: little of what was read had been prefetched"
+                [ "$used" -le "$asked" ] || die "$job: more prefetched bytes read than prefetched"
+            else
+                [ "$asked" = 0 ] || die "--readahead off still prefetched"
+                [ $((kib / reads)) -le 8 ] || die "--readahead off: the base still reads ahead"
+            fi
+            "$UC" del -n "$id"
+        done
+    done
+    losetup -d "$lo"
+    base_unchanged
+}
+
 case_cow_on_cache_race() {
     local dev id
     dev=$(add --base "$BASE" --cow-on-cache); id=$(dev_id "$dev")
@@ -173,6 +216,7 @@ case_cache_bad_input() {
 
 CASES+=("buffered reads arrive as readahead hints and prefetch|case_readahead_hints")
 CASES+=("O_DIRECT readahead detector, auto and off|case_detector")
+CASES+=("readahead detector: a backwards reader, two readers at once|case_detector_streams")
 CASES+=("copy-on-cache racing fio verify writes|case_cow_on_cache_race")
 CASES+=("cow-on-cache, then the base fails (dm error)|case_base_fails_after_cow_cache")
 CASES+=("cow-on-read copies fully read blocks|case_cow_on_read")

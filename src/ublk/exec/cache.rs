@@ -11,12 +11,22 @@ use crate::engine::map::BlockState;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::ops::{Op, Ring, finish_all};
+use std::collections::VecDeque;
 
 /// Largest piece of base data a cache request reads or copies at once.
 const CACHE_PIECE: u64 = 1 << 20;
 
+/// `fadvise(WILLNEED)` pieces of one cache request in flight at once: a
+/// whole 4 MiB window. io_uring runs each on a worker thread (the advice
+/// may block), and each starts its reads and returns; one at a time left
+/// the base idle whenever the queue's thread waited for a page still being
+/// read, and measured slower over a slow base (docs/benchmarks.md,
+/// "Readahead over a slow base").
+const WILLNEED_IN_FLIGHT: usize = 32;
+
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
-/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, all in flight; reads
+/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, `WILLNEED_IN_FLIGHT`
+/// at a time; reads
 /// and copies in pieces of at most `CACHE_PIECE`.
 pub async fn cache_range<R: Ring>(
     q: &R,
@@ -81,19 +91,24 @@ pub async fn cache_range<R: Ring>(
             }
         };
         Stats::add(counter, step.len);
-        let advice: Vec<_> = advise
+        let mut in_flight = VecDeque::new();
+        for (fd, (at, n)) in advise
             .into_iter()
             .flat_map(|(fd, pos, len)| fadvise_pieces(pos, len).map(move |p| (fd, p)))
-            .map(|(fd, (at, n))| {
-                q.push(Op::WillNeed {
-                    fd,
-                    pos: at,
-                    len: n,
-                })
-            })
-            .collect();
-        // Advice only: its failure changes nothing.
-        for f in advice {
+        {
+            if in_flight.len() == WILLNEED_IN_FLIGHT
+                && let Some(f) = in_flight.pop_front()
+            {
+                // Advice only: its failure changes nothing.
+                let _ = f.await;
+            }
+            in_flight.push_back(q.push(Op::WillNeed {
+                fd,
+                pos: at,
+                len: n,
+            }));
+        }
+        for f in in_flight {
             let _ = f.await;
         }
     }
