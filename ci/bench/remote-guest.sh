@@ -4,10 +4,11 @@
 # tests/remote/range_server.py (HTTP with Range), each serving the same
 # ${MB} MiB object. Per round, interleaved, for each server: curl
 # downloading it whole, a cold sequential read of a new device over it
-# (dd bs=1M, O_DIRECT), and `cache -n` of a new device. Then random 4 KiB
-# cold reads at QD1 (fio clat median and p99) beside the server's own GET
-# latency for 4 KiB and for one unit (curl with a Range, one request at a
-# time). Prints "bench-json: {...}" lines.
+# (dd bs=1M, O_DIRECT), and `cache -n` of a new device; over HTTP also
+# both with --fetch-size 4M (fewer, larger GETs). Then 4 KiB cold reads at
+# QD1, one in each unit, none next to another (fio clat median and p99),
+# beside the server's own GET latency for 4 KiB and for one unit (curl
+# with a Range, one request at a time). Prints "bench-json: {...}" lines.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 set -e
 need_ublk
@@ -34,25 +35,39 @@ record() { # system workload round seconds
     echo "bench-json: {\"system\": \"$1\", \"workload\": \"$2\", \"round\": $3, \"iops\": 0, \"mib_s\": $(python3 -c "print($MB / $4)")}"
 }
 # server: s3 or http; its base URL for add, and curl's arguments.
-base_of() { [ "$1" = s3 ] && echo s3://bench/obj.img || echo "http://127.0.0.1:18092/obj.img"; }
+# server: s3, http, or http-4m (--fetch-size 4M); add's arguments.
+base_of() {
+    case $1 in
+        s3) echo --base s3://bench/obj.img ;;
+        http) echo --base http://127.0.0.1:18092/obj.img ;;
+        http-4m) echo --base http://127.0.0.1:18092/obj.img --fetch-size 4M ;;
+    esac
+}
 fetch() { # server curl-args...
     local srv=$1; shift
-    if [ "$srv" = s3 ]; then curl -sf "${SIGV4[@]}" "$@" "$S3_URL"; else curl -sf "$@" "http://127.0.0.1:18092/obj.img"; fi
+    case $srv in
+        s3) curl -sf "${SIGV4[@]}" "$@" "$S3_URL" ;;
+        *) curl -sf "$@" "http://127.0.0.1:18092/obj.img" ;;
+    esac
 }
 for round in $(seq 1 "$ROUNDS"); do
-    for srv in http s3; do
-        t0=$(now)
-        fetch $srv -o /dev/null
-        record "curl-$srv" whole-object "$round" "$(since "$t0")"
+    for srv in http http-4m s3; do
+        if [ "$srv" != http-4m ]; then
+            t0=$(now)
+            fetch $srv -o /dev/null
+            record "curl-$srv" whole-object "$round" "$(since "$t0")"
+        fi
 
-        dev=$("$UC" add --base "$(base_of $srv)")
+        # shellcheck disable=SC2046 # add's arguments
+        dev=$("$UC" add $(base_of $srv))
         t0=$(now)
         dd if="$dev" of=/dev/null bs=1M iflag=direct status=none
         record "ublk-cow-$srv" cold-seqread-1m "$round" "$(since "$t0")"
         say "  $srv round $round: $(stat_of "$(dev_id "$dev")" remote_gets) GETs, most in flight $(stat_of "$(dev_id "$dev")" remote_gets_in_flight_max)"
         "$UC" del -n "$(dev_id "$dev")"
 
-        dev=$("$UC" add --base "$(base_of $srv)")
+        # shellcheck disable=SC2046 # add's arguments
+        dev=$("$UC" add $(base_of $srv))
         t0=$(now)
         "$UC" cache -n "$(dev_id "$dev")" >/dev/null 2>&1
         record "ublk-cow-$srv" cache "$round" "$(since "$t0")"
@@ -60,11 +75,14 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-# Random 4 KiB cold reads at QD1: each one fetches its unit.
+# 4 KiB cold reads at QD1, one at the start of each unit, none next to
+# another (so no readahead): each one fetches its unit.
 for srv in http s3; do
-    dev=$("$UC" add --base "$(base_of $srv)")
-    fio --name=rr --filename="$dev" --direct=1 --ioengine=psync --rw=randread --bs=4k \
-        --runtime=20 --time_based --randrepeat=0 --norandommap --output-format=json > $B/rr.json
+    # shellcheck disable=SC2046 # add's arguments
+    dev=$("$UC" add $(base_of $srv))
+    fio --name=rr --filename="$dev" --direct=1 --ioengine=psync --rw=read --bs=4k \
+        --zonemode=strided --zonesize=4k --zonerange=1M --io_size=$((MB * 4))k \
+        --output-format=json > $B/rr.json
     python3 - $B/rr.json "$srv" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]["read"]["clat_ns"]["percentile"]
