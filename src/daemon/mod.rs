@@ -197,7 +197,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
                     };
                     refuse_if_used(&p, &f)?;
                     let o = Overlay::open(f, check).map_err(|e| match (&e, base.backed.remote()) {
-                        (crate::engine::Error::Mismatch(_), Some(r)) if base.size() == r.identity().size => {
+                        (crate::engine::Error::Mismatch(_), Some(r)) => {
                             anyhow!(
                                 "overlay {} was made for another object or another version of it: \
                                  {} is now {}; --force uses it anyway",
@@ -674,7 +674,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         snapshot_to: None,
         foreground: req.foreground,
         remote: req.remote.clone(),
-        remote_identity: shared_remote_identity(&dev),
+        remote_identity: remote_identity_of(&dev),
     };
     let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
         Ok(sh) => {
@@ -749,7 +749,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
 }
 
 /// The identity of `dev`'s base if it is remote, for the state file.
-fn shared_remote_identity(dev: &CowDevice<Backed, File>) -> Option<crate::remote::Identity> {
+fn remote_identity_of(dev: &CowDevice<Backed, File>) -> Option<crate::remote::Identity> {
     dev.base().remote().map(|r| r.identity().clone())
 }
 
