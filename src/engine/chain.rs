@@ -318,6 +318,9 @@ impl Chain {
                 (BackingKind::File | BackingKind::BlockDevice, Some(b)) => {
                     raw = Some((b.clone(), h.backing.kind));
                 }
+                // The top's own base is remote (a device's overlay): nothing
+                // local is below it to open or check.
+                (BackingKind::Remote, Some(_)) if depth == 0 => {}
                 (BackingKind::Remote, Some(url)) => {
                     return Err(Error::invalid(format!(
                         "{}: its base is remote ({}): a layer over a remote base is not served",
@@ -694,6 +697,17 @@ pub fn open_lower(path: &Path) -> Result<Lower, Error> {
     });
     if layer {
         let chain = Chain::open(path, Purpose::Reads)?;
+        let top = chain.layers[0].overlay.header();
+        if let (BackingKind::Remote, Some(url)) = (top.backing.kind, &top.backing.path) {
+            return Err(Error::invalid(format!(
+                "{} is over a remote base ({}): a layer over a remote base is not served; \
+                 add --base {} --overlay {} serves it as the overlay it is",
+                path.display(),
+                url.display(),
+                url.display(),
+                path.display()
+            )));
+        }
         if !chain.layers[0].overlay.header().frozen() {
             return Err(Error::invalid(format!(
                 "{} is a live overlay: only a frozen one (a layer) can be below another",
@@ -1187,6 +1201,37 @@ pub(crate) fn map(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// An overlay of a device over a remote base: `check` and `info` find
+    /// nothing wrong with it (nothing local is below it), and it is no
+    /// layer for another overlay.
+    #[test]
+    fn an_overlay_over_a_remote_base_checks_clean_and_is_no_layer() {
+        let dir =
+            std::env::temp_dir().join(format!("ublk-cow-chain-remote-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("top.cow");
+        let id = BaseIdentity {
+            size: 1 << 20,
+            mtime_ns: 0,
+            fingerprint: 7,
+            legacy_fingerprint: None,
+        };
+        let url = "s3://images/golden.img";
+        let geo = Geometry::new(1 << 20, 4096).unwrap();
+        let file = File::create_new(&path).unwrap();
+        Overlay::create_backed(file, geo, &id, Backing::remote(url).unwrap()).unwrap();
+        assert_eq!(check(&path).unwrap(), Vec::<String>::new());
+        let infos = info(&path, true).unwrap();
+        assert_eq!(infos.len(), 1);
+        let e = open_lower(&path).err().expect("no layer").to_string();
+        assert!(
+            e.contains("over a remote base (s3://images/golden.img)"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn state(v: u8) -> BlockState {
         [

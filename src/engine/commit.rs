@@ -468,6 +468,12 @@ pub fn commit(
              commit it into"
         )));
     };
+    if h.backing.kind == BackingKind::Remote {
+        return Err(Error::invalid(format!(
+            "{who}: its base is remote ({}): commit writes only a local file",
+            backing.display()
+        )));
+    }
     let lmeta = std::fs::metadata(path).ctx(|| who.clone())?;
     let bmeta = std::fs::metadata(&backing).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::invalid(format!(
