@@ -4,8 +4,9 @@
 //! synchronous paths.
 //!
 //! Opening is in two steps because the daemon forks: [`RemoteBase::open`]
-//! sends the HEAD that pins the object's identity and stops the fetcher's
-//! threads again (a process must not fork with threads running), and
+//! sends the HEAD that pins the object's identity (and one GET of its first
+//! bytes: an object that is a ublk-cow overlay is refused) and stops the
+//! fetcher's threads again (a process must not fork with threads running), and
 //! [`RemoteBase::connect`], in the daemon, starts the fetcher for good and
 //! refuses an object whose identity changed in between.
 
