@@ -26,20 +26,16 @@ pub(crate) fn cache_range(
     let geo = *sh.dev.geometry();
     let map = sh.dev.map();
     let end = offset + length;
-    let all: Vec<u64> = remote.units_of(offset, length).collect();
     let needed = remote.units_needed(offset, length, geo.block_size(), |b| {
         map.get(b) == BlockState::Unallocated
     });
-    // Units with nothing to fetch count as done at once.
+    // The part of the range in unit `u`.
     let span = |u: u64| {
         let r = fetcher.unit_range(u);
         r.end.min(end) - r.start.max(offset)
     };
-    let mut done_bytes: u64 = all
-        .iter()
-        .filter(|u| !needed.contains(u))
-        .map(|&u| span(u))
-        .sum();
+    // Units with nothing to fetch count as done at once.
+    let mut done_bytes = length - needed.iter().map(|&u| span(u)).sum::<u64>();
     let (tx, rx) = mpsc::channel();
     fetcher.prefetch(
         needed.clone(),

@@ -225,20 +225,8 @@ impl Fetcher {
     pub fn peek(&self, len: u64) -> Outcome {
         let end = len.min(self.size());
         let shared = self.shared.clone();
-        self.handle().block_on(async move {
-            let last = Mutex::new(String::new());
-            let attempts = shared.attempts(0..end, &last);
-            match tokio::time::timeout(shared.params.fetch_timeout, attempts).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::Timeout {
-                    url: shared.object.url().to_string(),
-                    start: 0,
-                    end,
-                    after: shared.params.fetch_timeout,
-                    last: std::mem::take(&mut *last.lock().unwrap()),
-                }),
-            }
-        })
+        self.handle()
+            .block_on(async move { shared.within_deadline(0..end).await })
     }
 
     /// Stops the fetcher and waits (at most a few seconds) until its
@@ -327,12 +315,18 @@ impl Shared {
 
     /// One fetch, within its deadline.
     async fn fetch_unit(&self, unit: u64) -> Outcome {
-        let range = self.unit_range(unit);
         let started = Instant::now();
+        let outcome = self.within_deadline(self.unit_range(unit)).await;
+        self.counters.fetch_done(started.elapsed(), outcome.is_ok());
+        outcome
+    }
+
+    /// [`Shared::attempts`] of `range`, within [`Params::fetch_timeout`].
+    async fn within_deadline(&self, range: Range<u64>) -> Outcome {
         // The last fault, for the message of a timeout.
         let last = Mutex::new(String::new());
         let attempts = self.attempts(range.clone(), &last);
-        let outcome = match tokio::time::timeout(self.params.fetch_timeout, attempts).await {
+        match tokio::time::timeout(self.params.fetch_timeout, attempts).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 url: self.object.url().to_string(),
@@ -341,9 +335,7 @@ impl Shared {
                 after: self.params.fetch_timeout,
                 last: std::mem::take(&mut *last.lock().unwrap()),
             }),
-        };
-        self.counters.fetch_done(started.elapsed(), outcome.is_ok());
-        outcome
+        }
     }
 
     /// GETs of `range` until one succeeds, a fault is permanent, or the

@@ -16,6 +16,7 @@
 
 use crate::engine::Errno;
 use crate::engine::map::BlockState;
+use crate::remote::RemoteBase;
 use crate::remote::fetcher::Outcome;
 use crate::stats::Stats;
 use crate::sys::EventFd;
@@ -42,6 +43,13 @@ impl Arrivals {
     }
 }
 
+/// The units of `[off, off + len)` that hold a block still on the base.
+fn needed(sh: &ServedDevice, remote: &RemoteBase, off: u64, len: u64) -> Vec<u64> {
+    let map = sh.dev.map();
+    let bs = sh.dev.geometry().block_size();
+    remote.units_needed(off, len, bs, |b| map.get(b) == BlockState::Unallocated)
+}
+
 /// Brings into the overlay every unit of a remote base that holds a block
 /// of `[off, off + len)` still on the base. Returns the units fetched: 0
 /// when none was needed, or the base is not remote. A failed fetch fails
@@ -59,10 +67,7 @@ pub async fn fetch_below<R: Ring>(
     let Some(fetcher) = remote.fetcher() else {
         return Err(Errno::EIO);
     };
-    let map = sh.dev.map();
-    let units = remote.units_needed(off, len, sh.dev.geometry().block_size(), |b| {
-        map.get(b) == BlockState::Unallocated
-    });
+    let units = needed(sh, remote, off, len);
     if units.is_empty() {
         return Ok(0);
     }
@@ -116,9 +121,7 @@ pub fn prefetch_below(sh: &ServedDevice, off: u64, len: u64) {
     let Some(fetcher) = remote.fetcher() else {
         return;
     };
-    let map = sh.dev.map();
-    let bs = sh.dev.geometry().block_size();
-    let units = remote.units_needed(off, len, bs, |b| map.get(b) == BlockState::Unallocated);
+    let units = needed(sh, remote, off, len);
     if !units.is_empty() {
         fetcher.prefetch(units, Arc::new(|_, _| {}));
     }
