@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -128,6 +128,12 @@ bench-remote:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/remote-guest.sh bash ci/bench/run.sh
+
+# The pause of snapshot -n under fio, and fio with snapshots against alone.
+bench-snapshot:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	BENCH_SCRIPT=ci/bench/snapshot-guest.sh BENCH_SUMMARY=ci/bench/snapshot-summary.py bash ci/bench/run.sh
 
 # commit of an overlay against cp --sparse=always of the same data.
 bench-commit:

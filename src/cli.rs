@@ -240,11 +240,11 @@ pub(crate) struct SnapshotArgs {
     pub(crate) file: Option<PathBuf>,
     /// The device N of /dev/ublkbN, in use: its overlay is frozen
     ///
-    /// The device must have been added with --overlay. Its I/O pauses
-    /// while the overlay is closed and frozen and a new daemon takes over
-    /// (ublk's user recovery: the kernel holds the requests meanwhile, and
-    /// none fails); the pause is printed. If the snapshot is interrupted,
-    /// `ublk-cow recover -n N` finishes it.
+    /// The device must have been added with --overlay. Its daemon takes
+    /// the snapshot: requests in flight complete, new ones wait (none
+    /// fails) while the overlay is flushed and frozen and NEW is made over
+    /// it; the pause is printed. If the daemon ends midway, `ublk-cow
+    /// recover -n N` finishes the snapshot.
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: Option<u32>,
     /// The new overlay to create over it

@@ -2,8 +2,9 @@
 //! serves a device's requests, run here over a plain io_uring
 //! (`PlainRing`) and real files: random sequences of read, write (some
 //! with FUA), discard/write-zeroes, flush, cache requests, clean reopen,
-//! daemon crash followed by recovery from the live map, power cut, and an
-//! overlay `fdatasync` that fails, against the byte-array reference of
+//! daemon crash followed by recovery from the live map, power cut, an
+//! overlay `fdatasync` that fails, and a live snapshot (the ring's files
+//! swapped for a new overlay over the frozen one), against the byte-array reference of
 //! `tests/common`.
 //!
 //! The overlay is a file off tmpfs, so every write to it goes through the
@@ -64,6 +65,10 @@ enum Step {
     },
     /// A FLUSH whose first overlay write (a map page) fails.
     MapWriteFails,
+    /// A live snapshot, as the daemon takes one: the overlay frozen in
+    /// place, a new one made over it, and the same ring pointed at the new
+    /// chain's files.
+    LiveSnapshot,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +91,7 @@ fn step(sectors: u64) -> impl Strategy<Value = Step> {
         1 => (common::range(sectors), any::<u8>())
             .prop_map(|((off, len), seed)| Step::WriteFails { off, len, seed }),
         1 => Just(Step::MapWriteFails),
+        1 => Just(Step::LiveSnapshot),
     ]
 }
 
@@ -276,6 +282,10 @@ struct Model {
     disk: Rc<RefCell<Disk>>,
     served: Option<Served>,
     reference: Reference,
+    /// Layers below the overlay now.
+    layers: usize,
+    /// Live snapshots taken.
+    snapshots: usize,
 }
 
 fn unique_dir() -> PathBuf {
@@ -360,16 +370,22 @@ impl Model {
         let mut through = vec![0u8; size as usize];
         lower.backed.read_at(&mut through, 0).unwrap();
         assert!(through == base_image, "the chain below reads wrong");
+        // Made as `add` makes it, its backing recorded: a live snapshot
+        // makes it a layer.
         let overlay_path = dir.join("overlay");
-        let overlay = File::create_new(&overlay_path).unwrap();
+        chain::create_overlay(&overlay_path, &lower_path, Some(c.block_size)).unwrap();
         let blocks = size.div_ceil(c.block_size as u64);
         let map_path = dir.join("live.map");
-        let dev = CowDevice::create(
+        let check = OpenCheck {
+            base: &id,
+            block_size: None,
+            force: false,
+        };
+        let dev = CowDevice::open(
             lower.backed,
-            &id,
-            overlay,
-            c.block_size,
-            live_map(&map_path, blocks, true),
+            rw(&overlay_path),
+            check,
+            MapSource::Load(live_map(&map_path, blocks, true)),
         )
         .unwrap();
         let mut m = Model {
@@ -384,6 +400,8 @@ impl Model {
             disk: Rc::default(),
             served: None,
             reference: Reference::new(base_image),
+            layers,
+            snapshots: 0,
         };
         m.serve(dev);
         m
@@ -426,6 +444,39 @@ impl Model {
         let dev = CowDevice::open(lower, rw(&self.overlay_path), check, source)
             .expect("reopen after close, crash or power cut");
         self.serve(dev);
+    }
+
+    /// A live snapshot (`daemon::snapshot::in_daemon`, without the gate:
+    /// nothing else is in flight here). A device whose flush failed is not
+    /// frozen, and serves on as it was.
+    fn live_snapshot(&mut self) -> Result<(), TestCaseError> {
+        if self.layers + 1 > exec::MAX_RING_LAYERS {
+            return Ok(());
+        }
+        let s = self.s();
+        if let Err(e) = s.sh.dev.freeze() {
+            prop_assert!(s.sh.dev.failed(), "freeze failed: {}", e);
+            return Ok(());
+        }
+        // The freeze flushed: everything written is durable.
+        self.reference.flushed();
+        let new = self.dir.join(format!("top{}", self.snapshots));
+        let old = std::mem::replace(&mut self.overlay_path, new.clone());
+        self.snapshots += 1;
+        self.layers += 1;
+        self.lower_path = old.clone();
+        self.id = chain::open_lower(&old).unwrap().identity;
+        // A new live map file; the old device keeps its mapping.
+        std::fs::remove_file(&self.map_path).unwrap();
+        let map = live_map(&self.map_path, self.blocks, true);
+        let dev = chain::open_over_frozen(&old, &new, map).unwrap();
+        let s = self.served.as_mut().unwrap();
+        let sh = s.sh.swapped_to(dev).unwrap();
+        s.ring.ring.update_files(&sh.ring_files(&s._zero)).unwrap();
+        s.sh = sh;
+        *self.disk.borrow_mut() = Disk::durable_from(&rw(&new));
+        SNAPSHOTS.fetch_add(1, Ordering::Relaxed);
+        self.check_all()
     }
 
     fn s(&mut self) -> &mut Served {
@@ -607,6 +658,7 @@ impl Model {
                 let got = self.read(off, len);
                 self.reference.record_uncertain(off, &got, &data)?;
             }
+            Step::LiveSnapshot => self.live_snapshot()?,
             Step::MapWriteFails => {
                 self.disk.borrow_mut().fail_next_write = true;
                 let r = self.flush();
@@ -648,6 +700,7 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 static FAILED_SYNCS: AtomicU64 = AtomicU64::new(0);
 static LARGE: AtomicU64 = AtomicU64::new(0);
 static CHAINS: AtomicU64 = AtomicU64::new(0);
+static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
 
 fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
     let mut m = Model::new(&c);
@@ -683,18 +736,20 @@ fn io_uring_executor_matches_reference_model() {
     proptest!(cfg, |(c in exec_case())| run_case(c)?);
     let n = CASES.load(Ordering::Relaxed);
     println!(
-        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} failed syncs, 0 divergences",
+        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, 0 divergences",
         LARGE.load(Ordering::Relaxed),
         CHAINS.load(Ordering::Relaxed),
         STEPS.load(Ordering::Relaxed),
+        SNAPSHOTS.load(Ordering::Relaxed),
         FAILED_SYNCS.load(Ordering::Relaxed),
     );
     assert!(n >= n_cases as u64, "only {n} model cases ran");
     assert!(
         LARGE.load(Ordering::Relaxed) > 0
             && FAILED_SYNCS.load(Ordering::Relaxed) > 0
-            && CHAINS.load(Ordering::Relaxed) > 0,
-        "the cases did not reach maps of several pages, failed syncs and chains"
+            && CHAINS.load(Ordering::Relaxed) > 0
+            && SNAPSHOTS.load(Ordering::Relaxed) > 0,
+        "the cases did not reach maps of several pages, failed syncs, chains and live snapshots"
     );
 }
 

@@ -10,13 +10,17 @@
 //! - `{"op":"stats"}` → `{"stats":{...}}`
 //! - `{"op":"cache","offset":O,"length":L,"mode":M|null}` → progress lines
 //!   `{"progress":done,"total":L}`, then `{"done":{...}}` or `{"error":"..."}`.
+//! - `{"op":"snapshot","overlay":PATH}` (root only) → `{"snapshot":{...}}`,
+//!   where the pause went (`snapshot::in_daemon`), or `{"error":"..."}`.
 //!
-//! Cache commands run on the socket's own thread with the synchronous
-//! executor, in pieces, so that a whole-device request neither blocks a
-//! queue nor holds any block lock for long; over a remote base, as
+//! Each connection is served on a thread of its own. Cache commands run
+//! there with the synchronous executor, in pieces, so that a whole-device
+//! request neither blocks a queue nor holds any block lock for long; each
+//! piece holds a pass of the device's gate (`ublk::current`), so a live
+//! snapshot waits for at most one piece. Over a remote base they run as
 //! `fetch_all` does them.
 
-use crate::daemon::state;
+use crate::daemon::{Live, snapshot, state};
 use crate::engine::cache::CacheMode;
 use crate::engine::device::CacheDone;
 use crate::stats::{CacheSource, Stats, StatsSnapshot};
@@ -26,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +42,11 @@ pub(crate) enum Request {
         offset: u64,
         length: u64,
         mode: Option<CacheMode>,
+    },
+    /// A live snapshot into the new overlay `overlay` (an absolute path);
+    /// root only.
+    Snapshot {
+        overlay: PathBuf,
     },
 }
 
@@ -50,6 +60,8 @@ pub(crate) struct Reply {
     pub(crate) total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) done: Option<CacheDone>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) snapshot: Option<snapshot::Pause>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
 }
@@ -69,7 +81,7 @@ const PIECE: u64 = 16 << 20;
 
 /// Binds the socket of device `id` (in the run directory, which the caller
 /// has checked) and serves it on a thread of its own, to root and `owner`.
-pub(crate) fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
+pub(crate) fn serve(id: u32, live: Arc<Live>, owner: u32) -> Result<()> {
     let path = state::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let listener =
@@ -80,13 +92,25 @@ pub(crate) fn serve(id: u32, sh: Arc<ServedDevice>, owner: u32) -> Result<()> {
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if let Err(refusal) = admit(&conn, id, owner) {
-                    log::warn!("control: {refusal}");
-                    refuse(conn, refusal);
-                    continue;
-                }
-                if let Err(e) = handle(conn, &sh) {
-                    log::warn!("control request: {}", crate::cli::error_line(&e));
+                let uid = match admit(&conn, id, owner) {
+                    Ok(uid) => uid,
+                    Err(refusal) => {
+                        log::warn!("control: {refusal}");
+                        refuse(conn, refusal);
+                        continue;
+                    }
+                };
+                // A thread each: a long `cache` does not hold up a snapshot.
+                let live = live.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-request".into())
+                    .spawn(move || {
+                        if let Err(e) = handle(conn, &live, uid) {
+                            log::warn!("control request: {}", crate::cli::error_line(&e));
+                        }
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("control request: no thread for it: {e}");
                 }
             }
         })?;
@@ -104,11 +128,12 @@ fn refuse(mut conn: UnixStream, refusal: String) {
 }
 
 /// Whether the peer of `conn` may use device `id`: root and `owner` may.
-fn admit(conn: &UnixStream, id: u32, owner: u32) -> std::result::Result<(), String> {
+/// Gives the peer's uid.
+fn admit(conn: &UnixStream, id: u32, owner: u32) -> std::result::Result<u32, String> {
     let uid = crate::sys::peer_uid(conn)
         .map_err(|e| format!("device {id}: cannot tell who is asking ({e}): refused"))?;
     if state::may_use(uid, owner) {
-        Ok(())
+        Ok(uid)
     } else {
         Err(format!(
             "device {id}: permission denied to uid {uid}: only root and its owner (uid {owner}) may use it"
@@ -143,10 +168,12 @@ pub(crate) fn snapshot(sh: &ServedDevice) -> StatsSnapshot {
     s
 }
 
-fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
+fn handle(mut conn: UnixStream, live: &Live, uid: u32) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let req: Request = serde_json::from_str(&line).context("bad request")?;
+    let current = &live.current;
+    let sh = &*current.device();
     match req {
         Request::Stats => send(
             &mut conn,
@@ -155,6 +182,20 @@ fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
                 ..Reply::default()
             },
         ),
+        Request::Snapshot { overlay } => {
+            let reply = if uid != 0 {
+                Reply::error("snapshot -n needs root".into())
+            } else {
+                match snapshot::in_daemon(live, &overlay) {
+                    Ok(pause) => Reply {
+                        snapshot: Some(pause),
+                        ..Reply::default()
+                    },
+                    Err(e) => Reply::error(crate::cli::error_line(&e)),
+                }
+            };
+            send(&mut conn, &reply)
+        }
         Request::Cache {
             offset,
             length,
@@ -167,6 +208,8 @@ fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
                 return send(&mut conn, &Reply::error(error));
             }
             sh.stats.cache_request(CacheSource::Command);
+            // A device over a remote base takes no snapshot, so its device
+            // is never swapped: no pass is needed.
             if let Some(remote) = sh.dev.base().remote() {
                 let total = Some(length);
                 let done = super::fetch_all::cache_range(sh, remote, offset, length, |at| {
@@ -191,7 +234,13 @@ fn handle(mut conn: UnixStream, sh: &ServedDevice) -> Result<()> {
             let mut at = offset;
             while at < offset + length {
                 let n = PIECE.min(offset + length - at);
-                match sh.dev.cache(at, n, mode) {
+                // Each piece on the device served then (a live snapshot
+                // may swap it between pieces), with a pass.
+                let pass = current.pass_blocking();
+                let sh = current.device();
+                let done = sh.dev.cache(at, n, mode);
+                drop(pass);
+                match done {
                     Ok(d) => {
                         report += d;
                         let st = &sh.stats;

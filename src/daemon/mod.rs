@@ -25,17 +25,45 @@ use crate::engine::map::{MapMemory, map_bytes};
 use crate::engine::overlay::{OpenCheck, Overlay};
 use crate::remote::{AwsEnv, Params as RemoteParams, RemoteBase, RemoteUrl};
 use crate::sys::{Forked, MappedFile};
-use crate::ublk::ServedDevice;
 use crate::ublk::params::{IoMode, ZeroCopy};
 use crate::ublk::{self, TargetConfig};
+use crate::ublk::{Current, ServedDevice};
 use anyhow::{Context, Result, anyhow, bail};
 use state::DeviceState;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// What the daemon's threads share about the device it serves.
+pub(crate) struct Live {
+    /// The device served now (a live snapshot swaps it).
+    pub(crate) current: Arc<Current>,
+    /// The device's state file as the daemon last wrote it. The lock makes
+    /// its changes one at a time (`ready`, a failed flush, a snapshot).
+    state: Mutex<DeviceState>,
+}
+
+impl Live {
+    /// The state file as last written.
+    pub(crate) fn state(&self) -> DeviceState {
+        self.lock_state().clone()
+    }
+
+    /// Changes the state with `change`, and writes it.
+    pub(crate) fn save(&self, change: impl FnOnce(&mut DeviceState)) -> Result<()> {
+        let mut st = self.lock_state();
+        change(&mut st);
+        st.save()
+    }
+
+    /// The state, held for a change that takes several steps (a snapshot).
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, DeviceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// What `add` was asked for.
 #[derive(Clone, Debug)]
@@ -676,37 +704,41 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         remote: req.remote.clone(),
         remote_identity: remote_identity_of(&dev),
     };
-    let shared = match ServedDevice::new(dev, req.policy, req.preallocate, direct) {
-        Ok(sh) => {
-            let sh = Arc::new(sh);
-            ServedDevice::keep_fetched_units(&sh);
-            sh
-        }
+    let queues = ctrl.dev_info().nr_hw_queues;
+    let served = ServedDevice::new(dev, req.policy, req.preallocate, direct).and_then(|sh| {
+        let sh = Arc::new(sh);
+        ServedDevice::keep_fetched_units(&sh);
+        Current::new(sh, queues)
+    });
+    let live = match served {
+        Ok(current) => Arc::new(Live {
+            current: Arc::new(current),
+            state: Mutex::new(st.clone()),
+        }),
         Err(e) => {
             made.remove();
             return Err(anyhow::Error::from(e).context("opening base and overlay for the queues"));
         }
     };
-    if let Err(e) = control::serve(id, shared.clone(), owner) {
+    if let Err(e) = control::serve(id, live.clone(), owner) {
         made.remove();
         return Err(e);
     }
-    watch_failure(shared.clone(), st.clone());
+    watch_failure(live.clone());
     std::thread::spawn(move || {
         let sig = crate::sys::wait_termination();
         log::info!("signal {sig}: stopping device {id}");
         let _ = ublk::stop(id);
     });
-    let mut st_ready = st.clone();
-    let sh_ready = shared.clone();
-    let served = ublk::serve(&ctrl, shared.clone(), req.read_only, move |c| {
+    let live_ready = live.clone();
+    let served = ublk::serve(&ctrl, live.current.clone(), req.read_only, move |c| {
         let path = c.get_bdev_path();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Path::new(&path).exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        st_ready.failed = sh_ready.dev.failed();
-        match st_ready.save() {
+        let saved = live_ready.save(|st| st.failed = live_ready.current.device().dev.failed());
+        match saved {
             Ok(()) => ready(&path),
             Err(e) => {
                 log::error!("{}", crate::cli::error_line(&e));
@@ -716,6 +748,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
     });
     // The device is stopped: no request is in flight any more.
     // (The control socket's thread still holds the device, idle.)
+    let shared = live.current.device();
+    let st = live.state();
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
     let kept = closed.is_err() && !st.temporary_overlay;
     if let Err(e) = &closed {
@@ -774,10 +808,16 @@ fn kept_note(st: &DeviceState) -> String {
 }
 
 /// Once a flush of the device fails: counts it in the stats, marks the
-/// overlay failed, and says so in the state file (`list`).
-fn watch_failure(sh: Arc<ServedDevice>, st: DeviceState) {
+/// overlay failed, and says so in the state file (`list`). Watches the
+/// device served now: after a live snapshot, the new one.
+fn watch_failure(live: Arc<Live>) {
     std::thread::spawn(move || {
-        sh.dev.wait_failed();
+        let sh = loop {
+            let sh = live.current.device();
+            if sh.dev.wait_failed_for(Duration::from_secs(1)) {
+                break sh;
+            }
+        };
         sh.stats
             .overlay_failed
             .store(1, std::sync::atomic::Ordering::Relaxed);
@@ -785,11 +825,10 @@ fn watch_failure(sh: Arc<ServedDevice>, st: DeviceState) {
             log::error!("marking the overlay failed: {e}");
         }
         // Before `ready` there is no state file to update.
-        if state::state_path(st.id).exists() {
-            let st = DeviceState { failed: true, ..st };
-            if let Err(e) = st.save() {
-                log::error!("{}", crate::cli::error_line(&e));
-            }
+        if state::state_path(live.state().id).exists()
+            && let Err(e) = live.save(|st| st.failed = true)
+        {
+            log::error!("{}", crate::cli::error_line(&e));
         }
     });
 }

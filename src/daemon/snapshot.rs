@@ -2,25 +2,22 @@
 //! Its overlay becomes a frozen layer, and NEW, a new overlay over it,
 //! takes the device's writes from then on; no request fails.
 //!
-//! The pause is ublk's user recovery, the path a daemon crash takes: the
-//! daemon is killed, the kernel holds the device's requests (those in
-//! flight are requeued), and every write the daemon completed is in the
-//! overlay file and the live map, as after any crash. The overlay is then
-//! closed from the live map (as `del` of a dead daemon does), frozen, NEW is
-//! made over it with an empty live map, the state file names the chain, and
-//! a new daemon recovers the device over it; the held requests are served.
-//! Whatever crashed mid-way, the state file says how far it got: while its
-//! `snapshot_to` names NEW, `recover -n N` finishes the snapshot first, and
-//! `del -n N` forgets it (`abandon`). `SnapshotLock` keeps two of these
-//! from running at once.
+//! The command checks what it can and asks the device's daemon over the
+//! control socket; the daemon takes the snapshot while its requests wait at
+//! the device's gate (`in_daemon`). The state file says how far a snapshot
+//! got: while its `snapshot_to` names NEW, the snapshot is unfinished, and
+//! once its daemon is gone, `recover -n N` finishes it (`finish_locked`)
+//! and `del -n N` forgets it (`abandon`). `SnapshotLock` keeps a
+//! `snapshot -n`, a `recover` and a `del` from working on one at once.
 
 use super::state::{self, DeviceState};
-use super::{absolute, close_from_live_map, map_memory};
+use super::{Live, absolute, close_from_live_map, control, lock_lower, map_memory};
 use crate::engine::chain;
 use crate::engine::geometry::Geometry;
-use crate::ublk;
-use anyhow::{Context, Result, bail};
+use crate::ublk::ServedDevice;
+use anyhow::{Context, Result, anyhow, bail};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Held while a snapshot of device `id` is begun or finished, and while a
@@ -58,29 +55,12 @@ impl SnapshotLock {
     }
 }
 
-/// Takes a snapshot of device `id`, whose overlay must be a named one
-/// (`add --overlay`), into `new`, which must not exist. Everything that
-/// could make the snapshot fail once the overlay is frozen is checked
-/// before the daemon is stopped.
-pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
-    super::need_root("snapshot -n")?;
-    let lock = SnapshotLock::take(id)?;
-    let Some(st) = DeviceState::load(id)? else {
-        bail!("there is no ublk-cow device {id}");
-    };
-    if !st.daemon_alive() {
-        bail!(
-            "device {id} has no running daemon: `ublk-cow recover -n {id}` serves it again first"
-        );
-    }
+/// Refuses a snapshot of device `st` that cannot become a chain.
+fn refuse(st: &DeviceState) -> Result<()> {
+    let id = st.id;
     if st.temporary_overlay {
         bail!(
             "device {id} has a temporary overlay (added without --overlay), which goes at del: it cannot become a layer"
-        );
-    }
-    if st.foreground {
-        bail!(
-            "device {id} is served in the foreground (add --foreground, or systemd's serve): snapshot -n replaces its daemon; stop it and use `snapshot FILE`"
         );
     }
     if st.remote_identity.is_some() {
@@ -97,53 +77,148 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
     if st.failed {
         bail!("a flush of device {id} failed: its overlay is not whole, and is not frozen");
     }
-    let new = absolute(new)?;
-    chain::check_new_overlay(&new)?;
-    // The overlay as a layer: its chain opens strictly, a path that fits
-    // NEW's header, a depth a device serves.
-    chain::check_can_stack(&st.overlay, crate::ublk::exec::MAX_RING_LAYERS)?;
-    let started = Instant::now();
-    crate::sys::kill(st.pid, libc::SIGKILL).context("stopping the daemon")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while st.daemon_alive() || !ublk::is_quiesced(id) {
-        if Instant::now() > deadline {
-            bail!(
-                "device {id} did not wait for recovery after its daemon (pid {}) was stopped",
-                st.pid
-            );
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let stopped = started.elapsed();
-    // Read again: the daemon may have marked a failed flush before it died.
-    let st = DeviceState::load(id)?.context("the state file went away")?;
-    if st.failed {
+    Ok(())
+}
+
+/// Takes a snapshot of device `id`, whose overlay must be a named one
+/// (`add --overlay`), into `new`, which must not exist: checks what it
+/// can, then asks the device's daemon (`in_daemon`) and prints the pause.
+pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
+    super::need_root("snapshot -n")?;
+    let lock = SnapshotLock::take(id)?;
+    let Some(st) = DeviceState::load(id)? else {
+        bail!("there is no ublk-cow device {id}");
+    };
+    if !st.daemon_alive() {
         bail!(
-            "a flush of device {id} failed: its overlay is not frozen; `ublk-cow del -n {id}` removes the device"
+            "device {id} has no running daemon: `ublk-cow recover -n {id}` serves it again first"
         );
     }
-    let st = DeviceState {
-        snapshot_to: Some(new),
-        ..st
-    };
-    st.save()?;
-    finish_locked(st).with_context(|| {
-        format!(
-            "the snapshot of device {id} is not finished (its I/O waits): `ublk-cow recover -n {id}` tries again, `ublk-cow del -n {id}` gives it up"
-        )
+    refuse(&st)?;
+    let new = absolute(new)?;
+    chain::check_new_overlay(&new)?;
+    chain::check_can_stack(&st.overlay, crate::ublk::exec::MAX_RING_LAYERS)?;
+    let req = control::Request::Snapshot { overlay: new };
+    let reply = control::call(id, &req, |_| {}).map_err(|e| {
+        if st.daemon_alive() {
+            e
+        } else {
+            e.context(format!(
+                "the daemon of device {id} ended during the snapshot (its I/O waits): \
+                 `ublk-cow recover -n {id}` finishes it, `ublk-cow del -n {id}` gives it up"
+            ))
+        }
     })?;
     drop(lock);
-    let made = started.elapsed();
-    super::recover(id, false)?;
-    let paused = started.elapsed();
+    let p = reply
+        .snapshot
+        .context("the daemon did not answer the snapshot")?;
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     eprintln!(
-        "ublk-cow: device {id}: I/O paused for {} ms (daemon stopped in {} ms, chain made in {} ms, new daemon serving in {} ms)",
-        paused.as_millis(),
-        stopped.as_millis(),
-        (made - stopped).as_millis(),
-        (paused - made).as_millis()
+        "ublk-cow: device {id}: I/O paused for {} ms (requests in flight done in {} ms, overlay frozen in {} ms, new overlay serving in {} ms)",
+        ms(p.total_us),
+        ms(p.drained_us),
+        ms(p.frozen_us - p.drained_us),
+        ms(p.total_us - p.frozen_us)
     );
     Ok(())
+}
+
+/// Where a live snapshot's pause went, in microseconds from its start: all
+/// requests in flight done, the old overlay frozen, and (`total`) the new
+/// overlay serving.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Pause {
+    pub(crate) drained_us: u64,
+    pub(crate) frozen_us: u64,
+    pub(crate) total_us: u64,
+}
+
+/// `snapshot -n`, in the device's daemon: closes the device's gate and
+/// waits until no request is in flight (`ublk::Current::pause`), notes the
+/// snapshot begun in the state file (`snapshot_to`), freezes the overlay in
+/// place, makes NEW over it with an empty live map, opens the device over
+/// the new chain, names it in the state file, swaps it in and opens the
+/// gate. Requests that came meanwhile waited at the gate; none fails.
+///
+/// Until the overlay is frozen, a failure leaves the device as it was.
+/// After it, the device can only go on over NEW: a failure then ends the
+/// daemon, the kernel holds the device's requests, and `recover`, which
+/// finds `snapshot_to` in the state file, finishes the snapshot.
+pub(crate) fn in_daemon(live: &Live, new: &Path) -> Result<Pause> {
+    let mut st = live.lock_state();
+    let id = st.id;
+    if !new.is_absolute() {
+        bail!("{}: the new overlay's path must be absolute", new.display());
+    }
+    refuse(&st)?;
+    chain::check_new_overlay(new)?;
+    chain::check_can_stack(&st.overlay, crate::ublk::exec::MAX_RING_LAYERS)?;
+    let started = Instant::now();
+    let us = || started.elapsed().as_micros() as u64;
+    let paused = live
+        .current
+        .pause(Duration::from_secs(30))
+        .map_err(|e| anyhow!("device {id}: {e}; nothing was changed"))?;
+    let drained_us = us();
+    let old = live.current.device();
+    DeviceState {
+        snapshot_to: Some(new.to_path_buf()),
+        ..st.clone()
+    }
+    .save()?;
+    if let Err(e) = old.dev.freeze() {
+        if !old.dev.failed() {
+            unfinished(id, anyhow::Error::from(e));
+        }
+        // A failed flush: not frozen. The device goes on as it was, its
+        // overlay marked failed (`watch_failure`).
+        st.save()?;
+        return Err(
+            anyhow::Error::from(e).context(format!("device {id}: the overlay was not frozen"))
+        );
+    }
+    let frozen_us = us();
+    let sh = open_new(&st, new, &old).unwrap_or_else(|e| unfinished(id, e));
+    *st = DeviceState {
+        base: st.overlay.clone(),
+        overlay: new.to_path_buf(),
+        snapshot_to: None,
+        recovered_unclean: false,
+        ..st.clone()
+    };
+    if let Err(e) = st.save() {
+        unfinished(id, e);
+    }
+    paused.swap(Arc::new(sh));
+    drop(paused);
+    Ok(Pause {
+        drained_us,
+        frozen_us,
+        total_us: us(),
+    })
+}
+
+/// The device over NEW, the snapshot's new overlay over the frozen
+/// `st.overlay`, with a new, empty live map, for the queues.
+fn open_new(st: &DeviceState, new: &Path, old: &ServedDevice) -> Result<ServedDevice> {
+    let blocks = Geometry::new(st.size, st.block_size)?.blocks();
+    // A new file where the old map was: the old device keeps its mapping.
+    let map = map_memory(st.id, blocks, true)?;
+    let dev = chain::open_over_frozen(&st.overlay, new, map)?;
+    lock_lower(&st.overlay, dev.base())?;
+    Ok(old.swapped_to(dev)?)
+}
+
+/// A snapshot that cannot be finished after its overlay was frozen: ends
+/// the daemon, so that `recover` finishes it.
+fn unfinished(id: u32, e: anyhow::Error) -> ! {
+    log::error!(
+        "the snapshot of device {id} cannot be finished here ({}): the daemon ends, the \
+         device's I/O waits, and `ublk-cow recover -n {id}` finishes it",
+        crate::cli::error_line(&e)
+    );
+    std::process::abort();
 }
 
 /// Finishes the snapshot that `st.snapshot_to` names, under its lock, its

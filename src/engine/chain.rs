@@ -748,12 +748,17 @@ pub fn open_lower(path: &Path) -> Result<Lower, Error> {
 /// block device or a frozen overlay), recording it. A layer's block size is
 /// kept; otherwise `block_size` or the default. `path` must not exist.
 pub fn create_overlay(path: &Path, backing: &Path, block_size: Option<u32>) -> Result<(), Error> {
-    let Lower {
-        identity: id,
-        backing: recorded,
-        block_size: layer_bs,
-        ..
-    } = open_lower(backing)?;
+    create_over(path, &open_lower(backing)?, backing, block_size)
+}
+
+/// [`create_overlay`] over `lower`, opened from `backing` already.
+fn create_over(
+    path: &Path,
+    lower: &Lower,
+    backing: &Path,
+    block_size: Option<u32>,
+) -> Result<(), Error> {
+    let (id, recorded, layer_bs) = (&lower.identity, lower.backing.clone(), lower.block_size);
     let bs = match (layer_bs, block_size) {
         (Some(l), Some(b)) if l != b => {
             return Err(Error::invalid(format!(
@@ -772,7 +777,7 @@ pub fn create_overlay(path: &Path, backing: &Path, block_size: Option<u32>) -> R
         .open(path)
         .ctx(|| format!("creating overlay {}", path.display()))?;
     // Whole and durable once made, and never used: clean.
-    match Overlay::create_backed(file, geo, &id, recorded).and_then(|mut o| o.set_clean(true)) {
+    match Overlay::create_backed(file, geo, id, recorded).and_then(|mut o| o.set_clean(true)) {
         Ok(_) => Ok(()),
         Err(e) => {
             let _ = std::fs::remove_file(path);
@@ -827,6 +832,32 @@ pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
         freeze(path)?;
     }
     create_overlay(new, path, None)
+}
+
+/// The second half of a live snapshot, once the device whose overlay is at
+/// `frozen` froze it in place (`CowDevice::freeze`): makes `new`, an empty
+/// overlay over it, and opens the device that takes the writes from then
+/// on, `new` under the exclusive lock a device holds, with `map` (empty) as
+/// its map. `new` is checked (`check_new_overlay`) by the caller first.
+pub fn open_over_frozen(
+    frozen: &Path,
+    new: &Path,
+    map: MapMemory,
+) -> Result<CowDevice<Backed, File>, Error> {
+    let lower = open_lower(frozen)?;
+    create_over(new, &lower, frozen, None)?;
+    let who = name(new, 0);
+    let opened = (|| {
+        let file = open_locked(new, &who)?;
+        let id = lower.identity;
+        let check = OpenCheck {
+            base: &id,
+            block_size: None,
+            force: false,
+        };
+        CowDevice::open(lower.backed, file, check, MapSource::Load(map))
+    })();
+    opened.map_err(|e| about(&who, e))
 }
 
 /// Refuses to freeze the overlay at `path` into a layer for a new overlay

@@ -342,20 +342,19 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// Whether a flush failed: from then on every flush fails and nothing
     /// more is persisted (see [`FlushTurn::fail`]).
-    pub(crate) fn failed(&self) -> bool {
+    pub fn failed(&self) -> bool {
         self.flush.failed.load(Ordering::Acquire)
     }
 
-    /// Blocks until a flush fails (forever if none does).
-    pub(crate) fn wait_failed(&self) {
-        let mut noted = self.flush.noted.lock().unwrap_or_else(|e| e.into_inner());
-        while !*noted {
-            noted = self
-                .flush
-                .wake
-                .wait(noted)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+    /// Waits up to `patience` for a flush to fail: whether one did.
+    pub(crate) fn wait_failed_for(&self, patience: std::time::Duration) -> bool {
+        let noted = self.flush.noted.lock().unwrap_or_else(|e| e.into_inner());
+        let (noted, _) = self
+            .flush
+            .wake
+            .wait_timeout_while(noted, patience, |n| !*n)
+            .unwrap_or_else(|e| e.into_inner());
+        *noted
     }
 
     /// FLUSH with positional I/O, in the steps of [`FlushTurn`].
@@ -389,6 +388,32 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         }
         flushed?;
         self.overlay.write_clean_flag(true).map(|_| ())
+    }
+
+    /// A live snapshot's freeze: flushes, then marks the overlay clean and
+    /// frozen (it becomes a layer), and turns the device's exclusive lock on
+    /// its file into the shared one that a layer below a device holds. No
+    /// request may reach the device from when this is called on; after it
+    /// succeeds, none ever may. A device whose flush failed is not frozen.
+    pub fn freeze(&self) -> Result<(), Error> {
+        self.flush()?;
+        if self.failed() {
+            return Err(failed_error());
+        }
+        self.overlay.seal()?;
+        let Some(file) = self.overlay.storage().as_file() else {
+            return Ok(());
+        };
+        let what = || "sharing the lock on the frozen overlay".to_string();
+        // An exclusive lock of another open of the file may linger for a
+        // moment after it was closed (a ring's files are let go of late).
+        for _ in 0..100 {
+            if crate::sys::try_flock(file, false).ctx(what)? {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(Error::invalid(format!("{}: the file is in use", what())))
     }
 
     /// Marks the overlay failed (see [`Overlay::mark_failed`]), after a flush

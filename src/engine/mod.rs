@@ -1,7 +1,7 @@
 //! The copy-on-write engine, free of ublk and io_uring so that it runs and is
 //! tested on any host: the block-state map, per-block locks, request
-//! planning, the overlay's on-disk format, chains of overlays, and a
-//! synchronous executor.
+//! planning, the overlay's on-disk format, chains of overlays, the pause
+//! gate of a live snapshot, and a synchronous executor.
 //!
 //! Data flow: a request is turned into a plan by [`plan`] from the [`map`];
 //! an executor carries the plan out over [`storage`] — [`device::CowDevice`]
@@ -15,6 +15,7 @@ pub mod cache;
 pub mod chain;
 pub mod commit;
 pub mod device;
+pub mod gate;
 pub(crate) mod geometry;
 pub(crate) mod locks;
 pub mod map;

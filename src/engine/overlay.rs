@@ -567,6 +567,14 @@ impl<S: Storage> Overlay<S> {
         Ok(())
     }
 
+    /// Marks this overlay, whose device flushed it just now and writes it no
+    /// more, clean and frozen in one durable header write: a live snapshot
+    /// makes it a layer in place. From then on its header takes no write.
+    pub(crate) fn seal(&self) -> Result<(), Error> {
+        self.write_flags(FLAG_CLEAN | FLAG_FROZEN, FLAG_FAILED)
+            .map(|_| ())
+    }
+
     /// Writes the header with the clean flag set or cleared and makes it
     /// durable; returns the header written. Setting it (a clean close) also
     /// clears the failed flag. The header kept here still says how the

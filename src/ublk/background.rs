@@ -1,5 +1,5 @@
 //! Background cache work of one queue: prefetches and copies that the queue's
-//! requests asked for, run by one task on the queue's executor, on the
+//! requests asked for, run by one task on the queue's executor (`queue`), on the
 //! queue's ring, after the request that asked has completed. Work queued or
 //! in flight is bounded by the policy's budget; what does not fit is dropped,
 //! since it is only prefetch, so foreground requests never wait behind more
@@ -42,6 +42,7 @@ pub(crate) struct Background {
     bytes: Cell<u64>,
     busy: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    generation: Cell<u64>,
 }
 
 impl Background {
@@ -70,23 +71,42 @@ impl Background {
         self.jobs.borrow().is_empty() && !self.busy.get()
     }
 
-    async fn next(&self) -> Job {
-        poll_fn(|cx| match self.jobs.borrow_mut().pop_front() {
+    /// Drops every job queued (a live snapshot swapped the device they
+    /// were queued for); a job taken and not run yet is dropped by its
+    /// runner, who finds another `generation`.
+    pub(crate) fn clear(&self) {
+        self.jobs.borrow_mut().clear();
+        self.bytes.set(0);
+        self.generation.set(self.generation.get() + 1);
+    }
+
+    /// Counts the `clear`s.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.get()
+    }
+
+    /// The next job, and the generation it was queued in; the queue is
+    /// busy from then until it is run (`run`) or dropped (`dropped`).
+    pub(crate) async fn next(&self) -> (Job, u64) {
+        let job = poll_fn(|cx| match self.jobs.borrow_mut().pop_front() {
             Some(j) => Poll::Ready(j),
             None => {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
         })
-        .await
+        .await;
+        self.busy.set(true);
+        (job, self.generation.get())
     }
-}
 
-/// The queue's background task: runs jobs one after another, forever.
-pub(crate) async fn worker<R: Ring>(q: &R, sh: &ServedDevice, bg: &Background) {
-    loop {
-        let job = bg.next().await;
-        bg.busy.set(true);
+    /// A job taken by `next` and dropped unrun (its bytes went at `clear`).
+    pub(crate) fn dropped(&self) {
+        self.busy.set(false);
+    }
+
+    /// Runs a job taken by `next`, on device `sh`.
+    pub(crate) async fn run<R: Ring>(&self, q: &R, sh: &ServedDevice, job: Job) {
         let n = job.bytes();
         let r = match job {
             Job::Cache { off, len } => exec::cache_range(q, sh, off, len, sh.policy.mode).await,
@@ -96,7 +116,7 @@ pub(crate) async fn worker<R: Ring>(q: &R, sh: &ServedDevice, bg: &Background) {
         if r < 0 {
             log::debug!("background cache work failed: {}", -r);
         }
-        bg.bytes.set(bg.bytes.get() - n);
-        bg.busy.set(false);
+        self.bytes.set(self.bytes.get().saturating_sub(n));
+        self.busy.set(false);
     }
 }

@@ -6,6 +6,7 @@
 //! `write_data` (a WRITE's data).
 
 pub(crate) mod background;
+pub mod current;
 pub mod exec;
 pub(crate) mod inline;
 pub mod ops;
@@ -19,12 +20,12 @@ mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;
+pub use current::Current;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags, sys};
 use params::{IoMode, ZeroCopy};
 pub use served::ServedDevice;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -131,16 +132,15 @@ pub(crate) fn io_mode(ctrl: &UblkCtrl) -> IoMode {
 /// `/dev/ublkbN` accepts I/O.
 pub(crate) fn serve(
     ctrl: &UblkCtrl,
-    shared: Arc<ServedDevice>,
+    current: Arc<Current>,
     read_only: bool,
     ready: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
 ) -> Result<(), UblkError> {
+    let shared = current.device();
     let geo = *shared.dev.geometry();
     let depth = ctrl.dev_info().queue_depth;
-    // Zero copy fills zero runs of a READ by reading /dev/zero into the
-    // request's registered pages. Open until the device stops.
-    let zero = File::open("/dev/zero").map_err(UblkError::IOError)?;
-    let files = shared.ring_files(&zero).in_order();
+    let files = shared.ring_files(current.zero()).table();
+    drop(shared);
     let init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
         // The `*_FD` constants of `exec` count on these following the char
@@ -161,7 +161,7 @@ pub(crate) fn serve(
         });
         Ok(())
     };
-    let q_fn = move |qid: u16, dev: &UblkDev| queue::run_queue(qid, dev, shared.clone());
+    let q_fn = move |qid: u16, dev: &UblkDev| queue::run_queue(qid, dev, current.clone());
     ctrl.run_target(init, q_fn, ready).map(|_| ())
 }
 

@@ -82,7 +82,7 @@ impl PlainRing {
         let ring = IoUring::new(entries)?;
         let placeholder = File::open("/dev/null")?;
         let mut fds = vec![placeholder.as_raw_fd(); FIRST_FILE as usize];
-        fds.extend(files.in_order());
+        fds.extend(files.table());
         ring.submitter().register_files(&fds)?;
         Ok(PlainRing {
             inner: Rc::new(Inner {
@@ -91,6 +91,15 @@ impl PlainRing {
             }),
             _placeholder: placeholder,
         })
+    }
+
+    /// Points the ring's fixed files at `files`, as a queue does after a
+    /// live snapshot swapped its device.
+    pub fn update_files(&self, files: &RingFiles) -> io::Result<()> {
+        let ring = self.inner.ring.borrow();
+        ring.submitter()
+            .register_files_update(FIRST_FILE, &files.table())?;
+        Ok(())
     }
 
     /// Runs `fut` to its end, submitting the operations it pushes and

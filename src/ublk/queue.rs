@@ -12,20 +12,24 @@
 
 use crate::engine::Errno;
 use crate::engine::after_read::{self, CompletedRead};
+use crate::engine::gate::Pass;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
-use crate::ublk::ServedDevice;
-use crate::ublk::background::{self, Background, Job};
+use crate::ublk::background::{Background, Job};
 use crate::ublk::exec::{self, ReadData, ReadDone, TagScratch, ZeroBlocks};
+use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
 use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy};
 use crate::ublk::write_data::WriteData;
+use crate::ublk::{Current, ServedDevice};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{UblkError, sys};
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 /// A request as ublk describes it.
 struct Request {
@@ -70,6 +74,102 @@ pub(crate) struct QueueState {
     /// keeps several in flight reads ahead itself).
     reads_in_flight: Cell<u32>,
     background: Background,
+    qid: u16,
+    /// The device served now, and its gate (see `current`).
+    current: Arc<Current>,
+    /// The device this queue's requests use: `current`'s as of `epoch`.
+    /// A request clones the `Rc`, not the `Arc`, whose count every queue's
+    /// thread would write.
+    #[allow(clippy::redundant_allocation)]
+    sh: RefCell<Rc<Arc<ServedDevice>>>,
+    epoch: Cell<u64>,
+    /// A task of this queue reads its eventfd, waiting for the gate to
+    /// open; the others wait in `parked` for it.
+    watching: Cell<bool>,
+    parked: RefCell<Vec<Waker>>,
+}
+
+impl QueueState {
+    /// The device this queue's requests use now.
+    #[allow(clippy::redundant_allocation)]
+    fn device(&self) -> Rc<Arc<ServedDevice>> {
+        self.sh.borrow().clone()
+    }
+
+    /// Waits until the device's gate lets work of this queue pass. The
+    /// first to pass after a live snapshot's swap takes the new device for
+    /// the whole queue, before anything of the queue uses it.
+    async fn pass(&self, q: &UblkQueue<'_>) -> Pass<'_> {
+        loop {
+            if let Some(p) = self.current.try_pass(self.qid) {
+                if self.epoch.get() != self.current.epoch() {
+                    self.take_new_device();
+                }
+                return p;
+            }
+            self.wait_open(q).await;
+        }
+    }
+
+    /// Takes the device a live snapshot swapped in: the ring's fixed files
+    /// name its files from now on, and background work queued for the old
+    /// one is dropped (a copy read from the old device must not land in
+    /// the new one's map, where a write since the read is not seen).
+    fn take_new_device(&self) {
+        let sh = self.current.device();
+        let files = sh.ring_files(self.current.zero()).table();
+        let updated = libublk::io::with_task_io_ring(|ring| {
+            ring.submitter()
+                .register_files_update(exec::FIRST_FILE, &files)
+        });
+        if let Err(e) = updated {
+            // The panic ends the daemon; the device waits for `recover`,
+            // which serves the new chain that the state file names.
+            panic!(
+                "queue {}: pointing the ring at the new overlay's files: {e}",
+                self.qid
+            );
+        }
+        self.background.clear();
+        *self.sh.borrow_mut() = Rc::new(sh);
+        self.epoch.set(self.current.epoch());
+    }
+
+    /// Waits until the gate is open: one task of the queue reads the
+    /// queue's eventfd on the ring (its thread never blocks), the others
+    /// park until it saw the gate open.
+    async fn wait_open(&self, q: &UblkQueue<'_>) {
+        if self.watching.replace(true) {
+            poll_fn(|cx| {
+                if self.watching.get() {
+                    self.parked.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            return;
+        }
+        let mut counter = Box::new(0u64);
+        while self.current.is_paused() {
+            let wait = Op::ReadEvent {
+                fd: self.current.opened_fd(self.qid),
+                to: &mut *counter,
+            };
+            // `counter` stays in place until the read completes: awaited.
+            let r = q.push(wait).await;
+            if r < 0 && r != -libc::EINTR && r != -libc::EAGAIN {
+                // The ring cannot read it: look again in a millisecond.
+                let ts = io_uring::types::Timespec::new().nsec(1_000_000);
+                q.push(Op::Timeout(&ts)).await;
+            }
+        }
+        self.watching.set(false);
+        for w in self.parked.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
 }
 
 /// All three fail-fast bits: blk-mq sets them on readahead bios.
@@ -272,12 +372,7 @@ pub(crate) async fn get_data(q: &UblkQueue<'_>, tag: u16, at: *mut u8) -> GetDat
     }
 }
 
-async fn tag_task(
-    q: Rc<UblkQueue<'_>>,
-    tag: u16,
-    sh: Arc<ServedDevice>,
-    qs: Rc<QueueState>,
-) -> Result<(), UblkError> {
+async fn tag_task(q: Rc<UblkQueue<'_>>, tag: u16, qs: Rc<QueueState>) -> Result<(), UblkError> {
     let mut buf = if qs.zero_copy {
         TagBuf::registered(tag, qs.user_copy)
     } else {
@@ -287,13 +382,34 @@ async fn tag_task(
     let mut data_pending = fetch(&q, tag, &buf).await?;
     loop {
         let req = Request::of(&q, tag, data_pending);
+        let pass = qs.pass(&q).await;
+        let sh = qs.device();
         let done = handle(&q, &sh, &qs, &mut scratch, req, &mut buf).await?;
+        drop(pass);
         data_pending = commit(&q, tag, &buf, done).await?;
+        // Held until here: a READ's commit may name the device's mappings.
+        drop(sh);
+    }
+}
+
+/// The queue's background task: runs its jobs one after another, each
+/// with a pass of the gate, forever.
+async fn background_worker(q: &UblkQueue<'_>, qs: &QueueState) {
+    loop {
+        let (job, generation) = qs.background.next().await;
+        let _pass = qs.pass(q).await;
+        if qs.background.generation() != generation {
+            // Queued for a device a snapshot swapped out: dropped.
+            qs.background.dropped();
+            continue;
+        }
+        let sh = qs.device();
+        qs.background.run(q, &sh, job).await;
     }
 }
 
 /// The body of queue thread `qid`: returns when the device stops.
-pub(crate) fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
+pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -301,6 +417,8 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
             return;
         }
     };
+    let epoch = current.epoch();
+    let sh = current.device();
     let bs = sh.dev.geometry().block_size();
     let qs = Rc::new(QueueState {
         commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
@@ -314,16 +432,22 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, sh: Arc<ServedDevice>) {
         detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
         reads_in_flight: Cell::new(0),
         background: Background::default(),
+        qid,
+        current,
+        sh: RefCell::new(Rc::new(sh)),
+        epoch: Cell::new(epoch),
+        watching: Cell::new(false),
+        parked: RefCell::default(),
     });
     let exe = Rc::new(smol::LocalExecutor::new());
     let worker = {
-        let (q, sh, qs) = (q.clone(), sh.clone(), qs.clone());
-        exe.spawn(async move { background::worker(&*q, &sh, &qs.background).await })
+        let (q, qs) = (q.clone(), qs.clone());
+        exe.spawn(async move { background_worker(&q, &qs).await })
     };
     let tasks: Vec<_> = q
         .tags()
         .map(|tag| {
-            let fut = tag_task(q.clone(), tag, sh.clone(), qs.clone());
+            let fut = tag_task(q.clone(), tag, qs.clone());
             exe.spawn(async move {
                 match fut.await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}

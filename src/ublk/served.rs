@@ -26,7 +26,8 @@ pub(crate) type DeviceFlushTurn<'a> = crate::engine::device::FlushTurn<'a, Backe
 pub struct ServedDevice {
     pub dev: Device,
     pub(crate) policy: CachePolicy,
-    pub(crate) stats: Stats,
+    /// Kept across a live snapshot's swap of the device.
+    pub(crate) stats: Arc<Stats>,
     /// I/O of the base and the overlay that can be served on the queue's
     /// thread (see `inline`).
     pub(crate) base_io: MemoryPath,
@@ -86,12 +87,28 @@ impl ServedDevice {
         Ok(ServedDevice {
             dev,
             policy,
-            stats: Stats::default(),
+            stats: Arc::default(),
             base_io,
             overlay_io,
             layer_io,
             unallocated_ready,
             direct,
+        })
+    }
+
+    /// The queues' view of `dev`, the device a live snapshot of this one
+    /// serves from then on: the same policy, counters and direct base.
+    pub fn swapped_to(&self, dev: Device) -> std::io::Result<ServedDevice> {
+        let direct = match &self.direct {
+            Some(d) => Some(DirectBase {
+                file: d.file.try_clone()?,
+                align: d.align,
+            }),
+            None => None,
+        };
+        Ok(ServedDevice {
+            stats: self.stats.clone(),
+            ..ServedDevice::new(dev, self.policy, false, direct)?
         })
     }
 

@@ -185,28 +185,39 @@ print(" ".join("%d:%d-%d" % tuple(r) for r in runs))'
 
 CASES+=("layers: the same writes to a ublk-cow chain and a qcow2 chain (qemu-img): same bytes, same layers|case_chain_qcow2")
 
-# snapshot -n of a device in use: under a fio verify load (no error, no
-# failed request), then quietly: a fork of the frozen layer reads what the
-# device held at the snapshot, and map of the new top lists exactly the
-# blocks written since.
+# snapshot -n of a device in use, taken by its daemon: under a fio verify
+# load and a reader (no error, no failed request), then quietly: a fork of
+# the frozen layer reads what the device held at the snapshot, and map of
+# the new top lists exactly the blocks written since.
 case_live_snapshot() {
     local l0=$WORK/live0.cow l1=$WORK/live1.cow l2=$WORK/live2.cow fork=$WORK/live-fork.cow
     local dev id pause at_snapshot
     rm -f "$l0" "$l1" "$l2" "$fork"
-    dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
+    # Copies into the overlay too (cow-on-read, cache requests copying):
+    # the snapshot drops what was queued for the old device.
+    dev=$(add --base "$BASE" --overlay "$l0" --cow-on-read --cow-on-cache) || { die "add"; return; }
     id=$(dev_id "$dev")
     fio --name=verify --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
         --bs=4k --iodepth=16 --size=48M --verify=crc32c --do_verify=1 \
         --output=fio.out >/dev/null 2>&1 &
     local fio_pid=$! waited=0
+    # A sequential reader beside it (readahead, copies) until fio ends.
+    ( while kill -0 "$fio_pid" 2>/dev/null; do
+        dd if="$dev" of=/dev/null bs=64k count=768 iflag=direct status=none || exit 1
+    done ) &
+    local reader=$!
     # The snapshot falls in the middle of the writes: after 16 MiB of 48.
     while [ "$(stat_of "$id" write_bytes)" -lt $((16 << 20)) ]; do
         sleep 0.2; waited=$((waited + 1))
         [ "$waited" -lt 600 ] || { die "fio wrote less than 16 MiB in 120 s"; return; }
     done
+    local pid; pid=$(daemon_pid "$id")
     pause=$("$UC" snapshot -n "$id" --overlay "$l1" 2>&1 >/dev/null) || { die "snapshot under load: $pause"; return; }
     say "  under fio verify: $pause"
+    # Taken inside the daemon: the same process serves on.
+    [ "$(daemon_pid "$id")" = "$pid" ] || { die "the daemon was replaced at the snapshot"; return; }
     wait "$fio_pid" || { die "fio verify failed across the snapshot: $(grep -i err fio.out | head -3)"; return; }
+    wait "$reader" || { die "a read failed across the snapshot"; return; }
     "$UC" info "$l0" | grep -q 'frozen' || { die "the old overlay is not frozen"; return; }
     "$UC" list | grep -q "$l1" || { die "the device does not name its new overlay: $("$UC" list)"; return; }
     # Quiet: the device's contents at the snapshot are the frozen layer's.
@@ -249,7 +260,7 @@ case_interrupted_snapshot() {
     head -c 4M /dev/urandom | dd of="$dev" bs=1M seek=7 oflag=direct status=none
     sum=$(sha "$dev")
     interrupt() { # ID NEW: kill the daemon, and record the snapshot begun
-        st=$(python3 -c "import json; print(json.load(open('$UBLK_COW_RUN_DIR/$1.json'))['pid'])")
+        st=$(daemon_pid "$1")
         kill -9 "$st"
         while kill -0 "$st" 2>/dev/null; do sleep 0.05; done
         python3 - "$UBLK_COW_RUN_DIR/$1.json" "$2" <<'PY'

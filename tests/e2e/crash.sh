@@ -1,8 +1,6 @@
 # Crash cases: the daemon killed with SIGKILL mid-I/O and recovered, a full
 # overlay file system. Sourced by run.sh.
 
-daemon_pid() { grep -o '"pid": *[0-9]*' "$UBLK_COW_RUN_DIR/$1.json" | grep -o '[0-9]*$'; }
-
 # kill -9 the daemon of device $1 and start a new one with `recover`.
 kill_and_recover() {
     local id=$1 pid; pid=$(daemon_pid "$id")

@@ -28,6 +28,9 @@ dev_id() { echo "${1#/dev/ublkb}"; }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
+# The pid of device ID's daemon, from its state file.
+daemon_pid() { grep -o '"pid": *[0-9]*' "$UBLK_COW_RUN_DIR/$1.json" | grep -o '[0-9]*$'; }
+
 # stat_of ID NAME: one counter of `ublk-cow stats`.
 stat_of() { "$UC" stats -n "$1" --json | grep -o "\"$2\": *[0-9]*" | grep -o '[0-9]*$'; }
 

@@ -68,10 +68,13 @@ pub struct RingFiles {
 }
 
 impl RingFiles {
-    /// The descriptors, in fixed-file order from `FIRST_FILE` on.
-    pub(crate) fn in_order(&self) -> Vec<RawFd> {
+    /// The ring's fixed files from `FIRST_FILE` to the end of its table,
+    /// in order; the slots no layer uses are empty (-1), so that a live
+    /// snapshot can fill one with a new layer's file later.
+    pub(crate) fn table(&self) -> Vec<RawFd> {
         let mut fds = vec![self.base, self.overlay, self.zero, self.base_direct];
         fds.extend(&self.layers);
+        fds.resize((RING_FILES_MAX - FIRST_FILE) as usize, -1);
         fds
     }
 }
