@@ -1,6 +1,7 @@
 //! One queue: its thread runs a local executor with one task per tag. A task
-//! fetches a request, dispatches it by operation to `exec`, and commits the
-//! result, forever, until the queue goes down. The ublk commands of a tag
+//! fetches a request, passes the device's gate (held closed while a live
+//! snapshot swaps the device, see `current`), dispatches it by operation to
+//! `exec`, and commits the result, forever, until the queue goes down. The ublk commands of a tag
 //! (fetch, commit, NEED_GET_DATA) are all sent and answered here.
 //!
 //! With zero copy (`params::IoMode`) ublk registers each request's pages as

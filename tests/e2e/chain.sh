@@ -201,9 +201,10 @@ case_live_snapshot() {
         --bs=4k --iodepth=16 --size=48M --verify=crc32c --do_verify=1 \
         --output=fio.out >/dev/null 2>&1 &
     local fio_pid=$! waited=0
-    # A sequential reader beside it (readahead, copies) until fio ends.
+    # A sequential reader of the first 16 MiB beside it (readahead, copies)
+    # until fio ends.
     ( while kill -0 "$fio_pid" 2>/dev/null; do
-        dd if="$dev" of=/dev/null bs=64k count=768 iflag=direct status=none || exit 1
+        dd if="$dev" of=/dev/null bs=64k count=256 iflag=direct status=none || exit 1
     done ) &
     local reader=$!
     # The snapshot falls in the middle of the writes: after 16 MiB of 48.
@@ -221,12 +222,15 @@ case_live_snapshot() {
     "$UC" info "$l0" | grep -q 'frozen' || { die "the old overlay is not frozen"; return; }
     "$UC" list | grep -q "$l1" || { die "the device does not name its new overlay: $("$UC" list)"; return; }
     # Quiet: the device's contents at the snapshot are the frozen layer's.
-    at_snapshot=$(sha "$dev")
+    # The first 64 MiB hold every write; reading them copies them up (the
+    # whole device would fill the guest's /tmp with copies).
+    head64() { dd if="$1" bs=1M count=64 iflag=direct status=none | sha256sum | cut -d' ' -f1; }
+    at_snapshot=$(head64 "$dev")
     pause=$("$UC" snapshot -n "$id" --overlay "$l2" 2>&1 >/dev/null) || { die "snapshot: $pause"; return; }
     say "  quiet: $pause"
     local f; f=$(add --base "$l1" --overlay "$fork") || { die "add fork"; return; }
-    [ "$(sha "$f")" = "$at_snapshot" ] || { die "the fork does not read what the device held at the snapshot"; return; }
-    [ "$(sha "$dev")" = "$at_snapshot" ] || { die "the device changed at the snapshot"; return; }
+    [ "$(head64 "$f")" = "$at_snapshot" ] || { die "the fork does not read what the device held at the snapshot"; return; }
+    [ "$(head64 "$dev")" = "$at_snapshot" ] || { die "the device changed at the snapshot"; return; }
     "$UC" del -n "$(dev_id "$f")"
     local off written=""
     for off in 100 101 5000 20000; do
@@ -242,6 +246,7 @@ print(" ".join(str(b) for e in json.load(sys.stdin) if e["depth"] == 0
                for b in range(e["start"] // 4096, (e["start"] + e["length"]) // 4096)))')
     [ "$got" = "${written# }" ] || { die "map of the new top: [$got], written since the snapshot: [${written# }]"; return; }
     expect_fail "a snapshot of no device" "$UC" snapshot -n 77 --overlay "$WORK/none.cow"
+    rm -f "$l0" "$l1" "$l2" "$fork"
     base_unchanged
 }
 

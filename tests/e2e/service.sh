@@ -1,8 +1,9 @@
 # `ublk-cow serve CONFIG`, what the systemd unit ublk-cow@NAME runs, with
 # systemd played by this script: READY=1 on $NOTIFY_SOCKET once the device
 # accepts I/O; after a kill -9 of the daemon, the same command ("the unit
-# restarted") recovers the same device with the data written before; and
-# SIGTERM ("systemctl stop") is del: the overlay clean, the device gone.
+# restarted") recovers the same device with the data written before;
+# `snapshot -n` of it is taken by the same process; and SIGTERM
+# ("systemctl stop") is del: the overlay clean, the device gone.
 # Sourced by run.sh.
 
 # ready_count FILE: how many READY=1 messages the listener logged.
@@ -50,6 +51,13 @@ with open(sys.argv[2], "a") as f:
     "$UC" list -n 9 | grep -Eq '^9 .* (running|unclean) ' || die "after recovery: $("$UC" list -n 9)"
     cmp <(dd if=/dev/ublkb9 bs=1M skip=3 count=2 iflag=direct status=none) "$d/data" \
         || die "data written before the crash is not there after recovery"
+    # A live snapshot of the unit's device: the same process serves on,
+    # over the chain, its writes in the new overlay.
+    "$UC" snapshot -n 9 --overlay "$d/new.overlay" 2>/dev/null || die "snapshot -n of a served device"
+    [ "$(daemon_pid 9)" = "$pid" ] || die "the snapshot replaced serve's process"
+    dd if=/dev/urandom of=/dev/ublkb9 bs=1M seek=6 count=1 oflag=direct status=none
+    cmp <(dd if=/dev/ublkb9 bs=1M skip=3 count=2 iflag=direct status=none) "$d/data" \
+        || die "data written before the snapshot is not there after it"
     # systemctl stop: SIGTERM, and serve exits 0 with the device removed.
     kill -TERM "$pid"
     local rc=0; wait "$pid" || rc=$?
@@ -57,11 +65,13 @@ with open(sys.argv[2], "a") as f:
     [ "$rc" = 0 ] || die "serve exited $rc on SIGTERM: $(cat "$d/err2")"
     [ ! -e /dev/ublkb9 ] || die "/dev/ublkb9 is left after SIGTERM"
     [ ! -e "$UBLK_COW_RUN_DIR/9.json" ] || die "the state file is left after SIGTERM"
-    "$UC" info "$ov" | grep -q 'clean: yes' || die "the overlay is not clean: $("$UC" info "$ov")"
+    "$UC" info "$ov" | grep -q 'frozen' || die "the snapshotted overlay is not frozen: $("$UC" info "$ov")"
+    "$UC" info "$d/new.overlay" | grep -q 'clean: yes' \
+        || die "the overlay is not clean: $("$UC" info "$d/new.overlay")"
     # And a bad configuration is one line.
     printf 'base = %s\n' "$BASE" > "$d/bad.conf"
     expect_fail "a configuration without an overlay" "$UC" serve "$d/bad.conf"
     base_unchanged
 }
 
-CASES+=("serve: READY=1 when it accepts I/O, recovery after kill -9, SIGTERM is del|case_serve")
+CASES+=("serve: READY=1 when it accepts I/O, recovery after kill -9, snapshot -n, SIGTERM is del|case_serve")
