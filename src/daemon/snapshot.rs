@@ -100,6 +100,11 @@ pub(crate) fn live(id: u32, new: &Path) -> Result<()> {
     chain::check_can_stack(&st.overlay, crate::ublk::exec::MAX_RING_LAYERS)?;
     let req = control::Request::Snapshot { overlay: new };
     let reply = control::call(id, &req, |_| {}).map_err(|e| {
+        // A daemon that ended midway closed the connection as it went.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while st.daemon_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if st.daemon_alive() {
             e
         } else {

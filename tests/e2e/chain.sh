@@ -297,3 +297,33 @@ PY
 }
 
 CASES+=("layers: an interrupted snapshot: recover finishes it, del forgets it, no write lost|case_interrupted_snapshot")
+
+# A snapshot -n that fails after the freeze (its new overlay's file system
+# turned read-only after the command's checks): the daemon ends, the
+# kernel holds the device's I/O, and once NEW can be made, recover finishes
+# the snapshot with no write lost.
+case_snapshot_fails_after_freeze() {
+    local ro=$WORK/ro l0=$WORK/ff0.cow dev id pid sum err
+    rm -f "$l0"; mkdir -p "$ro"; mount -t tmpfs -o size=64M tmpfs "$ro"
+    dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
+    id=$(dev_id "$dev"); pid=$(daemon_pid "$id")
+    head -c 3M /dev/urandom | dd of="$dev" bs=1M seek=5 oflag=direct status=none
+    sum=$(sha "$dev")
+    mount -o remount,ro "$ro"
+    err=$("$UC" snapshot -n "$id" --overlay "$ro/new.cow" 2>&1 >/dev/null) \
+        && { die "snapshot onto a read-only file system succeeded"; return; }
+    say "  refused after the freeze: $err"
+    [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] || { die "expected one error line"; return; }
+    case $err in *"recover -n $id"*) ;; *) die "the error does not say recover finishes it"; return ;; esac
+    ! kill -0 "$pid" 2>/dev/null || { die "the daemon serves on over a frozen overlay"; return; }
+    "$UC" info "$l0" | grep -q frozen || { die "the overlay was not frozen"; return; }
+    mount -o remount,rw "$ro"
+    "$UC" recover -n "$id" >/dev/null || { die "recover did not finish the snapshot"; return; }
+    "$UC" list | grep -q "$ro/new.cow" || { die "the device does not name the new overlay"; return; }
+    [ "$(sha "$dev")" = "$sum" ] || { die "a write was lost"; return; }
+    "$UC" del -n "$id"
+    umount "$ro"; rm -f "$l0"
+    base_unchanged
+}
+
+CASES+=("layers: a snapshot -n that fails after the freeze: the daemon ends, recover finishes it|case_snapshot_fails_after_freeze")
