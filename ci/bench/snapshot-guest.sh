@@ -1,10 +1,13 @@
 #!/bin/bash
 # The pause of `snapshot -n`, inside a guest with ublk_drv, in one boot:
 # a device over a 256 MiB base in tmpfs serves fio (randrw 4 KiB, QD16,
-# ${RUNTIME}s); in each round, once with no snapshot and once with one
-# `snapshot -n` every 2 s (interleaved), fio's worst completion latency
-# (clat max, what a writer sees stall), its IOPS, and each pause that
-# `snapshot -n` printed, with its parts. Prints "bench-json: {...}" lines.
+# ${RUNTIME}s); in each round, interleaved: with no snapshot, with one
+# `snapshot -n` every 2 s, and with the same number of other commands
+# (`ublk-cow info` of the overlay and `stats`: a process of ours starting,
+# no snapshot), fio's worst completion latency (clat max, what a writer
+# sees stall) and its IOPS; and each pause that `snapshot -n` printed,
+# with its parts, and how long the command took. Prints "bench-json:
+# {...}" lines.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 set -e
 need_ublk
@@ -15,8 +18,8 @@ mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2G tmpfs $B
 head -c 256M /dev/urandom > $B/base.img
 say "bench: snapshot -n under fio randrw 4k QD16, $ROUNDS rounds of ${RUNTIME}s"
 
-# run ROUND SNAPSHOTS: one fio run on a fresh device, with one snapshot -n
-# every 2 s when SNAPSHOTS is 1.
+# run ROUND MODE: one fio run on a fresh device; MODE 1: a snapshot -n
+# every 2 s, 2: other commands as often, 0: nothing.
 run() {
     local round=$1 snap=$2 dev id n=0 fio_pid
     rm -f $B/l*.cow
@@ -28,13 +31,19 @@ run() {
     fio_pid=$!
     sleep 2
     while kill -0 "$fio_pid" 2>/dev/null; do
-        if [ "$snap" = 1 ] && [ $((n * 2 + 4)) -lt "$RUNTIME" ]; then
-            local line
-            line=$("$UC" snapshot -n "$id" --overlay $B/l$((n + 1)).cow 2>&1 >/dev/null)
+        if [ "$snap" = 2 ] && [ $((n * 2 + 4)) -lt "$RUNTIME" ]; then
+            "$UC" info $B/l0.cow >/dev/null; "$UC" stats -n "$id" >/dev/null
             n=$((n + 1))
-            python3 - "$round" "$line" <<'PY'
+        elif [ "$snap" = 1 ] && [ $((n * 2 + 4)) -lt "$RUNTIME" ]; then
+            local line t0 t1
+            t0=$(date +%s.%N)
+            line=$("$UC" snapshot -n "$id" --overlay $B/l$((n + 1)).cow 2>&1 >/dev/null)
+            t1=$(date +%s.%N)
+            n=$((n + 1))
+            python3 - "$round" "$line" "$t0" "$t1" <<'PY'
 import json, re, sys
 round_, line = int(sys.argv[1]), sys.argv[2]
+command_ms = (float(sys.argv[4]) - float(sys.argv[3])) * 1000
 m = re.search(r"paused for ([\d.]+) ms \(requests in flight done in ([\d.]+) ms, "
               r"overlay frozen in ([\d.]+) ms, new overlay serving in ([\d.]+) ms", line)
 if not m:
@@ -42,7 +51,7 @@ if not m:
 total, drained, frozen, opened = map(float, m.groups())
 print("bench-json: " + json.dumps({"system": "ublk-cow", "workload": "snapshot-pause",
       "round": round_, "pause_ms": total, "drained_ms": drained, "frozen_ms": frozen,
-      "opened_ms": opened}))
+      "opened_ms": opened, "command_ms": command_ms}))
 PY
         fi
         sleep 2
@@ -50,12 +59,13 @@ PY
     wait "$fio_pid"
     python3 - "$round" "$snap" "$n" $B/fio.json <<'PY'
 import json, sys
-round_, snap, n, path = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
+round_, mode, n, path = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 j = json.load(open(path))["jobs"][0]
 iops = j["read"]["iops"] + j["write"]["iops"]
 worst = max(j["read"]["clat_ns"]["max"], j["write"]["clat_ns"]["max"]) / 1e6
 print("bench-json: " + json.dumps({"system": "ublk-cow",
-      "workload": "fio-with-snapshots" if snap else "fio-alone", "round": round_,
+      "workload": {"0": "fio-alone", "1": "fio-with-snapshots", "2": "fio-with-commands"}[mode],
+      "round": round_,
       "snapshots": n, "iops": iops, "clat_max_ms": worst}))
 PY
     "$UC" del -n "$id"
@@ -64,5 +74,6 @@ PY
 for round in $(seq 1 "$ROUNDS"); do
     run "$round" 0
     run "$round" 1
+    run "$round" 2
 done
 say "bench: done"
