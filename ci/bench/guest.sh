@@ -4,9 +4,12 @@
 # rounds (A B ... A B ...), a fresh device for every first-write job.
 # Prints one "bench-json: {...}" line per run (ci/bench/run.sh collects
 # them on the host), then the summary table.
-#   env: ROUNDS (3), SYSTEMS (all of SYSTEMS_ALL), WORKLOADS (all),
-#        RUNTIME (10 s), SLOW_MS (unset: the base in tmpfs; else the base on
-#        a device that takes this many ms per I/O)
+#   env: ROUNDS (3), SYSTEMS (all of SYSTEMS_ALL), WORKLOADS (all but the
+#        sync ones), RUNTIME (10 s), SLOW_MS (unset: the base in tmpfs; else
+#        the base on a device that takes this many ms per I/O), OVERLAY_FS
+#        (tmpfs: the file systems the overlays live on, in turn, each a
+#        fresh one: tmpfs, ext4, xfs; workloads on ext4 or xfs are named
+#        with -ext4 or -xfs)
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
@@ -51,6 +54,10 @@ workload_args() {
             echo "--rw=read --bs=$bs --iodepth=8 --size=64M $TIMED" ;;
         seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
         randrw-4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 $TIMED" ;;
+        # What file systems and databases send: each write FUA (O_SYNC) at
+        # QD1, and a flush after every write at QD32 (1:1 write:flush).
+        randwrite-4k-sync) echo "--rw=randwrite --bs=4k --iodepth=1 --sync=1 --size=64M $TIMED" ;;
+        randwrite-4k-fsync) echo "--rw=randwrite --bs=4k --iodepth=32 --fsync=1 --size=64M $TIMED" ;;
         *) echo "unknown workload $1" >&2; return 1 ;;
     esac
 }
@@ -73,16 +80,19 @@ prepare() {
     esac
 }
 
-for wl in $WORKLOADS; do
-    args=$(workload_args "$wl")
-    for round in $(seq 1 "$ROUNDS"); do
-        for sys in $SYSTEMS; do
-            dev=$(sys_up "$sys")
-            prepare "$dev" "$wl"
-            fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
-                --output-format=json $args > "$OUT/fio.json"
-            sys_down "$sys" "$dev"
-            python3 - "$OUT/fio.json" "$sys" "$wl$SUFFIX" "$round" >> "$OUT/runs.jsonl" <<'PY'
+# run_workloads SUFFIX: every workload, round and system; SUFFIX names
+# the overlays' file system in the workloads' names.
+run_workloads() {
+    for wl in $WORKLOADS; do
+        args=$(workload_args "$wl")
+        for round in $(seq 1 "$ROUNDS"); do
+            for sys in $SYSTEMS; do
+                dev=$(sys_up "$sys")
+                prepare "$dev" "$wl"
+                fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
+                    --output-format=json $args > "$OUT/fio.json"
+                sys_down "$sys" "$dev"
+                python3 - "$OUT/fio.json" "$sys" "$wl$SUFFIX$1" "$round" >> "$OUT/runs.jsonl" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 r, w = j["read"], j["write"]
@@ -90,9 +100,17 @@ print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(s
                   "iops": r["iops"] + w["iops"],
                   "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
 PY
-            echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
+                echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
+            done
         done
     done
+}
+
+for fs in ${OVERLAY_FS:-tmpfs}; do
+    overlay_fs "$fs"
+    say "bench: overlays on $fs"
+    if [ "$fs" = tmpfs ]; then run_workloads ""; else run_workloads "-$fs"; fi
 done
+overlay_fs tmpfs
 [ -z "${SLOW_MS:-}" ] || slow_teardown
 python3 "$ROOT/ci/bench/summarize.py" "$OUT/runs.jsonl" | tee "$OUT/summary.md"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # What `make bench` needs besides the VM tools: the rublk ublk loop target
-# (the ublk round-trip baseline) and matplotlib for the chart. Idempotent.
+# (the ublk round-trip baseline), matplotlib for the chart, xfsprogs.
+# Idempotent.
 set -eu
 cd "$(dirname "$0")/../.."
 bash ci/setup.sh
@@ -10,3 +11,8 @@ CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
     cargo install -q --locked rublk --no-default-features --root "$CACHE/rublk"
 }
 python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
+# mkfs.xfs, for overlays on xfs (OVERLAY_FS).
+dpkg -s xfsprogs >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
+}

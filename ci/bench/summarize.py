@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Medians (with min..max spread) per system and workload from runs.jsonl,
 and each system's ratio to kernel loop, as a Markdown table; where the runs
-have a `ublk-cow-ra-off` system, the ratio to it too, and where they carry
-prefetch counters, a second table of how much of what was prefetched was
-read."""
+have a `ublk-cow-ra-off` system, the ratio to it too, and so for
+`loop-sparse` (kernel loop over a sparse file beside the overlays); where
+they carry prefetch counters, a second table of how much of what was
+prefetched was read."""
 import json
 import statistics
 import sys
@@ -29,9 +30,13 @@ def reference(wl):
 
 OFF = "ublk-cow-ra-off"
 has_off = OFF in systems
+SPARSE = "loop-sparse"
+has_sparse = SPARSE in systems
 print("| workload | system | median | spread (min..max) | rounds | ratio to loop (cp for copies) |"
-      + (" ratio to ra-off |" if has_off else ""))
-print("| --- | --- | ---: | --- | ---: | ---: |" + (" ---: |" if has_off else ""))
+      + (" ratio to ra-off |" if has_off else "")
+      + (" ratio to loop-sparse |" if has_sparse else ""))
+print("| --- | --- | ---: | --- | ---: | ---: |" + (" ---: |" if has_off else "")
+      + (" ---: |" if has_sparse else ""))
 for wl in workloads:
     m = metric(wl)
     unit = "MiB/s" if m == "mib_s" else "IOPS"
@@ -46,6 +51,9 @@ for wl in workloads:
         if has_off:
             off = [r[m] for r in by.get((wl, OFF), [])]
             ratio += f" | {med / statistics.median(off):.2f}x" if off else " | -"
+        if has_sparse:
+            sp = [r[m] for r in by.get((wl, SPARSE), [])]
+            ratio += f" | {med / statistics.median(sp):.2f}x" if sp else " | -"
         # Small values keep two decimals, so that a ratio can be checked.
         f = (lambda v: f"{v:,.2f}") if med < 10 else (lambda v: f"{v:,.0f}")
         print(f"| {wl} | {s} | {f(med)} {unit} | {f(min(vals))}..{f(max(vals))} | {len(vals)} | {ratio} |")

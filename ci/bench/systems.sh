@@ -7,7 +7,8 @@
 # SLOW_MS set the same bytes on a slower device (`slow_setup`).
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
-# Also: rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
+# Also: loop-sparse, kernel loop over a fresh sparse file beside the
+# overlays (write workloads only); rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
 # kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
 # default (--zero-copy=off); ublk-cow-direct, base reads around the page
@@ -20,12 +21,15 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # directory of its own (older builds made it with other modes), and
 # ublk-cow-old2 a third build (UBLK_COW_OLD2_BIN), to compare two changes.
 
-# The benchmarks' tmpfs $B (also $TMPDIR, where ublk-cow keeps its
-# overlays) and in it the base: 512 MiB of random data, $BASE_FILE = $BASE.
+# The benchmarks' tmpfs $B and in it the base: 512 MiB of random data,
+# $BASE_FILE = $BASE. Overlays and COW stores go in $OV ($TMPDIR too, where
+# ublk-cow keeps its temporary overlays): $B, or a file system of
+# `overlay_fs`.
 bench_base() {
     B=/tmp/ublk-cow-bench
     mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
-    export TMPDIR=$B
+    OV=$B
+    export TMPDIR=$OV
     BASE_FILE=$B/base.img
     BASE=$BASE_FILE
     say "bench: 512 MiB base of random data in guest tmpfs ($(uname -r))"
@@ -53,6 +57,28 @@ slow_setup() {
 
 slow_teardown() {
     dmsetup remove ucslowbase; dmsetup remove ucslowcopy; rmmod null_blk
+}
+
+# overlay_fs FS: overlays and COW stores (and the sparse file of
+# loop-sparse) on a fresh FS (ext4 or xfs, mounted with discard) on a RAM
+# disk (brd), in $OV; `overlay_fs tmpfs` puts them back in $B. The base
+# stays where it is.
+overlay_fs() {
+    local o=/tmp/ublk-cow-ovfs
+    if mountpoint -q $o; then umount $o; fi
+    [ ! -e /dev/ram0 ] || rmmod brd
+    OV=$B
+    if [ "$1" != tmpfs ]; then
+        modprobe brd rd_nr=1 rd_size=$((1200 * 1024))
+        case $1 in
+            ext4) mkfs.ext4 -q -F /dev/ram0 ;;
+            xfs) modprobe xfs; mkfs.xfs -q -f /dev/ram0 ;;
+            *) echo "overlay_fs: $1 is not ext4, xfs or tmpfs" >&2; return 1 ;;
+        esac
+        mkdir -p $o; mount -o discard /dev/ram0 $o
+        OV=$o
+    fi
+    export TMPDIR=$OV
 }
 
 # A private writable copy of the base for the systems that write in place
@@ -111,18 +137,24 @@ sys_up() {
     case $1 in
         loop)
             losetup --find --show --direct-io=on "$(private_copy loop)" ;;
+        loop-sparse)
+            # Every first write allocates, nothing is copied: the floor of
+            # any sparse overlay on $OV's file system (it reads zeros, not
+            # the base: for write workloads only).
+            truncate -s "$(stat -c %s "$BASE_FILE")" $OV/sparse.img
+            losetup --find --show --direct-io=on $OV/sparse.img ;;
         dm-snap-4k|dm-snap-64k)
             local chunk=8; [ "$1" = dm-snap-64k ] && chunk=128
-            truncate -s 700M $B/snap.cow
-            local cow; cow=$(losetup -f --show $B/snap.cow)
+            truncate -s 700M $OV/snap.cow
+            local cow; cow=$(losetup -f --show $OV/snap.cow)
             echo "$cow" > $B/snap.cowdev
             dmsetup create ucbsnap --table "0 $sz snapshot $(base_loop) $cow N $chunk"
             echo /dev/mapper/ucbsnap ;;
         qemu-nbd)
             modprobe nbd max_part=0 2>/dev/null || true
-            qemu-img create -q -f qcow2 -b "$BASE" -F raw $B/ov.qcow2
-            qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native $B/ov.qcow2 2>/dev/null \
-                || qemu-nbd -c /dev/nbd0 -f qcow2 $B/ov.qcow2
+            qemu-img create -q -f qcow2 -b "$BASE" -F raw $OV/ov.qcow2
+            qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native $OV/ov.qcow2 2>/dev/null \
+                || qemu-nbd -c /dev/nbd0 -f qcow2 $OV/ov.qcow2
             wait_dev /dev/nbd0 && echo /dev/nbd0 ;;
         nbdkit-cow)
             modprobe nbd max_part=0 2>/dev/null || true
@@ -155,8 +187,9 @@ sys_up() {
 sys_down() {
     case $1 in
         loop) losetup -d "$2"; rm -f $B/loop.img ;;
-        dm-snap-*) dmsetup remove ucbsnap; losetup -d "$(cat $B/snap.cowdev)"; rm -f $B/snap.cow ;;
-        qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $B/ov.qcow2 ;;
+        loop-sparse) losetup -d "$2"; rm -f $OV/sparse.img ;;
+        dm-snap-*) dmsetup remove ucbsnap; losetup -d "$(cat $B/snap.cowdev)"; rm -f $OV/snap.cow ;;
+        qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $OV/ov.qcow2 ;;
         nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
         rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
