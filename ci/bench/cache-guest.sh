@@ -42,7 +42,7 @@ ALL_WORKLOADS="seqread-4k-qd1-slow-base seqread-64k-qd1-slow-base seqread-buffer
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
 SYSTEMS=${SYSTEMS:-loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow}
 B=/tmp/ublk-cow-cache-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=1800M tmpfs $B
+tmpfs_at $B 1800M
 export TMPDIR=$B
 OUT=$B/out; mkdir -p $OUT; : > $OUT/runs.jsonl
 

@@ -11,7 +11,7 @@ set -e
 need_ublk
 ROUNDS=${ROUNDS:-3}
 B=/tmp/ublk-cow-commit-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2600M tmpfs $B
+tmpfs_at $B 2600M
 export TMPDIR=$B
 head -c 512M /dev/urandom > $B/base.img
 mkdir -p $B/keep; rm -f $B/keep/made.cow

@@ -15,7 +15,7 @@ need_ublk
 ROUNDS=${ROUNDS:-3}
 MB=${MB:-64}
 B=/tmp/ublk-cow-remote-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=1500M tmpfs $B
+tmpfs_at $B 1500M
 export TMPDIR=$B WORK=$B
 source "$(dirname "$0")/../../tests/e2e/remote-servers.sh"
 moto_up 18091 bench $B/env

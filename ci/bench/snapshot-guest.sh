@@ -14,7 +14,7 @@ need_ublk
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-20}
 B=/tmp/ublk-cow-snapshot-bench
-mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2G tmpfs $B
+tmpfs_at $B 2G
 head -c 256M /dev/urandom > $B/base.img
 say "bench: snapshot -n under fio randrw 4k QD16, $ROUNDS rounds of ${RUNTIME}s"
 

@@ -27,7 +27,7 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # `overlay_fs`.
 bench_base() {
     B=/tmp/ublk-cow-bench
-    mkdir -p $B; mountpoint -q $B || mount -t tmpfs -o size=2200M tmpfs $B
+    tmpfs_at $B 2200M
     OV=$B
     export TMPDIR=$OV
     BASE_FILE=$B/base.img

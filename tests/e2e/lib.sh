@@ -20,6 +20,9 @@ need_ublk() {
     fi
 }
 
+# tmpfs_at DIR SIZE: a tmpfs of SIZE at DIR (made, mounted once).
+tmpfs_at() { mkdir -p "$1"; mountpoint -q "$1" || mount -t tmpfs -o size="$2" tmpfs "$1"; }
+
 # How many ublk block devices there are.
 ublk_devices() { ls /dev | grep -c '^ublkb' || true; }
 
