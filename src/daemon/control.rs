@@ -20,7 +20,8 @@
 //! snapshot waits for at most one piece. Over a remote base they run as
 //! `fetch_all` does them.
 
-use crate::daemon::{Live, snapshot, state};
+use crate::daemon::snapshot::{Pause, in_daemon};
+use crate::daemon::{Live, state};
 use crate::engine::cache::CacheMode;
 use crate::engine::device::CacheDone;
 use crate::stats::{CacheSource, Stats, StatsSnapshot};
@@ -61,7 +62,7 @@ pub(crate) struct Reply {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) done: Option<CacheDone>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) snapshot: Option<snapshot::Pause>,
+    pub(crate) snapshot: Option<Pause>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
 }
@@ -186,7 +187,7 @@ fn handle(mut conn: UnixStream, live: &Live, uid: u32) -> Result<()> {
             let reply = if uid != 0 {
                 Reply::error("snapshot -n needs root".into())
             } else {
-                match snapshot::in_daemon(live, &overlay) {
+                match in_daemon(live, &overlay) {
                     Ok(pause) => Reply {
                         snapshot: Some(pause),
                         ..Reply::default()

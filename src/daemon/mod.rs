@@ -746,8 +746,8 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
             }
         }
     });
-    // The device is stopped: no request is in flight any more.
-    // (The control socket's thread still holds the device, idle.)
+    // The device is stopped: no request is in flight any more. (The
+    // control socket's threads may still hold a device, idle.)
     let shared = live.current.device();
     let st = live.state();
     let closed = shared.dev.shut_down().map_err(anyhow::Error::from);
