@@ -1,9 +1,10 @@
-//! Background cache work of one queue: prefetches and copies that the queue's
-//! requests asked for, run by one task on the queue's executor (`queue`), on the
-//! queue's ring, after the request that asked has completed. Work queued or
-//! in flight is bounded by the policy's budget; what does not fit is dropped,
-//! since it is only prefetch, so foreground requests never wait behind more
-//! than the budget.
+//! Background cache work of one queue: prefetches and copies that the
+//! queue's requests asked for, run by one task on the queue's executor
+//! (`queue`), on the queue's ring, after the request that asked has
+//! completed. Work queued or in flight is bounded by the policy's budget;
+//! what does not fit is dropped, since it is only prefetch, so foreground
+//! requests never wait behind more than the budget. A live snapshot drops
+//! what was queued for the device it swapped out (`clear`).
 
 use crate::stats::{CacheSource, Stats};
 use crate::ublk::ServedDevice;
