@@ -786,13 +786,14 @@ fn create_over(
     }
 }
 
-/// Takes the exclusive lock on an overlay that a device takes, so that one
-/// in use is refused. Waits up to a second: a process that forks (to run a
-/// program) while it holds the lock holds it in the child too, until that
-/// child runs the program.
-fn lock(file: &File, who: &str) -> Result<(), Error> {
+/// Takes the lock on an overlay that a device takes (`exclusive`), or
+/// that a layer below one holds (shared), so that one in use is refused.
+/// Waits up to a second: a process that forks (to run a program) while it
+/// holds the lock holds it in the child too, until that child runs the
+/// program, and a ring's files are let go of a little after it is closed.
+pub(crate) fn lock(file: &File, exclusive: bool, who: &str) -> Result<(), Error> {
     for _ in 0..100 {
-        if crate::sys::try_flock(file, true).ctx(|| format!("locking {who}"))? {
+        if crate::sys::try_flock(file, exclusive).ctx(|| format!("locking {who}"))? {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -808,7 +809,7 @@ fn open_locked(path: &Path, who: &str) -> Result<File, Error> {
         .write(true)
         .open(path)
         .ctx(|| who.to_string())?;
-    lock(&file, who)?;
+    lock(&file, true, who)?;
     Ok(file)
 }
 

@@ -396,24 +396,13 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
     /// request may reach the device from when this is called on; after it
     /// succeeds, none ever may. A device whose flush failed is not frozen.
     pub fn freeze(&self) -> Result<(), Error> {
+        // A flush fails once any has failed: a failed device stops here.
         self.flush()?;
-        if self.failed() {
-            return Err(failed_error());
-        }
         self.overlay.seal()?;
-        let Some(file) = self.overlay.storage().as_file() else {
-            return Ok(());
-        };
-        let what = || "sharing the lock on the frozen overlay".to_string();
-        // An exclusive lock of another open of the file may linger for a
-        // moment after it was closed (a ring's files are let go of late).
-        for _ in 0..100 {
-            if crate::sys::try_flock(file, false).ctx(what)? {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        match self.overlay.storage().as_file() {
+            Some(file) => crate::engine::chain::lock(file, false, "the frozen overlay"),
+            None => Ok(()),
         }
-        Err(Error::invalid(format!("{}: the file is in use", what())))
     }
 
     /// Marks the overlay failed (see [`Overlay::mark_failed`]), after a flush
