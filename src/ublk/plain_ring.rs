@@ -159,6 +159,18 @@ impl Ring for PlainRing {
     }
 }
 
+impl Drop for PlainRing {
+    /// Lets go of the fixed files now. A closed ring puts its files in its
+    /// teardown, which the kernel runs later (tens of milliseconds, longer
+    /// on a busy machine), and until then an overlay's lock stays taken
+    /// through its file.
+    fn drop(&mut self) {
+        if let Err(e) = self.inner.ring.borrow().submitter().unregister_files() {
+            log::warn!("unregistering a plain ring's files: {e}");
+        }
+    }
+}
+
 /// The completion of an operation pushed to a [`PlainRing`].
 pub struct PlainDone {
     inner: Rc<Inner>,
