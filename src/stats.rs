@@ -64,6 +64,11 @@ counters!(
     writes_to_mapping,
     writes_mapping_refused,
     writes_staged,
+    // WRITE data written to fresh overlay blocks with O_DIRECT.
+    writes_direct,
+    // ... and refused by the file system (EINVAL), then written through
+    // the page cache.
+    writes_direct_refused,
     rmw_blocks,
     lock_waits,
     flushes,

@@ -506,6 +506,13 @@ impl EventFd {
     }
 }
 
+/// The size of a memory page, in bytes.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf only reads the value it is asked for.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
+}
+
 /// Whether `file` lives in memory (tmpfs): its "I/O" is memory copies.
 pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;

@@ -5,7 +5,9 @@
 //! daemon crash followed by recovery from the live map, power cut, an
 //! overlay `fdatasync` that fails, and a live snapshot (the ring's files
 //! swapped for a new overlay over the frozen one), against the byte-array reference of
-//! `tests/common`.
+//! `tests/common`. Writes of whole pages into fresh blocks take the direct
+//! path (the overlay opened with O_DIRECT), whose writes the disk model
+//! keeps like any other overlay write.
 //!
 //! The overlay is a file off tmpfs, so every write to it goes through the
 //! ring; a `FaultRing` between the executor and the ring keeps what the
@@ -35,7 +37,7 @@ use ublk_cow::engine::overlay::OpenCheck;
 use ublk_cow::engine::storage::Storage;
 use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
-use ublk_cow::ublk::exec::{self, OVERLAY_FD, ReadData, TagScratch, ZeroBlocks};
+use ublk_cow::ublk::exec::{self, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, TagScratch, ZeroBlocks};
 use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
 use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
 use ublk_cow::ublk::request_buf::RequestBuf;
@@ -81,9 +83,28 @@ struct ExecCase {
     layer_seed: u64,
 }
 
+/// A range of whole 4 KiB pages (whole sectors on a device smaller than
+/// one): what a WRITE must cover to take the direct path.
+fn page_range(sectors: u64) -> BoxedStrategy<(u64, u64)> {
+    let pages = sectors / 8;
+    if pages == 0 {
+        return common::range(sectors).boxed();
+    }
+    (0..pages)
+        .prop_flat_map(move |p| {
+            (
+                Just(p * 4096),
+                (1..=(pages - p).min(32)).prop_map(|n| n * 4096),
+            )
+        })
+        .boxed()
+}
+
 fn step(sectors: u64) -> impl Strategy<Value = Step> {
     prop_oneof![
         12 => common::op(sectors).prop_map(Step::Common),
+        2 => (page_range(sectors), any::<u8>())
+            .prop_map(|((off, len), seed)| Step::Common(common::Op::Write { off, len, seed })),
         2 => (common::range(sectors), any::<u8>())
             .prop_map(|((off, len), seed)| Step::FuaWrite { off, len, seed }),
         1 => Just(Step::Crash),
@@ -179,7 +200,8 @@ fn apply(image: &mut Vec<u8>, pos: u64, data: &[u8]) {
 }
 
 /// A `PlainRing` whose overlay writes and data syncs go through `Disk`
-/// (the syncs only there).
+/// (the syncs only there). Writes through the overlay opened with O_DIRECT
+/// are overlay writes like the others: durable at the next data sync.
 struct FaultRing {
     ring: PlainRing,
     disk: Rc<RefCell<Disk>>,
@@ -211,7 +233,12 @@ impl Ring for FaultRing {
     fn push(&self, op: RingOp<'_>) -> FaultDone {
         let mut disk = self.disk.borrow_mut();
         let overlay = match op {
-            RingOp::Write(w) => w.fd.0 == OVERLAY_FD.0,
+            RingOp::Write(w) => {
+                if w.fd.0 == OVERLAY_DIRECT_FD.0 {
+                    DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
+                }
+                w.fd.0 == OVERLAY_FD.0 || w.fd.0 == OVERLAY_DIRECT_FD.0
+            }
             RingOp::Punch { fd, .. } | RingOp::DataSync { fd } => fd.0 == OVERLAY_FD.0,
             _ => false,
         };
@@ -226,7 +253,7 @@ impl Ring for FaultRing {
             return FaultDone::Now(-libc::EIO);
         }
         match op {
-            RingOp::Write(w) if w.fd.0 == OVERLAY_FD.0 => {
+            RingOp::Write(w) if overlay => {
                 let WriteSource::Memory(p) = w.from else {
                     panic!("a fixed buffer in copy mode");
                 };
@@ -410,7 +437,14 @@ impl Model {
     /// Serves `dev` with a new executor; the disk holds the file as it is.
     fn serve(&mut self, dev: CowDevice<Backed, File>) {
         *self.disk.borrow_mut() = Disk::durable_from(&rw(&self.overlay_path));
-        let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+        let mut sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+        assert!(
+            sh.has_direct_overlay(),
+            "{}: the overlay cannot be opened with O_DIRECT here, and the direct write path would go untested",
+            self.overlay_path.display()
+        );
+        // The cases' devices are small: page-sized writes go direct too.
+        sh.set_direct_write_min(4096);
         let zero = File::open("/dev/zero").unwrap();
         let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
         self.served = Some(Served {
@@ -502,9 +536,15 @@ impl Model {
         buf
     }
 
+    /// A WRITE of `data` from page-aligned memory, as a queue's buffers
+    /// are, so that the direct write path can take it.
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> i32 {
+        let mut buf = vec![0u8; data.len() + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        let aligned = &mut buf[at..at + data.len()];
+        aligned.copy_from_slice(data);
         let s = self.s();
-        let mut d = WriteData::bytes(data);
+        let mut d = WriteData::bytes(aligned);
         let r = s.ring.ring.block_on(exec::write_request(
             &s.ring,
             &s.sh,
@@ -701,6 +741,7 @@ static FAILED_SYNCS: AtomicU64 = AtomicU64::new(0);
 static LARGE: AtomicU64 = AtomicU64::new(0);
 static CHAINS: AtomicU64 = AtomicU64::new(0);
 static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
+static DIRECT_WRITES: AtomicU64 = AtomicU64::new(0);
 
 fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
     let mut m = Model::new(&c);
@@ -736,20 +777,22 @@ fn io_uring_executor_matches_reference_model() {
     proptest!(cfg, |(c in exec_case())| run_case(c)?);
     let n = CASES.load(Ordering::Relaxed);
     println!(
-        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, 0 divergences",
+        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, 0 divergences",
         LARGE.load(Ordering::Relaxed),
         CHAINS.load(Ordering::Relaxed),
         STEPS.load(Ordering::Relaxed),
         SNAPSHOTS.load(Ordering::Relaxed),
         FAILED_SYNCS.load(Ordering::Relaxed),
+        DIRECT_WRITES.load(Ordering::Relaxed),
     );
     assert!(n >= n_cases as u64, "only {n} model cases ran");
     assert!(
         LARGE.load(Ordering::Relaxed) > 0
             && FAILED_SYNCS.load(Ordering::Relaxed) > 0
             && CHAINS.load(Ordering::Relaxed) > 0
-            && SNAPSHOTS.load(Ordering::Relaxed) > 0,
-        "the cases did not reach maps of several pages, failed syncs, chains and live snapshots"
+            && SNAPSHOTS.load(Ordering::Relaxed) > 0
+            && DIRECT_WRITES.load(Ordering::Relaxed) > 0,
+        "the cases did not reach maps of several pages, failed syncs, chains, live snapshots and direct writes"
     );
 }
 

@@ -695,7 +695,7 @@ impl<B: Storage, O: Storage> write::WriteIo for SyncWrite<'_, B, O> {
         }
     }
 
-    async fn write_data(&mut self, off: u64, _pages_ready: bool) -> Result<(), Error> {
+    async fn write_data(&mut self, off: u64, _: crate::engine::write::Behind) -> Result<(), Error> {
         self.dev.overlay_write(self.data, off)
     }
 

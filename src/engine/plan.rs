@@ -192,6 +192,14 @@ pub(crate) fn overlay_pages_ready(
     })
 }
 
+/// Whether no block of `blocks` was ever written in the overlay: each is
+/// `Unallocated` or `Zero`, so nothing reads its overlay bytes.
+pub(crate) fn never_written(map: &BlockMap, blocks: Range<u64>) -> bool {
+    blocks
+        .into_iter()
+        .all(|b| matches!(map.get(b), BlockState::Unallocated | BlockState::Zero))
+}
+
 /// A DISCARD or WRITE_ZEROES: whole blocks become `Zero`; the partial head
 /// and tail are written with zeros like any WRITE.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -51,6 +51,18 @@ pub(crate) async fn lock<'d, B: Storage, O: Storage>(
     }
 }
 
+/// What the overlay's bytes behind a WRITE's data are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Behind {
+    /// The pages exist and are initialized, so the data may be copied
+    /// straight into them.
+    pub(crate) pages_ready: bool,
+    /// No block behind the data was ever written in the overlay (each is
+    /// `Unallocated` or `Zero`), and this WRITE holds their locks: nothing
+    /// else reads or writes those bytes until it marks the blocks.
+    pub(crate) fresh: bool,
+}
+
 /// The I/O of one WRITE as an executor does it. A `write_*` method starts
 /// a write and may return before it completes; [`WriteIo::complete`] waits
 /// for every write started. What a started write reads from (the fill
@@ -72,9 +84,8 @@ pub(crate) trait WriteIo: LockWait {
     fn write_fill(&mut self, slot: usize, fill: Fill) -> Result<(), Self::Error>;
 
     /// Starts writing the request's data at device offset `off` (or writes
-    /// it at once). `pages_ready`: the overlay's pages behind it exist and
-    /// are initialized, so the data may be copied straight into them.
-    async fn write_data(&mut self, off: u64, pages_ready: bool) -> Result<(), Self::Error>;
+    /// it at once), into overlay bytes that are as `behind` says.
+    async fn write_data(&mut self, off: u64, behind: Behind) -> Result<(), Self::Error>;
 
     /// Waits for every write started: the first failure among them.
     async fn complete(&mut self) -> Result<(), Self::Error>;
@@ -91,7 +102,11 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     let (map, geo) = (dev.map(), dev.geometry());
     let blocks = match plan::write_path(map, geo, off, len) {
         WritePath::Unlocked => {
-            let started = io.write_data(off, true).await;
+            let behind = Behind {
+                pages_ready: true,
+                fresh: false,
+            };
+            let started = io.write_data(off, behind).await;
             let done = io.complete().await;
             return started.and(done);
         }
@@ -101,8 +116,11 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     let p = plan::plan_locked_write(map, geo, off, len);
     let fills = p.fills();
     io.read_fills(fills).await?;
-    let ready = plan::overlay_pages_ready(map, blocks, io.unallocated_ready());
-    let started = start_writes(io, fills, off, ready).await;
+    let behind = Behind {
+        pages_ready: plan::overlay_pages_ready(map, blocks.clone(), io.unallocated_ready()),
+        fresh: plan::never_written(map, blocks),
+    };
+    let started = start_writes(io, fills, off, behind).await;
     // Started writes read from the fill buffers and the request: wait for
     // them even after a failure.
     let done = io.complete().await;
@@ -118,14 +136,14 @@ async fn start_writes<X: WriteIo>(
     io: &mut X,
     fills: [Option<Fill>; 2],
     off: u64,
-    pages_ready: bool,
+    behind: Behind,
 ) -> Result<(), X::Error> {
     for (slot, fill) in fills.into_iter().enumerate() {
         if let Some(f) = fill {
             io.write_fill(slot, f)?;
         }
     }
-    io.write_data(off, pages_ready).await
+    io.write_data(off, behind).await
 }
 
 /// The I/O of one DISCARD or WRITE_ZEROES as an executor does it.

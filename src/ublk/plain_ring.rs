@@ -226,6 +226,7 @@ mod tests {
             overlay: overlay.as_raw_fd(),
             zero: base.as_raw_fd(),
             base_direct: base.as_raw_fd(),
+            overlay_direct: overlay.as_raw_fd(),
             layers: Vec::new(),
         };
         let ring = PlainRing::new(&files, 4).unwrap();

@@ -41,6 +41,71 @@ pub struct ServedDevice {
     /// The base opened with O_DIRECT, for READs of base blocks that the
     /// page cache does not hold (`--base-io direct`).
     pub(crate) direct: Option<DirectBase>,
+    /// The overlay opened with O_DIRECT, for the data of large first
+    /// writes; `None` for an overlay in memory or on a file system
+    /// without O_DIRECT.
+    pub(crate) direct_overlay: Option<DirectOverlay>,
+}
+
+/// The overlay opened once more with O_DIRECT. A WRITE's data of at least
+/// `min` bytes into blocks that were never written (`write::data_write_op`)
+/// goes through it: on ext4 and xfs a write through the page cache into a
+/// hole costs a copy into new pages and their writeback, and a direct write
+/// neither (docs/benchmarks.md).
+pub(crate) struct DirectOverlay {
+    file: File,
+    pub(crate) align: DirectAlign,
+    /// The smallest WRITE written so; [`DIRECT_WRITE_MIN`] unless a test
+    /// set it (`ServedDevice::set_direct_write_min`).
+    pub(crate) min: u64,
+}
+
+/// The smallest WRITE whose data goes to fresh overlay blocks with
+/// O_DIRECT. Smaller ones are left to the page cache, which gathers them
+/// into the writeback of a flush, where a direct write into a hole would
+/// allocate each one by itself.
+pub const DIRECT_WRITE_MIN: u64 = 128 << 10;
+
+impl DirectOverlay {
+    /// Opens `overlay` once more with O_DIRECT (through /proc/self/fd, so
+    /// it is the same file whatever its path became); `None` where that
+    /// would not pay or cannot be done.
+    fn open(overlay: &File) -> Option<DirectOverlay> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if crate::sys::is_tmpfs(overlay) {
+            return None;
+        }
+        let path = format!("/proc/self/fd/{}", overlay.as_raw_fd());
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| log::info!("overlay without direct writes: {e}"))
+            .ok()?;
+        let (mem, io) = crate::sys::direct_io_align(&file).ok().flatten()?;
+        if mem == 0 || io == 0 {
+            return None;
+        }
+        Some(DirectOverlay {
+            file,
+            align: DirectAlign { mem, io },
+            min: DIRECT_WRITE_MIN,
+        })
+    }
+
+    /// Whether the data of a WRITE of `len` bytes at overlay offset `pos`,
+    /// in memory at `addr` (`None`: a request's own pages), can be written
+    /// with O_DIRECT: large enough, and whole pages, so that no write
+    /// through the page cache (a fill of the same WRITE) shares a page
+    /// with it, and aligned as the file system asks.
+    pub(crate) fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
+        let page = crate::sys::page_size();
+        len >= self.min
+            && pos.is_multiple_of(page)
+            && len.is_multiple_of(page)
+            && self.align.fits(pos, len, addr)
+    }
 }
 
 impl ServedDevice {
@@ -84,6 +149,7 @@ impl ServedDevice {
                     false
                 }
             };
+        let direct_overlay = DirectOverlay::open(overlay.storage());
         Ok(ServedDevice {
             dev,
             policy,
@@ -93,7 +159,22 @@ impl ServedDevice {
             layer_io,
             unallocated_ready,
             direct,
+            direct_overlay,
         })
+    }
+
+    /// Writes of at least `min` bytes into fresh overlay blocks go through
+    /// the overlay opened with O_DIRECT, where it has one: for tests, whose
+    /// devices are small (the default is [`DIRECT_WRITE_MIN`]).
+    pub fn set_direct_write_min(&mut self, min: u64) {
+        if let Some(d) = &mut self.direct_overlay {
+            d.min = min;
+        }
+    }
+
+    /// Whether the overlay has a descriptor opened with O_DIRECT.
+    pub fn has_direct_overlay(&self) -> bool {
+        self.direct_overlay.is_some()
     }
 
     /// The queues' view of `dev`, the device a live snapshot of this one
@@ -106,10 +187,14 @@ impl ServedDevice {
             }),
             None => None,
         };
-        Ok(ServedDevice {
+        let mut new = ServedDevice {
             stats: self.stats.clone(),
             ..ServedDevice::new(dev, self.policy, false, direct)?
-        })
+        };
+        if let Some(d) = &self.direct_overlay {
+            new.set_direct_write_min(d.min);
+        }
+        Ok(new)
     }
 
     /// For a remote base: has its fetcher keep every unit it fetches in the
@@ -148,11 +233,16 @@ impl ServedDevice {
     pub fn ring_files(&self, zero: &File) -> RingFiles {
         let below = self.dev.base();
         let base = below.raw().expect("checked in new").as_raw_fd();
+        let overlay = self.dev.overlay().storage().as_raw_fd();
         RingFiles {
             base,
-            overlay: self.dev.overlay().storage().as_raw_fd(),
+            overlay,
             zero: zero.as_raw_fd(),
             base_direct: self.direct_base().map_or(base, |f| f.as_raw_fd()),
+            overlay_direct: self
+                .direct_overlay
+                .as_ref()
+                .map_or(overlay, |d| d.file.as_raw_fd()),
             layers: below
                 .layers()
                 .iter()

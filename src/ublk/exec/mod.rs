@@ -11,7 +11,8 @@
 //! Every operation is pushed at once and awaited later (`ops`); the runs of
 //! one request are all pushed before the first is awaited, so they are in
 //! flight together. The ring's fixed files are the base (opened read-only),
-//! the overlay, /dev/zero and the base opened with O_DIRECT (`RingFiles`).
+//! the overlay, /dev/zero, the base opened with O_DIRECT and the overlay
+//! opened with O_DIRECT (`RingFiles`).
 //! With zero copy a
 //! request's data is reached with fixed-buffer operations: a small READ of
 //! mapped data from the tag's pipe (`read::pipe_read`), other runs from the
@@ -63,6 +64,9 @@ pub struct RingFiles {
     pub(crate) zero: RawFd,
     /// The base opened with O_DIRECT (`--base-io direct`), else the base.
     pub(crate) base_direct: RawFd,
+    /// The overlay opened with O_DIRECT, for large first writes
+    /// (`ServedDevice::direct_overlay`), else the overlay.
+    pub(crate) overlay_direct: RawFd,
     /// The layers of a chain below the overlay, by depth (`layer_fd`).
     pub(crate) layers: Vec<RawFd>,
 }
@@ -72,7 +76,13 @@ impl RingFiles {
     /// in order; the slots no layer uses are empty (-1), so that a live
     /// snapshot can fill one with a new layer's file later.
     pub(crate) fn table(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.base, self.overlay, self.zero, self.base_direct];
+        let mut fds = vec![
+            self.base,
+            self.overlay,
+            self.zero,
+            self.base_direct,
+            self.overlay_direct,
+        ];
         fds.extend(&self.layers);
         fds.resize((RING_FILES_MAX - FIRST_FILE) as usize, -1);
         fds
@@ -82,13 +92,13 @@ impl RingFiles {
 /// The most fixed files a queue's ring has: libublk's table (`UblkTgt::fds`).
 const RING_FILES_MAX: u32 = 32;
 /// The most layers a device serves below its overlay: one fixed file each,
-/// after ublk's char device and the four of `RingFiles`.
-pub const MAX_RING_LAYERS: usize = (RING_FILES_MAX - FIRST_FILE - 4) as usize;
+/// after ublk's char device and the five of `RingFiles`.
+pub const MAX_RING_LAYERS: usize = (RING_FILES_MAX - FIRST_FILE - 5) as usize;
 
 /// The fixed file of the layer at `depth` below the overlay.
 pub(crate) fn layer_fd(depth: usize) -> types::Fixed {
     assert!(depth < MAX_RING_LAYERS, "layer depth {depth}");
-    types::Fixed(FIRST_FILE + 4 + depth as u32)
+    types::Fixed(FIRST_FILE + 5 + depth as u32)
 }
 
 /// The fixed-file index of the first of `RingFiles`.
@@ -97,6 +107,7 @@ pub(crate) const BASE_FD: types::Fixed = types::Fixed(FIRST_FILE);
 pub const OVERLAY_FD: types::Fixed = types::Fixed(FIRST_FILE + 1);
 pub(crate) const ZERO_FD: types::Fixed = types::Fixed(FIRST_FILE + 2);
 pub(crate) const BASE_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 3);
+pub const OVERLAY_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 4);
 
 /// Per-queue buffers reused by every request of the queue.
 pub struct ZeroBlocks {

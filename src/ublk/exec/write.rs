@@ -5,10 +5,13 @@
 //! (`place`), a fixed-buffer write from the request's registered pages, or
 //! a write from the daemon's memory (`data_write_op`).
 
-use super::{OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_write_op, read_below};
+use super::{
+    OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_write_op,
+    read_below,
+};
 use crate::engine::Errno;
 use crate::engine::plan::Fill;
-use crate::engine::write::{self as steps, LockWait, WriteIo, ZeroIo};
+use crate::engine::write::{self as steps, Behind, LockWait, WriteIo, ZeroIo};
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
@@ -76,6 +79,10 @@ async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Result<
 /// Writes a WRITE's data at overlay offset `pos`, pushing the ring's write
 /// onto `pending`: from its registered buffer, or from the daemon's memory
 /// as `overlay_write_op` does (fetching it from ublk first if need be).
+/// Into `fresh` blocks (`Behind::fresh`) a large write goes through the
+/// overlay opened with O_DIRECT where the overlay has one (`DirectOverlay`):
+/// no other request touches those pages meanwhile, so the page cache and
+/// the file cannot disagree.
 ///
 /// With zero copy a small WRITE to an overlay in memory takes the second
 /// way: user copy into the tag's staging buffer, then `pwrite` on this
@@ -87,17 +94,25 @@ async fn data_write_op<R: Ring>(
     sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
+    fresh: bool,
     pending: &mut Vec<PendingOp<R>>,
 ) -> Result<(), Errno> {
+    let len = data.size() as u64;
+    let direct = sh.direct_overlay.as_ref().filter(|_| fresh);
     let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
     if let Some(index) = data.registered() {
         if !staged {
             let from = WriteSource::Registered { index, at: 0 };
-            let len = data.size() as u32;
+            if let Some(d) = direct
+                && d.fits(pos, len, None)
+                && direct_write(q, sh, from, len, pos).await?
+            {
+                return Ok(());
+            }
             let w = FileWrite {
                 fd: OVERLAY_FD,
                 from,
-                len,
+                len: len as u32,
                 pos,
             };
             pending.push(w.push(q));
@@ -106,7 +121,43 @@ async fn data_write_op<R: Ring>(
         Stats::add(&sh.stats.writes_staged, 1);
     }
     let d = data.in_buffer().await?;
+    if let Some(dir) = direct
+        && dir.fits(pos, len, Some(d.as_ptr() as usize))
+        && direct_write(q, sh, WriteSource::Memory(d.as_ptr()), len, pos).await?
+    {
+        return Ok(());
+    }
     overlay_write_op(q, sh, d, pos, pending)
+}
+
+/// Writes `len` bytes from `from` at overlay offset `pos` through the
+/// overlay opened with O_DIRECT, and waits for it: whether it was written.
+/// `false` when the file system refused it (EINVAL: an alignment it did not
+/// report); the caller then writes all of it through the page cache.
+async fn direct_write<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    from: WriteSource,
+    len: u64,
+    pos: u64,
+) -> Result<bool, Errno> {
+    let w = FileWrite {
+        fd: OVERLAY_DIRECT_FD,
+        from,
+        len: len as u32,
+        pos,
+    };
+    match finish_all(q, vec![w.push(q)]).await {
+        Ok(()) => {
+            Stats::add(&sh.stats.writes_direct, 1);
+            Ok(true)
+        }
+        Err(Errno::EINVAL) => {
+            Stats::add(&sh.stats.writes_direct_refused, 1);
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The I/O of the steps of one WRITE on the queue's ring.
@@ -177,12 +228,13 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
 
     /// Into the overlay's pages if they are ready and ublk can put it
     /// there (`place`), else a write (`data_write_op`).
-    async fn write_data(&mut self, off: u64, pages_ready: bool) -> Result<(), Errno> {
+    async fn write_data(&mut self, off: u64, behind: Behind) -> Result<(), Errno> {
         let pos = self.sh.dev.overlay().data_pos(off);
-        if pages_ready && place(self.sh, self.data, pos).await? == Place::Placed {
+        if behind.pages_ready && place(self.sh, self.data, pos).await? == Place::Placed {
             return Ok(());
         }
-        data_write_op(self.q, self.sh, self.data, pos, &mut self.writes).await
+        let (q, sh) = (self.q, self.sh);
+        data_write_op(q, sh, self.data, pos, behind.fresh, &mut self.writes).await
     }
 
     async fn complete(&mut self) -> Result<(), Errno> {
