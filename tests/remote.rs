@@ -330,9 +330,11 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
+    // One unit per GET, to count GETs in flight.
     let p = Params {
         fetch_size: 16 << 10,
         prefetch_depth: 2,
+        prefetch_get_max: 16 << 10,
         ..params()
     };
     let f = open_http(srv.port, p);
@@ -358,6 +360,79 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
     let c = f.counters().snapshot();
     assert_eq!(c.gets, units);
     assert_eq!(c.in_flight_max, 2, "{c:?}");
+}
+
+/// The GETs of the range server's log, as byte ranges (`a..b+1`), in the
+/// order they came.
+fn logged_ranges(log: &std::path::Path) -> Vec<std::ops::Range<u64>> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let r = l.split("bytes=").nth(1)?.split_whitespace().next()?;
+            let (a, b) = r.split_once('-')?;
+            Some(a.parse().ok()?..b.parse::<u64>().ok()? + 1)
+        })
+        .collect()
+}
+
+#[test]
+fn http_prefetch_fetches_consecutive_units_in_one_get_and_joins_those_in_flight() {
+    let (dir, data) = Dir::new("coalesce");
+    let log = dir.0.join("gets.log");
+    let opts = RangeOpts {
+        delay: Some(0.3),
+        log: Some(log.clone()),
+        ..RangeOpts::default()
+    };
+    let srv = range_server(&dir.0, free_port(), &opts);
+    // Units of 16 KiB, at most 3 of them in one GET.
+    let p = Params {
+        fetch_size: 16 << 10,
+        prefetch_get_max: 3 * (16 << 10),
+        ..params()
+    };
+    let f = open_http(srv.port, p);
+    let units = f.units();
+    assert_eq!(units, 13);
+    let before = logged_ranges(&log).len();
+    // Unit 4 is in flight first: the prefetch joins it.
+    let (tx1, rx1) = mpsc::channel();
+    f.start(4, move |r| tx1.send(r).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    f.prefetch(
+        0..units,
+        Arc::new(move |u, r| tx.lock().unwrap().send((u, r)).unwrap()),
+    );
+    let mut seen = vec![0; units as usize];
+    for _ in 0..units {
+        let (u, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let range = f.unit_range(u);
+        assert!(r.unwrap()[..] == data[range.start as usize..range.end as usize]);
+        seen[u as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+    let unit4 = rx1.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    assert!(unit4[..] == data[4 * (16 << 10)..5 * (16 << 10)]);
+    // Runs of 3 units: 0-2, then 3 (4 is in flight), 5 (its run was 3-5),
+    // 6-8, 9-11, 12 (the last, short): every byte asked for once.
+    let u = |a: u64, b: u64| a * (16 << 10)..(b * (16 << 10)).min(SIZE);
+    let mut got = logged_ranges(&log)[before..].to_vec();
+    got.sort_by_key(|r| r.start);
+    assert_eq!(
+        got,
+        vec![
+            u(0, 3),
+            u(3, 4),
+            u(4, 5),
+            u(5, 6),
+            u(6, 9),
+            u(9, 12),
+            u(12, 13)
+        ]
+    );
 }
 
 #[test]

@@ -17,7 +17,9 @@
 //! after a fetch finishes: a failed unit is fetched anew at the next
 //! request, and where fetched data is kept is the caller's business.
 //! [`Fetcher::prefetch`] starts fetches of units ahead, at most
-//! [`Params::prefetch_depth`] of its GETs in flight.
+//! [`Params::prefetch_depth`] of its GETs in flight, consecutive units in
+//! one GET of up to [`Params::prefetch_get_max`] bytes: a GET costs a round
+//! trip and the server's work per request, whatever its length.
 
 use super::error::Fault;
 use super::object::RemoteObject;
@@ -161,7 +163,8 @@ impl Fetcher {
         flights.insert(unit, vec![Box::new(done)]);
         drop(flights);
         let shared = self.shared.clone();
-        self.handle().spawn(async move { shared.fly(unit).await });
+        self.handle()
+            .spawn(async move { shared.fly(unit..unit + 1).await });
     }
 
     /// Fetches `unit`, blocking until it is there or has failed (within
@@ -187,34 +190,54 @@ impl Fetcher {
     /// Starts fetches of `units` in the background, at most
     /// [`Params::prefetch_depth`] GETs of them in flight at once (a unit
     /// already in flight is joined, not fetched again), roughly in the
-    /// order given; `done` gets each unit's outcome on one of the fetcher's
-    /// threads. Returns at once.
+    /// order given; consecutive units go in one GET of at most
+    /// [`Params::prefetch_get_max`] bytes. `done` gets each unit's outcome
+    /// on one of the fetcher's threads. Returns at once.
     pub fn prefetch(
         &self,
         units: impl IntoIterator<Item = u64>,
         done: Arc<dyn Fn(u64, Outcome) + Send + Sync>,
     ) {
+        let per_get = self.shared.params.units_per_prefetch_get();
+        let mut runs: Vec<Range<u64>> = Vec::new();
         for unit in units {
             if unit >= self.units() {
                 done(unit, Err(self.shared.past_end(unit)));
                 continue;
             }
+            match runs.last_mut() {
+                Some(r) if r.end == unit && r.end - r.start < per_get => r.end += 1,
+                _ => runs.push(unit..unit + 1),
+            }
+        }
+        for run in runs {
             let shared = self.shared.clone();
             let done = done.clone();
-            let sem = shared.prefetch.clone();
-            let permit = sem.acquire_owned();
+            let permit = shared.prefetch.clone().acquire_owned();
             self.handle().spawn(async move {
                 let Ok(_permit) = permit.await else { return };
-                let callback: Done = Box::new(move |r| done(unit, r));
+                // The units of the run not in flight yet, in runs of their
+                // own; those in flight are joined.
+                let mut mine: Vec<Range<u64>> = Vec::new();
                 {
                     let mut flights = shared.flights.lock().unwrap();
-                    if let Some(waiting) = flights.get_mut(&unit) {
-                        waiting.push(callback);
-                        return;
+                    for unit in run {
+                        let done = done.clone();
+                        let callback: Done = Box::new(move |r| done(unit, r));
+                        if let Some(waiting) = flights.get_mut(&unit) {
+                            waiting.push(callback);
+                            continue;
+                        }
+                        flights.insert(unit, vec![callback]);
+                        match mine.last_mut() {
+                            Some(r) if r.end == unit => r.end += 1,
+                            _ => mine.push(unit..unit + 1),
+                        }
                     }
-                    flights.insert(unit, vec![callback]);
                 }
-                shared.fly(unit).await;
+                for units in mine {
+                    shared.fly(units).await;
+                }
             });
         }
     }
@@ -283,42 +306,58 @@ impl Shared {
         }
     }
 
-    /// Fetches `unit` (already in the table) and hands the outcome to
-    /// every callback waiting for it.
-    async fn fly(&self, unit: u64) {
-        let mut outcome = self.fetch_unit(unit).await;
-        if let (Ok(bytes), Some(sink)) = (&outcome, self.sink.get()) {
-            let (sink, bytes) = (sink.clone(), bytes.clone());
-            let kept = tokio::task::spawn_blocking(move || sink(unit, &bytes))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            if let Err(why) = kept {
-                let r = self.unit_range(unit);
-                outcome = Err(Error::Failed {
-                    url: self.object.url().to_string(),
-                    start: r.start,
-                    end: r.end,
-                    why: format!("keeping the fetched bytes: {why}"),
-                });
+    /// Fetches `units` (consecutive, each already in the table) in one GET
+    /// and hands each unit's outcome to every callback waiting for it.
+    async fn fly(&self, units: Range<u64>) {
+        let first = self.unit_range(units.start).start;
+        let range = first..self.unit_range(units.end - 1).end;
+        let started = Instant::now();
+        let fetched = self.within_deadline(range.clone()).await;
+        self.counters.fetch_done(started.elapsed(), fetched.is_ok());
+        // Each unit's part of the body, or the GET's error for each.
+        let mut outcomes: Vec<(u64, Outcome)> = units
+            .clone()
+            .map(|u| {
+                let r = self.unit_range(u);
+                let part = fetched
+                    .as_ref()
+                    .map(|b| b.slice((r.start - first) as usize..(r.end - first) as usize))
+                    .map_err(Clone::clone);
+                (u, part)
+            })
+            .collect();
+        if let (Ok(_), Some(sink)) = (&fetched, self.sink.get()) {
+            let sink = sink.clone();
+            let parts: Vec<(u64, Bytes)> = outcomes
+                .iter()
+                .filter_map(|(u, o)| o.as_ref().ok().map(|b| (*u, b.clone())))
+                .collect();
+            let kept = tokio::task::spawn_blocking(move || {
+                parts
+                    .iter()
+                    .map(|(u, b)| sink(*u, b))
+                    .collect::<Vec<Result<(), String>>>()
+            })
+            .await
+            .unwrap_or_else(|e| vec![Err(e.to_string()); units.clone().count()]);
+            for ((u, outcome), k) in outcomes.iter_mut().zip(kept) {
+                if let Err(why) = k {
+                    let r = self.unit_range(*u);
+                    *outcome = Err(Error::Failed {
+                        url: self.object.url().to_string(),
+                        start: r.start,
+                        end: r.end,
+                        why: format!("keeping the fetched bytes: {why}"),
+                    });
+                }
             }
         }
-        let waiting = self
-            .flights
-            .lock()
-            .unwrap()
-            .remove(&unit)
-            .unwrap_or_default();
-        for done in waiting {
-            done(outcome.clone());
+        for (u, outcome) in outcomes {
+            let waiting = self.flights.lock().unwrap().remove(&u).unwrap_or_default();
+            for done in waiting {
+                done(outcome.clone());
+            }
         }
-    }
-
-    /// One fetch, within its deadline.
-    async fn fetch_unit(&self, unit: u64) -> Outcome {
-        let started = Instant::now();
-        let outcome = self.within_deadline(self.unit_range(unit)).await;
-        self.counters.fetch_done(started.elapsed(), outcome.is_ok());
-        outcome
     }
 
     /// [`Shared::attempts`] of `range`, within [`Params::fetch_timeout`].

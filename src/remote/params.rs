@@ -34,6 +34,11 @@ pub struct Params {
     pub backoff_max: Duration,
     /// Most GETs that prefetch keeps in flight at once. Default 4.
     pub prefetch_depth: usize,
+    /// Most bytes one prefetch GET asks for: consecutive units prefetched
+    /// together (readahead, `cache`) go in one GET of up to this many
+    /// bytes, cut into units when it arrives; one unit per GET when it is
+    /// no more than `fetch_size`. Default 8 MiB.
+    pub prefetch_get_max: u64,
     /// Threads of the fetcher's own runtime (its GETs are asynchronous:
     /// these threads only drive them). Default 2.
     pub threads: usize,
@@ -49,12 +54,18 @@ impl Default for Params {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             prefetch_depth: 4,
+            prefetch_get_max: 8 << 20,
             threads: 2,
         }
     }
 }
 
 impl Params {
+    /// Most units one prefetch GET covers (at least one).
+    pub(crate) fn units_per_prefetch_get(&self) -> u64 {
+        (self.prefetch_get_max / self.fetch_size.max(1)).max(1)
+    }
+
     /// Checks the parameters against each other and the device's block size.
     pub fn check(&self, block_size: u32) -> Result<(), Error> {
         check_fetch_size(self.fetch_size, block_size)?;
