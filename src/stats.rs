@@ -72,6 +72,8 @@ counters!(
     rmw_blocks,
     lock_waits,
     flushes,
+    // FLUSHes answered by a flush that began after they arrived (no I/O).
+    flushes_shared,
     // 1 once a flush failed: every later FLUSH and FUA write fails.
     overlay_failed,
     zero_ops,

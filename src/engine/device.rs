@@ -17,7 +17,7 @@ use crate::engine::storage::Storage;
 use crate::engine::write;
 use crate::engine::{Error, IoContext};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Where the live map of an opened overlay comes from.
@@ -55,18 +55,36 @@ struct FlushGate {
     /// Protects the note that `failed` was set, for [`CowDevice::wait_failed`].
     noted: Mutex<bool>,
     wake: Condvar,
+    /// The number of the latest flush that began (took its map pages;
+    /// numbered from 1).
+    begun: AtomicU64,
+    /// The number of the latest flush that completed all its steps.
+    completed: AtomicU64,
+}
+
+/// A FLUSH's place in line, taken when it arrives
+/// ([`CowDevice::flush_ticket`]). A flush that began after it and completed
+/// made durable every write acknowledged before it, which is all this FLUSH
+/// owes: it is then answered without I/O of its own ([`CowDevice::covered`]),
+/// so that FLUSHes queued behind one in progress share the next one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlushTicket {
+    /// `begun` when the FLUSH arrived.
+    arrived: u64,
 }
 
 /// The flush turn of a device: while it is held no other flush runs. The
 /// steps of a flush, the same for every executor:
 ///
 /// 1. [`FlushTurn::check`]: a device whose earlier flush failed fails at once;
-/// 2. [`FlushTurn::take_pages`]: a snapshot of the dirty map pages, taken
-///    *before* the data sync, so that every `Allocated` in it names data
-///    written before the sync;
+/// 2. [`FlushTurn::take_pages`]: the flush begins (it takes a number), with
+///    a snapshot of the dirty map pages, taken *before* the data sync, so
+///    that every `Allocated` in it names data written before the sync;
 /// 3. sync the overlay's data; 4. write the pages ([`Overlay::map_page_pos`]);
 ///    5. sync again (skip 4 and 5 when there are no pages);
-/// 6. on any failure, [`FlushTurn::fail`].
+/// 6. on any failure, [`FlushTurn::fail`]; on success,
+///    [`FlushTurn::completed`], which answers the FLUSHes that arrived before
+///    step 2 ([`FlushTicket`]).
 ///
 /// A failed sync may have lost data that the kernel will not report again
 /// (a writeback error is reported once): the pages of a failed flush are
@@ -76,6 +94,8 @@ struct FlushGate {
 pub(crate) struct FlushTurn<'a, B: Storage, O: Storage> {
     dev: &'a CowDevice<B, O>,
     _turn: MutexGuard<'a, ()>,
+    /// This flush's number, once it began (`take_pages`).
+    number: u64,
 }
 
 impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
@@ -87,9 +107,20 @@ impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
         Ok(())
     }
 
-    /// Step 2: the dirty map pages, as `(page, bytes)`.
-    pub(crate) fn take_pages(&self) -> Vec<(u64, Vec<u8>)> {
+    /// Step 2: the flush begins; the dirty map pages, as `(page, bytes)`.
+    pub(crate) fn take_pages(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.number = self.dev.flush.begun.fetch_add(1, Ordering::SeqCst) + 1;
         self.dev.map.take_dirty_pages()
+    }
+
+    /// Step 6, on success: every FLUSH that arrived before this flush
+    /// began is answered by it.
+    pub(crate) fn completed(&self) {
+        debug_assert!(self.number > 0, "a flush completed before it began");
+        self.dev
+            .flush
+            .completed
+            .fetch_max(self.number, Ordering::SeqCst);
     }
 
     /// Step 6: marks the device failed (for good) after `what` failed with
@@ -323,6 +354,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         FlushTurn {
             dev: self,
             _turn: self.flush.turn.lock().unwrap_or_else(|e| e.into_inner()),
+            number: 0,
         }
     }
 
@@ -337,7 +369,21 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         Some(FlushTurn {
             dev: self,
             _turn: turn,
+            number: 0,
         })
+    }
+
+    /// A FLUSH arrives: its place in line (see [`FlushTicket`]).
+    pub(crate) fn flush_ticket(&self) -> FlushTicket {
+        FlushTicket {
+            arrived: self.flush.begun.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Whether a flush that began after `ticket` was taken has completed:
+    /// the FLUSH holding it has nothing left to do.
+    pub(crate) fn covered(&self, ticket: FlushTicket) -> bool {
+        self.flush.completed.load(Ordering::SeqCst) > ticket.arrived
     }
 
     /// Whether a flush failed: from then on every flush fails and nothing
@@ -359,20 +405,25 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
 
     /// FLUSH with positional I/O, in the steps of [`FlushTurn`].
     pub fn flush(&self) -> Result<(), Error> {
-        let turn = self.flush_turn();
+        let ticket = self.flush_ticket();
+        let mut turn = self.flush_turn();
+        if self.covered(ticket) {
+            return Ok(());
+        }
         turn.check()?;
         let pages = turn.take_pages();
         let disk = self.overlay.storage();
         disk.sync()
             .map_err(|e| turn.fail("syncing overlay data", e))?;
-        if pages.is_empty() {
-            return Ok(());
+        if !pages.is_empty() {
+            self.overlay
+                .write_map_pages(&pages)
+                .map_err(|e| turn.fail("writing the overlay map", e))?;
+            disk.sync()
+                .map_err(|e| turn.fail("syncing the overlay map", e))?;
         }
-        self.overlay
-            .write_map_pages(&pages)
-            .map_err(|e| turn.fail("writing the overlay map", e))?;
-        disk.sync()
-            .map_err(|e| turn.fail("syncing the overlay map", e))
+        turn.completed();
+        Ok(())
     }
 
     /// Flushes and marks the overlay clean, for a device no request will
@@ -822,6 +873,87 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0xab), "map points at lost data");
         // A clean close clears the mark.
         dev.close().unwrap();
+    }
+
+    /// A FLUSH is answered by a flush that began after it arrived and
+    /// completed, never by one that had begun before.
+    #[test]
+    fn a_flush_is_covered_only_by_one_that_began_after_it() {
+        let (dev, _) = new_device();
+        let early = dev.flush_ticket();
+        assert!(!dev.covered(early));
+        dev.flush().unwrap();
+        assert!(dev.covered(early), "a whole flush after it");
+        let late = dev.flush_ticket();
+        assert!(!dev.covered(late), "the flush that came before it");
+        // A flush in progress when the FLUSH arrives: its map pages were
+        // taken already, so it may miss writes acknowledged since.
+        let mut turn = dev.flush_turn();
+        turn.check().unwrap();
+        let _ = turn.take_pages();
+        let during = dev.flush_ticket();
+        turn.completed();
+        drop(turn);
+        assert!(dev.covered(late), "began after it");
+        assert!(!dev.covered(during), "began before it");
+        // Answered without I/O: a flush that would fail returns at once.
+        let (dev, overlay) = new_device();
+        dev.write(0, &[7u8; BS as usize]).unwrap();
+        let t = dev.flush_ticket();
+        dev.flush().unwrap();
+        overlay.fail_next_sync();
+        let mut turn = dev.flush_turn();
+        assert!(dev.covered(t));
+        turn.check().unwrap();
+        let _ = turn.take_pages();
+        drop(turn);
+        assert!(dev.flush().is_err(), "the next flush syncs");
+    }
+
+    /// Threads that each write and flush at once: after a power cut that
+    /// keeps nothing unsynced, every write whose flush returned is there,
+    /// whichever flush made it durable.
+    #[test]
+    fn concurrent_flushes_that_share_lose_no_acknowledged_write() {
+        for round in 0..20u8 {
+            let (dev, overlay) = new_device();
+            let threads = 4u64;
+            let per = SIZE / BS as u64 / threads;
+            let acked: Vec<Vec<(u64, u8)>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let dev = &dev;
+                        s.spawn(move || {
+                            let mut acked = Vec::new();
+                            for i in 0..3 * per {
+                                let block = t * per + i % per;
+                                let v = round.wrapping_mul(31).wrapping_add(i as u8) | 1;
+                                dev.write(block * BS as u64, &vec![v; BS as usize]).unwrap();
+                                dev.flush().unwrap();
+                                acked.push((block, v));
+                            }
+                            acked
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let cut = overlay.after_power_cut(|_| false);
+            let blocks = SIZE / BS as u64;
+            let dev = reopen(cut, MapSource::Load(MapMemory::heap(blocks))).unwrap();
+            let mut last = std::collections::HashMap::new();
+            for (block, v) in acked.into_iter().flatten() {
+                last.insert(block, v);
+            }
+            for (block, v) in last {
+                let mut buf = vec![0u8; BS as usize];
+                dev.read(block * BS as u64, &mut buf).unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == v),
+                    "round {round}: block {block} lost its acknowledged write"
+                );
+            }
+        }
     }
 
     #[test]
