@@ -10,7 +10,7 @@ mod servers;
 use object_store::ObjectStoreExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
-use servers::{Moto, RangeOpts, free_port, moto, range_server};
+use servers::{Moto, RangeOpts, free_port, logged_ranges, moto, range_server};
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
@@ -360,20 +360,6 @@ fn http_prefetch_keeps_at_most_its_depth_in_flight() {
     let c = f.counters().snapshot();
     assert_eq!(c.gets, units);
     assert_eq!(c.in_flight_max, 2, "{c:?}");
-}
-
-/// The GETs of the range server's log, as byte ranges (`a..b+1`), in the
-/// order they came.
-fn logged_ranges(log: &std::path::Path) -> Vec<std::ops::Range<u64>> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let r = l.split("bytes=").nth(1)?.split_whitespace().next()?;
-            let (a, b) = r.split_once('-')?;
-            Some(a.parse().ok()?..b.parse::<u64>().ok()? + 1)
-        })
-        .collect()
 }
 
 #[test]

@@ -58,16 +58,7 @@ impl Dir {
 
     /// The byte ranges of the GETs after the first `skip`, sorted.
     fn ranges(&self, skip: usize) -> Vec<std::ops::Range<u64>> {
-        let log = std::fs::read_to_string(self.0.join("gets.log")).unwrap_or_default();
-        let mut r: Vec<_> = log
-            .lines()
-            .skip(skip)
-            .filter_map(|l| {
-                let r = l.split("bytes=").nth(1)?.split_whitespace().next()?;
-                let (a, b) = r.split_once('-')?;
-                Some(a.parse().ok()?..b.parse::<u64>().ok()? + 1)
-            })
-            .collect();
+        let mut r = servers::logged_ranges(&self.0.join("gets.log")).split_off(skip);
         r.sort_by_key(|r| r.start);
         r
     }

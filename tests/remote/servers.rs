@@ -100,6 +100,20 @@ pub fn range_server(dir: &Path, port: u16, opts: &RangeOpts) -> Server {
     Server { child, port }
 }
 
+/// The byte ranges (`a..b+1`) of the GETs in a range server's log
+/// (`RangeOpts::log`), in the order they came.
+pub fn logged_ranges(log: &Path) -> Vec<std::ops::Range<u64>> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let r = l.split("bytes=").nth(1)?.split_whitespace().next()?;
+            let (a, b) = r.split_once('-')?;
+            Some(a.parse().ok()?..b.parse::<u64>().ok()? + 1)
+        })
+        .collect()
+}
+
 /// A running `moto_server` with an IAM user's key and one bucket. It checks
 /// credentials: requests signed with another key are refused.
 pub struct Moto {
