@@ -205,10 +205,7 @@ impl Fetcher {
                 done(unit, Err(self.shared.past_end(unit)));
                 continue;
             }
-            match runs.last_mut() {
-                Some(r) if r.end == unit && r.end - r.start < per_get => r.end += 1,
-                _ => runs.push(unit..unit + 1),
-            }
+            add_to_runs(&mut runs, unit, per_get);
         }
         for run in runs {
             let shared = self.shared.clone();
@@ -229,10 +226,7 @@ impl Fetcher {
                             continue;
                         }
                         flights.insert(unit, vec![callback]);
-                        match mine.last_mut() {
-                            Some(r) if r.end == unit => r.end += 1,
-                            _ => mine.push(unit..unit + 1),
-                        }
+                        add_to_runs(&mut mine, unit, u64::MAX);
                     }
                 }
                 for units in mine {
@@ -262,6 +256,15 @@ impl Fetcher {
 
     fn handle(&self) -> &tokio::runtime::Handle {
         self.runtime.as_ref().expect("runtime").handle()
+    }
+}
+
+/// Adds `unit` to `runs` of consecutive units: to the last run if it
+/// follows it and that run has fewer than `max` units, else as a new run.
+fn add_to_runs(runs: &mut Vec<Range<u64>>, unit: u64, max: u64) {
+    match runs.last_mut() {
+        Some(r) if r.end == unit && r.end - r.start < max => r.end += 1,
+        _ => runs.push(unit..unit + 1),
     }
 }
 

@@ -54,10 +54,10 @@ pub struct ServedDevice {
 /// neither (docs/benchmarks.md).
 pub(crate) struct DirectOverlay {
     file: File,
-    pub(crate) align: DirectAlign,
+    align: DirectAlign,
     /// The smallest WRITE written so; [`DIRECT_WRITE_MIN`] unless a test
     /// set it (`ServedDevice::set_direct_write_min`).
-    pub(crate) min: u64,
+    min: u64,
 }
 
 /// The smallest WRITE whose data goes to fresh overlay blocks with
