@@ -173,6 +173,43 @@ pub(crate) enum Command {
     /// this last check. A commit that was stopped (killed, power cut) is
     /// finished by running it again.
     Commit(CommitArgs),
+    /// Upload a layer to S3, packed, so that `add --base s3://...` serves it
+    ///
+    /// LAYER, a frozen overlay (see `snapshot`), is uploaded to URL in a
+    /// packed form: its header, an index of the blocks it holds, and only
+    /// their data (a layer file is sparse; an object cannot be). The pushed
+    /// object names its backing by URL: --backing, the push of the file the
+    /// layer was made over (a raw image uploaded as it is, or the pushed
+    /// layer below). Before the upload, the backing is checked to read as
+    /// the one the layer was made over (its size and the fingerprint the
+    /// layer recorded), so a stack is pushed bottom-up. `add --base URL`
+    /// then serves the stack with a local overlay, fetching each block from
+    /// the topmost layer that holds it.
+    ///
+    /// One multipart upload, aborted on error, with progress on a terminal.
+    /// An object already at URL is not replaced without --force. S3
+    /// settings come from the AWS_* environment, as for `add`.
+    Push(PushArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PushArgs {
+    /// The layer (a frozen overlay) to upload
+    #[arg(value_name = "LAYER")]
+    pub(crate) layer: PathBuf,
+    /// Where to upload it: s3://BUCKET/KEY
+    #[arg(value_name = "URL")]
+    pub(crate) url: String,
+    /// The URL of the layer's backing in the object store (required)
+    ///
+    /// A raw image (uploaded as it is, e.g. with `aws s3 cp`) or a layer
+    /// pushed before; s3://, https:// or http://.
+    #[arg(long, value_name = "URL")]
+    pub(crate) backing: Option<String>,
+    /// Replace an object already at URL (devices reading it then fail their
+    /// reads of blocks not fetched yet)
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -628,6 +665,7 @@ pub fn run(cli: Cli) -> Result<()> {
             (None, None) => unreachable!("clap requires one"),
         },
         Command::Commit(c) => commit(&c.layer, c.force),
+        Command::Push(p) => push(p),
         Command::Snapshot(s) => match (s.number, &s.file) {
             (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
             (None, Some(file)) => {
@@ -717,6 +755,31 @@ fn serve(config: &Path) -> Result<()> {
         Command::Add(a) => daemon::service::serve(add_request(a)),
         _ => unreachable!("add_argv makes an add command line"),
     }
+}
+
+/// `ublk-cow push`: see `crate::push`.
+fn push(p: PushArgs) -> Result<()> {
+    use crate::remote::{Params, RemoteUrl};
+    let backing = p.backing.as_deref().map(RemoteUrl::parse).transpose()?;
+    let done = crate::push::push(crate::push::PushRequest {
+        layer: &p.layer,
+        url: RemoteUrl::parse(&p.url)?,
+        backing,
+        env: AwsEnv::from_process(),
+        params: Params::default(),
+        force: p.force,
+    })?;
+    println!(
+        "{}: pushed to {} over {}: {} bytes ({} blocks of data, {} of zeros){}",
+        p.layer.display(),
+        p.url,
+        done.backing,
+        done.bytes,
+        done.data_blocks,
+        done.zero_blocks,
+        done.etag.map_or(String::new(), |e| format!(", ETag {e}"))
+    );
+    Ok(())
 }
 
 fn commit(layer: &Path, force: bool) -> Result<()> {

@@ -13,6 +13,8 @@
 //! - [`cli`]: the command line and its help texts.
 //! - [`generate`]: the man pages and shell completions, from [`cli`].
 //! - [`progress`]: progress bars for long commands, on a terminal only.
+//! - [`push`]: `push`, a frozen layer packed and uploaded to an object
+//!   store.
 //! - [`remote`]: a base in an object store or on an HTTP server, fetched
 //!   in units with ranged GETs.
 //! - [`stats`]: the per-device counters that `stats` shows.
@@ -25,6 +27,7 @@ pub mod daemon;
 pub mod engine;
 pub mod generate;
 pub mod progress;
+pub mod push;
 pub mod remote;
 pub mod size;
 pub mod stats;

@@ -198,7 +198,7 @@ fn open_named(path: &Path, who: &str) -> Result<File, Error> {
 }
 
 /// Opens `path` as an overlay, read-only: its header and length checked.
-fn open_layer(path: &Path, depth: usize) -> Result<Layer, Error> {
+pub(crate) fn open_layer(path: &Path, depth: usize) -> Result<Layer, Error> {
     let who = name(path, depth);
     let file = open_named(path, &who)?;
     let meta = file.metadata().ctx(|| who.clone())?;

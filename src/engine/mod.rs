@@ -20,6 +20,7 @@ pub(crate) mod geometry;
 pub(crate) mod locks;
 pub mod map;
 pub mod overlay;
+pub mod packed;
 pub(crate) mod plan;
 pub(crate) mod readahead;
 pub mod storage;

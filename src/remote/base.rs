@@ -49,9 +49,8 @@ impl RemoteBase {
         if head?[..] == MAGIC[..] {
             return Err(Error::Config {
                 url: url.to_string(),
-                why: "the object is a ublk-cow overlay, not a raw image: overlays and layers \
-                      in an object store are not served (a layer is sparse at device offsets, \
-                      which an object cannot be)"
+                why: "the object is a ublk-cow overlay file, not a raw image nor a pushed \
+                      layer: upload a layer with `ublk-cow push`, which packs it"
                     .into(),
             });
         }

@@ -22,7 +22,7 @@
 //! trip and the server's work per request, whatever its length.
 
 use super::error::Fault;
-use super::object::RemoteObject;
+use super::image::Image;
 use super::{AwsEnv, Counters, Error, Identity, Params, RemoteUrl};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -55,7 +55,8 @@ pub struct Fetcher {
 /// What the fetcher's tasks share (never the runtime itself, so that no
 /// task can hold the last reference to it).
 struct Shared {
-    object: RemoteObject,
+    /// What the URL names: a raw image or pushed layers over one.
+    object: Image,
     params: Params,
     counters: Counters,
     /// The units being fetched, each with the callbacks that wait for it:
@@ -88,7 +89,7 @@ impl Fetcher {
                 url: url.to_string(),
                 why: format!("cannot start the fetcher's threads: {e}"),
             })?;
-        let object = runtime.block_on(RemoteObject::open(url, env, &params))?;
+        let object = runtime.block_on(Image::open(url, env, &params))?;
         let shared = Arc::new(Shared {
             object,
             prefetch: Arc::new(Semaphore::new(params.prefetch_depth)),

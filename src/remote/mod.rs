@@ -5,6 +5,7 @@
 //! This module owns everything between a `--base URL` and the bytes of one
 //! unit: parsing the URL ([`url`]), the parameters and their defaults
 //! ([`params`]), opening the object and pinning its identity ([`object`]),
+//! a URL that names pushed layers over another URL ([`image`]),
 //! the errors a user sees ([`error`]), the fetches themselves — single
 //! flight, retries, deadline, prefetch ([`fetcher`]) — and their counters
 //! ([`counters`]); and the base a device keeps of it ([`base`]). It knows
@@ -15,6 +16,7 @@ pub mod base;
 pub mod counters;
 pub mod error;
 pub mod fetcher;
+pub(crate) mod image;
 pub mod object;
 pub mod params;
 pub mod url;

@@ -144,6 +144,15 @@ fn object_path(url: &RemoteUrl) -> Result<Path, Error> {
     path.map_err(|e| bad(innermost(&e)))
 }
 
+/// The store for `url` and the object's path in it, for an upload.
+pub(crate) fn store_for(
+    url: &RemoteUrl,
+    env: &AwsEnv,
+    params: &Params,
+) -> Result<(Arc<dyn ObjectStore>, Path), Error> {
+    build(url, env, params)
+}
+
 /// Builds the store for `url` and the object's path in it.
 fn build(
     url: &RemoteUrl,
