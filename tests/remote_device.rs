@@ -30,9 +30,9 @@ const BLOCK: u32 = 4096;
 const UNIT: u64 = 64 << 10;
 /// Four whole units and a short one of 8 KiB.
 const SIZE: u64 = 4 * UNIT + 8192;
-/// GETs of opening a remote base: one, of the object's first bytes (is it
-/// an overlay?).
-const OPEN: usize = 1;
+/// GETs of opening a remote base: one of the object's first bytes (a raw
+/// image, pushed layers or an overlay?) at open, and one at connect.
+const OPEN: usize = 2;
 
 /// A scratch directory holding the served `disk.img`, removed when dropped.
 struct Dir(PathBuf);

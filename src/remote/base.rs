@@ -4,14 +4,14 @@
 //! synchronous paths.
 //!
 //! Opening is in two steps because the daemon forks: [`RemoteBase::open`]
-//! sends the HEAD that pins the object's identity (and one GET of its first
-//! bytes: an object that is a ublk-cow overlay is refused) and stops the
+//! opens the image (the HEAD that pins the object's identity, and the GET of
+//! its first bytes that tells a raw image from pushed layers,
+//! `remote::image`) and stops the
 //! fetcher's threads again (a process must not fork with threads running), and
 //! [`RemoteBase::connect`], in the daemon, starts the fetcher for good and
 //! refuses an object whose identity changed in between.
 
 use super::{AwsEnv, Error, Fetcher, Identity, Params, RemoteUrl};
-use crate::engine::overlay::MAGIC;
 use std::fs::File;
 use std::io;
 use std::sync::OnceLock;
@@ -44,16 +44,7 @@ impl RemoteBase {
     ) -> Result<RemoteBase, Error> {
         let probe = Fetcher::open(&url, &env, params.clone(), block_size)?;
         let identity = probe.identity().clone();
-        let head = probe.peek(MAGIC.len() as u64);
         probe.close();
-        if head?[..] == MAGIC[..] {
-            return Err(Error::Config {
-                url: url.to_string(),
-                why: "the object is a ublk-cow overlay file, not a raw image nor a pushed \
-                      layer: upload a layer with `ublk-cow push`, which packs it"
-                    .into(),
-            });
-        }
         RemoteBase::known(url, env, params, block_size, identity)
     }
 

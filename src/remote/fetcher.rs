@@ -237,16 +237,6 @@ impl Fetcher {
         }
     }
 
-    /// The object's first `len` bytes (at most its size): one GET, pinned
-    /// like every other, with the same retries and deadline, outside the
-    /// units (nothing is kept). For telling what the object holds.
-    pub fn peek(&self, len: u64) -> Outcome {
-        let end = len.min(self.size());
-        let shared = self.shared.clone();
-        self.handle()
-            .block_on(async move { shared.within_deadline(0..end).await })
-    }
-
     /// Stops the fetcher and waits (at most a few seconds) until its
     /// threads have ended: after it the process may fork.
     pub fn close(mut self) {

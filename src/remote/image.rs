@@ -7,9 +7,10 @@
 //! the fetcher's, over the whole read.
 
 use super::error::Fault;
-use super::object::RemoteObject;
+use super::object::{RemoteObject, retried};
 use super::{AwsEnv, Error, Identity, Params, RemoteUrl};
 use crate::engine::chain::MAX_LAYERS;
+use crate::engine::overlay::MAGIC as OVERLAY_MAGIC;
 use crate::engine::packed::{self, PackedHeader, PackedIndex, Piece};
 use bytes::{Bytes, BytesMut};
 use std::ops::Range;
@@ -37,12 +38,26 @@ pub(crate) struct Level {
     index: PackedIndex,
 }
 
-/// One GET of `range` at open, its fault an error about `url`.
-async fn get_once(object: &RemoteObject, range: Range<u64>) -> Result<Bytes, Error> {
-    object.get(range).await.map_err(|f| Error::Open {
-        url: object.url().to_string(),
-        why: f.why(),
-    })
+/// A GET of `range` at open (retried on transient faults, within the
+/// fetch deadline), its fault an error about the object.
+async fn get_at_open(
+    object: &RemoteObject,
+    params: &Params,
+    range: Range<u64>,
+) -> Result<Bytes, Error> {
+    let url = || object.url().to_string();
+    let get = retried(params, || object.get(range.clone()));
+    match tokio::time::timeout(params.fetch_timeout, get).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(f)) => Err(Error::Open {
+            url: url(),
+            why: f.why(),
+        }),
+        Err(_) => Err(Error::Unreachable {
+            url: url(),
+            why: format!("no answer within {}s", params.fetch_timeout.as_secs_f64()),
+        }),
+    }
 }
 
 impl Image {
@@ -78,11 +93,19 @@ impl Image {
         seen.push(u.clone());
         let object = RemoteObject::open(url, env, params).await?;
         let size = object.identity().size;
-        let prefix = get_once(&object, 0..packed::PREFIX.min(size)).await?;
+        let prefix = get_at_open(&object, params, 0..packed::PREFIX.min(size)).await?;
         let bad = |e: crate::engine::Error| Error::Config {
             url: u.clone(),
             why: e.to_string(),
         };
+        if prefix.starts_with(OVERLAY_MAGIC) {
+            return Err(Error::Config {
+                url: u,
+                why: "the object is a ublk-cow overlay file, not a raw image nor a pushed \
+                      layer: upload a layer with `ublk-cow push`, which packs it"
+                    .into(),
+            });
+        }
         let Some(len) = PackedHeader::length(&prefix).map_err(bad)? else {
             return Ok(Image::Raw(object));
         };
@@ -92,12 +115,12 @@ impl Image {
                 "a pushed layer cut short in its header",
             )));
         }
-        let json = get_once(&object, packed::PREFIX..json_end).await?;
+        let json = get_at_open(&object, params, packed::PREFIX..json_end).await?;
         let header = PackedHeader::decode(&json, size).map_err(bad)?;
         let range = header.index_range();
         let bytes = match range.is_empty() {
             true => Bytes::new(),
-            false => get_once(&object, range).await?,
+            false => get_at_open(&object, params, range).await?,
         };
         let index = PackedIndex::decode(&header, &bytes).map_err(bad)?;
         let below_url = RemoteUrl::parse(&header.backing.url).map_err(|e| Error::Config {

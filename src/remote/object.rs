@@ -203,6 +203,28 @@ fn build(
     }
 }
 
+/// `op` again after a transient fault, with backoff, at most
+/// `params.max_retries` times; any other fault at once. For the requests
+/// of an open (the fetcher retries its GETs itself, and counts them).
+pub(crate) async fn retried<T, F, Fut>(params: &Params, mut op: F) -> Result<T, Fault>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Fault>>,
+{
+    let mut backoff = params.backoff_initial;
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(Fault::Transient(_)) if tries < params.max_retries => {
+                tries += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(params.backoff_max);
+            }
+            r => return r,
+        }
+    }
+}
+
 impl RemoteObject {
     /// Opens `url`: builds the store and takes the object's identity with a
     /// HEAD (retried on transient faults, within `params.fetch_timeout`).
@@ -216,25 +238,9 @@ impl RemoteObject {
     ) -> Result<RemoteObject, Error> {
         let (store, path) = build(url, env, params)?;
         let u = url.to_string();
-        let head = async {
-            let mut backoff = params.backoff_initial;
-            let mut tries = 0;
-            loop {
-                match store.head(&path).await {
-                    Ok(m) => return Ok(m),
-                    // A server that refuses the connection is not there:
-                    // say so at once rather than after the backoff.
-                    Err(e) => match classify(&e) {
-                        Fault::Transient(_) if tries < params.max_retries => {
-                            tries += 1;
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(params.backoff_max);
-                        }
-                        f => return Err(f),
-                    },
-                }
-            }
-        };
+        let head = retried(params, || async {
+            store.head(&path).await.map_err(|e| classify(&e))
+        });
         let meta = match tokio::time::timeout(params.fetch_timeout, head).await {
             Err(_) => {
                 return Err(Error::Unreachable {

@@ -5,9 +5,11 @@ Content-Range), ETag, Last-Modified, Content-Length, If-Match and
 If-Unmodified-Since (412 when they fail).
 
 usage: range_server.py DIR PORT [--delay SECONDS] [--log FILE] [--fail N STATUS]
+                       [--pass K]
 
 --delay holds every GET that long before it answers; --fail answers the
-first N GETs with STATUS and no body; --log appends one line per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
+first N GETs with STATUS and no body, after the first K (--pass, default 0)
+answered as usual; --log appends one line per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
 """
 import email.utils
 import os
@@ -22,6 +24,7 @@ PORT = int(sys.argv[2])
 DELAY = 0.0
 LOG = None
 FAIL = [0, 500]
+PASS = [0]
 args = sys.argv[3:]
 while args:
     if args[0] == "--delay":
@@ -31,6 +34,8 @@ while args:
     elif args[0] == "--fail":
         FAIL = [int(args[1]), int(args[2])]
         args = args[1:]
+    elif args[0] == "--pass":
+        PASS[0] = int(args[1])
     else:
         sys.exit(f"unknown argument {args[0]}")
     args = args[2:]
@@ -99,8 +104,12 @@ class Handler(BaseHTTPRequestHandler):
             if DELAY:
                 time.sleep(DELAY)
             with LOG_LOCK:
-                failing = FAIL[0] > 0
-                FAIL[0] -= 1
+                if PASS[0] > 0:
+                    PASS[0] -= 1
+                    failing = False
+                else:
+                    failing = FAIL[0] > 0
+                    FAIL[0] -= 1
             if failing:
                 return self.fail(FAIL[1])
         self.send_response(status)

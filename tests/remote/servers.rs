@@ -70,6 +70,8 @@ pub struct RangeOpts {
     pub log: Option<PathBuf>,
     /// The first so many GETs are answered with this HTTP status.
     pub fail: Option<(u32, u16)>,
+    /// GETs answered as usual before `fail` begins.
+    pub pass: u32,
 }
 
 /// Starts `range_server.py` serving `dir` on `port`.
@@ -86,6 +88,7 @@ pub fn range_server(dir: &Path, port: u16, opts: &RangeOpts) -> Server {
     }
     if let Some((n, status)) = opts.fail {
         cmd.args(["--fail", &n.to_string(), &status.to_string()]);
+        cmd.args(["--pass", &opts.pass.to_string()]);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
