@@ -11,7 +11,6 @@ mod scratch;
 mod servers;
 
 use object_store::ObjectStoreExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as StorePath;
 use scratch::{Scratch, s};
 use servers::{Moto, moto};
@@ -27,28 +26,16 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 const UNIT: u64 = 256 << 10;
 
-fn store(m: &Moto) -> AmazonS3 {
-    AmazonS3Builder::new()
-        .with_bucket_name(&m.bucket)
-        .with_access_key_id(&m.key_id)
-        .with_secret_access_key(&m.secret)
-        .with_region("us-east-1")
-        .with_endpoint(&m.endpoint)
-        .with_allow_http(true)
-        .build()
-        .unwrap()
-}
-
 fn put(m: &Moto, key: &str, data: Vec<u8>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(store(m).put(&StorePath::from(key), data.into()))
+    rt.block_on(m.store().put(&StorePath::from(key), data.into()))
         .unwrap();
 }
 
 /// The object's length, or `None` if there is none.
 fn length(m: &Moto, key: &str) -> Option<u64> {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(store(m).head(&StorePath::from(key)))
+    rt.block_on(m.store().head(&StorePath::from(key)))
         .ok()
         .map(|meta| meta.size)
 }

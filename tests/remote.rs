@@ -8,7 +8,6 @@ mod common;
 mod servers;
 
 use object_store::ObjectStoreExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use servers::{Moto, RangeOpts, free_port, logged_ranges, moto, range_server};
 use std::path::PathBuf;
@@ -51,15 +50,7 @@ fn good_env(m: &Moto) -> AwsEnv {
 
 /// Puts `data` at `key` in the moto bucket; returns the new ETag.
 fn put(m: &Moto, key: &str, data: Vec<u8>) -> String {
-    let store = AmazonS3Builder::new()
-        .with_bucket_name(&m.bucket)
-        .with_access_key_id(&m.key_id)
-        .with_secret_access_key(&m.secret)
-        .with_region("us-east-1")
-        .with_endpoint(&m.endpoint)
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let store = m.store();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt
         .block_on(store.put(&StorePath::from(key), data.into()))

@@ -86,6 +86,37 @@ case_remote_s3() {
     rm -f "$WORK/remote.ov" "$WORK/other.img"
 }
 
+# A stack of layers built with devices over the raw image, pushed
+# bottom-up over its copy in S3, served with a local overlay: the device
+# reads as the local stack does.
+case_remote_pushed_layers() {
+    remote_up
+    local l1=$WORK/push-l1 l2=$WORK/push-l2 top=$WORK/push-top dev id
+    rm -f "$l1" "$l2" "$top"
+    dev=$(add --base "$RIMG" --overlay "$l1"); id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$dev" bs=64k count=48 seek=16 oflag=direct conv=notrunc status=none
+    blkdiscard -z -o $((8 << 20)) -l $((1 << 20)) "$dev"
+    "$UC" del -n "$id"
+    "$UC" snapshot "$l1" --overlay "$l2" > /dev/null
+    dev=$(add --base "$l1" --overlay "$l2"); id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$dev" bs=4k count=100 seek=300 oflag=direct conv=notrunc status=none
+    dd if=/dev/urandom of="$dev" bs=4k count=8 seek=$((8 << 8)) oflag=direct conv=notrunc status=none
+    "$UC" del -n "$id"
+    "$UC" snapshot "$l2" --overlay "$top" > /dev/null
+    dev=$(add --base "$l2" --overlay "$top"); id=$(dev_id "$dev")
+    local want; want=$(sha "$dev")
+    "$UC" del -n "$id"
+    "$UC" push "$l1" s3://images/l1.cow --backing s3://images/disk.img || die "push of l1 failed"
+    "$UC" push "$l2" s3://images/l2.cow --backing s3://images/l1.cow || die "push of l2 failed"
+    expect_fail "l2 pushed over the raw image" \
+        "$UC" push "$l2" s3://images/l2-wrong.cow --backing s3://images/disk.img
+    dev=$(add --base s3://images/l2.cow); id=$(dev_id "$dev")
+    [ "$(sha "$dev")" = "$want" ] || die "the pushed stack reads other data than the local one"
+    say "  pushed stack read: $(stat_of "$id" remote_gets) GETs ($SECONDS s)"
+    "$UC" del -n "$id"
+    rm -f "$l1" "$l2" "$top"
+}
+
 case_remote_ext4_and_cache() {
     remote_up
     local dev; dev=$(add --base s3://images/ext4.img)
@@ -161,6 +192,7 @@ case_remote_bad_input() {
 
 CASES+=(
     "remote base over S3: whole device, overlay kept, replaced object|case_remote_s3"
+    "remote base: a stack of layers pushed to S3 reads as the local one|case_remote_pushed_layers"
     "remote base over HTTP: outage fails with EIO, then works; recover|case_remote_http_outage"
     "remote base: bad input refused in one line|case_remote_bad_input"
     "remote base: ext4 mounted, cache, server gone|case_remote_ext4_and_cache"

@@ -127,6 +127,22 @@ pub struct Moto {
     pub bucket: String,
 }
 
+impl Moto {
+    /// The bucket as an `object_store` store, with the user's key: for
+    /// putting and looking at objects.
+    pub fn store(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .with_region("us-east-1")
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+}
+
 /// Starts `moto_server` on a free port and makes `bucket`. Fails (never
 /// skips) when `moto_server` is not installed.
 pub fn moto(bucket: &str) -> Moto {
