@@ -14,7 +14,7 @@ fi
 echo "in-ublk-env: running $1 in a VM" >&2
 # The guest does not inherit this environment: pass on the knobs of the
 # guest scripts that are set here.
-for v in E2E_ONLY CRASH_CYCLES REPLAY_STEPS REPLAY_SUBSETS ROUNDS RUNTIME SYSTEMS WORKLOADS COPY_ONLY READAHEAD_ONLY SLOW_MS OVERLAY_FS UBLK_COW_OLD_BIN UBLK_COW_OLD2_BIN UBLK_COW_BIN; do
+for v in E2E_ONLY CRASH_CYCLES REPLAY_STEPS REPLAY_SUBSETS ROUNDS RUNTIME SYSTEMS SERVERS CAP_MIBS WORKLOADS COPY_ONLY READAHEAD_ONLY SLOW_MS OVERLAY_FS UBLK_COW_OLD_BIN UBLK_COW_OLD2_BIN UBLK_COW_BIN; do
     if [ -n "${!v:-}" ]; then
         VM_ENV="${VM_ENV:-} $v='${!v}'"
     fi

@@ -8,7 +8,11 @@
 # both with --fetch-size 4M (fewer, larger GETs). Then 4 KiB cold reads at
 # QD1, one in each unit, none next to another (fio clat median and p99),
 # beside the server's own GET latency for 4 KiB and for one unit (curl
-# with a Range, one request at a time). Prints "bench-json: {...}" lines.
+# with a Range, one request at a time). And a third server: the range
+# server again with each response capped at ${CAP_MIBS} MiB/s (`--rate`),
+# the per-connection limit object stores have and localhost has not: there
+# one stream (curl) is bounded by the cap, and GETs in flight together are
+# not. Prints "bench-json: {...}" lines.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 set -e
 need_ublk
@@ -24,6 +28,10 @@ mkdir -p $B/http
 head -c "${MB}M" /dev/urandom > $B/http/obj.img
 python3 "$RDIR/s3put.py" bench obj.img $B/http/obj.img
 HTTP_PORT=18092 http_up
+CAP_MIBS=${CAP_MIBS:-8}
+setsid python3 "$RDIR/range_server.py" $B/http 18093 --rate "$CAP_MIBS" > $B/capped.out 2>&1 &
+for _ in $(seq 1 300); do grep -q ready $B/capped.out && break; sleep 0.1; done
+grep -q ready $B/capped.out || die "the capped range server did not start"
 S3_URL=http://127.0.0.1:$MOTO_PORT/bench/obj.img
 SIGV4=(--aws-sigv4 "aws:amz:us-east-1:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
     -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
@@ -41,17 +49,19 @@ base_of() {
         s3) echo --base s3://bench/obj.img ;;
         http) echo --base http://127.0.0.1:18092/obj.img ;;
         http-4m) echo --base http://127.0.0.1:18092/obj.img --fetch-size 4M ;;
+        capped) echo --base http://127.0.0.1:18093/obj.img ;;
     esac
 }
 fetch() { # server curl-args...
     local srv=$1; shift
     case $srv in
         s3) curl -sf "${SIGV4[@]}" "$@" "$S3_URL" ;;
+        capped) curl -sf "$@" "http://127.0.0.1:18093/obj.img" ;;
         *) curl -sf "$@" "http://127.0.0.1:18092/obj.img" ;;
     esac
 }
 for round in $(seq 1 "$ROUNDS"); do
-    for srv in http http-4m s3; do
+    for srv in ${SERVERS:-http http-4m s3 capped}; do
         if [ "$srv" != http-4m ]; then
             t0=$(now)
             fetch $srv -o /dev/null

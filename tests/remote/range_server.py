@@ -5,11 +5,13 @@ Content-Range), ETag, Last-Modified, Content-Length, If-Match and
 If-Unmodified-Since (412 when they fail).
 
 usage: range_server.py DIR PORT [--delay SECONDS] [--log FILE] [--fail N STATUS]
-                       [--pass K]
+                       [--pass K] [--rate MIBS]
 
 --delay holds every GET that long before it answers; --fail answers the
 first N GETs with STATUS and no body, after the first K (--pass, default 0)
-answered as usual; --log appends one line per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
+answered as usual; --rate sends each response's body at most MIBS MiB/s
+(a cap per request, as object stores have per connection, for the
+benchmark); --log appends one line per GET ("GET /path bytes=a-b If-Match: ETAG"). Prints "ready" once it listens.
 """
 import email.utils
 import os
@@ -25,6 +27,7 @@ DELAY = 0.0
 LOG = None
 FAIL = [0, 500]
 PASS = [0]
+RATE = 0.0
 args = sys.argv[3:]
 while args:
     if args[0] == "--delay":
@@ -34,6 +37,8 @@ while args:
     elif args[0] == "--fail":
         FAIL = [int(args[1]), int(args[2])]
         args = args[1:]
+    elif args[0] == "--rate":
+        RATE = float(args[1]) * (1 << 20)
     elif args[0] == "--pass":
         PASS[0] = int(args[1])
     else:
@@ -124,12 +129,18 @@ class Handler(BaseHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 left = end - start
+                began, sent = time.monotonic(), 0
                 while left:
                     chunk = f.read(min(left, 1 << 16))
                     if not chunk:
                         break
                     self.wfile.write(chunk)
                     left -= len(chunk)
+                    sent += len(chunk)
+                    if RATE:
+                        wait = began + sent / RATE - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
 
     def do_HEAD(self):
         self.answer(False)
