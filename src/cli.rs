@@ -180,9 +180,11 @@ pub(crate) enum Command {
     /// their data (a layer file is sparse; an object cannot be). The pushed
     /// object names its backing by URL: --backing, the push of the file the
     /// layer was made over (a raw image uploaded as it is, or the pushed
-    /// layer below). Before the upload, the backing is checked to read as
-    /// the one the layer was made over (its size and the fingerprint the
-    /// layer recorded), so a stack is pushed bottom-up. `add --base URL`
+    /// layer below). Before the upload, the backing is checked to be the one
+    /// the layer was made over: a pushed layer must be the push of that
+    /// layer as it is now (the identity the layer recorded of it), a raw
+    /// image must have its size and sampled contents. So a stack is pushed
+    /// bottom-up, and pushing needs the layer's local chain. `add --base URL`
     /// then serves the stack with a local overlay, fetching each block from
     /// the topmost layer that holds it.
     ///
@@ -200,10 +202,12 @@ pub(crate) struct PushArgs {
     /// Where to upload it: s3://BUCKET/KEY
     #[arg(value_name = "URL")]
     pub(crate) url: String,
-    /// The URL of the layer's backing in the object store (required)
+    /// The URL of the layer's backing in the object store
     ///
-    /// A raw image (uploaded as it is, e.g. with `aws s3 cp`) or a layer
-    /// pushed before; s3://, https:// or http://.
+    /// A raw image (uploaded as it is, e.g. with `aws s3 cp`) when the layer
+    /// was made over a raw image, or the push of the layer it was made over;
+    /// s3://, https:// or http://. Required, unless the layer was made over a
+    /// remote base, whose URL it records.
     #[arg(long, value_name = "URL")]
     pub(crate) backing: Option<String>,
     /// Replace an object already at URL (devices reading it then fail their

@@ -3,21 +3,26 @@
 //! serves it over the backing it names.
 //!
 //! The backing is a URL: `--backing`, or the one the layer records when it
-//! was made over a remote base. Before anything is uploaded, the backing
-//! must read as the one the layer was made over: same size, and the
-//! fingerprint the layer recorded (`engine::base`, samples of the disk read
-//! through the URL, or the URL and version of a remote base). So a stack is
-//! pushed bottom-up, each layer over the push of the one below it. The
+//! was made over a remote base. Before anything is uploaded it must be what
+//! the layer was made over, as copied blocks are left out: for a layer over
+//! a layer, the push of that layer, whose recorded identity (size, mtime,
+//! fingerprint: what a layer over it records, `engine::base`) equals the
+//! one this layer recorded; for a layer over a raw image, a raw image of
+//! that size whose sampled fingerprint matches; for a layer over a remote
+//! base, that URL and version. So a stack is pushed bottom-up, each layer
+//! over the push of the one below it, and its own identity is taken through
+//! its local chain and recorded for the next. The layer is locked (shared)
+//! while it is read. The
 //! upload is one multipart upload (parts of [`PART`], a few in flight),
 //! aborted on any error, so the object appears whole or not at all. An
 //! object already at the URL is not replaced without `--force`: devices
 //! may be reading it.
 
 use crate::engine::base::BaseIdentity;
-use crate::engine::chain::{Backed, open_layer};
+use crate::engine::chain::{Backed, Chain, Purpose, lock, open_layer};
 use crate::engine::map::{BlockMap, MapMemory};
 use crate::engine::overlay::BackingKind;
-use crate::engine::packed::{self, Held, PackedBacking, PackedHeader};
+use crate::engine::packed::{self, Held, PackedBacking, PackedHeader, PackedLayerId};
 use crate::engine::storage::Storage;
 use crate::progress::Progress;
 use crate::remote::object::store_for;
@@ -68,6 +73,9 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
     };
     let who = req.layer.display().to_string();
     let layer = open_layer(req.layer, 0)?;
+    // Held while the layer is read: a commit into it or of it (which locks
+    // it exclusively) waits or is refused until the upload is done.
+    lock(layer.overlay.storage(), false, &who)?;
     let h = layer.overlay.header().clone();
     if h.committing() {
         bail!("{who}: {}", crate::engine::overlay::STOPPED_COMMIT);
@@ -81,15 +89,32 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
     let geo = h.geometry;
     let map = BlockMap::new(MapMemory::heap(geo.blocks()), geo.blocks());
     layer.overlay.read_map(&map).with_context(|| who.clone())?;
+    // The layer's identity, for a layer pushed over this one to match:
+    // read through its local chain, as an overlay over it would take it.
+    let own = match Chain::open(req.layer, Purpose::Reads).and_then(|c| c.identity()) {
+        Ok(id) => Some(PackedLayerId {
+            size: id.size,
+            mtime_ns: id.mtime_ns,
+            fingerprint: id.fingerprint,
+        }),
+        // Over a remote base nothing local is below it to read through.
+        Err(_) if h.backing.kind == BackingKind::Remote => None,
+        Err(e) => return Err(e).with_context(|| format!("{who}: reading it through its chain")),
+    };
 
     // The backing: named, or the remote base the layer records.
+    let recorded = h
+        .backing
+        .path
+        .as_deref()
+        .map_or("a backing it does not record".into(), |p| {
+            p.display().to_string()
+        });
     let backing = match (&req.backing, h.backing.kind, &h.backing.path) {
         (Some(u), _, _) => u.clone(),
         (None, BackingKind::Remote, Some(u)) => RemoteUrl::parse(&u.to_string_lossy())?,
-        (None, kind, path) => bail!(
-            "{who} is over {} ({}): name the push of its backing with --backing URL",
-            path.as_deref()
-                .map_or("an unrecorded backing".into(), |p| p.display().to_string()),
+        (None, kind, _) => bail!(
+            "{who} is over {recorded} ({}): name the push of its backing with --backing URL",
             kind.name()
         ),
     };
@@ -99,8 +124,12 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         ..req.params.clone()
     };
     let remote = RemoteBase::open(backing.clone(), req.env.clone(), probe, geo.block_size())?;
-    remote.connect()?;
+    let fetcher = remote.connect()?;
     let id = remote.identity().clone();
+    let dest = req.url.to_string();
+    if fetcher.urls().contains(&dest.as_str()) {
+        bail!("{dest} is read by --backing {backing}: push it to another key");
+    }
     if id.size != h.base.size {
         bail!(
             "--backing {backing}: its virtual size is {} bytes; {who} was made over {} bytes",
@@ -108,29 +137,64 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
             h.base.size
         );
     }
-    let now = match h.backing.kind {
-        BackingKind::Remote => BaseIdentity::remote(&backing.to_string(), &id),
-        kind => {
-            // Sampled like a local backing: a block device more closely.
+    let top = fetcher.top_layer().cloned();
+    let not_it = |why: &str| {
+        anyhow!("--backing {backing} is not what {who} was made over ({recorded}): {why}")
+    };
+    match (h.backing.kind, &top) {
+        (BackingKind::Overlay, None) => {
+            return Err(not_it(
+                "a raw image where the layer was made over a layer; push that layer and name \
+                 its push",
+            ));
+        }
+        (BackingKind::Overlay, Some(t)) => {
+            let want = (h.base.size, h.base.mtime_ns, h.base.fingerprint);
+            match t.layer {
+                Some(l) if (l.size, l.mtime_ns, l.fingerprint) == want => {}
+                _ => {
+                    return Err(not_it(
+                        "the pushed layer is the push of another layer (or of this one \
+                         modified since); push the layer below and name its push",
+                    ));
+                }
+            }
+            if t.block_size != geo.block_size() {
+                bail!(
+                    "--backing {backing} has block size {}, {who} {}: a stack has one block size",
+                    t.block_size,
+                    geo.block_size()
+                );
+            }
+        }
+        (BackingKind::File | BackingKind::BlockDevice, Some(_)) => {
+            return Err(not_it(
+                "pushed layers where the layer was made over a raw image; name the image's copy",
+            ));
+        }
+        (BackingKind::Remote, _) => {
+            if BaseIdentity::remote(&backing.to_string(), &id).fingerprint != h.base.fingerprint {
+                return Err(not_it(
+                    "a remote base is known by its URL and version (ETag or Last-Modified), and \
+                     one of them differs",
+                ));
+            }
+        }
+        (kind, _) => {
+            // A raw image, as a local one is checked: size and samples
+            // (more of a block device's).
             let mtime = if kind == BackingKind::BlockDevice {
                 0
             } else {
                 1
             };
             let sampled = Backed::Remote(Box::new(remote));
-            BaseIdentity::compute(&sampled, id.size, mtime)
-                .with_context(|| format!("--backing {backing}: reading its samples"))?
+            let now = BaseIdentity::compute(&sampled, id.size, mtime)
+                .with_context(|| format!("--backing {backing}: reading its samples"))?;
+            if !now.fingerprint_matches(h.base.fingerprint) {
+                return Err(not_it("its contents differ (sampled)"));
+            }
         }
-    };
-    if !now.fingerprint_matches(h.base.fingerprint) {
-        bail!(
-            "--backing {backing} does not read as {who}'s backing ({}): its contents differ; \
-             push the layer below first and name that push",
-            h.backing
-                .path
-                .as_deref()
-                .map_or("unrecorded".into(), |p| p.display().to_string())
-        );
     }
 
     let extents = packed::extents_of(&map);
@@ -144,6 +208,7 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
             etag: id.etag.clone(),
             last_modified: id.last_modified.clone(),
         },
+        own,
     );
     let total = header.object_len();
     let count = |held: Held| -> u64 {

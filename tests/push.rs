@@ -85,16 +85,30 @@ fn pushed(sc: &Scratch, m: &Moto, layer: &Path, key: &str, backing: &str) -> Str
     text
 }
 
-/// A refused push: one line naming `want`, a non-zero exit, no object at
-/// `key`.
-fn refused(sc: &Scratch, m: &Moto, args: &[&str], key: &str, want: &str) {
+/// A refused push: one line naming `want`, a non-zero exit, and (for a
+/// `key` the push could make) no object at `key`.
+fn refused(sc: &Scratch, m: &Moto, args: &[&str], key: Option<&str>, want: &str) {
     let out = run(sc, m, args);
     let err = String::from_utf8_lossy(&out.stderr);
     eprint!("{err}");
     assert!(!out.status.success(), "{args:?} succeeded");
     assert_eq!(err.lines().count(), 1, "not one line: {err}");
     assert!(err.contains(want), "{args:?}: {err} (want {want:?})");
-    assert_eq!(length(m, key), None, "{args:?} left an object at {key}");
+    if let Some(key) = key {
+        assert_eq!(length(m, key), None, "{args:?} left an object at {key}");
+    }
+}
+
+/// What a new overlay over `layer` reads, the whole disk.
+fn reads_as(sc: &Scratch, layer: &Path) -> Vec<u8> {
+    let top = sc.path("reader");
+    create_overlay(&top, layer, None).unwrap();
+    let dev = open_device(&top).unwrap();
+    let mut got = vec![0u8; SIZE as usize];
+    dev.read(0, &mut got).unwrap();
+    dev.close().unwrap();
+    std::fs::remove_file(&top).unwrap();
+    got
 }
 
 /// The local stack: base ← l1 ← l2, both frozen; returns the paths and
@@ -126,13 +140,7 @@ fn stack(sc: &Scratch, base_bytes: &[u8]) -> (std::path::PathBuf, std::path::Pat
         .unwrap();
     dev.close().unwrap();
     freeze(&l2).unwrap();
-    let top = sc.path("top");
-    create_overlay(&top, &l2, None).unwrap();
-    let dev = open_device(&top).unwrap();
-    let mut want = vec![0u8; SIZE as usize];
-    dev.read(0, &mut want).unwrap();
-    dev.close().unwrap();
-    std::fs::remove_file(&top).unwrap();
+    let want = reads_as(sc, &l2);
     (l1, l2, want)
 }
 
@@ -183,14 +191,10 @@ fn a_pushed_stack_reads_as_the_local_one() {
         "the pushed stack reads other bytes than the local one"
     );
     // The lower push alone reads as l1 does.
-    let sc1 = Scratch::new("push", "stack-l1");
-    let top = sc1.path("top");
-    create_overlay(&top, &l1, None).unwrap();
-    let dev = open_device(&top).unwrap();
-    let mut want1 = vec![0u8; SIZE as usize];
-    dev.read(0, &mut want1).unwrap();
-    dev.close().unwrap();
-    assert!(read_remote(&m, "l1.cow") == want1, "l1.cow reads wrong");
+    assert!(
+        read_remote(&m, "l1.cow") == reads_as(&sc, &l1),
+        "l1.cow reads wrong"
+    );
 
     // A backing replaced after the push: the stack is refused at open.
     put(&m, "base.img", common::noise(SIZE, 2));
@@ -223,14 +227,15 @@ fn bad_pushes_are_one_line_and_upload_nothing() {
     let (l1s, l2s, lives) = (s(&l1), s(&l2), s(&live));
     let u = |k: &str| url(&m, k);
 
+    let x = Some("x");
     refused(
         &sc,
         &m,
         &["push", lives, &u("x"), "--backing", &u("base.img")],
-        "x",
+        x,
         "live overlay",
     );
-    refused(&sc, &m, &["push", l1s, &u("x")], "x", "--backing URL");
+    refused(&sc, &m, &["push", l1s, &u("x")], x, "--backing URL");
     refused(
         &sc,
         &m,
@@ -241,72 +246,101 @@ fn bad_pushes_are_one_line_and_upload_nothing() {
             "--backing",
             &u("base.img"),
         ],
-        "x",
+        None,
         "s3:// URLs only",
     );
     refused(
         &sc,
         &m,
         &["push", l1s, &u("x"), "--backing", &u("other.img")],
-        "x",
+        x,
         "contents differ",
     );
     refused(
         &sc,
         &m,
         &["push", l1s, &u("x"), "--backing", &u("short.img")],
-        "x",
+        x,
         "virtual size",
     );
     refused(
         &sc,
         &m,
         &["push", l1s, &u("x"), "--backing", &u("nothing.img")],
-        "x",
+        x,
         "no such object",
-    );
-    // l2 over the raw image, l1 skipped: it does not read as l1.
-    refused(
-        &sc,
-        &m,
-        &["push", l2s, &u("x"), "--backing", &u("base.img")],
-        "x",
-        "contents differ",
     );
     refused(
         &sc,
         &m,
         &["push", l1s, "s3://b/", "--backing", &u("base.img")],
-        "x",
+        None,
         "s3://b/",
     );
+    refused(
+        &sc,
+        &m,
+        &["push", l1s, &u("base.img"), "--backing", &u("base.img")],
+        None,
+        "is read by",
+    );
+    // l2 over the raw image, l1 skipped.
+    refused(
+        &sc,
+        &m,
+        &["push", l2s, &u("x"), "--backing", &u("base.img")],
+        x,
+        "raw image where",
+    );
+    // A sparse layer that no sample of the base lands in, skipped: the
+    // kinds tell, where the samples could not.
+    let (s1, s2) = (sc.path("sparse1"), sc.path("sparse2"));
+    create_overlay(&s1, &sc.path("base.img"), Some(BS as u32)).unwrap();
+    let dev = open_device(&s1).unwrap();
+    dev.write(3 * MIB + MIB / 2, &common::noise(64 << 10, 31))
+        .unwrap();
+    dev.close().unwrap();
+    freeze(&s1).unwrap();
+    create_overlay(&s2, &s1, None).unwrap();
+    freeze(&s2).unwrap();
+    refused(
+        &sc,
+        &m,
+        &["push", s(&s2), &u("x"), "--backing", &u("base.img")],
+        x,
+        "raw image where",
+    );
+    // l2 over the push of another layer than l1, and l1 over pushed layers.
+    pushed(&sc, &m, &s1, "sparse1.cow", "base.img");
+    refused(
+        &sc,
+        &m,
+        &["push", l2s, &u("x"), "--backing", &u("sparse1.cow")],
+        x,
+        "another layer",
+    );
+    refused(
+        &sc,
+        &m,
+        &["push", l1s, &u("x"), "--backing", &u("sparse1.cow")],
+        x,
+        "pushed layers where",
+    );
 
-    // An object at the URL stays unless --force.
-    pushed(&sc, &m, &l1, "l1.cow", "base.img");
-    let before = length(&m, "l1.cow");
-    let out = run(
-        &sc,
-        &m,
-        &["push", l1s, &u("l1.cow"), "--backing", &u("base.img")],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("exists"), "{err}");
-    assert_eq!(length(&m, "l1.cow"), before);
-    let out = run(
-        &sc,
-        &m,
-        &[
-            "push",
-            l1s,
-            &u("l1.cow"),
-            "--backing",
-            &u("base.img"),
-            "--force",
-        ],
-    );
+    // An object at the URL stays unless --force, which replaces it.
+    put(&m, "dest.cow", common::noise(8192, 5));
+    let args = ["push", l1s, &u("dest.cow"), "--backing", &u("base.img")];
+    refused(&sc, &m, &args, None, "exists");
+    assert_eq!(length(&m, "dest.cow"), Some(8192));
+    let forced: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
+    let out = run(&sc, &m, &forced);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        read_remote(&m, "dest.cow") == reads_as(&sc, &l1),
+        "the replaced object reads wrong"
     );
 }

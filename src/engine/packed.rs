@@ -9,7 +9,8 @@
 //! 0       magic "UBLKCOWP", version (u32 LE, 1), header length H (u32 LE)
 //! 16      the header: H bytes of JSON (`PackedHeader`): virtual size, block
 //!         size, the index's place and checksum, the data's place, the
-//!         backing (URL and the identity it had at the push)
+//!         backing (URL and the identity it had at the push), and the local
+//!         layer's own identity (what a layer made over it records)
 //! index   at `index_offset` (4 KiB aligned): one extent of 16 bytes per run
 //!         of held blocks, sorted: first block (u64), count (u32), kind
 //!         (u32: 1 data, 2 zeros)
@@ -20,8 +21,8 @@
 //!
 //! A block the index does not name reads as the backing reads it. The
 //! layer's copied blocks are not pushed: their bytes equal the backing's,
-//! and a push checks that the backing it names reads as the one the layer
-//! was made over (the fingerprint the layer recorded, `engine::base`). The header is JSON because it is read once per open and
+//! and a push checks that the backing it names is the one the layer was
+//! made over (`crate::push`). The header is JSON because it is read once per open and
 //! holds strings (URL, ETag); the index is binary because it can be long.
 
 use crate::engine::Error;
@@ -72,6 +73,16 @@ pub struct PackedBacking {
     pub last_modified: Option<String>,
 }
 
+/// The local layer's identity as an overlay made over it records its
+/// backing (`engine::base::BaseIdentity`): a layer pushed over this one
+/// must have recorded exactly this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedLayerId {
+    pub size: u64,
+    pub mtime_ns: u64,
+    pub fingerprint: u64,
+}
+
 /// The JSON header of a pushed layer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackedHeader {
@@ -86,6 +97,9 @@ pub struct PackedHeader {
     /// Blocks in the data area.
     pub data_blocks: u64,
     pub backing: PackedBacking,
+    /// The layer's own identity, when it could be taken (see
+    /// [`PackedLayerId`]).
+    pub layer: Option<PackedLayerId>,
 }
 
 impl PackedHeader {
@@ -96,6 +110,7 @@ impl PackedHeader {
         block_size: u32,
         extents: &[Extent],
         backing: PackedBacking,
+        layer: Option<PackedLayerId>,
     ) -> PackedHeader {
         let mut h = PackedHeader {
             size,
@@ -110,6 +125,7 @@ impl PackedHeader {
                 .map(|e| e.count as u64)
                 .sum(),
             backing,
+            layer,
         };
         // The header's length depends on the offsets' digits: lay out with
         // room for the longest, then encode.
@@ -394,7 +410,7 @@ mod tests {
     }
 
     fn index_of(extents: &[Extent]) -> (PackedHeader, PackedIndex) {
-        let h = PackedHeader::new(64 * 4096, 4096, extents, backing());
+        let h = PackedHeader::new(64 * 4096, 4096, extents, backing(), None);
         let idx = PackedIndex::decode(&h, &encode_index(extents)).unwrap();
         (h, idx)
     }
@@ -456,7 +472,7 @@ mod tests {
                 held: Held::Zero,
             },
         ];
-        let h = PackedHeader::new(64 * 4096, 4096, &ext, backing());
+        let h = PackedHeader::new(64 * 4096, 4096, &ext, backing(), None);
         assert!(PackedIndex::decode(&h, &encode_index(&ext)).is_err());
     }
 

@@ -120,6 +120,16 @@ impl Fetcher {
         self.shared.object.url()
     }
 
+    /// The top pushed layer's header, if the URL names pushed layers.
+    pub(crate) fn top_layer(&self) -> Option<&crate::engine::packed::PackedHeader> {
+        self.shared.object.top_layer()
+    }
+
+    /// The URL of every object read (pushed layers, then the raw image).
+    pub fn urls(&self) -> Vec<&str> {
+        self.shared.object.urls()
+    }
+
     /// The parameters in use.
     pub fn params(&self) -> &Params {
         &self.shared.params

@@ -35,6 +35,7 @@ pub(crate) struct Stack {
 /// One pushed layer of a stack.
 pub(crate) struct Level {
     object: RemoteObject,
+    header: PackedHeader,
     index: PackedIndex,
 }
 
@@ -157,7 +158,11 @@ impl Image {
             ..object.identity().clone()
         };
         let block_size = header.block_size as u64;
-        let level = Level { object, index };
+        let level = Level {
+            object,
+            header,
+            index,
+        };
         let (levels, base) = match below {
             Image::Raw(base) => (vec![level], base),
             Image::Layers(s) if s.block_size == block_size => {
@@ -196,6 +201,27 @@ impl Image {
         match self {
             Image::Raw(o) => o.identity(),
             Image::Layers(s) => &s.identity,
+        }
+    }
+
+    /// The top pushed layer's header, if the image is pushed layers.
+    pub(crate) fn top_layer(&self) -> Option<&PackedHeader> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Layers(s) => Some(&s.levels[0].header),
+        }
+    }
+
+    /// The URL of every object the image reads, the top's first.
+    pub(crate) fn urls(&self) -> Vec<&str> {
+        match self {
+            Image::Raw(o) => vec![o.url()],
+            Image::Layers(s) => s
+                .levels
+                .iter()
+                .map(|l| l.object.url())
+                .chain([s.base.url()])
+                .collect(),
         }
     }
 
