@@ -138,6 +138,15 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         );
     }
     let top = fetcher.top_layer().cloned();
+    if let Some(t) = &top
+        && t.block_size != geo.block_size()
+    {
+        bail!(
+            "--backing {backing} has block size {}, {who} {}: a stack has one block size",
+            t.block_size,
+            geo.block_size()
+        );
+    }
     let not_it = |why: &str| {
         anyhow!("--backing {backing} is not what {who} was made over ({recorded}): {why}")
     };
@@ -158,13 +167,6 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
                          modified since); push the layer below and name its push",
                     ));
                 }
-            }
-            if t.block_size != geo.block_size() {
-                bail!(
-                    "--backing {backing} has block size {}, {who} {}: a stack has one block size",
-                    t.block_size,
-                    geo.block_size()
-                );
             }
         }
         (BackingKind::File | BackingKind::BlockDevice, Some(_)) => {
