@@ -326,6 +326,17 @@ fn bad_pushes_are_one_line_and_upload_nothing() {
         x,
         "pushed layers where",
     );
+    let big = sc.path("big-blocks");
+    create_overlay(&big, &sc.path("base.img"), Some(64 << 10)).unwrap();
+    freeze(&big).unwrap();
+    let bigs = s(&big);
+    refused(
+        &sc,
+        &m,
+        &["push", bigs, &u("x"), "--backing", &u("sparse1.cow")],
+        x,
+        "block size",
+    );
 
     // An object at the URL stays unless --force, which replaces it.
     put(&m, "dest.cow", common::noise(8192, 5));
