@@ -11,9 +11,14 @@ use super::object::{RemoteObject, retried};
 use super::{AwsEnv, Error, Identity, Params, RemoteUrl};
 use crate::engine::chain::MAX_LAYERS;
 use crate::engine::overlay::MAGIC as OVERLAY_MAGIC;
-use crate::engine::packed::{self, PackedHeader, PackedIndex, Piece};
+use crate::engine::packed::{self, PackedHeader, PackedIndex};
 use bytes::{Bytes, BytesMut};
 use std::ops::Range;
+
+/// Bytes between two runs of one object that a read fetches rather than
+/// send another GET for them: a GET costs a round trip and the store's
+/// work per request, which about this many bytes also cost.
+const MAX_GAP: u64 = 256 << 10;
 
 /// A remote image, opened.
 pub(crate) enum Image {
@@ -238,34 +243,32 @@ impl Image {
             Some(l) => &l.object,
             None => &s.base,
         };
-        if let [p] = &parts[..]
-            && let Piece::Object(at) = p.from
-        {
-            return object(p.level)
-                .get(at..at + p.len)
+        let (gets, at) = packed::plan_gets(&parts, MAX_GAP);
+        if let ([g], [Some(_)]) = (&gets[..], &at[..]) {
+            let o = object(g.level);
+            return o
+                .get(g.range.clone())
                 .await
-                .map_err(|f| below(object(p.level), p.level, f));
+                .map_err(|f| below(o, g.level, f));
         }
-        let gets = parts.iter().filter_map(|p| match p.from {
-            Piece::Object(at) => {
-                let o = object(p.level);
-                Some(async move {
-                    o.get(at..at + p.len)
-                        .await
-                        .map_err(|f| below(o, p.level, f))
-                })
+        let got = futures_util::future::try_join_all(gets.iter().map(|g| {
+            let o = object(g.level);
+            async move {
+                o.get(g.range.clone())
+                    .await
+                    .map_err(|f| below(o, g.level, f))
             }
-            Piece::Zero => None,
-        });
-        let mut got = futures_util::future::try_join_all(gets).await?.into_iter();
+        }))
+        .await?;
         let mut out = BytesMut::zeroed((range.end - range.start) as usize);
-        let mut at = 0usize;
-        for p in &parts {
+        let mut pos = 0usize;
+        for (p, at) in parts.iter().zip(at) {
             let len = p.len as usize;
-            if let Piece::Object(_) = p.from {
-                out[at..at + len].copy_from_slice(&got.next().expect("one GET per object part"));
+            if let Some((g, off)) = at {
+                let off = off as usize;
+                out[pos..pos + len].copy_from_slice(&got[g][off..off + len]);
             }
-            at += len;
+            pos += len;
         }
         Ok(out.freeze())
     }
