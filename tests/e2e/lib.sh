@@ -68,14 +68,15 @@ expect_fail() {
 run_case() {
     local name=$1 fn=$2
     say "case: $name"
+    local t0=$SECONDS
     # A subshell of its own (not an `if` condition), so that `set -e` holds
     # and the first failing command fails the case.
     # shellcheck disable=SC2086 # FUNCTION and its words
     ( set -e; $fn )
     if [ $? = 0 ]; then
-        PASS=$((PASS + 1)); say "ok - $name"
+        PASS=$((PASS + 1)); say "ok - $name ($((SECONDS - t0)) s)"
     else
-        FAIL=$((FAIL + 1)); FAILED+=("$name"); say "not ok - $name"
+        FAIL=$((FAIL + 1)); FAILED+=("$name"); say "not ok - $name ($((SECONDS - t0)) s)"
         "$UC" del --all >/dev/null 2>&1 || true
     fi
 }
