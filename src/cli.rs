@@ -143,7 +143,8 @@ pub(crate) enum Command {
     /// the device goes on over the chain, its writes landing in NEW. Forks
     /// are more overlays over the same layer, made the same way or by `add
     /// --base FILE --overlay FORK`. NEW must not exist; nothing is changed
-    /// when any check fails.
+    /// when any check fails. Without --overlay, FILE is only frozen (e.g.
+    /// to `push` it).
     Snapshot(SnapshotArgs),
     /// Serve the device a configuration file describes (what systemd runs)
     ///
@@ -288,9 +289,13 @@ pub(crate) struct SnapshotArgs {
     /// recover -n N` finishes the snapshot.
     #[arg(short = 'n', long = "number", value_name = "N")]
     pub(crate) number: Option<u32>,
-    /// The new overlay to create over it
-    #[arg(short, long, value_name = "NEW")]
-    pub(crate) overlay: PathBuf,
+    /// The new overlay to create over it (required with -n)
+    ///
+    /// Without it, FILE is only frozen: a layer with nothing over it yet,
+    /// e.g. to `push` it (an overlay over a remote base, which cannot have
+    /// a local overlay over it yet, is frozen this way).
+    #[arg(short, long, value_name = "NEW", required_unless_present = "file")]
+    pub(crate) overlay: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -671,7 +676,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Commit(c) => commit(&c.layer, c.force),
         Command::Push(p) => push(p),
         Command::Snapshot(s) => match (s.number, &s.file) {
-            (Some(n), _) => daemon::snapshot::live(n, &s.overlay),
+            (Some(n), _) => match &s.overlay {
+                Some(new) => daemon::snapshot::live(n, new),
+                None => unreachable!("clap requires --overlay with -n"),
+            },
             (None, Some(file)) => {
                 if let Some(n) = daemon::in_use_by(file) {
                     anyhow::bail!(
@@ -679,7 +687,13 @@ pub fn run(cli: Cli) -> Result<()> {
                         file.display()
                     );
                 }
-                chain::snapshot(file, &s.overlay)?;
+                match &s.overlay {
+                    Some(new) => chain::snapshot(file, new)?,
+                    None => {
+                        chain::freeze_only(file)?;
+                        println!("{}: frozen", file.display());
+                    }
+                }
                 Ok(())
             }
             (None, None) => unreachable!("clap requires FILE or -n"),

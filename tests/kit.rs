@@ -12,9 +12,9 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 13] = [
     "add", "del", "list", "cache", "stats", "recover", "info", "check", "map", "snapshot", "serve",
-    "commit",
+    "commit", "push",
 ];
 
 /// Every page renders with no warning from `man --warnings` (groff), and

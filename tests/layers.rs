@@ -94,6 +94,15 @@ fn build(sc: &Scratch) -> Chain {
     }
 }
 
+/// What a new overlay over the layer `layer` reads, the whole disk.
+fn read_all_frozen(sc: &Scratch, layer: &Path) -> Vec<u8> {
+    let top = sc.path("reader");
+    create_overlay(&top, layer, None).unwrap();
+    let got = read_all(&top);
+    std::fs::remove_file(&top).unwrap();
+    got
+}
+
 /// What the device over `top` reads, the whole disk.
 fn read_all(top: &Path) -> Vec<u8> {
     let dev = open_device(top).unwrap();
@@ -528,4 +537,16 @@ fn snapshot_freezes_and_stacks_a_new_overlay_and_refuses_bad_input() {
     assert_eq!(read_all(&new), want);
     // The frozen top is no device's overlay any more.
     assert!(open_device(&c.top).is_err(), "a layer opened for writing");
+    // Without --overlay: only frozen, nothing made beside it; a layer stays
+    // one, and the command says so again.
+    let only = sc.path("only");
+    create_overlay(&only, &c.top, None).unwrap();
+    let said = sc.ok(&["snapshot", s(&only)]);
+    assert_eq!(said.trim(), format!("{}: frozen", s(&only)));
+    assert!(
+        open_device(&only).is_err(),
+        "snapshot without --overlay did not freeze"
+    );
+    assert_eq!(read_all_frozen(&sc, &only), c.want);
+    sc.ok(&["snapshot", s(&only)]);
 }

@@ -826,6 +826,17 @@ pub fn freeze(path: &Path) -> Result<(), Error> {
 /// (it becomes a layer; already one, it stays so) and creates `new`, an
 /// empty overlay over it that takes the writes from then on. `new` must not
 /// exist; it is checked, with the overlay, before anything is written.
+/// Freezes the overlay at `path` into a layer and makes nothing over it
+/// (`snapshot FILE` without `--overlay`, e.g. before `push`): its chain
+/// must open, each recorded identity checked. A layer stays one.
+pub fn freeze_only(path: &Path) -> Result<(), Error> {
+    Chain::open(path, Purpose::Reads)?;
+    if !is_frozen(path)? {
+        freeze(path)?;
+    }
+    Ok(())
+}
+
 pub fn snapshot(path: &Path, new: &Path) -> Result<(), Error> {
     check_new_overlay(new)?;
     check_can_stack(path, MAX_LAYERS - 1)?;
@@ -867,6 +878,17 @@ pub fn open_over_frozen(
 /// layers below), and its path fits the new overlay's header.
 pub fn check_can_stack(path: &Path, max_layers: usize) -> Result<(), Error> {
     let chain = Chain::open(path, Purpose::Reads)?;
+    let deepest = chain.layers[chain.layers.len() - 1].overlay.header();
+    if let (BackingKind::Remote, Some(url)) = (deepest.backing.kind, &deepest.backing.path) {
+        return Err(Error::invalid(format!(
+            "{} is over a remote base ({}): an overlay over it would not be served (a layer \
+             over a remote base is not served yet); `ublk-cow snapshot {}` without --overlay \
+             freezes it, for `ublk-cow push`",
+            path.display(),
+            url.display(),
+            path.display()
+        )));
+    }
     if chain.layers.len() > max_layers {
         return Err(Error::invalid(format!(
             "{} is a chain of {} overlays: an overlay over it would have more than {max_layers} layers below it",

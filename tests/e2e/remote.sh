@@ -88,7 +88,8 @@ case_remote_s3() {
 
 # A stack of layers built with devices over the raw image, pushed
 # bottom-up over its copy in S3, served with a local overlay: the device
-# reads as the local stack does.
+# reads as the local stack does. And a layer made over the S3 base itself,
+# frozen and pushed over the URL it records.
 case_remote_pushed_layers() {
     remote_up
     local l1=$WORK/push-l1 l2=$WORK/push-l2 top=$WORK/push-top dev id
@@ -114,7 +115,25 @@ case_remote_pushed_layers() {
     [ "$(sha "$dev")" = "$want" ] || die "the pushed stack reads other data than the local one"
     say "  pushed stack read: $(stat_of "$id" remote_gets) GETs ($SECONDS s)"
     "$UC" del -n "$id"
-    rm -f "$l1" "$l2" "$top"
+    # An overlay over the remote base: a snapshot with a new overlay over it
+    # is refused with nothing changed; frozen alone, it is pushed over the
+    # URL it records, and served from there.
+    local r=$WORK/push-r
+    rm -f "$r"
+    dev=$(add --base s3://images/disk.img --overlay "$r"); id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$dev" bs=64k count=16 seek=40 oflag=direct conv=notrunc status=none
+    want=$(sha "$dev")
+    "$UC" del -n "$id"
+    local r_sha; r_sha=$(sha "$r")
+    expect_fail "a snapshot with an overlay over a remote base" \
+        "$UC" snapshot "$r" --overlay "$WORK/push-r2"
+    [ "$(sha "$r")" = "$r_sha" ] && [ ! -e "$WORK/push-r2" ] || die "a refused snapshot changed files"
+    "$UC" snapshot "$r" > /dev/null
+    "$UC" push "$r" s3://images/r.cow || die "push of a layer over the remote base failed"
+    dev=$(add --base s3://images/r.cow); id=$(dev_id "$dev")
+    [ "$(sha "$dev")" = "$want" ] || die "the pushed layer over the remote base reads other data"
+    "$UC" del -n "$id"
+    rm -f "$l1" "$l2" "$top" "$r"
 }
 
 case_remote_ext4_and_cache() {
@@ -192,7 +211,7 @@ case_remote_bad_input() {
 
 CASES+=(
     "remote base over S3: whole device, overlay kept, replaced object|case_remote_s3"
-    "remote base: a stack of layers pushed to S3 reads as the local one|case_remote_pushed_layers"
+    "remote base: layers pushed to S3 (a local stack, and one over the S3 base) read as before|case_remote_pushed_layers"
     "remote base over HTTP: outage fails with EIO, then works; recover|case_remote_http_outage"
     "remote base: bad input refused in one line|case_remote_bad_input"
     "remote base: ext4 mounted, cache, server gone|case_remote_ext4_and_cache"
