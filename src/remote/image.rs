@@ -230,8 +230,9 @@ impl Image {
         }
     }
 
-    /// Bytes `range` of the virtual disk: for pushed layers, one GET per
-    /// run that one object holds, all in flight at once; zeros need none.
+    /// Bytes `range` of the virtual disk: for pushed layers, the runs each
+    /// object holds, those close together in one GET (`packed::plan_gets`),
+    /// all in flight at once; zeros need none.
     pub(crate) async fn get(&self, range: Range<u64>) -> Result<Bytes, Fault> {
         let s = match self {
             Image::Raw(o) => return o.get(range).await,
