@@ -123,7 +123,8 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         fetch_size: geo.block_size() as u64,
         ..req.params.clone()
     };
-    let remote = RemoteBase::open(backing.clone(), req.env.clone(), probe, geo.block_size())?;
+    let remote =
+        RemoteBase::open_connected(backing.clone(), req.env.clone(), probe, geo.block_size())?;
     let fetcher = remote.connect()?;
     let id = remote.identity().clone();
     let dest = req.url.to_string();
@@ -206,9 +207,7 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         &extents,
         PackedBacking {
             url: backing.to_string(),
-            size: id.size,
-            etag: id.etag.clone(),
-            last_modified: id.last_modified.clone(),
+            identity: id.clone(),
         },
         own,
     );

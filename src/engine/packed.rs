@@ -28,6 +28,7 @@
 use crate::engine::Error;
 use crate::engine::base::Fnv;
 use crate::engine::map::{BlockMap, BlockState};
+use crate::remote::Identity;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -61,16 +62,14 @@ pub struct Extent {
     pub held: Held,
 }
 
-/// The identity of a backing as the push saw it: its URL's object, by
-/// size and version.
+/// The backing as the push saw it: its URL, and its identity (the virtual
+/// size, for a pushed layer not its object's length, and the version), as
+/// `remote::Identity` gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackedBacking {
     pub url: String,
-    /// The backing's virtual size (for a pushed layer, not its object's
-    /// length).
-    pub size: u64,
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
+    #[serde(flatten)]
+    pub identity: Identity,
 }
 
 /// The local layer's identity as an overlay made over it records its
@@ -447,9 +446,11 @@ mod tests {
     fn backing() -> PackedBacking {
         PackedBacking {
             url: "s3://b/base.img".into(),
-            size: 64 * 4096,
-            etag: Some("\"e\"".into()),
-            last_modified: None,
+            identity: Identity {
+                size: 64 * 4096,
+                etag: Some("\"e\"".into()),
+                last_modified: None,
+            },
         }
     }
 

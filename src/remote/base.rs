@@ -48,6 +48,21 @@ impl RemoteBase {
         RemoteBase::known(url, env, params, block_size, identity)
     }
 
+    /// As [`RemoteBase::open`], connected at once: for a process that
+    /// does not fork (`push`), which so opens the object (and any pushed
+    /// layers below it) once, not twice.
+    pub fn open_connected(
+        url: RemoteUrl,
+        env: AwsEnv,
+        params: Params,
+        block_size: u32,
+    ) -> Result<RemoteBase, Error> {
+        let f = Fetcher::open(&url, &env, params.clone(), block_size)?;
+        let base = RemoteBase::known(url, env, params, block_size, f.identity().clone())?;
+        let _ = base.fetcher.set(f);
+        Ok(base)
+    }
+
     /// A remote base whose identity is known already (from a device's
     /// state): no request is sent until [`RemoteBase::connect`].
     pub fn known(

@@ -126,7 +126,7 @@ impl Fetcher {
     }
 
     /// The URL of every object read (pushed layers, then the raw image).
-    pub fn urls(&self) -> Vec<&str> {
+    pub(crate) fn urls(&self) -> Vec<&str> {
         self.shared.object.urls()
     }
 

@@ -135,26 +135,18 @@ impl Image {
         })?;
         let below = Box::pin(Image::open_below(&below_url, env, params, seen)).await?;
         let (want, got) = (&header.backing, below.identity());
-        if (want.size, &want.etag, &want.last_modified) != (got.size, &got.etag, &got.last_modified)
-        {
+        if &want.identity != got {
             return Err(Error::Changed {
                 url: want.url.clone(),
-                why: format!(
-                    "{u} was pushed over {}, it is now {got}",
-                    Identity {
-                        size: want.size,
-                        etag: want.etag.clone(),
-                        last_modified: want.last_modified.clone(),
-                    }
-                ),
+                why: format!("{u} was pushed over {}, it is now {got}", want.identity),
             });
         }
-        if want.size != header.size {
+        if want.identity.size != header.size {
             return Err(Error::Config {
                 url: u,
                 why: format!(
                     "its virtual size {} differs from its backing's {}",
-                    header.size, want.size
+                    header.size, want.identity.size
                 ),
             });
         }
