@@ -338,6 +338,23 @@ fn bad_pushes_are_one_line_and_upload_nothing() {
         "block size",
     );
 
+    // A layer locked as a commit into it or of it locks it (exclusive):
+    // the push waits, then gives up without uploading.
+    let held = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&l1)
+        .unwrap();
+    held.lock().unwrap();
+    refused(
+        &sc,
+        &m,
+        &["push", l1s, &u("x"), "--backing", &u("base.img")],
+        x,
+        "in use (locked)",
+    );
+    held.unlock().unwrap();
+
     // An object at the URL stays unless --force, which replaces it.
     put(&m, "dest.cow", common::noise(8192, 5));
     let args = ["push", l1s, &u("dest.cow"), "--backing", &u("base.img")];
