@@ -6,6 +6,10 @@
 //!
 //! Single-threaded like a queue: the ring and the table of operations in
 //! flight sit in `RefCell`s that only this thread touches.
+//!
+//! A wait that sees no completion for [`STUCK_AFTER`] fails, naming the
+//! operations in flight and what the kernel says of the ring and of this
+//! process's threads: a test stops with that, not a hang.
 
 use crate::ublk::exec::{FIRST_FILE, RingFiles};
 use crate::ublk::ops::{Op, Ring};
@@ -18,6 +22,12 @@ use std::os::fd::AsRawFd;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// How long a wait may see no completion at all before it fails: every
+/// operation the executor pushes to a plain ring (file I/O, a timeout of
+/// at most seconds) ends long before.
+pub const STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// A plain io_uring with the executor's fixed files.
 pub struct PlainRing {
@@ -32,11 +42,15 @@ struct Inner {
     /// One slot per operation pushed and not yet taken by its `PlainDone`;
     /// an operation's user data is its slot's index.
     slots: RefCell<Slots>,
+    /// [`STUCK_AFTER`], shorter in this file's tests.
+    stuck_after: std::cell::Cell<Duration>,
 }
 
 #[derive(Default)]
 struct Slots {
     state: Vec<Slot>,
+    /// What each slot's operation is (`Op`'s `Debug`), for a stuck wait.
+    what: Vec<String>,
     free: Vec<usize>,
     in_flight: usize,
 }
@@ -52,14 +66,27 @@ enum Slot {
 }
 
 impl Slots {
-    fn take(&mut self) -> usize {
+    fn take(&mut self, what: String) -> usize {
         let i = self.free.pop().unwrap_or_else(|| {
             self.state.push(Slot::Free);
+            self.what.push(String::new());
             self.state.len() - 1
         });
         self.state[i] = Slot::InFlight;
+        self.what[i] = what;
         self.in_flight += 1;
         i
+    }
+
+    /// The operations still in flight, one a line.
+    fn in_flight_list(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.state.iter().enumerate() {
+            if matches!(s, Slot::InFlight | Slot::Abandoned) {
+                out += &format!("  slot {i}: {}\n", self.what[i]);
+            }
+        }
+        out
     }
 
     fn release(&mut self, i: usize) {
@@ -88,6 +115,7 @@ impl PlainRing {
             inner: Rc::new(Inner {
                 ring: RefCell::new(ring),
                 slots: RefCell::default(),
+                stuck_after: STUCK_AFTER.into(),
             }),
             _placeholder: placeholder,
         })
@@ -115,32 +143,74 @@ impl PlainRing {
                 self.inner.slots.borrow().in_flight > 0,
                 "the future waits, but no operation is in flight"
             );
-            self.inner
-                .wait_one()
-                .expect("waiting for io_uring completions");
+            if let Err(e) = self.inner.wait_one() {
+                panic!("waiting for io_uring completions: {e}");
+            }
         }
     }
 }
 
 impl Inner {
     /// Submits what was pushed, waits for at least one completion and
-    /// records every completion there is.
+    /// records every completion there is. Fails once no completion came
+    /// for [`STUCK_AFTER`].
     fn wait_one(&self) -> io::Result<()> {
         let mut ring = self.ring.borrow_mut();
-        ring.submit_and_wait(1)?;
-        let mut slots = self.slots.borrow_mut();
-        for cqe in ring.completion() {
-            slots.complete(cqe.user_data() as usize, cqe.result());
+        let start = Instant::now();
+        let tick = io_uring::types::Timespec::from(Duration::from_secs(1));
+        let args = io_uring::types::SubmitArgs::new().timespec(&tick);
+        loop {
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => return Err(e),
+            }
+            let mut slots = self.slots.borrow_mut();
+            let mut any = false;
+            for cqe in ring.completion() {
+                slots.complete(cqe.user_data() as usize, cqe.result());
+                any = true;
+            }
+            if any {
+                return Ok(());
+            }
+            if start.elapsed() >= self.stuck_after.get() {
+                return Err(io::Error::other(format!(
+                    "no io_uring completion for {} s; in flight:\n{}{}",
+                    self.stuck_after.get().as_secs(),
+                    slots.in_flight_list(),
+                    stuck_report(ring.as_raw_fd())
+                )));
+            }
         }
-        Ok(())
     }
+}
+
+/// What the kernel says of ring `fd` and of this process's threads (their
+/// kernel stacks, where it lets them be read): for a wait that is stuck.
+fn stuck_report(fd: i32) -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| format!("({p}: {e})\n"));
+    let mut out = format!("ring fdinfo:\n{}", read(&format!("/proc/self/fdinfo/{fd}")));
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let dir = dir.display();
+            out += &format!(
+                "thread {} {}{}",
+                t.file_name().to_string_lossy(),
+                read(&format!("{dir}/comm")),
+                read(&format!("{dir}/stack"))
+            );
+        }
+    }
+    out
 }
 
 impl Ring for PlainRing {
     type Done = PlainDone;
 
     fn push(&self, op: Op<'_>) -> PlainDone {
-        let slot = self.inner.slots.borrow_mut().take();
+        let slot = self.inner.slots.borrow_mut().take(format!("{op:?}"));
         let sqe = op.sqe().user_data(slot as u64);
         let mut ring = self.inner.ring.borrow_mut();
         loop {
@@ -262,6 +332,42 @@ mod tests {
         });
         assert_eq!(r, Err(crate::engine::Errno::EIO));
         assert_eq!(ring.inner.slots.borrow().in_flight, 0);
+    }
+
+    #[test]
+    fn a_wait_without_completions_fails_naming_what_is_in_flight() {
+        let dir = std::env::temp_dir();
+        let f = crate::ublk::test_files::unlinked(&dir, "plain-stuck");
+        let files = RingFiles {
+            base: f.as_raw_fd(),
+            overlay: f.as_raw_fd(),
+            zero: f.as_raw_fd(),
+            base_direct: f.as_raw_fd(),
+            overlay_direct: f.as_raw_fd(),
+            layers: Vec::new(),
+        };
+        let ring = PlainRing::new(&files, 4).unwrap();
+        ring.inner.stuck_after.set(Duration::from_secs(2));
+        // An eventfd that nobody signals: its read never completes.
+        let event = crate::sys::EventFd::new().unwrap();
+        // Leaked: the read still in flight may write it after the test.
+        let count: &'static mut u64 = Box::leak(Box::new(0));
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ring.block_on(ring.push(Op::ReadEvent {
+                fd: event.raw(),
+                to: count,
+            }))
+        }))
+        .expect_err("a read of an eventfd nobody signals completed");
+        let msg = err.downcast_ref::<String>().unwrap();
+        assert!(
+            msg.contains("no io_uring completion for 2 s") && msg.contains("ReadEvent"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("ring fdinfo:") && msg.contains("thread "),
+            "{msg}"
+        );
     }
 
     fn read(buf: &mut [u8; 4096], pos: u64) -> Op<'static> {
