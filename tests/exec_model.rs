@@ -17,6 +17,10 @@
 //! once, and the next sync succeeds without them). A daemon crash loses
 //! nothing: the new executor takes the map the old one left in a shared
 //! mapping (`MapSource::Live`).
+//!
+//! Each test thread keeps one ring for every device it serves (`RING`), as
+//! a queue keeps one for its device's life: the ring's files are pointed
+//! at each device and let go when it is dropped.
 
 mod common;
 
@@ -37,7 +41,9 @@ use ublk_cow::engine::overlay::OpenCheck;
 use ublk_cow::engine::storage::Storage;
 use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
-use ublk_cow::ublk::exec::{self, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, TagScratch, ZeroBlocks};
+use ublk_cow::ublk::exec::{
+    self, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, RingFiles, TagScratch, ZeroBlocks,
+};
 use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
 use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
 use ublk_cow::ublk::request_buf::RequestBuf;
@@ -203,7 +209,7 @@ fn apply(image: &mut Vec<u8>, pos: u64, data: &[u8]) {
 /// (the syncs only there). Writes through the overlay opened with O_DIRECT
 /// are overlay writes like the others: durable at the next data sync.
 struct FaultRing {
-    ring: PlainRing,
+    ring: Rc<PlainRing>,
     disk: Rc<RefCell<Disk>>,
 }
 
@@ -284,6 +290,33 @@ impl Ring for FaultRing {
         }
         drop(disk);
         FaultDone::Ring(self.ring.push(op))
+    }
+}
+
+thread_local! {
+    /// The ring of this test thread, for every device it serves, as a
+    /// queue keeps one ring for its device's life.
+    static RING: RefCell<Option<Rc<PlainRing>>> = const { RefCell::new(None) };
+}
+
+/// This thread's ring, its files pointed at `files`.
+fn thread_ring(files: &RingFiles) -> Rc<PlainRing> {
+    RING.with_borrow_mut(|r| match r {
+        Some(ring) => {
+            ring.update_files(files).unwrap();
+            ring.clone()
+        }
+        None => r
+            .insert(Rc::new(PlainRing::new(files, 64).unwrap()))
+            .clone(),
+    })
+}
+
+impl Drop for Served {
+    /// The ring lets go of the device's files (an overlay's lock is held
+    /// through its file) before they close.
+    fn drop(&mut self) {
+        self.ring.ring.release_files().unwrap();
     }
 }
 
@@ -446,7 +479,7 @@ impl Model {
         // The cases' devices are small: page-sized writes go direct too.
         sh.set_direct_write_min(4096);
         let zero = File::open("/dev/zero").unwrap();
-        let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
+        let ring = thread_ring(&sh.ring_files(&zero));
         self.served = Some(Served {
             ring: FaultRing {
                 ring,
@@ -776,8 +809,9 @@ fn io_uring_executor_matches_reference_model() {
     };
     proptest!(cfg, |(c in exec_case())| run_case(c)?);
     let n = CASES.load(Ordering::Relaxed);
+    let kicks = RING.with_borrow(|r| r.as_ref().map_or(0, |r| r.kicks()));
     println!(
-        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, 0 divergences",
+        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {kicks} io-wq kicks, 0 divergences",
         LARGE.load(Ordering::Relaxed),
         CHAINS.load(Ordering::Relaxed),
         STEPS.load(Ordering::Relaxed),

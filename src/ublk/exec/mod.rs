@@ -84,8 +84,13 @@ impl RingFiles {
             self.overlay_direct,
         ];
         fds.extend(&self.layers);
-        fds.resize((RING_FILES_MAX - FIRST_FILE) as usize, -1);
+        fds.resize(Self::table_len(), -1);
         fds
+    }
+
+    /// The length of `table`.
+    pub(crate) fn table_len() -> usize {
+        (RING_FILES_MAX - FIRST_FILE) as usize
     }
 }
 
