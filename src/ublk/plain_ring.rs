@@ -10,10 +10,11 @@
 //! A wait that sees no completion for [`KICK_AFTER`] pushes a no-op that
 //! must run on an io-wq worker: on Linux 6.18 a ring's first writes to a
 //! file were seen pending in io-wq with no worker thread to run them, and
-//! the worker made for the no-op ran them at once (docs/design.md, "Testing without a ublk kernel"). A
-//! wait that sees no completion for [`STUCK_AFTER`] fails, naming the
-//! operations in flight and what the kernel says of the ring and of this
-//! process's threads: a test stops with that, not a hang.
+//! the worker made for the no-op ran them at once (docs/design.md,
+//! "Testing without a ublk kernel"). A wait that sees no completion for
+//! [`STUCK_AFTER`] fails, naming the operations in flight and what the
+//! kernel says of the ring and of this process's threads: a test stops
+//! with that, not a hang.
 
 use crate::ublk::exec::{FIRST_FILE, RingFiles};
 use crate::ublk::ops::{Op, Ring};
@@ -422,6 +423,30 @@ mod tests {
             msg.contains("ring fdinfo:") && msg.contains("thread "),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn released_files_are_no_longer_held() {
+        let dir = std::env::temp_dir();
+        let f = crate::ublk::test_files::unlinked(&dir, "plain-release");
+        let files = RingFiles {
+            base: f.as_raw_fd(),
+            overlay: f.as_raw_fd(),
+            zero: f.as_raw_fd(),
+            base_direct: f.as_raw_fd(),
+            overlay_direct: f.as_raw_fd(),
+            layers: Vec::new(),
+        };
+        let ring = PlainRing::new(&files, 4).unwrap();
+        let info = || {
+            let fd = ring.inner.ring.borrow().as_raw_fd();
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap()
+        };
+        assert!(info().contains("plain-release"), "{}", info());
+        ring.release_files().unwrap();
+        assert!(!info().contains("plain-release"), "{}", info());
+        ring.update_files(&files).unwrap();
+        assert!(info().contains("plain-release"), "{}", info());
     }
 
     fn read(buf: &mut [u8; 4096], pos: u64) -> Op<'static> {
