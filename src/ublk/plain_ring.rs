@@ -392,14 +392,7 @@ mod tests {
     fn a_wait_without_completions_fails_naming_what_is_in_flight() {
         let dir = std::env::temp_dir();
         let f = crate::ublk::test_files::unlinked(&dir, "plain-stuck");
-        let files = RingFiles {
-            base: f.as_raw_fd(),
-            overlay: f.as_raw_fd(),
-            zero: f.as_raw_fd(),
-            base_direct: f.as_raw_fd(),
-            overlay_direct: f.as_raw_fd(),
-            layers: Vec::new(),
-        };
+        let files = all_in(&f);
         let ring = PlainRing::new(&files, 4).unwrap();
         ring.inner.kick_after.set(Duration::from_secs(1));
         ring.inner.stuck_after.set(Duration::from_secs(3));
@@ -429,14 +422,7 @@ mod tests {
     fn released_files_are_no_longer_held() {
         let dir = std::env::temp_dir();
         let f = crate::ublk::test_files::unlinked(&dir, "plain-release");
-        let files = RingFiles {
-            base: f.as_raw_fd(),
-            overlay: f.as_raw_fd(),
-            zero: f.as_raw_fd(),
-            base_direct: f.as_raw_fd(),
-            overlay_direct: f.as_raw_fd(),
-            layers: Vec::new(),
-        };
+        let files = all_in(&f);
         let ring = PlainRing::new(&files, 4).unwrap();
         let info = || {
             let fd = ring.inner.ring.borrow().as_raw_fd();
@@ -447,6 +433,19 @@ mod tests {
         assert!(!info().contains("plain-release"), "{}", info());
         ring.update_files(&files).unwrap();
         assert!(info().contains("plain-release"), "{}", info());
+    }
+
+    /// Ring files that are all `f`.
+    fn all_in(f: &File) -> RingFiles {
+        let fd = f.as_raw_fd();
+        RingFiles {
+            base: fd,
+            overlay: fd,
+            zero: fd,
+            base_direct: fd,
+            overlay_direct: fd,
+            layers: Vec::new(),
+        }
     }
 
     fn read(buf: &mut [u8; 4096], pos: u64) -> Op<'static> {
