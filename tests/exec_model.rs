@@ -313,10 +313,13 @@ fn thread_ring(files: &RingFiles) -> Rc<PlainRing> {
 }
 
 impl Drop for Served {
-    /// The ring lets go of the device's files (an overlay's lock is held
-    /// through its file) before they close.
+    /// The ring lets go of the device's files, which it would otherwise
+    /// keep open until the next device's replace them.
     fn drop(&mut self) {
-        self.ring.ring.release_files().unwrap();
+        let r = self.ring.ring.release_files();
+        if !std::thread::panicking() {
+            r.expect("releasing the ring's files");
+        }
     }
 }
 
