@@ -416,6 +416,10 @@ mod tests {
             msg.contains("ring fdinfo:") && msg.contains("thread "),
             "{msg}"
         );
+        // It kicked io-wq on the way (a no-op cannot complete the read),
+        // and the kicks' completions were not taken for the read's.
+        assert!(ring.kicks() >= 2, "{} kicks", ring.kicks());
+        assert_eq!(ring.inner.slots.borrow().in_flight, 1);
     }
 
     #[test]
