@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot bench-batch clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -115,6 +115,13 @@ bench-cache:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/cache-guest.sh bash ci/bench/run.sh
+
+# What UBLK_F_BATCH_IO saves per request: a null target's transports side
+# by side (needs a kernel that offers it: VM_KERNEL=newest).
+bench-batch:
+	bash ci/bench/setup.sh
+	cd ci/bench/batch-null && cargo build --release
+	BENCH_SCRIPT=ci/bench/batch-guest.sh bash ci/bench/run.sh
 
 # What a first write to a sparse overlay costs the guest's kernel alone:
 # pwrite into a tmpfs hole against into a page that exists.

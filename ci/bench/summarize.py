@@ -2,7 +2,8 @@
 """Medians (with min..max spread) per system and workload from runs.jsonl,
 and each system's ratio to kernel loop, as a Markdown table; where the runs
 have a `ublk-cow-ra-off` system, the ratio to it too, and so for
-`loop-sparse` (kernel loop over a sparse file beside the overlays); where
+`loop-sparse` (kernel loop over a sparse file beside the overlays) and
+`null-classic` (ci/bench/batch-null's classic transport); where
 they carry prefetch counters, a second table of how much of what was
 prefetched was read."""
 import json
@@ -32,11 +33,14 @@ OFF = "ublk-cow-ra-off"
 has_off = OFF in systems
 SPARSE = "loop-sparse"
 has_sparse = SPARSE in systems
+CLASSIC = "null-classic"
+has_classic = CLASSIC in systems
 print("| workload | system | median | spread (min..max) | rounds | ratio to loop (cp for copies) |"
       + (" ratio to ra-off |" if has_off else "")
-      + (" ratio to loop-sparse |" if has_sparse else ""))
+      + (" ratio to loop-sparse |" if has_sparse else "")
+      + (" ratio to null-classic |" if has_classic else ""))
 print("| --- | --- | ---: | --- | ---: | ---: |" + (" ---: |" if has_off else "")
-      + (" ---: |" if has_sparse else ""))
+      + (" ---: |" if has_sparse else "") + (" ---: |" if has_classic else ""))
 for wl in workloads:
     m = metric(wl)
     unit = "MiB/s" if m == "mib_s" else "IOPS"
@@ -54,6 +58,9 @@ for wl in workloads:
         if has_sparse:
             sp = [r[m] for r in by.get((wl, SPARSE), [])]
             ratio += f" | {med / statistics.median(sp):.2f}x" if sp else " | -"
+        if has_classic:
+            cl = [r[m] for r in by.get((wl, CLASSIC), [])]
+            ratio += f" | {med / statistics.median(cl):.2f}x" if cl else " | -"
         # Small values keep two decimals, so that a ratio can be checked.
         f = (lambda v: f"{v:,.2f}") if med < 10 else (lambda v: f"{v:,.0f}")
         print(f"| {wl} | {s} | {f(med)} {unit} | {f(min(vals))}..{f(max(vals))} | {len(vals)} | {ratio} |")
