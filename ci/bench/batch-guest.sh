@@ -8,6 +8,7 @@
 #        null-batch), WORKLOADS (randread-4k randread-4k-qd1 randwrite-4k
 #        seqread-128k)
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
+source "$(dirname "$0")/systems.sh"
 set -e
 need_ublk
 ROUNDS=${ROUNDS:-3}
@@ -42,15 +43,7 @@ for wl in $WORKLOADS; do
                 --time_based --runtime="$RUNTIME" --output-format=json \
                 $(workload_args "$wl") > "$OUT/fio.json"
             touch "$OUT/stop"; wait "$pid"
-            python3 - "$OUT/fio.json" "$sys" "$wl" "$round" >> "$OUT/runs.jsonl" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
-r, w = j["read"], j["write"]
-print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-                  "iops": r["iops"] + w["iops"],
-                  "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
-PY
-            echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
+            fio_record "$OUT/fio.json" "$sys" "$wl" "$round" "$OUT/runs.jsonl"
         done
     done
 done

@@ -92,15 +92,7 @@ run_workloads() {
                 fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
                     --output-format=json $args > "$OUT/fio.json"
                 sys_down "$sys" "$dev"
-                python3 - "$OUT/fio.json" "$sys" "$wl$SUFFIX$1" "$round" >> "$OUT/runs.jsonl" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
-r, w = j["read"], j["write"]
-print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-                  "iops": r["iops"] + w["iops"],
-                  "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
-PY
-                echo "bench-json: $(tail -n1 "$OUT/runs.jsonl")"
+                fio_record "$OUT/fio.json" "$sys" "$wl$SUFFIX$1" "$round" "$OUT/runs.jsonl"
             done
         done
     done

@@ -14,9 +14,10 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # default (--zero-copy=off); ublk-cow-direct, base reads around the page
 # cache (--base-io direct; for a base on a device: SLOW_MS), and
 # ublk-cow-direct-raoff, the same without prefetch (--readahead off);
-# ublk-cow-layer1 and ublk-cow-layers8, a fresh overlay over a chain whose
-# layers hold 256 MiB of random 4 KiB writes in all: in one layer, or 32
-# MiB in each of 8 (`layers`, made once per boot); ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
+# ublk-cow-layer1 and ublk-cow-layersN (N layers, e.g. 3 or 8), a fresh
+# overlay over a chain whose layers hold 256 MiB of random 4 KiB writes in
+# all: in one layer, or 256/N MiB in each of N (`layers`, made once per
+# boot); ublk-cow-old, another build of ublk-cow (UBLK_COW_OLD_BIN, e.g. an older
 # commit's) for a before/after comparison in one boot, with a run
 # directory of its own (older builds made it with other modes), and
 # ublk-cow-old2 a third build (UBLK_COW_OLD2_BIN), to compare two changes.
@@ -172,7 +173,7 @@ sys_up() {
         ublk-cow-old2) UBLK_COW_RUN_DIR=/run/ublk-cow-old2 \
             "${UBLK_COW_OLD2_BIN:?the path of a third build}" add --base "$BASE" ;;
         ublk-cow-layer1) "$UC" add --base "$(layers 1)" --overlay $B/top.cow ;;
-        ublk-cow-layers8) "$UC" add --base "$(layers 8)" --overlay $B/top.cow ;;
+        ublk-cow-layers[0-9]*) "$UC" add --base "$(layers "${1#ublk-cow-layers}")" --overlay $B/top.cow ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
@@ -198,4 +199,19 @@ sys_down() {
         ublk-cow-layer*) "$UC" del -n "$(dev_id "$2")"; rm -f $B/top.cow ;;
         ublk-cow*) "$UC" del -n "$(dev_id "$2")" ;;
     esac
+}
+
+# fio_record FIO_JSON SYSTEM WORKLOAD ROUND RUNS: appends the run's IOPS and
+# MiB/s (reads and writes together) to RUNS, and prints it as the
+# "bench-json: {...}" line that ci/bench/run.sh collects.
+fio_record() {
+    python3 - "$1" "$2" "$3" "$4" >> "$5" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+r, w = j["read"], j["write"]
+print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
+                  "iops": r["iops"] + w["iops"],
+                  "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
+PY
+    echo "bench-json: $(tail -n1 "$5")"
 }
