@@ -23,7 +23,11 @@
 #    that completes each I/O by a timer. device-mapper's delay target keeps
 #    a CPU busy while any I/O waits, which under emulation with two CPUs
 #    takes one from the reader and the daemon for as long as prefetch
-#    keeps I/O in flight (not in the default).
+#    keeps I/O in flight (not in the default). With "-memory" appended
+#    instead, the base is the image file in the guest's tmpfs: every READ
+#    finds its data in memory, for every system, so each system's figure
+#    there is the most any prefetch could give it over a slow base (not in
+#    the default).
 #    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
 #    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
 #    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN), ublk-cow-ra-auto-rakb1m and
@@ -60,7 +64,11 @@ case $WORKLOADS in *-nullb*)
 esac
 
 # The base's reads and sectors read so far (/sys/block/*/stat).
-base_io() { read -r r _ s _ < "/sys/block/$(basename "$(readlink -f "$1")")/stat"; echo "$r $s"; }
+# A base in tmpfs (the -memory workloads) has none: 0 0.
+base_io() {
+    [ -b "$1" ] || { echo "0 0"; return; }
+    read -r r _ s _ < "/sys/block/$(basename "$(readlink -f "$1")")/stat"; echo "$r $s"
+}
 
 record() { # system workload round fio.json [stats.json]; BASE0/BASE1 the base_io around it
     python3 - "$4" "$1" "$2" "$3" "${5:-}" $BASE0 $BASE1 >> $OUT/runs.jsonl <<'PY'
@@ -86,7 +94,8 @@ PY
 # RUNTIME seconds or one pass over the device.
 fio_args() {
     local common="--ioengine=psync --iodepth=1 --runtime=$RUNTIME --output-format=json"
-    case ${1%-nullb} in
+    local wl=${1%-nullb}
+    case ${wl%-memory} in
         seqread-4k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=4k $common" ;;
         seqread-64k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=64k $common" ;;
         seqread-buffered-4k-slow-base) echo "--name=w --direct=0 --rw=read --bs=4k $common" ;;
@@ -104,7 +113,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for wl in $WORKLOADS; do
         for sys in $SYSTEMS; do
             echo 3 > /proc/sys/vm/drop_caches
-            base=$SLOW; case $wl in *no-delay) base=$LO ;; *-nullb) base=$NULLB ;; esac
+            base=$SLOW
+            case $wl in *no-delay) base=$LO ;; *-nullb) base=$NULLB ;; *-memory) base=$B/base.img ;; esac
             case $sys in
                 loop) dev=$(losetup -f --show "$base") ;;
                 ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
