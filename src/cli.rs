@@ -524,7 +524,9 @@ pub(crate) struct AddArgs {
     /// the hints of buffered readers. A READ that completes while others of
     /// its queue are in flight asks for nothing: that reader reads ahead
     /// itself. The kernel's own readahead on the base is switched off
-    /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all.
+    /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all. A device
+    /// whose base, layers and overlay all live in tmpfs prefetches nothing
+    /// (every page is in memory already) unless --cache-mode is cow.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub(crate) readahead: Readahead,
 

@@ -479,6 +479,10 @@ impl Model {
             "{}: the overlay cannot be opened with O_DIRECT here, and the direct write path would go untested",
             self.overlay_path.display()
         );
+        assert!(
+            sh.prefetches(),
+            "files on a disk's file system are prefetched"
+        );
         // The cases' devices are small: page-sized writes go direct too.
         sh.set_direct_write_min(4096);
         let zero = File::open("/dev/zero").unwrap();
@@ -861,6 +865,8 @@ fn reads_spanning_many_runs_of_mapped_files() {
     let map = live_map(&dir.join("live.map"), blocks, true);
     let dev = CowDevice::create(lower.backed, &id, overlay, bs, map).unwrap();
     let sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
+    // Every page of these files is in memory: prefetch has nothing to do.
+    assert!(!sh.prefetches());
     let zero = File::open("/dev/zero").unwrap();
     let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
     let zeros = ZeroBlocks::new(bs);

@@ -204,6 +204,21 @@ mod tests {
     }
 
     #[test]
+    fn files_in_memory_are_not_prefetched_unless_copied() {
+        use crate::engine::readahead::Readahead;
+        let mut p = CachePolicy::default();
+        assert_eq!(p.readahead_for(false), Readahead::Auto);
+        for m in [CacheMode::Ignore, CacheMode::Passthrough, CacheMode::Read] {
+            p.mode = m;
+            assert_eq!(p.readahead_for(true), Readahead::Off, "{m}");
+            assert_eq!(p.readahead_for(false), Readahead::Auto, "{m}");
+        }
+        p.mode = CacheMode::Cow;
+        p.readahead = Readahead::Max(1 << 20);
+        assert_eq!(p.readahead_for(true), Readahead::Max(1 << 20));
+    }
+
+    #[test]
     fn modes_parse() {
         for m in ["ignore", "passthrough", "read", "cow"] {
             assert_eq!(m.parse::<CacheMode>().unwrap().to_string(), m);
@@ -224,6 +239,23 @@ pub struct CachePolicy {
     /// Bytes of background cache work queued or in flight per queue;
     /// requests beyond it are dropped (they are only prefetch).
     pub(crate) budget: u64,
+}
+
+impl CachePolicy {
+    /// The prefetch window a device's queues follow: none when every file
+    /// the device reads lives in memory (`in_memory`: tmpfs) and prefetch
+    /// would only warm page caches, which hold every page of such files
+    /// already: there it only costs (docs/benchmarks.md, "The most any
+    /// prefetch can give"). With `Cow` a prefetch copies into the overlay,
+    /// which is asked for whatever the files.
+    pub(crate) fn readahead_for(&self, in_memory: bool) -> crate::engine::readahead::Readahead {
+        match (in_memory, self.mode) {
+            (true, CacheMode::Ignore | CacheMode::Passthrough | CacheMode::Read) => {
+                crate::engine::readahead::Readahead::Off
+            }
+            _ => self.readahead,
+        }
+    }
 }
 
 impl Default for CachePolicy {

@@ -102,6 +102,11 @@ impl MemoryPath {
         }
     }
 
+    /// Whether the file lives in memory (tmpfs).
+    pub(crate) fn in_memory(&self) -> bool {
+        self.in_memory
+    }
+
     /// Whether the file is mapped (the transfers that read the mapping may
     /// be tried).
     pub(crate) fn is_mapped(&self) -> bool {

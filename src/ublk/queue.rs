@@ -115,7 +115,9 @@ impl QueueState {
     /// Takes the device a live snapshot swapped in: the ring's fixed files
     /// name its files from now on, and background work queued for the old
     /// one is dropped (a copy read from the old device must not land in
-    /// the new one's map, where a write since the read is not seen).
+    /// the new one's map, where a write since the read is not seen). The
+    /// readahead detector starts afresh: what it had asked for was dropped
+    /// with that work, and the new chain's files decide its window.
     fn take_new_device(&self) {
         let sh = self.current.device();
         let files = sh.ring_files(self.current.zero()).table();
@@ -132,6 +134,8 @@ impl QueueState {
             );
         }
         self.background.clear();
+        let bs = sh.dev.geometry().block_size();
+        *self.detector.borrow_mut() = Detector::new(sh.readahead(), bs);
         *self.sh.borrow_mut() = Rc::new(sh);
         self.epoch.set(self.current.epoch());
     }
@@ -430,7 +434,7 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
             qid,
         }),
         bufs: ZeroBlocks::new(bs),
-        detector: RefCell::new(Detector::new(sh.policy.readahead, bs)),
+        detector: RefCell::new(Detector::new(sh.readahead(), bs)),
         reads_in_flight: Cell::new(0),
         background: Background::default(),
         qid,

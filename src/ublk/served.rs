@@ -8,6 +8,7 @@ use crate::engine::base::{DirectAlign, DirectBase};
 use crate::engine::cache::CachePolicy;
 use crate::engine::chain::Backed;
 use crate::engine::device::CowDevice;
+use crate::engine::readahead::Readahead;
 use crate::stats::Stats;
 use crate::ublk::exec::{MAX_RING_LAYERS, RingFiles};
 use crate::ublk::inline::MemoryPath;
@@ -175,6 +176,22 @@ impl ServedDevice {
     /// Whether the overlay has a descriptor opened with O_DIRECT.
     pub fn has_direct_overlay(&self) -> bool {
         self.direct_overlay.is_some()
+    }
+
+    /// The prefetch window of the device's queues: the policy's, unless
+    /// every file the device reads (base, layers, overlay) lives in memory
+    /// (`CachePolicy::readahead_for`).
+    pub(crate) fn readahead(&self) -> Readahead {
+        let in_memory = self.dev.base().remote().is_none()
+            && self.base_io.in_memory()
+            && self.layer_io.iter().all(MemoryPath::in_memory)
+            && self.overlay_io.in_memory();
+        self.policy.readahead_for(in_memory)
+    }
+
+    /// Whether the device's queues prefetch at all.
+    pub fn prefetches(&self) -> bool {
+        self.readahead() != Readahead::Off
     }
 
     /// The queues' view of `dev`, the device a live snapshot of this one
