@@ -7,10 +7,39 @@ source "$(dirname "${BASH_SOURCE[0]}")/remote-servers.sh"
 RIMG=$WORK/remote.img
 RIMG_MB=16
 
-# Starts the servers unless they run, with an S3 object `disk.img`
-# ($RIMG, random) and `ext4.img`, and disk.img over HTTP; sources the
-# AWS_* settings and ports into this shell.
+# Starting the servers and putting the objects takes about two minutes
+# under emulation, mostly Python's imports: run.sh begins it in the
+# background before the first case (`remote_start`), and the first remote
+# case waits for it (`remote_up`).
+REMOTE_SETUP=$WORK/remote-setup
+remote_start() {
+    rm -f "$REMOTE_SETUP.rc"
+    ( (set -e; remote_setup) > "$REMOTE_SETUP.log" 2>&1; echo $? > "$REMOTE_SETUP.rc" ) &
+    echo $! > "$REMOTE_SETUP.pid"
+}
+
+# Starts the servers unless they run or are being started, and sources
+# the AWS_* settings and ports into this shell.
 remote_up() {
+    if [ -f "$REMOTE_SETUP.pid" ]; then
+        local i line
+        for i in $(seq 1 3000); do
+            [ -f "$REMOTE_SETUP.rc" ] && break
+            sleep 0.2
+        done
+        rm -f "$REMOTE_SETUP.pid"
+        while read -r line; do say "  (background) $line"; done < "$REMOTE_SETUP.log"
+        [ "$(cat "$REMOTE_SETUP.rc" 2>/dev/null)" = 0 ] ||
+            die "starting the servers in the background failed (rc $(cat "$REMOTE_SETUP.rc" 2>/dev/null || echo none))"
+    fi
+    remote_setup
+    # shellcheck disable=SC1090
+    source "$REMOTE_ENV"
+}
+
+# Unless they run: the servers, with an S3 object `disk.img` ($RIMG,
+# random) and `ext4.img`, and disk.img over HTTP.
+remote_setup() {
     if [ ! -f "$REMOTE_ENV" ]; then
         local mport=18081 hport=18082
         # Left from a case that stopped moto: started again below.
@@ -35,8 +64,6 @@ remote_up() {
         http_up
         say "  servers ready ($SECONDS s)"
     fi
-    # shellcheck disable=SC1090
-    source "$REMOTE_ENV"
 }
 
 case_remote_s3() {

@@ -23,8 +23,13 @@ CASES=()
 for f in basic.sh cache.sh crash.sh powercut.sh security.sh chain.sh layers.sh service.sh remote.sh; do
     source "$(dirname "${BASH_SOURCE[0]}")/$f"
 done
+selected() { [[ $1 =~ ${E2E_ONLY:-} ]]; }
 for c in "${CASES[@]}"; do
     name=${c%|*}
-    [[ $name =~ ${E2E_ONLY:-} ]] && run_case "$name" "${c#*|}"
+    if selected "$name" && [[ $name == "remote base"* ]]; then remote_start; break; fi
+done
+for c in "${CASES[@]}"; do
+    name=${c%|*}
+    selected "$name" && run_case "$name" "${c#*|}"
 done
 summary
