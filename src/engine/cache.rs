@@ -19,6 +19,7 @@
 use crate::engine::Error;
 use crate::engine::geometry::Geometry;
 use crate::engine::map::{BlockMap, BlockState};
+use crate::engine::readahead::Readahead;
 use std::fmt;
 use std::str::FromStr;
 
@@ -205,7 +206,6 @@ mod tests {
 
     #[test]
     fn files_in_memory_are_not_prefetched_unless_copied() {
-        use crate::engine::readahead::Readahead;
         let mut p = CachePolicy::default();
         assert_eq!(p.readahead_for(false), Readahead::Auto);
         for m in [CacheMode::Ignore, CacheMode::Passthrough, CacheMode::Read] {
@@ -233,7 +233,7 @@ pub struct CachePolicy {
     /// What cache requests do with blocks still on the base.
     pub(crate) mode: CacheMode,
     /// Prefetch windows (kernel hints and the O_DIRECT detector).
-    pub(crate) readahead: crate::engine::readahead::Readahead,
+    pub(crate) readahead: Readahead,
     /// Copy base blocks that a read fully covers into the overlay.
     pub(crate) cow_on_read: bool,
     /// Bytes of background cache work queued or in flight per queue;
@@ -248,11 +248,9 @@ impl CachePolicy {
     /// already: there it only costs (docs/benchmarks.md, "The most any
     /// prefetch can give"). With `Cow` a prefetch copies into the overlay,
     /// which is asked for whatever the files.
-    pub(crate) fn readahead_for(&self, in_memory: bool) -> crate::engine::readahead::Readahead {
+    pub(crate) fn readahead_for(&self, in_memory: bool) -> Readahead {
         match (in_memory, self.mode) {
-            (true, CacheMode::Ignore | CacheMode::Passthrough | CacheMode::Read) => {
-                crate::engine::readahead::Readahead::Off
-            }
+            (true, CacheMode::Ignore | CacheMode::Passthrough | CacheMode::Read) => Readahead::Off,
             _ => self.readahead,
         }
     }
@@ -262,7 +260,7 @@ impl Default for CachePolicy {
     fn default() -> Self {
         CachePolicy {
             mode: CacheMode::Passthrough,
-            readahead: crate::engine::readahead::Readahead::Auto,
+            readahead: Readahead::Auto,
             cow_on_read: false,
             budget: 8 << 20,
         }
