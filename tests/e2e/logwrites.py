@@ -168,10 +168,13 @@ def check_point(got, kind, step, refs):
            if got[s:s + 512] != old[s:s + 512] and (kind == "mark" or got[s:s + 512] != new[s:s + 512])]
     if not bad:
         return None
+    base, zero = refs[0], bytes(512)
+    what = (f" ({sum(got[s:s + 512] == base[s:s + 512] for s in bad)} read as the base, "
+            f"{sum(got[s:s + 512] == zero for s in bad)} as zeros)")
     if kind == "mark":
-        return f"{len(bad)} sectors differ from the content after step {step}, the first sector {bad[0] // 512}"
+        return f"{len(bad)} sectors differ from the content after step {step}, the first sector {bad[0] // 512}{what}"
     return (f"{len(bad)} sectors are neither as after step {step} nor as after step {step + 1}, "
-            f"the first sector {bad[0] // 512}")
+            f"the first sector {bad[0] // 512}{what}")
 
 
 def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
