@@ -1,7 +1,9 @@
 #!/bin/bash
 # Benchmark inside a guest with ublk_drv: fio (io_uring, O_DIRECT) against
 # ublk-cow and its peers over the same base, in one boot, in interleaved
-# rounds (A B ... A B ...), a fresh device for every first-write job.
+# rounds, each starting one system later than the one before (A B C, B C
+# A, C A B: no system always runs right after another's writes), a fresh
+# device for every first-write job.
 # Prints one "bench-json: {...}" line per run (ci/bench/run.sh collects
 # them on the host), then the summary table.
 #   env: ROUNDS (3), SYSTEMS (all of SYSTEMS_ALL), WORKLOADS (all but the
@@ -80,13 +82,20 @@ prepare() {
     esac
 }
 
+# rotated ROUND SYSTEM...: the systems, starting ROUND - 1 places on.
+rotated() {
+    local n=$(($1 - 1)); shift
+    local k=$((n % $#))
+    echo "${@:k+1}" "${@:1:k}"
+}
+
 # run_workloads SUFFIX: every workload, round and system; SUFFIX names
 # the overlays' file system in the workloads' names.
 run_workloads() {
     for wl in $WORKLOADS; do
         args=$(workload_args "$wl")
         for round in $(seq 1 "$ROUNDS"); do
-            for sys in $SYSTEMS; do
+            for sys in $(rotated "$round" $SYSTEMS); do
                 dev=$(sys_up "$sys")
                 prepare "$dev" "$wl"
                 fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
