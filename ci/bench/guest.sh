@@ -2,8 +2,8 @@
 # Benchmark inside a guest with ublk_drv: fio (io_uring, O_DIRECT) against
 # ublk-cow and its peers over the same base, in one boot, in interleaved
 # rounds, each starting one system later than the one before (A B C, B C
-# A, C A B: no system always runs right after another's writes), a fresh
-# device for every first-write job.
+# A, C A B: each system takes each place in turn), a fresh device for
+# every first-write job.
 # Prints one "bench-json: {...}" line per run (ci/bench/run.sh collects
 # them on the host), then the summary table.
 #   env: ROUNDS (3), SYSTEMS (all of SYSTEMS_ALL), WORKLOADS (all but the
