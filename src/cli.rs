@@ -525,8 +525,9 @@ pub(crate) struct AddArgs {
     /// its queue are in flight asks for nothing: that reader reads ahead
     /// itself. The kernel's own readahead on the base is switched off
     /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all. A device
-    /// whose base, layers and overlay all live in tmpfs prefetches nothing
-    /// (every page is in memory already) unless --cache-mode is cow.
+    /// whose base, layers and overlay are all files in tmpfs prefetches
+    /// nothing (every page is in memory already) unless --cache-mode is
+    /// cow; a block device base is always prefetched for.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub(crate) readahead: Readahead,
 

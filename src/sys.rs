@@ -513,9 +513,15 @@ pub(crate) fn page_size() -> u64 {
     if n > 0 { n as u64 } else { 4096 }
 }
 
-/// Whether `file` lives in memory (tmpfs): its "I/O" is memory copies.
+/// Whether `file` lives in memory: a regular file in tmpfs, whose "I/O" is
+/// memory copies. A device node is not, wherever it lives: /dev is
+/// devtmpfs, which `fstatfs` reports as tmpfs, but a block device's data is
+/// on the device.
 pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+        return false;
+    }
     // SAFETY: fstatfs fills the local struct we pass.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();

@@ -349,6 +349,31 @@ mod tests {
         assert_eq!(r.read(1, &mut buf), 100);
     }
 
+    /// A device node lives in devtmpfs, which `fstatfs` reports as tmpfs;
+    /// a block device's data does not: such a base must be neither mapped
+    /// nor taken for memory (which turns prefetch off beside an overlay in
+    /// tmpfs).
+    #[test]
+    fn a_device_node_is_not_in_memory() {
+        let fs = std::process::Command::new("stat")
+            .args(["-f", "-c", "%T", "/dev/null"])
+            .output()
+            .expect("stat -f");
+        let fs = String::from_utf8_lossy(&fs.stdout);
+        assert_eq!(
+            fs.trim(),
+            "tmpfs",
+            "/dev is not (dev)tmpfs here: the case cannot be made"
+        );
+        let null = File::open("/dev/null").unwrap();
+        assert!(
+            !sys::is_tmpfs(&null),
+            "/dev/null taken for a file in memory"
+        );
+        let r = MemoryPath::new(&null, 0, false).unwrap();
+        assert!(!r.in_memory() && !r.is_mapped());
+    }
+
     /// Set in the child process of `holes_of_a_full_tmpfs_raise_no_signal`:
     /// the directory of the small tmpfs its parent mounted.
     const FULL_TMPFS: &str = "UBLK_COW_TEST_FULL_TMPFS";

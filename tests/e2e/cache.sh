@@ -19,14 +19,20 @@ case_readahead_hints() {
 
 # The base is a loop device, so that the reads reaching it can be counted:
 # with `off` they are the reader's own 4K reads (no kernel readahead on the
-# base either); with `auto` they are mostly prefetch, in large pieces.
+# base either); with `auto` they are mostly prefetch, in large pieces. The
+# overlay lives in tmpfs, as the default one does where /tmp is tmpfs: the
+# base's node lives in devtmpfs, which says tmpfs too, and must not make
+# the device look as if all its files were in memory (where it would not
+# prefetch).
 case_detector() {
-    local dev id lo
+    local dev id lo shm=$WORK/detector-tmpfs
     lo=$(losetup -f --show -r "$BASE")
+    tmpfs_at "$shm" 64M
     local stat=/sys/block/$(basename "$lo")/stat
     for ra in auto off; do
         echo 3 > /proc/sys/vm/drop_caches
-        dev=$(add --base "$lo" --readahead $ra); id=$(dev_id "$dev")
+        rm -f "$shm/overlay"
+        dev=$(add --base "$lo" --readahead $ra --overlay "$shm/overlay"); id=$(dev_id "$dev")
         local r0 s0 r1 s1
         read -r r0 _ s0 _ < "$stat"
         dd if="$dev" of=/dev/null bs=4k count=2048 iflag=direct status=none
@@ -48,6 +54,7 @@ case_detector() {
         "$UC" del -n "$id"
     done
     losetup -d "$lo"
+    umount "$shm"
     base_unchanged
 }
 
