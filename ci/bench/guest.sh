@@ -98,10 +98,13 @@ run_workloads() {
             for sys in $(rotated "$round" $SYSTEMS); do
                 dev=$(sys_up "$sys")
                 prepare "$dev" "$wl"
+                s0=$(slow_base_sectors)
                 fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring \
                     --output-format=json $args > "$OUT/fio.json"
+                s1=$(slow_base_sectors)
                 sys_down "$sys" "$dev"
-                fio_record "$OUT/fio.json" "$sys" "$wl$SUFFIX$1" "$round" "$OUT/runs.jsonl"
+                fio_record "$OUT/fio.json" "$sys" "$wl$SUFFIX$1" "$round" "$OUT/runs.jsonl" \
+                    "${s0:+$(((s1 - s0) * 512))}"
             done
         done
     done

@@ -56,6 +56,12 @@ slow_setup() {
     BASE=/dev/mapper/ucslowbase
 }
 
+# Sectors read so far from the slow base's disk (empty without SLOW_MS).
+# loop and rublk read their own copy, on the second disk.
+slow_base_sectors() {
+    [ -z "${SLOW_MS:-}" ] || awk '{print $3}' /sys/block/nullb0/stat
+}
+
 slow_teardown() {
     dmsetup remove ucslowbase; dmsetup remove ucslowcopy; rmmod null_blk
 }
@@ -201,17 +207,21 @@ sys_down() {
     esac
 }
 
-# fio_record FIO_JSON SYSTEM WORKLOAD ROUND RUNS: appends the run's IOPS and
-# MiB/s (reads and writes together) to RUNS, and prints it as the
+# fio_record FIO_JSON SYSTEM WORKLOAD ROUND RUNS [BASE_BYTES]: appends the
+# run's IOPS and MiB/s (reads and writes together), and the bytes read from
+# the slow base when given, to RUNS, and prints it as the
 # "bench-json: {...}" line that ci/bench/run.sh collects.
 fio_record() {
-    python3 - "$1" "$2" "$3" "$4" >> "$5" <<'PY'
+    python3 - "$1" "$2" "$3" "$4" "${6:-}" >> "$5" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 r, w = j["read"], j["write"]
-print(json.dumps({"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
-                  "iops": r["iops"] + w["iops"],
-                  "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}))
+rec = {"system": sys.argv[2], "workload": sys.argv[3], "round": int(sys.argv[4]),
+       "iops": r["iops"] + w["iops"],
+       "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / 2**20}
+if sys.argv[5]:
+    rec["base_read_bytes"] = int(sys.argv[5])
+print(json.dumps(rec))
 PY
     echo "bench-json: $(tail -n1 "$5")"
 }
