@@ -527,7 +527,7 @@ pub(crate) struct AddArgs {
     /// (POSIX_FADV_RANDOM), so `off` means no prefetch at all. A device
     /// whose base, layers and overlay are all files in tmpfs prefetches
     /// nothing (every page is in memory already) unless --cache-mode is
-    /// cow; a block device base is always prefetched for.
+    /// cow. A block device base never counts as a file in tmpfs.
     #[arg(long, value_name = "off|auto|SIZE", default_value = "auto", value_parser = readahead_arg)]
     pub(crate) readahead: Readahead,
 
