@@ -808,7 +808,7 @@ fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
 
 #[test]
 fn io_uring_executor_matches_reference_model() {
-    let n_cases = cases(10_000);
+    let n_cases = cases(5_000);
     let cfg = ProptestConfig {
         cases: n_cases,
         failure_persistence: None,

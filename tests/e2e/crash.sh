@@ -10,7 +10,7 @@ kill_and_recover() {
     [ "$(daemon_pid "$id")" != "$pid" ] || die "recover did not start a new daemon"
 }
 
-CYCLES=${CRASH_CYCLES:-20}
+CYCLES=${CRASH_CYCLES:-10}
 
 case_kill9_fio() {
     local dev id ov=$WORK/crash.overlay
