@@ -125,7 +125,7 @@ case_cow_on_cache_race() {
 case_base_fails_after_cow_cache() {
     local dev id img=$WORK/failbase.img
     head -c 48M /dev/urandom > "$img"
-    local want; want=$(sha "$img")
+    local want; want=$(digest "$img")
     local lo; lo=$(losetup -f --show "$img")
     local sz; sz=$(blockdev --getsz "$lo")
     dmsetup create ucfail --table "0 $sz linear $lo 0"
@@ -148,7 +148,7 @@ case_base_fails_after_cow_cache() {
     rm -f expect.img
     "$UC" del -n "$id"
     dmsetup remove ucfail; losetup -d "$lo"
-    [ "$(sha "$img")" = "$want" ] || die "the base file changed"
+    [ "$(digest "$img")" = "$want" ] || die "the base file changed"
 }
 
 case_cow_on_read() {

@@ -31,7 +31,7 @@ case_chain_16() {
     for i in $(seq 0 "$n"); do
         chain_write "$dev" "$exp" || { die "writing layer $i"; return; }
         if [ $((i % 4)) = 0 ]; then
-            [ "$(sha "$dev")" = "$(sha "$exp")" ] || { die "layer $i: the device reads wrong"; return; }
+            [ "$(digest "$dev")" = "$(digest "$exp")" ] || { die "layer $i: the device reads wrong"; return; }
         fi
         "$UC" del -n "$(dev_id "$dev")" || { die "del"; return; }
         [ "$i" = "$n" ] && break
@@ -43,7 +43,7 @@ case_chain_16() {
     # The top and the 16 layers below it, read again from a fresh device.
     dev=$(add --base "$WORK/chain-l$((n - 1)).cow" --overlay "$WORK/chain-l$n.cow") \
         || { die "add of the whole chain"; return; }
-    [ "$(sha "$dev")" = "$(sha "$exp")" ] || { die "the chain of $n layers reads wrong"; return; }
+    [ "$(digest "$dev")" = "$(digest "$exp")" ] || { die "the chain of $n layers reads wrong"; return; }
     local layers
     layers=$("$UC" info --backing-chain "$WORK/chain-l$n.cow" | grep -c '^file:')
     [ "$layers" = $((n + 2)) ] || { die "info --backing-chain lists $layers files, not $((n + 2))"; return; }
@@ -61,7 +61,7 @@ case_chain_forks() {
     cp "$BASE" "$exp_a"
     dev=$(add --base "$BASE" --overlay "$layer") || { die "add"; return; }
     chain_write "$dev" "$exp_a" || { die "write"; return; }
-    at_snapshot=$(sha "$dev")
+    at_snapshot=$(digest "$dev")
     "$UC" del -n "$(dev_id "$dev")"
     "$UC" snapshot "$layer" --overlay "$a" || { die "snapshot"; return; }
     cp "$exp_a" "$exp_b"
@@ -69,7 +69,7 @@ case_chain_forks() {
     # that `add` creates over the layer.
     da=$(add --base "$layer" --overlay "$a") || { die "add fork a"; return; }
     db=$(add --base "$layer" --overlay "$b") || { die "add fork b"; return; }
-    [ "$(sha "$da")" = "$at_snapshot" ] && [ "$(sha "$db")" = "$at_snapshot" ] \
+    [ "$(digest "$da")" = "$at_snapshot" ] && [ "$(digest "$db")" = "$at_snapshot" ] \
         || { die "a fork does not read what the device held at the snapshot"; return; }
     # The blocks written in fork a, as map will list them at depth 0.
     local blocks=$((BASE_MB * 256)) off written=""
@@ -80,8 +80,8 @@ case_chain_forks() {
         written="$written $off $((off + 1))"
     done
     chain_write "$db" "$exp_b" || { die "write fork b"; return; }
-    [ "$(sha "$da")" = "$(sha "$exp_a")" ] || { die "fork a reads wrong"; return; }
-    [ "$(sha "$db")" = "$(sha "$exp_b")" ] || { die "fork b reads wrong"; return; }
+    [ "$(digest "$da")" = "$(digest "$exp_a")" ] || { die "fork a reads wrong"; return; }
+    [ "$(digest "$db")" = "$(digest "$exp_b")" ] || { die "fork b reads wrong"; return; }
     expect_fail "a live overlay in use as a base" "$UC" add --base "$a" --overlay "$WORK/fork-c.cow"
     [ ! -e "$WORK/fork-c.cow" ] || { die "the refused add created its overlay"; return; }
     expect_fail "a snapshot of an overlay in use" "$UC" snapshot "$a" --overlay "$WORK/fork-c.cow"
@@ -143,7 +143,7 @@ case_chain_qcow2() {
     done
     qemu-img convert -O raw "$WORK/cq$n.qcow2" "$WORK/cq.raw"
     dev=$(add --base "$WORK/cq$((n - 1)).cow" --overlay "$WORK/cq$n.cow") || { die "add top"; return; }
-    [ "$(sha "$dev")" = "$(sha "$WORK/cq.raw")" ] \
+    [ "$(digest "$dev")" = "$(digest "$WORK/cq.raw")" ] \
         || { die "the ublk-cow chain and the qcow2 chain read differently"; return; }
     "$UC" del -n "$(dev_id "$dev")"
     rm -f "$WORK/cq.raw"
@@ -224,7 +224,7 @@ case_live_snapshot() {
     # Quiet: the device's contents at the snapshot are the frozen layer's.
     # The first 64 MiB hold every write; reading them copies them up (the
     # whole device would fill the guest's /tmp with copies).
-    head64() { dd if="$1" bs=1M count=64 iflag=direct status=none | sha256sum | cut -d' ' -f1; }
+    head64() { dd if="$1" bs=1M count=64 iflag=direct status=none | md5sum | cut -d' ' -f1; }
     at_snapshot=$(head64 "$dev")
     pause=$("$UC" snapshot -n "$id" --overlay "$l2" 2>&1 >/dev/null) || { die "snapshot: $pause"; return; }
     say "  quiet: $pause"
@@ -263,7 +263,7 @@ case_interrupted_snapshot() {
     dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
     id=$(dev_id "$dev")
     head -c 4M /dev/urandom | dd of="$dev" bs=1M seek=7 oflag=direct status=none
-    sum=$(sha "$dev")
+    sum=$(digest "$dev")
     interrupt() { # ID NEW: kill the daemon, and record the snapshot begun
         st=$(daemon_pid "$1")
         kill -9 "$st"
@@ -280,18 +280,18 @@ PY
     "$UC" recover -n "$id" >/dev/null || { die "recover did not finish the snapshot"; return; }
     "$UC" info "$l0" | grep -q frozen || { die "the old overlay is not frozen"; return; }
     "$UC" list | grep -q "$l1" || { die "the device does not name the new overlay"; return; }
-    [ "$(sha "$dev")" = "$sum" ] || { die "the device reads other data after the finished snapshot"; return; }
+    [ "$(digest "$dev")" = "$sum" ] || { die "the device reads other data after the finished snapshot"; return; }
     "$UC" del -n "$id"
     # del of an interrupted snapshot whose overlay is not frozen yet.
     dev=$(add --base "$BASE" --overlay "$m0") || { die "add 2"; return; }
     id=$(dev_id "$dev")
     head -c 2M /dev/urandom | dd of="$dev" bs=1M seek=3 oflag=direct status=none
-    sum=$(sha "$dev")
+    sum=$(digest "$dev")
     interrupt "$id" "$m1"
     "$UC" del -n "$id" || { die "del of an interrupted snapshot"; return; }
     "$UC" info "$m0" | grep -q frozen && { die "del froze the overlay"; return; }
     dev=$(add --base "$BASE" --overlay "$m0") || { die "add of the kept overlay"; return; }
-    [ "$(sha "$dev")" = "$sum" ] || { die "writes lost by del of an interrupted snapshot"; return; }
+    [ "$(digest "$dev")" = "$sum" ] || { die "writes lost by del of an interrupted snapshot"; return; }
     "$UC" del -n "$(dev_id "$dev")"
     base_unchanged
 }
@@ -308,7 +308,7 @@ case_snapshot_fails_after_freeze() {
     dev=$(add --base "$BASE" --overlay "$l0") || { die "add"; return; }
     id=$(dev_id "$dev"); pid=$(daemon_pid "$id")
     head -c 3M /dev/urandom | dd of="$dev" bs=1M seek=5 oflag=direct status=none
-    sum=$(sha "$dev")
+    sum=$(digest "$dev")
     mount -o remount,ro "$ro"
     err=$("$UC" snapshot -n "$id" --overlay "$ro/new.cow" 2>&1 >/dev/null) \
         && { die "snapshot onto a read-only file system succeeded"; return; }
@@ -320,7 +320,7 @@ case_snapshot_fails_after_freeze() {
     mount -o remount,rw "$ro"
     "$UC" recover -n "$id" >/dev/null || { die "recover did not finish the snapshot"; return; }
     "$UC" list | grep -q "$ro/new.cow" || { die "the device does not name the new overlay"; return; }
-    [ "$(sha "$dev")" = "$sum" ] || { die "a write was lost"; return; }
+    [ "$(digest "$dev")" = "$sum" ] || { die "a write was lost"; return; }
     "$UC" del -n "$id"
     umount "$ro"; rm -f "$l0"
     base_unchanged

@@ -20,23 +20,23 @@ case_commit() {
     done
     blkdiscard -z -o $((100 << 20)) -l $((3 << 20)) "$dev"
     blkdiscard -o $((150 << 20)) -l $((2 << 20)) "$dev"
-    local want; want=$(sha "$dev")
+    local want; want=$(digest "$dev")
 
     # In use by the device: refused, one line, nothing changed.
-    local ov_sha; ov_sha=$(sha "$ov")
+    local ov_sha; ov_sha=$(digest "$ov")
     expect_fail "commit of an overlay in use" "$UC" commit "$ov"
     expect_fail "commit --force of an overlay in use" "$UC" commit --force "$ov"
-    [ "$(sha "$base")" = "$BASE_SHA" ] || die "a refused commit changed the base"
-    [ "$(sha "$ov")" = "$ov_sha" ] || die "a refused commit changed the overlay"
+    [ "$(digest "$base")" = "$BASE_DIGEST" ] || die "a refused commit changed the base"
+    [ "$(digest "$ov")" = "$ov_sha" ] || die "a refused commit changed the overlay"
 
     "$UC" del -n "$(dev_id "$dev")"
     "$UC" commit "$ov" >commit.log || { cat commit.log; die "commit failed"; }
     say "  $(cat commit.log)"
-    [ "$(sha "$base")" = "$want" ] || die "the base after commit differs from the device"
+    [ "$(digest "$base")" = "$want" ] || die "the base after commit differs from the device"
     "$UC" check "$ov" || die "check of the committed overlay failed"
     # Added again over the committed base: it reads the same.
     dev=$(add --base "$base" --overlay "$ov")
-    [ "$(sha "$dev")" = "$want" ] || die "the device after commit reads other data"
+    [ "$(digest "$dev")" = "$want" ] || die "the device after commit reads other data"
     "$UC" del -n "$(dev_id "$dev")"
 
     # A chain: the overlay frozen by a snapshot, a device over the new top.
@@ -48,7 +48,7 @@ case_commit() {
         dd if=/dev/urandom of="$dev" bs=64k count=$((RANDOM % 16 + 1)) \
             seek=$(( (RANDOM * 32768 + RANDOM) % 3000 )) oflag=direct status=none
     done
-    want=$(sha "$dev")
+    want=$(digest "$dev")
     expect_fail "commit of a layer below a device" "$UC" commit "$ov"
     expect_fail "commit of a device's top" "$UC" commit "$top"
     "$UC" del -n "$(dev_id "$dev")"
@@ -56,12 +56,12 @@ case_commit() {
     # reads the same after each, and the base at last reads as the device.
     "$UC" commit "$top" >/dev/null
     dev=$(add --base "$ov" --overlay "$top")
-    [ "$(sha "$dev")" = "$want" ] || die "the chain reads other data after the top's commit"
+    [ "$(digest "$dev")" = "$want" ] || die "the chain reads other data after the top's commit"
     "$UC" del -n "$(dev_id "$dev")"
     "$UC" commit "$ov" >/dev/null
-    [ "$(sha "$base")" = "$want" ] || die "the base after the layer's commit differs"
+    [ "$(digest "$base")" = "$want" ] || die "the base after the layer's commit differs"
     dev=$(add --base "$ov" --overlay "$top")
-    [ "$(sha "$dev")" = "$want" ] || die "the chain reads other data after the layer's commit"
+    [ "$(digest "$dev")" = "$want" ] || die "the chain reads other data after the layer's commit"
     "$UC" del -n "$(dev_id "$dev")"
     rm -f "$ov" "$top" "$base" commit.log
     base_unchanged

@@ -29,7 +29,10 @@ ublk_devices() { ls /dev | grep -c '^ublkb' || true; }
 # Device number of a /dev/ublkbN path.
 dev_id() { echo "${1#/dev/ublkb}"; }
 
-sha() { sha256sum "$1" | cut -d' ' -f1; }
+# A digest of file or device $1's content, to compare contents with: MD5,
+# the quickest of the coreutils digests in the emulated guest (nothing here
+# defends against anyone).
+digest() { md5sum "$1" | cut -d' ' -f1; }
 
 # The pid of device ID's daemon, from its state file.
 daemon_pid() { grep -o '"pid": *[0-9]*' "$UBLK_COW_RUN_DIR/$1.json" | grep -o '[0-9]*$'; }
@@ -83,6 +86,9 @@ run_case() {
 
 summary() {
     "$UC" del --all >/dev/null 2>&1 || true
+    if [ -n "${BASE_DIGEST:-}" ] && [ "$(digest "$BASE")" != "$BASE_DIGEST" ]; then
+        FAIL=$((FAIL + 1)); FAILED+=("the base's content changed during the suite")
+    fi
     for n in "${FAILED[@]}"; do say "failed case: $n"; done
     echo "$PASS passed, $FAIL failed"
     [ "$FAIL" = 0 ]

@@ -72,23 +72,23 @@ case_remote_s3() {
     local dev; dev=$(add --base $url --overlay "$WORK/remote.ov")
     local id; id=$(dev_id "$dev")
     "$UC" list | grep -q "$url" || die "list does not name the URL"
-    local want; want=$(sha "$RIMG")
-    [ "$(sha "$dev")" = "$want" ] || die "the device reads other data than the object"
+    local want; want=$(digest "$RIMG")
+    [ "$(digest "$dev")" = "$want" ] || die "the device reads other data than the object"
     local gets bytes; gets=$(stat_of "$id" remote_gets); bytes=$(stat_of "$id" remote_bytes)
     say "  whole device read: $gets GETs, $bytes bytes ($SECONDS s)"
     # Readahead's prefetch asks for several units in one GET: count bytes.
     [ "$bytes" -ge $((RIMG_MB << 20)) ] || die "only $bytes bytes fetched for $RIMG_MB MiB"
     # Read again: every unit is in the overlay now.
-    [ "$(sha "$dev")" = "$want" ] || die "a second read differs"
+    [ "$(digest "$dev")" = "$want" ] || die "a second read differs"
     [ "$(stat_of "$id" remote_gets)" = "$gets" ] || die "a second read fetched again"
     # A write lands in the overlay; after del and add the fetched part
     # and the write are still there, with no GET.
     dd if=/dev/urandom of="$WORK/w.bin" bs=1k count=6 status=none
     dd if="$WORK/w.bin" of="$dev" bs=1k seek=4097 oflag=direct conv=notrunc status=none
-    want=$(sha "$dev")
+    want=$(digest "$dev")
     "$UC" del -n "$id"
     dev=$(add --base $url --overlay "$WORK/remote.ov"); id=$(dev_id "$dev")
-    [ "$(sha "$dev")" = "$want" ] || die "after del and add the device reads other data"
+    [ "$(digest "$dev")" = "$want" ] || die "after del and add the device reads other data"
     [ "$(stat_of "$id" remote_gets)" = 0 ] || die "the kept overlay was fetched again"
     "$UC" del -n "$id"
 
@@ -106,9 +106,9 @@ case_remote_s3() {
     [ "$(dd if="$dev" bs=1M count=1 iflag=direct status=none | sha256sum)" = "$head_sha" ] ||
         die "a fetched block changed with the object"
     "$UC" del -n "$id"
-    local ov_sha; ov_sha=$(sha "$WORK/remote.ov")
+    local ov_sha; ov_sha=$(digest "$WORK/remote.ov")
     expect_fail "an overlay made for another version" add --base $url --overlay "$WORK/remote.ov"
-    [ "$(sha "$WORK/remote.ov")" = "$ov_sha" ] || die "a refused add changed the overlay"
+    [ "$(digest "$WORK/remote.ov")" = "$ov_sha" ] || die "a refused add changed the overlay"
     python3 "$RDIR/s3put.py" images disk.img "$RIMG"
     rm -f "$WORK/remote.ov" "$WORK/other.img"
 }
@@ -132,14 +132,14 @@ case_remote_pushed_layers() {
     "$UC" del -n "$id"
     "$UC" snapshot "$l2" --overlay "$top" > /dev/null
     dev=$(add --base "$l2" --overlay "$top"); id=$(dev_id "$dev")
-    local want; want=$(sha "$dev")
+    local want; want=$(digest "$dev")
     "$UC" del -n "$id"
     "$UC" push "$l1" s3://images/l1.cow --backing s3://images/disk.img || die "push of l1 failed"
     "$UC" push "$l2" s3://images/l2.cow --backing s3://images/l1.cow || die "push of l2 failed"
     expect_fail "l2 pushed over the raw image" \
         "$UC" push "$l2" s3://images/l2-wrong.cow --backing s3://images/disk.img
     dev=$(add --base s3://images/l2.cow); id=$(dev_id "$dev")
-    [ "$(sha "$dev")" = "$want" ] || die "the pushed stack reads other data than the local one"
+    [ "$(digest "$dev")" = "$want" ] || die "the pushed stack reads other data than the local one"
     say "  pushed stack read: $(stat_of "$id" remote_gets) GETs ($SECONDS s)"
     "$UC" del -n "$id"
     # An overlay over the remote base: a snapshot with a new overlay over it
@@ -149,16 +149,16 @@ case_remote_pushed_layers() {
     rm -f "$r"
     dev=$(add --base s3://images/disk.img --overlay "$r"); id=$(dev_id "$dev")
     dd if=/dev/urandom of="$dev" bs=64k count=16 seek=40 oflag=direct conv=notrunc status=none
-    want=$(sha "$dev")
+    want=$(digest "$dev")
     "$UC" del -n "$id"
-    local r_sha; r_sha=$(sha "$r")
+    local r_sha; r_sha=$(digest "$r")
     expect_fail "a snapshot with an overlay over a remote base" \
         "$UC" snapshot "$r" --overlay "$WORK/push-r2"
-    [ "$(sha "$r")" = "$r_sha" ] && [ ! -e "$WORK/push-r2" ] || die "a refused snapshot changed files"
+    [ "$(digest "$r")" = "$r_sha" ] && [ ! -e "$WORK/push-r2" ] || die "a refused snapshot changed files"
     "$UC" snapshot "$r" > /dev/null
     "$UC" push "$r" s3://images/r.cow || die "push of a layer over the remote base failed"
     dev=$(add --base s3://images/r.cow); id=$(dev_id "$dev")
-    [ "$(sha "$dev")" = "$want" ] || die "the pushed layer over the remote base reads other data"
+    [ "$(digest "$dev")" = "$want" ] || die "the pushed layer over the remote base reads other data"
     "$UC" del -n "$id"
     rm -f "$l1" "$l2" "$top" "$r"
 }
@@ -178,7 +178,7 @@ case_remote_ext4_and_cache() {
     say "  $(tail -n1 "$WORK/cache.out")"
     kill "$(cat "$WORK/moto.pid")"; wait_gone "$(cat "$WORK/moto.pid")"
     rm -f "$REMOTE_ENV"
-    [ "$(sha "$dev")" = "$(sha "$WORK/ext4.img")" ] || die "after cache, with the server gone, the device differs"
+    [ "$(digest "$dev")" = "$(digest "$WORK/ext4.img")" ] || die "after cache, with the server gone, the device differs"
     mount -o ro,noload "$dev" "$WORK/mnt"
     cmp "$WORK/mnt/big" "$WORK/ext4-files/big" || die "after cache a file differs"
     umount "$WORK/mnt"
