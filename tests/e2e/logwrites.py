@@ -177,7 +177,34 @@ def check_point(got, kind, step, refs):
             f"the first sector {bad[0] // 512}{what}")
 
 
+def check_image(point, snap, mnt, base, uc):
+    """Writes the file system image `point` to `snap`, mounts it at `mnt`,
+    adds the overlay in it over `base` and returns the device's content."""
+    with open(snap, "wb") as f:
+        f.write(point)
+    mounted = subprocess.run(["mount", "-o", "loop", snap, mnt], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        sys.stderr.write("".join(dmesg.splitlines(True)[-6:]))
+        raise PointFailed(f"the file system does not mount: {mounted.stderr.strip()}")
+    try:
+        dev = run(uc, "add", "--base", base, "--overlay", os.path.join(mnt, "ov")).strip()
+        try:
+            with open(dev, "rb") as f:
+                return f.read()
+        finally:
+            run(uc, "del", "-n", dev.removeprefix("/dev/ublkb"))
+    finally:
+        run("umount", mnt)
+
+
+# Points checked at once: each is mostly waiting on mount, add and del, and
+# the guest has two CPUs.
+WORKERS = 2
+
+
 def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
+    import concurrent.futures
     with open(log_path, "rb") as log:
         ents = list(entries(log))
     refs = {}
@@ -187,10 +214,27 @@ def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
                 refs[int(name[3:-4])] = f.read()
     points = plan(ents, subsets, seed)
     img = bytearray(os.path.getsize(fs_img))
-    snap, mnt = os.path.join(work, "snap.img"), os.path.join(work, "mnt")
+    # Each worker its own image file and mount point, handed out in turn.
+    slots = []
+    for w in range(WORKERS):
+        mnt = os.path.join(work, f"mnt{w}")
+        os.makedirs(mnt, exist_ok=True)
+        slots.append((os.path.join(work, f"snap{w}.img"), mnt))
+    free = list(range(WORKERS))
     counts = {"flush": 0, "subset": 0, "mark": 0}
     done = 0
-    with open(log_path, "rb") as log:
+
+    def check(kind, step, label, point, slot):
+        snap, mnt = slots[slot]
+        if step not in refs:
+            raise PointFailed(f"no reference image for step {step}")
+        why = check_point(check_image(point, snap, mnt, base, uc), kind, step, refs)
+        if why:
+            raise PointFailed(why)
+
+    failed = None
+    with open(log_path, "rb") as log, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        running = {}
         for kind, step, start, picks, label in points:
             while done < start:
                 apply(img, log, ents[done])
@@ -198,32 +242,29 @@ def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
             point = bytearray(img)
             for j in picks:
                 apply(point, log, ents[j])
-            with open(snap, "wb") as f:
-                f.write(point)
-            try:
-                if step not in refs:
-                    raise PointFailed(f"no reference image for step {step}")
-                mounted = subprocess.run(["mount", "-o", "loop", snap, mnt], capture_output=True, text=True)
-                if mounted.returncode != 0:
-                    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-                    sys.stderr.write("".join(dmesg.splitlines(True)[-6:]))
-                    raise PointFailed(f"the file system does not mount: {mounted.stderr.strip()}")
-                try:
-                    dev = run(uc, "add", "--base", base, "--overlay", os.path.join(mnt, "ov")).strip()
+            if not free:
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    k, s, lab, slot = running.pop(fut)
+                    free.append(slot)
                     try:
-                        with open(dev, "rb") as f:
-                            got = f.read()
-                    finally:
-                        run(uc, "del", "-n", dev.removeprefix("/dev/ublkb"))
-                finally:
-                    run("umount", mnt)
-                why = check_point(got, kind, step, refs)
-                if why:
-                    raise PointFailed(why)
+                        fut.result()
+                        counts[k] += 1
+                    except PointFailed as e:
+                        failed = failed or f"power cut {lab}, after step {s}: {e}"
+            if failed:
+                break
+            slot = free.pop()
+            running[pool.submit(check, kind, step, label, point, slot)] = (kind, step, label, slot)
+        for fut, (k, s, lab, slot) in running.items():
+            try:
+                fut.result()
+                counts[k] += 1
             except PointFailed as e:
-                print(f"power cut {label}, after step {step}: {e}")
-                return 1
-            counts[kind] += 1
+                failed = failed or f"power cut {lab}, after step {s}: {e}"
+    if failed:
+        print(failed)
+        return 1
     print(counts["flush"], counts["subset"], counts["mark"])
     return 0
 
