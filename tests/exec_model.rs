@@ -26,7 +26,7 @@ mod common;
 
 use common::{Case, Reference, XorShift, cases, pattern};
 use proptest::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -241,7 +241,7 @@ impl Ring for FaultRing {
         let overlay = match op {
             RingOp::Write(w) => {
                 if w.fd.0 == OVERLAY_DIRECT_FD.0 {
-                    DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
+                    count(|c| &c.direct_writes, 1);
                 }
                 w.fd.0 == OVERLAY_FD.0 || w.fd.0 == OVERLAY_DIRECT_FD.0
             }
@@ -549,7 +549,7 @@ impl Model {
         s.ring.ring.update_files(&sh.ring_files(&s._zero)).unwrap();
         s.sh = sh;
         *self.disk.borrow_mut() = Disk::durable_from(&rw(&new));
-        SNAPSHOTS.fetch_add(1, Ordering::Relaxed);
+        count(|c| &c.snapshots, 1);
         self.check_all()
     }
 
@@ -775,13 +775,31 @@ fn live_map(path: &Path, blocks: u64, fresh: bool) -> MapMemory {
     MapMemory::Mapped(MappedFile::map(&f, len as usize).unwrap())
 }
 
-static CASES: AtomicU64 = AtomicU64::new(0);
-static STEPS: AtomicU64 = AtomicU64::new(0);
-static FAILED_SYNCS: AtomicU64 = AtomicU64::new(0);
-static LARGE: AtomicU64 = AtomicU64::new(0);
-static CHAINS: AtomicU64 = AtomicU64::new(0);
-static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
-static DIRECT_WRITES: AtomicU64 = AtomicU64::new(0);
+/// What the cases of one test thread reached: the summary line prints it,
+/// and the test fails if a kind of case never came up. Per thread, since
+/// the two halves of the cases run at once.
+#[derive(Default)]
+struct Counts {
+    cases: Cell<u64>,
+    steps: Cell<u64>,
+    failed_syncs: Cell<u64>,
+    large: Cell<u64>,
+    chains: Cell<u64>,
+    snapshots: Cell<u64>,
+    direct_writes: Cell<u64>,
+}
+
+thread_local! {
+    static COUNTS: Counts = Counts::default();
+}
+
+/// Adds `n` to the counter `which` picks out of this thread's counts.
+fn count(which: fn(&Counts) -> &Cell<u64>, n: u64) {
+    COUNTS.with(|c| {
+        let x = which(c);
+        x.set(x.get() + n);
+    });
+}
 
 fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
     let mut m = Model::new(&c);
@@ -794,47 +812,62 @@ fn run_case(c: ExecCase) -> Result<(), TestCaseError> {
         base == pattern(base.len(), 0xb5, 0),
         "the base was modified"
     );
-    CASES.fetch_add(1, Ordering::Relaxed);
+    count(|c| &c.cases, 1);
     if c.layers > 0 {
-        CHAINS.fetch_add(1, Ordering::Relaxed);
+        count(|c| &c.chains, 1);
     }
-    STEPS.fetch_add(c.steps.len() as u64, Ordering::Relaxed);
-    FAILED_SYNCS.fetch_add(m.disk.borrow().syncs_failed, Ordering::Relaxed);
+    count(|c| &c.steps, c.steps.len() as u64);
+    count(|c| &c.failed_syncs, m.disk.borrow().syncs_failed);
     if m.blocks > 16_384 {
-        LARGE.fetch_add(1, Ordering::Relaxed);
+        count(|c| &c.large, 1);
     }
     Ok(())
 }
 
-#[test]
-fn io_uring_executor_matches_reference_model() {
-    let n_cases = cases(5_000);
+/// Runs `want` cases on this thread and checks that they reached every
+/// kind of case.
+fn run_model(name: &str, want: u32) {
     let cfg = ProptestConfig {
-        cases: n_cases,
+        cases: want,
         failure_persistence: None,
         ..ProptestConfig::default()
     };
     proptest!(cfg, |(c in exec_case())| run_case(c)?);
-    let n = CASES.load(Ordering::Relaxed);
     let kicks = RING.with_borrow(|r| r.as_ref().map_or(0, |r| r.kicks()));
-    println!(
-        "exec model: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {kicks} io-wq kicks, 0 divergences",
-        LARGE.load(Ordering::Relaxed),
-        CHAINS.load(Ordering::Relaxed),
-        STEPS.load(Ordering::Relaxed),
-        SNAPSHOTS.load(Ordering::Relaxed),
-        FAILED_SYNCS.load(Ordering::Relaxed),
-        DIRECT_WRITES.load(Ordering::Relaxed),
-    );
-    assert!(n >= n_cases as u64, "only {n} model cases ran");
-    assert!(
-        LARGE.load(Ordering::Relaxed) > 0
-            && FAILED_SYNCS.load(Ordering::Relaxed) > 0
-            && CHAINS.load(Ordering::Relaxed) > 0
-            && SNAPSHOTS.load(Ordering::Relaxed) > 0
-            && DIRECT_WRITES.load(Ordering::Relaxed) > 0,
-        "the cases did not reach maps of several pages, failed syncs, chains, live snapshots and direct writes"
-    );
+    COUNTS.with(|c| {
+        let n = c.cases.get();
+        println!(
+            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {kicks} io-wq kicks, 0 divergences",
+            c.large.get(),
+            c.chains.get(),
+            c.steps.get(),
+            c.snapshots.get(),
+            c.failed_syncs.get(),
+            c.direct_writes.get(),
+        );
+        assert!(n >= want as u64, "only {n} model cases ran");
+        assert!(
+            c.large.get() > 0
+                && c.failed_syncs.get() > 0
+                && c.chains.get() > 0
+                && c.snapshots.get() > 0
+                && c.direct_writes.get() > 0,
+            "the cases did not reach maps of several pages, failed syncs, chains, live snapshots and direct writes"
+        );
+    });
+}
+
+/// Half of the cases (10,000 in all, `MODEL_CASES` to change); the other
+/// half runs at the same time in
+/// [`io_uring_executor_matches_reference_model_second_half`].
+#[test]
+fn io_uring_executor_matches_reference_model() {
+    run_model("exec model, first half", cases(10_000).div_ceil(2));
+}
+
+#[test]
+fn io_uring_executor_matches_reference_model_second_half() {
+    run_model("exec model, second half", cases(10_000).div_ceil(2));
 }
 
 /// READs of many runs whose files are all in memory (base, a layer and the
