@@ -1,7 +1,8 @@
 #!/bin/bash
 # The end-to-end suite, run inside a guest with ublk_drv (ci/vm-run.sh boots
 # one). Sources every case file; each case asserts. The base's size and
-# times are checked after each case, its whole content at the end. E2E_ONLY=REGEX runs only the cases whose name matches.
+# times are checked after each case, its whole content at the end.
+# E2E_ONLY=REGEX runs only the cases whose name matches.
 source "$(dirname "$0")/lib.sh"
 need_ublk
 rm -rf "$WORK"; mkdir -p "$WORK"; cd "$WORK"
