@@ -449,11 +449,22 @@ pub(crate) struct AddArgs {
     ///
     /// With zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later) the reads
     /// and writes of the base and the overlay move the data straight to and
-    /// from the request's pages; in copy mode ublk copies each byte once
-    /// more, between those pages and the daemon's memory. A device keeps its
-    /// mode across `recover`.
+    /// from the request's pages. In copy mode (`off`, and `auto` on older
+    /// kernels) ublk copies each byte between the request's pages and the
+    /// daemon's memory. A device keeps its mode across `recover`.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = ZeroCopy::Auto)]
     pub(crate) zero_copy: ZeroCopy,
+
+    /// Where zero copy is not taken, use ublk's user copy instead of copy mode
+    ///
+    /// With user copy (UBLK_F_USER_COPY, Linux 6.5 and later) the daemon
+    /// copies each request's data itself: a READ whose runs lie in memory
+    /// (base and overlay in tmpfs) straight from each run, one copy per byte
+    /// where copy mode makes two for a READ of several runs. Every request
+    /// costs one system call more, which small requests feel. Refused with
+    /// one line where the kernel does not offer it.
+    #[arg(long)]
+    pub(crate) user_copy: bool,
 
     /// Device number N for /dev/ublkbN [default: the first free one]
     ///
@@ -724,6 +735,7 @@ fn add_request(a: AddArgs) -> AddRequest {
             queues: a.queues,
             depth: a.depth,
             zero_copy: a.zero_copy,
+            user_copy: a.user_copy,
         },
         read_only: a.read_only,
         preallocate: a.preallocate,

@@ -576,6 +576,49 @@ pub(crate) fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     Ok(r as usize)
 }
 
+/// `pwritev` of `pieces` of this process's memory, `(address, length)` in
+/// order, to `fd` at `pos` (ublk's user copy: a READ's runs, each from the
+/// mapping or buffer that holds it, into the request): the bytes written.
+/// The kernel only reads the pieces; an address it cannot reach (a hole of
+/// a full tmpfs) is an error return or a short count, never a signal.
+pub(crate) fn pwritev(fd: RawFd, pieces: &[(usize, usize)], pos: u64) -> io::Result<usize> {
+    if pieces.len() > GATHER_MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let iov: Vec<libc::iovec> = pieces
+        .iter()
+        .map(|&(at, len)| libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect();
+    // SAFETY: the kernel reads the memory the iovecs name and writes none of
+    // it; an address it cannot reach is an error return. The array lives
+    // across the call.
+    let r = unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, pos as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// `pread` of `len` bytes of `fd` at `pos` into memory at `at` (ublk's user
+/// copy: a WRITE's data into the tag's buffer or the overlay's mapped
+/// pages, as `UBLK_U_IO_NEED_GET_DATA` has ublk do in copy mode): the bytes
+/// read. The caller names memory that nothing else reads or writes
+/// meanwhile; an address the kernel cannot reach is an error return or a
+/// short count, never a signal.
+pub(crate) fn pread_to(fd: RawFd, at: *mut u8, len: usize, pos: u64) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `len` bytes at `at`, memory the
+    // caller reserves for it (above); a page it cannot fault in ends the
+    // copy with an error or short count.
+    let r = unsafe { libc::pread(fd, at.cast(), len, pos as libc::off_t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of
 /// `[off, off+buf.len())` without waiting for I/O. `EAGAIN` when the first
 /// page is not cached; `EOPNOTSUPP` when the file cannot do it (tmpfs).

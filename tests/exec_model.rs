@@ -28,6 +28,7 @@ use common::{Case, Reference, XorShift, cases, pattern};
 use proptest::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -42,11 +43,11 @@ use ublk_cow::engine::storage::Storage;
 use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
 use ublk_cow::ublk::exec::{
-    self, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, RingFiles, TagScratch, ZeroBlocks,
+    self, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, RingFiles, TagScratch, ZeroBlocks,
 };
 use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
 use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
-use ublk_cow::ublk::request_buf::RequestBuf;
+use ublk_cow::ublk::request_buf::{RequestBuf, UserCopyAt};
 use ublk_cow::ublk::write_data::WriteData;
 
 /// An operation of a case: one of the common ones, or one that only this
@@ -566,11 +567,13 @@ impl Model {
             &mut s.scratch,
             off,
             RequestBuf::Memory(&mut buf),
-            false,
+            MayLeave::Nothing,
         ));
         match done.map(|d| d.data) {
             Ok(ReadData::Buffer) => {}
-            Ok(ReadData::Mapped(_)) => panic!("a read left in a mapping it was not allowed"),
+            Ok(ReadData::Mapped(_) | ReadData::Pieces) => {
+                panic!("a read left in a mapping it was not allowed")
+            }
             Err(e) => panic!("read {off}+{len}: {e}"),
         }
         buf
@@ -874,7 +877,9 @@ fn io_uring_executor_matches_reference_model_second_half() {
 /// overlay in tmpfs, so mapped): half the blocks, at random, written
 /// first, then reads of 4 KiB to 1 MiB, aligned and not, each checked
 /// against the bytes written: every run copied from its file's mapping into
-/// the request's buffer at its offset.
+/// the request's buffer at its offset. Each READ is served again as user
+/// copy serves it: the runs left in their mappings, the pieces then written
+/// in one `pwritev` to a file that stands in for the char device.
 #[test]
 fn reads_spanning_many_runs_of_mapped_files() {
     let shm = Path::new("/dev/shm");
@@ -929,7 +934,8 @@ fn reads_spanning_many_runs_of_mapped_files() {
             image[off as usize..][..data.len()].copy_from_slice(&data);
         }
     }
-    let mut reads = 0;
+    let char_dev = File::create_new(dir.join("char-device")).unwrap();
+    let (mut reads, mut left_in_mappings) = (0, 0);
     for len in [4096u64, 65536, 262144, 1 << 20, 100 * 1024 + 512] {
         for _ in 0..8 {
             let off = below((size - len) / 512) * 512;
@@ -940,7 +946,7 @@ fn reads_spanning_many_runs_of_mapped_files() {
                 &mut scratch,
                 off,
                 RequestBuf::Memory(&mut buf),
-                false,
+                MayLeave::Nothing,
             ));
             assert!(
                 matches!(done.map(|d| d.data), Ok(ReadData::Buffer)),
@@ -950,10 +956,45 @@ fn reads_spanning_many_runs_of_mapped_files() {
                 buf == image[off as usize..][..len as usize],
                 "read {off}+{len} differs"
             );
+            // As user copy: what is not in a mapping is read into the
+            // buffer (filled with other bytes first), and the pieces hold
+            // the whole READ in order.
+            buf.fill(0xee);
+            let done = ring.block_on(exec::read(
+                &ring,
+                &sh,
+                &mut scratch,
+                off,
+                RequestBuf::Memory(&mut buf),
+                MayLeave::Runs,
+            ));
+            assert!(
+                matches!(done.map(|d| d.data), Ok(ReadData::Pieces)),
+                "read {off}+{len} as pieces"
+            );
+            let in_buf = |&(at, n): &(usize, usize)| {
+                let b = buf.as_ptr() as usize;
+                at >= b && at + n <= b + buf.len()
+            };
+            left_in_mappings += scratch.pieces().iter().filter(|p| !in_buf(p)).count();
+            let at = 4096 * (reads as u64 + 1);
+            UserCopyAt::in_file(char_dev.as_raw_fd(), at)
+                .write_pieces(scratch.pieces())
+                .unwrap();
+            let mut sent = vec![0u8; len as usize];
+            char_dev.read_exact_at(&mut sent, at).unwrap();
+            assert!(
+                sent == image[off as usize..][..len as usize],
+                "read {off}+{len} differs as pieces"
+            );
             reads += 1;
         }
     }
     assert_eq!(reads, 40);
+    assert!(
+        left_in_mappings >= 40,
+        "only {left_in_mappings} pieces were left in mappings"
+    );
     drop((sh, ring));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -280,7 +280,7 @@ fn prepare(mut req: AddRequest) -> Result<Prepared> {
     Geometry::new(base.size(), block_size)?;
     state::check_run_dir()?;
     ublk::check_available()?;
-    ublk::check_io_mode(req.target.zero_copy)?;
+    ublk::check_io_mode(req.target.zero_copy, req.target.user_copy)?;
     if let Some(id) = req.target.id
         && ublk::device_exists(id)
     {
@@ -465,6 +465,7 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
             depth: st.depth,
             // The device keeps the mode it was added with.
             zero_copy: ZeroCopy::Auto,
+            user_copy: false,
         },
         read_only: st.read_only,
         // Whatever `add` allocated is still allocated.
@@ -696,6 +697,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         forced: req.force,
         policy: req.policy,
         zero_copy: ublk::io_mode(&ctrl) == IoMode::ZeroCopy,
+        user_copy: ublk::io_mode(&ctrl) == IoMode::UserCopy,
         base_io: req.base_io,
         owner,
         failed: false,
@@ -1115,6 +1117,7 @@ struct ListEntry<'a> {
     queues: u16,
     depth: u16,
     zero_copy: bool,
+    user_copy: bool,
     base_io: BaseIo,
     cache_mode: CacheMode,
     /// The `--readahead` value: `off`, `auto`, or a window in bytes.
@@ -1140,6 +1143,7 @@ impl<'a> ListEntry<'a> {
             queues: s.queues,
             depth: s.depth,
             zero_copy: s.zero_copy,
+            user_copy: s.user_copy,
             base_io: s.base_io,
             cache_mode: s.policy.mode,
             readahead: s.policy.readahead.to_string(),

@@ -45,6 +45,9 @@ pub(crate) struct DeviceState {
     /// The device moves data with zero copy (`add --zero-copy`).
     #[serde(default)]
     pub(crate) zero_copy: bool,
+    /// The device moves data with ublk's user copy (`params::IoMode`).
+    #[serde(default)]
+    pub(crate) user_copy: bool,
     /// How base blocks that the page cache lacks are read (`add --base-io`).
     #[serde(default)]
     pub(crate) base_io: crate::engine::base::BaseIo,

@@ -40,6 +40,8 @@ pub(crate) struct TargetConfig {
     pub(crate) queues: u16,
     pub(crate) depth: u16,
     pub(crate) zero_copy: ZeroCopy,
+    /// User copy instead of copy mode where zero copy is not taken.
+    pub(crate) user_copy: bool,
 }
 
 /// Checks that ublk devices can be created here at all.
@@ -55,9 +57,10 @@ pub(crate) fn check_available() -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks that the kernel offers the I/O mode asked for (`--zero-copy=on`).
-pub(crate) fn check_io_mode(want: ZeroCopy) -> Result<(), Error> {
-    params::choose_io_mode(want, UblkCtrl::get_features()).map(|_| ())
+/// Checks that the kernel offers the I/O mode asked for (`--zero-copy=on`,
+/// `--user-copy`).
+pub(crate) fn check_io_mode(want: ZeroCopy, user_copy: bool) -> Result<(), Error> {
+    params::choose_io_mode(want, user_copy, UblkCtrl::get_features()).map(|_| ())
 }
 
 /// Whether ublk device `id` exists.
@@ -74,7 +77,7 @@ pub(crate) fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
         return Err(Error::invalid(format!("ublk device {id} already exists")));
     }
     let features = UblkCtrl::get_features();
-    let mode = params::choose_io_mode(cfg.zero_copy, features)?;
+    let mode = params::choose_io_mode(cfg.zero_copy, cfg.user_copy, features)?;
     let add = |flags| {
         UblkCtrlBuilder::default()
             .name("ublk-cow")
@@ -91,6 +94,8 @@ pub(crate) fn create(cfg: &TargetConfig) -> Result<UblkCtrl, Error> {
         .or_else(|e| match (mode, user_copy) {
             // A driver that has both but not together: zero copy alone.
             (IoMode::ZeroCopy, true) => add(params::ctrl_flags(mode, false)),
+            // One that offers user copy and refuses it: copy mode.
+            (IoMode::UserCopy, _) => add(params::ctrl_flags(IoMode::Copy, false)),
             _ => Err(e),
         })
         .map_err(|e| Error::invalid(format!("creating the ublk device failed: {e}")))

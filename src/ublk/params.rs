@@ -64,12 +64,13 @@ pub(crate) fn device_params(shape: &DeviceShape) -> sys::ublk_params {
 /// What `add --zero-copy` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum ZeroCopy {
-    /// Zero copy when the kernel offers it, else copy mode.
+    /// Zero copy when the kernel offers it, else copy mode (or user copy,
+    /// with `--user-copy`).
     #[default]
     Auto,
     /// Zero copy, or fail when the kernel does not offer it.
     On,
-    /// Copy mode always.
+    /// Copy mode always (or user copy, with `--user-copy`).
     Off,
 }
 
@@ -86,17 +87,34 @@ pub(crate) enum IoMode {
     /// and writes of base and overlay move the data straight to and from
     /// them: no copy by ublk at all. Kernels from 6.16 on offer it.
     ZeroCopy,
+    /// ublk copies nothing by itself: the daemon moves each request's data
+    /// with `pread` and `pwrite` on the char device (`UBLK_F_USER_COPY`),
+    /// a READ's runs that lie in mappings straight from there, all of them
+    /// in one `pwritev`. Kernels from 6.5 on offer it.
+    UserCopy,
 }
 
-/// Chooses the I/O mode from what was asked and the driver's feature bits
-/// (`None`: the driver does not say, as before 6.5).
-pub(crate) fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<IoMode, Error> {
+/// Chooses the I/O mode from what was asked (`--zero-copy`, `--user-copy`)
+/// and the driver's feature bits (`None`: the driver does not say, as
+/// before 6.5). Zero copy wins where it is taken; otherwise user copy only
+/// when asked for: it makes a READ of several runs in memory cost one copy
+/// per byte instead of two, but every request one system call more, which
+/// small requests feel (docs/benchmarks.md, "Reads of a written disk").
+pub(crate) fn choose_io_mode(
+    want: ZeroCopy,
+    user_copy: bool,
+    features: Option<u64>,
+) -> Result<IoMode, Error> {
     let offered = features.is_some_and(|f| f & sys::UBLK_F_AUTO_BUF_REG as u64 != 0);
     match (want, offered) {
-        (ZeroCopy::Off, _) | (ZeroCopy::Auto, false) => Ok(IoMode::Copy),
         (ZeroCopy::Auto | ZeroCopy::On, true) => Ok(IoMode::ZeroCopy),
         (ZeroCopy::On, false) => Err(Error::invalid(
             "--zero-copy=on: this kernel's ublk_drv does not offer UBLK_F_AUTO_BUF_REG (needs Linux 6.16 or later)",
+        )),
+        (ZeroCopy::Off | ZeroCopy::Auto, _) if !user_copy => Ok(IoMode::Copy),
+        _ if has_user_copy(features) => Ok(IoMode::UserCopy),
+        _ => Err(Error::invalid(
+            "--user-copy: this kernel's ublk_drv does not offer UBLK_F_USER_COPY (needs Linux 6.5 or later)",
         )),
     }
 }
@@ -105,6 +123,8 @@ pub(crate) fn choose_io_mode(want: ZeroCopy, features: Option<u64>) -> Result<Io
 pub(crate) fn io_mode_of(flags: u64) -> IoMode {
     if flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
         IoMode::ZeroCopy
+    } else if flags & sys::UBLK_F_USER_COPY as u64 != 0 {
+        IoMode::UserCopy
     } else {
         IoMode::Copy
     }
@@ -121,13 +141,16 @@ pub(crate) fn io_mode_of(flags: u64) -> IoMode {
 ///
 /// Zero copy adds ublk's user copy when the driver has it (`with_user_copy`):
 /// small requests whose data is in a mapping are copied with one system call
-/// instead (see `request_buf::USER_COPY_MAX`).
+/// instead (see `request_buf::USER_COPY_MAX`). User copy mode has nothing
+/// to ask for (`NEED_GET_DATA`): the daemon copies a WRITE's data out of
+/// the request when it needs it.
 pub(crate) fn ctrl_flags(mode: IoMode, with_user_copy: bool) -> u64 {
     let recovery = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
     let data = match mode {
         IoMode::Copy => sys::UBLK_F_NEED_GET_DATA,
         IoMode::ZeroCopy if with_user_copy => sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY,
         IoMode::ZeroCopy => sys::UBLK_F_AUTO_BUF_REG,
+        IoMode::UserCopy => sys::UBLK_F_USER_COPY,
     };
     (recovery | data) as u64
 }
@@ -157,22 +180,31 @@ mod tests {
     #[test]
     fn io_mode_follows_the_kernel_unless_told() {
         let old = Some(sys::UBLK_F_NEED_GET_DATA as u64);
+        let uc = Some((sys::UBLK_F_NEED_GET_DATA | sys::UBLK_F_USER_COPY) as u64);
+        let both = Some(ZC | sys::UBLK_F_USER_COPY as u64);
+        let mode = |want, user_copy, features| choose_io_mode(want, user_copy, features);
         assert_eq!(
-            choose_io_mode(ZeroCopy::Auto, Some(ZC)).unwrap(),
+            mode(ZeroCopy::Auto, false, Some(ZC)).unwrap(),
             IoMode::ZeroCopy
         );
-        assert_eq!(choose_io_mode(ZeroCopy::Auto, old).unwrap(), IoMode::Copy);
-        assert_eq!(choose_io_mode(ZeroCopy::Auto, None).unwrap(), IoMode::Copy);
+        assert_eq!(mode(ZeroCopy::Auto, false, old).unwrap(), IoMode::Copy);
+        assert_eq!(mode(ZeroCopy::Auto, false, None).unwrap(), IoMode::Copy);
+        assert_eq!(mode(ZeroCopy::Off, false, Some(ZC)).unwrap(), IoMode::Copy);
         assert_eq!(
-            choose_io_mode(ZeroCopy::Off, Some(ZC)).unwrap(),
-            IoMode::Copy
-        );
-        assert_eq!(
-            choose_io_mode(ZeroCopy::On, Some(ZC)).unwrap(),
+            mode(ZeroCopy::On, false, Some(ZC)).unwrap(),
             IoMode::ZeroCopy
         );
-        let e = choose_io_mode(ZeroCopy::On, old).unwrap_err();
+        let e = mode(ZeroCopy::On, false, old).unwrap_err();
         assert!(e.to_string().contains("UBLK_F_AUTO_BUF_REG"), "{e}");
+        // User copy only when asked for, and zero copy goes first.
+        assert_eq!(mode(ZeroCopy::Auto, false, uc).unwrap(), IoMode::Copy);
+        assert_eq!(mode(ZeroCopy::Auto, true, uc).unwrap(), IoMode::UserCopy);
+        assert_eq!(mode(ZeroCopy::Off, true, uc).unwrap(), IoMode::UserCopy);
+        assert!(mode(ZeroCopy::On, true, uc).is_err());
+        assert_eq!(mode(ZeroCopy::Auto, true, both).unwrap(), IoMode::ZeroCopy);
+        assert_eq!(mode(ZeroCopy::Off, true, both).unwrap(), IoMode::UserCopy);
+        let e = mode(ZeroCopy::Auto, true, old).unwrap_err();
+        assert!(e.to_string().starts_with("--user-copy:"), "{e}");
     }
 
     #[test]
@@ -181,6 +213,7 @@ mod tests {
             (IoMode::Copy, false),
             (IoMode::ZeroCopy, false),
             (IoMode::ZeroCopy, true),
+            (IoMode::UserCopy, true),
         ] {
             let flags = ctrl_flags(mode, uc);
             assert_eq!(io_mode_of(flags), mode);

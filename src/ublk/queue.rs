@@ -9,7 +9,11 @@
 //! mode a WRITE arrives without its data (the device sets
 //! `UBLK_F_NEED_GET_DATA`); the write path says where ublk copies it
 //! (`write_data`). A READ's commit names where ublk copies its data from:
-//! the tag's buffer, or the mapping that holds all of it.
+//! the tag's buffer, or the mapping that holds all of it. With user copy
+//! ublk copies nothing itself: the daemon copies a WRITE's data out of the
+//! request (`write_data`) and a READ's into it (`copy_read_out`: each run
+//! from the mapping or buffer that holds it, in one `pwritev`) before the
+//! commit, which names no address.
 
 use crate::engine::Errno;
 use crate::engine::after_read::{self, CompletedRead};
@@ -17,10 +21,10 @@ use crate::engine::gate::Pass;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::background::{Background, Job};
-use crate::ublk::exec::{self, ReadData, ReadDone, TagScratch, ZeroBlocks};
+use crate::ublk::exec::{self, MayLeave, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
-use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy};
+use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy, UserCopyAt};
 use crate::ublk::write_data::WriteData;
 use crate::ublk::{Current, ServedDevice};
 use libublk::helpers::IoBuf;
@@ -65,8 +69,8 @@ pub(crate) struct QueueState {
     /// a WRITE's data only when asked (`UBLK_F_NEED_GET_DATA`), so the
     /// address a commit names is never written into.
     commit_from_map: bool,
-    /// Requests' data is in their registered pages (`params::IoMode`).
-    zero_copy: bool,
+    /// How requests' data moves (`params::IoMode`).
+    mode: IoMode,
     /// ublk's user copy reaches them too.
     user_copy: Option<UserCopy>,
     bufs: ZeroBlocks,
@@ -267,8 +271,9 @@ async fn handle(
         // commit of a WRITE only once its data was asked for, so even a
         // WRITE refused for its range settles its data first.
         sys::UBLK_IO_OP_WRITE => {
+            let copied_at = buf.copied_at();
             let buf = buf.request(req.len as usize);
-            let mut data = WriteData::request(q, req.tag, buf, req.data_pending);
+            let mut data = WriteData::request(q, req.tag, buf, req.data_pending, copied_at);
             let fua = req.flags & sys::UBLK_IO_F_FUA != 0;
             let r = if in_range {
                 exec::write_request(q, sh, qb, s, req.off, &mut data, fua).await
@@ -280,22 +285,32 @@ async fn handle(
         }
         _ if !in_range => Commit::of(Err(Errno::EINVAL), 0),
         sys::UBLK_IO_OP_READ => {
-            let may_map = qs.commit_from_map && !after_read::installs(&sh.policy, req.hinted());
+            let copied_at = buf.copied_at();
+            // An install copies the data from the buffer.
+            let leave = match (after_read::installs(&sh.policy, req.hinted()), copied_at) {
+                (true, _) => MayLeave::Nothing,
+                (false, Some(_)) => MayLeave::Runs,
+                (false, None) if qs.commit_from_map => MayLeave::OneMapping,
+                (false, None) => MayLeave::Nothing,
+            };
             let mut buf = buf.request(req.len as usize);
             let n = &qs.reads_in_flight;
             n.set(n.get() + 1);
-            let done = exec::read(q, sh, s, req.off, buf.reborrow(), may_map).await;
+            let done = exec::read(q, sh, s, req.off, buf.reborrow(), leave).await;
             n.set(n.get() - 1);
             match done {
                 Ok(done) => {
                     after_read(sh, qs, &done, &req, &buf);
-                    let from = match done.data {
-                        ReadData::Buffer => None,
-                        ReadData::Mapped(at) => Some(at),
-                    };
-                    Commit {
-                        res: req.len as i32,
-                        from,
+                    match (copied_at, done.data) {
+                        (Some(to), data) => {
+                            let sent = copy_read_out(to, data, &buf, s.pieces());
+                            Commit::of(sent.map_err(|e| Errno::of(&e)), req.len)
+                        }
+                        (None, ReadData::Mapped(at)) => Commit {
+                            res: req.len as i32,
+                            from: Some(at),
+                        },
+                        (None, _) => Commit::of(Ok(()), req.len),
                     }
                 }
                 Err(e) => Commit::of(Err(e), 0),
@@ -308,6 +323,25 @@ async fn handle(
         _ => Commit::of(Err(Errno::EINVAL), 0),
     };
     Ok(commit)
+}
+
+/// With user copy: copies a READ's data, wherever `exec::read` left it,
+/// into the request (one `pwritev` at `to`).
+fn copy_read_out(
+    to: UserCopyAt,
+    data: ReadData,
+    buf: &RequestBuf<'_>,
+    pieces: &[(usize, usize)],
+) -> std::io::Result<()> {
+    let len = buf.len();
+    match (data, buf) {
+        (ReadData::Pieces, _) => to.write_pieces(pieces),
+        (ReadData::Mapped(at), _) => to.write_pieces(&[(at as usize, len)]),
+        (ReadData::Buffer, RequestBuf::Memory(b)) => to.write_pieces(&[(b.as_ptr() as usize, len)]),
+        (ReadData::Buffer, RequestBuf::Registered { .. }) => {
+            unreachable!("user copy mode serves from the daemon's memory")
+        }
+    }
 }
 
 // The ublk command exchange of a tag. Every command the daemon sends to
@@ -378,10 +412,17 @@ pub(crate) async fn get_data(q: &UblkQueue<'_>, tag: u16, at: *mut u8) -> GetDat
 }
 
 async fn tag_task(q: Rc<UblkQueue<'_>>, tag: u16, qs: Rc<QueueState>) -> Result<(), UblkError> {
-    let mut buf = if qs.zero_copy {
-        TagBuf::registered(tag, qs.user_copy)
-    } else {
-        TagBuf::Memory(IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize))
+    let memory = || IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    let mut buf = match qs.mode {
+        IoMode::ZeroCopy => TagBuf::registered(tag, qs.user_copy),
+        IoMode::Copy => TagBuf::Memory(memory()),
+        IoMode::UserCopy => TagBuf::UserCopied {
+            buf: memory(),
+            at: qs
+                .user_copy
+                .expect("a user copy device has the flag")
+                .at(tag, 0),
+        },
     };
     let mut scratch = TagScratch::default();
     let mut data_pending = fetch(&q, tag, &buf).await?;
@@ -427,7 +468,7 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
     let bs = sh.dev.geometry().block_size();
     let qs = Rc::new(QueueState {
         commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
-        zero_copy: params::io_mode_of(dev.dev_info.flags) == IoMode::ZeroCopy,
+        mode: params::io_mode_of(dev.dev_info.flags),
         user_copy: (dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0).then(|| UserCopy {
             // Fixed file 0 of every queue's ring is the char device.
             fd: dev.tgt.fds[0],

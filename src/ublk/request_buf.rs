@@ -1,6 +1,7 @@
 //! Where a request's data is while the daemon serves it (see
-//! `params::IoMode`): in the tag's buffer, which ublk copies to and from; or
-//! in the request's own pages, which ublk registered as a fixed buffer in the
+//! `params::IoMode`): in the tag's buffer, which ublk copies to and from (or,
+//! with user copy, the daemon itself, `TagBuf::UserCopied`); or in the
+//! request's own pages, which ublk registered as a fixed buffer in the
 //! queue's ring and which io_uring's fixed-buffer operations reach. Small
 //! requests in the latter mode whose data is in a mapping already skip the
 //! trip through an io_uring worker (`USER_COPY_MAX`): a WRITE is copied with
@@ -35,7 +36,7 @@ pub struct UserCopy {
 
 /// Where in the char device one request's bytes are.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct UserCopyAt {
+pub struct UserCopyAt {
     pub(crate) fd: RawFd,
     pub(crate) pos: u64,
 }
@@ -51,6 +52,23 @@ impl UserCopy {
 }
 
 impl UserCopyAt {
+    /// Byte `pos` of `fd`, a plain file that stands in for the char device
+    /// (tests of the executor).
+    pub fn in_file(fd: RawFd, pos: u64) -> UserCopyAt {
+        UserCopyAt { fd, pos }
+    }
+
+    /// Copies `pieces` of memory (`(address, length)`, in order) into the
+    /// request from here (one `pwritev`): all of them, or an error.
+    pub fn write_pieces(self, pieces: &[(usize, usize)]) -> io::Result<()> {
+        let want: usize = pieces.iter().map(|p| p.1).sum();
+        let n = crate::sys::pwritev(self.fd, pieces, self.pos)?;
+        if n != want {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
     /// Copies the request's bytes from here into `buf` (one `pread`): all
     /// of them, or an error.
     pub(crate) fn read_into(self, buf: &mut [u8]) -> io::Result<()> {
@@ -66,6 +84,10 @@ impl UserCopyAt {
 pub(crate) enum TagBuf {
     /// Copy mode: the tag's buffer, as large as the largest request.
     Memory(IoBuf<u8>),
+    /// User copy (`params::IoMode::UserCopy`): the tag's buffer as in copy
+    /// mode, and where the tag's request is in the char device, from which
+    /// the daemon copies a WRITE's data and into which a READ's.
+    UserCopied { buf: IoBuf<u8>, at: UserCopyAt },
     /// Zero copy: the request's pages are fixed buffer `index`, and user
     /// copy reaches them too if the device has it. `staging` (as long as
     /// `USER_COPY_MAX` with user copy, else empty) is where user copy puts
@@ -98,6 +120,8 @@ impl TagBuf {
     pub(crate) fn desc(&self) -> BufDesc<'_> {
         match self {
             TagBuf::Memory(b) => BufDesc::Slice(b.as_slice()),
+            // ublk takes no address with user copy.
+            TagBuf::UserCopied { .. } => BufDesc::Slice(&[]),
             TagBuf::Registered { index, .. } => BufDesc::AutoReg(sys::ublk_auto_buf_reg {
                 index: *index,
                 ..Default::default()
@@ -109,14 +133,25 @@ impl TagBuf {
     pub(crate) fn io_buf(&self) -> Option<&IoBuf<u8>> {
         match self {
             TagBuf::Memory(b) => Some(b),
-            TagBuf::Registered { .. } => None,
+            TagBuf::UserCopied { .. } | TagBuf::Registered { .. } => None,
+        }
+    }
+
+    /// Where the daemon copies the request's data to and from, in user
+    /// copy mode.
+    pub(crate) fn copied_at(&self) -> Option<UserCopyAt> {
+        match self {
+            TagBuf::UserCopied { at, .. } => Some(*at),
+            _ => None,
         }
     }
 
     /// The data space of a request of `len` bytes.
     pub(crate) fn request(&mut self, len: usize) -> RequestBuf<'_> {
         match self {
-            TagBuf::Memory(b) => RequestBuf::Memory(&mut b.as_mut_slice()[..len]),
+            TagBuf::Memory(b) | TagBuf::UserCopied { buf: b, .. } => {
+                RequestBuf::Memory(&mut b.as_mut_slice()[..len])
+            }
             TagBuf::Registered {
                 index,
                 copy,

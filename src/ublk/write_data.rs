@@ -16,6 +16,12 @@
 //! for, so whatever the write path did, `settle` asks for it before the
 //! commit.
 //!
+//! With user copy (`params::IoMode::UserCopy`) the device has no
+//! NEED_GET_DATA and ublk copies nothing: the same two places are filled by
+//! the daemon's own `pread` from the request in the char device, on the
+//! queue's thread. The data stays in the request, so a copy into the
+//! overlay's pages that falls short is made again, whole, into the buffer.
+//!
 //! ublk copies into pages it faults in. When it cannot fault in the first
 //! (a page missing on a full tmpfs), it asks for the data again after a
 //! short delay; the data is then fetched into the buffer, and the ordinary
@@ -52,6 +58,9 @@ enum Source<'a> {
 struct Fetch<'a> {
     q: &'a UblkQueue<'a>,
     tag: u16,
+    /// With user copy, where the data is in the char device: the daemon
+    /// copies it out itself (`pread`) instead of asking ublk to.
+    copy: Option<UserCopyAt>,
     /// The tag's buffer, as long as the request.
     buf: &'a mut [u8],
     state: State,
@@ -101,12 +110,14 @@ impl<'a> WriteData<'a> {
 
     /// The data of WRITE `tag`. In the tag's buffer, ublk still holds it
     /// if `pending` (else it is already there, as on a device made without
-    /// NEED_GET_DATA).
+    /// NEED_GET_DATA); with user copy (`copied_at`, where it is in the char
+    /// device) ublk holds it until the daemon copies it.
     pub(crate) fn request(
         q: &'a UblkQueue<'a>,
         tag: u16,
         buf: RequestBuf<'a>,
         pending: bool,
+        copied_at: Option<UserCopyAt>,
     ) -> WriteData<'a> {
         let copy = buf.user_copy(0);
         let buf = match buf {
@@ -127,13 +138,19 @@ impl<'a> WriteData<'a> {
                 };
             }
         };
-        let state = if pending {
+        let state = if pending || copied_at.is_some() {
             State::Pending
         } else {
             State::InBuffer
         };
         WriteData {
-            source: Source::Request(Fetch { q, tag, buf, state }),
+            source: Source::Request(Fetch {
+                q,
+                tag,
+                copy: copied_at,
+                buf,
+                state,
+            }),
         }
     }
 
@@ -190,8 +207,12 @@ impl<'a> WriteData<'a> {
         }
         match f.ask(at).await {
             State::Placed => {
-                // A short copy shortens the request's descriptor.
-                let got = (f.q.get_iod(f.tag).nr_sectors as u64) << 9;
+                // A short copy by ublk shortens the request's descriptor;
+                // user copy places all or nothing (`ask`).
+                let got = match f.copy {
+                    Some(_) => f.buf.len() as u64,
+                    None => (f.q.get_iod(f.tag).nr_sectors as u64) << 9,
+                };
                 f.state = State::Placed;
                 Placement::Done(got.min(f.buf.len() as u64))
             }
@@ -249,8 +270,11 @@ impl<'a> WriteData<'a> {
             let _ = self.in_buffer().await;
         }
         match &self.source {
+            // With user copy ublk needs nothing before the commit: the
+            // request fails, the tag goes on.
             Source::Request(Fetch {
                 state: State::Lost(lost),
+                copy: None,
                 ..
             }) => Err(match lost {
                 Loss::QueueDown => UblkError::QueueIsDown,
@@ -264,8 +288,20 @@ impl<'a> WriteData<'a> {
 impl Fetch<'_> {
     /// Has ublk copy the data to `at` (`queue::get_data`) and waits:
     /// `Placed` when it did, `Pending` when it could not and asks again,
-    /// else `Lost`.
+    /// else `Lost`. With user copy the daemon copies it (`pread`, on this
+    /// thread): `Placed` when all of it came, `Pending` when a page at `at`
+    /// could not be faulted in (the data stays in the request, to be had
+    /// again), else `Lost`.
     async fn ask(&self, at: *mut u8) -> State {
+        if let Some(from) = self.copy {
+            let len = self.buf.len();
+            return match crate::sys::pread_to(from.fd, at, len, from.pos) {
+                Ok(n) if n == len => State::Placed,
+                Ok(_) => State::Pending,
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => State::Pending,
+                Err(e) => State::Lost(Loss::Failed(Errno::of(&e))),
+            };
+        }
         match queue::get_data(self.q, self.tag, at).await {
             GetData::Copied => State::Placed,
             GetData::Again => State::Pending,

@@ -179,15 +179,23 @@ case_fua() {
 }
 
 case_tmpfs_files() {
-    # Base and overlay in memory, in copy mode: reads are copied from
-    # mappings instead of going through io_uring, and a read of one run is
-    # committed with the mapping's address (see ublk/exec/read.rs); the data
-    # must not differ.
+    # Base and overlay in memory, in copy mode ($1 = copy): reads are
+    # copied from mappings instead of going through io_uring, and a read of
+    # one run is committed with the mapping's address; with user copy ($1 =
+    # user, where the kernel has no zero copy) every run in a mapping is
+    # copied from there into the request, all in one pwritev (see
+    # ublk/exec/read.rs). The data must not differ.
     local t=$WORK/tmem dev id
     mkdir -p "$t"; mount -t tmpfs -o size=400M tmpfs "$t"
     cp "$BASE" "$t/base.img"
-    dev=$(add --base "$t/base.img" --overlay "$t/ov" --zero-copy=off); id=$(dev_id "$dev")
-    ! is_zero_copy "$id" || die "--zero-copy=off gave a zero-copy device"
+    local mode=(--zero-copy=off); [ "$1" = copy ] || mode+=(--user-copy)
+    dev=$(add --base "$t/base.img" --overlay "$t/ov" "${mode[@]}"); id=$(dev_id "$dev")
+    ! is_zero_copy "$id" || die "${mode[*]} gave a zero-copy device"
+    if [ "$1" = copy ]; then
+        ! is_user_copy "$id" || die "--zero-copy=off gave a user copy device"
+    else
+        is_user_copy "$id" || die "--user-copy did not give a user copy device"
+    fi
     local job=(--filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --size=48M
         --rw=randwrite --bssplit=4k/50:64k/50 --verify=crc32c --randseed=9 --name=tm)
     fio "${job[@]}" --do_verify=0 >tm-w.log 2>&1 || { cat tm-w.log; die "fio write"; }
@@ -211,11 +219,11 @@ case_tmpfs_files() {
     cmp <(dd if="$dev" bs=1M skip=64 count=128 iflag=direct status=none) \
         <(dd if=expect.img bs=1M skip=64 count=128 status=none) || die "reads from tmpfs differ"
     local mapped; mapped=$(stat_of "$id" reads_from_mapping)
-    say "  $mapped reads committed straight from a mapping"
-    [ "$mapped" -gt 0 ] || die "no read was committed from a mapping"
-    # Rewrites of written blocks: ublk copies the data straight into the
-    # overlay's mapped pages (see ublk/write_data.rs); first writes go
-    # through the buffer.
+    say "  $mapped reads (or runs, with user copy) copied straight from a mapping"
+    [ "$mapped" -gt 0 ] || die "no read was copied from a mapping"
+    # Rewrites of written blocks: ublk (with user copy, the daemon) copies
+    # the data straight into the overlay's mapped pages (see
+    # ublk/write_data.rs); first writes go through the buffer.
     local placed0; placed0=$(stat_of "$id" writes_to_mapping)
     head -c 4M /dev/urandom > blob
     dd if=blob of="$dev" bs=64k seek=$((80 << 4)) oflag=direct status=none
@@ -223,7 +231,7 @@ case_tmpfs_files() {
     cmp <(dd if="$dev" bs=64k skip=$((80 << 4)) count=64 iflag=direct status=none) blob \
         || die "rewritten blocks read back differently"
     local placed; placed=$(stat_of "$id" writes_to_mapping)
-    say "  $((placed - placed0)) of 128 writes copied by ublk straight into the overlay"
+    say "  $((placed - placed0)) of 128 writes copied straight into the overlay"
     [ $((placed - placed0)) = 64 ] || die "not just the 64 rewrites were copied into the overlay's mapping"
     rm -f expect.img part blob
     "$UC" del -n "$id"
@@ -250,13 +258,14 @@ write_64k_fails() {
 case_full_tmpfs() {
     # A write to a page of a tmpfs overlay that is missing (punched out
     # behind the daemon's back) while the tmpfs is full: in copy mode ublk
-    # cannot copy into it and the daemon falls back to the buffer; with
-    # zero copy the overlay write fails. Either way the write fails with an
-    # error instead of hanging. With space again, it succeeds. $1: add's
-    # --zero-copy.
+    # (with user copy the daemon's pread) cannot copy into it and the
+    # daemon falls back to the buffer; with zero copy the overlay write
+    # fails. Either way the write fails with an
+    # error instead of hanging. With space again, it succeeds. $@: add's
+    # --zero-copy and --user-copy.
     local t=$WORK/full dev id copy=true
     mkdir -p "$t"; mount -t tmpfs -o size=64M tmpfs "$t"
-    dev=$(add --base "$BASE" --overlay "$t/ov" --zero-copy="$1"); id=$(dev_id "$dev")
+    dev=$(add --base "$BASE" --overlay "$t/ov" "$@"); id=$(dev_id "$dev")
     ! is_zero_copy "$id" || copy=false
     head -c 1M /dev/urandom > blob
     dd if=blob of="$dev" bs=64k oflag=direct status=none
@@ -299,7 +308,8 @@ case_full_tmpfs() {
 case_zero_copy() {
     # Zero copy (UBLK_F_AUTO_BUF_REG) is the default exactly where the
     # kernel offers it; there the suite runs in it, and copy mode still
-    # works. Elsewhere --zero-copy=on is refused with one line.
+    # works. Elsewhere --zero-copy=on is refused with one line, and copy
+    # mode is the default (user copy only when asked for).
     local dev id
     dev=$(add --base "$BASE"); id=$(dev_id "$dev")
     if kernel_has_zero_copy; then
@@ -364,7 +374,9 @@ case_zero_copy() {
         umount "$t"
     else
         ! is_zero_copy "$id" || die "kernel $(uname -r) has no zero copy, yet the device claims it"
+        ! is_user_copy "$id" || die "kernel $(uname -r): user copy without --user-copy"
         "$UC" del -n "$id"
+        say "  kernel $(uname -r): copy mode by default"
         local before; before=$(ublk_devices)
         expect_fail "--zero-copy=on without kernel support" "$UC" add --base "$BASE" --zero-copy=on
         [ "$(ublk_devices)" = "$before" ] || die "the failed add left a device behind"
@@ -422,12 +434,17 @@ case_preallocate() {
 
 CASES+=("FUA writes are durable when acknowledged (dm-log-writes)|case_fua")
 CASES+=("--preallocate: space allocated up front, none when it does not fit|case_preallocate")
-CASES+=("base and overlay in tmpfs (copy mode: mapped reads and writes)|case_tmpfs_files")
+CASES+=("base and overlay in tmpfs (copy mode: mapped reads and writes)|case_tmpfs_files copy")
 CASES+=("zero copy: the default where the kernel offers it|case_zero_copy")
-CASES+=("a write into a full tmpfs overlay fails, does not hang (copy mode)|case_full_tmpfs off")
-# With zero copy where the kernel has it (case_zero_copy checks the rest).
+CASES+=("a write into a full tmpfs overlay fails, does not hang (copy mode)|case_full_tmpfs --zero-copy=off")
+# With zero copy where the kernel has it (case_zero_copy checks the rest);
+# elsewhere with user copy (--user-copy), which only kernels without zero
+# copy take.
 if kernel_has_zero_copy; then
-    CASES+=("a write into a full tmpfs overlay fails, does not hang (zero copy)|case_full_tmpfs on")
+    CASES+=("a write into a full tmpfs overlay fails, does not hang (zero copy)|case_full_tmpfs --zero-copy=on")
+else
+    CASES+=("base and overlay in tmpfs (user copy: reads gathered from mappings)|case_tmpfs_files user")
+    CASES+=("a write into a full tmpfs overlay fails, does not hang (user copy)|case_full_tmpfs --user-copy")
 fi
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2, two queues|case_fio_verify")

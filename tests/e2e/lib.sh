@@ -46,6 +46,13 @@ is_zero_copy() {
 sys.exit(0 if any(d["id"] == int(sys.argv[1]) and d["zero_copy"] for d in json.load(sys.stdin)) else 1)' "$1"
 }
 
+# is_user_copy ID: device ID moves data with ublk's user copy (`--user-copy`,
+# taken where the kernel has no zero copy).
+is_user_copy() {
+    "$UC" list --json | python3 -c 'import json,sys
+sys.exit(0 if any(d["id"] == int(sys.argv[1]) and d["user_copy"] for d in json.load(sys.stdin)) else 1)' "$1"
+}
+
 # kernel_has_zero_copy: this kernel's ublk_drv offers UBLK_F_AUTO_BUF_REG
 # (merged in Linux 6.16).
 kernel_has_zero_copy() {

@@ -32,7 +32,7 @@ mod write;
 
 pub use cache::{cache_range, install, install_from_base};
 pub use flush::flush;
-pub use read::{ReadData, ReadDone, read};
+pub use read::{MayLeave, ReadData, ReadDone, read};
 pub use remote::{fetch_below, fetch_edges, prefetch_below};
 pub use write::{write, write_request, write_zeroes};
 
@@ -139,6 +139,17 @@ pub struct TagScratch {
     /// The tag's pipe for small READs of mapped data with zero copy (see
     /// `pipe_read`), made on first use; `None` in it if it could not be.
     pipe: OnceCell<Option<Pipe>>,
+    /// Where the READ being served left its data (`ReadData::Pieces`):
+    /// `(address, length)` of each piece, in order.
+    pieces: Vec<(usize, usize)>,
+}
+
+impl TagScratch {
+    /// The pieces of the last READ that returned `ReadData::Pieces`: they
+    /// stay valid while the device it was served from does.
+    pub fn pieces(&self) -> &[(usize, usize)] {
+        &self.pieces
+    }
 }
 
 /// Where a read goes for what the inline reader cannot serve.

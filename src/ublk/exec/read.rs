@@ -1,6 +1,8 @@
 //! READ: the plan's runs read from the base, the overlay or zeros, into the
 //! request; or, for one run in a mapped file, left where it is for ublk to
-//! copy at the commit (`ReadData::Mapped`).
+//! copy at the commit (`ReadData::Mapped`); or, with user copy, each run
+//! in a mapped file left where it is, for the daemon to copy them all into
+//! the request in one `pwritev` (`ReadData::Pieces`).
 
 use super::{
     BASE_DIRECT_FD, BASE_FD, OVERLAY_FD, RingRead, TagScratch, ZERO_FD, layer_fd, read_op,
@@ -32,6 +34,24 @@ pub enum ReadData {
     /// the request from there when the READ is committed: one copy instead
     /// of two.
     Mapped(*const u8),
+    /// Run by run, in the mappings that hold them and in the request
+    /// buffer: `TagScratch::pieces`, in order.
+    Pieces,
+}
+
+/// What of a READ's data may stay where it lies in memory instead of being
+/// copied into the request buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MayLeave {
+    /// Nothing: all of it goes into the buffer.
+    Nothing,
+    /// All of it, when one run in a mapped file holds it
+    /// (`ReadData::Mapped`): copy mode, whose commit names where ublk
+    /// copies from.
+    OneMapping,
+    /// Each run in a mapped file (`ReadData::Pieces`): user copy, which
+    /// gathers the pieces into the request.
+    Runs,
 }
 
 /// How one run of a READ moves its data into the request.
@@ -44,6 +64,9 @@ enum Transfer {
     /// Nothing moved: the run is the whole READ and lies in a mapping, which
     /// the commit names for ublk to copy from (`ReadData::Mapped`).
     CommitMapping,
+    /// Nothing moved: the run lies in a mapping, one of the pieces user
+    /// copy gathers (`ReadData::Pieces`).
+    LeaveMapped,
     /// Into the daemon's buffer: what memory holds now (`read_op`), the
     /// ring the rest.
     ToBuffer,
@@ -65,8 +88,8 @@ struct RunFacts {
     user_copy: bool,
     /// The run is the READ's only one.
     single: bool,
-    /// The READ may be committed from a mapping.
-    may_map: bool,
+    /// What of the READ may stay where it lies.
+    leave: MayLeave,
     /// The run's file is mapped (in memory).
     mapped: bool,
 }
@@ -77,7 +100,10 @@ fn choose(f: RunFacts) -> Transfer {
     match (f.zero, f.registered) {
         (true, false) => Transfer::FillZeros,
         (true, true) => Transfer::ZerosFromDevice,
-        (false, false) if f.may_map && f.single && f.mapped => Transfer::CommitMapping,
+        (false, false) if f.leave == MayLeave::Runs && f.mapped => Transfer::LeaveMapped,
+        (false, false) if f.leave == MayLeave::OneMapping && f.single && f.mapped => {
+            Transfer::CommitMapping
+        }
         (false, false) => Transfer::ToBuffer,
         (false, true) if f.user_copy && f.mapped && f.single => Transfer::Splice,
         (false, true) if f.user_copy && f.mapped => Transfer::UserCopy,
@@ -90,22 +116,22 @@ impl Transfer {
         match self {
             Transfer::Splice => Transfer::UserCopy,
             Transfer::UserCopy => Transfer::RingFixed,
-            Transfer::CommitMapping => Transfer::ToBuffer,
+            Transfer::CommitMapping | Transfer::LeaveMapped => Transfer::ToBuffer,
             other => unreachable!("{other:?} cannot fail before it starts"),
         }
     }
 }
 
-/// READ of `buf.len()` bytes at `off`. With `may_map`, data in the
-/// daemon's memory that lies in one mapped run is left where it is
-/// (`ReadData::Mapped`).
+/// READ of `buf.len()` bytes at `off`. What `leave` allows of data in the
+/// daemon's memory that lies in mapped runs stays where it is
+/// (`ReadData::Mapped`, `ReadData::Pieces`).
 pub async fn read<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     s: &mut TagScratch,
     off: u64,
     mut buf: RequestBuf<'_>,
-    may_map: bool,
+    leave: MayLeave,
 ) -> Result<ReadDone, Errno> {
     let dev = &sh.dev;
     let st = &sh.stats;
@@ -122,6 +148,8 @@ pub async fn read<R: Ring>(
     };
     let mut pending = Vec::with_capacity(s.runs.len());
     let single = s.runs.len() == 1;
+    s.pieces.clear();
+    let pieces = matches!(buf, RequestBuf::Memory(_)) && leave == MayLeave::Runs;
     let mut spliced = false;
     if let RequestBuf::Registered { index, .. } = buf
         && !single
@@ -150,7 +178,7 @@ pub async fn read<R: Ring>(
             registered: matches!(buf, RequestBuf::Registered { .. }),
             user_copy: user_copy.is_some(),
             single,
-            may_map,
+            leave,
             mapped: file.is_mapped(),
         });
         loop {
@@ -161,7 +189,11 @@ pub async fn read<R: Ring>(
             match way {
                 Transfer::FillZeros => {
                     if let RequestBuf::Memory(b) = &mut buf {
-                        b[run.buf_off..][..len].fill(0);
+                        let dst = &mut b[run.buf_off..][..len];
+                        dst.fill(0);
+                        if pieces {
+                            add_piece(&mut s.pieces, dst.as_ptr() as usize, len);
+                        }
                     }
                 }
                 Transfer::ZerosFromDevice | Transfer::RingFixed => {
@@ -191,9 +223,22 @@ pub async fn read<R: Ring>(
                         continue;
                     }
                 },
+                Transfer::LeaveMapped => match file.mapped(pos, len) {
+                    Some(at) => {
+                        Stats::add(&st.reads_from_mapping, 1);
+                        add_piece(&mut s.pieces, at as usize, len);
+                    }
+                    None => {
+                        way = way.fallback();
+                        continue;
+                    }
+                },
                 Transfer::ToBuffer => {
                     if let RequestBuf::Memory(b) = &mut buf {
                         let dst = &mut b[run.buf_off..][..len];
+                        if pieces {
+                            add_piece(&mut s.pieces, dst.as_ptr() as usize, len);
+                        }
                         pending.extend(read_op(q, ring_read, file, pos, dst));
                     }
                 }
@@ -232,7 +277,21 @@ pub async fn read<R: Ring>(
         // What the failed read left in the pipe would reach the next one.
         p.drain();
     }
-    r.map(|()| done(ReadData::Buffer))
+    let data = if pieces {
+        ReadData::Pieces
+    } else {
+        ReadData::Buffer
+    };
+    r.map(|()| done(data))
+}
+
+/// Adds the piece `(at, len)` to `pieces`, into the last one when it
+/// continues it in memory.
+fn add_piece(pieces: &mut Vec<(usize, usize)>, at: usize, len: usize) {
+    match pieces.last_mut() {
+        Some((last, n)) if *last + *n == at => *n += len,
+        _ => pieces.push((at, len)),
+    }
 }
 
 /// Counts run `run` of a READ in the device's statistics.
@@ -373,7 +432,7 @@ mod tests {
             registered: false,
             user_copy: false,
             single: true,
-            may_map: true,
+            leave: MayLeave::OneMapping,
             mapped: true,
         }
     }
@@ -387,7 +446,7 @@ mod tests {
         };
         assert_eq!(choose(f), Transfer::ToBuffer);
         let f = RunFacts {
-            may_map: false,
+            leave: MayLeave::Nothing,
             ..facts()
         };
         assert_eq!(choose(f), Transfer::ToBuffer, "a READ to be copied in");
@@ -402,6 +461,41 @@ mod tests {
         };
         assert_eq!(choose(f), Transfer::FillZeros);
         assert_eq!(Transfer::CommitMapping.fallback(), Transfer::ToBuffer);
+    }
+
+    #[test]
+    fn user_copy_leaves_every_mapped_run_where_it_is() {
+        let runs = |f| RunFacts {
+            leave: MayLeave::Runs,
+            ..f
+        };
+        assert_eq!(choose(runs(facts())), Transfer::LeaveMapped);
+        let f = RunFacts {
+            single: false,
+            ..facts()
+        };
+        assert_eq!(choose(runs(f)), Transfer::LeaveMapped, "one of several");
+        let f = RunFacts {
+            mapped: false,
+            ..facts()
+        };
+        assert_eq!(choose(runs(f)), Transfer::ToBuffer);
+        let f = RunFacts {
+            zero: true,
+            ..facts()
+        };
+        assert_eq!(choose(runs(f)), Transfer::FillZeros);
+        assert_eq!(Transfer::LeaveMapped.fallback(), Transfer::ToBuffer);
+    }
+
+    #[test]
+    fn pieces_that_continue_one_another_are_one() {
+        let mut p = Vec::new();
+        add_piece(&mut p, 4096, 4096);
+        add_piece(&mut p, 8192, 512);
+        add_piece(&mut p, 65536, 4096);
+        add_piece(&mut p, 4096, 4096);
+        assert_eq!(p, [(4096, 4608), (65536, 4096), (4096, 4096)]);
     }
 
     #[test]
