@@ -420,16 +420,7 @@ impl Pipe {
     /// none (the pipe emptied again). A page the kernel cannot fault in (a
     /// hole of a full tmpfs) fails it (EFAULT), never with a signal.
     pub(crate) fn hold(&self, pieces: &[(usize, usize)]) -> io::Result<()> {
-        if pieces.len() > GATHER_MAX {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let iov: Vec<libc::iovec> = pieces
-            .iter()
-            .map(|&(at, len)| libc::iovec {
-                iov_base: at as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
+        let iov = iovecs(pieces)?;
         let want: usize = pieces.iter().map(|p| p.1).sum();
         // SAFETY: the kernel takes references to the pages the iovecs name
         // and writes nothing to them; an address it cannot reach is an
@@ -576,22 +567,28 @@ pub(crate) fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     Ok(r as usize)
 }
 
+/// The iovecs of `pieces`, `(address, length)` of this process's memory,
+/// for a gathering system call; more than `GATHER_MAX` is EINVAL.
+fn iovecs(pieces: &[(usize, usize)]) -> io::Result<Vec<libc::iovec>> {
+    if pieces.len() > GATHER_MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(pieces
+        .iter()
+        .map(|&(at, len)| libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect())
+}
+
 /// `pwritev` of `pieces` of this process's memory, `(address, length)` in
 /// order, to `fd` at `pos` (ublk's user copy: a READ's runs, each from the
 /// mapping or buffer that holds it, into the request): the bytes written.
 /// The kernel only reads the pieces; an address it cannot reach (a hole of
 /// a full tmpfs) is an error return or a short count, never a signal.
 pub(crate) fn pwritev(fd: RawFd, pieces: &[(usize, usize)], pos: u64) -> io::Result<usize> {
-    if pieces.len() > GATHER_MAX {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let iov: Vec<libc::iovec> = pieces
-        .iter()
-        .map(|&(at, len)| libc::iovec {
-            iov_base: at as *mut libc::c_void,
-            iov_len: len,
-        })
-        .collect();
+    let iov = iovecs(pieces)?;
     // SAFETY: the kernel reads the memory the iovecs name and writes none of
     // it; an address it cannot reach is an error return. The array lives
     // across the call.

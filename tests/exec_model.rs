@@ -940,18 +940,19 @@ fn reads_spanning_many_runs_of_mapped_files() {
         for _ in 0..8 {
             let off = below((size - len) / 512) * 512;
             let mut buf = vec![0u8; len as usize];
-            let done = ring.block_on(exec::read(
-                &ring,
-                &sh,
-                &mut scratch,
-                off,
-                RequestBuf::Memory(&mut buf),
-                MayLeave::Nothing,
-            ));
-            assert!(
-                matches!(done.map(|d| d.data), Ok(ReadData::Buffer)),
-                "read {off}+{len}"
-            );
+            let mut read = |buf: &mut Vec<u8>, leave| {
+                let done = ring.block_on(exec::read(
+                    &ring,
+                    &sh,
+                    &mut scratch,
+                    off,
+                    RequestBuf::Memory(buf),
+                    leave,
+                ));
+                done.map(|d| d.data)
+            };
+            let done = read(&mut buf, MayLeave::Nothing);
+            assert!(matches!(done, Ok(ReadData::Buffer)), "read {off}+{len}");
             assert!(
                 buf == image[off as usize..][..len as usize],
                 "read {off}+{len} differs"
@@ -960,16 +961,9 @@ fn reads_spanning_many_runs_of_mapped_files() {
             // buffer (filled with other bytes first), and the pieces hold
             // the whole READ in order.
             buf.fill(0xee);
-            let done = ring.block_on(exec::read(
-                &ring,
-                &sh,
-                &mut scratch,
-                off,
-                RequestBuf::Memory(&mut buf),
-                MayLeave::Runs,
-            ));
+            let done = read(&mut buf, MayLeave::Runs);
             assert!(
-                matches!(done.map(|d| d.data), Ok(ReadData::Pieces)),
+                matches!(done, Ok(ReadData::Pieces)),
                 "read {off}+{len} as pieces"
             );
             let in_buf = |&(at, n): &(usize, usize)| {
