@@ -41,6 +41,7 @@ its writes are durable on the device). The points, each after mark K:
       WORKDIR gets the point image and a mount point. Prints what failed,
       or a last line "FLUSHES SUBSETS MARKS" (the points checked).
 """
+import concurrent.futures
 import hashlib
 import os
 import random
@@ -204,7 +205,6 @@ WORKERS = 2
 
 
 def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
-    import concurrent.futures
     with open(log_path, "rb") as log:
         ents = list(entries(log))
     refs = {}
@@ -233,8 +233,20 @@ def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
             raise PointFailed(why)
 
     failed = None
+    running = {}
+
+    def settle(fut):
+        # A finished point: count it, or keep the first failure.
+        nonlocal failed
+        k, s, lab, slot = running.pop(fut)
+        free.append(slot)
+        try:
+            fut.result()
+            counts[k] += 1
+        except PointFailed as e:
+            failed = failed or f"power cut {lab}, after step {s}: {e}"
+
     with open(log_path, "rb") as log, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        running = {}
         for kind, step, start, picks, label in points:
             while done < start:
                 apply(img, log, ents[done])
@@ -245,23 +257,13 @@ def powercut(log_path, fs_img, ref_dir, base, uc, work, subsets, seed):
             if not free:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for fut in finished:
-                    k, s, lab, slot = running.pop(fut)
-                    free.append(slot)
-                    try:
-                        fut.result()
-                        counts[k] += 1
-                    except PointFailed as e:
-                        failed = failed or f"power cut {lab}, after step {s}: {e}"
+                    settle(fut)
             if failed:
                 break
             slot = free.pop()
             running[pool.submit(check, kind, step, label, point, slot)] = (kind, step, label, slot)
-        for fut, (k, s, lab, slot) in running.items():
-            try:
-                fut.result()
-                counts[k] += 1
-            except PointFailed as e:
-                failed = failed or f"power cut {lab}, after step {s}: {e}"
+        for fut in list(running):
+            settle(fut)
     if failed:
         print(failed)
         return 1
