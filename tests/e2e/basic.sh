@@ -182,7 +182,7 @@ case_tmpfs_files() {
     # Base and overlay in memory, in copy mode ($1 = copy): reads are
     # copied from mappings instead of going through io_uring, and a read of
     # one run is committed with the mapping's address; with user copy ($1 =
-    # user, where the kernel has no zero copy) every run in a mapping is
+    # user) every run in a mapping is
     # copied from there into the request, all in one pwritev (see
     # ublk/exec/read.rs). The data must not differ.
     local t=$WORK/tmem dev id
@@ -267,6 +267,9 @@ case_full_tmpfs() {
     mkdir -p "$t"; mount -t tmpfs -o size=64M tmpfs "$t"
     dev=$(add --base "$BASE" --overlay "$t/ov" "$@"); id=$(dev_id "$dev")
     ! is_zero_copy "$id" || copy=false
+    case " $* " in
+        *" --user-copy "*) is_user_copy "$id" || die "$* did not give a user copy device" ;;
+    esac
     head -c 1M /dev/urandom > blob
     dd if=blob of="$dev" bs=64k oflag=direct status=none
     local data=$(($(stat -c %s "$t/ov") - (BASE_MB << 20)))
@@ -437,15 +440,13 @@ CASES+=("--preallocate: space allocated up front, none when it does not fit|case
 CASES+=("base and overlay in tmpfs (copy mode: mapped reads and writes)|case_tmpfs_files copy")
 CASES+=("zero copy: the default where the kernel offers it|case_zero_copy")
 CASES+=("a write into a full tmpfs overlay fails, does not hang (copy mode)|case_full_tmpfs --zero-copy=off")
-# With zero copy where the kernel has it (case_zero_copy checks the rest);
-# elsewhere with user copy (--user-copy), which only kernels without zero
-# copy take.
+# With zero copy where the kernel has it (case_zero_copy checks the rest).
 if kernel_has_zero_copy; then
     CASES+=("a write into a full tmpfs overlay fails, does not hang (zero copy)|case_full_tmpfs --zero-copy=on")
-else
-    CASES+=("base and overlay in tmpfs (user copy: reads gathered from mappings)|case_tmpfs_files user")
-    CASES+=("a write into a full tmpfs overlay fails, does not hang (user copy)|case_full_tmpfs --user-copy")
 fi
+# With user copy (--user-copy, without zero copy): on every kernel.
+CASES+=("base and overlay in tmpfs (user copy: reads gathered from mappings)|case_tmpfs_files user")
+CASES+=("a write into a full tmpfs overlay fails, does not hang (user copy)|case_full_tmpfs --zero-copy=off --user-copy")
 CASES+=("ext4: mkfs, files, e2fsck, remount|case_ext4")
 CASES+=("fio crc32c verify, mixed sizes, QD32 x2, two queues|case_fio_verify")
 CASES+=("unaligned 512-byte direct writes|case_unaligned_direct")
