@@ -620,6 +620,7 @@ fn list_json_is_the_documented_schema() {
         "queues",
         "depth",
         "zero_copy",
+        "user_copy",
         "base_io",
         "cache_mode",
         "readahead",
