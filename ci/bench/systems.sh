@@ -11,7 +11,8 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # overlays (write workloads only); rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
 # kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
-# default (--zero-copy=off); ublk-cow-direct, base reads around the page
+# default (--zero-copy=off); ublk-cow-user-copy, with ublk's user copy
+# (--zero-copy=off --user-copy); ublk-cow-direct, base reads around the page
 # cache (--base-io direct; for a base on a device: SLOW_MS), and
 # ublk-cow-direct-raoff, the same without prefetch (--readahead off);
 # ublk-cow-layer1 and ublk-cow-layersN (N layers, e.g. 3 or 8), a fresh
@@ -187,6 +188,7 @@ sys_up() {
         ublk-cow-direct-raoff) "$UC" add --base "$BASE" --base-io direct --readahead off ;;
         ublk-cow-copy) "$UC" add --base "$BASE" --zero-copy=off ;;
         ublk-cow-copy-prealloc) "$UC" add --base "$BASE" --zero-copy=off --preallocate ;;
+        ublk-cow-user-copy) "$UC" add --base "$BASE" --zero-copy=off --user-copy ;;
         *) echo "unknown system $1" >&2; return 1 ;;
     esac
 }
