@@ -58,6 +58,8 @@ counters!(
     read_zero_bytes,
     reads_from_mapping,
     reads_spliced,
+    // READs whose runs in mappings the queue's copy helper copied.
+    reads_copied_by_helper,
     readahead_flagged_reads,
     write_ops,
     write_bytes,

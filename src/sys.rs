@@ -102,6 +102,23 @@ pub(crate) struct SharedMap {
 /// (docs/benchmarks.md).
 const COPY_PIECE: usize = 8192;
 
+/// Copies `len` bytes from `from` to `to`, in `memcpy`s of at most
+/// `COPY_PIECE` bytes.
+///
+/// # Safety
+///
+/// `from` must be readable and `to` writable for `len` bytes without a
+/// fault that could fail, and the two must not overlap.
+pub(crate) unsafe fn copy_by_pieces(from: *const u8, to: *mut u8, len: usize) {
+    let mut at = 0;
+    while at < len {
+        let n = COPY_PIECE.min(len - at);
+        // SAFETY: inside both ranges, which the caller vouches for.
+        unsafe { std::ptr::copy_nonoverlapping(from.add(at), to.add(at), n) };
+        at += n;
+    }
+}
+
 /// The bytes of a `SharedMap` that one bit of `present` stands for.
 const PRESENT_GRANULE: u64 = 64 << 10;
 
@@ -169,17 +186,13 @@ impl SharedMap {
     pub(crate) fn copy_out(&self, off: u64, dst: &mut [u8]) -> io::Result<()> {
         self.populate_for_reads(off, dst.len())?;
         let src = self.addr(off, dst.len());
-        for (i, to) in dst.chunks_mut(COPY_PIECE).enumerate() {
-            let from = src.wrapping_add(i * COPY_PIECE);
-            // SAFETY: the source piece is inside the mapping (`addr` checked
-            // the whole range), which lives until drop and which the file
-            // backs in full (the file is never shortened while mapped); its
-            // pages were made present (just now, or once before in a file
-            // that keeps them: `present`), so the copy takes no fault that
-            // could fail; `to` is a distinct, writable piece of `dst` of
-            // the same length.
-            unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), to.len()) };
-        }
+        // SAFETY: the source is inside the mapping (`addr` checked the
+        // whole range), which lives until drop and which the file backs in
+        // full (the file is never shortened while mapped); its pages were
+        // made present (just now, or once before in a file that keeps them:
+        // `present`), so the copy takes no fault that could fail; `dst` is
+        // distinct, writable memory of the same length.
+        unsafe { copy_by_pieces(src, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 

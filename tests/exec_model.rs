@@ -42,6 +42,7 @@ use ublk_cow::engine::overlay::OpenCheck;
 use ublk_cow::engine::storage::Storage;
 use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
+use ublk_cow::ublk::copier::Copier;
 use ublk_cow::ublk::exec::{
     self, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, RingFiles, TagScratch, ZeroBlocks,
 };
@@ -909,6 +910,8 @@ fn reads_spanning_many_runs_of_mapped_files() {
     let ring = PlainRing::new(&sh.ring_files(&zero), 64).unwrap();
     let zeros = ZeroBlocks::new(bs);
     let mut scratch = TagScratch::default();
+    let copier = Copier::new("exec-model-copier".into()).unwrap();
+    let mut helped = TagScratch::with_copier(Rc::new(copier));
     let mut x = 25u64;
     let mut below = |max: u64| {
         x ^= x << 13;
@@ -957,6 +960,25 @@ fn reads_spanning_many_runs_of_mapped_files() {
                 buf == image[off as usize..][..len as usize],
                 "read {off}+{len} differs"
             );
+            // As copy mode with a copy helper: the runs in mappings of a
+            // large READ are copied into the buffer by its thread.
+            buf.fill(0xdd);
+            let done = ring.block_on(exec::read(
+                &ring,
+                &sh,
+                &mut helped,
+                off,
+                RequestBuf::Memory(&mut buf),
+                MayLeave::Nothing,
+            ));
+            assert!(
+                matches!(done.map(|d| d.data), Ok(ReadData::Buffer)),
+                "read {off}+{len} with the copy helper"
+            );
+            assert!(
+                buf == image[off as usize..][..len as usize],
+                "read {off}+{len} differs with the copy helper"
+            );
             // As user copy: what is not in a mapping is read into the
             // buffer (filled with other bytes first), and the pieces hold
             // the whole READ in order.
@@ -989,6 +1011,9 @@ fn reads_spanning_many_runs_of_mapped_files() {
         left_in_mappings >= 40,
         "only {left_in_mappings} pieces were left in mappings"
     );
+    // Every READ of 256 KiB or more (16 of the 40) spans runs in mappings.
+    let helped = sh.stat("reads_copied_by_helper").unwrap();
+    assert_eq!(helped, 16, "READs copied by the helper");
     drop((sh, ring));
     std::fs::remove_dir_all(&dir).unwrap();
 }

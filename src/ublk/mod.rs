@@ -6,6 +6,7 @@
 //! `write_data` (a WRITE's data).
 
 pub(crate) mod background;
+pub mod copier;
 pub mod current;
 pub mod exec;
 pub(crate) mod inline;

@@ -21,6 +21,7 @@ use crate::engine::gate::Pass;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::background::{Background, Job};
+use crate::ublk::copier::Copier;
 use crate::ublk::exec::{self, MayLeave, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
@@ -74,6 +75,9 @@ pub(crate) struct QueueState {
     /// ublk's user copy reaches them too.
     user_copy: Option<UserCopy>,
     bufs: ZeroBlocks,
+    /// The queue's copy helper (`copier`), in copy mode where the machine
+    /// has a CPU more than the device has queues.
+    copier: Option<Rc<Copier>>,
     detector: RefCell<Detector>,
     /// READs of this queue being served (for the detector: a reader that
     /// keeps several in flight reads ahead itself).
@@ -424,7 +428,10 @@ async fn tag_task(q: Rc<UblkQueue<'_>>, tag: u16, qs: Rc<QueueState>) -> Result<
                 .at(tag, 0),
         },
     };
-    let mut scratch = TagScratch::default();
+    let mut scratch = match &qs.copier {
+        Some(c) => TagScratch::with_copier(c.clone()),
+        None => TagScratch::default(),
+    };
     let mut data_pending = fetch(&q, tag, &buf).await?;
     loop {
         let req = Request::of(&q, tag, data_pending);
@@ -454,6 +461,24 @@ async fn background_worker(q: &UblkQueue<'_>, qs: &QueueState) {
     }
 }
 
+/// The copy helper of queue `qid` of `queues`: in copy mode (the only one
+/// whose READs are copied into the tag's buffer and then by ublk again),
+/// when the machine has more CPUs than the device has queues. Without it
+/// the queue's thread copies on its own.
+fn copier_for(qid: u16, mode: IoMode, queues: u16) -> Option<Rc<Copier>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if mode != IoMode::Copy || cpus <= queues as usize {
+        return None;
+    }
+    match Copier::new(format!("ublk-cow-cp{qid}")) {
+        Ok(c) => Some(Rc::new(c)),
+        Err(e) => {
+            log::warn!("queue {qid}: no copy helper thread ({e}): READs are copied on the queue's");
+            None
+        }
+    }
+}
+
 /// The body of queue thread `qid`: returns when the device stops.
 pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
     let q = match UblkQueue::new(qid, dev) {
@@ -466,15 +491,17 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
     let epoch = current.epoch();
     let sh = current.device();
     let bs = sh.dev.geometry().block_size();
+    let mode = params::io_mode_of(dev.dev_info.flags);
     let qs = Rc::new(QueueState {
         commit_from_map: dev.dev_info.flags & sys::UBLK_F_NEED_GET_DATA as u64 != 0,
-        mode: params::io_mode_of(dev.dev_info.flags),
+        mode,
         user_copy: (dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0).then(|| UserCopy {
             // Fixed file 0 of every queue's ring is the char device.
             fd: dev.tgt.fds[0],
             qid,
         }),
         bufs: ZeroBlocks::new(bs),
+        copier: copier_for(qid, mode, dev.dev_info.nr_hw_queues),
         detector: RefCell::new(Detector::new(sh.readahead(), bs)),
         reads_in_flight: Cell::new(0),
         background: Background::default(),

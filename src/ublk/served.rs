@@ -189,6 +189,12 @@ impl ServedDevice {
         self.policy.readahead_for(in_memory)
     }
 
+    /// The device's counter `name` (as `stats` shows it), if there is one.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let rows = self.stats.snapshot().rows();
+        rows.into_iter().find(|&(n, _)| n == name).map(|(_, v)| v)
+    }
+
     /// Whether the device's queues prefetch at all.
     pub fn prefetches(&self) -> bool {
         self.readahead() != Readahead::Off

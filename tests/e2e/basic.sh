@@ -202,14 +202,23 @@ case_tmpfs_files() {
     fio "${job[@]}" --verify_only --verify_fatal=1 >tm-v.log 2>&1 || { cat tm-v.log; die "verify"; }
     # Large reads of an area where every other block is written span runs
     # of base and overlay (each copied from its mapping into the buffer);
-    # 4 KiB reads are one run each.
+    # 4 KiB reads are one run each. In copy mode, on a machine with a CPU
+    # more than the device's queues, READs of 256 KiB and more are copied
+    # into the buffer by the queue's copy helper (ublk/copier.rs).
     fio --name=holes --filename="$dev" --direct=1 --ioengine=io_uring --rw=write:4k --bs=4k \
         --offset=48M --size=4M >tm-h.log 2>&1 || { cat tm-h.log; die "fio every other block"; }
     dd if="$dev" bs=4k skip=$((48 << 8)) count=1024 iflag=direct status=none > small
-    local bs
+    [ "$(nproc)" -gt "$(dev_queues "$id")" ] || die "the copy helper needs a CPU more than the queues"
+    local bs n helped0 helped
     for bs in 1M 256K 64K; do
+        helped0=$(stat_of "$id" reads_copied_by_helper)
         cmp <(dd if="$dev" bs=$bs skip=48M count=4M iflag=direct,skip_bytes,count_bytes status=none) \
             small || die "$bs reads across base and overlay runs differ from 4K reads"
+        helped=$(($(stat_of "$id" reads_copied_by_helper) - helped0))
+        n=$(((4 << 20) / $(numfmt --from=iec $bs)))
+        [ "$1" = copy ] && [ "$bs" != 64K ] || n=0
+        say "  $bs reads of runs of base and overlay: $helped copied by the copy helper"
+        [ "$helped" = "$n" ] || die "$helped of the $bs READs were copied by the copy helper, not $n"
     done
     rm -f small tm-h.log
     dd if=/dev/urandom of="$dev" bs=512 count=3 seek=$(((100 << 11) + 3)) oflag=direct status=none

@@ -53,6 +53,12 @@ is_user_copy() {
 sys.exit(0 if any(d["id"] == int(sys.argv[1]) and d["user_copy"] for d in json.load(sys.stdin)) else 1)' "$1"
 }
 
+# dev_queues ID: the queues of device ID (`add --queues`).
+dev_queues() {
+    "$UC" list --json | python3 -c 'import json,sys
+print(next(d["queues"] for d in json.load(sys.stdin) if d["id"] == int(sys.argv[1])))' "$1"
+}
+
 # kernel_has_zero_copy: this kernel's ublk_drv offers UBLK_F_AUTO_BUF_REG
 # (merged in Linux 6.16).
 kernel_has_zero_copy() {

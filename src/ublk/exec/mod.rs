@@ -45,12 +45,15 @@ use crate::engine::write::LockWait;
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
+use crate::ublk::copier::{Copier, Finished};
 use crate::ublk::inline::{MemoryPath, Written};
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
 use io_uring::types;
 use std::cell::OnceCell;
 use std::ops::Range;
 use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 /// The files of every queue's ring, in the order of their fixed-file
@@ -132,6 +135,12 @@ impl ZeroBlocks {
 /// Per-tag scratch space, reused across requests.
 #[derive(Default)]
 pub struct TagScratch {
+    /// The queue's copy helper, if it has one: large READs of mapped runs
+    /// are copied into the buffer there (`read`).
+    copier: Option<Rc<Copier>>,
+    /// The tag's signal from the copy helper, made on first use; `None` in
+    /// it if it could not be (the tag then copies on its own thread).
+    copied: OnceCell<Option<Arc<Finished>>>,
     /// The plan of the tag's READ being served.
     runs: Vec<ReadRun>,
     /// The base bytes of a WRITE's fills (`write::RingWrite`).
@@ -145,6 +154,23 @@ pub struct TagScratch {
 }
 
 impl TagScratch {
+    /// Scratch space of a tag whose queue has copy helper `copier`.
+    pub fn with_copier(copier: Rc<Copier>) -> TagScratch {
+        TagScratch {
+            copier: Some(copier),
+            ..TagScratch::default()
+        }
+    }
+
+    /// The copy helper and the tag's signal from it, if both are to be had.
+    fn copier(&self) -> Option<(Rc<Copier>, Arc<Finished>)> {
+        let copier = self.copier.clone()?;
+        let done = self
+            .copied
+            .get_or_init(|| Finished::new().ok().map(Arc::new));
+        Some((copier, done.clone()?))
+    }
+
     /// The pieces of the last READ that returned `ReadData::Pieces`: they
     /// stay valid while the device it was served from does.
     pub fn pieces(&self) -> &[(usize, usize)] {

@@ -12,6 +12,7 @@ use crate::engine::plan::{self, ReadRun, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
+use crate::ublk::copier::Piece;
 use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
 use crate::ublk::request_buf::RequestBuf;
@@ -151,6 +152,13 @@ pub async fn read<R: Ring>(
     s.pieces.clear();
     let pieces = matches!(buf, RequestBuf::Memory(_)) && leave == MayLeave::Runs;
     let mut spliced = false;
+    // Copy mode: a large READ's runs in mappings are copied into the
+    // buffer by the queue's copy helper while this thread goes on.
+    let helper = match buf {
+        RequestBuf::Memory(_) if leave != MayLeave::Runs && len >= HELPER_MIN => s.copier(),
+        _ => None,
+    };
+    let mut aside = Vec::new();
     if let RequestBuf::Registered { index, .. } = buf
         && !single
         && let Some(op) = pipe_read_all(q, sh, &s.runs, &s.pipe, index, buf.len() as u32)
@@ -239,7 +247,14 @@ pub async fn read<R: Ring>(
                         if pieces {
                             add_piece(&mut s.pieces, dst.as_ptr() as usize, len);
                         }
-                        pending.extend(read_op(q, ring_read, file, pos, dst));
+                        match helper.as_ref().and_then(|_| file.mapped(pos, len)) {
+                            Some(from) => aside.push(Piece {
+                                from,
+                                to: dst.as_mut_ptr(),
+                                len,
+                            }),
+                            None => pending.extend(read_op(q, ring_read, file, pos, dst)),
+                        }
                     }
                 }
                 Transfer::Splice => {
@@ -269,7 +284,23 @@ pub async fn read<R: Ring>(
             break;
         }
     }
+    let copying = match &helper {
+        Some((copier, done)) if !aside.is_empty() => {
+            Stats::add(&st.reads_copied_by_helper, 1);
+            // SAFETY: each piece's source lies in a mapping of one of
+            // `sh`'s files, its pages made present (`mapped`), which lives
+            // while `sh` is borrowed here; each destination is its own run
+            // of `buf`, borrowed here too, which nothing else writes. The
+            // copy is waited for below (or by its drop) before either
+            // borrow ends.
+            Some(unsafe { copier.start(aside, done) })
+        }
+        _ => None,
+    };
     let r = finish_all(q, pending).await;
+    if let Some(c) = copying {
+        c.wait(q).await;
+    }
     if r.is_err()
         && spliced
         && let Some(Some(p)) = s.pipe.get()
@@ -328,6 +359,11 @@ fn source_of<'a>(sh: &'a ServedDevice, run: &ReadRun) -> (RingRead<'a>, &'a Memo
         }
     }
 }
+
+/// The smallest READ whose runs in mappings go to the queue's copy helper
+/// in copy mode (`copier`); below it the handing costs more than the copy
+/// it takes off the queue's thread (docs/benchmarks.md).
+const HELPER_MIN: u64 = 256 << 10;
 
 /// The most bytes a tag's pipe is asked to hold: the largest request
 /// (`params`: 1 MiB) in pieces that may each start and end inside a page.
