@@ -58,7 +58,8 @@ counters!(
     read_zero_bytes,
     reads_from_mapping,
     reads_spliced,
-    // READs whose runs in mappings the queue's copy helper copied.
+    // READs whose data the queue's copy helper copied (into the tag's
+    // buffer, or with user copy into the request).
     reads_copied_by_helper,
     readahead_flagged_reads,
     write_ops,

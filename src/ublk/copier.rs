@@ -1,13 +1,15 @@
 //! The copy helper: a thread beside a queue's thread that copies a large
-//! READ's runs from the mappings that hold them (files in memory) into the
-//! tag's buffer, while the queue's thread serves other requests.
+//! READ's data while the queue's thread serves other requests.
 //!
 //! In copy mode a READ of several runs costs two copies per byte: into the
 //! tag's buffer, then ublk's own into the request at the commit, which the
 //! queue's thread makes. With both on that one thread a queue keeps one
-//! CPU busy while the others idle; the helper takes the first copy to a
-//! CPU of its own. Small READs stay on the queue's thread
-//! (`exec::read`'s `HELPER_MIN`), where a copy costs less than the handing.
+//! CPU busy while the others idle; the helper takes the first copy (from
+//! the mappings that hold the runs, files in memory, into the tag's
+//! buffer: `Work::Gather`) to a CPU of its own. With user copy the one copy
+//! there is, each run into the request (`pwritev` on ublk's char device:
+//! `Work::ToRequest`), goes to the helper whole. Small READs stay on the
+//! queue's thread (`HELPER_MIN`), where a copy costs less than the handing.
 //!
 //! A tag hands one batch at a time and waits for it on its ring (`Copying`),
 //! so the queue's thread never blocks; the helper signals the tag's eventfd
@@ -15,12 +17,18 @@
 
 use crate::sys::{self, EventFd};
 use crate::ublk::ops::{Op, Ring};
+use crate::ublk::request_buf::UserCopyAt;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-/// One copy of a batch: `len` bytes from `from` to `to`.
+/// The smallest READ whose data a queue with a copy helper hands to it;
+/// below it the handing costs more than the copy it takes off the queue's
+/// thread (docs/benchmarks.md).
+pub const HELPER_MIN: u64 = 256 << 10;
+
+/// One copy of a gather: `len` bytes from `from` to `to`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Piece {
     pub(crate) from: *const u8,
@@ -28,9 +36,18 @@ pub(crate) struct Piece {
     pub(crate) len: usize,
 }
 
+/// What the helper is to copy.
+pub(crate) enum Work {
+    /// Each piece, into the tag's buffer.
+    Gather(Vec<Piece>),
+    /// Memory (`(address, length)` pieces, in order) into the request at
+    /// `UserCopyAt` (one `pwritev`).
+    ToRequest(Vec<(usize, usize)>, UserCopyAt),
+}
+
 /// A tag's batch and the signal that it was copied.
 struct Batch {
-    pieces: Vec<Piece>,
+    work: Work,
     done: Arc<Finished>,
 }
 
@@ -44,6 +61,8 @@ pub(crate) struct Finished {
     /// Set (Release) once every piece of the batch was copied; read
     /// (Acquire) by the tag before it uses the buffer.
     copied: AtomicBool,
+    /// The batch's error (an errno), 0 for none; set before `copied`.
+    error: AtomicI32,
     /// Signalled after `copied` is set, for the tag's ring to wake on.
     event: EventFd,
 }
@@ -52,12 +71,28 @@ impl Finished {
     pub(crate) fn new() -> io::Result<Finished> {
         Ok(Finished {
             copied: AtomicBool::new(true),
+            error: AtomicI32::new(0),
             event: EventFd::new()?,
         })
     }
 
     fn copied(&self) -> bool {
         self.copied.load(Ordering::Acquire)
+    }
+
+    /// Marks the batch copied, with the outcome of its work.
+    fn finish(&self, work: io::Result<()>) {
+        let errno = work.map_or_else(|e| e.raw_os_error().unwrap_or(libc::EIO), |()| 0);
+        self.error.store(errno, Ordering::Relaxed);
+        self.copied.store(true, Ordering::Release);
+    }
+
+    /// The outcome of the batch, once copied.
+    fn outcome(&self) -> io::Result<()> {
+        match self.error.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
     }
 }
 
@@ -75,8 +110,7 @@ impl Copier {
         let (to_copy, batches) = mpsc::channel::<Batch>();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(batch) = batches.recv() {
-                copy_all(&batch.pieces);
-                batch.done.copied.store(true, Ordering::Release);
+                batch.done.finish(batch.work.run());
                 batch.done.event.signal();
             }
         })?;
@@ -86,29 +120,25 @@ impl Copier {
         })
     }
 
-    /// Hands `pieces` to the helper (or, if it is gone, copies them here);
+    /// Hands `work` to the helper (or, if it is gone, does it here);
     /// `done` is the tag's, with no other batch of it unfinished.
     ///
     /// # Safety
     ///
-    /// Each piece's source must be readable and its destination writable
-    /// for its length, without a fault that could fail (mapped pages made
-    /// present), and destinations must not overlap sources or each other;
-    /// all of it must stay so until the returned `Copying` was waited for
-    /// or dropped (both wait for the copy), and it must not be forgotten.
-    pub(crate) unsafe fn start<'a>(
-        &self,
-        pieces: Vec<Piece>,
-        done: &'a Arc<Finished>,
-    ) -> Copying<'a> {
+    /// The memory `work` names must stay valid (and, for a gather,
+    /// otherwise untouched) until the returned `Copying` was waited for or
+    /// dropped (both wait for the copy), which must not be forgotten. Each
+    /// piece of a gather must be readable at its source and writable at its
+    /// destination for its length without a fault that could fail (mapped
+    /// pages made present), destinations overlapping nothing else.
+    pub(crate) unsafe fn start<'a>(&self, work: Work, done: &'a Arc<Finished>) -> Copying<'a> {
         done.copied.store(false, Ordering::Relaxed);
         let batch = Batch {
-            pieces,
+            work,
             done: done.clone(),
         };
         if let Some(Err(mpsc::SendError(batch))) = self.to_copy.as_ref().map(|t| t.send(batch)) {
-            copy_all(&batch.pieces);
-            done.copied.store(true, Ordering::Release);
+            done.finish(batch.work.run());
         }
         Copying { done }
     }
@@ -123,12 +153,21 @@ impl Drop for Copier {
     }
 }
 
-/// Copies every piece.
-fn copy_all(pieces: &[Piece]) {
-    for p in pieces {
-        // SAFETY: `Copier::start`'s contract: valid, present, disjoint,
-        // until the batch is marked copied, which is after this.
-        unsafe { sys::copy_by_pieces(p.from, p.to, p.len) };
+impl Work {
+    /// Does the copy.
+    fn run(&self) -> io::Result<()> {
+        match self {
+            Work::Gather(pieces) => {
+                for p in pieces {
+                    // SAFETY: `Copier::start`'s contract: valid, present,
+                    // disjoint, until the batch is marked copied, which is
+                    // after this.
+                    unsafe { sys::copy_by_pieces(p.from, p.to, p.len) };
+                }
+                Ok(())
+            }
+            Work::ToRequest(pieces, to) => to.write_pieces(pieces),
+        }
     }
 }
 
@@ -138,8 +177,8 @@ pub(crate) struct Copying<'a> {
 }
 
 impl Copying<'_> {
-    /// Waits on the ring until the batch is copied.
-    pub(crate) async fn wait<R: Ring>(self, q: &R) {
+    /// Waits on the ring until the batch is copied; its outcome.
+    pub(crate) async fn wait<R: Ring>(self, q: &R) -> io::Result<()> {
         let mut counter = Box::new(0u64);
         while !self.done.copied() {
             let wait = Op::ReadEvent {
@@ -151,10 +190,13 @@ impl Copying<'_> {
             // looked only brings one more turn of this loop.
             let r = q.push(wait).await;
             if r < 0 && r != -libc::EINTR && r != -libc::EAGAIN {
-                // The ring cannot wait for it: the drop below does.
-                break;
+                // The ring cannot wait for it: the thread does.
+                while !self.done.copied() {
+                    std::thread::yield_now();
+                }
             }
         }
+        self.done.outcome()
     }
 }
 
@@ -175,10 +217,8 @@ mod tests {
     use crate::ublk::plain_ring::PlainRing;
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn copies_every_piece_and_wakes_the_ring() {
-        let copier = Copier::new("copier-test".into()).unwrap();
-        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier");
+    /// A plain ring whose fixed files are all `f`.
+    fn test_ring(f: &std::fs::File) -> PlainRing {
         let fd = f.as_raw_fd();
         let files = RingFiles {
             base: fd,
@@ -188,7 +228,14 @@ mod tests {
             overlay_direct: fd,
             layers: Vec::new(),
         };
-        let ring = PlainRing::new(&files, 8).unwrap();
+        PlainRing::new(&files, 8).unwrap()
+    }
+
+    #[test]
+    fn copies_every_piece_and_wakes_the_ring() {
+        let copier = Copier::new("copier-test".into()).unwrap();
+        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier");
+        let ring = test_ring(&f);
         let done = Arc::new(Finished::new().unwrap());
         let src: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
         for round in 0..20usize {
@@ -208,10 +255,38 @@ mod tests {
             }
             pieces.reverse();
             // SAFETY: `src` and `dst` are distinct and outlive the wait.
-            let copying = unsafe { copier.start(pieces, &done) };
-            ring.block_on(copying.wait(&ring));
+            let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
+            ring.block_on(copying.wait(&ring)).unwrap();
             assert!(dst == src, "round {round}");
         }
+    }
+
+    #[test]
+    fn writes_pieces_into_the_request_and_reports_a_failure() {
+        let copier = Copier::new("copier-test".into()).unwrap();
+        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier-char");
+        let ring = test_ring(&f);
+        let done = Arc::new(Finished::new().unwrap());
+        let a: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        let b = vec![0xc3u8; 300_000];
+        let pieces = vec![
+            (a.as_ptr() as usize, a.len()),
+            (b.as_ptr() as usize, b.len()),
+        ];
+        let to = UserCopyAt::in_file(f.as_raw_fd(), 4096);
+        // SAFETY: `a` and `b` outlive the wait.
+        let copying = unsafe { copier.start(Work::ToRequest(pieces, to), &done) };
+        ring.block_on(copying.wait(&ring)).unwrap();
+        let mut back = vec![0u8; a.len() + b.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 4096).unwrap();
+        assert!(back[..a.len()] == a[..] && back[a.len()..] == b[..]);
+        // A request the copy cannot reach: its error is the wait's.
+        let to = UserCopyAt::in_file(-1, 0);
+        let pieces = vec![(a.as_ptr() as usize, a.len())];
+        // SAFETY: as above.
+        let copying = unsafe { copier.start(Work::ToRequest(pieces, to), &done) };
+        let err = ring.block_on(copying.wait(&ring)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     }
 
     #[test]
@@ -228,7 +303,7 @@ mod tests {
             len: src.len(),
         }];
         // SAFETY: `src` and `dst` outlive the drop, which waits.
-        drop(unsafe { copier.start(pieces, &done) });
+        drop(unsafe { copier.start(Work::Gather(pieces), &done) });
         assert!(done.copied(), "the drop returned before the copy was done");
         assert!(dst == src);
     }
@@ -249,7 +324,7 @@ mod tests {
             len: src.len(),
         }];
         // SAFETY: as above.
-        let copying = unsafe { copier.start(pieces, &done) };
+        let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
         assert!(done.copied(), "copied before start returned");
         drop(copying);
         assert!(dst == src);

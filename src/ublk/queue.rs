@@ -21,7 +21,7 @@ use crate::engine::gate::Pass;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::background::{Background, Job};
-use crate::ublk::copier::Copier;
+use crate::ublk::copier::{Copier, HELPER_MIN, Work};
 use crate::ublk::exec::{self, MayLeave, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
@@ -307,7 +307,7 @@ async fn handle(
                     after_read(sh, qs, &done, &req, &buf);
                     match (copied_at, done.data) {
                         (Some(to), data) => {
-                            let sent = copy_read_out(to, data, &buf, s.pieces());
+                            let sent = copy_read_out(q, sh, s, to, data, &buf).await;
                             Commit::of(sent.map_err(|e| Errno::of(&e)), req.len)
                         }
                         (None, ReadData::Mapped(at)) => Commit {
@@ -330,21 +330,35 @@ async fn handle(
 }
 
 /// With user copy: copies a READ's data, wherever `exec::read` left it,
-/// into the request (one `pwritev` at `to`).
-fn copy_read_out(
+/// into the request (one `pwritev` at `to`); by the queue's copy helper
+/// when the READ is large, and there is one.
+async fn copy_read_out(
+    q: &UblkQueue<'_>,
+    sh: &ServedDevice,
+    s: &TagScratch,
     to: UserCopyAt,
     data: ReadData,
     buf: &RequestBuf<'_>,
-    pieces: &[(usize, usize)],
 ) -> std::io::Result<()> {
     let len = buf.len();
-    match (data, buf) {
-        (ReadData::Pieces, _) => to.write_pieces(pieces),
-        (ReadData::Mapped(at), _) => to.write_pieces(&[(at as usize, len)]),
-        (ReadData::Buffer, RequestBuf::Memory(b)) => to.write_pieces(&[(b.as_ptr() as usize, len)]),
+    let pieces = match (data, buf) {
+        (ReadData::Pieces, _) => s.pieces().to_vec(),
+        (ReadData::Mapped(at), _) => vec![(at as usize, len)],
+        (ReadData::Buffer, RequestBuf::Memory(b)) => vec![(b.as_ptr() as usize, len)],
         (ReadData::Buffer, RequestBuf::Registered { .. }) => {
             unreachable!("user copy mode serves from the daemon's memory")
         }
+    };
+    match s.copier() {
+        Some((copier, done)) if len as u64 >= HELPER_MIN => {
+            Stats::add(&sh.stats.reads_copied_by_helper, 1);
+            // SAFETY: the pieces lie in the tag's buffer and in mappings of
+            // the device this request holds until its commit, after this
+            // wait; the kernel only reads them.
+            let copying = unsafe { copier.start(Work::ToRequest(pieces, to), &done) };
+            copying.wait(q).await
+        }
+        _ => to.write_pieces(&pieces),
     }
 }
 
@@ -461,13 +475,13 @@ async fn background_worker(q: &UblkQueue<'_>, qs: &QueueState) {
     }
 }
 
-/// The copy helper of queue `qid` of `queues`: in copy mode (the only one
-/// whose READs are copied into the tag's buffer and then by ublk again),
+/// The copy helper of queue `qid` of `queues`: in copy mode and with user
+/// copy (where the daemon copies READs; with zero copy the kernel does),
 /// when the machine has more CPUs than the device has queues. Without it
 /// the queue's thread copies on its own.
 fn copier_for(qid: u16, mode: IoMode, queues: u16) -> Option<Rc<Copier>> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if mode != IoMode::Copy || cpus <= queues as usize {
+    if mode == IoMode::ZeroCopy || cpus <= queues as usize {
         return None;
     }
     match Copier::new(format!("ublk-cow-cp{qid}")) {

@@ -163,7 +163,7 @@ impl TagScratch {
     }
 
     /// The copy helper and the tag's signal from it, if both are to be had.
-    fn copier(&self) -> Option<(Rc<Copier>, Arc<Finished>)> {
+    pub(crate) fn copier(&self) -> Option<(Rc<Copier>, Arc<Finished>)> {
         let copier = self.copier.clone()?;
         let done = self
             .copied

@@ -12,7 +12,7 @@ use crate::engine::plan::{self, ReadRun, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
-use crate::ublk::copier::Piece;
+use crate::ublk::copier::{HELPER_MIN, Piece, Work};
 use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
 use crate::ublk::request_buf::RequestBuf;
@@ -293,13 +293,14 @@ pub async fn read<R: Ring>(
             // of `buf`, borrowed here too, which nothing else writes. The
             // copy is waited for below (or by its drop) before either
             // borrow ends.
-            Some(unsafe { copier.start(aside, done) })
+            Some(unsafe { copier.start(Work::Gather(aside), done) })
         }
         _ => None,
     };
     let r = finish_all(q, pending).await;
     if let Some(c) = copying {
-        c.wait(q).await;
+        // A gather cannot fail.
+        let _ = c.wait(q).await;
     }
     if r.is_err()
         && spliced
@@ -359,11 +360,6 @@ fn source_of<'a>(sh: &'a ServedDevice, run: &ReadRun) -> (RingRead<'a>, &'a Memo
         }
     }
 }
-
-/// The smallest READ whose runs in mappings go to the queue's copy helper
-/// in copy mode (`copier`); below it the handing costs more than the copy
-/// it takes off the queue's thread (docs/benchmarks.md).
-const HELPER_MIN: u64 = 256 << 10;
 
 /// The most bytes a tag's pipe is asked to hold: the largest request
 /// (`params`: 1 MiB) in pieces that may each start and end inside a page.
