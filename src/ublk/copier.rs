@@ -213,22 +213,12 @@ impl Drop for Copying<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ublk::exec::RingFiles;
-    use crate::ublk::plain_ring::PlainRing;
+    use crate::ublk::plain_ring::{self, PlainRing};
     use std::os::fd::AsRawFd;
 
     /// A plain ring whose fixed files are all `f`.
     fn test_ring(f: &std::fs::File) -> PlainRing {
-        let fd = f.as_raw_fd();
-        let files = RingFiles {
-            base: fd,
-            overlay: fd,
-            zero: fd,
-            base_direct: fd,
-            overlay_direct: fd,
-            layers: Vec::new(),
-        };
-        PlainRing::new(&files, 8).unwrap()
+        PlainRing::new(&plain_ring::all_in(f), 8).unwrap()
     }
 
     #[test]

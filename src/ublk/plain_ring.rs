@@ -332,6 +332,21 @@ impl Drop for PlainDone {
     }
 }
 
+/// Ring files that are all `f` (for tests of the ring itself).
+#[cfg(test)]
+pub(crate) fn all_in(f: &std::fs::File) -> RingFiles {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    RingFiles {
+        base: fd,
+        overlay: fd,
+        zero: fd,
+        base_direct: fd,
+        overlay_direct: fd,
+        layers: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,19 +452,6 @@ mod tests {
         assert!(!info().contains("plain-release"), "{}", info());
         ring.update_files(&files).unwrap();
         assert!(info().contains("plain-release"), "{}", info());
-    }
-
-    /// Ring files that are all `f`.
-    fn all_in(f: &File) -> RingFiles {
-        let fd = f.as_raw_fd();
-        RingFiles {
-            base: fd,
-            overlay: fd,
-            zero: fd,
-            base_direct: fd,
-            overlay_direct: fd,
-            layers: Vec::new(),
-        }
     }
 
     fn read(buf: &mut [u8; 4096], pos: u64) -> Op<'static> {
