@@ -43,6 +43,9 @@ pub(crate) enum Work {
     /// Memory (`(address, length)` pieces, in order) into the request at
     /// `UserCopyAt` (one `pwritev`).
     ToRequest(Vec<(usize, usize)>, UserCopyAt),
+    /// A bug in the helper, for the test that it fails only its READ.
+    #[cfg(test)]
+    Panic,
 }
 
 /// A tag's batch and the signal that it was copied.
@@ -110,7 +113,14 @@ impl Copier {
         let (to_copy, batches) = mpsc::channel::<Batch>();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(batch) = batches.recv() {
-                batch.done.finish(batch.work.run());
+                // A panic fails the READ (a bug, logged) instead of leaving
+                // its tag waiting for good.
+                let work = std::panic::AssertUnwindSafe(|| batch.work.run());
+                let outcome = std::panic::catch_unwind(work).unwrap_or_else(|_| {
+                    log::error!("the copy helper panicked; the READ fails with EIO");
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                });
+                batch.done.finish(outcome);
                 batch.done.event.signal();
             }
         })?;
@@ -167,6 +177,8 @@ impl Work {
                 Ok(())
             }
             Work::ToRequest(pieces, to) => to.write_pieces(pieces),
+            #[cfg(test)]
+            Work::Panic => panic!("a bug in the copy helper"),
         }
     }
 }
@@ -277,6 +289,38 @@ mod tests {
         let copying = unsafe { copier.start(Work::ToRequest(pieces, to), &done) };
         let err = ring.block_on(copying.wait(&ring)).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn a_panic_of_the_helper_fails_its_batch_and_no_other() {
+        let copier = Copier::new("copier-test".into()).unwrap();
+        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier-panic");
+        let ring = test_ring(&f);
+        let done = Arc::new(Finished::new().unwrap());
+        // SAFETY: the work names no memory.
+        let copying = unsafe { copier.start(Work::Panic, &done) };
+        let started = std::time::Instant::now();
+        while !done.copied() {
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                // Its drop would wait for good; it names no memory.
+                std::mem::forget(copying);
+                panic!("the helper's panic left its batch unfinished");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let err = ring.block_on(copying.wait(&ring)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let src = vec![3u8; 5000];
+        let mut dst = vec![0u8; src.len()];
+        let pieces = vec![Piece {
+            from: src.as_ptr(),
+            to: dst.as_mut_ptr(),
+            len: src.len(),
+        }];
+        // SAFETY: `src` and `dst` outlive the wait.
+        let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
+        ring.block_on(copying.wait(&ring)).unwrap();
+        assert!(dst == src);
     }
 
     #[test]

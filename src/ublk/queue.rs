@@ -75,8 +75,7 @@ pub(crate) struct QueueState {
     /// ublk's user copy reaches them too.
     user_copy: Option<UserCopy>,
     bufs: ZeroBlocks,
-    /// The queue's copy helper (`copier`), in copy mode where the machine
-    /// has a CPU more than the device has queues.
+    /// The queue's copy helper (`copier_for`).
     copier: Option<Rc<Copier>>,
     detector: RefCell<Detector>,
     /// READs of this queue being served (for the detector: a reader that

@@ -135,8 +135,8 @@ impl ZeroBlocks {
 /// Per-tag scratch space, reused across requests.
 #[derive(Default)]
 pub struct TagScratch {
-    /// The queue's copy helper, if it has one: large READs of mapped runs
-    /// are copied into the buffer there (`read`).
+    /// The queue's copy helper, if it has one: large READs are copied
+    /// there (`read`, `queue::copy_read_out`).
     copier: Option<Rc<Copier>>,
     /// The tag's signal from the copy helper, made on first use; `None` in
     /// it if it could not be (the tag then copies on its own thread).

@@ -152,8 +152,8 @@ pub async fn read<R: Ring>(
     s.pieces.clear();
     let pieces = matches!(buf, RequestBuf::Memory(_)) && leave == MayLeave::Runs;
     let mut spliced = false;
-    // Copy mode: a large READ's runs in mappings are copied into the
-    // buffer by the queue's copy helper while this thread goes on.
+    // A large READ into the daemon's buffer: its runs in mappings are
+    // copied there by the queue's copy helper while this thread goes on.
     let helper = match buf {
         RequestBuf::Memory(_) if leave != MayLeave::Runs && len >= HELPER_MIN => s.copier(),
         _ => None,
