@@ -233,6 +233,16 @@ mod tests {
         PlainRing::new(&plain_ring::all_in(f), 8).unwrap()
     }
 
+    /// A gather of all of `src` into `dst`, in one piece.
+    fn whole(src: &[u8], dst: &mut [u8]) -> Vec<Piece> {
+        assert_eq!(src.len(), dst.len());
+        vec![Piece {
+            from: src.as_ptr(),
+            to: dst.as_mut_ptr(),
+            len: src.len(),
+        }]
+    }
+
     #[test]
     fn copies_every_piece_and_wakes_the_ring() {
         let copier = Copier::new("copier-test".into()).unwrap();
@@ -312,11 +322,7 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         let src = vec![3u8; 5000];
         let mut dst = vec![0u8; src.len()];
-        let pieces = vec![Piece {
-            from: src.as_ptr(),
-            to: dst.as_mut_ptr(),
-            len: src.len(),
-        }];
+        let pieces = whole(&src, &mut dst);
         // SAFETY: `src` and `dst` outlive the wait.
         let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
         ring.block_on(copying.wait(&ring)).unwrap();
@@ -331,11 +337,7 @@ mod tests {
         // `start` returns.
         let src = vec![0x5au8; 64 << 20];
         let mut dst = vec![0u8; src.len()];
-        let pieces = vec![Piece {
-            from: src.as_ptr(),
-            to: dst.as_mut_ptr(),
-            len: src.len(),
-        }];
+        let pieces = whole(&src, &mut dst);
         // SAFETY: `src` and `dst` outlive the drop, which waits.
         drop(unsafe { copier.start(Work::Gather(pieces), &done) });
         assert!(done.copied(), "the drop returned before the copy was done");
@@ -352,11 +354,7 @@ mod tests {
         let done = Arc::new(Finished::new().unwrap());
         let src = vec![7u8; 10_000];
         let mut dst = vec![0u8; src.len()];
-        let pieces = vec![Piece {
-            from: src.as_ptr(),
-            to: dst.as_mut_ptr(),
-            len: src.len(),
-        }];
+        let pieces = whole(&src, &mut dst);
         // SAFETY: as above.
         let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
         assert!(done.copied(), "copied before start returned");
