@@ -433,7 +433,9 @@ pub(crate) struct AddArgs {
     ///
     /// The default is half the CPUs, at least one: a queue's thread shares
     /// its CPU with the applications that submit I/O to it, and leaves them
-    /// the others.
+    /// the others. Without zero copy, while there are more CPUs than
+    /// queues, each queue also has a copy helper thread that copies READs
+    /// of 256 KiB or more.
     #[arg(short, long, value_name = "N", default_value_t = default_queues())]
     pub(crate) queues: u16,
 
