@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 /// The smallest READ whose data a queue with a copy helper hands to it;
 /// below it the handing costs more than the copy it takes off the queue's
 /// thread (docs/benchmarks.md).
-pub const HELPER_MIN: u64 = 256 << 10;
+pub(crate) const HELPER_MIN: u64 = 256 << 10;
 
 /// One copy of a gather: `len` bytes from `from` to `to`.
 #[derive(Clone, Copy, Debug)]

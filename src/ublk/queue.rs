@@ -21,7 +21,7 @@ use crate::engine::gate::Pass;
 use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::background::{Background, Job};
-use crate::ublk::copier::{Copier, HELPER_MIN, Work};
+use crate::ublk::copier::{Copier, Work};
 use crate::ublk::exec::{self, MayLeave, ReadData, ReadDone, TagScratch, ZeroBlocks};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
@@ -340,24 +340,32 @@ async fn copy_read_out(
     buf: &RequestBuf<'_>,
 ) -> std::io::Result<()> {
     let len = buf.len();
+    let whole;
     let pieces = match (data, buf) {
-        (ReadData::Pieces, _) => s.pieces().to_vec(),
-        (ReadData::Mapped(at), _) => vec![(at as usize, len)],
-        (ReadData::Buffer, RequestBuf::Memory(b)) => vec![(b.as_ptr() as usize, len)],
+        (ReadData::Pieces, _) => s.pieces(),
+        (ReadData::Mapped(at), _) => {
+            whole = [(at as usize, len)];
+            &whole[..]
+        }
+        (ReadData::Buffer, RequestBuf::Memory(b)) => {
+            whole = [(b.as_ptr() as usize, len)];
+            &whole[..]
+        }
         (ReadData::Buffer, RequestBuf::Registered { .. }) => {
             unreachable!("user copy mode serves from the daemon's memory")
         }
     };
-    match s.copier() {
-        Some((copier, done)) if len as u64 >= HELPER_MIN => {
+    match s.helper_for(len as u64) {
+        Some((copier, done)) => {
             Stats::add(&sh.stats.reads_copied_by_helper, 1);
+            let work = Work::ToRequest(pieces.to_vec(), to);
             // SAFETY: the pieces lie in the tag's buffer and in mappings of
             // the device this request holds until its commit, after this
             // wait; the kernel only reads them.
-            let copying = unsafe { copier.start(Work::ToRequest(pieces, to), &done) };
+            let copying = unsafe { copier.start(work, &done) };
             copying.wait(q).await
         }
-        _ => to.write_pieces(&pieces),
+        None => to.write_pieces(pieces),
     }
 }
 

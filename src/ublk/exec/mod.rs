@@ -45,7 +45,7 @@ use crate::engine::write::LockWait;
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
-use crate::ublk::copier::{Copier, Finished};
+use crate::ublk::copier::{Copier, Finished, HELPER_MIN};
 use crate::ublk::inline::{MemoryPath, Written};
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
 use io_uring::types;
@@ -162,8 +162,13 @@ impl TagScratch {
         }
     }
 
-    /// The copy helper and the tag's signal from it, if both are to be had.
-    pub(crate) fn copier(&self) -> Option<(Rc<Copier>, Arc<Finished>)> {
+    /// For a READ of `len` bytes: the copy helper and the tag's signal from
+    /// it, if the READ is large enough to hand over (`HELPER_MIN`) and both
+    /// are to be had.
+    pub(crate) fn helper_for(&self, len: u64) -> Option<(Rc<Copier>, Arc<Finished>)> {
+        if len < HELPER_MIN {
+            return None;
+        }
         let copier = self.copier.clone()?;
         let done = self
             .copied

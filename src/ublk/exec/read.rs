@@ -12,7 +12,7 @@ use crate::engine::plan::{self, ReadRun, ReadSource};
 use crate::stats::Stats;
 use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
-use crate::ublk::copier::{HELPER_MIN, Piece, Work};
+use crate::ublk::copier::{Piece, Work};
 use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
 use crate::ublk::request_buf::RequestBuf;
@@ -155,7 +155,7 @@ pub async fn read<R: Ring>(
     // A large READ into the daemon's buffer: its runs in mappings are
     // copied there by the queue's copy helper while this thread goes on.
     let helper = match buf {
-        RequestBuf::Memory(_) if leave != MayLeave::Runs && len >= HELPER_MIN => s.copier(),
+        RequestBuf::Memory(_) if leave != MayLeave::Runs => s.helper_for(len),
         _ => None,
     };
     let mut aside = Vec::new();
