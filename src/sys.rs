@@ -82,16 +82,45 @@ pub(crate) struct SharedMap {
     ptr: *mut u8,
     len: usize,
     writable: bool,
-    /// For a file that is neither written nor shortened nor punched while
-    /// mapped (`map_unchanging`): one bit per `PRESENT_GRANULE` bytes, set
-    /// once a read made every page of that granule present. A tmpfs page
-    /// once present stays the file's (it may be swapped out, never
-    /// dropped), so a read within set granules needs no new
-    /// `populate_for_reads`, whose walk of a large range costs more than
-    /// the copy it protects. (Something outside that truncates or punches
-    /// the file while it is served could then make a read fault: the base
-    /// and layers are under shared locks, and must not be changed.)
-    present: Option<Box<[AtomicU64]>>,
+    /// Pages made present once, remembered where they stay the file's
+    /// (`Present`); `None`: every read makes its pages present again.
+    present: Option<Present>,
+}
+
+/// Which granules of a `SharedMap` a read once made wholly present, one bit
+/// each: a read within set granules needs no new `populate_for_reads`,
+/// whose walk of a large range, or system call for a small one, costs more
+/// than the copy it protects. A tmpfs page once present stays the file's
+/// (it may be swapped out, never dropped) until the file is punched or
+/// shortened, so a record is kept only for files whose read ranges are never
+/// punched while they can be read:
+///
+/// - a file that nothing writes, shortens or punches while it is mapped
+///   (the base, a frozen layer: `map_unchanging`). Something outside that
+///   truncates or punches it while it is served could then make a read
+///   fault: they are under shared locks, and must not be changed;
+/// - the overlay (`map_overlay`), whose granules are its blocks: the daemon
+///   reads through the mapping only blocks that the map says hold data, a
+///   write gave each of their pages, and only a punch of a block that the
+///   map no longer reads from the overlay (`Zero`) takes them. A bit left
+///   set for such a block is set again in truth before the block is read
+///   from the overlay: only a write that succeeded makes it hold data.
+struct Present {
+    /// The bytes one bit stands for.
+    granule: u64,
+    bits: Box<[AtomicU64]>,
+}
+
+impl Present {
+    fn new(len: usize, granule: u64) -> Present {
+        let granules = (len as u64).div_ceil(granule);
+        Present {
+            granule,
+            bits: (0..granules.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
 }
 
 /// The most bytes `SharedMap::copy_out` hands one `memcpy`. glibc's
@@ -119,8 +148,8 @@ pub(crate) unsafe fn copy_by_pieces(from: *const u8, to: *mut u8, len: usize) {
     }
 }
 
-/// The bytes of a `SharedMap` that one bit of `present` stands for.
-const PRESENT_GRANULE: u64 = 64 << 10;
+/// The bytes one bit of an unchanging file's `Present` stands for.
+const UNCHANGING_GRANULE: u64 = 64 << 10;
 
 // SAFETY: this process only ever reads through the mapping; writes to the
 // file come from the kernel, so sharing reads across threads is sound.
@@ -163,21 +192,21 @@ impl SharedMap {
 
     /// As `map`, read-only, for a file that nothing writes, shortens or
     /// punches while it is mapped (the base, a frozen layer): pages made
-    /// present once are remembered (`present`).
+    /// present once are remembered (`Present`), by `UNCHANGING_GRANULE`.
     pub(crate) fn map_unchanging(file: &File, len: usize) -> io::Result<SharedMap> {
         let mut m = SharedMap::map(file, len, false)?;
-        let granules = (len as u64).div_ceil(PRESENT_GRANULE);
-        m.present = Some(
-            (0..granules.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-        );
+        m.present = Some(Present::new(len, UNCHANGING_GRANULE));
         Ok(m)
     }
 
-    /// The granules of `present` that `[off, off + len)` touches.
-    fn granules(off: u64, len: usize) -> std::ops::Range<u64> {
-        off / PRESENT_GRANULE..(off + len as u64).div_ceil(PRESENT_GRANULE)
+    /// As `map`, writable, for the overlay, whose blocks of `block_size`
+    /// bytes (its data area starts at a multiple of that) are read through
+    /// the mapping only while they hold data: pages made present once are
+    /// remembered by block (`Present`).
+    pub(crate) fn map_overlay(file: &File, len: usize, block_size: u64) -> io::Result<SharedMap> {
+        let mut m = SharedMap::map(file, len, true)?;
+        m.present = Some(Present::new(len, block_size));
+        Ok(m)
     }
 
     /// Copies `dst.len()` bytes from offset `off` into `dst`, once their
@@ -212,10 +241,10 @@ impl SharedMap {
             return self.populate(off, len);
         };
         use std::sync::atomic::Ordering::Relaxed;
-        let bit = |g: u64| (&present[(g / 64) as usize], 1u64 << (g % 64));
-        let granules = SharedMap::granules(off, len);
-        if granules.clone().all(|g| {
-            let (w, b) = bit(g);
+        let g = present.granule;
+        let bit = |i: u64| (&present.bits[(i / 64) as usize], 1u64 << (i % 64));
+        if (off / g..(off + len as u64).div_ceil(g)).all(|i| {
+            let (w, b) = bit(i);
             w.load(Relaxed) & b != 0
         }) {
             return Ok(());
@@ -224,19 +253,15 @@ impl SharedMap {
         // then the granules it covers whole are remembered.
         self.populate(off, len)?;
         let end = off + len as u64;
-        let whole = off.div_ceil(PRESENT_GRANULE)
-            ..(end / PRESENT_GRANULE).max(off.div_ceil(PRESENT_GRANULE));
-        for g in whole {
-            let (w, b) = bit(g);
+        let whole = off.div_ceil(g)..(end / g).max(off.div_ceil(g));
+        for i in whole {
+            let (w, b) = bit(i);
             w.fetch_or(b, Relaxed);
         }
         // The last granule of a mapping whose length is not a multiple of
         // one is whole when the range reaches the end.
-        if end == self.len as u64
-            && !end.is_multiple_of(PRESENT_GRANULE)
-            && off <= end / PRESENT_GRANULE * PRESENT_GRANULE
-        {
-            let (w, b) = bit(end / PRESENT_GRANULE);
+        if end == self.len as u64 && !end.is_multiple_of(g) && off <= end / g * g {
+            let (w, b) = bit(end / g);
             w.fetch_or(b, Relaxed);
         }
         Ok(())

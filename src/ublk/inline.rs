@@ -65,15 +65,36 @@ impl MemoryPath {
     /// punches while it is served (the base), so pages it made present
     /// are remembered (`SharedMap::map_unchanging`).
     pub(crate) fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
+        MemoryPath::with_map(file, len, |len| match writable {
+            true => SharedMap::map(file, len, true),
+            false => SharedMap::map_unchanging(file, len),
+        })
+    }
+
+    /// Inline I/O for the overlay `file`, whose first `len` bytes are
+    /// mapped writable, and whose pages made present for a read are
+    /// remembered by block of `block_size` bytes
+    /// (`SharedMap::map_overlay`): the daemon reads only blocks that hold
+    /// data through it.
+    pub(crate) fn new_overlay(file: &File, len: u64, block_size: u32) -> io::Result<MemoryPath> {
+        MemoryPath::with_map(file, len, |len| {
+            SharedMap::map_overlay(file, len, block_size as u64)
+        })
+    }
+
+    /// Inline I/O for `file`, mapped by `map` (given the length) when it
+    /// lives in memory and covers `len` bytes.
+    fn with_map(
+        file: &File,
+        len: u64,
+        map: impl FnOnce(usize) -> io::Result<SharedMap>,
+    ) -> io::Result<MemoryPath> {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
         let whole = file.metadata().is_ok_and(|m| m.len() >= len);
         let map = (whole && len > 0 && in_memory)
-            .then(|| match writable {
-                true => SharedMap::map(file, len as usize, true).ok(),
-                false => SharedMap::map_unchanging(file, len as usize).ok(),
-            })
+            .then(|| map(len as usize).ok())
             .flatten();
         Ok(MemoryPath {
             map,
@@ -353,6 +374,62 @@ mod tests {
     /// a block device's data does not: such a base must be neither mapped
     /// nor taken for memory (which turns prefetch off beside an overlay in
     /// tmpfs).
+    /// Whether the page at `addr` is in this process's page table
+    /// (`/proc/self/pagemap`, bit 63).
+    fn in_page_table(addr: usize) -> bool {
+        use std::os::unix::fs::FileExt;
+        let pm = File::open("/proc/self/pagemap").unwrap();
+        let mut e = [0u8; 8];
+        pm.read_exact_at(&mut e, (addr / PAGE as usize * 8) as u64)
+            .unwrap();
+        u64::from_le_bytes(e) >> 63 == 1
+    }
+
+    /// Drops `[addr, addr + len)` of a shared mapping from this process's
+    /// page table; the file keeps its pages.
+    fn drop_from_page_table(addr: usize, len: usize) {
+        // SAFETY: a range of a live shared file mapping of this test's;
+        // MADV_DONTNEED only unmaps its pages, which the file keeps, and
+        // nothing holds a reference into them.
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// The overlay's pages made present for a read of whole blocks are
+    /// remembered by block: naming them again asks the kernel for nothing
+    /// (their page table entries, dropped in between, stay dropped). A read
+    /// of part of a block is not remembered, and a mapping without a record
+    /// makes the pages present at every read.
+    #[test]
+    fn the_overlay_remembers_whole_blocks_made_present() {
+        let shm = std::path::Path::new("/dev/shm");
+        let (f, _) = file_in(shm, "present-overlay");
+        const LEN: usize = 64 * 1024;
+        let overlay = MemoryPath::new_overlay(&f, LEN as u64, 8192).unwrap();
+        let plain = MemoryPath::new(&f, LEN as u64, true).unwrap();
+        for (r, remembers) in [(&overlay, true), (&plain, false)] {
+            let at = r.mapped_at(0, LEN).unwrap();
+            let pages = |from: usize, n: usize| {
+                (from..from + n)
+                    .map(|p| in_page_table(at + p * PAGE as usize))
+                    .collect::<Vec<_>>()
+            };
+            // Blocks 0 and 1 (pages 0 to 3), whole.
+            drop_from_page_table(at, LEN);
+            assert!(r.mapped(0, 16384).is_some());
+            assert_eq!(pages(0, 4), [true; 4], "made present");
+            drop_from_page_table(at, LEN);
+            assert!(r.mapped(4096, 8192).is_some());
+            assert_eq!(pages(1, 2), [!remembers; 2], "named again");
+            // Part of block 2 (page 4 of pages 4 and 5).
+            assert!(r.mapped(16384 + 100, 1000).is_some());
+            assert!(in_page_table(at + 16384));
+            drop_from_page_table(at, LEN);
+            assert!(r.mapped(16384 + 100, 1000).is_some());
+            assert!(in_page_table(at + 16384), "part of a block remembered");
+        }
+    }
+
     #[test]
     fn a_device_node_is_not_in_memory() {
         let fs = std::process::Command::new("stat")
