@@ -103,8 +103,10 @@ pub(crate) struct SharedMap {
 ///   reads through the mapping only blocks that the map says hold data, a
 ///   write gave each of their pages, and only a punch of a block that the
 ///   map no longer reads from the overlay (`Zero`) takes them. A bit left
-///   set for such a block is set again in truth before the block is read
-///   from the overlay: only a write that succeeded makes it hold data.
+///   set for a punched block does no harm: the block is read from the
+///   overlay again only after a write that succeeded gave it its pages
+///   back, and a copy from pages the file holds takes at most a fault that
+///   maps them, never SIGBUS.
 struct Present {
     /// The bytes one bit stands for.
     granule: u64,
