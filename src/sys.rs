@@ -87,8 +87,8 @@ pub(crate) struct SharedMap {
     present: Option<Present>,
 }
 
-/// Which granules of a `SharedMap` a read once made wholly present, one bit
-/// each: a read within set granules needs no new `populate_for_reads`,
+/// Which pages of a `SharedMap` a read once made present, one bit each: a
+/// read of pages all set needs no new `populate_for_reads`,
 /// whose walk of a large range, or system call for a small one, costs more
 /// than the copy it protects. A tmpfs page once present stays the file's
 /// (it may be swapped out, never dropped) until the file is punched or
@@ -99,7 +99,7 @@ pub(crate) struct SharedMap {
 ///   (the base, a frozen layer: `map_unchanging`). Something outside that
 ///   truncates or punches it while it is served could then make a read
 ///   fault: they are under shared locks, and must not be changed;
-/// - the overlay (`map_overlay`), whose granules are its blocks: the daemon
+/// - the overlay (`map_overlay`), read in whole blocks of pages: the daemon
 ///   reads through the mapping only blocks that the map says hold data, a
 ///   write gave each of their pages, and only a punch of a block that the
 ///   map no longer reads from the overlay (`Zero`) takes them. A bit left
@@ -107,20 +107,19 @@ pub(crate) struct SharedMap {
 ///   overlay again only after a write that succeeded gave it its pages
 ///   back, and a copy from pages the file holds takes at most a fault that
 ///   maps them, never SIGBUS.
+///
+/// A bit per page, where a READ's runs are whole blocks of pages: a record
+/// by any larger granule would never see a run of a disk written in small
+/// blocks cover one whole. It costs a 32,768th of the mapping.
 struct Present {
-    /// The bytes one bit stands for.
-    granule: u64,
     bits: Box<[AtomicU64]>,
 }
 
 impl Present {
-    fn new(len: usize, granule: u64) -> Present {
-        let granules = (len as u64).div_ceil(granule);
+    fn new(len: usize) -> Present {
+        let pages = (len as u64).div_ceil(PRESENT_GRANULE);
         Present {
-            granule,
-            bits: (0..granules.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
@@ -150,8 +149,8 @@ pub(crate) unsafe fn copy_by_pieces(from: *const u8, to: *mut u8, len: usize) {
     }
 }
 
-/// The bytes one bit of an unchanging file's `Present` stands for.
-const UNCHANGING_GRANULE: u64 = 64 << 10;
+/// The bytes one bit of `Present` stands for: a page.
+const PRESENT_GRANULE: u64 = 4096;
 
 // SAFETY: this process only ever reads through the mapping; writes to the
 // file come from the kernel, so sharing reads across threads is sound.
@@ -194,20 +193,19 @@ impl SharedMap {
 
     /// As `map`, read-only, for a file that nothing writes, shortens or
     /// punches while it is mapped (the base, a frozen layer): pages made
-    /// present once are remembered (`Present`), by `UNCHANGING_GRANULE`.
+    /// present once are remembered (`Present`).
     pub(crate) fn map_unchanging(file: &File, len: usize) -> io::Result<SharedMap> {
         let mut m = SharedMap::map(file, len, false)?;
-        m.present = Some(Present::new(len, UNCHANGING_GRANULE));
+        m.present = Some(Present::new(len));
         Ok(m)
     }
 
-    /// As `map`, writable, for the overlay, whose blocks of `block_size`
-    /// bytes (its data area starts at a multiple of that) are read through
+    /// As `map`, writable, for the overlay, whose blocks are read through
     /// the mapping only while they hold data: pages made present once are
-    /// remembered by block (`Present`).
-    pub(crate) fn map_overlay(file: &File, len: usize, block_size: u64) -> io::Result<SharedMap> {
+    /// remembered (`Present`).
+    pub(crate) fn map_overlay(file: &File, len: usize) -> io::Result<SharedMap> {
         let mut m = SharedMap::map(file, len, true)?;
-        m.present = Some(Present::new(len, block_size));
+        m.present = Some(Present::new(len));
         Ok(m)
     }
 
@@ -243,7 +241,7 @@ impl SharedMap {
             return self.populate(off, len);
         };
         use std::sync::atomic::Ordering::Relaxed;
-        let g = present.granule;
+        let g = PRESENT_GRANULE;
         let bit = |i: u64| (&present.bits[(i / 64) as usize], 1u64 << (i % 64));
         if (off / g..(off + len as u64).div_ceil(g)).all(|i| {
             let (w, b) = bit(i);
@@ -252,7 +250,7 @@ impl SharedMap {
             return Ok(());
         }
         // The range itself (no page more: a hole's page costs memory), and
-        // then the granules it covers whole are remembered.
+        // then the pages it covers whole are remembered.
         self.populate(off, len)?;
         let end = off + len as u64;
         let whole = off.div_ceil(g)..(end / g).max(off.div_ceil(g));
@@ -260,8 +258,8 @@ impl SharedMap {
             let (w, b) = bit(i);
             w.fetch_or(b, Relaxed);
         }
-        // The last granule of a mapping whose length is not a multiple of
-        // one is whole when the range reaches the end.
+        // The last page of a mapping whose length is not a multiple of one
+        // is whole when the range reaches the end.
         if end == self.len as u64 && !end.is_multiple_of(g) && off <= end / g * g {
             let (w, b) = bit(end / g);
             w.fetch_or(b, Relaxed);

@@ -73,13 +73,10 @@ impl MemoryPath {
 
     /// Inline I/O for the overlay `file`, whose first `len` bytes are
     /// mapped writable, and whose pages made present for a read are
-    /// remembered by block of `block_size` bytes
-    /// (`SharedMap::map_overlay`): the daemon reads only blocks that hold
-    /// data through it.
-    pub(crate) fn new_overlay(file: &File, len: u64, block_size: u32) -> io::Result<MemoryPath> {
-        MemoryPath::with_map(file, len, |len| {
-            SharedMap::map_overlay(file, len, block_size as u64)
-        })
+    /// remembered (`SharedMap::map_overlay`): the daemon reads only blocks
+    /// that hold data through it.
+    pub(crate) fn new_overlay(file: &File, len: u64) -> io::Result<MemoryPath> {
+        MemoryPath::with_map(file, len, |len| SharedMap::map_overlay(file, len))
     }
 
     /// Inline I/O for `file`, mapped by `map` (given the length) when it
@@ -370,10 +367,6 @@ mod tests {
         assert_eq!(r.read(1, &mut buf), 100);
     }
 
-    /// A device node lives in devtmpfs, which `fstatfs` reports as tmpfs;
-    /// a block device's data does not: such a base must be neither mapped
-    /// nor taken for memory (which turns prefetch off beside an overlay in
-    /// tmpfs).
     /// Whether the page at `addr` is in this process's page table
     /// (`/proc/self/pagemap`, bit 63).
     fn in_page_table(addr: usize) -> bool {
@@ -395,41 +388,48 @@ mod tests {
         assert_eq!(r, 0, "{}", io::Error::last_os_error());
     }
 
-    /// The overlay's pages made present for a read of whole blocks are
-    /// remembered by block: naming them again asks the kernel for nothing
-    /// (their page table entries, dropped in between, stay dropped). A read
-    /// of part of a block is not remembered, and a mapping without a record
-    /// makes the pages present at every read.
+    /// Pages of the overlay, the base or a layer made present for a read
+    /// are remembered, page by page: naming them again asks the kernel for
+    /// nothing (their page table entries, dropped in between, stay
+    /// dropped), whichever read made them present. A read of part of a page
+    /// is not remembered, and a mapping without a record makes the pages
+    /// present at every read.
     #[test]
-    fn the_overlay_remembers_whole_blocks_made_present() {
+    fn pages_made_present_are_remembered() {
         let shm = std::path::Path::new("/dev/shm");
-        let (f, _) = file_in(shm, "present-overlay");
+        let (f, _) = file_in(shm, "present");
         const LEN: usize = 64 * 1024;
-        let overlay = MemoryPath::new_overlay(&f, LEN as u64, 8192).unwrap();
+        let overlay = MemoryPath::new_overlay(&f, LEN as u64).unwrap();
+        let base = MemoryPath::new(&f, LEN as u64, false).unwrap();
         let plain = MemoryPath::new(&f, LEN as u64, true).unwrap();
-        for (r, remembers) in [(&overlay, true), (&plain, false)] {
+        for (r, remembers) in [(&overlay, true), (&base, true), (&plain, false)] {
             let at = r.mapped_at(0, LEN).unwrap();
             let pages = |from: usize, n: usize| {
                 (from..from + n)
                     .map(|p| in_page_table(at + p * PAGE as usize))
                     .collect::<Vec<_>>()
             };
-            // Blocks 0 and 1 (pages 0 to 3), whole.
+            // Pages 0 to 3, as two runs of a READ.
             drop_from_page_table(at, LEN);
-            assert!(r.mapped(0, 16384).is_some());
+            assert!(r.mapped(0, 8192).is_some());
+            assert!(r.mapped(8192, 8192).is_some());
             assert_eq!(pages(0, 4), [true; 4], "made present");
             drop_from_page_table(at, LEN);
             assert!(r.mapped(4096, 8192).is_some());
             assert_eq!(pages(1, 2), [!remembers; 2], "named again");
-            // Part of block 2 (page 4 of pages 4 and 5).
+            // Part of page 4.
             assert!(r.mapped(16384 + 100, 1000).is_some());
             assert!(in_page_table(at + 16384));
             drop_from_page_table(at, LEN);
             assert!(r.mapped(16384 + 100, 1000).is_some());
-            assert!(in_page_table(at + 16384), "part of a block remembered");
+            assert!(in_page_table(at + 16384), "part of a page remembered");
         }
     }
 
+    /// A device node lives in devtmpfs, which `fstatfs` reports as tmpfs;
+    /// a block device's data does not: such a base must be neither mapped
+    /// nor taken for memory (which turns prefetch off beside an overlay in
+    /// tmpfs).
     #[test]
     fn a_device_node_is_not_in_memory() {
         let fs = std::process::Command::new("stat")
@@ -577,7 +577,7 @@ mod tests {
         assert_eq!(r.read(0, &mut buf), 4096);
         assert!(buf.iter().all(|&b| b == 5));
         assert!(r.mapped(0, 4096).is_some());
-        // A hole beside them, in the same granule (`SharedMap::present`):
+        // A hole beside them (`sys::Present` remembers pages made present):
         // their read must not have marked it present.
         assert_eq!(r.read(8192, &mut buf), 0, "a hole read through the map");
         assert!(r.mapped(8192, 4096).is_none());

@@ -139,11 +139,7 @@ impl ServedDevice {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let overlay = dev.overlay();
-        let overlay_io = MemoryPath::new_overlay(
-            overlay.storage(),
-            overlay.data_pos(size),
-            dev.geometry().block_size(),
-        )?;
+        let overlay_io = MemoryPath::new_overlay(overlay.storage(), overlay.data_pos(size))?;
         let data = overlay.data_pos(0)..overlay.data_pos(size);
         let unallocated_ready = preallocated
             && overlay_io.placeable(data.start, 0).is_some()
