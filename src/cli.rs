@@ -435,7 +435,7 @@ pub(crate) struct AddArgs {
     /// its CPU with the applications that submit I/O to it, and leaves them
     /// the others. Without zero copy, while there are more CPUs than
     /// queues, each queue also has a copy helper thread that copies READs
-    /// of 256 KiB or more.
+    /// of 256 KiB or more while it is not busy with another.
     #[arg(short, long, value_name = "N", default_value_t = default_queues())]
     pub(crate) queues: u16,
 

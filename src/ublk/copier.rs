@@ -13,13 +13,15 @@
 //!
 //! A tag hands one batch at a time and waits for it on its ring (`Copying`),
 //! so the queue's thread never blocks; the helper signals the tag's eventfd
-//! when the batch is copied.
+//! when the batch is copied. A READ is handed over only while the helper
+//! has fewer than `HELPER_BACKLOG` batches: else the queue's thread copies
+//! it itself, rather than leave it waiting behind the others.
 
 use crate::sys::{self, EventFd};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::request_buf::UserCopyAt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
@@ -27,6 +29,11 @@ use std::thread::JoinHandle;
 /// below it the handing costs more than the copy it takes off the queue's
 /// thread (docs/benchmarks.md).
 pub(crate) const HELPER_MIN: u64 = 256 << 10;
+
+/// The most batches the helper holds (copying or waiting); a READ that
+/// finds it holding this many is copied on the queue's thread
+/// (docs/benchmarks.md).
+pub(crate) const HELPER_BACKLOG: usize = 1;
 
 /// One copy of a gather: `len` bytes from `from` to `to`.
 #[derive(Clone, Copy, Debug)]
@@ -104,6 +111,10 @@ impl Finished {
 pub struct Copier {
     /// Batches to copy, in order; `None` once dropping.
     to_copy: Option<mpsc::Sender<Batch>>,
+    /// Batches handed to the helper and not yet copied: raised by the
+    /// queue's thread before it hands one, lowered by the helper once it
+    /// is copied.
+    held: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -111,6 +122,8 @@ impl Copier {
     /// Starts the helper thread, named `name`.
     pub fn new(name: String) -> io::Result<Copier> {
         let (to_copy, batches) = mpsc::channel::<Batch>();
+        let held = Arc::new(AtomicUsize::new(0));
+        let copied = held.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(batch) = batches.recv() {
                 // A panic fails the READ (a bug, logged) instead of leaving
@@ -120,14 +133,24 @@ impl Copier {
                     log::error!("the copy helper panicked; the READ fails with EIO");
                     Err(io::Error::from_raw_os_error(libc::EIO))
                 });
+                // Lowered before the batch is marked copied: a tag that saw
+                // its batch copied finds the helper's room for its next.
+                copied.fetch_sub(1, Ordering::Relaxed);
                 batch.done.finish(outcome);
                 batch.done.event.signal();
             }
         })?;
         Ok(Copier {
             to_copy: Some(to_copy),
+            held,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the helper holds fewer than `HELPER_BACKLOG` batches, so
+    /// that one handed now is copied without waiting behind them.
+    pub(crate) fn has_room(&self) -> bool {
+        self.held.load(Ordering::Relaxed) < HELPER_BACKLOG
     }
 
     /// Hands `work` to the helper (or, if it is gone, does it here);
@@ -147,7 +170,9 @@ impl Copier {
             work,
             done: done.clone(),
         };
+        self.held.fetch_add(1, Ordering::Relaxed);
         if let Some(Err(mpsc::SendError(batch))) = self.to_copy.as_ref().map(|t| t.send(batch)) {
+            self.held.fetch_sub(1, Ordering::Relaxed);
             done.finish(batch.work.run());
         }
         Copying { done }
@@ -344,6 +369,26 @@ mod tests {
         assert!(dst == src);
     }
 
+    /// A helper holding `HELPER_BACKLOG` batches has no room for another
+    /// until one is copied; a tag that saw its batch copied finds room.
+    #[test]
+    fn a_helper_holding_its_backlog_has_no_room_until_a_batch_is_copied() {
+        assert_eq!(HELPER_BACKLOG, 1, "the test hands one batch");
+        let copier = Copier::new("copier-test".into()).unwrap();
+        assert!(copier.has_room());
+        let done = Arc::new(Finished::new().unwrap());
+        // Long enough to copy that the helper cannot be done by the time
+        // `start` returns.
+        let src = vec![0x5au8; 64 << 20];
+        let mut dst = vec![0u8; src.len()];
+        let pieces = whole(&src, &mut dst);
+        // SAFETY: `src` and `dst` outlive the drop, which waits.
+        let copying = unsafe { copier.start(Work::Gather(pieces), &done) };
+        assert!(!copier.has_room(), "room beside a batch being copied");
+        drop(copying);
+        assert!(copier.has_room(), "no room once the batch was copied");
+    }
+
     #[test]
     fn copies_in_place_once_the_helper_is_gone() {
         let mut copier = Copier::new("copier-test".into()).unwrap();
@@ -360,5 +405,6 @@ mod tests {
         assert!(done.copied(), "copied before start returned");
         drop(copying);
         assert!(dst == src);
+        assert!(copier.has_room(), "a batch copied in place is not held");
     }
 }

@@ -163,13 +163,13 @@ impl TagScratch {
     }
 
     /// For a READ of `len` bytes: the copy helper and the tag's signal from
-    /// it, if the READ is large enough to hand over (`HELPER_MIN`) and both
-    /// are to be had.
+    /// it, if the READ is large enough to hand over (`HELPER_MIN`), the
+    /// helper has room for it (`Copier::has_room`), and both are to be had.
     pub(crate) fn helper_for(&self, len: u64) -> Option<(Rc<Copier>, Arc<Finished>)> {
         if len < HELPER_MIN {
             return None;
         }
-        let copier = self.copier.clone()?;
+        let copier = self.copier.clone().filter(|c| c.has_room())?;
         let done = self
             .copied
             .get_or_init(|| Finished::new().ok().map(Arc::new));
