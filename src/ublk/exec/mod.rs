@@ -346,3 +346,38 @@ impl<R: Ring> LockWait for RingLockWait<'_, R> {
 async fn lock<'a, R: Ring>(q: &R, sh: &'a ServedDevice, blocks: Range<u64>) -> RangeGuard<'a> {
     crate::engine::write::lock(&sh.dev, &mut RingLockWait { q, sh }, blocks).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ublk::copier::{Piece, Work};
+
+    /// A READ is handed to the helper only from `HELPER_MIN` on, and only
+    /// while the helper holds no other batch.
+    #[test]
+    fn a_read_goes_to_the_helper_only_when_large_and_the_helper_has_room() {
+        let copier = Rc::new(Copier::new("helper-for-test".into()).unwrap());
+        let s = TagScratch::with_copier(copier.clone());
+        assert!(s.helper_for(HELPER_MIN - 1).is_none(), "a small READ");
+        let (_, done) = s.helper_for(HELPER_MIN).expect("a large READ");
+        // Long enough to copy that the helper cannot be done by the time
+        // `start` returns.
+        let src = vec![0x5au8; 64 << 20];
+        let mut dst = vec![0u8; src.len()];
+        let work = Work::Gather(vec![Piece {
+            from: src.as_ptr(),
+            to: dst.as_mut_ptr(),
+            len: src.len(),
+        }]);
+        // SAFETY: `src` and `dst` outlive the drop below, which waits.
+        let copying = unsafe { copier.start(work, &done) };
+        let other = TagScratch::with_copier(copier.clone());
+        assert!(
+            other.helper_for(1 << 20).is_none(),
+            "handed to a helper busy with another READ"
+        );
+        drop(copying);
+        assert!(other.helper_for(1 << 20).is_some());
+        assert!(dst == src);
+    }
+}
