@@ -371,10 +371,14 @@ fn http_prefetch_fetches_consecutive_units_in_one_get_and_joins_those_in_flight(
         ..RangeOpts::default()
     };
     let srv = range_server(&dir.0, free_port(), &opts);
-    // Units of 16 KiB, at most 3 of them in one GET.
+    // Units of 16 KiB, at most 3 of them in one GET; a GET for each of the
+    // 5 runs at once. With fewer, a run waits for another's GET to end
+    // (0.3 s), and the run of unit 4, if it is the one that waits (the runs
+    // take their turns in no set order), finds unit 4 no longer in flight.
     let p = Params {
         fetch_size: 16 << 10,
         prefetch_get_max: 3 * (16 << 10),
+        prefetch_depth: 5,
         ..params()
     };
     let f = open_http(srv.port, p);
