@@ -123,7 +123,7 @@ impl Copier {
     pub fn new(name: String) -> io::Result<Copier> {
         let (to_copy, batches) = mpsc::channel::<Batch>();
         let held = Arc::new(AtomicUsize::new(0));
-        let copied = held.clone();
+        let helper_held = held.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(batch) = batches.recv() {
                 // A panic fails the READ (a bug, logged) instead of leaving
@@ -135,7 +135,7 @@ impl Copier {
                 });
                 // Lowered before the batch is marked copied: a tag that saw
                 // its batch copied finds the helper's room for its next.
-                copied.fetch_sub(1, Ordering::Relaxed);
+                helper_held.fetch_sub(1, Ordering::Relaxed);
                 batch.done.finish(outcome);
                 batch.done.event.signal();
             }

@@ -59,16 +59,12 @@ pub(crate) struct MemoryPath {
 }
 
 impl MemoryPath {
-    /// Inline I/O for `file`, whose first `len` bytes are read through it;
-    /// `writable` maps them for the kernel to copy into as well (the
-    /// overlay). A file mapped read-only is one that nothing writes or
-    /// punches while it is served (the base), so pages it made present
-    /// are remembered (`SharedMap::map_unchanging`).
-    pub(crate) fn new(file: &File, len: u64, writable: bool) -> io::Result<MemoryPath> {
-        MemoryPath::with_map(file, len, |len| match writable {
-            true => SharedMap::map(file, len, true),
-            false => SharedMap::map_unchanging(file, len),
-        })
+    /// Inline I/O for `file`, whose first `len` bytes are read through it,
+    /// mapped read-only: a file that nothing writes or punches while it is
+    /// served (the base, a layer), so pages it made present are remembered
+    /// (`SharedMap::map_unchanging`).
+    pub(crate) fn new(file: &File, len: u64) -> io::Result<MemoryPath> {
+        MemoryPath::with_map(file, len, |len| SharedMap::map_unchanging(file, len))
     }
 
     /// Inline I/O for the overlay `file`, whose first `len` bytes are
@@ -313,7 +309,7 @@ mod tests {
             return;
         };
         let (f, data) = file_in(&dir, "file");
-        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64).unwrap();
         assert!(r.map.is_none(), "a file off tmpfs is not mapped");
         // Just written, so cached: the first way serves it whole.
         check(&r, &data);
@@ -330,7 +326,7 @@ mod tests {
     #[test]
     fn writes_a_tmpfs_file_and_leaves_others_to_the_ring() {
         let (f, _) = file_in(std::path::Path::new("/dev/shm"), "w");
-        let r = MemoryPath::new(&f, 64 * 1024, false).unwrap();
+        let r = MemoryPath::new(&f, 64 * 1024).unwrap();
         assert_eq!(r.write(1000, &[9u8; 5000]), Ok(Written::Here));
         let mut back = vec![0u8; 5000];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 1000).unwrap();
@@ -346,9 +342,7 @@ mod tests {
         };
         let (f, _) = file_in(&dir, "w");
         assert_eq!(
-            MemoryPath::new(&f, 64 * 1024, false)
-                .unwrap()
-                .write(0, &[1u8; 10]),
+            MemoryPath::new(&f, 64 * 1024).unwrap().write(0, &[1u8; 10]),
             Ok(Written::ToRing)
         );
     }
@@ -360,7 +354,7 @@ mod tests {
             panic!("/dev/shm is missing: the tmpfs case cannot run");
         }
         let (f, data) = file_in(shm, "shm");
-        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64).unwrap();
         assert!(r.map.is_some(), "a tmpfs file is mapped");
         check(&r, &data);
         let mut buf = vec![0u8; 100];
@@ -400,8 +394,8 @@ mod tests {
         let (f, _) = file_in(shm, "present");
         const LEN: usize = 64 * 1024;
         let overlay = MemoryPath::new_overlay(&f, LEN as u64).unwrap();
-        let base = MemoryPath::new(&f, LEN as u64, false).unwrap();
-        let plain = MemoryPath::new(&f, LEN as u64, true).unwrap();
+        let base = MemoryPath::new(&f, LEN as u64).unwrap();
+        let plain = MemoryPath::with_map(&f, LEN as u64, |l| SharedMap::map(&f, l, true)).unwrap();
         for (r, remembers) in [(&overlay, true), (&base, true), (&plain, false)] {
             let at = r.mapped_at(0, LEN).unwrap();
             let pages = |from: usize, n: usize| {
@@ -447,7 +441,7 @@ mod tests {
             !sys::is_tmpfs(&null),
             "/dev/null taken for a file in memory"
         );
-        let r = MemoryPath::new(&null, 0, false).unwrap();
+        let r = MemoryPath::new(&null, 0).unwrap();
         assert!(!r.in_memory() && !r.is_mapped());
     }
 
@@ -549,8 +543,12 @@ mod tests {
             pos: 0,
         };
         let p = Pipe::new().unwrap();
-        for (file, writable) in [(&base, false), (&overlay, true)] {
-            let r = MemoryPath::new(file, LEN, writable).unwrap();
+        for (file, is_overlay) in [(&base, false), (&overlay, true)] {
+            let r = match is_overlay {
+                false => MemoryPath::new(file, LEN),
+                true => MemoryPath::new_overlay(file, LEN),
+            }
+            .unwrap();
             assert!(r.is_mapped(), "a tmpfs file is mapped");
             let hole = 512 * 1024;
             let mut buf = vec![9u8; 8192];
@@ -572,7 +570,7 @@ mod tests {
             );
         }
         // Pages that exist are read through the mapping all the same.
-        let r = MemoryPath::new(&base, LEN, false).unwrap();
+        let r = MemoryPath::new(&base, LEN).unwrap();
         let mut buf = vec![0u8; 4096];
         assert_eq!(r.read(0, &mut buf), 4096);
         assert!(buf.iter().all(|&b| b == 5));
@@ -593,8 +591,8 @@ mod tests {
         let (g, _) = file_in(shm, "hold-b");
         let other: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
         g.write_all_at(&other, 0).unwrap();
-        let a = MemoryPath::new(&f, data.len() as u64, false).unwrap();
-        let b = MemoryPath::new(&g, data.len() as u64, true).unwrap();
+        let a = MemoryPath::new(&f, data.len() as u64).unwrap();
+        let b = MemoryPath::new_overlay(&g, data.len() as u64).unwrap();
         let p = Pipe::with_capacity(1 << 20).unwrap();
         assert!(p.capacity() >= 64 << 10, "capacity {}", p.capacity());
         let mut want = Vec::new();
@@ -643,7 +641,7 @@ mod tests {
     #[test]
     fn a_pipe_holds_mapped_bytes_all_or_none() {
         let (f, data) = file_in(std::path::Path::new("/dev/shm"), "pipe");
-        let r = MemoryPath::new(&f, data.len() as u64, false).unwrap();
+        let r = MemoryPath::new(&f, data.len() as u64).unwrap();
         let p = Pipe::new().unwrap();
         for (pos, len) in [(0, 4096), (512, 4096), (65536 - 100, 100)] {
             assert!(r.splice_to(pos as u64, len, &p), "at {pos}+{len}");
@@ -674,7 +672,7 @@ mod tests {
             return;
         };
         let (g, _) = file_in(&dir, "pipe");
-        let n = MemoryPath::new(&g, 64 * 1024, false).unwrap();
+        let n = MemoryPath::new(&g, 64 * 1024).unwrap();
         assert!(!n.splice_to(0, 4096, &p));
     }
 }

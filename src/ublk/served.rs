@@ -130,12 +130,12 @@ impl ServedDevice {
         let raw = dev.base().raw().ok_or_else(|| {
             std::io::Error::other("the chain's deepest layer records no base (format version 1)")
         })?;
-        let base_io = MemoryPath::new(raw, size, false)?;
+        let base_io = MemoryPath::new(raw, size)?;
         let layer_io = layers
             .iter()
             .map(|l| {
                 let o = &l.overlay;
-                MemoryPath::new(o.storage(), o.data_pos(size), false)
+                MemoryPath::new(o.storage(), o.data_pos(size))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let overlay = dev.overlay();
