@@ -542,6 +542,41 @@ pub(crate) fn page_size() -> u64 {
     if n > 0 { n as u64 } else { 4096 }
 }
 
+/// The most one `fadvise(WILLNEED)` of `file` reads ahead, in bytes: the
+/// kernel reads at most max(readahead size, largest I/O) of the block
+/// device that holds the file's pages per call, and ignores the rest of the
+/// range. Read from that device's queue in sysfs (a partition's is its
+/// disk's); `None` when no block device's queue describes the file (tmpfs,
+/// a network file system, btrfs's anonymous devices).
+pub(crate) fn willneed_limit(file: &File) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = file.metadata().ok()?;
+    let dev = if m.file_type().is_block_device() {
+        m.rdev()
+    } else {
+        m.dev()
+    };
+    let node = std::path::PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    let queue = if node.join("partition").exists() {
+        node.join("../queue")
+    } else {
+        node.join("queue")
+    };
+    let kib = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(queue.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let limit = kib("read_ahead_kb")?.max(kib("max_sectors_kb")?) << 10;
+    (limit > 0).then_some(limit)
+}
+
 /// Whether `file` lives in memory: a regular file in tmpfs, whose "I/O" is
 /// memory copies. A device node is not, wherever it lives: /dev is
 /// devtmpfs, which `fstatfs` reports as tmpfs, but a block device's data is
@@ -999,5 +1034,43 @@ pub(crate) fn try_flock(file: &File, exclusive: bool) -> io::Result<bool> {
             Some(libc::EINTR) => continue,
             _ => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block device's limit is read from its own queue (found through its
+    /// device number), and a file in tmpfs has none.
+    #[test]
+    fn willneed_limit_is_the_larger_of_readahead_and_largest_io() {
+        let path = format!("/dev/shm/ublk-cow-test-{}-willneed", std::process::id());
+        let shm = File::create(&path).expect("a file in /dev/shm");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(willneed_limit(&shm), None, "tmpfs has no queue");
+
+        // A whole disk this machine has, opened read-only (tests run as
+        // root), beside what its queue under /sys/block says.
+        let disk = std::fs::read_dir("/sys/block")
+            .expect("/sys/block")
+            .filter_map(|e| e.ok())
+            .find_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let file = File::open(format!("/dev/{name}")).ok()?;
+                Some((name, file))
+            });
+        let Some((name, file)) = disk else {
+            panic!("no block device can be opened: the limit of one cannot be checked");
+        };
+        let kib = |what: &str| -> u64 {
+            std::fs::read_to_string(format!("/sys/block/{name}/queue/{what}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let want = kib("read_ahead_kb").max(kib("max_sectors_kb")) << 10;
+        assert_eq!(willneed_limit(&file), Some(want), "/dev/{name}");
     }
 }

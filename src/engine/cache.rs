@@ -23,18 +23,22 @@ use crate::engine::readahead::Readahead;
 use std::fmt;
 use std::str::FromStr;
 
-/// Largest piece of one `fadvise(WILLNEED)`. The kernel reads ahead at most
-/// max(the file's readahead size, the device's largest I/O) per call and
-/// silently ignores the rest, and the readahead size is 128 KiB unless the
-/// administrator changed it; so a longer range is advised in pieces of this
-/// size, all in flight together.
+/// The `fadvise(WILLNEED)` piece where nothing better is known. The kernel
+/// reads ahead at most max(the file's readahead size, the device's largest
+/// I/O) per call and silently ignores the rest, and the readahead size is
+/// 128 KiB unless the administrator changed it; so a longer range is
+/// advised in pieces, all in flight together. A served device sizes each
+/// file's pieces by what its device takes (`sys::willneed_limit`); this
+/// size is for files whose device says nothing, and for cache requests
+/// carried out without a ring (`CowDevice::cache`).
 pub(crate) const FADVISE_PIECE: u64 = 128 << 10;
 
-/// `[off, off+len)` cut into pieces of at most [`FADVISE_PIECE`] bytes.
-pub(crate) fn fadvise_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+/// `[off, off+len)` cut into pieces of at most `piece` bytes.
+pub(crate) fn fadvise_pieces(off: u64, len: u64, piece: u64) -> impl Iterator<Item = (u64, u64)> {
+    let piece = piece.max(1);
     (off..off + len)
-        .step_by(FADVISE_PIECE as usize)
-        .map(move |at| (at, FADVISE_PIECE.min(off + len - at)))
+        .step_by(piece as usize)
+        .map(move |at| (at, piece.min(off + len - at)))
 }
 
 /// What a cache request does with blocks still on the base.

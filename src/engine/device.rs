@@ -7,7 +7,9 @@
 //! the I/O of a plan is issued.
 
 use crate::engine::base::BaseIdentity;
-use crate::engine::cache::{CacheAction, CacheMode, cache_blocks, fadvise_pieces, plan_cache};
+use crate::engine::cache::{
+    CacheAction, CacheMode, FADVISE_PIECE, cache_blocks, fadvise_pieces, plan_cache,
+};
 use crate::engine::geometry::Geometry;
 use crate::engine::locks::{BlockLocks, MAX_LOCK_BLOCKS, RangeGuard};
 use crate::engine::map::{BlockMap, BlockState, MAP_PAGE, MapMemory, map_bytes};
@@ -585,13 +587,13 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             match st.action {
                 CacheAction::FadviseOverlay => {
                     let at = self.overlay.data_pos(st.off);
-                    for (off, len) in fadvise_pieces(at, st.len) {
+                    for (off, len) in fadvise_pieces(at, st.len, FADVISE_PIECE) {
                         let _ = self.overlay.storage().will_need(off, len);
                     }
                     done.fadvised_overlay += st.len;
                 }
                 CacheAction::FadviseBase => {
-                    for (off, len) in fadvise_pieces(st.off, st.len) {
+                    for (off, len) in fadvise_pieces(st.off, st.len, FADVISE_PIECE) {
                         let _ = self.base.will_need(off, len);
                     }
                     done.fadvised_base += st.len;

@@ -5,7 +5,7 @@
 //! control socket.
 
 use crate::engine::base::{DirectAlign, DirectBase};
-use crate::engine::cache::CachePolicy;
+use crate::engine::cache::{CachePolicy, FADVISE_PIECE};
 use crate::engine::chain::Backed;
 use crate::engine::device::CowDevice;
 use crate::engine::readahead::Readahead;
@@ -46,6 +46,35 @@ pub struct ServedDevice {
     /// writes; `None` for an overlay in memory or on a file system
     /// without O_DIRECT.
     pub(crate) direct_overlay: Option<DirectOverlay>,
+    /// How much of each file one `fadvise(WILLNEED)` asks for.
+    pub(crate) advice: AdvicePieces,
+}
+
+/// The largest `fadvise(WILLNEED)` piece of each file a device reads, in
+/// bytes: what the block device holding the file reads ahead in one call
+/// (`sys::willneed_limit`), at most [`ADVICE_PIECE_MAX`];
+/// [`FADVISE_PIECE`] where the device says nothing. Larger pieces become
+/// larger reads of the device: the kernel cuts one call's range into I/Os
+/// of the device's largest size, where pieces from separate calls (each on
+/// an io_uring worker of its own) reach the device one by one.
+pub(crate) struct AdvicePieces {
+    pub(crate) base: u64,
+    pub(crate) overlay: u64,
+    /// By depth below the overlay.
+    pub(crate) layers: Vec<u64>,
+}
+
+/// The largest advice piece: the largest prefetch window
+/// (`readahead::AUTO_MAX`).
+pub(crate) const ADVICE_PIECE_MAX: u64 = crate::engine::readahead::AUTO_MAX;
+
+impl AdvicePieces {
+    /// The piece of `file`.
+    pub(crate) fn of(file: &File) -> u64 {
+        crate::sys::willneed_limit(file).map_or(FADVISE_PIECE, |n| {
+            n.clamp(crate::sys::page_size(), ADVICE_PIECE_MAX)
+        })
+    }
 }
 
 /// The overlay opened once more with O_DIRECT. A WRITE's data of at least
@@ -151,6 +180,14 @@ impl ServedDevice {
                 }
             };
         let direct_overlay = DirectOverlay::open(overlay.storage());
+        let advice = AdvicePieces {
+            base: AdvicePieces::of(raw),
+            overlay: AdvicePieces::of(overlay.storage()),
+            layers: layers
+                .iter()
+                .map(|l| AdvicePieces::of(l.overlay.storage()))
+                .collect(),
+        };
         Ok(ServedDevice {
             dev,
             policy,
@@ -161,6 +198,7 @@ impl ServedDevice {
             unallocated_ready,
             direct,
             direct_overlay,
+            advice,
         })
     }
 

@@ -17,17 +17,18 @@ use std::collections::VecDeque;
 const CACHE_PIECE: u64 = 1 << 20;
 
 /// `fadvise(WILLNEED)` pieces of one cache request in flight at once: a
-/// whole 4 MiB window. io_uring runs each on a worker thread (the advice
-/// may block), and each starts its reads and returns; one at a time left
-/// the base idle whenever the queue's thread waited for a page still being
-/// read, and measured slower over a slow base (docs/benchmarks.md,
-/// "Readahead over a slow base").
+/// whole 4 MiB window of 128 KiB pieces (`ServedDevice::advice`: larger
+/// where the file's device reads more per call). io_uring runs each on a
+/// worker thread (the advice may block), and each starts its reads and
+/// returns; one at a time left the base idle whenever the queue's thread
+/// waited for a page still being read, and measured slower over a slow
+/// base (docs/benchmarks.md, "Readahead over a slow base").
 const WILLNEED_IN_FLIGHT: usize = 32;
 
 /// A cache request on the queue's ring (see `engine::cache`): fadvise steps
-/// as io_uring `Fadvise` in pieces of `FADVISE_PIECE`, `WILLNEED_IN_FLIGHT`
-/// at a time; reads
-/// and copies in pieces of at most `CACHE_PIECE`.
+/// as io_uring `Fadvise` in each file's pieces (`ServedDevice::advice`),
+/// `WILLNEED_IN_FLIGHT` at a time; reads and copies in pieces of at most
+/// `CACHE_PIECE`.
 pub async fn cache_range<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -54,7 +55,12 @@ pub async fn cache_range<R: Ring>(
         // it lies (a chain's pieces in their layers; zeros need nothing).
         let (advise, counter) = match step.action {
             CacheAction::FadviseOverlay => (
-                vec![(OVERLAY_FD, dev.overlay().data_pos(step.off), step.len)],
+                vec![(
+                    OVERLAY_FD,
+                    dev.overlay().data_pos(step.off),
+                    step.len,
+                    sh.advice.overlay,
+                )],
                 &st.fadvise_overlay_bytes,
             ),
             CacheAction::FadviseBase => {
@@ -62,8 +68,13 @@ pub async fn cache_range<R: Ring>(
                 let advise = pieces
                     .into_iter()
                     .filter_map(|(from, at, to)| match from {
-                        Below::Base => Some((BASE_FD, at, to - at)),
-                        Below::Layer(k) => Some((layer_fd(k), sh.layer_pos(k, at), to - at)),
+                        Below::Base => Some((BASE_FD, at, to - at, sh.advice.base)),
+                        Below::Layer(k) => Some((
+                            layer_fd(k),
+                            sh.layer_pos(k, at),
+                            to - at,
+                            sh.advice.layers[k],
+                        )),
                         Below::Zero => None,
                     })
                     .collect();
@@ -94,7 +105,7 @@ pub async fn cache_range<R: Ring>(
         let mut in_flight = VecDeque::new();
         for (fd, (at, n)) in advise
             .into_iter()
-            .flat_map(|(fd, pos, len)| fadvise_pieces(pos, len).map(move |p| (fd, p)))
+            .flat_map(|(fd, pos, len, piece)| fadvise_pieces(pos, len, piece).map(move |p| (fd, p)))
         {
             if in_flight.len() == WILLNEED_IN_FLIGHT
                 && let Some(f) = in_flight.pop_front()
