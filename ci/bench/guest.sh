@@ -11,7 +11,8 @@
 #        the base on a device that takes this many ms per I/O), OVERLAY_FS
 #        (tmpfs: the file systems the overlays live on, in turn, each a
 #        fresh one: tmpfs, ext4, xfs; workloads on ext4 or xfs are named
-#        with -ext4 or -xfs)
+#        with -ext4 or -xfs). seqread-SIZE-written takes any fio block
+#        size (128k, 512k) besides the default 64k, 256k and 1m.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
@@ -51,7 +52,7 @@ workload_args() {
         randread-4k-written) echo "--rw=randread --bs=4k --iodepth=32 --size=64M $TIMED" ;;
         chunkwrite-4k-first) echo "--rw=randwrite --bs=4k --iodepth=32 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=32M" ;;
         seqread-1m) echo "--rw=read --bs=1m --iodepth=8 $TIMED" ;;
-        seqread-64k-written|seqread-256k-written|seqread-1m-written)
+        seqread-*-written)
             local bs=${1#seqread-}; bs=${bs%-written}
             echo "--rw=read --bs=$bs --iodepth=8 --size=64M $TIMED" ;;
         seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
