@@ -3,7 +3,9 @@
 //! a file in memory (tmpfs) or of pages the page cache already holds; writes
 //! to a file in memory as `pwrite`, unless they are large (`RING_WRITE_MIN`).
 //! The overlay's mapping is also where ublk can copy a WRITE's data itself
-//! (`placeable`).
+//! (`placeable`). A base or layer on a device is mapped too, but only for
+//! the kernel's copies of ranges its page cache holds (`mapped_for_kernel`):
+//! a READ's data then goes from the page cache into the request in one copy.
 //!
 //! io_uring tries buffered I/O without blocking too, but hands it to a
 //! worker thread whenever the file cannot promise that (tmpfs has no
@@ -32,6 +34,12 @@ const RING_ONLY: u8 = 2; // neither: everything goes to the ring
 /// faster for large writes, slower for 4 KiB ones (docs/benchmarks.md).
 const RING_WRITE_MIN: usize = 128 << 10;
 
+/// From this size on, a READ of a file on a device whose range the page
+/// cache holds is named to the kernel's copy (`mapped_for_kernel`). That
+/// takes two system calls (`cachestat`, then making the pages present) to
+/// save one copy; a smaller READ keeps its one `pread`, which copies little.
+const KERNEL_MAP_MIN: usize = 32 << 10;
+
 /// Pages are 4 KiB on every machine this runs on; `cachestat` counts them.
 const PAGE: u64 = 4096;
 
@@ -51,6 +59,13 @@ pub(crate) struct MemoryPath {
     /// daemon, where `pwrite` returns ENOSPC. The kernel's copies into it
     /// fail cleanly instead (see `ublk::write_data`).
     map: Option<SharedMap>,
+    /// The whole file mapped read-only when it lives on a device (a base or
+    /// a layer that is not in tmpfs), named to the kernel for ranges that
+    /// `cachestat` finds cached (`mapped_for_kernel`). Never read by this
+    /// process: a page evicted meanwhile is read again by the kernel's
+    /// copy, whose failure (the device failing) is an error there, where
+    /// a read here would raise SIGBUS.
+    cache_map: Option<SharedMap>,
     /// The file lives in memory: a write only copies into its pages.
     in_memory: bool,
     /// The file (a second descriptor of the device's).
@@ -64,7 +79,11 @@ impl MemoryPath {
     /// served (the base, a layer), so pages it made present are remembered
     /// (`SharedMap::map_unchanging`).
     pub(crate) fn new(file: &File, len: u64) -> io::Result<MemoryPath> {
-        MemoryPath::with_map(file, len, |len| SharedMap::map_unchanging(file, len))
+        let mut p = MemoryPath::with_map(file, len, |len| SharedMap::map_unchanging(file, len))?;
+        if p.map.is_none() && len > 0 && covers(file, len) {
+            p.cache_map = SharedMap::map(file, len as usize, false).ok();
+        }
+        Ok(p)
     }
 
     /// Inline I/O for the overlay `file`, whose first `len` bytes are
@@ -85,12 +104,13 @@ impl MemoryPath {
         let in_memory = sys::is_tmpfs(file);
         // Only a file that covers the whole mapping: reading a mapping past
         // the end of its file raises SIGBUS.
-        let whole = file.metadata().is_ok_and(|m| m.len() >= len);
+        let whole = covers(file, len);
         let map = (whole && len > 0 && in_memory)
             .then(|| map(len as usize).ok())
             .flatten();
         Ok(MemoryPath {
             map,
+            cache_map: None,
             in_memory,
             file: file.try_clone()?,
             way: AtomicU8::new(NOWAIT),
@@ -127,10 +147,33 @@ impl MemoryPath {
         self.map.is_some()
     }
 
+    /// Whether the kernel may be named a mapping of the file to copy a
+    /// READ's data from (`mapped_for_kernel` may give one).
+    pub(crate) fn is_mapped_for_kernel(&self) -> bool {
+        self.map.is_some() || self.cache_map.is_some()
+    }
+
+    /// Where bytes `[pos, pos + len)` of the file are mapped, for the
+    /// kernel to copy from (ublk at the commit, or `pwritev` into the
+    /// request): as `mapped` for a file in memory; for a file on a device
+    /// only a range of `KERNEL_MAP_MIN` or more whose every page
+    /// `cachestat` finds cached, its pages then made present. `None`: the
+    /// data must be read.
+    pub(crate) fn mapped_for_kernel(&self, pos: u64, len: usize) -> Option<*const u8> {
+        let Some(m) = &self.cache_map else {
+            return self.mapped(pos, len);
+        };
+        if len < KERNEL_MAP_MIN || !self.cached(pos, len as u64).unwrap_or(false) {
+            return None;
+        }
+        m.populate_for_reads(pos, len).ok()?;
+        Some(m.addr(pos, len))
+    }
+
     /// Where bytes `[pos, pos + len)` of the file are mapped, with their
-    /// pages present, for ublk to copy from at the commit: `None` when the
-    /// file is not mapped or its pages cannot be had (a hole of a full
-    /// tmpfs, whose read by ublk would fail and requeue the READ).
+    /// pages present, for this process or ublk to copy from: `None` when
+    /// the file is not in memory or its pages cannot be had (a hole of a
+    /// full tmpfs, whose read by ublk would fail and requeue the READ).
     pub(crate) fn mapped(&self, pos: u64, len: usize) -> Option<*const u8> {
         let m = self.map.as_ref()?;
         m.populate_for_reads(pos, len).ok()?;
@@ -262,6 +305,19 @@ impl MemoryPath {
             }
         }
         done
+    }
+}
+
+/// Whether `file` (a block device or a regular file) holds at least `len`
+/// bytes: a mapping of `len` bytes may be read in full.
+fn covers(file: &File, len: u64) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    match file.metadata() {
+        Ok(m) if m.file_type().is_block_device() => {
+            sys::block_device_size(file).is_ok_and(|n| n >= len)
+        }
+        Ok(m) => m.len() >= len,
+        Err(_) => false,
     }
 }
 
@@ -418,6 +474,49 @@ mod tests {
             assert!(r.mapped(16384 + 100, 1000).is_some());
             assert!(in_page_table(at + 16384), "part of a page remembered");
         }
+    }
+
+    /// A file off tmpfs (a base on a device) is named to the kernel's copies
+    /// for ranges its page cache holds, with the file's bytes there, and for
+    /// no range that must be read from the device; a file shorter than the
+    /// mapping would be is not mapped at all.
+    #[test]
+    fn a_file_on_a_device_is_named_to_the_kernel_where_cached() {
+        let Some(dir) = disk_dir() else {
+            panic!("no directory off tmpfs: the page-cache mapping cannot be tested");
+        };
+        let (f, data) = file_in(&dir, "kernel");
+        let len = data.len();
+        let r = MemoryPath::new(&f, len as u64).unwrap();
+        assert!(!r.is_mapped() && r.is_mapped_for_kernel());
+        assert!(r.mapped(4096, 8192).is_none(), "never read here");
+        // Just written, so cached.
+        let n = KERNEL_MAP_MIN;
+        let at = r.mapped_for_kernel(100, n).expect("a cached range");
+        // SAFETY: `n` bytes inside the live mapping of a file that covers
+        // them and that nothing shortens, their pages just made present.
+        let seen = unsafe { std::slice::from_raw_parts(at, n) };
+        assert_eq!(seen, &data[100..][..n]);
+        assert!(
+            r.mapped_for_kernel(100, n - 1).is_none(),
+            "a small READ is read"
+        );
+        // Out of the page cache: clean, unmapped from this process, dropped.
+        f.sync_all().unwrap();
+        let map = r.cache_map.as_ref().unwrap();
+        drop_from_page_table(map.addr(0, len) as usize, len);
+        sys::fadvise(&f, 0, len as u64, libc::POSIX_FADV_DONTNEED).unwrap();
+        let cached = sys::cached_pages(&f, 0, len as u64).expect("cachestat (Linux 6.5)");
+        assert_eq!(
+            cached, 0,
+            "the file's pages stayed cached: the case cannot be made"
+        );
+        assert!(r.mapped_for_kernel(4096, n).is_none(), "uncached");
+        let longer = MemoryPath::new(&f, len as u64 + 4096).unwrap();
+        assert!(
+            !longer.is_mapped_for_kernel(),
+            "a mapping past the file's end"
+        );
     }
 
     /// A device node lives in devtmpfs, which `fstatfs` reports as tmpfs;

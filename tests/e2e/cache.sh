@@ -181,7 +181,7 @@ case_cow_on_read() {
 case_direct_base() {
     # --base-io direct: base blocks the page cache lacks are read around it
     # (O_DIRECT, counted); blocks it holds (warmed by a cache request) are
-    # read from there; the data is the base's either way, and writes,
+    # read from there (in copy mode, by ublk's own copy); the data is the base's either way, and writes,
     # partial-block ones too, land in the overlay as ever.
     local lo dev id
     lo=$(losetup -f --show -r "$BASE")
@@ -202,6 +202,16 @@ case_direct_base() {
         <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "cached reads differ"
     local after; after=$(stat_of "$id" read_base_direct_ops)
     [ "$after" = "$direct" ] || die "$((after - direct)) reads of warmed blocks went around the page cache"
+    # A second device over the same base, copy mode: each READ of a warmed
+    # range is named to ublk's copy in the base's page cache (one copy).
+    local cm cmid named
+    cm=$(add --base "$lo" --zero-copy=off --readahead off); cmid=$(dev_id "$cm")
+    cmp <(dd if="$cm" bs=64k skip=512 count=512 iflag=direct status=none) \
+        <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "reads from the page cache's mapping differ"
+    named=$(stat_of "$cmid" reads_from_mapping)
+    say "  copy mode: $named of 512 warmed 64K reads copied by ublk from the base's page cache"
+    [ "$named" -ge 480 ] || die "only $named of 512 warmed reads were copied from the base's page cache"
+    "$UC" del -n "$cmid"
     fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --offset=64M --size=16M \
         --rw=randwrite --bssplit=512/10:4k/50:64k/40 --verify=crc32c --verify_fatal=1 \
         --randseed=23 --name=direct >direct.log 2>&1 || { cat direct.log; die "fio verify"; }

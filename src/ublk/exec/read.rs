@@ -93,6 +93,9 @@ struct RunFacts {
     leave: MayLeave,
     /// The run's file is mapped (in memory).
     mapped: bool,
+    /// The kernel may copy the run from a mapping of its file (in memory,
+    /// or on a device with the run in its page cache).
+    kernel_mapped: bool,
 }
 
 /// The first transfer to try for a run; `fallback` gives the next when
@@ -101,8 +104,8 @@ fn choose(f: RunFacts) -> Transfer {
     match (f.zero, f.registered) {
         (true, false) => Transfer::FillZeros,
         (true, true) => Transfer::ZerosFromDevice,
-        (false, false) if f.leave == MayLeave::Runs && f.mapped => Transfer::LeaveMapped,
-        (false, false) if f.leave == MayLeave::OneMapping && f.single && f.mapped => {
+        (false, false) if f.leave == MayLeave::Runs && f.kernel_mapped => Transfer::LeaveMapped,
+        (false, false) if f.leave == MayLeave::OneMapping && f.single && f.kernel_mapped => {
             Transfer::CommitMapping
         }
         (false, false) => Transfer::ToBuffer,
@@ -188,6 +191,7 @@ pub async fn read<R: Ring>(
             single,
             leave,
             mapped: file.is_mapped(),
+            kernel_mapped: file.is_mapped_for_kernel(),
         });
         loop {
             let index = match &buf {
@@ -221,7 +225,7 @@ pub async fn read<R: Ring>(
                     };
                     pending.push(PendingOp::push(q, op, len as u32));
                 }
-                Transfer::CommitMapping => match file.mapped(pos, len) {
+                Transfer::CommitMapping => match file.mapped_for_kernel(pos, len) {
                     Some(at) => {
                         Stats::add(&st.reads_from_mapping, 1);
                         return Ok(done(ReadData::Mapped(at)));
@@ -231,7 +235,7 @@ pub async fn read<R: Ring>(
                         continue;
                     }
                 },
-                Transfer::LeaveMapped => match file.mapped(pos, len) {
+                Transfer::LeaveMapped => match file.mapped_for_kernel(pos, len) {
                     Some(at) => {
                         Stats::add(&st.reads_from_mapping, 1);
                         add_piece(&mut s.pieces, at as usize, len);
@@ -466,6 +470,7 @@ mod tests {
             single: true,
             leave: MayLeave::OneMapping,
             mapped: true,
+            kernel_mapped: true,
         }
     }
 
@@ -484,6 +489,7 @@ mod tests {
         assert_eq!(choose(f), Transfer::ToBuffer, "a READ to be copied in");
         let f = RunFacts {
             mapped: false,
+            kernel_mapped: false,
             ..facts()
         };
         assert_eq!(choose(f), Transfer::ToBuffer);
@@ -509,6 +515,7 @@ mod tests {
         assert_eq!(choose(runs(f)), Transfer::LeaveMapped, "one of several");
         let f = RunFacts {
             mapped: false,
+            kernel_mapped: false,
             ..facts()
         };
         assert_eq!(choose(runs(f)), Transfer::ToBuffer);
@@ -518,6 +525,35 @@ mod tests {
         };
         assert_eq!(choose(runs(f)), Transfer::FillZeros);
         assert_eq!(Transfer::LeaveMapped.fallback(), Transfer::ToBuffer);
+    }
+
+    /// A file on a device is named to the kernel (ublk's commit, user
+    /// copy's `pwritev`) for ranges its page cache holds, and never read
+    /// through its mapping by this process (a splice or a copy here).
+    #[test]
+    fn a_file_on_a_device_is_left_only_to_the_kernels_copies() {
+        let on_device = RunFacts {
+            mapped: false,
+            ..facts()
+        };
+        assert_eq!(choose(on_device), Transfer::CommitMapping);
+        let f = RunFacts {
+            leave: MayLeave::Runs,
+            single: false,
+            ..on_device
+        };
+        assert_eq!(choose(f), Transfer::LeaveMapped);
+        let f = RunFacts {
+            single: false,
+            ..on_device
+        };
+        assert_eq!(choose(f), Transfer::ToBuffer, "the helper copies here");
+        let f = RunFacts {
+            registered: true,
+            user_copy: true,
+            ..on_device
+        };
+        assert_eq!(choose(f), Transfer::RingFixed);
     }
 
     #[test]
@@ -563,6 +599,7 @@ mod tests {
         assert_eq!(choose(f), Transfer::RingFixed, "a large request");
         let f = RunFacts {
             mapped: false,
+            kernel_mapped: false,
             ..zc
         };
         assert_eq!(choose(f), Transfer::RingFixed);
