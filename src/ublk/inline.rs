@@ -76,8 +76,9 @@ pub(crate) struct MemoryPath {
 impl MemoryPath {
     /// Inline I/O for `file`, whose first `len` bytes are read through it,
     /// mapped read-only: a file that nothing writes or punches while it is
-    /// served (the base, a layer), so pages it made present are remembered
-    /// (`SharedMap::map_unchanging`).
+    /// served (the base, a layer). In memory, pages it made present are
+    /// remembered (`SharedMap::map_unchanging`); on a device, the mapping
+    /// is only for the kernel's copies (`mapped_for_kernel`).
     pub(crate) fn new(file: &File, len: u64) -> io::Result<MemoryPath> {
         let mut p = MemoryPath::with_map(file, len, |len| SharedMap::map_unchanging(file, len))?;
         if p.map.is_none() && len > 0 && covers(file, len) {
