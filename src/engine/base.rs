@@ -92,6 +92,17 @@ impl BaseIdentity {
     }
 }
 
+/// The page size the page cache is judged in.
+const PAGE: u64 = 4096;
+
+/// Whether the page at `page` of `base` is in the page cache (`cachestat`,
+/// Linux 6.5); false where that cannot be told, so that a sample's page is
+/// then dropped as if it had been brought in.
+fn page_cached(base: &dyn Storage, page: u64) -> bool {
+    base.as_file()
+        .is_some_and(|f| crate::sys::cached_pages(f, page, PAGE).is_ok_and(|n| n == 1))
+}
+
 /// FNV-1a over `size` and `samples` samples spread evenly over the base.
 fn fingerprint(base: &dyn Storage, size: u64, samples: u64) -> Result<u64, Error> {
     let mut h = Fnv::default();
@@ -101,15 +112,21 @@ fn fingerprint(base: &dyn Storage, size: u64, samples: u64) -> Result<u64, Error
     for i in 0..samples {
         let off = (span / (samples - 1) * i) & !511;
         let n = (SAMPLE_LEN as u64).min(size - off) as usize;
+        // The samples are not the device's data to serve: leave the page
+        // cache (and what it says the reader will read) as it was. A page
+        // the sample brings in is dropped again; one cached before (by
+        // another device over this base, or any reader of it) stays.
+        // DONTNEED drops only whole pages, so each page the sample touches
+        // is judged on its own.
+        let pages =
+            (off & !(PAGE - 1)..(off + n as u64).next_multiple_of(PAGE)).step_by(PAGE as usize);
+        let cached_before: Vec<u64> = pages.clone().filter(|&p| page_cached(base, p)).collect();
         base.read_at(&mut buf[..n], off)
             .ctx(|| format!("reading the base at {off}"))?;
         h.write(&buf[..n]);
-        // The samples are not the device's data to serve: leave the page
-        // cache (and what it says the reader will read) as it was. DONTNEED
-        // drops only whole pages, so name every page the sample touched.
-        let first = off & !4095;
-        let end = (off + n as u64).next_multiple_of(4096);
-        let _ = base.dont_need(first, end - first);
+        for p in pages.filter(|p| !cached_before.contains(p)) {
+            let _ = base.dont_need(p, PAGE);
+        }
     }
     Ok(h.finish())
 }
@@ -336,6 +353,60 @@ mod tests {
         // An overlay made with the 16 samples of before is still accepted.
         assert!(dev.fingerprint_matches(file.fingerprint));
         assert_eq!(file.legacy_fingerprint, None);
+    }
+
+    /// Opening a base leaves its page cache as it found it: the pages of
+    /// the identity samples that were cached (by another device over the
+    /// same base, say) stay, and those the samples brought in go again.
+    #[test]
+    fn the_identity_samples_leave_the_page_cache_as_it_was() {
+        use crate::sys::{cached_pages, fadvise};
+        use std::io::Write;
+        let dir = [std::env::temp_dir(), std::env::current_dir().unwrap()]
+            .into_iter()
+            .find(|d| {
+                let p = d.join(format!("ublk-cow-probe-{}", std::process::id()));
+                let f = File::create(&p).unwrap();
+                std::fs::remove_file(&p).unwrap();
+                !crate::sys::is_tmpfs(&f)
+            })
+            .expect("no directory off tmpfs: the page cache cannot be tested");
+        let p = dir.join(format!("ublk-cow-samples-{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        // 16 MiB: the device samples, about 16 KiB apart, each touch two
+        // pages.
+        let size = 16u64 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        let pages = size / PAGE;
+        // As `open` leaves a base: no readahead of the kernel's own.
+        fadvise(&f, 0, 0, libc::POSIX_FADV_RANDOM).unwrap();
+        fadvise(&f, 0, size, libc::POSIX_FADV_DONTNEED).unwrap();
+        let cold = cached_pages(&f, 0, size).expect("cachestat (Linux 6.5)");
+        assert_eq!(cold, 0, "the file stayed cached: the case cannot be made");
+        let id = BaseIdentity::compute(&f, size, 0).unwrap();
+        assert_eq!(
+            cached_pages(&f, 0, size).unwrap(),
+            0,
+            "the samples stayed cached"
+        );
+        let mut all = vec![0u8; size as usize];
+        f.read_at(&mut all, 0).unwrap();
+        assert_eq!(cached_pages(&f, 0, size).unwrap(), pages);
+        let again = BaseIdentity::compute(&f, size, 0).unwrap();
+        assert_eq!(
+            cached_pages(&f, 0, size).unwrap(),
+            pages,
+            "the samples dropped pages cached before them"
+        );
+        assert_eq!(id, again);
     }
 
     #[test]

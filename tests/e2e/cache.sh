@@ -204,16 +204,17 @@ case_direct_base() {
     [ "$after" = "$direct" ] || die "$((after - direct)) reads of warmed blocks went around the page cache"
     # A second device over the same base, copy mode: a READ of a warmed
     # range is named to ublk's copy in the base's page cache (one copy).
-    # On 6.12 all 512 are; on 7.3 a third of them were read as before (the
-    # page cache not found holding all of the READ, or the READ split below
-    # 32 KiB: not yet known), so at least half are asked for.
+    # Adding it must not evict what the first one's cache request warmed
+    # (its identity samples drop only pages they brought in): on 7.3, where
+    # the first device's zero copy leaves those pages unmapped, 183 of the
+    # 512 were read again when it did.
     local cm cmid named
     cm=$(add --base "$lo" --zero-copy=off --readahead off); cmid=$(dev_id "$cm")
     cmp <(dd if="$cm" bs=64k skip=512 count=512 iflag=direct status=none) \
         <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "reads from the page cache's mapping differ"
     named=$(stat_of "$cmid" reads_from_mapping)
     say "  copy mode: $named of 512 warmed 64K reads copied by ublk from the base's page cache"
-    [ "$named" -ge 256 ] || die "only $named of 512 warmed reads were copied from the base's page cache"
+    [ "$named" -ge 480 ] || die "only $named of 512 warmed reads were copied from the base's page cache"
     "$UC" del -n "$cmid"
     fio --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=16 --offset=64M --size=16M \
         --rw=randwrite --bssplit=512/10:4k/50:64k/40 --verify=crc32c --verify_fatal=1 \
