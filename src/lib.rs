@@ -32,4 +32,6 @@ pub mod remote;
 pub mod size;
 pub mod stats;
 pub mod sys;
+#[cfg(test)]
+mod test_files;
 pub mod ublk;

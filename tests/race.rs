@@ -3,7 +3,7 @@
 //! data must not land after a newer guest write and undo it.
 
 // The library's helper for its own host tests (not part of its API).
-#[path = "../src/ublk/test_files.rs"]
+#[path = "../src/test_files.rs"]
 mod test_files;
 
 use std::fs::File;

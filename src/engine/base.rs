@@ -364,21 +364,9 @@ mod tests {
         use std::io::Write;
         let dir = [std::env::temp_dir(), std::env::current_dir().unwrap()]
             .into_iter()
-            .find(|d| {
-                let p = d.join(format!("ublk-cow-probe-{}", std::process::id()));
-                let f = File::create(&p).unwrap();
-                std::fs::remove_file(&p).unwrap();
-                !crate::sys::is_tmpfs(&f)
-            })
+            .find(|d| !crate::sys::is_tmpfs(&crate::test_files::unlinked(d, "samples-probe")))
             .expect("no directory off tmpfs: the page cache cannot be tested");
-        let p = dir.join(format!("ublk-cow-samples-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
-        std::fs::remove_file(&p).unwrap();
+        let mut f = crate::test_files::unlinked(&dir, "samples");
         // 16 MiB: the device samples, about 16 KiB apart, each touch two
         // pages.
         let size = 16u64 << 20;

@@ -937,14 +937,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         // 1 GiB of 4 KiB blocks: a 64 KiB map.
         let geo = Geometry::new(1 << 30, 4096).unwrap();
-        let p = std::env::temp_dir().join(format!("ublk-cow-map-alloc-{}", std::process::id()));
-        let f = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
-        std::fs::remove_file(&p).unwrap();
+        let f = crate::test_files::unlinked(&std::env::temp_dir(), "map-alloc");
         let o = Overlay::create(f, geo, &id(1)).unwrap();
         let h = o.header().clone();
         assert_eq!(h.map_bytes, 64 << 10);

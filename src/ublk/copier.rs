@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn copies_every_piece_and_wakes_the_ring() {
         let copier = Copier::new("copier-test".into()).unwrap();
-        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier");
+        let f = crate::test_files::unlinked(&std::env::temp_dir(), "copier");
         let ring = test_ring(&f);
         let done = Arc::new(Finished::new().unwrap());
         let src: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
@@ -301,7 +301,7 @@ mod tests {
     #[test]
     fn writes_pieces_into_the_request_and_reports_a_failure() {
         let copier = Copier::new("copier-test".into()).unwrap();
-        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier-char");
+        let f = crate::test_files::unlinked(&std::env::temp_dir(), "copier-char");
         let ring = test_ring(&f);
         let done = Arc::new(Finished::new().unwrap());
         let a: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn a_panic_of_the_helper_fails_its_batch_and_no_other() {
         let copier = Copier::new("copier-test".into()).unwrap();
-        let f = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "copier-panic");
+        let f = crate::test_files::unlinked(&std::env::temp_dir(), "copier-panic");
         let ring = test_ring(&f);
         let done = Arc::new(Finished::new().unwrap());
         // SAFETY: the work names no memory.

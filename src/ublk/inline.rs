@@ -331,7 +331,7 @@ mod tests {
     /// cached), already unlinked.
     fn file_in(dir: &std::path::Path, name: &str) -> (File, Vec<u8>) {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-        let mut f = crate::ublk::test_files::unlinked(dir, &format!("inline-{name}"));
+        let mut f = crate::test_files::unlinked(dir, &format!("inline-{name}"));
         f.write_all(&data).unwrap();
         (f, data)
     }
@@ -354,7 +354,7 @@ mod tests {
         let tmp = std::env::temp_dir();
         let cwd = std::env::current_dir().unwrap();
         [tmp, cwd].into_iter().find(|d| {
-            let probe = crate::ublk::test_files::unlinked(d, "inline-probe");
+            let probe = crate::test_files::unlinked(d, "inline-probe");
             !sys::is_tmpfs(&probe)
         })
     }
@@ -637,7 +637,7 @@ mod tests {
             Some(libc::ENOSPC),
             "filling the tmpfs: {e}"
         );
-        let sink = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "inline-sink");
+        let sink = crate::test_files::unlinked(&std::env::temp_dir(), "inline-sink");
         let to = UserCopyAt {
             fd: std::os::fd::AsRawFd::as_raw_fd(&sink),
             pos: 0,

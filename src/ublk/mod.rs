@@ -16,8 +16,6 @@ pub mod plain_ring;
 pub(crate) mod queue;
 pub mod request_buf;
 pub(crate) mod served;
-#[cfg(test)]
-mod test_files;
 pub mod write_data;
 
 use crate::engine::Error;

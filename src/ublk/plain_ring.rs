@@ -357,9 +357,9 @@ mod tests {
     #[test]
     fn operations_in_flight_together_complete_with_their_results() {
         let dir = std::env::temp_dir();
-        let base = crate::ublk::test_files::unlinked(&dir, "plain-base");
+        let base = crate::test_files::unlinked(&dir, "plain-base");
         base.write_all_at(&[7u8; 8192], 0).unwrap();
-        let overlay = crate::ublk::test_files::unlinked(&dir, "plain-overlay");
+        let overlay = crate::test_files::unlinked(&dir, "plain-overlay");
         let files = RingFiles {
             base: base.as_raw_fd(),
             overlay: overlay.as_raw_fd(),
@@ -406,7 +406,7 @@ mod tests {
     #[test]
     fn a_wait_without_completions_fails_naming_what_is_in_flight() {
         let dir = std::env::temp_dir();
-        let f = crate::ublk::test_files::unlinked(&dir, "plain-stuck");
+        let f = crate::test_files::unlinked(&dir, "plain-stuck");
         let files = all_in(&f);
         let ring = PlainRing::new(&files, 4).unwrap();
         ring.inner.kick_after.set(Duration::from_secs(1));
@@ -440,7 +440,7 @@ mod tests {
     #[test]
     fn released_files_are_no_longer_held() {
         let dir = std::env::temp_dir();
-        let f = crate::ublk::test_files::unlinked(&dir, "plain-release");
+        let f = crate::test_files::unlinked(&dir, "plain-release");
         let files = all_in(&f);
         let ring = PlainRing::new(&files, 4).unwrap();
         let info = || {

@@ -237,7 +237,7 @@ mod tests {
     /// position ublk gives queue 1, tag 3.
     #[test]
     fn staging_takes_a_small_write_by_user_copy() {
-        let dev = crate::ublk::test_files::unlinked(&std::env::temp_dir(), "staging");
+        let dev = crate::test_files::unlinked(&std::env::temp_dir(), "staging");
         let copy = UserCopy {
             fd: dev.as_raw_fd(),
             qid: 1,

@@ -1,4 +1,4 @@
-//! Files for the host tests (the target's, and `tests/race.rs`, which
+//! Files for the host tests (the crate's, and `tests/race.rs`, which
 //! includes this file): made new in a directory and unlinked at once, so
 //! nothing is left behind however a test ends.
 
