@@ -198,18 +198,17 @@ case_direct_base() {
     [ $((c1 - c0)) -lt 8192 ] || die "reads around the page cache left $(((c1 - c0) / 1024)) MiB in it"
     [ "$direct" -ge 512 ] || die "only $direct of 512 base reads went around the page cache"
     "$UC" cache -n "$id" --offset 32M --length 32M --mode read >/dev/null
+    # A second device over the same base, copy mode, added while the warmed
+    # pages are cached and mapped by no one: adding it must not evict them
+    # (its identity samples drop only pages they brought in). Its READs of
+    # the warmed range are then named to ublk's copy in the base's page
+    # cache (one copy).
+    local cm cmid named
+    cm=$(add --base "$lo" --zero-copy=off --readahead off); cmid=$(dev_id "$cm")
     cmp <(dd if="$dev" bs=64k skip=512 count=512 iflag=direct status=none) \
         <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "cached reads differ"
     local after; after=$(stat_of "$id" read_base_direct_ops)
     [ "$after" = "$direct" ] || die "$((after - direct)) reads of warmed blocks went around the page cache"
-    # A second device over the same base, copy mode: a READ of a warmed
-    # range is named to ublk's copy in the base's page cache (one copy).
-    # Adding it must not evict what the first one's cache request warmed
-    # (its identity samples drop only pages they brought in): on 7.3, where
-    # the first device's zero copy leaves those pages unmapped, 183 of the
-    # 512 were read again when it did.
-    local cm cmid named
-    cm=$(add --base "$lo" --zero-copy=off --readahead off); cmid=$(dev_id "$cm")
     cmp <(dd if="$cm" bs=64k skip=512 count=512 iflag=direct status=none) \
         <(dd if="$BASE" bs=64k skip=512 count=512 status=none) || die "reads from the page cache's mapping differ"
     named=$(stat_of "$cmid" reads_from_mapping)
