@@ -27,16 +27,25 @@
 #    instead, the base is the image file in the guest's tmpfs: every READ
 #    finds its data in memory, for every system, so each system's figure
 #    there is the most any prefetch could give it over a slow base (not in
-#    the default).
-#    and loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
+#    the default). With "-warm" appended, the base's page cache holds the
+#    whole base before each run (read once after the caches are dropped,
+#    and held open until the run ends):
+#    every read a system sends to the base finds its pages there, as a
+#    perfect prefetch would leave them. Unlike -memory the base is the same
+#    device, read the same way, so each system's figure is the most any
+#    prefetch into the base's page cache could give it (not in the
+#    default).
+#    SYSTEMS: loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
 #    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
 #    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN), ublk-cow-ra-auto-rakb1m and
 #    loop-rakb1m (the device's read_ahead_kb at 1024; not in the default).
-#    Each run reads at most RUNTIME seconds and at most the device once.
+#    Each run reads at most RUNTIME seconds and at most the device once;
+#    each round starts one system later than the one before.
 # 2. `cache --cow-on-cache` of a whole device against `cp` of the base file
 #    to the same file system.
 # Prints "bench-json: {...}" lines and a summary.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
+source "$(dirname "$0")/systems.sh"
 set -e
 need_ublk
 ROUNDS=${ROUNDS:-3}
@@ -94,7 +103,8 @@ PY
 # RUNTIME seconds or one pass over the device.
 fio_args() {
     local common="--ioengine=psync --iodepth=1 --runtime=$RUNTIME --output-format=json"
-    local wl=${1%-nullb}
+    local wl=${1%-warm}
+    wl=${wl%-nullb}
     case ${wl%-memory} in
         seqread-4k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=4k $common" ;;
         seqread-64k-qd1-slow-base) echo "--name=w --direct=1 --rw=read --bs=64k $common" ;;
@@ -111,10 +121,13 @@ fio_args() {
 
 for round in $(seq 1 "$ROUNDS"); do
     for wl in $WORKLOADS; do
-        for sys in $SYSTEMS; do
+        for sys in $(rotated "$round" $SYSTEMS); do
             echo 3 > /proc/sys/vm/drop_caches
             base=$SLOW
             case $wl in *no-delay) base=$LO ;; *-nullb) base=$NULLB ;; *-memory) base=$B/base.img ;; esac
+            # A block device's page cache is dropped at its last close: fd 9
+            # holds the base open from the warming read to the run's end.
+            case $wl in *-warm) exec 9<"$base"; dd if="$base" of=/dev/null bs=1M status=none ;; esac
             case $sys in
                 loop) dev=$(losetup -f --show "$base") ;;
                 ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
@@ -137,6 +150,7 @@ for round in $(seq 1 "$ROUNDS"); do
             # shellcheck disable=SC2046
             fio --filename="$dev" $(fio_args "$wl") > $OUT/fio.json
             BASE1=$(base_io "$base")
+            case $wl in *-warm) exec 9<&- ;; esac
             case $sys in
                 loop*) losetup -d "$dev"; record "$sys" "$wl" "$round" $OUT/fio.json ;;
                 ublk-cow-old-ra-auto)

@@ -83,13 +83,6 @@ prepare() {
     esac
 }
 
-# rotated ROUND SYSTEM...: the systems, starting ROUND - 1 places on.
-rotated() {
-    local n=$(($1 - 1)); shift
-    local k=$((n % $#))
-    echo "${@:k+1}" "${@:1:k}"
-}
-
 # run_workloads SUFFIX: every workload, round and system; SUFFIX names
 # the overlays' file system in the workloads' names.
 run_workloads() {

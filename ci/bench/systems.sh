@@ -23,6 +23,13 @@ SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk
 # directory of its own (older builds made it with other modes), and
 # ublk-cow-old2 a third build (UBLK_COW_OLD2_BIN), to compare two changes.
 
+# rotated ROUND SYSTEM...: the systems, starting ROUND - 1 places on.
+rotated() {
+    local n=$(($1 - 1)); shift
+    local k=$((n % $#))
+    echo "${@:k+1}" "${@:1:k}"
+}
+
 # The benchmarks' tmpfs $B and in it the base: 512 MiB of random data,
 # $BASE_FILE = $BASE. Overlays and COW stores go in $OV ($TMPDIR too, where
 # ublk-cow keeps its temporary overlays): $B, or a file system of
