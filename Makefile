@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot bench-batch clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot bench-batch bench-sync clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -142,6 +142,14 @@ bench-snapshot:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	BENCH_SCRIPT=ci/bench/snapshot-guest.sh BENCH_SUMMARY=ci/bench/snapshot-summary.py bash ci/bench/run.sh
+
+# Where a FUA write's time goes on an overlay on ext4 or xfs, against
+# loop over a sparse file: commits per write and each step's time.
+bench-sync:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	mkdir -p target/bench
+	bash ci/in-ublk-env.sh ci/bench/sync-trace-guest.sh | tee target/bench/sync-trace.log
 
 # commit of an overlay against cp --sparse=always of the same data.
 bench-commit:

@@ -1,0 +1,131 @@
+#!/bin/bash
+# Where a FUA write's time goes on an overlay on ext4 or xfs (issue 24).
+# For kernel loop over a sparse file (loop-sparse) and ublk-cow, each with
+# its file on a fresh ext4 or xfs on a RAM disk (brd, mounted without
+# `discard`): random 4 KiB first writes with FUA at QD1 (fio --sync=1).
+# Prints per run the IOPS and the journal commits (ext4) or log forces
+# (xfs) per write, and for ext4 the mean time of each step of a write,
+# taken from a 50 ms ftrace window of a second run on the same device.
+#   bash ci/in-ublk-env.sh ci/bench/sync-trace-guest.sh
+#   env: ROUNDS (2), RUNTIME (5 s), FSES (ext4 xfs)
+source "$(dirname "$0")/../../tests/e2e/lib.sh"
+source "$(dirname "$0")/systems.sh"
+set -e
+need_ublk
+ROUNDS=${ROUNDS:-2}
+RUNTIME=${RUNTIME:-5}
+bench_base
+T=/sys/kernel/tracing
+mountpoint -q $T || mount -t tracefs nodev $T
+
+# plain_fs FS: a fresh FS on brd in $OV, mounted with the defaults.
+plain_fs() {
+    local o=/tmp/ublk-cow-ovfs
+    if mountpoint -q $o; then umount $o; fi
+    [ ! -e /dev/ram0 ] || rmmod brd
+    modprobe brd rd_nr=1 rd_size=$((1200 * 1024))
+    case $1 in
+        ext4) mkfs.ext4 -q -F /dev/ram0 ;;
+        xfs) modprobe xfs; mkfs.xfs -q -f /dev/ram0 ;;
+    esac
+    mkdir -p $o; mount /dev/ram0 $o
+    OV=$o; export TMPDIR=$OV
+}
+
+# Journal commits of ext4 on ram0, or xfs log forces, so far.
+commits() {
+    case $1 in
+        ext4) awk 'NR==1{print $1}' /proc/fs/jbd2/ram0-8/info ;;
+        xfs) awk '/^log /{print $5}' /proc/fs/xfs/stat ;;
+    esac
+}
+
+fua() { # DEV OFFSET RUNTIME: fio's JSON on stdout
+    fio --name=fua --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k \
+        --iodepth=1 --sync=1 --size=64M --offset="$2" --time_based --runtime="$3" \
+        --output-format=json
+}
+
+# steps SYSTEM: the mean time of each step of a write in the trace, in µs.
+steps() {
+    python3 - "$1" <<'PY'
+import re, sys
+from collections import defaultdict
+sys_name = sys.argv[1]
+events = []
+for line in open("/sys/kernel/tracing/trace"):
+    m = re.match(r"\s*(\S+)-\d+\s+\[\d+\]\s+\S+\s+([\d.]+): (\w+): (.*)", line)
+    if not m:
+        continue
+    comm, t, ev, rest = m.group(1), float(m.group(2)), m.group(3), m.group(4)
+    if ev == "io_uring_submit_req" and comm == "fio":
+        label = "fio submits"
+    elif ev == "io_uring_complete" and comm == "fio":
+        label = "fio completes"
+    elif ev == "io_uring_submit_req" and "opcode WRITE" in rest and comm == "ublk-cow":
+        label = "write"
+    elif ev == "io_uring_submit_req" and "opcode FSYNC" in rest and comm == "ublk-cow":
+        label = "fsync"
+    elif ev == "ext4_sync_file_enter":
+        label = "sync begins"
+    elif ev == "ext4_sync_file_exit":
+        label = "sync ends"
+    elif ev == "jbd2_run_stats":
+        label = "commit"
+    else:
+        continue
+    events.append((t, label))
+# Number the repeats within a write (ublk-cow writes and syncs twice).
+gaps = defaultdict(list)
+prev, seen, started = None, defaultdict(int), False
+for t, label in events:
+    if label == "fio submits":
+        seen.clear(); started = True
+    if not started:
+        continue
+    seen[label] += 1
+    name = label if seen[label] == 1 else f"{label} #{seen[label]}"
+    if prev is not None:
+        gaps[f"{prev[1]} -> {name}"].append((t - prev[0]) * 1e6)
+    prev = (t, name)
+order = sorted(gaps, key=lambda k: -len(gaps[k]))
+for k in order:
+    v = gaps[k]
+    if len(v) >= 3:
+        print(f"sync-trace: {sys_name} step {k}: {sum(v) / len(v):.0f} us (n={len(v)})")
+PY
+}
+
+for fs in ${FSES:-ext4 xfs}; do
+    for round in $(seq 1 "$ROUNDS"); do
+        for sys in $(rotated "$round" loop-sparse ublk-cow); do
+            plain_fs "$fs"
+            dev=$(sys_up "$sys")
+            c0=$(commits "$fs")
+            fua "$dev" 0 "$RUNTIME" > /tmp/sync-trace.json
+            c1=$(commits "$fs")
+            python3 - "$fs" "$sys" "$round" "$((c1 - c0))" <<'PY'
+import json, sys
+w = json.load(open("/tmp/sync-trace.json"))["jobs"][0]["write"]
+fs, name, rnd, commits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+print(f"sync-trace: {fs} {name} round {rnd}: {w['iops']:.0f} IOPS, "
+      f"{w['clat_ns']['mean'] / 1000:.0f} us a write, "
+      f"{commits / max(w['total_ios'], 1):.2f} commits a write")
+PY
+            if [ "$fs" = ext4 ] && [ "$round" = 1 ]; then
+                echo 0 > $T/tracing_on; echo > $T/trace
+                for e in ext4/ext4_sync_file_enter ext4/ext4_sync_file_exit jbd2/jbd2_run_stats \
+                    io_uring/io_uring_submit_req io_uring/io_uring_complete; do
+                    echo 1 > $T/events/$e/enable
+                done
+                fua "$dev" 128M 3 > /dev/null &
+                sleep 1.5; echo 1 > $T/tracing_on; sleep 0.05; echo 0 > $T/tracing_on
+                wait
+                echo 0 > $T/events/enable; echo 1 > $T/tracing_on
+                steps "$sys"
+            fi
+            sys_down "$sys" "$dev"
+        done
+    done
+done
+overlay_fs tmpfs
