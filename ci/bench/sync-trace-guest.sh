@@ -1,13 +1,16 @@
 #!/bin/bash
 # Where a FUA write's time goes on an overlay on ext4 or xfs (issue 24).
-# For kernel loop over a sparse file (loop-sparse) and ublk-cow, each with
-# its file on a fresh ext4 or xfs on a RAM disk (brd, mounted without
-# `discard`): random 4 KiB first writes with FUA at QD1 (fio --sync=1).
-# Prints per run the IOPS and the journal commits (ext4) or log forces
-# (xfs) per write, and for ext4 the mean time of each step of a write,
-# taken from a 50 ms ftrace window of a second run on the same device.
+# For kernel loop over a sparse file (loop-sparse), rublk's loop target
+# over a sparse file (rublk-sparse: a ublk server with no map, the floor
+# of the ublk round trip) and ublk-cow, each with its file on a fresh ext4
+# or xfs on a RAM disk (brd, mounted without `discard`): random 4 KiB
+# first writes with FUA at QD1 (fio --sync=1). Prints per run the IOPS
+# and the journal commits (ext4) or log forces (xfs) per write, and for
+# ext4 the mean time of each step of a write, taken from a 50 ms ftrace
+# window of a second run on the same device.
 #   bash ci/in-ublk-env.sh ci/bench/sync-trace-guest.sh
-#   env: ROUNDS (2), RUNTIME (5 s), FSES (ext4 xfs)
+#   env: ROUNDS (2), RUNTIME (5 s), SYSTEMS (loop-sparse rublk-sparse
+#        ublk-cow; any of ci/bench/systems.sh that write)
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
@@ -62,9 +65,9 @@ for line in open("/sys/kernel/tracing/trace"):
         label = "fio submits"
     elif ev == "io_uring_complete" and comm == "fio":
         label = "fio completes"
-    elif ev == "io_uring_submit_req" and "opcode WRITE" in rest and comm == "ublk-cow":
+    elif ev == "io_uring_submit_req" and "opcode WRITE" in rest:
         label = "write"
-    elif ev == "io_uring_submit_req" and "opcode FSYNC" in rest and comm == "ublk-cow":
+    elif ev == "io_uring_submit_req" and "opcode FSYNC" in rest:
         label = "fsync"
     elif ev == "ext4_sync_file_enter":
         label = "sync begins"
@@ -96,11 +99,14 @@ for k in order:
 PY
 }
 
-for fs in ${FSES:-ext4 xfs}; do
+SYSTEMS=${SYSTEMS:-loop-sparse rublk-sparse ublk-cow}
+for fs in ext4 xfs; do
     for round in $(seq 1 "$ROUNDS"); do
-        for sys in $(rotated "$round" loop-sparse ublk-cow); do
+        for sys in $(rotated "$round" $SYSTEMS); do
             plain_fs "$fs"
             dev=$(sys_up "$sys")
+            q=/sys/block/${dev#/dev/}/queue
+            [ "$round" != 1 ] || say "sync-trace: $sys: write cache $(cat $q/write_cache), fua $(cat $q/fua)"
             c0=$(commits "$fs")
             fua "$dev" 0 "$RUNTIME" > /tmp/sync-trace.json
             c1=$(commits "$fs")

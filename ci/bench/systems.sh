@@ -8,7 +8,8 @@
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
 # Also: loop-sparse, kernel loop over a fresh sparse file beside the
-# overlays (write workloads only); rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
+# overlays (write workloads only), and rublk-sparse, rublk's loop target
+# over one; rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
 # kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
 # default (--zero-copy=off); ublk-cow-user-copy, with ublk's user copy
@@ -177,6 +178,13 @@ sys_up() {
             nbdkit -P $B/nbdkit.pid -i 127.0.0.1 -p 10810 --filter=cow file "$BASE"
             nbd-client -N default 127.0.0.1 10810 /dev/nbd1 -b 4096 >/dev/null
             wait_dev /dev/nbd1 && echo /dev/nbd1 ;;
+        rublk-sparse)
+            # rublk's loop target over a fresh sparse file beside the
+            # overlays: a ublk server that allocates on first writes and
+            # keeps no map (write workloads only, as loop-sparse).
+            truncate -s "$(stat -c %s "$BASE_FILE")" $OV/rublk-sparse.img
+            "$RUBLK" add loop -n 50 -f $OV/rublk-sparse.img >/dev/null
+            wait_dev /dev/ublkb50 && echo /dev/ublkb50 ;;
         rublk|rublk-zc)
             local zc=; [ "$1" = rublk-zc ] && zc=-z
             "$RUBLK" add loop -n 50 $zc -f "$(private_copy rublk)" >/dev/null
@@ -208,6 +216,7 @@ sys_down() {
         qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $OV/ov.qcow2 ;;
         nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
             while pgrep -x nbdkit >/dev/null; do sleep 0.1; done ;;
+        rublk-sparse) "$RUBLK" del -n 50 >/dev/null; rm -f $OV/rublk-sparse.img ;;
         rublk*) "$RUBLK" del -n 50 >/dev/null; rm -f $B/rublk.img ;;
         ublk-cow-old) UBLK_COW_RUN_DIR=/run/ublk-cow-old "$UBLK_COW_OLD_BIN" del -n "$(dev_id "$2")" ;;
         ublk-cow-old2) UBLK_COW_RUN_DIR=/run/ublk-cow-old2 "$UBLK_COW_OLD2_BIN" del -n "$(dev_id "$2")" ;;
