@@ -144,7 +144,7 @@ bench-snapshot:
 	BENCH_SCRIPT=ci/bench/snapshot-guest.sh BENCH_SUMMARY=ci/bench/snapshot-summary.py bash ci/bench/run.sh
 
 # Where a FUA write's time goes on an overlay on ext4 or xfs, against
-# loop over a sparse file: commits per write and each step's time.
+# loop and rublk over a sparse file: commits per write, each step's time.
 bench-sync:
 	bash ci/bench/setup.sh
 	$(MAKE) build
