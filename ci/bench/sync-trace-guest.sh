@@ -21,20 +21,6 @@ bench_base
 T=/sys/kernel/tracing
 mountpoint -q $T || mount -t tracefs nodev $T
 
-# plain_fs FS: a fresh FS on brd in $OV, mounted with the defaults.
-plain_fs() {
-    local o=/tmp/ublk-cow-ovfs
-    if mountpoint -q $o; then umount $o; fi
-    [ ! -e /dev/ram0 ] || rmmod brd
-    modprobe brd rd_nr=1 rd_size=$((1200 * 1024))
-    case $1 in
-        ext4) mkfs.ext4 -q -F /dev/ram0 ;;
-        xfs) modprobe xfs; mkfs.xfs -q -f /dev/ram0 ;;
-    esac
-    mkdir -p $o; mount /dev/ram0 $o
-    OV=$o; export TMPDIR=$OV
-}
-
 # Journal commits of ext4 on ram0, or xfs log forces, so far.
 commits() {
     case $1 in
@@ -103,7 +89,7 @@ SYSTEMS=${SYSTEMS:-loop-sparse rublk-sparse ublk-cow}
 for fs in ext4 xfs; do
     for round in $(seq 1 "$ROUNDS"); do
         for sys in $(rotated "$round" $SYSTEMS); do
-            plain_fs "$fs"
+            overlay_fs "$fs" ""
             dev=$(sys_up "$sys")
             q=/sys/block/${dev#/dev/}/queue
             [ "$round" != 1 ] || say "sync-trace: $sys: write cache $(cat $q/write_cache), fua $(cat $q/fua)"

@@ -75,12 +75,12 @@ slow_teardown() {
     dmsetup remove ucslowbase; dmsetup remove ucslowcopy; rmmod null_blk
 }
 
-# overlay_fs FS: overlays and COW stores (and the sparse file of
-# loop-sparse) on a fresh FS (ext4 or xfs, mounted with discard) on a RAM
-# disk (brd), in $OV; `overlay_fs tmpfs` puts them back in $B. The base
-# stays where it is.
+# overlay_fs FS [OPTIONS]: overlays and COW stores (and the sparse file of
+# loop-sparse) on a fresh FS (ext4 or xfs, mounted with OPTIONS, discard
+# unless given; "" for the defaults) on a RAM disk (brd), in $OV;
+# `overlay_fs tmpfs` puts them back in $B. The base stays where it is.
 overlay_fs() {
-    local o=/tmp/ublk-cow-ovfs
+    local o=/tmp/ublk-cow-ovfs opts=${2-discard}
     if mountpoint -q $o; then umount $o; fi
     [ ! -e /dev/ram0 ] || rmmod brd
     OV=$B
@@ -91,7 +91,7 @@ overlay_fs() {
             xfs) modprobe xfs; mkfs.xfs -q -f /dev/ram0 ;;
             *) echo "overlay_fs: $1 is not ext4, xfs or tmpfs" >&2; return 1 ;;
         esac
-        mkdir -p $o; mount -o discard /dev/ram0 $o
+        mkdir -p $o; mount ${opts:+-o "$opts"} /dev/ram0 $o
         OV=$o
     fi
     export TMPDIR=$OV
