@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/ublk-cow
 
-.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot bench-batch bench-sync clean man completions install uninstall check-kit deb
+.PHONY: all build setup demo test test-host test-vm test-vm-newest lint bench bench-slow bench-cache bench-alloc bench-commit bench-remote bench-snapshot bench-batch bench-sync bench-fua-steps clean man completions install uninstall check-kit deb
 
 all: build
 
@@ -150,6 +150,15 @@ bench-sync:
 	$(MAKE) build
 	mkdir -p target/bench
 	bash ci/in-ublk-env.sh ci/bench/sync-trace-guest.sh | tee target/bench/sync-trace.log
+
+# The steps of one FUA write at QD1 on ext4, traced, for ublk-cow and
+# rublk over a sparse file: the median time from each step to the next.
+bench-fua-steps:
+	bash ci/bench/setup.sh
+	$(MAKE) build
+	mkdir -p target/bench
+	bash ci/in-ublk-env.sh ci/bench/fua-steps-guest.sh > target/bench/fua-steps.log
+	python3 ci/bench/fua-steps.py target/bench/fua-steps.log
 
 # commit of an overlay against cp --sparse=always of the same data.
 bench-commit:

@@ -12,9 +12,10 @@
 //! The overlay is a file off tmpfs, so every write to it goes through the
 //! ring; a `FaultRing` between the executor and the ring keeps what the
 //! disk would hold: the file as of its last completed data sync, plus the
-//! overlay writes since. A power cut keeps a random subset of those; a
-//! data sync that fails loses them (the kernel reports a writeback error
-//! once, and the next sync succeeds without them). A daemon crash loses
+//! overlay writes since (a write with `RWF_DSYNC` is durable at once). A
+//! power cut keeps a random subset of those; a data sync that fails loses
+//! them (the kernel reports a writeback error once, and the next sync
+//! succeeds without them). A daemon crash loses
 //! nothing: the new executor takes the map the old one left in a shared
 //! mapping (`MapSource::Live`).
 //!
@@ -268,6 +269,13 @@ impl Ring for FaultRing {
                 // SAFETY: the rule of `Ring::push`: the write's memory is
                 // valid until it completes, and it has not been submitted.
                 let data = unsafe { std::slice::from_raw_parts(p, w.len as usize) };
+                if w.dsync {
+                    // Durable when it completes (`RWF_DSYNC`); kept among
+                    // the pending writes too, so that an older pending
+                    // write of the same range that a power cut keeps does
+                    // not land over it.
+                    apply(&mut disk.durable, w.pos, data);
+                }
                 disk.pending.push((w.pos, data.to_vec()));
             }
             RingOp::Punch { fd, pos, len } if fd.0 == OVERLAY_FD.0 => {

@@ -83,7 +83,8 @@ pub(crate) struct FlushTicket {
 ///    a snapshot of the dirty map pages, taken *before* the data sync, so
 ///    that every `Allocated` in it names data written before the sync;
 /// 3. sync the overlay's data; 4. write the pages ([`Overlay::map_page_pos`]);
-///    5. sync again (skip 4 and 5 when there are no pages);
+///    5. sync again (skip 4 and 5 when there are no pages; an executor may
+///    make 4 and 5 one durable write, `RWF_DSYNC`, for a single page);
 /// 6. on any failure, [`FlushTurn::fail`]; on success,
 ///    [`FlushTurn::completed`], which answers the FLUSHes that arrived before
 ///    step 2 ([`FlushTicket`]).

@@ -165,24 +165,30 @@ pub enum WriteSource {
     Registered { index: u16, at: usize },
 }
 
-/// A write of `len` bytes to file offset `pos` of fixed file `fd`.
+/// A write of `len` bytes to file offset `pos` of fixed file `fd`; with
+/// `dsync`, durable when it completes (`RWF_DSYNC`: the write and an
+/// `fdatasync` of its range in one operation).
 #[derive(Clone, Copy, Debug)]
 pub struct FileWrite {
     pub fd: types::Fixed,
     pub from: WriteSource,
     pub len: u32,
     pub pos: u64,
+    pub dsync: bool,
 }
 
 impl FileWrite {
     fn sqe(&self) -> squeue::Entry {
+        let flags = if self.dsync { libc::RWF_DSYNC } else { 0 };
         match self.from {
             WriteSource::Memory(p) => opcode::Write::new(self.fd, p, self.len)
                 .offset(self.pos)
+                .rw_flags(flags)
                 .build(),
             WriteSource::Registered { index, at } => {
                 opcode::WriteFixed::new(self.fd, at as *const u8, self.len, index)
                     .offset(self.pos)
+                    .rw_flags(flags)
                     .build()
             }
         }
@@ -262,6 +268,7 @@ mod tests {
             from: WriteSource::Memory(buf.as_ptr()),
             len: 64,
             pos: 4096,
+            dsync: false,
         };
         let r = w.rest(24);
         assert_eq!((r.len, r.pos, r.fd.0), (40, 4120, 2));

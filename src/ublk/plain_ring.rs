@@ -384,6 +384,7 @@ mod tests {
                     from: WriteSource::Memory(data.as_ptr()),
                     len: 4096,
                     pos: i * 4096,
+                    dsync: false,
                 };
                 ops.push(w.push(&ring));
             }

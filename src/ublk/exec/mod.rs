@@ -307,6 +307,7 @@ fn overlay_write_op<R: Ring>(
             from: WriteSource::Memory(data.as_ptr()),
             len: data.len() as u32,
             pos,
+            dsync: false,
         };
         pending.push(w.push(q));
     }

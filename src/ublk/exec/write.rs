@@ -114,6 +114,7 @@ async fn data_write_op<R: Ring>(
                 from,
                 len: len as u32,
                 pos,
+                dsync: false,
             };
             pending.push(w.push(q));
             return Ok(());
@@ -146,6 +147,7 @@ async fn direct_write<R: Ring>(
         from,
         len: len as u32,
         pos,
+        dsync: false,
     };
     match finish_all(q, vec![w.push(q)]).await {
         Ok(()) => {
