@@ -17,9 +17,8 @@ set -e
 need_ublk
 ROUNDS=${ROUNDS:-2}
 RUNTIME=${RUNTIME:-5}
+source "$(dirname "$0")/fua.sh"
 bench_base
-T=/sys/kernel/tracing
-mountpoint -q $T || mount -t tracefs nodev $T
 
 # Journal commits of ext4 on ram0, or xfs log forces, so far.
 commits() {
@@ -27,12 +26,6 @@ commits() {
         ext4) awk 'NR==1{print $1}' /proc/fs/jbd2/ram0-8/info ;;
         xfs) awk '/^log /{print $5}' /proc/fs/xfs/stat ;;
     esac
-}
-
-fua() { # DEV OFFSET RUNTIME: fio's JSON on stdout
-    fio --name=fua --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k \
-        --iodepth=1 --sync=1 --size=64M --offset="$2" --time_based --runtime="$3" \
-        --output-format=json
 }
 
 # steps SYSTEM: the mean time of each step of a write in the trace, in µs.
@@ -94,7 +87,7 @@ for fs in ext4 xfs; do
             q=/sys/block/${dev#/dev/}/queue
             [ "$round" != 1 ] || say "sync-trace: $sys: write cache $(cat $q/write_cache), fua $(cat $q/fua)"
             c0=$(commits "$fs")
-            fua "$dev" 0 "$RUNTIME" > /tmp/sync-trace.json
+            fua "$dev" 0 "$RUNTIME" --output-format=json > /tmp/sync-trace.json
             c1=$(commits "$fs")
             python3 - "$fs" "$sys" "$round" "$((c1 - c0))" <<'PY'
 import json, sys
@@ -105,15 +98,8 @@ print(f"sync-trace: {fs} {name} round {rnd}: {w['iops']:.0f} IOPS, "
       f"{commits / max(w['total_ios'], 1):.2f} commits a write")
 PY
             if [ "$fs" = ext4 ] && [ "$round" = 1 ]; then
-                echo 0 > $T/tracing_on; echo > $T/trace
-                for e in ext4/ext4_sync_file_enter ext4/ext4_sync_file_exit jbd2/jbd2_run_stats \
-                    io_uring/io_uring_submit_req io_uring/io_uring_complete; do
-                    echo 1 > $T/events/$e/enable
-                done
-                fua "$dev" 128M 3 > /dev/null &
-                sleep 1.5; echo 1 > $T/tracing_on; sleep 0.05; echo 0 > $T/tracing_on
-                wait
-                echo 0 > $T/events/enable; echo 1 > $T/tracing_on
+                trace_fua "$dev" 0.05 ext4/ext4_sync_file_enter ext4/ext4_sync_file_exit \
+                    jbd2/jbd2_run_stats io_uring/io_uring_submit_req io_uring/io_uring_complete
                 steps "$sys"
             fi
             sys_down "$sys" "$dev"
