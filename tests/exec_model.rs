@@ -15,9 +15,8 @@
 //! overlay writes since (a write with `RWF_DSYNC` is durable at once). A
 //! power cut keeps a random subset of those; a data sync that fails loses
 //! them (the kernel reports a writeback error once, and the next sync
-//! succeeds without them). A daemon crash loses
-//! nothing: the new executor takes the map the old one left in a shared
-//! mapping (`MapSource::Live`).
+//! succeeds without them). A daemon crash loses nothing: the new executor
+//! takes the map the old one left in a shared mapping (`MapSource::Live`).
 //!
 //! Each test thread keeps one ring for every device it serves (`RING`), as
 //! a queue keeps one for its device's life: the ring's files are pointed
