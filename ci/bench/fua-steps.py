@@ -38,7 +38,7 @@ def label(comm, event, rest):
 def main(path):
     events = collections.defaultdict(list)
     for line in open(path):
-        if line.startswith("fua-steps:") or "fua-steps:" in line:
+        if "fua-steps: " in line:
             print(line.split("fua-steps: ", 1)[1].rstrip())
             continue
         m = LINE.search(line)
