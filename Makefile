@@ -157,8 +157,7 @@ bench-fua-steps:
 	bash ci/bench/setup.sh
 	$(MAKE) build
 	mkdir -p target/bench
-	bash ci/in-ublk-env.sh ci/bench/fua-steps-guest.sh > target/bench/fua-steps.log
-	python3 ci/bench/fua-steps.py target/bench/fua-steps.log
+	bash ci/in-ublk-env.sh ci/bench/fua-steps-guest.sh | tee target/bench/fua-steps.log
 
 # commit of an overlay against cp --sparse=always of the same data.
 bench-commit:

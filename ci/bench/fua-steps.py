@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The steps of a FUA write from ci/bench/fua-steps-guest.sh's output.
+"""The steps of a FUA write from a trace that `fua_steps` (ci/bench/fua.sh)
+made: lines `fua-trace SYSTEM: <ftrace line>`.
 
 A write runs from fio's submission of a WRITE to fio's completion of it.
 Its steps are the events between, named by what happened (the server's
 submissions by opcode, an io_uring worker's completions, ext4's sync,
 jbd2 woken, its commit) and numbered when they repeat within a write.
-Prints, per system, the untraced IOPS, the median time of a write, its
-most frequent sequence of steps, and the median time from each step to
-the next over the writes that took that sequence.
+Prints, per system, the median time of a write, its most frequent
+sequence of steps, and the median time from each step to the next over
+the writes that took that sequence.
 """
 import collections
 import re
@@ -38,9 +39,6 @@ def label(comm, event, rest):
 def main(path):
     events = collections.defaultdict(list)
     for line in open(path):
-        if "fua-steps: " in line:
-            print(line.split("fua-steps: ", 1)[1].rstrip())
-            continue
         m = LINE.search(line)
         if m:
             name = label(m.group(2), m.group(4), m.group(5))

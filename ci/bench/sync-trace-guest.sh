@@ -6,8 +6,9 @@
 # or xfs on a RAM disk (brd, mounted without `discard`): random 4 KiB
 # first writes with FUA at QD1 (fio --sync=1). Prints per run the IOPS
 # and the journal commits (ext4) or log forces (xfs) per write, and for
-# ext4 the mean time of each step of a write, taken from a 50 ms ftrace
-# window of a second run on the same device.
+# ext4 in the first round the median time of each step of a write
+# (`fua_steps`, ci/bench/fua.sh), from a trace of a second run on the same
+# device.
 #   bash ci/in-ublk-env.sh ci/bench/sync-trace-guest.sh
 #   env: ROUNDS (2), RUNTIME (5 s), SYSTEMS (loop-sparse rublk-sparse
 #        ublk-cow; any of ci/bench/systems.sh that write)
@@ -26,56 +27,6 @@ commits() {
         ext4) awk 'NR==1{print $1}' /proc/fs/jbd2/ram0-8/info ;;
         xfs) awk '/^log /{print $5}' /proc/fs/xfs/stat ;;
     esac
-}
-
-# steps SYSTEM: the mean time of each step of a write in the trace, in µs.
-steps() {
-    python3 - "$1" <<'PY'
-import re, sys
-from collections import defaultdict
-sys_name = sys.argv[1]
-events = []
-for line in open("/sys/kernel/tracing/trace"):
-    m = re.match(r"\s*(\S+)-\d+\s+\[\d+\]\s+\S+\s+([\d.]+): (\w+): (.*)", line)
-    if not m:
-        continue
-    comm, t, ev, rest = m.group(1), float(m.group(2)), m.group(3), m.group(4)
-    if ev == "io_uring_submit_req" and comm == "fio":
-        label = "fio submits"
-    elif ev == "io_uring_complete" and comm == "fio":
-        label = "fio completes"
-    elif ev == "io_uring_submit_req" and "opcode WRITE" in rest:
-        label = "write"
-    elif ev == "io_uring_submit_req" and "opcode FSYNC" in rest:
-        label = "fsync"
-    elif ev == "ext4_sync_file_enter":
-        label = "sync begins"
-    elif ev == "ext4_sync_file_exit":
-        label = "sync ends"
-    elif ev == "jbd2_run_stats":
-        label = "commit"
-    else:
-        continue
-    events.append((t, label))
-# Number the repeats within a write (ublk-cow writes and syncs twice).
-gaps = defaultdict(list)
-prev, seen, started = None, defaultdict(int), False
-for t, label in events:
-    if label == "fio submits":
-        seen.clear(); started = True
-    if not started:
-        continue
-    seen[label] += 1
-    name = label if seen[label] == 1 else f"{label} #{seen[label]}"
-    if prev is not None:
-        gaps[f"{prev[1]} -> {name}"].append((t - prev[0]) * 1e6)
-    prev = (t, name)
-order = sorted(gaps, key=lambda k: -len(gaps[k]))
-for k in order:
-    v = gaps[k]
-    if len(v) >= 3:
-        print(f"sync-trace: {sys_name} step {k}: {sum(v) / len(v):.0f} us (n={len(v)})")
-PY
 }
 
 SYSTEMS=${SYSTEMS:-loop-sparse rublk-sparse ublk-cow}
@@ -98,9 +49,7 @@ print(f"sync-trace: {fs} {name} round {rnd}: {w['iops']:.0f} IOPS, "
       f"{commits / max(w['total_ios'], 1):.2f} commits a write")
 PY
             if [ "$fs" = ext4 ] && [ "$round" = 1 ]; then
-                trace_fua "$dev" 0.05 ext4/ext4_sync_file_enter ext4/ext4_sync_file_exit \
-                    jbd2/jbd2_run_stats io_uring/io_uring_submit_req io_uring/io_uring_complete
-                steps "$sys"
+                fua_steps "$sys" "$dev"
             fi
             sys_down "$sys" "$dev"
         done
