@@ -77,6 +77,9 @@ counters!(
     flushes,
     // FLUSHes answered by a flush that began after they arrived (no I/O).
     flushes_shared,
+    // FUA WRITEs written with RWF_DSYNC whose flush wrote the map pages
+    // without syncing the overlay's data.
+    flushes_map_only,
     // 1 once a flush failed: every later FLUSH and FUA write fails.
     overlay_failed,
     zero_ops,

@@ -56,8 +56,9 @@ use ublk_cow::ublk::write_data::WriteData;
 #[derive(Clone, Debug)]
 enum Step {
     Common(common::Op),
-    /// A WRITE with FUA: durable, with everything before it, when it
-    /// completes.
+    /// A WRITE with FUA: durable when it completes; the writes before it
+    /// need not be (a FUA write's flush syncs the overlay's data only when
+    /// a map page it persists may name data not yet durable).
     FuaWrite {
         off: u64,
         len: u64,
@@ -186,6 +187,28 @@ impl Disk {
         }
     }
 
+    /// A write of `data` at `pos` that was durable when it completed: the
+    /// older pending writes keep only their bytes outside its range.
+    fn written_durable(&mut self, pos: u64, data: &[u8]) {
+        apply(&mut self.durable, pos, data);
+        let end = pos + data.len() as u64;
+        let mut kept = Vec::new();
+        for (p, d) in self.pending.drain(..) {
+            let e = p + d.len() as u64;
+            if e <= pos || end <= p {
+                kept.push((p, d));
+                continue;
+            }
+            if p < pos {
+                kept.push((p, d[..(pos - p) as usize].to_vec()));
+            }
+            if end < e {
+                kept.push((end, d[(end - p) as usize..].to_vec()));
+            }
+        }
+        self.pending = kept;
+    }
+
     /// What the file holds after a power cut that kept the pending writes
     /// `keep` chooses.
     fn after_power_cut(&self, mut keep: impl FnMut() -> bool) -> Vec<u8> {
@@ -269,13 +292,13 @@ impl Ring for FaultRing {
                 // valid until it completes, and it has not been submitted.
                 let data = unsafe { std::slice::from_raw_parts(p, w.len as usize) };
                 if w.dsync {
-                    // Durable when it completes (`RWF_DSYNC`); kept among
-                    // the pending writes too, so that an older pending
-                    // write of the same range that a power cut keeps does
-                    // not land over it.
-                    apply(&mut disk.durable, w.pos, data);
+                    // Durable when it completes (`RWF_DSYNC`): the sync
+                    // writes back the range's pages as they are now, so no
+                    // older write of the range can land over it later.
+                    disk.written_durable(w.pos, data);
+                } else {
+                    disk.pending.push((w.pos, data.to_vec()));
                 }
-                disk.pending.push((w.pos, data.to_vec()));
             }
             RingOp::Punch { fd, pos, len } if fd.0 == OVERLAY_FD.0 => {
                 disk.pending.push((pos, vec![0u8; len as usize]));
@@ -665,13 +688,16 @@ impl Model {
             }
             &Step::FuaWrite { off, len, seed } => {
                 let data = pattern(len as usize, seed, off);
+                let map_only = |m: &mut Model| m.s().sh.stat("flushes_map_only").unwrap();
+                let before = map_only(self);
                 let r = self.write(off, &data, true);
-                self.reference.record(off, &data);
+                count(|c| &c.map_only_flushes, map_only(self) - before);
                 // A FUA write's flush may fail after a failed sync; the
                 // data is then written but nothing is promised durable.
                 if r == len as i32 {
-                    self.reference.flushed();
+                    self.reference.record_durable(off, &data);
                 } else {
+                    self.reference.record(off, &data);
                     prop_assert_eq!(r, -libc::EIO, "a FUA write failed otherwise");
                 }
             }
@@ -798,6 +824,8 @@ struct Counts {
     chains: Cell<u64>,
     snapshots: Cell<u64>,
     direct_writes: Cell<u64>,
+    /// FUA writes whose flush did not sync the overlay's data.
+    map_only_flushes: Cell<u64>,
 }
 
 thread_local! {
@@ -848,13 +876,14 @@ fn run_model(name: &str, want: u32) {
     COUNTS.with(|c| {
         let n = c.cases.get();
         println!(
-            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {kicks} io-wq kicks, 0 divergences",
+            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {} FUA flushes without a data sync, {kicks} io-wq kicks, 0 divergences",
             c.large.get(),
             c.chains.get(),
             c.steps.get(),
             c.snapshots.get(),
             c.failed_syncs.get(),
             c.direct_writes.get(),
+            c.map_only_flushes.get(),
         );
         assert!(n >= want as u64, "only {n} model cases ran");
         assert!(
@@ -862,8 +891,9 @@ fn run_model(name: &str, want: u32) {
                 && c.failed_syncs.get() > 0
                 && c.chains.get() > 0
                 && c.snapshots.get() > 0
-                && c.direct_writes.get() > 0,
-            "the cases did not reach maps of several pages, failed syncs, chains, live snapshots and direct writes"
+                && c.direct_writes.get() > 0
+                && c.map_only_flushes.get() > 0,
+            "the cases did not reach maps of several pages, failed syncs, chains, live snapshots, direct writes and FUA flushes without a data sync"
         );
     });
 }

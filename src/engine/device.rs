@@ -62,6 +62,9 @@ struct FlushGate {
     begun: AtomicU64,
     /// The number of the latest flush that completed all its steps.
     completed: AtomicU64,
+    /// The map's `unsynced_changes` when the latest data sync that
+    /// completed began: every change counted up to there has durable data.
+    synced_changes: AtomicU64,
 }
 
 /// A FLUSH's place in line, taken when it arrives
@@ -85,6 +88,9 @@ pub(crate) struct FlushTicket {
 /// 3. sync the overlay's data; 4. write the pages ([`Overlay::map_page_pos`]);
 ///    5. sync again (skip 4 and 5 when there are no pages; an executor may
 ///    make 4 and 5 one durable write, `RWF_DSYNC`, for a single page);
+///    after a FUA write whose data is durable, step 3 is skipped when no
+///    page taken may name data that is not ([`FlushTurn::data_sync_needed`]),
+///    and such a flush is not a FLUSH: it skips step 6's `completed`;
 /// 6. on any failure, [`FlushTurn::fail`]; on success,
 ///    [`FlushTurn::completed`], which answers the FLUSHes that arrived before
 ///    step 2 ([`FlushTicket`]).
@@ -99,6 +105,8 @@ pub(crate) struct FlushTurn<'a, B: Storage, O: Storage> {
     _turn: MutexGuard<'a, ()>,
     /// This flush's number, once it began (`take_pages`).
     number: u64,
+    /// The map's `unsynced_changes` right after `take_pages`.
+    changes: u64,
 }
 
 impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
@@ -113,7 +121,26 @@ impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
     /// Step 2: the flush begins; the dirty map pages, as `(page, bytes)`.
     pub(crate) fn take_pages(&mut self) -> Vec<(u64, Vec<u8>)> {
         self.number = self.dev.flush.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        self.dev.map.take_dirty_pages()
+        let pages = self.dev.map.take_dirty_pages();
+        // Read after the snapshot: a change it holds was counted before.
+        self.changes = self.dev.map.unsynced_changes();
+        pages
+    }
+
+    /// Whether the pages taken may name data that is not durable yet: some
+    /// change was counted since the latest data sync began (`DataState`).
+    /// Without one, every change since was a FUA write's durable data.
+    pub(crate) fn data_sync_needed(&self) -> bool {
+        self.changes != self.dev.flush.synced_changes.load(Ordering::SeqCst)
+    }
+
+    /// Step 3 succeeded: every change counted before `take_pages` returned
+    /// has its data durable (it was written before it was counted).
+    pub(crate) fn data_synced(&self) {
+        self.dev
+            .flush
+            .synced_changes
+            .fetch_max(self.changes, Ordering::SeqCst);
     }
 
     /// Step 6, on success: every FLUSH that arrived before this flush
@@ -358,6 +385,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             dev: self,
             _turn: self.flush.turn.lock().unwrap_or_else(|e| e.into_inner()),
             number: 0,
+            changes: 0,
         }
     }
 
@@ -373,6 +401,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
             dev: self,
             _turn: turn,
             number: 0,
+            changes: 0,
         })
     }
 
@@ -418,6 +447,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         let disk = self.overlay.storage();
         disk.sync()
             .map_err(|e| turn.fail("syncing overlay data", e))?;
+        turn.data_synced();
         if !pages.is_empty() {
             self.overlay
                 .write_map_pages(&pages)
@@ -755,6 +785,11 @@ impl<B: Storage, O: Storage> write::WriteIo for SyncWrite<'_, B, O> {
 
     async fn complete(&mut self) -> Result<(), Error> {
         Ok(())
+    }
+
+    /// Positional writes through the page cache: durable at a flush.
+    fn data_durable(&self) -> bool {
+        false
     }
 }
 

@@ -98,6 +98,16 @@ fn check_locked(locked: &RangeGuard<'_>, blocks: &Range<u64>) {
     );
 }
 
+/// Whether the data behind a change of the map is durable already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DataState {
+    /// Written with `RWF_DSYNC` (or O_DIRECT with it): on stable storage
+    /// when the write completed.
+    Durable,
+    /// Written, and durable only after the overlay's next data sync.
+    Unsynced,
+}
+
 /// The live map of one device. See the module documentation.
 pub struct BlockMap {
     mem: MapMemory,
@@ -105,6 +115,11 @@ pub struct BlockMap {
     /// One bit per map page: set when a block in that page changed since the
     /// page was last taken by [`BlockMap::take_dirty_pages`].
     dirty: Box<[AtomicU64]>,
+    /// How many changes were made whose data may not be durable (every
+    /// change but an `allocate` of `DataState::Durable` data); counted
+    /// before the change is stored, so that a page snapshot that holds a
+    /// change is taken after its count.
+    unsynced: AtomicU64,
 }
 
 /// How many blocks are in each state.
@@ -127,6 +142,7 @@ impl BlockMap {
             mem,
             blocks,
             dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            unsynced: AtomicU64::new(0),
         }
     }
 
@@ -153,9 +169,24 @@ impl BlockMap {
         self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
     }
 
+    /// How many changes so far may name data that is not durable yet (see
+    /// `unsynced`): a flush that reads the same count as the latest data
+    /// sync began with takes only pages whose data is durable.
+    pub(crate) fn unsynced_changes(&self) -> u64 {
+        self.unsynced.load(Ordering::SeqCst)
+    }
+
     /// Sets `block` to `state` unconditionally. Only through the mutators
     /// below, which take the lock guard, or at load time.
     fn set(&self, block: u64, state: BlockState) {
+        self.set_with(block, state, DataState::Unsynced);
+    }
+
+    /// `set`, counting the change unless its data is `Durable`.
+    fn set_with(&self, block: u64, state: BlockState, data: DataState) {
+        if data == DataState::Unsynced {
+            self.unsynced.fetch_add(1, Ordering::SeqCst);
+        }
         let (w, shift) = Self::slot(block);
         let mask = 3u64 << shift;
         let word = &self.mem.words()[w];
@@ -179,11 +210,12 @@ impl BlockMap {
     /// (their data is in the overlay, written there; `locked` holds their
     /// locks): a `Copied` block written over becomes `Allocated`. Blocks
     /// already allocated are left alone, so their map pages stay clean.
-    pub(crate) fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>) {
+    /// `data` says whether the written data is durable already.
+    pub(crate) fn allocate(&self, locked: &RangeGuard<'_>, blocks: Range<u64>, data: DataState) {
         check_locked(locked, &blocks);
         for b in blocks {
             if self.get(b) != BlockState::Allocated {
-                self.set(b, BlockState::Allocated);
+                self.set_with(b, BlockState::Allocated, data);
             }
         }
     }
@@ -298,8 +330,10 @@ impl BlockMap {
         (0..self.blocks).find(|&b| self.get(b) == state)
     }
 
-    /// Marks every page dirty, so that the next flush writes the whole map.
+    /// Marks every page dirty, so that the next flush writes the whole map;
+    /// counted as a change whose data may not be durable.
     pub(crate) fn mark_all_dirty(&self) {
+        self.unsynced.fetch_add(1, Ordering::SeqCst);
         for w in (0..self.mem.words().len()).step_by(WORDS_PER_PAGE) {
             self.mark_dirty(w);
         }
@@ -376,13 +410,35 @@ mod tests {
         assert_eq!(m.run_at(5, 100), (BlockState::Allocated, 2));
         assert_eq!(m.run_at(7, 100), (BlockState::Zero, 1));
         let locks = BlockLocks::default();
-        m.allocate(&locks.try_lock(6, 2).unwrap(), 6..8);
+        m.allocate(&locks.try_lock(6, 2).unwrap(), 6..8, DataState::Unsynced);
         assert_eq!(m.get(7), BlockState::Allocated);
         assert_eq!(m.counts().allocated, 3);
         m.set(40, BlockState::Zero);
         m.set(99, BlockState::Zero);
         let c = m.counts();
         assert_eq!((c.unallocated, c.allocated, c.zero), (95, 3, 2));
+    }
+
+    #[test]
+    fn changes_are_counted_unless_their_data_is_durable() {
+        let m = BlockMap::new(MapMemory::heap(100), 100);
+        let locks = BlockLocks::default();
+        m.allocate(&locks.try_lock(0, 4).unwrap(), 0..4, DataState::Durable);
+        assert_eq!(m.unsynced_changes(), 0);
+        assert_eq!(
+            m.take_dirty_pages().len(),
+            1,
+            "a durable change is persisted too"
+        );
+        m.allocate(&locks.try_lock(4, 2).unwrap(), 4..6, DataState::Unsynced);
+        assert_eq!(m.unsynced_changes(), 2);
+        // Blocks already allocated change nothing and count nothing.
+        m.allocate(&locks.try_lock(4, 2).unwrap(), 4..6, DataState::Unsynced);
+        assert_eq!(m.unsynced_changes(), 2);
+        m.set_range(&locks.try_lock(10, 1).unwrap(), 10..11, BlockState::Zero);
+        assert_eq!(m.unsynced_changes(), 3);
+        m.mark_all_dirty();
+        assert_eq!(m.unsynced_changes(), 4);
     }
 
     #[test]
@@ -433,7 +489,7 @@ mod tests {
     fn a_change_outside_the_held_locks_panics() {
         let m = BlockMap::new(MapMemory::heap(10), 10);
         let locks = BlockLocks::default();
-        m.allocate(&locks.try_lock(2, 2).unwrap(), 3..5);
+        m.allocate(&locks.try_lock(2, 2).unwrap(), 3..5, DataState::Unsynced);
     }
 
     #[test]
@@ -471,7 +527,11 @@ mod tests {
             "a write over a copy takes the lock"
         );
         let locks = BlockLocks::default();
-        m.allocate(&locks.try_lock(b, 1).unwrap(), b..b + 1);
+        m.allocate(
+            &locks.try_lock(b, 1).unwrap(),
+            b..b + 1,
+            DataState::Unsynced,
+        );
         assert_eq!(m.get(b), Allocated);
     }
 }

@@ -18,7 +18,7 @@
 
 use crate::engine::device::CowDevice;
 use crate::engine::locks::{MAX_LOCK_BLOCKS, RangeGuard};
-use crate::engine::map::BlockState;
+use crate::engine::map::{BlockState, DataState};
 use crate::engine::plan::{self, Fill, WritePath};
 use crate::engine::storage::Storage;
 use std::future::Future;
@@ -89,6 +89,11 @@ pub(crate) trait WriteIo: LockWait {
 
     /// Waits for every write started: the first failure among them.
     async fn complete(&mut self) -> Result<(), Self::Error>;
+
+    /// Whether every write started was durable when it completed (a FUA
+    /// write's, written with `RWF_DSYNC`): the map then counts its change
+    /// as needing no data sync (`DataState`).
+    fn data_durable(&self) -> bool;
 }
 
 /// WRITE of `len` bytes at `off` (within one lock range), its data being
@@ -126,7 +131,11 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     let done = io.complete().await;
     started.and(done)?;
     // Only now is every byte of every block of `mark` in the overlay.
-    dev.map().allocate(&guard, p.mark);
+    let data = match io.data_durable() {
+        true => DataState::Durable,
+        false => DataState::Unsynced,
+    };
+    dev.map().allocate(&guard, p.mark, data);
     Ok(())
 }
 

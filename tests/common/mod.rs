@@ -166,6 +166,17 @@ impl Reference {
         Ok(())
     }
 
+    /// A write of `data` at `off` with FUA completed: those sectors are
+    /// durable as written; the others are as they were.
+    pub fn record_durable(&mut self, off: u64, data: &[u8]) {
+        self.record(off, data);
+        let (from, to) = (off as usize, off as usize + data.len());
+        self.flushed[from..to].copy_from_slice(data);
+        for s in from / SECTOR..to / SECTOR {
+            self.versions.remove(&s);
+        }
+    }
+
     /// A flush completed: everything written so far is durable.
     pub fn flushed(&mut self) {
         self.flushed = self.current.clone();

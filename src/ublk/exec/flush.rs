@@ -17,6 +17,28 @@ use io_uring::types;
 /// nothing, once a flush of the device has failed. A FLUSH that a flush
 /// beginning after it completed covers (`FlushTicket`) is answered at once.
 pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
+    flush_as(q, sh, Owed::Everything).await
+}
+
+/// After a FUA WRITE whose data was written durable: its map change made
+/// durable, which needs no sync of the overlay's data unless some map page
+/// taken may name data that is not durable yet
+/// (`FlushTurn::data_sync_needed`). Other writes are not made durable by
+/// it, as FUA does not ask that, so it answers no FLUSH.
+pub async fn flush_after_durable_write<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
+    flush_as(q, sh, Owed::DurableWritesMap).await
+}
+
+/// What a flush owes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owed {
+    /// A FLUSH's: every write completed before it durable.
+    Everything,
+    /// A durable FUA WRITE's: the map pages that name its blocks durable.
+    DurableWritesMap,
+}
+
+async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), Errno> {
     let dev = &sh.dev;
     let ticket = dev.flush_ticket();
     let mut turn = loop {
@@ -35,14 +57,22 @@ pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
         return Ok(());
     }
     turn.check().map_err(|e| Errno(e.errno()))?;
-    Stats::add(&sh.stats.flushes, 1);
     let pages = turn.take_pages();
+    let sync_data = owed == Owed::Everything || turn.data_sync_needed();
     let datasync = || Op::DataSync { fd: OVERLAY_FD };
-    finish(q, PendingOp::push(q, datasync(), 0))
-        .await
-        .map_err(|e| fail(&turn, "syncing overlay data", e))?;
+    if sync_data {
+        Stats::add(&sh.stats.flushes, 1);
+        finish(q, PendingOp::push(q, datasync(), 0))
+            .await
+            .map_err(|e| fail(&turn, "syncing overlay data", e))?;
+        turn.data_synced();
+    } else {
+        Stats::add(&sh.stats.flushes_map_only, 1);
+    }
     if pages.is_empty() {
-        turn.completed();
+        if sync_data {
+            turn.completed();
+        }
         return Ok(());
     }
     // One changed page (a FLUSH after one small write, the common case) is
@@ -71,7 +101,11 @@ pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
             .await
             .map_err(|e| fail(&turn, "syncing the overlay map", e))?;
     }
-    turn.completed();
+    // A flush that synced the data made every write before it durable: it
+    // answers the FLUSHes in line before it, whoever asked for it.
+    if sync_data {
+        turn.completed();
+    }
     Ok(())
 }
 

@@ -31,7 +31,7 @@ mod remote;
 mod write;
 
 pub use cache::{cache_range, install, install_from_base};
-pub use flush::flush;
+pub use flush::{flush, flush_after_durable_write};
 pub use read::{MayLeave, ReadData, ReadDone, read};
 pub use remote::{fetch_below, fetch_edges, prefetch_below};
 pub use write::{write, write_request, write_zeroes};
@@ -293,25 +293,29 @@ fn read_below<R: Ring>(
 }
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
-/// overlay lives in memory, else as a ring write, pushed onto `pending`.
+/// overlay lives in memory, else as a ring write, pushed onto `pending`,
+/// with `RWF_DSYNC` if `dsync`. Whether the write is durable when it
+/// completes: a ring write with `dsync`.
 fn overlay_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     data: &[u8],
     pos: u64,
+    dsync: bool,
     pending: &mut Vec<PendingOp<R>>,
-) -> Result<(), Errno> {
-    if sh.overlay_io.write(pos, data)? == Written::ToRing {
-        let w = FileWrite {
-            fd: OVERLAY_FD,
-            from: WriteSource::Memory(data.as_ptr()),
-            len: data.len() as u32,
-            pos,
-            dsync: false,
-        };
-        pending.push(w.push(q));
+) -> Result<bool, Errno> {
+    if sh.overlay_io.write(pos, data)? == Written::Here {
+        return Ok(false);
     }
-    Ok(())
+    let w = FileWrite {
+        fd: OVERLAY_FD,
+        from: WriteSource::Memory(data.as_ptr()),
+        len: data.len() as u32,
+        pos,
+        dsync,
+    };
+    pending.push(w.push(q));
+    Ok(dsync)
 }
 
 /// Writes `data` at overlay file offset `pos` and waits.
@@ -322,7 +326,7 @@ async fn overlay_write<R: Ring>(
     pos: u64,
 ) -> Result<(), Errno> {
     let mut pending = Vec::new();
-    let started = overlay_write_op(q, sh, data, pos, &mut pending);
+    let started = overlay_write_op(q, sh, data, pos, false, &mut pending);
     let done = finish_all(q, pending).await;
     started.and(done)
 }

@@ -3,7 +3,9 @@
 //! steps and their order. Writing a WRITE's data takes the fastest way to
 //! be had: ublk copies it straight into the overlay's mapped pages
 //! (`place`), a fixed-buffer write from the request's registered pages, or
-//! a write from the daemon's memory (`data_write_op`).
+//! a write from the daemon's memory (`data_write_op`). A FUA WRITE to an
+//! overlay on a disk's file system is written with `RWF_DSYNC` (`Dsync`),
+//! so that its flush need not sync the overlay's data as well.
 
 use super::{
     OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_write_op,
@@ -89,14 +91,18 @@ async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Result<
 /// thread. The ring would hand a tmpfs write to a worker thread (tmpfs
 /// cannot promise not to block), which costs more than the extra copy
 /// (docs/benchmarks.md).
+///
+/// Ring writes carry `RWF_DSYNC` if `dsync`; whether the data is durable
+/// when the write completes.
 async fn data_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
     fresh: bool,
+    dsync: bool,
     pending: &mut Vec<PendingOp<R>>,
-) -> Result<(), Errno> {
+) -> Result<bool, Errno> {
     let len = data.size() as u64;
     let direct = sh.direct_overlay.as_ref().filter(|_| fresh);
     let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
@@ -105,34 +111,35 @@ async fn data_write_op<R: Ring>(
             let from = WriteSource::Registered { index, at: 0 };
             if let Some(d) = direct
                 && d.fits(pos, len, None)
-                && direct_write(q, sh, from, len, pos).await?
+                && direct_write(q, sh, from, len, pos, dsync).await?
             {
-                return Ok(());
+                return Ok(dsync);
             }
             let w = FileWrite {
                 fd: OVERLAY_FD,
                 from,
                 len: len as u32,
                 pos,
-                dsync: false,
+                dsync,
             };
             pending.push(w.push(q));
-            return Ok(());
+            return Ok(dsync);
         }
         Stats::add(&sh.stats.writes_staged, 1);
     }
     let d = data.in_buffer().await?;
     if let Some(dir) = direct
         && dir.fits(pos, len, Some(d.as_ptr() as usize))
-        && direct_write(q, sh, WriteSource::Memory(d.as_ptr()), len, pos).await?
+        && direct_write(q, sh, WriteSource::Memory(d.as_ptr()), len, pos, dsync).await?
     {
-        return Ok(());
+        return Ok(dsync);
     }
-    overlay_write_op(q, sh, d, pos, pending)
+    overlay_write_op(q, sh, d, pos, dsync, pending)
 }
 
 /// Writes `len` bytes from `from` at overlay offset `pos` through the
-/// overlay opened with O_DIRECT, and waits for it: whether it was written.
+/// overlay opened with O_DIRECT (with `RWF_DSYNC` if `dsync`), and waits
+/// for it: whether it was written.
 /// `false` when the file system refused it (EINVAL: an alignment it did not
 /// report); the caller then writes all of it through the page cache.
 async fn direct_write<R: Ring>(
@@ -141,13 +148,14 @@ async fn direct_write<R: Ring>(
     from: WriteSource,
     len: u64,
     pos: u64,
+    dsync: bool,
 ) -> Result<bool, Errno> {
     let w = FileWrite {
         fd: OVERLAY_DIRECT_FD,
         from,
         len: len as u32,
         pos,
-        dsync: false,
+        dsync,
     };
     match finish_all(q, vec![w.push(q)]).await {
         Ok(()) => {
@@ -175,6 +183,32 @@ struct RingWrite<'a, 'd, R: Ring> {
     /// The writes pushed and not yet completed: what they point to (`fill`,
     /// `zeros`, `data`) is borrowed as long as this lives.
     writes: Vec<PendingOp<R>>,
+    /// Whether to write with `RWF_DSYNC`.
+    dsync: Dsync,
+    /// Whether every write so far was durable when it completed: `dsync`,
+    /// and none took a way without it (a write on this thread, a copy into
+    /// mapped pages).
+    durable: bool,
+}
+
+/// Whether a WRITE's data is written durable (`RWF_DSYNC`): a FUA WRITE's,
+/// when the overlay lives on a disk's file system. There one durable write
+/// saves the overlay's data sync that its flush would otherwise make (a
+/// second trip through an io_uring worker); an overlay in memory has
+/// nothing to make durable and its faster ways stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dsync {
+    Yes,
+    No,
+}
+
+impl Dsync {
+    fn for_request(sh: &ServedDevice, fua: bool) -> Dsync {
+        match fua && !sh.overlay_io.in_memory() {
+            true => Dsync::Yes,
+            false => Dsync::No,
+        }
+    }
 }
 
 impl<R: Ring> RingWrite<'_, '_, R> {
@@ -225,7 +259,10 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
             Fill::Zeros { off, len } => (&self.zeros[..len as usize], off),
         };
         let pos = self.sh.dev.overlay().data_pos(off);
-        overlay_write_op(self.q, self.sh, src, pos, &mut self.writes)
+        let dsync = self.dsync == Dsync::Yes;
+        let durable = overlay_write_op(self.q, self.sh, src, pos, dsync, &mut self.writes)?;
+        self.durable &= durable;
+        Ok(())
     }
 
     /// Into the overlay's pages if they are ready and ublk can put it
@@ -233,14 +270,22 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
     async fn write_data(&mut self, off: u64, behind: Behind) -> Result<(), Errno> {
         let pos = self.sh.dev.overlay().data_pos(off);
         if behind.pages_ready && place(self.sh, self.data, pos).await? == Place::Placed {
+            self.durable = false;
             return Ok(());
         }
-        let (q, sh) = (self.q, self.sh);
-        data_write_op(q, sh, self.data, pos, behind.fresh, &mut self.writes).await
+        let (q, sh, dsync) = (self.q, self.sh, self.dsync == Dsync::Yes);
+        let durable =
+            data_write_op(q, sh, self.data, pos, behind.fresh, dsync, &mut self.writes).await?;
+        self.durable &= durable;
+        Ok(())
     }
 
     async fn complete(&mut self) -> Result<(), Errno> {
         finish_all(self.q, std::mem::take(&mut self.writes)).await
+    }
+
+    fn data_durable(&self) -> bool {
+        self.durable
     }
 }
 
@@ -263,6 +308,21 @@ pub async fn write<R: Ring>(
     off: u64,
     data: &mut WriteData<'_>,
 ) -> Result<(), Errno> {
+    write_with(q, sh, zb, s, off, data, Dsync::No).await?;
+    Ok(())
+}
+
+/// `write`, with `RWF_DSYNC` or not: whether all of its data was durable
+/// when it returned.
+async fn write_with<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    zb: &ZeroBlocks,
+    s: &mut TagScratch,
+    off: u64,
+    data: &mut WriteData<'_>,
+    dsync: Dsync,
+) -> Result<bool, Errno> {
     let len = data.size() as u64;
     Stats::add(&sh.stats.write_ops, 1);
     Stats::add(&sh.stats.write_bytes, len);
@@ -275,12 +335,16 @@ pub async fn write<R: Ring>(
         fill: &mut s.fill,
         data,
         writes: Vec::new(),
+        dsync,
+        durable: dsync == Dsync::Yes,
     };
-    steps::write(&sh.dev, &mut io, off, len).await
+    steps::write(&sh.dev, &mut io, off, len).await?;
+    Ok(io.durable)
 }
 
 /// A WRITE request: `write`, then with `fua` (the request must be durable
-/// when it completes) a flush.
+/// when it completes) a flush: of the map pages alone when the data was
+/// written durable (`Dsync`), else a whole flush.
 pub async fn write_request<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -290,11 +354,12 @@ pub async fn write_request<R: Ring>(
     data: &mut WriteData<'_>,
     fua: bool,
 ) -> Result<(), Errno> {
-    write(q, sh, zb, s, off, data).await?;
-    if fua {
-        super::flush(q, sh).await?;
+    let durable = write_with(q, sh, zb, s, off, data, Dsync::for_request(sh, fua)).await?;
+    match (fua, durable) {
+        (false, _) => Ok(()),
+        (true, true) => super::flush_after_durable_write(q, sh).await,
+        (true, false) => super::flush(q, sh).await,
     }
-    Ok(())
 }
 
 /// The I/O of the steps of one DISCARD or WRITE_ZEROES on the queue's ring.
