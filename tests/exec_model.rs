@@ -44,7 +44,8 @@ use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
 use ublk_cow::ublk::copier::Copier;
 use ublk_cow::ublk::exec::{
-    self, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_FD, ReadData, RingFiles, TagScratch, ZeroBlocks,
+    self, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD, OVERLAY_FD, ReadData, RingFiles,
+    TagScratch, ZeroBlocks,
 };
 use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
 use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
@@ -268,7 +269,9 @@ impl Ring for FaultRing {
                 if w.fd.0 == OVERLAY_DIRECT_FD.0 {
                     count(|c| &c.direct_writes, 1);
                 }
-                w.fd.0 == OVERLAY_FD.0 || w.fd.0 == OVERLAY_DIRECT_FD.0
+                [OVERLAY_FD, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD]
+                    .iter()
+                    .any(|f| f.0 == w.fd.0)
             }
             RingOp::Punch { fd, .. } | RingOp::DataSync { fd } => fd.0 == OVERLAY_FD.0,
             _ => false,

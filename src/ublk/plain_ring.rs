@@ -343,6 +343,7 @@ pub(crate) fn all_in(f: &std::fs::File) -> RingFiles {
         zero: fd,
         base_direct: fd,
         overlay_direct: fd,
+        overlay_dsync: fd,
         layers: Vec::new(),
     }
 }
@@ -366,6 +367,7 @@ mod tests {
             zero: base.as_raw_fd(),
             base_direct: base.as_raw_fd(),
             overlay_direct: overlay.as_raw_fd(),
+            overlay_dsync: overlay.as_raw_fd(),
             layers: Vec::new(),
         };
         let ring = PlainRing::new(&files, 4).unwrap();

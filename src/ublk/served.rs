@@ -46,6 +46,13 @@ pub struct ServedDevice {
     /// writes; `None` for an overlay in memory or on a file system
     /// without O_DIRECT.
     pub(crate) direct_overlay: Option<DirectOverlay>,
+    /// The overlay opened once more, for the `RWF_DSYNC` writes of FUA
+    /// WRITEs: an open file of its own, because the kernel reports a
+    /// writeback error once to each open file, so an error that one of
+    /// these writes' syncs takes is still reported to the next flush's sync
+    /// of the overlay's own descriptor. `None` for an overlay in memory
+    /// (nothing to make durable) or where it could not be opened.
+    pub(crate) dsync_overlay: Option<File>,
     /// How much of each file one `fadvise(WILLNEED)` asks for.
     pub(crate) advice: AdvicePieces,
 }
@@ -138,6 +145,22 @@ impl DirectOverlay {
     }
 }
 
+/// `overlay` opened once more for reading and writing (through
+/// /proc/self/fd, so it is the same file whatever its path became), for
+/// `ServedDevice::dsync_overlay`; `None` for a file in memory.
+fn open_again(overlay: &File) -> Option<File> {
+    if crate::sys::is_tmpfs(overlay) {
+        return None;
+    }
+    let path = format!("/proc/self/fd/{}", overlay.as_raw_fd());
+    File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| log::info!("FUA writes without a descriptor of their own: {e}"))
+        .ok()
+}
+
 impl ServedDevice {
     /// The queues' view of `dev`. `preallocated`: the overlay's data area
     /// was just allocated in full (`add --preallocate`); if it lives in
@@ -180,6 +203,7 @@ impl ServedDevice {
                 }
             };
         let direct_overlay = DirectOverlay::open(overlay.storage());
+        let dsync_overlay = open_again(overlay.storage());
         let advice = AdvicePieces {
             base: AdvicePieces::of(raw),
             overlay: AdvicePieces::of(overlay.storage()),
@@ -198,6 +222,7 @@ impl ServedDevice {
             unallocated_ready,
             direct,
             direct_overlay,
+            dsync_overlay,
             advice,
         })
     }
@@ -304,6 +329,10 @@ impl ServedDevice {
                 .direct_overlay
                 .as_ref()
                 .map_or(overlay, |d| d.file.as_raw_fd()),
+            overlay_dsync: self
+                .dsync_overlay
+                .as_ref()
+                .map_or(overlay, |f| f.as_raw_fd()),
             layers: below
                 .layers()
                 .iter()

@@ -12,7 +12,8 @@
 //! one request are all pushed before the first is awaited, so they are in
 //! flight together. The ring's fixed files are the base (opened read-only),
 //! the overlay, /dev/zero, the base opened with O_DIRECT and the overlay
-//! opened with O_DIRECT (`RingFiles`).
+//! opened with O_DIRECT, and the overlay opened for FUA writes
+//! (`RingFiles`).
 //! With zero copy a
 //! request's data is reached with fixed-buffer operations: a small READ of
 //! mapped data from the tag's pipe (`read::pipe_read`), other runs from the
@@ -70,6 +71,9 @@ pub struct RingFiles {
     /// The overlay opened with O_DIRECT, for large first writes
     /// (`ServedDevice::direct_overlay`), else the overlay.
     pub(crate) overlay_direct: RawFd,
+    /// The overlay opened once more, for FUA writes
+    /// (`ServedDevice::dsync_overlay`), else the overlay.
+    pub(crate) overlay_dsync: RawFd,
     /// The layers of a chain below the overlay, by depth (`layer_fd`).
     pub(crate) layers: Vec<RawFd>,
 }
@@ -85,6 +89,7 @@ impl RingFiles {
             self.zero,
             self.base_direct,
             self.overlay_direct,
+            self.overlay_dsync,
         ];
         fds.extend(&self.layers);
         fds.resize(Self::table_len(), -1);
@@ -100,13 +105,17 @@ impl RingFiles {
 /// The most fixed files a queue's ring has: libublk's table (`UblkTgt::fds`).
 const RING_FILES_MAX: u32 = 32;
 /// The most layers a device serves below its overlay: one fixed file each,
-/// after ublk's char device and the five of `RingFiles`.
-pub const MAX_RING_LAYERS: usize = (RING_FILES_MAX - FIRST_FILE - 5) as usize;
+/// after ublk's char device and the six of `RingFiles`.
+pub const MAX_RING_LAYERS: usize = (RING_FILES_MAX - FIRST_FILE - LAYERS_AT) as usize;
+
+/// The first layer's index among `RingFiles`, after the six files of the
+/// device itself.
+const LAYERS_AT: u32 = 6;
 
 /// The fixed file of the layer at `depth` below the overlay.
 pub(crate) fn layer_fd(depth: usize) -> types::Fixed {
     assert!(depth < MAX_RING_LAYERS, "layer depth {depth}");
-    types::Fixed(FIRST_FILE + 5 + depth as u32)
+    types::Fixed(FIRST_FILE + LAYERS_AT + depth as u32)
 }
 
 /// The fixed-file index of the first of `RingFiles`.
@@ -116,6 +125,7 @@ pub const OVERLAY_FD: types::Fixed = types::Fixed(FIRST_FILE + 1);
 pub(crate) const ZERO_FD: types::Fixed = types::Fixed(FIRST_FILE + 2);
 pub(crate) const BASE_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 3);
 pub const OVERLAY_DIRECT_FD: types::Fixed = types::Fixed(FIRST_FILE + 4);
+pub const OVERLAY_DSYNC_FD: types::Fixed = types::Fixed(FIRST_FILE + 5);
 
 /// Per-queue buffers reused by every request of the queue.
 pub struct ZeroBlocks {
@@ -294,8 +304,8 @@ fn read_below<R: Ring>(
 
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
 /// overlay lives in memory, else as a ring write, pushed onto `pending`,
-/// with `RWF_DSYNC` if `dsync`. Whether the write is durable when it
-/// completes: a ring write with `dsync`.
+/// with `RWF_DSYNC` through `OVERLAY_DSYNC_FD` if `dsync`. Whether the
+/// write is durable when it completes: a ring write with `dsync`.
 fn overlay_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -308,7 +318,7 @@ fn overlay_write_op<R: Ring>(
         return Ok(false);
     }
     let w = FileWrite {
-        fd: OVERLAY_FD,
+        fd: overlay_fd(dsync),
         from: WriteSource::Memory(data.as_ptr()),
         len: data.len() as u32,
         pos,
@@ -316,6 +326,16 @@ fn overlay_write_op<R: Ring>(
     };
     pending.push(w.push(q));
     Ok(dsync)
+}
+
+/// The overlay's descriptor for a write through the page cache: with
+/// `RWF_DSYNC` (`dsync`) an open file of its own (`ServedDevice::dsync_overlay`:
+/// a writeback error its sync reports stays for the next flush to see).
+fn overlay_fd(dsync: bool) -> types::Fixed {
+    match dsync {
+        true => OVERLAY_DSYNC_FD,
+        false => OVERLAY_FD,
+    }
 }
 
 /// Writes `data` at overlay file offset `pos` and waits.

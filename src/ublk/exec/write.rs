@@ -8,8 +8,8 @@
 //! so that its flush need not sync the overlay's data as well.
 
 use super::{
-    OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_write_op,
-    read_below,
+    OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_fd,
+    overlay_write_op, read_below,
 };
 use crate::engine::Errno;
 use crate::engine::plan::Fill;
@@ -116,7 +116,7 @@ async fn data_write_op<R: Ring>(
                 return Ok(dsync);
             }
             let w = FileWrite {
-                fd: OVERLAY_FD,
+                fd: overlay_fd(dsync),
                 from,
                 len: len as u32,
                 pos,
@@ -192,10 +192,11 @@ struct RingWrite<'a, 'd, R: Ring> {
 }
 
 /// Whether a WRITE's data is written durable (`RWF_DSYNC`): a FUA WRITE's,
-/// when the overlay lives on a disk's file system. There one durable write
-/// saves the overlay's data sync that its flush would otherwise make (a
-/// second trip through an io_uring worker); an overlay in memory has
-/// nothing to make durable and its faster ways stay.
+/// when the overlay lives on a disk's file system (it then has
+/// `ServedDevice::dsync_overlay`). There one durable write saves the
+/// overlay's data sync that its flush would otherwise make (a second trip
+/// through an io_uring worker); an overlay in memory has nothing to make
+/// durable and its faster ways stay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dsync {
     Yes,
@@ -204,7 +205,7 @@ enum Dsync {
 
 impl Dsync {
     fn for_request(sh: &ServedDevice, fua: bool) -> Dsync {
-        match fua && !sh.overlay_io.in_memory() {
+        match fua && sh.dsync_overlay.is_some() {
             true => Dsync::Yes,
             false => Dsync::No,
         }
