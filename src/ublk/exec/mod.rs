@@ -35,7 +35,7 @@ pub use cache::{cache_range, install, install_from_base};
 pub use flush::{flush, flush_after_durable_write};
 pub use read::{MayLeave, ReadData, ReadDone, read};
 pub use remote::{fetch_below, fetch_edges, prefetch_below};
-pub use write::{write, write_request, write_zeroes};
+pub use write::{write_request, write_zeroes};
 
 use crate::engine::Errno;
 use crate::engine::base::DirectAlign;

@@ -300,22 +300,10 @@ impl<R: Ring> Drop for RingWrite<'_, '_, R> {
 }
 
 /// WRITE of `data` at `off`, in the steps of `engine::write::write`: all
-/// of it written, and its blocks `Allocated`, when it returns `Ok`.
-pub async fn write<R: Ring>(
-    q: &R,
-    sh: &ServedDevice,
-    zb: &ZeroBlocks,
-    s: &mut TagScratch,
-    off: u64,
-    data: &mut WriteData<'_>,
-) -> Result<(), Errno> {
-    write_with(q, sh, zb, s, off, data, Dsync::No).await?;
-    Ok(())
-}
-
-/// `write`, with `RWF_DSYNC` or not: whether all of its data was durable
-/// when it returned.
-async fn write_with<R: Ring>(
+/// of it written, and its blocks `Allocated`, when it returns `Ok`, with
+/// `RWF_DSYNC` or not (`Dsync`); whether all of its data was durable when
+/// it returned.
+async fn write<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     zb: &ZeroBlocks,
@@ -355,7 +343,7 @@ pub async fn write_request<R: Ring>(
     data: &mut WriteData<'_>,
     fua: bool,
 ) -> Result<(), Errno> {
-    let durable = write_with(q, sh, zb, s, off, data, Dsync::for_request(sh, fua)).await?;
+    let durable = write(q, sh, zb, s, off, data, Dsync::for_request(sh, fua)).await?;
     match (fua, durable) {
         (false, _) => Ok(()),
         (true, true) => super::flush_after_durable_write(q, sh).await,
@@ -384,7 +372,8 @@ impl<R: Ring> ZeroIo for RingZero<'_, R> {
     async fn write_zeros(&mut self, off: u64, len: u64) -> Result<(), Errno> {
         let zb = self.zb;
         let zeros = &mut WriteData::bytes(&zb.zeros[..len as usize]);
-        write(self.q, self.sh, zb, self.s, off, zeros).await
+        write(self.q, self.sh, zb, self.s, off, zeros, Dsync::No).await?;
+        Ok(())
     }
 
     async fn punch(&mut self, off: u64, len: u64) {
