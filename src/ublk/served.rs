@@ -137,19 +137,11 @@ impl DirectOverlay {
     /// through the page cache (a fill of the same WRITE) shares a page
     /// with it, and aligned as the file system asks.
     pub(crate) fn fits(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
-        len >= self.min && self.aligned_pages(pos, len, addr)
-    }
-
-    /// Whether `len` bytes at overlay offset `pos`, in memory at `addr`,
-    /// can be written with O_DIRECT whatever their length: whole pages,
-    /// aligned as the file system asks (a map page, `exec::flush`).
-    pub(crate) fn aligned(&self, pos: u64, len: u64, addr: usize) -> bool {
-        self.aligned_pages(pos, len, Some(addr))
-    }
-
-    fn aligned_pages(&self, pos: u64, len: u64, addr: Option<usize>) -> bool {
         let page = crate::sys::page_size();
-        pos.is_multiple_of(page) && len.is_multiple_of(page) && self.align.fits(pos, len, addr)
+        len >= self.min
+            && pos.is_multiple_of(page)
+            && len.is_multiple_of(page)
+            && self.align.fits(pos, len, addr)
     }
 }
 

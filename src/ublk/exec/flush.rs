@@ -3,9 +3,8 @@
 //! the failed state; a turn another flush holds is waited for with short
 //! ring timeouts, so the queue's thread never blocks.
 
-use super::{OVERLAY_DIRECT_FD, OVERLAY_FD};
+use super::OVERLAY_FD;
 use crate::engine::Errno;
-use crate::engine::map::MAP_PAGE;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
 use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish, finish_all};
@@ -78,19 +77,8 @@ async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), E
     }
     // One changed page (a FLUSH after one small write, the common case) is
     // written durable in one operation, which saves the queue a second
-    // trip through an io_uring worker (with O_DIRECT, where the page is
-    // written already, none at all); several are written, then synced
+    // trip through an io_uring worker; several are written, then synced
     // once, rather than each synced on its own.
-    if let [(page, bytes)] = pages.as_slice()
-        && direct_page(q, sh, *page, bytes)
-            .await
-            .map_err(|e| fail(&turn, "writing the overlay map", e))?
-    {
-        if sync_data {
-            turn.completed();
-        }
-        return Ok(());
-    }
     let one = pages.len() == 1;
     let writes = pages
         .iter()
@@ -119,47 +107,6 @@ async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), E
         turn.completed();
     }
     Ok(())
-}
-
-/// A map page's bytes where O_DIRECT may take them from.
-#[repr(C, align(4096))]
-struct AlignedPage([u8; MAP_PAGE]);
-
-/// Writes map page `page` durable through the overlay opened with
-/// O_DIRECT, with `RWF_DSYNC`: whether it was so written. `false` where
-/// the overlay has no such descriptor or asks an alignment the page does
-/// not have, or the file system refused it (EINVAL); the caller then
-/// writes it through the page cache. A page already written in the file is
-/// overwritten in place, durable when the device completes the write (a
-/// FUA write where it has a volatile cache), on the queue's thread without
-/// an io_uring worker.
-async fn direct_page<R: Ring>(
-    q: &R,
-    sh: &ServedDevice,
-    page: u64,
-    bytes: &[u8],
-) -> Result<bool, Errno> {
-    let Some(d) = &sh.direct_overlay else {
-        return Ok(false);
-    };
-    let pos = sh.dev.overlay().map_page_pos(page);
-    let mut buf = Box::new(AlignedPage([0; MAP_PAGE]));
-    buf.0.copy_from_slice(bytes);
-    if !d.aligned(pos, MAP_PAGE as u64, buf.0.as_ptr() as usize) {
-        return Ok(false);
-    }
-    let w = FileWrite {
-        fd: OVERLAY_DIRECT_FD,
-        from: WriteSource::Memory(buf.0.as_ptr()),
-        len: MAP_PAGE as u32,
-        pos,
-        dsync: true,
-    };
-    match finish(q, w.push(q)).await {
-        Ok(()) => Ok(true),
-        Err(Errno::EINVAL) => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Step 6: the device fails for good after `what` failed with `e`.
