@@ -108,18 +108,7 @@ impl DirectOverlay {
     /// it is the same file whatever its path became); `None` where that
     /// would not pay or cannot be done.
     fn open(overlay: &File) -> Option<DirectOverlay> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if crate::sys::is_tmpfs(overlay) {
-            return None;
-        }
-        let path = format!("/proc/self/fd/{}", overlay.as_raw_fd());
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| log::info!("overlay without direct writes: {e}"))
-            .ok()?;
+        let file = open_again(overlay, libc::O_DIRECT, "overlay without direct writes")?;
         let (mem, io) = crate::sys::direct_io_align(&file).ok().flatten()?;
         if mem == 0 || io == 0 {
             return None;
@@ -145,10 +134,13 @@ impl DirectOverlay {
     }
 }
 
-/// `overlay` opened once more for reading and writing (through
+/// `overlay` opened once more for reading and writing, with `flags` (through
 /// /proc/self/fd, so it is the same file whatever its path became), for
-/// `ServedDevice::dsync_overlay`; `None` for a file in memory.
-fn open_again(overlay: &File) -> Option<File> {
+/// `DirectOverlay` and `ServedDevice::dsync_overlay`; `None` for a file in
+/// memory, which neither pays for, or when it cannot be opened (logged
+/// after `what`).
+fn open_again(overlay: &File, flags: i32, what: &str) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     if crate::sys::is_tmpfs(overlay) {
         return None;
     }
@@ -156,8 +148,9 @@ fn open_again(overlay: &File) -> Option<File> {
     File::options()
         .read(true)
         .write(true)
+        .custom_flags(flags)
         .open(path)
-        .map_err(|e| log::info!("FUA writes without a descriptor of their own: {e}"))
+        .map_err(|e| log::info!("{what}: {e}"))
         .ok()
 }
 
@@ -203,7 +196,11 @@ impl ServedDevice {
                 }
             };
         let direct_overlay = DirectOverlay::open(overlay.storage());
-        let dsync_overlay = open_again(overlay.storage());
+        let dsync_overlay = open_again(
+            overlay.storage(),
+            0,
+            "FUA writes without a descriptor of their own",
+        );
         let advice = AdvicePieces {
             base: AdvicePieces::of(raw),
             overlay: AdvicePieces::of(overlay.storage()),
