@@ -96,7 +96,9 @@ pub(crate) enum Command {
     /// (killed, crashed) the kernel keeps /dev/ublkbN and holds its requests.
     /// `recover` starts a new daemon with the options and the live map the
     /// old one left, and the held requests are served; no write the device
-    /// completed is lost.
+    /// completed is lost. A device whose flush failed is not served again:
+    /// its live map may name data that never reached the disk (`del` leaves
+    /// the overlay as of its last good flush).
     Recover(RecoverArgs),
     /// Show an overlay: size, block size, backing, blocks held, state
     ///

@@ -13,10 +13,16 @@
 //! ring; a `FaultRing` between the executor and the ring keeps what the
 //! disk would hold: the file as of its last completed data sync, plus the
 //! overlay writes since (a write with `RWF_DSYNC` is durable at once). A
-//! power cut keeps a random subset of those; a data sync that fails loses
-//! them (the kernel reports a writeback error once, and the next sync
-//! succeeds without them). A daemon crash loses nothing: the new executor
-//! takes the map the old one left in a shared mapping (`MapSource::Live`).
+//! power cut keeps a random subset of those; a writeback that fails (in a
+//! data sync, or in the background) loses them, and the error is reported
+//! as the kernel's `errseq_t` reports it: once to each open file of the
+//! overlay (each of the ring's descriptors of it), at its next sync, a
+//! `fdatasync` or a write with `RWF_DSYNC`. A daemon crash changes nothing
+//! on the disk: the new executor takes the map the old one left in a shared
+//! mapping (`MapSource::Live`), over the same pending and lost writes, with
+//! descriptors that are told only of an error no open file was told of;
+//! after a failed flush that live map is refused, and the overlay is as of
+//! its last good flush.
 //!
 //! Each test thread keeps one ring for every device it serves (`RING`), as
 //! a queue keeps one for its device's life: the ring's files are pointed
@@ -25,6 +31,7 @@
 mod common;
 
 use common::{Case, Reference, XorShift, cases, pattern};
+use io_uring::types::Fixed;
 use proptest::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -69,6 +76,10 @@ enum Step {
     Crash,
     /// The overlay's next `fdatasync` fails.
     FailSync,
+    /// The kernel's writeback of the overlay's dirty pages fails in the
+    /// background: their data never reaches the disk, and the error is
+    /// reported once to each open file of the overlay, at its next sync.
+    WritebackFails,
     /// A WRITE one of whose overlay writes fails.
     WriteFails {
         off: u64,
@@ -119,6 +130,7 @@ fn step(sectors: u64) -> impl Strategy<Value = Step> {
             .prop_map(|((off, len), seed)| Step::FuaWrite { off, len, seed }),
         1 => Just(Step::Crash),
         1 => Just(Step::FailSync),
+        1 => Just(Step::WritebackFails),
         1 => (common::range(sectors), any::<u8>())
             .prop_map(|((off, len), seed)| Step::WriteFails { off, len, seed }),
         1 => Just(Step::MapWriteFails),
@@ -168,6 +180,23 @@ struct Disk {
     /// Overlay writes and syncs until the power goes (mid-flush cuts).
     power_left: Option<u32>,
     syncs_failed: u64,
+    /// Writeback errors of the overlay file so far, as the kernel's
+    /// `errseq_t` of its mapping keeps them, and whether an open file was
+    /// told of the latest.
+    wb_errors: u64,
+    wb_error_seen: bool,
+    /// The errors each of the ring's overlay descriptors was told of:
+    /// a sync through it (`fdatasync`, or a write with `RWF_DSYNC`)
+    /// reports one it was not.
+    told: [u64; OVERLAY_FDS.len()],
+}
+
+/// The ring's descriptors of the overlay file, each an open file of its
+/// own.
+const OVERLAY_FDS: [Fixed; 3] = [OVERLAY_FD, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD];
+
+fn overlay_fd(fd: Fixed) -> Option<usize> {
+    OVERLAY_FDS.iter().position(|f| f.0 == fd.0)
 }
 
 impl Disk {
@@ -210,6 +239,32 @@ impl Disk {
         self.pending = kept;
     }
 
+    /// Writeback of the pending writes failed: they never reach the disk.
+    fn writeback_failed(&mut self) {
+        self.pending.clear();
+        self.wb_errors += 1;
+        self.wb_error_seen = false;
+    }
+
+    /// A sync through descriptor `i` ends: whether it reports an error
+    /// (one that descriptor was not told of yet).
+    fn sync_reports_error(&mut self, i: usize) -> bool {
+        if self.told[i] == self.wb_errors {
+            return false;
+        }
+        self.told[i] = self.wb_errors;
+        self.wb_error_seen = true;
+        true
+    }
+
+    /// The ring's descriptors were opened again (a new daemon): as the
+    /// kernel's `errseq_sample`, each is told of every error but the
+    /// latest if no open file was told of that one yet.
+    fn reopened(&mut self) {
+        let unseen = self.wb_errors > 0 && !self.wb_error_seen;
+        self.told = [self.wb_errors - unseen as u64; OVERLAY_FDS.len()];
+    }
+
     /// What the file holds after a power cut that kept the pending writes
     /// `keep` chooses.
     fn after_power_cut(&self, mut keep: impl FnMut() -> bool) -> Vec<u8> {
@@ -241,6 +296,8 @@ struct FaultRing {
 
 enum FaultDone {
     Ring(PlainDone),
+    /// Done by the ring, and then ends with this result instead.
+    RingThen(PlainDone, i32),
     /// Done without the ring.
     Now(i32),
 }
@@ -254,6 +311,10 @@ impl std::future::Future for FaultDone {
     ) -> std::task::Poll<i32> {
         match self.get_mut() {
             FaultDone::Ring(d) => std::pin::Pin::new(d).poll(cx),
+            FaultDone::RingThen(d, r) => std::pin::Pin::new(d).poll(cx).map(|done| match done {
+                n if n < 0 => n,
+                _ => *r,
+            }),
             FaultDone::Now(r) => std::task::Poll::Ready(*r),
         }
     }
@@ -269,11 +330,9 @@ impl Ring for FaultRing {
                 if w.fd.0 == OVERLAY_DIRECT_FD.0 {
                     count(|c| &c.direct_writes, 1);
                 }
-                [OVERLAY_FD, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD]
-                    .iter()
-                    .any(|f| f.0 == w.fd.0)
+                overlay_fd(w.fd).is_some()
             }
-            RingOp::Punch { fd, .. } | RingOp::DataSync { fd } => fd.0 == OVERLAY_FD.0,
+            RingOp::Punch { fd, .. } | RingOp::DataSync { fd } => overlay_fd(fd).is_some(),
             _ => false,
         };
         if overlay && let Some(n) = disk.power_left {
@@ -299,27 +358,39 @@ impl Ring for FaultRing {
                     // writes back the range's pages as they are now, so no
                     // older write of the range can land over it later.
                     disk.written_durable(w.pos, data);
+                    // Its sync reports an earlier writeback error of the
+                    // file, once to this descriptor: the write then fails,
+                    // its data written.
+                    if disk.sync_reports_error(overlay_fd(w.fd).unwrap()) {
+                        drop(disk);
+                        return FaultDone::RingThen(self.ring.push(op), -libc::EIO);
+                    }
                 } else {
                     disk.pending.push((w.pos, data.to_vec()));
                 }
             }
-            RingOp::Punch { fd, pos, len } if fd.0 == OVERLAY_FD.0 => {
+            RingOp::Punch { fd, pos, len } if overlay => {
+                assert_eq!(fd.0, OVERLAY_FD.0, "a punch through another descriptor");
                 disk.pending.push((pos, vec![0u8; len as usize]));
             }
-            RingOp::DataSync { fd } if fd.0 == OVERLAY_FD.0 => {
+            RingOp::DataSync { fd } if overlay => {
                 if std::mem::take(&mut disk.fail_next_sync) {
                     // The writes since the last sync never reach the disk;
-                    // the kernel says so once.
-                    disk.pending.clear();
+                    // the kernel says so once to each open file.
+                    disk.writeback_failed();
                     disk.syncs_failed += 1;
-                    return FaultDone::Now(-libc::EIO);
+                } else {
+                    // Every write pushed before it was completed (the
+                    // executor awaits them first): the disk model makes
+                    // them durable, and the file system's own sync would
+                    // add nothing to it.
+                    let n = disk.pending.len();
+                    disk.synced(n);
                 }
-                // Every write pushed before it was completed (the executor
-                // awaits them first): the disk model makes them durable,
-                // and the file system's own sync would add nothing to it.
-                let n = disk.pending.len();
-                disk.synced(n);
-                return FaultDone::Now(0);
+                return match disk.sync_reports_error(overlay_fd(fd).unwrap()) {
+                    true => FaultDone::Now(-libc::EIO),
+                    false => FaultDone::Now(0),
+                };
             }
             _ => {}
         }
@@ -508,6 +579,11 @@ impl Model {
     /// Serves `dev` with a new executor; the disk holds the file as it is.
     fn serve(&mut self, dev: CowDevice<Backed, File>) {
         *self.disk.borrow_mut() = Disk::durable_from(&rw(&self.overlay_path));
+        self.serve_on_disk(dev);
+    }
+
+    /// Serves `dev` with a new executor over the disk as the model has it.
+    fn serve_on_disk(&mut self, dev: CowDevice<Backed, File>) {
         let mut sh = ServedDevice::new(dev, CachePolicy::default(), false, None).unwrap();
         assert!(
             sh.has_direct_overlay(),
@@ -534,10 +610,19 @@ impl Model {
         });
     }
 
-    /// Opens the overlay again, with the map it persisted (`Load`) or the
-    /// live map a dead daemon left (`Live`).
-    fn reopen(&mut self, live: bool) {
+    /// Opens the overlay again, with the map it persisted (`Load`) and the
+    /// disk as the file is now.
+    fn reopen(&mut self) {
         self.served = None;
+        let dev = self
+            .open(false)
+            .expect("reopen after a clean stop or a power cut");
+        self.serve(dev);
+    }
+
+    /// The device over the overlay, with the map it persisted (`Load`) or
+    /// the live map a dead daemon left (`Live`).
+    fn open(&self, live: bool) -> Result<CowDevice<Backed, File>, ublk_cow::engine::Error> {
         let check = OpenCheck {
             base: &self.id,
             block_size: None,
@@ -550,9 +635,57 @@ impl Model {
             MapSource::Load(mem)
         };
         let lower = chain::open_lower(&self.lower_path).unwrap().backed;
-        let dev = CowDevice::open(lower, rw(&self.overlay_path), check, source)
-            .expect("reopen after close, crash or power cut");
-        self.serve(dev);
+        CowDevice::open(lower, rw(&self.overlay_path), check, source)
+    }
+
+    /// The daemon dies. A new one serves the device again from the live map
+    /// it left, over the disk as it was, pending writes and lost ones alike
+    /// (with what the open wrote, durable: it syncs what it writes); unless
+    /// a flush of the device had failed.
+    fn crash(&mut self) -> Result<(), TestCaseError> {
+        if self.s().sh.dev.failed() {
+            return self.crash_after_failure();
+        }
+        self.served = None;
+        let before = std::fs::read(&self.overlay_path).unwrap();
+        let dev = self.open(true).expect("recovery after a crash");
+        let after = std::fs::read(&self.overlay_path).unwrap();
+        {
+            let mut disk = self.disk.borrow_mut();
+            if after.len() > before.len() {
+                apply(
+                    &mut disk.durable,
+                    before.len() as u64,
+                    &after[before.len()..],
+                );
+            }
+            for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+                if a != b {
+                    apply(&mut disk.durable, i as u64, &[*a]);
+                }
+            }
+            disk.reopened();
+        }
+        self.serve_on_disk(dev);
+        self.check_all()
+    }
+
+    /// A crash after a failed flush: the overlay marked failed, as the
+    /// daemon's watcher marks it (a stop does the same), and its live map,
+    /// which may name lost data, refused. `del` leaves the overlay as of its
+    /// last good flush and the disk as it is: what a power cut leaves.
+    fn crash_after_failure(&mut self) -> Result<(), TestCaseError> {
+        prop_assert!(
+            self.s().sh.dev.shut_down().is_err(),
+            "a device whose flush failed shut down"
+        );
+        self.served = None;
+        prop_assert!(
+            self.open(true).is_err(),
+            "the live map of a device whose flush failed was taken"
+        );
+        count(|c| &c.refused_recoveries, 1);
+        self.power_cut(0x2545_f491, None)
     }
 
     /// A live snapshot (`daemon::snapshot::in_daemon`, without the gate:
@@ -666,7 +799,7 @@ impl Model {
         let f = rw(&self.overlay_path);
         f.set_len(image.len() as u64).unwrap();
         f.write_all_at(&image, 0).unwrap();
-        self.reopen(false);
+        self.reopen();
         let len = self.reference.current.len() as u64;
         let got = self.read(0, len);
         self.reference.after_power_cut(got)
@@ -695,13 +828,16 @@ impl Model {
                 let before = map_only(self);
                 let r = self.write(off, &data, true);
                 count(|c| &c.map_only_flushes, map_only(self) - before);
-                // A FUA write's flush may fail after a failed sync; the
-                // data is then written but nothing is promised durable.
+                // A FUA write fails after a failed sync: its own (the
+                // data's, which reports a writeback error of the file) or
+                // its flush's. Each sector then reads old or new, and
+                // nothing is promised durable.
                 if r == len as i32 {
                     self.reference.record_durable(off, &data);
                 } else {
-                    self.reference.record(off, &data);
                     prop_assert_eq!(r, -libc::EIO, "a FUA write failed otherwise");
+                    let got = self.read(off, len);
+                    self.reference.record_uncertain(off, &got, &data)?;
                 }
             }
             &Step::Common(Op::Zero { off, len }) => {
@@ -748,7 +884,7 @@ impl Model {
                 // good as a power cut.
                 if self.s().sh.dev.shut_down().is_ok() {
                     self.reference.flushed();
-                    self.reopen(false);
+                    self.reopen();
                     self.check_all()?;
                 } else {
                     self.power_cut(0x9e37_79b9, None)?;
@@ -758,11 +894,12 @@ impl Model {
                 keep_seed,
                 cut_flush_after,
             }) => self.power_cut(keep_seed, cut_flush_after)?,
-            Step::Crash => {
-                self.reopen(true);
-                self.check_all()?;
-            }
+            Step::Crash => self.crash()?,
             Step::FailSync => self.disk.borrow_mut().fail_next_sync = true,
+            Step::WritebackFails => {
+                self.disk.borrow_mut().writeback_failed();
+                count(|c| &c.writeback_errors, 1);
+            }
             Step::Common(Op::SyncFails) => {
                 self.disk.borrow_mut().fail_next_sync = true;
                 prop_assert_eq!(self.flush(), -libc::EIO, "a flush whose sync failed");
@@ -829,6 +966,10 @@ struct Counts {
     direct_writes: Cell<u64>,
     /// FUA writes whose flush did not sync the overlay's data.
     map_only_flushes: Cell<u64>,
+    /// Writebacks that failed in the background.
+    writeback_errors: Cell<u64>,
+    /// Crashes of a device whose flush had failed: its live map refused.
+    refused_recoveries: Cell<u64>,
 }
 
 thread_local! {
@@ -879,12 +1020,14 @@ fn run_model(name: &str, want: u32) {
     COUNTS.with(|c| {
         let n = c.cases.get();
         println!(
-            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} direct writes, {} FUA flushes without a data sync, {kicks} io-wq kicks, 0 divergences",
+            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} failed writebacks, {} recoveries refused after a failed flush, {} direct writes, {} FUA flushes without a data sync, {kicks} io-wq kicks, 0 divergences",
             c.large.get(),
             c.chains.get(),
             c.steps.get(),
             c.snapshots.get(),
             c.failed_syncs.get(),
+            c.writeback_errors.get(),
+            c.refused_recoveries.get(),
             c.direct_writes.get(),
             c.map_only_flushes.get(),
         );
@@ -892,11 +1035,13 @@ fn run_model(name: &str, want: u32) {
         assert!(
             c.large.get() > 0
                 && c.failed_syncs.get() > 0
+                && c.writeback_errors.get() > 0
+                && c.refused_recoveries.get() > 0
                 && c.chains.get() > 0
                 && c.snapshots.get() > 0
                 && c.direct_writes.get() > 0
                 && c.map_only_flushes.get() > 0,
-            "the cases did not reach maps of several pages, failed syncs, chains, live snapshots, direct writes and FUA flushes without a data sync"
+            "the cases did not reach maps of several pages, failed syncs and writebacks, recoveries refused after a failed flush, chains, live snapshots, direct writes and FUA flushes without a data sync"
         );
     });
 }
@@ -912,6 +1057,47 @@ fn io_uring_executor_matches_reference_model() {
 #[test]
 fn io_uring_executor_matches_reference_model_second_half() {
     run_model("exec model, second half", cases(10_000).div_ceil(2));
+}
+
+/// A writeback error that a FUA write's own sync takes (through its
+/// descriptor of the overlay) must still fail the device: else a daemon
+/// that dies before the next FLUSH leaves a new one whose descriptors
+/// never see the error, and its FLUSH succeeds over the lost write.
+#[test]
+fn a_writeback_error_a_fua_write_takes_fails_the_device() {
+    use common::Op;
+    let steps = vec![
+        Step::Common(Op::Write {
+            off: 0,
+            len: 512,
+            seed: 1,
+        }),
+        Step::WritebackFails,
+        Step::FuaWrite {
+            off: 8192,
+            len: 512,
+            seed: 2,
+        },
+        Step::Crash,
+        Step::Common(Op::Flush),
+        Step::Common(Op::PowerCut {
+            keep_seed: 0,
+            cut_flush_after: None,
+        }),
+    ];
+    let c = ExecCase {
+        case: Case {
+            block_size: 4096,
+            sectors: 24,
+            ops: Vec::new(),
+        },
+        steps,
+        layers: 0,
+        layer_seed: 0,
+    };
+    if let Err(e) = run_case(c) {
+        panic!("{e}");
+    }
 }
 
 /// READs of many runs whose files are all in memory (base, a layer and the

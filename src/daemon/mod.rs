@@ -442,6 +442,11 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
             st.pid
         );
     }
+    // Its live map may name data that never reached the disk: a new daemon
+    // would persist it at its first flush.
+    if st.failed {
+        bail!("{}", kept_note(&st));
+    }
     if !ublk::device_exists(id) {
         bail!("ublk device {id} is gone; `ublk-cow del -n {id}` cleans up, `add` starts anew");
     }
@@ -1024,9 +1029,16 @@ pub(crate) fn del(id: u32) -> Result<()> {
     }
     st.remove_files();
     if failed && !st.temporary_overlay {
+        // Its daemon marks the overlay failed once a flush fails, but may
+        // have died before it could (its disk still failing then): marked
+        // again here, so that the next `add` of it warns.
+        let marked = match crate::engine::chain::mark_failed(&st.overlay) {
+            Ok(()) => String::new(),
+            Err(e) => format!("; marking it failed: {e}"),
+        };
         bail!(
             "device {id} removed, but a flush of it had failed: overlay {} is as of its last \
-             good flush, and writes after it may be lost (see {})",
+             good flush, and writes after it may be lost (see {}){marked}",
             st.overlay.display(),
             state::log_path(id).display()
         );

@@ -813,6 +813,18 @@ fn open_locked(path: &Path, who: &str) -> Result<File, Error> {
     Ok(file)
 }
 
+/// Marks the overlay at `path`, which no device uses, failed (durably):
+/// a flush of its last device failed, and that device's daemon may have
+/// died before it could mark it (the disk still failing then).
+pub fn mark_failed(path: &Path) -> Result<(), Error> {
+    let who = name(path, 0);
+    let file = open_locked(path, &who)?;
+    let overlay = Overlay::open_unchecked(file).map_err(|e| about(&who, e))?;
+    // Written even if the header reads as failed: that may be the page
+    // cache's copy of a mark whose writeback failed.
+    overlay.mark_failed().map_err(|e| about(&who, e))
+}
+
 /// Freezes the clean overlay at `path`: it becomes a layer, read-only for
 /// good, that new overlays can be made over.
 pub fn freeze(path: &Path) -> Result<(), Error> {

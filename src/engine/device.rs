@@ -244,6 +244,15 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
                 map
             }
             MapSource::Live(mem) => {
+                // The live map of a device whose flush failed may name data
+                // that never reached the disk; the overlay stays as of its
+                // last good flush.
+                if overlay.header().failed() {
+                    return Err(Error::invalid(
+                        "a flush of its device failed: its live map may name data that was \
+                         lost, and the overlay stays as of its last good flush",
+                    ));
+                }
                 let map = BlockMap::new(mem, blocks);
                 check_live_map(&map, &overlay)?;
                 map.mark_all_dirty();

@@ -242,6 +242,12 @@ case_failed_overlay_sync() {
     fi
     "$UC" list | grep "$ov" | grep -qw failed || die "list does not show the device failed"
     [ "$(stat_of "$id" overlay_failed)" = 1 ] || die "stats do not show the device failed"
+    # Its daemon dies: its live map may name the lost writes, and no new
+    # daemon takes it.
+    kill_daemon "$id"
+    expect_fail "recover of a device whose flush failed" "$UC" recover -n "$id"
+    err=$("$UC" recover -n "$id" 2>&1) || true
+    [[ $err == *"last good flush"* ]] || die "recover did not say why: $err"
     if err=$("$UC" del -n "$id" 2>&1); then die "del of a failed device said nothing"; fi
     [[ $err == *"last good flush"* ]] || die "del did not say what became of the overlay: $err"
     [ ! -e "$UBLK_COW_RUN_DIR/$id.json" ] || die "del left the failed device"

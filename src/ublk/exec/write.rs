@@ -343,7 +343,22 @@ pub async fn write_request<R: Ring>(
     data: &mut WriteData<'_>,
     fua: bool,
 ) -> Result<(), Errno> {
-    let durable = write(q, sh, zb, s, off, data, Dsync::for_request(sh, fua)).await?;
+    let dsync = Dsync::for_request(sh, fua);
+    let durable = match write(q, sh, zb, s, off, data, dsync).await {
+        Ok(durable) => durable,
+        Err(e) if dsync == Dsync::Yes => {
+            // The sync inside a durable write reports a writeback error of
+            // any earlier write, once to each open file: here to the FUA
+            // writes' descriptor. A whole flush has the overlay's own
+            // descriptor report it too, and so fails the device (and has
+            // the overlay marked failed) as any failed flush does; else a
+            // daemon that died before the next FLUSH would leave a
+            // successor whose descriptors never see the error.
+            let _ = super::flush(q, sh).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     match (fua, durable) {
         (false, _) => Ok(()),
         (true, true) => super::flush_after_durable_write(q, sh).await,
