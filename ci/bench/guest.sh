@@ -61,6 +61,9 @@ workload_args() {
         # QD1, and a flush after every write at QD32 (1:1 write:flush).
         randwrite-4k-sync) echo "--rw=randwrite --bs=4k --iodepth=1 --sync=1 --size=64M $TIMED" ;;
         randwrite-4k-fsync) echo "--rw=randwrite --bs=4k --iodepth=32 --fsync=1 --size=64M $TIMED" ;;
+        # The same FUA writes over blocks written (and flushed) before: a
+        # disk in use, where no write allocates.
+        randwrite-4k-sync-written) echo "--rw=randwrite --bs=4k --iodepth=1 --sync=1 --size=64M $TIMED" ;;
         *) echo "unknown workload $1" >&2; return 1 ;;
     esac
 }
@@ -77,6 +80,9 @@ prepare() {
         randread-4k-written)
             fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
                 --bs=4k --iodepth=32 --size=64M >/dev/null ;;
+        randwrite-4k-sync-written)
+            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=write \
+                --bs=1m --iodepth=8 --size=64M --end_fsync=1 >/dev/null ;;
         seqread-*-written)
             fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
                 --bs=4k --iodepth=32 --size=64M --io_size=32M >/dev/null ;;

@@ -159,12 +159,17 @@ sys_up() {
             # the base: for write workloads only).
             truncate -s "$(stat -c %s "$BASE_FILE")" $OV/sparse.img
             losetup --find --show --direct-io=on $OV/sparse.img ;;
-        dm-snap-4k|dm-snap-64k)
-            local chunk=8; [ "$1" = dm-snap-64k ] && chunk=128
+        dm-snap-4k|dm-snap-64k|dm-snap-64k-persistent)
+            # N: the exception table lives in memory only; P (the
+            # -persistent variant) commits it to the COW device, as a
+            # COW device that survives a power cut must.
+            local chunk=8 kind=N
+            [ "$1" = dm-snap-4k ] || chunk=128
+            [ "$1" = dm-snap-64k-persistent ] && kind=P
             truncate -s 700M $OV/snap.cow
             local cow; cow=$(losetup -f --show $OV/snap.cow)
             echo "$cow" > $B/snap.cowdev
-            dmsetup create ucbsnap --table "0 $sz snapshot $(base_loop) $cow N $chunk"
+            dmsetup create ucbsnap --table "0 $sz snapshot $(base_loop) $cow $kind $chunk"
             echo /dev/mapper/ucbsnap ;;
         qemu-nbd)
             modprobe nbd max_part=0 2>/dev/null || true
@@ -196,6 +201,7 @@ sys_up() {
             "${UBLK_COW_OLD2_BIN:?the path of a third build}" add --base "$BASE" ;;
         ublk-cow-layer1) "$UC" add --base "$(layers 1)" --overlay $B/top.cow ;;
         ublk-cow-layers[0-9]*) "$UC" add --base "$(layers "${1#ublk-cow-layers}")" --overlay $B/top.cow ;;
+        ublk-cow-bs64k) "$UC" add --base "$BASE" --block-size 64K ;;
         ublk-cow-q1) "$UC" add --base "$BASE" --queues 1 ;;
         ublk-cow-q2) "$UC" add --base "$BASE" --queues 2 ;;
         ublk-cow-prealloc) "$UC" add --base "$BASE" --preallocate ;;
