@@ -234,6 +234,7 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         let mut overlay = Overlay::open(overlay, check)?;
         let blocks = overlay.geometry().blocks();
         let was_clean = overlay.header().clean();
+        let live = matches!(map, MapSource::Live(_));
         let map = match map {
             MapSource::Load(mem) => {
                 let map = BlockMap::new(mem, blocks);
@@ -244,13 +245,13 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
                 map
             }
             MapSource::Live(mem) => {
-                // The live map of a device whose flush failed may name data
-                // that never reached the disk; the overlay stays as of its
-                // last good flush.
+                // The live map of a device whose flush (or whose recovery's
+                // first sync) failed may name data that never reached the
+                // disk; the overlay stays as of its last good flush.
                 if overlay.header().failed() {
                     return Err(Error::invalid(
-                        "a flush of its device failed: its live map may name data that was \
-                         lost, and the overlay stays as of its last good flush",
+                        "the overlay is marked failed (a sync of it failed): its live map may \
+                         name data that was lost, and the overlay stays as of its last good flush",
                     ));
                 }
                 let map = BlockMap::new(mem, blocks);
@@ -263,7 +264,15 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         if let Err(e) = overlay.allocate_map() {
             log::warn!("{e}: a flush may fail for lack of space");
         }
-        overlay.set_clean(false)?;
+        if let Err(e) = overlay.set_clean(false) {
+            // The sync may have reported a writeback error of a dead
+            // daemon's writes, which the kernel reports only once: the live
+            // map may name lost data. Marked failed, it is never taken.
+            if live && let Err(m) = overlay.mark_failed() {
+                log::error!("marking the overlay failed: {m}");
+            }
+            return Err(e);
+        }
         Ok(Self::assemble(base, overlay, map, was_clean))
     }
 
@@ -888,6 +897,48 @@ mod tests {
             dev.read(0, &mut buf).unwrap();
             assert!(buf.iter().all(|&b| b == 0xab), "base data hidden");
         }
+    }
+
+    /// A writeback error of a dead daemon's writes is reported once, maybe
+    /// to the sync of the open that would recover its device: that open
+    /// fails, and marks the overlay failed, so that a second attempt does
+    /// not take the live map, which may name the lost data.
+    #[test]
+    fn a_failed_sync_in_a_recovery_refuses_the_live_map_for_good() {
+        let (dev, overlay) = new_device();
+        dev.write(0, &[7u8; BS as usize]).unwrap();
+        // The daemon dies: its live map has block 0 written.
+        drop(dev);
+        let open = || {
+            let mem = MapMemory::heap(SIZE / BS as u64);
+            if let MapMemory::Heap(w) = &mem {
+                w[0].store(0b01, Ordering::Relaxed);
+            }
+            let (b, id) = base();
+            let check = OpenCheck {
+                base: &id,
+                block_size: None,
+                force: false,
+            };
+            CowDevice::open(b, overlay.clone(), check, MapSource::Live(mem))
+        };
+        overlay.fail_next_sync();
+        assert!(open().is_err(), "the open's sync failed");
+        let again = open().err().expect("a second recovery took the live map");
+        assert!(again.to_string().contains("live map may name"), "{again}");
+    }
+
+    /// A failed WRITE over a `Copied` block may have changed some of its
+    /// bytes: the block is no longer a copy of what is below.
+    #[test]
+    fn a_write_that_failed_over_a_copy_takes_it_as_written() {
+        let (dev, overlay) = new_device();
+        assert_eq!(dev.install_copy(0, &[0xab; BS as usize]).unwrap(), 1);
+        assert_eq!(dev.map().get(0), BlockState::Copied);
+        overlay.cut_power_after(0);
+        assert!(dev.write(512, &[7u8; 1024]).is_err());
+        assert_eq!(dev.map().get(0), BlockState::Allocated);
+        assert_eq!(dev.map().get(1), BlockState::Unallocated);
     }
 
     #[test]

@@ -123,13 +123,16 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     io.read_fills(fills).await?;
     let behind = Behind {
         pages_ready: plan::overlay_pages_ready(map, blocks.clone(), io.unallocated_ready()),
-        fresh: plan::never_written(map, blocks),
+        fresh: plan::never_written(map, blocks.clone()),
     };
     let started = start_writes(io, fills, off, behind).await;
     // Started writes read from the fill buffers and the request: wait for
     // them even after a failure.
     let done = io.complete().await;
-    started.and(done)?;
+    if let Err(e) = started.and(done) {
+        copies_taken_as_written(dev, &guard, blocks);
+        return Err(e);
+    }
     // Only now is every byte of every block of `mark` in the overlay.
     let data = match io.data_durable() {
         true => DataState::Durable,
@@ -137,6 +140,22 @@ pub(crate) async fn write<B: Storage, O: Storage, X: WriteIo>(
     };
     dev.map().allocate(&guard, p.mark, data);
     Ok(())
+}
+
+/// After a WRITE that failed: some of its data may have reached the
+/// overlay, and a `Copied` block it did no longer holds what is below it
+/// (which `commit` and `push`, skipping copies, rely on). Such blocks are
+/// taken as written; each of their sectors reads old or new.
+fn copies_taken_as_written<B: Storage, O: Storage>(
+    dev: &CowDevice<B, O>,
+    guard: &RangeGuard<'_>,
+    blocks: Range<u64>,
+) {
+    for b in blocks {
+        if dev.map().get(b) == BlockState::Copied {
+            dev.map().set_range(guard, b..b + 1, BlockState::Allocated);
+        }
+    }
 }
 
 /// Starts the writes of the fills, then of the data; stops at the first
