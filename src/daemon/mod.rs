@@ -436,6 +436,13 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
             None => bail!("there is no ublk-cow device {id}"),
         }
     };
+    if !st.this_boot() {
+        bail!(
+            "device {id} was added before the machine restarted: nothing to recover; \
+             `ublk-cow del -n {id}` removes what is left (overlay {} is as of its last flush)",
+            st.overlay.display()
+        );
+    }
     if st.daemon_alive() {
         bail!(
             "device {id} is alive (daemon pid {}): nothing to recover",
@@ -710,6 +717,7 @@ fn serve(p: Prepared, ready: Box<dyn FnOnce(&str) + Send + Sync>) -> Result<()> 
         foreground: req.foreground,
         remote: req.remote.clone(),
         remote_identity: remote_identity_of(&dev),
+        boot_id: state::boot_id(),
     };
     let queues = ctrl.dev_info().nr_hw_queues;
     let served = ServedDevice::new(dev, req.policy, req.preallocate, direct).and_then(|sh| {
@@ -1008,6 +1016,19 @@ pub(crate) fn del(id: u32) -> Result<()> {
         if st.snapshot_to.is_some() {
             st = snapshot::abandon(st)?;
         }
+    }
+    // A state file from before a restart of the machine: its live map
+    // holds whatever of it had reached the disk, and the ublk device with
+    // its id is gone (another may have the id by now). The overlay is as
+    // of its last flush, as after a power cut.
+    if !st.this_boot() {
+        st.remove_files();
+        let overlay = match st.temporary_overlay {
+            true => "its temporary overlay removed".to_string(),
+            false => format!("overlay {} is as of its last flush", st.overlay.display()),
+        };
+        eprintln!("ublk-cow: device {id} was added before the machine restarted: {overlay}");
+        return Ok(());
     }
     let mut failed = st.failed;
     if !st.temporary_overlay && !failed && state::map_path(id).exists() {

@@ -88,7 +88,7 @@ pub(crate) fn serve(req: AddRequest) -> Result<()> {
                 st.pid
             );
         }
-        if crate::ublk::device_exists(st.id) {
+        if st.this_boot() && crate::ublk::device_exists(st.id) {
             log::info!(
                 "device {} over overlay {} lost its daemon: recovering it",
                 st.id,

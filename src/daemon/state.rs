@@ -77,6 +77,19 @@ pub(crate) struct DeviceState {
     /// refuses another.
     #[serde(default)]
     pub(crate) remote_identity: Option<crate::remote::Identity>,
+    /// The boot its daemon ran in ([`boot_id`]): a state file that a run
+    /// directory kept across a restart of the machine names a daemon, a
+    /// ublk device and a live map that are gone (the pid and the id may be
+    /// another's by now). Unknown in files written before it was kept.
+    #[serde(default)]
+    pub(crate) boot_id: Option<String>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), if the kernel has one.
+pub(crate) fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 pub(crate) fn run_dir() -> PathBuf {
@@ -226,7 +239,19 @@ impl DeviceState {
     /// Whether the daemon that wrote this is still running. A process that
     /// we may not signal (`EPERM`: another user's, root's to a user) is
     /// alive all the same.
+    /// Whether the device's daemon ran in this boot of the machine (taken
+    /// so when either boot id is unknown).
+    pub(crate) fn this_boot(&self) -> bool {
+        match (&self.boot_id, boot_id()) {
+            (Some(then), Some(now)) => *then == now,
+            _ => true,
+        }
+    }
+
     pub(crate) fn daemon_alive(&self) -> bool {
+        if !self.this_boot() {
+            return false;
+        }
         match crate::sys::kill(self.pid, 0) {
             Ok(alive) => alive,
             Err(e) => e.raw_os_error() == Some(libc::EPERM),

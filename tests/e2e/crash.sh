@@ -210,6 +210,44 @@ case_del_dead_daemon_keeps_writes() {
     base_unchanged
 }
 
+# A run directory that outlived a restart of the machine: a state file and
+# live map of an earlier boot name a daemon, a ublk device and writes that
+# are gone. `recover` refuses it; `del` removes it without writing its live
+# map into the overlay. Made here from a live device's files, under an id no
+# device has, with the boot id changed.
+case_state_from_an_earlier_boot() {
+    local dev id ov=$WORK/boot.overlay st=77 sum
+    rm -f "$ov"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    head -c 1M /dev/urandom > boot1
+    dd if=boot1 of="$dev" bs=1M seek=20 oflag=direct conv=fsync status=none
+    cp "$UBLK_COW_RUN_DIR/$id.map" "$UBLK_COW_RUN_DIR/$st.map"
+    python3 - "$UBLK_COW_RUN_DIR/$id.json" "$UBLK_COW_RUN_DIR/$st.json" "$st" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+s.update(id=int(sys.argv[3]), pid=999999, device="/dev/ublkb" + sys.argv[3], boot_id="an-earlier-boot")
+json.dump(s, open(sys.argv[2], "w"))
+PY
+    chmod 600 "$UBLK_COW_RUN_DIR/$st.json" "$UBLK_COW_RUN_DIR/$st.map"
+    # Written after the stale map was taken: it names none of this.
+    head -c 1M /dev/urandom > boot2
+    dd if=boot2 of="$dev" bs=1M seek=40 oflag=direct conv=fsync status=none
+    "$UC" del -n "$id"
+    "$UC" list -n "$st" | grep -qw dead || die "list does not show the old device dead"
+    expect_fail "recover of a device from an earlier boot" "$UC" recover -n "$st"
+    sum=$(digest "$ov")
+    local err; err=$("$UC" del -n "$st" 2>&1) || die "del of a device from an earlier boot failed: $err"
+    [[ $err == *"before the machine restarted"* ]] || die "del did not say why: $err"
+    [ ! -e "$UBLK_COW_RUN_DIR/$st.json" ] && [ ! -e "$UBLK_COW_RUN_DIR/$st.map" ] \
+        || die "del left the old device's files"
+    [ "$(digest "$ov")" = "$sum" ] || die "del wrote the old live map into the overlay"
+    dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
+    cmp <(dd if="$dev" bs=1M skip=40 count=1 iflag=direct status=none) boot2 \
+        || die "a flushed write is lost"
+    "$UC" del -n "$id"
+    base_unchanged
+}
+
 # dm_table NAME TABLE: switches dm device NAME to TABLE without freezing the
 # file system on it (a freeze would write back what the test leaves dirty).
 dm_table() { dmsetup suspend --nolockfs "$1"; dmsetup reload "$1" --table "$2"; dmsetup resume "$1"; }
@@ -270,6 +308,7 @@ case_failed_overlay_sync() {
 CASES+=("a failed overlay sync fails every later flush and persists nothing|case_failed_overlay_sync")
 CASES+=("one overlay, one device: a second add refused, also while waiting for recover|case_overlay_one_device")
 CASES+=("del of a killed daemon writes its live map into the overlay|case_del_dead_daemon_keeps_writes")
+CASES+=("a state file from an earlier boot: recover refuses, del leaves the overlay|case_state_from_an_earlier_boot")
 CASES+=("kill -9 of the daemon under fio verify, recover, $CYCLES cycles|case_kill9_fio")
 CASES+=("kill -9 of the daemon under a mounted ext4, e2fsck and file contents after|case_kill9_ext4")
 CASES+=("full overlay file system: errors, no damage, recovers|case_full_disk")
