@@ -29,6 +29,7 @@ use crate::remote::object::store_for;
 use crate::remote::{AwsEnv, Params, RemoteBase, RemoteUrl};
 use anyhow::{Context, Result, anyhow, bail};
 use object_store::{ObjectStoreExt, WriteMultipart};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bytes per part of the upload (S3 wants at least 5 MiB but the last).
@@ -72,10 +73,16 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         );
     };
     let who = req.layer.display().to_string();
-    let layer = open_layer(req.layer, 0)?;
+    let held = open_layer(req.layer, 0)?;
     // Held while the layer is read: a commit into it or of it (which locks
     // it exclusively) waits or is refused until the upload is done.
-    lock(layer.overlay.storage(), false, &who)?;
+    lock(held.overlay.storage(), false, &who)?;
+    // Read again under the lock: a commit that ran while the lock was
+    // waited for changed the header and the map read before it.
+    let layer = open_layer(req.layer, 0)?;
+    if (layer.meta.dev(), layer.meta.ino()) != (held.meta.dev(), held.meta.ino()) {
+        bail!("{who} was replaced while it was opened");
+    }
     let h = layer.overlay.header().clone();
     if h.committing() {
         bail!("{who}: {}", crate::engine::overlay::STOPPED_COMMIT);

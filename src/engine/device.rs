@@ -173,10 +173,12 @@ impl<B: Storage, O: Storage> FlushTurn<'_, B, O> {
 }
 
 /// After a stop without a clean close, takes every `Copied` block of the
-/// overlay's map as written: a write over a copy changes its state in the
-/// map only at the next flush, so a copy may now hold a write whose state
-/// change was lost, and no longer match what is below it (which `commit`
-/// and `map` rely on). Its pages are dirty: the next flush persists it.
+/// map (the overlay's own, or a dead daemon's live one) as written: a write
+/// over a copy changes the block's state only once its data is written
+/// (and in the overlay's map only at the next flush), so a copy may now
+/// hold a write whose state change was lost, and no longer match what is
+/// below it (which `commit`, `push` and `map` rely on). Its pages are
+/// dirty: the next flush persists it.
 fn forget_copies(map: &BlockMap) {
     let locks = BlockLocks::default();
     let mut copies = Vec::new();
@@ -234,32 +236,33 @@ impl<B: Storage, O: Storage> CowDevice<B, O> {
         let mut overlay = Overlay::open(overlay, check)?;
         let blocks = overlay.geometry().blocks();
         let was_clean = overlay.header().clean();
-        let live = matches!(map, MapSource::Live(_));
-        let map = match map {
-            MapSource::Load(mem) => {
-                let map = BlockMap::new(mem, blocks);
-                overlay.read_map(&map)?;
-                if !was_clean {
-                    forget_copies(&map);
-                }
-                map
-            }
-            MapSource::Live(mem) => {
-                // The live map of a device whose flush (or whose recovery's
-                // first sync) failed may name data that never reached the
-                // disk; the overlay stays as of its last good flush.
-                if overlay.header().failed() {
-                    return Err(Error::invalid(
-                        "the overlay is marked failed (a sync of it failed): its live map may \
-                         name data that was lost, and the overlay stays as of its last good flush",
-                    ));
-                }
-                let map = BlockMap::new(mem, blocks);
-                check_live_map(&map, &overlay)?;
-                map.mark_all_dirty();
-                map
-            }
+        let (mem, live) = match map {
+            MapSource::Load(mem) => (mem, false),
+            // A clean overlay's own map is whole (its daemon persisted it,
+            // then marked it clean): a live map left beside it is stale,
+            // and its memory takes the overlay's map instead.
+            MapSource::Live(mem) if was_clean => (mem, false),
+            MapSource::Live(mem) => (mem, true),
         };
+        let map = BlockMap::new(mem, blocks);
+        if live {
+            // The live map of a device whose flush (or whose recovery's
+            // first sync) failed may name data that never reached the
+            // disk; the overlay stays as of its last good flush.
+            if overlay.header().failed() {
+                return Err(Error::invalid(
+                    "the overlay is marked failed (a sync of it failed): its live map may \
+                     name data that was lost, and the overlay stays as of its last good flush",
+                ));
+            }
+            check_live_map(&map, &overlay)?;
+            map.mark_all_dirty();
+        } else {
+            overlay.read_map(&map)?;
+        }
+        if !was_clean {
+            forget_copies(&map);
+        }
         // Overlays made before the map was allocated at creation.
         if let Err(e) = overlay.allocate_map() {
             log::warn!("{e}: a flush may fail for lack of space");
@@ -928,6 +931,34 @@ mod tests {
         assert!(again.to_string().contains("live map may name"), "{again}");
     }
 
+    /// A copy in a dead daemon's live map may hold a write that was in
+    /// flight: it is taken as written. A live map left beside an overlay
+    /// closed clean is stale: the overlay's own map is taken.
+    #[test]
+    fn a_live_map_takes_copies_as_written_and_a_clean_overlay_its_own() {
+        let (dev, overlay) = new_device();
+        assert_eq!(dev.install_copy(1, &[0xab; BS as usize]).unwrap(), 1);
+        drop(dev);
+        let blocks = SIZE / BS as u64;
+        let words = |w0: u64| {
+            let mem = MapMemory::heap(blocks);
+            if let MapMemory::Heap(w) = &mem {
+                w[0].store(w0, Ordering::Relaxed);
+            }
+            mem
+        };
+        let disk = || SimDisk::new(overlay.contents());
+        let dev = reopen(disk(), MapSource::Live(words(0b11_00))).unwrap();
+        assert_eq!(dev.map().get(1), BlockState::Allocated);
+        // Closed clean with block 0 written; a live map that says nothing
+        // of it, left since, is not taken.
+        dev.write(0, &[7u8; BS as usize]).unwrap();
+        let overlay = dev.close().unwrap().1;
+        let dev = reopen(overlay, MapSource::Live(words(0))).unwrap();
+        assert_eq!(dev.map().get(0), BlockState::Allocated);
+        assert_eq!(dev.map().get(1), BlockState::Allocated);
+    }
+
     /// A failed WRITE over a `Copied` block may have changed some of its
     /// bytes: the block is no longer a copy of what is below.
     #[test]
@@ -1067,7 +1098,10 @@ mod tests {
     fn a_live_map_is_checked_before_use() {
         let (dev, overlay) = new_device();
         dev.write(0, &[7u8; BS as usize]).unwrap();
-        dev.close().unwrap();
+        // Flushed, and the daemon dies: a live map is taken only over an
+        // overlay not closed clean.
+        dev.flush().unwrap();
+        drop(dev);
         let blocks = SIZE / BS as u64;
         let words = |w0: u64| {
             let mem = MapMemory::heap(blocks);
@@ -1077,9 +1111,10 @@ mod tests {
             mem
         };
         let disk = || SimDisk::new(overlay.contents());
-        // Block 0 written and block 1 copied: every two bits are a state.
+        // Block 0 written and block 1 copied: every two bits are a state
+        // (a copy is taken as written: a write may have been in flight).
         let dev = reopen(disk(), MapSource::Live(words(0b1101))).unwrap();
-        assert_eq!(dev.map().get(1), BlockState::Copied);
+        assert_eq!(dev.map().get(1), BlockState::Allocated);
         // A bit past the last block (64 blocks: word 2 onward is unused).
         let mem = words(1);
         if let MapMemory::Heap(w) = &mem {
