@@ -236,9 +236,6 @@ impl DeviceState {
         load_file(&state_path(id))
     }
 
-    /// Whether the daemon that wrote this is still running. A process that
-    /// we may not signal (`EPERM`: another user's, root's to a user) is
-    /// alive all the same.
     /// Whether the device's daemon ran in this boot of the machine (taken
     /// so when either boot id is unknown).
     pub(crate) fn this_boot(&self) -> bool {
@@ -248,6 +245,10 @@ impl DeviceState {
         }
     }
 
+    /// Whether the daemon that wrote this is still running: never one of an
+    /// earlier boot, whose pid may be another process's now. A process
+    /// that we may not signal (`EPERM`: another user's, root's to a user)
+    /// is alive all the same.
     pub(crate) fn daemon_alive(&self) -> bool {
         if !self.this_boot() {
             return false;
