@@ -103,10 +103,15 @@ pub(crate) struct SharedMap {
 ///   reads through the mapping only blocks that the map says hold data, a
 ///   write gave each of their pages, and only a punch of a block that the
 ///   map no longer reads from the overlay (`Zero`) takes them. A bit left
-///   set for a punched block does no harm: the block is read from the
-///   overlay again only after a write that succeeded gave it its pages
-///   back, and a copy from pages the file holds takes at most a fault that
-///   maps them, never SIGBUS.
+///   set for a punched block does no harm to a READ planned after the
+///   block became `Zero`: the block is read from the overlay again only
+///   after a write that succeeded gave it its pages back, and a copy from
+///   pages the file holds takes at most a fault that maps them. A READ
+///   planned before (a DISCARD of the same block racing it) that copies
+///   after the punch can fault on the hole; on a tmpfs full by then that
+///   fault is SIGBUS, and the daemon dies (the device waits for `recover`,
+///   nothing is lost). The punch would have to wait for such READs, which
+///   take no lock: not done (docs/design.md, "Known limits").
 ///
 /// A bit per page, where a READ's runs are whole blocks of pages: a record
 /// by any larger granule would never see a run of a disk written in small
