@@ -852,7 +852,7 @@ mod tests {
         (disk, id)
     }
 
-    fn reopen(overlay: SimDisk, map: MapSource) -> Result<CowDevice<SimDisk, SimDisk>, Error> {
+    fn reopen<O: Storage>(overlay: O, map: MapSource) -> Result<CowDevice<SimDisk, O>, Error> {
         let (b, id) = base();
         let check = OpenCheck {
             base: &id,
@@ -860,6 +860,16 @@ mod tests {
             force: false,
         };
         CowDevice::open(b, overlay, check, map)
+    }
+
+    /// Live map memory whose first word is `w0` (two bits a block), the
+    /// rest zero.
+    fn live_words(w0: u64) -> MapMemory {
+        let mem = MapMemory::heap(SIZE / BS as u64);
+        if let MapMemory::Heap(w) = &mem {
+            w[0].store(w0, Ordering::Relaxed);
+        }
+        mem
     }
 
     type Dev = CowDevice<SimDisk, Arc<SimDisk>>;
@@ -912,19 +922,7 @@ mod tests {
         dev.write(0, &[7u8; BS as usize]).unwrap();
         // The daemon dies: its live map has block 0 written.
         drop(dev);
-        let open = || {
-            let mem = MapMemory::heap(SIZE / BS as u64);
-            if let MapMemory::Heap(w) = &mem {
-                w[0].store(0b01, Ordering::Relaxed);
-            }
-            let (b, id) = base();
-            let check = OpenCheck {
-                base: &id,
-                block_size: None,
-                force: false,
-            };
-            CowDevice::open(b, overlay.clone(), check, MapSource::Live(mem))
-        };
+        let open = || reopen(overlay.clone(), MapSource::Live(live_words(0b01)));
         overlay.fail_next_sync();
         assert!(open().is_err(), "the open's sync failed");
         let again = open().err().expect("a second recovery took the live map");
@@ -939,22 +937,17 @@ mod tests {
         let (dev, overlay) = new_device();
         assert_eq!(dev.install_copy(1, &[0xab; BS as usize]).unwrap(), 1);
         drop(dev);
-        let blocks = SIZE / BS as u64;
-        let words = |w0: u64| {
-            let mem = MapMemory::heap(blocks);
-            if let MapMemory::Heap(w) = &mem {
-                w[0].store(w0, Ordering::Relaxed);
-            }
-            mem
-        };
-        let disk = || SimDisk::new(overlay.contents());
-        let dev = reopen(disk(), MapSource::Live(words(0b11_00))).unwrap();
+        let dev = reopen(
+            SimDisk::new(overlay.contents()),
+            MapSource::Live(live_words(0b11_00)),
+        )
+        .unwrap();
         assert_eq!(dev.map().get(1), BlockState::Allocated);
         // Closed clean with block 0 written; a live map that says nothing
         // of it, left since, is not taken.
         dev.write(0, &[7u8; BS as usize]).unwrap();
         let overlay = dev.close().unwrap().1;
-        let dev = reopen(overlay, MapSource::Live(words(0))).unwrap();
+        let dev = reopen(overlay, MapSource::Live(live_words(0))).unwrap();
         assert_eq!(dev.map().get(0), BlockState::Allocated);
         assert_eq!(dev.map().get(1), BlockState::Allocated);
     }
@@ -1102,31 +1095,25 @@ mod tests {
         // overlay not closed clean.
         dev.flush().unwrap();
         drop(dev);
-        let blocks = SIZE / BS as u64;
-        let words = |w0: u64| {
-            let mem = MapMemory::heap(blocks);
-            if let MapMemory::Heap(w) = &mem {
-                w[0].store(w0, Ordering::Relaxed);
-            }
-            mem
-        };
         let disk = || SimDisk::new(overlay.contents());
         // Block 0 written and block 1 copied: every two bits are a state
         // (a copy is taken as written: a write may have been in flight).
-        let dev = reopen(disk(), MapSource::Live(words(0b1101))).unwrap();
+        let dev = reopen(disk(), MapSource::Live(live_words(0b1101))).unwrap();
         assert_eq!(dev.map().get(1), BlockState::Allocated);
         // A bit past the last block (64 blocks: word 2 onward is unused).
-        let mem = words(1);
+        let mem = live_words(1);
         if let MapMemory::Heap(w) = &mem {
             w[2].store(1, Ordering::Relaxed);
         }
         let e = reopen(disk(), MapSource::Live(mem)).err().unwrap();
         assert!(e.to_string().contains("past its last block"), "{e}");
         // Empty while the overlay has block 0: not this overlay's.
-        let e = reopen(disk(), MapSource::Live(words(0))).err().unwrap();
+        let e = reopen(disk(), MapSource::Live(live_words(0)))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("older than"), "{e}");
         // Block 0 as in the overlay, block 2 discarded since: used.
-        let dev = reopen(disk(), MapSource::Live(words(0b10_00_01))).unwrap();
+        let dev = reopen(disk(), MapSource::Live(live_words(0b10_00_01))).unwrap();
         assert_eq!(dev.map().get(2), BlockState::Zero);
     }
 }
