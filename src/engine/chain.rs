@@ -496,6 +496,9 @@ macro_rules! read_only_writes {
         fn sync(&self) -> io::Result<()> {
             Ok(())
         }
+        fn sync_all(&self) -> io::Result<()> {
+            Ok(())
+        }
         fn set_len(&self, _: u64) -> io::Result<()> {
             Err(read_only())
         }

@@ -26,7 +26,9 @@
 //!    whose identity no longer matches the one recorded: it is this
 //!    commit's own doing.
 //! 2. Every held block is written into the backing; the backing is synced
-//!    (a layer below: data first, synced, then its map pages, synced). A
+//!    (a layer below: data first, synced, then its map pages, synced),
+//!    its modification time too, which the identity of step 5 holds (a
+//!    data sync leaves it to the file system's next journal commit). A
 //!    rerun writes the same bytes again: they are still in the overlay.
 //! 3. The overlay's map is cleared and synced. A page cleared means the
 //!    blocks it held are durable below; a page not yet cleared is copied
@@ -321,7 +323,10 @@ pub(crate) fn merge<L: Storage, B: Storage>(
         b += n;
     }
     match (target, &below) {
-        (Target::Raw(d), _) => d.sync().ctx(|| "syncing the backing".into())?,
+        // The backing's modification time is part of the identity step 5
+        // records: it is made durable with the data (`sync_all`), or a power
+        // cut could take it back and leave the overlay refusing its backing.
+        (Target::Raw(d), _) => d.sync_all().ctx(|| "syncing the backing".into())?,
         (Target::Layer(o), Some(m)) => {
             o.storage()
                 .sync()
@@ -336,6 +341,9 @@ pub(crate) fn merge<L: Storage, B: Storage>(
                 free(o.storage(), o.data_pos(start), end - start)
                     .ctx(|| "freeing zeroed blocks of the layer below".into())?;
             }
+            o.storage()
+                .sync_all()
+                .ctx(|| "syncing the layer below".into())?;
         }
         (Target::Layer(_), None) => unreachable!("a layer's map is loaded"),
     }
@@ -687,6 +695,10 @@ mod tests {
             self.spend()?;
             self.disk.sync()
         }
+        fn sync_all(&self) -> io::Result<()> {
+            self.spend()?;
+            self.disk.sync_all()
+        }
         fn len(&self) -> io::Result<u64> {
             self.disk.len()
         }
@@ -716,8 +728,9 @@ mod tests {
             .collect()
     }
 
-    fn identity(image: &[u8]) -> BaseIdentity {
-        BaseIdentity::compute(&SimDisk::new(image.to_vec()), image.len() as u64, 1).unwrap()
+    /// The identity of a backing that reads as `image`, modified at `mtime`.
+    fn identity(image: &[u8], mtime: u64) -> BaseIdentity {
+        BaseIdentity::compute(&SimDisk::new(image.to_vec()), image.len() as u64, mtime).unwrap()
     }
 
     /// An overlay over a backing reading as `below`: block `b` in state
@@ -732,7 +745,8 @@ mod tests {
         let g = geo();
         let backing = Backing::new(BackingKind::File, Path::new("/below")).unwrap();
         let mut o =
-            Overlay::create_backed(SimDisk::new(Vec::new()), g, &identity(below), backing).unwrap();
+            Overlay::create_backed(SimDisk::new(Vec::new()), g, &identity(below, 1), backing)
+                .unwrap();
         let map = BlockMap::new(MapMemory::heap(BLOCKS), BLOCKS);
         let locks = BlockLocks::default();
         let mut reads = below.to_vec();
@@ -842,8 +856,8 @@ mod tests {
             left: left.clone(),
         };
         let mut layer = Overlay::open_unchecked(cut(top))?;
-        let now = identity(&below_reads(c, &below.contents()));
-        let after = || Ok(identity(&below_reads(c, &below.contents())));
+        let now = identity(&below_reads(c, &below.contents()), below.mtime());
+        let after = || Ok(identity(&below_reads(c, &below.contents()), below.mtime()));
         let target = match c.raw {
             Some(_) => Target::Layer(Overlay::open_unchecked(cut(below))?),
             None => Target::Raw(cut(below)),
@@ -867,7 +881,11 @@ mod tests {
         );
         let h = o.header();
         assert!(!h.committing(), "{what}: still committing");
-        assert_eq!(h.base, identity(&reads), "{what}: identity not recorded");
+        assert_eq!(
+            h.base,
+            identity(&reads, below.mtime()),
+            "{what}: identity not recorded"
+        );
         assert_eq!(h.frozen(), c.frozen, "{what}: frozen flag");
         assert!(h.clean(), "{what}: clean flag");
         assert_eq!(
@@ -944,6 +962,15 @@ mod tests {
                 );
                 if run(&c, &top, &below, k).is_ok() {
                     check_done(&c, &top, &below, &format!("budget {k}"));
+                    // A power cut after the end keeps the end, the
+                    // backing's modification time (the identity the
+                    // overlay records) included.
+                    let what = format!("layer below {layer_below}, power cut after the end");
+                    let (top2, below2) = (
+                        top.after_power_cut(|_| false),
+                        below.after_power_cut(|_| false),
+                    );
+                    check_done(&c, &top2, &below2, &what);
                     break;
                 }
                 stopped += 1;

@@ -605,7 +605,9 @@ impl<S: Storage> Overlay<S> {
     }
 
     /// Writes `h` as the header (in the current format version) and makes
-    /// it durable; `flags` is the held lock on the flags on disk.
+    /// it durable, with the file's modification time: an overlay made over
+    /// a frozen one records that time; `flags` is the held lock on the
+    /// flags on disk.
     fn write_header(&self, flags: &mut u32, mut h: Header) -> Result<Header, Error> {
         h.version = VERSION;
         self.storage
@@ -613,7 +615,7 @@ impl<S: Storage> Overlay<S> {
             .ctx(|| "writing the overlay header".into())?;
         *flags = h.flags;
         self.storage
-            .sync()
+            .sync_all()
             .ctx(|| "syncing the overlay header".into())?;
         Ok(h)
     }
@@ -719,6 +721,19 @@ mod tests {
         };
         let disk = SimDisk::new(o.storage().contents());
         assert!(matches!(Overlay::open(disk, bs), Err(Error::Mismatch(_))));
+    }
+
+    /// An overlay made over a layer records the layer's modification
+    /// time: the header write that froze it must keep that time over a
+    /// power cut, as every header write does.
+    #[test]
+    fn a_header_write_keeps_the_modification_time() {
+        let geo = Geometry::new(1 << 20, 4096).unwrap();
+        let mut o = Overlay::create(SimDisk::new(Vec::new()), geo, &id(1)).unwrap();
+        o.set_clean(true).unwrap();
+        o.freeze().unwrap();
+        let frozen_at = o.storage().mtime();
+        assert_eq!(o.storage().after_power_cut(|_| false).mtime(), frozen_at);
     }
 
     #[test]

@@ -14,8 +14,13 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Makes `[off, off+len)` read as zeros and frees its space.
     fn punch(&self, off: u64, len: u64) -> io::Result<()>;
-    /// Makes every completed write durable (`fdatasync`).
+    /// Makes every completed write durable (`fdatasync`), and what reading
+    /// them needs; not the file's modification time.
     fn sync(&self) -> io::Result<()>;
+    /// As [`Storage::sync`], and the file's metadata too (`fsync`): its
+    /// modification time, which an overlay above a layer, or over a base
+    /// that a commit wrote, records as the file's identity.
+    fn sync_all(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Sets the length (extending leaves a hole).
@@ -66,6 +71,10 @@ impl Storage for File {
 
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        File::sync_all(self)
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -121,6 +130,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
     }
+    fn sync_all(&self) -> io::Result<()> {
+        (**self).sync_all()
+    }
     fn len(&self) -> io::Result<u64> {
         (**self).len()
     }
@@ -167,6 +179,10 @@ struct SimInner {
     /// Bytes whose writeback failed: no later sync makes them durable
     /// until they are written again (the kernel keeps such pages clean).
     lost: Vec<bool>,
+    /// The modification time: each write or punch moves it; only
+    /// `sync_all` makes it durable (`fdatasync` does not write it).
+    mtime: u64,
+    durable_mtime: u64,
 }
 
 impl SimDisk {
@@ -180,8 +196,16 @@ impl SimDisk {
                 ops: 0,
                 fail_sync: false,
                 lost: Vec::new(),
+                mtime: 1,
+                durable_mtime: 1,
             }),
         }
+    }
+
+    /// The modification time as `stat` shows it now: a count of the
+    /// writes and punches, starting at 1.
+    pub fn mtime(&self) -> u64 {
+        self.inner.lock().unwrap().mtime
     }
 
     /// Everything as it reads now.
@@ -209,7 +233,12 @@ impl SimDisk {
                 apply(&mut image, *off, data.as_deref(), *len);
             }
         }
-        SimDisk::new(image)
+        let cut = SimDisk::new(image);
+        let mtime = inner.durable_mtime;
+        let mut g = cut.inner.lock().unwrap();
+        (g.mtime, g.durable_mtime) = (mtime, mtime);
+        drop(g);
+        cut
     }
 
     fn op(&self) -> io::Result<std::sync::MutexGuard<'_, SimInner>> {
@@ -269,6 +298,7 @@ impl Storage for SimDisk {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut g = self.op()?;
         g.mark_lost(off, buf.len() as u64, false);
+        g.mtime += 1;
         apply(&mut g.live, off, Some(buf), buf.len() as u64);
         g.pending.push((off, Some(buf.to_vec()), buf.len() as u64));
         Ok(())
@@ -277,6 +307,7 @@ impl Storage for SimDisk {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mut g = self.op()?;
         g.mark_lost(off, len, false);
+        g.mtime += 1;
         apply(&mut g.live, off, None, len);
         g.pending.push((off, None, len));
         Ok(())
@@ -303,6 +334,13 @@ impl Storage for SimDisk {
             g.durable = g.live.clone();
         }
         g.pending.clear();
+        Ok(())
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.sync()?;
+        let mut g = self.inner.lock().unwrap();
+        g.durable_mtime = g.mtime;
         Ok(())
     }
 
@@ -334,6 +372,18 @@ impl Storage for SimDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_sync_all_keeps_the_modification_time() {
+        let d = SimDisk::new(vec![0; 4]);
+        d.write_at(&[1], 0).unwrap();
+        d.sync().unwrap();
+        assert_eq!(d.mtime(), 2);
+        let cut = d.after_power_cut(|_| true);
+        assert_eq!((cut.contents()[0], cut.mtime()), (1, 1));
+        d.sync_all().unwrap();
+        assert_eq!(d.after_power_cut(|_| false).mtime(), 2);
+    }
 
     #[test]
     fn power_cut_keeps_synced_and_chosen_writes() {
