@@ -174,7 +174,8 @@ pub(crate) enum Command {
     /// running devices and in the directories of the overlay and of its
     /// backing), as that one would read other data afterwards; --force skips
     /// this last check. A commit that was stopped (killed, power cut) is
-    /// finished by running it again.
+    /// finished by running it again; until then neither the overlay nor a
+    /// layer below it that the commit had begun to write into is used.
     Commit(CommitArgs),
     /// Upload a layer to S3, packed, so that `add --base s3://...` serves it
     ///

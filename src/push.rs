@@ -84,8 +84,8 @@ pub fn push(req: PushRequest<'_>) -> Result<Pushed> {
         bail!("{who} was replaced while it was opened");
     }
     let h = layer.overlay.header().clone();
-    if h.committing() {
-        bail!("{who}: {}", crate::engine::overlay::STOPPED_COMMIT);
+    if let Some(why) = h.stopped_commit() {
+        bail!("{who}: {why}");
     }
     if !h.frozen() {
         bail!(

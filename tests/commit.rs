@@ -307,11 +307,21 @@ fn map_of_a_device_reads_its_live_map_else_the_overlays() {
     assert!(err.contains("cannot be used with"), "{err}");
 }
 
+/// The header flags a stopped commit leaves: on the overlay committed, and
+/// on a layer below that it was writing into.
+const COMMITTING: u32 = 8;
+const RECEIVING: u32 = 16;
+
 /// Sets the committing flag in the header of the overlay at `path`, as a
 /// commit stopped after its first step leaves it.
 fn mark_committing(path: &Path) {
+    mark(path, COMMITTING);
+}
+
+/// Sets `flag` in the header of the overlay at `path`.
+fn mark(path: &Path, flag: u32) {
     let mut bytes = std::fs::read(path).unwrap();
-    let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) | 8;
+    let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) | flag;
     bytes[12..16].copy_from_slice(&flags.to_le_bytes());
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in &bytes[..4088] {
@@ -361,6 +371,49 @@ fn a_stopped_commit_is_reported_refused_for_use_and_finished_by_running_it_again
         format!("{}: no problems found\n", s(&top))
     );
     assert!(read_all(&top) == want);
+}
+
+/// A commit of a layer stopped while it wrote into the layer below: that
+/// layer (part old, part merged) is refused by every use until the commit
+/// is run again, which takes it and finishes.
+#[test]
+fn a_layer_a_stopped_commit_was_writing_into_is_refused_until_it_is_run_again() {
+    let sc = Scratch::new("commit", "receiving");
+    let base = base(&sc);
+    let (l1, l2) = (sc.path("l1"), sc.path("l2"));
+    create_overlay(&l1, &base, Some(BS as u32)).unwrap();
+    write(&l1, 1);
+    freeze(&l1).unwrap();
+    create_overlay(&l2, &l1, None).unwrap();
+    write(&l2, 2);
+    freeze(&l2).unwrap();
+    let want = read_all_layer(&l2);
+    mark(&l2, COMMITTING);
+    mark(&l1, RECEIVING);
+
+    let out = sc.run(&["check", s(&l1)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("a commit of the overlay above it"), "{text}");
+    sc.refused(&["map", s(&l1)], "stopped midway");
+    sc.refused(
+        &["snapshot", s(&l1), "-o", s(&sc.path("fork"))],
+        "stopped midway",
+    );
+    let e = create_overlay(&sc.path("fork"), &l1, None).unwrap_err();
+    assert!(e.to_string().contains("stopped midway"), "{e}");
+    assert!(!sc.path("fork").exists(), "an overlay was made over it");
+
+    let out = sc.ok(&["commit", s(&l2)]);
+    assert!(
+        out.contains("an earlier commit stopped midway is finished"),
+        "{out}"
+    );
+    assert_eq!(
+        sc.ok(&["check", s(&l1)]),
+        format!("{}: no problems found\n", s(&l1))
+    );
+    assert!(read_all_layer(&l1) == want, "the layer below reads wrong");
 }
 
 #[test]

@@ -256,6 +256,17 @@ impl Chain {
     /// Opens the chain whose top is the overlay at `path` (any overlay: a
     /// live one, or a layer).
     pub(crate) fn open(path: &Path, purpose: Purpose) -> Result<Chain, Error> {
+        Self::open_with(path, purpose, false)
+    }
+
+    /// As [`Chain::open`], for the commit that writes into the layer at
+    /// `path`: a top that a stopped commit was writing into is taken (that
+    /// commit, run again, finishes it).
+    pub(crate) fn open_receiving(path: &Path) -> Result<Chain, Error> {
+        Self::open_with(path, Purpose::Reads, true)
+    }
+
+    fn open_with(path: &Path, purpose: Purpose, receiving_top: bool) -> Result<Chain, Error> {
         // Top-down: every file, for cycles and the depth limit.
         let mut layers: Vec<Layer> = Vec::new();
         let mut next = Some(path.to_path_buf());
@@ -281,12 +292,9 @@ impl Chain {
                 )));
             }
             let h = layer.overlay.header();
-            if h.committing() {
-                return Err(Error::invalid(format!(
-                    "{}: {}",
-                    name(&p, depth),
-                    crate::engine::overlay::STOPPED_COMMIT
-                )));
+            let taken = receiving_top && depth == 0 && !h.committing();
+            if let Some(why) = h.stopped_commit().filter(|_| !taken) {
+                return Err(Error::invalid(format!("{}: {why}", name(&p, depth))));
             }
             if depth > 0 && !h.frozen() {
                 return Err(Error::invalid(format!(
@@ -1109,8 +1117,8 @@ pub(crate) fn check(path: &Path) -> Result<Vec<String>, Error> {
             return Ok(problems);
         }
     };
-    if h.committing() {
-        problems.push(crate::engine::overlay::STOPPED_COMMIT.into());
+    if let Some(why) = h.stopped_commit() {
+        problems.push(why.into());
     }
     if h.failed() {
         problems.push(

@@ -30,6 +30,9 @@
 //!    its modification time too, which the identity of step 5 holds (a
 //!    data sync leaves it to the file system's next journal commit). A
 //!    rerun writes the same bytes again: they are still in the overlay.
+//!    A layer below has the *receiving* flag from before the first write
+//!    until it is synced: meanwhile it reads neither as before nor as
+//!    after, and nothing but this commit's rerun uses it.
 //! 3. The overlay's map is cleared and synced. A page cleared means the
 //!    blocks it held are durable below; a page not yet cleared is copied
 //!    again by a rerun.
@@ -260,6 +263,12 @@ pub(crate) fn merge<L: Storage, B: Storage>(
         // then its mtime then is the one recorded above it).
         layer.begin_commit(if h.frozen() { mtime_ns } else { 0 })?;
     }
+    // A layer below that takes no write (the overlay holds only copies)
+    // is left as it is, its modification time included.
+    if let (Target::Layer(o), true) = (target, out.written + out.zeroed > 0) {
+        o.set_receiving(true)
+            .map_err(|e| below_err("marking it as receiving the commit", e))?;
+    }
 
     // Step 2: every held block into the backing.
     let total = (out.written + out.zeroed) * geo.block_size() as u64;
@@ -341,9 +350,12 @@ pub(crate) fn merge<L: Storage, B: Storage>(
                 free(o.storage(), o.data_pos(start), end - start)
                     .ctx(|| "freeing zeroed blocks of the layer below".into())?;
             }
-            o.storage()
-                .sync_all()
-                .ctx(|| "syncing the layer below".into())?;
+            // Whole again: its flag cleared, with the file's modification
+            // time durable (a header write syncs all).
+            if out.written + out.zeroed > 0 {
+                o.set_receiving(false)
+                    .map_err(|e| below_err("ending its receiving of the commit", e))?;
+            }
         }
         (Target::Layer(_), None) => unreachable!("a layer's map is loaded"),
     }
@@ -608,7 +620,13 @@ pub fn commit(
             let c = Chain::open(b, Purpose::Reads)?;
             c.identity()
         };
-        let now = chain_id(&backing).map_err(&about)?;
+        // A rerun takes the layer below as its stopped run left it.
+        let now = if h.committing() {
+            Chain::open_receiving(&backing).and_then(|c| c.identity())
+        } else {
+            chain_id(&backing)
+        }
+        .map_err(&about)?;
         let below = Overlay::open_unchecked(bfile).map_err(|e| about(below_err("", e)))?;
         if !below.header().frozen() {
             return Err(about(Error::invalid(format!(
@@ -888,6 +906,13 @@ mod tests {
         );
         assert_eq!(h.frozen(), c.frozen, "{what}: frozen flag");
         assert!(h.clean(), "{what}: clean flag");
+        if c.raw.is_some() {
+            let low = Overlay::open_unchecked(SimDisk::new(below.contents())).unwrap();
+            assert!(
+                !low.header().receiving(),
+                "{what}: the layer below still receiving"
+            );
+        }
         assert_eq!(
             reads_as(&top.contents(), &reads),
             c.want,
@@ -940,6 +965,27 @@ mod tests {
         assert!(e.to_string().contains("contents differ"), "{e}");
     }
 
+    /// A layer that a commit writes into forgets the modification time an
+    /// earlier commit of its own kept: its contents changed since, and a
+    /// later run of that commit (with nothing left to merge) would set
+    /// its time back under the overlay that recorded the new one.
+    #[test]
+    fn a_layer_written_into_forgets_the_time_its_own_commit_kept() {
+        let mut c = case(true, true);
+        let mut low = Overlay::open_unchecked(SimDisk::new(c.below.clone())).unwrap();
+        low.begin_commit(55).unwrap();
+        low.end_commit(low.header().base).unwrap();
+        c.below = low.storage().contents();
+        let (top, below) = (
+            Arc::new(SimDisk::new(c.top.clone())),
+            Arc::new(SimDisk::new(c.below.clone())),
+        );
+        run(&c, &top, &below, i64::MAX).unwrap();
+        check_done(&c, &top, &below, "a whole run");
+        let low = Overlay::open_unchecked(SimDisk::new(below.contents())).unwrap();
+        assert_eq!(low.header().commit_mtime_ns, 0, "the old time is kept");
+    }
+
     /// The commit stopped after k writes, for every k up to a whole run,
     /// then a power cut keeping none, all, or a random subset of the
     /// writes not synced, then run again: the same end as a whole run.
@@ -954,7 +1000,7 @@ mod tests {
         };
         for (layer_below, frozen) in [(false, false), (false, true), (true, true), (true, false)] {
             let c = case(layer_below, frozen);
-            let (mut stopped, mut midway) = (0, 0);
+            let (mut stopped, mut midway, mut mixed) = (0, 0, 0);
             for k in 0.. {
                 let (top, below) = (
                     Arc::new(SimDisk::new(c.top.clone())),
@@ -984,6 +1030,17 @@ mod tests {
                     let top2 = Arc::new(top.after_power_cut(pick));
                     let below2 = Arc::new(below.after_power_cut(pick));
                     let what = format!("layer below {layer_below}, stopped after {k}, keep {keep}");
+                    // A layer below that reads neither as before nor as
+                    // after is marked so: nothing else may use it.
+                    let reads = below_reads(&c, &below2.contents());
+                    if layer_below && reads != below_reads(&c, &c.below) && reads != c.want {
+                        mixed += 1;
+                        let low = Overlay::open_unchecked(SimDisk::new(below2.contents())).unwrap();
+                        assert!(
+                            low.header().stopped_commit().is_some(),
+                            "{what}: the layer below reads half merged and is not marked"
+                        );
+                    }
                     // Stopped midway, the overlay serves no device and is
                     // not frozen until the commit is run again.
                     let mut o = Overlay::open_unchecked(SimDisk::new(top2.contents())).unwrap();
@@ -1011,6 +1068,10 @@ mod tests {
             }
             assert!(stopped > 8, "only {stopped} stops");
             assert!(midway > 8, "only {midway} stops with the commit midway");
+            assert!(
+                !layer_below || mixed > 8,
+                "only {mixed} stops with the layer below half merged"
+            );
         }
     }
 }

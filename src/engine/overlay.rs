@@ -4,7 +4,9 @@
 //! 0            header, 4 KiB (little endian), format version 2:
 //!                0  magic "UBLKCOW1"        8  version (2)
 //!               12  flags (bit 0: clean, bit 1: failed, bit 2: frozen,
-//!                   bit 3: a commit into the backing is in progress)
+//!                   bit 3: a commit into the backing is in progress,
+//!                   bit 4: a commit from the overlay above into this
+//!                   one is in progress)
 //!               16  block size             20  backing kind (0 unrecorded,
 //!                                              1 file, 2 block device,
 //!                                              3 overlay)
@@ -44,7 +46,9 @@
 //! The frozen flag makes the overlay a layer: read-only from then on, its
 //! header included (nothing clears it). `commit` (`engine::commit`) is the
 //! one writer of a frozen overlay: it empties its map into its backing, with
-//! the committing flag set for the whole of it.
+//! the committing flag set for the whole of it, and a layer below that it
+//! writes into has the receiving flag while it is written (it then reads
+//! neither as before nor as after).
 
 use crate::engine::base::{BaseIdentity, Fnv};
 use crate::engine::geometry::Geometry;
@@ -73,12 +77,17 @@ const FLAG_CLEAN: u32 = 1;
 const FLAG_FAILED: u32 = 2;
 const FLAG_FROZEN: u32 = 4;
 const FLAG_COMMITTING: u32 = 8;
+const FLAG_RECEIVING: u32 = 16;
 /// Why a frozen overlay is not written.
 const FROZEN: &str =
     "the overlay is frozen (a layer): it is read-only; put a new overlay on top of it";
 /// Why an overlay whose commit was stopped is not used.
 pub(crate) const STOPPED_COMMIT: &str = "a commit of the overlay into its backing was stopped \
      midway: run `ublk-cow commit` on it again to finish it";
+/// Why a layer that a stopped commit was writing into is not used.
+pub(crate) const STOPPED_RECEIVING: &str = "a commit of the overlay above it into it was \
+     stopped midway, and it holds part of that overlay's blocks: run `ublk-cow commit` on \
+     that overlay again to finish it";
 /// The data area starts on a boundary of at least this, so that data I/O is
 /// aligned for O_DIRECT and for large blocks.
 const DATA_ALIGN: u64 = 1 << 20;
@@ -235,6 +244,25 @@ impl Header {
     /// (`engine::commit`).
     pub(crate) fn committing(&self) -> bool {
         self.flags & FLAG_COMMITTING != 0
+    }
+
+    /// A commit from the overlay above into this layer was writing into it
+    /// and has not ended: it holds part of that overlay's blocks.
+    pub(crate) fn receiving(&self) -> bool {
+        self.flags & FLAG_RECEIVING != 0
+    }
+
+    /// Why this overlay is not used (read, served, frozen, pushed, or made
+    /// a backing) until a stopped commit is run again: a commit of it, or
+    /// one into it, stopped midway.
+    pub(crate) fn stopped_commit(&self) -> Option<&'static str> {
+        if self.committing() {
+            Some(STOPPED_COMMIT)
+        } else if self.receiving() {
+            Some(STOPPED_RECEIVING)
+        } else {
+            None
+        }
     }
 
     /// Where the data area ends: the length of a whole overlay.
@@ -452,8 +480,8 @@ impl<S: Storage> Overlay<S> {
         if overlay.header.frozen() {
             return Err(Error::invalid(FROZEN));
         }
-        if overlay.header.committing() {
-            return Err(Error::invalid(STOPPED_COMMIT));
+        if let Some(why) = overlay.header.stopped_commit() {
+            return Err(Error::invalid(why));
         }
         check_match(&overlay.header, &check)?;
         Ok(overlay)
@@ -554,8 +582,8 @@ impl<S: Storage> Overlay<S> {
 
     /// Freezes a clean overlay: it becomes a layer, read-only for good.
     pub(crate) fn freeze(&mut self) -> Result<(), Error> {
-        if self.header.committing() {
-            return Err(Error::invalid(STOPPED_COMMIT));
+        if let Some(why) = self.header.stopped_commit() {
+            return Err(Error::invalid(why));
         }
         if !self.header.clean() || self.header.failed() {
             return Err(Error::invalid(
@@ -630,6 +658,26 @@ impl<S: Storage> Overlay<S> {
         h.commit_mtime_ns = mtime_ns;
         self.header = self.write_header(&mut flags, h)?;
         Ok(())
+    }
+
+    /// Marks this layer, which a commit from the overlay above is about to
+    /// write into, as receiving it (`on`), or as done with it, durably.
+    /// Like [`Overlay::begin_commit`], a header write a frozen overlay
+    /// takes; the header kept here is not changed. The modification time
+    /// an earlier commit of this layer kept is dropped: the layer's
+    /// contents change, and that commit, run again with nothing to merge,
+    /// must not set its time back under the overlay above, which records
+    /// the new one.
+    pub(crate) fn set_receiving(&self, on: bool) -> Result<(), Error> {
+        let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.header.clone();
+        h.commit_mtime_ns = 0;
+        h.flags = if on {
+            *flags | FLAG_RECEIVING
+        } else {
+            *flags & !FLAG_RECEIVING
+        };
+        self.write_header(&mut flags, h).map(|_| ())
     }
 
     /// Ends a commit: records `backing` as the backing's identity and clears
