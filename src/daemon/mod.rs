@@ -420,6 +420,15 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let Some(st) = DeviceState::load(id)? else {
         bail!("there is no ublk-cow device {id}");
     };
+    // Before anything acts on it: a state file from before a restart names
+    // a live map that holds whatever of it reached the disk.
+    if !st.this_boot() {
+        bail!(
+            "device {id} was added before the machine restarted: nothing to recover; \
+             `ublk-cow del -n {id}` removes what is left (overlay {} is as of its last flush)",
+            st.overlay.display()
+        );
+    }
     // Under the snapshot lock (which waits for a `snapshot -n` in
     // progress), the state read again; an interrupted snapshot is finished
     // first, and the device then recovered over the new chain. The lock is
@@ -436,13 +445,6 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
             None => bail!("there is no ublk-cow device {id}"),
         }
     };
-    if !st.this_boot() {
-        bail!(
-            "device {id} was added before the machine restarted: nothing to recover; \
-             `ublk-cow del -n {id}` removes what is left (overlay {} is as of its last flush)",
-            st.overlay.display()
-        );
-    }
     if st.daemon_alive() {
         bail!(
             "device {id} is alive (daemon pid {}): nothing to recover",
@@ -886,6 +888,7 @@ fn open_device(
     // Another opener: nothing made here is removed, the overlay is theirs.
     let patience = Duration::from_secs(if recover.is_some() { 10 } else { 0 });
     lock_overlay(&overlay_path, &overlay_file, patience)?;
+    let made_path = overlay_path.clone();
     let made = CreatedFiles {
         overlay: overlay_path,
         created,
@@ -902,6 +905,8 @@ fn open_device(
             // Made with its backing recorded, then opened like any other.
             let made = overlay_file.try_clone().context("the new overlay")?;
             Overlay::create_backed(made, geo, &base.identity, base.backing.clone())?;
+            crate::engine::storage::sync_name(&made_path)
+                .with_context(|| format!("syncing the directory of {}", made_path.display()))?;
             let check = OpenCheck {
                 base: &base.identity,
                 block_size: None,
@@ -1010,25 +1015,37 @@ pub(crate) fn del(id: u32) -> Result<()> {
             _ => return Ok(()),
         }
     }
-    if st.snapshot_to.is_some() {
-        let _lock = snapshot::SnapshotLock::take(id)?;
-        st = DeviceState::load(id)?.context("the state file went away")?;
-        if st.snapshot_to.is_some() {
-            st = snapshot::abandon(st)?;
-        }
-    }
     // A state file from before a restart of the machine: its live map
     // holds whatever of it had reached the disk, and the ublk device with
     // its id is gone (another may have the id by now). The overlay is as
-    // of its last flush, as after a power cut.
+    // of its last flush, as after a power cut. A live snapshot it names is
+    // left as it is: the new overlay may hold flushed writes (the state
+    // file's own rename may not have reached the disk), and the old one
+    // is as the snapshot left it.
     if !st.this_boot() {
         st.remove_files();
         let overlay = match st.temporary_overlay {
             true => "its temporary overlay removed".to_string(),
             false => format!("overlay {} is as of its last flush", st.overlay.display()),
         };
-        eprintln!("ublk-cow: device {id} was added before the machine restarted: {overlay}");
+        let snapshot = match &st.snapshot_to {
+            Some(new) => format!(
+                "; a snapshot into {} was under way and is left as it was",
+                new.display()
+            ),
+            None => String::new(),
+        };
+        eprintln!(
+            "ublk-cow: device {id} was added before the machine restarted: {overlay}{snapshot}"
+        );
         return Ok(());
+    }
+    if st.snapshot_to.is_some() {
+        let _lock = snapshot::SnapshotLock::take(id)?;
+        st = DeviceState::load(id)?.context("the state file went away")?;
+        if st.snapshot_to.is_some() {
+            st = snapshot::abandon(st)?;
+        }
     }
     let mut failed = st.failed;
     if !st.temporary_overlay && !failed && state::map_path(id).exists() {

@@ -246,10 +246,14 @@ pub(crate) fn finish_locked(st: DeviceState) -> Result<()> {
     }
     // NEW never served a write while `snapshot_to` names it (the lock keeps
     // a second run out): whatever a run before left of it is made again.
-    match std::fs::remove_file(&new) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", new.display())),
+    // Unless the path is another's by now (the snapshot failed as it was
+    // taken between its check and the making of NEW): then it is left.
+    if !chain::remove_unused_empty(&new)? {
+        bail!(
+            "{} exists and is not the snapshot's (in use, or holding blocks): nothing \
+             removed; move it away and run `ublk-cow recover -n {id}` again",
+            new.display()
+        );
     }
     chain::create_overlay(&new, &old, None)?;
     // An empty live map for NEW, in place of the old overlay's.
@@ -269,11 +273,18 @@ pub(crate) fn finish_locked(st: DeviceState) -> Result<()> {
 /// lock): if the overlay is not frozen yet, the snapshot is forgotten and
 /// the device removed as any other; if it is, the overlay holds every
 /// write (it was closed clean before it was frozen), and only NEW, which
-/// served nothing, goes with the device.
+/// served nothing, goes with the device (unless the path is another's by
+/// now: an overlay in use or holding blocks is left).
 pub(crate) fn abandon(st: DeviceState) -> Result<DeviceState> {
     let new = st.snapshot_to.clone().expect("a snapshot in progress");
     if chain::is_frozen(&st.overlay)? {
-        let _ = std::fs::remove_file(&new);
+        // Left if it is another's by now (see `finish_locked`).
+        if !chain::remove_unused_empty(&new).unwrap_or(false) {
+            eprintln!(
+                "ublk-cow: {} is left: it is in use or holds blocks, not the snapshot's",
+                new.display()
+            );
+        }
         let _ = std::fs::remove_file(state::map_path(st.id));
     }
     let st = DeviceState {

@@ -787,8 +787,14 @@ fn create_over(
         .create_new(true)
         .open(path)
         .ctx(|| format!("creating overlay {}", path.display()))?;
-    // Whole and durable once made, and never used: clean.
-    match Overlay::create_backed(file, geo, id, recorded).and_then(|mut o| o.set_clean(true)) {
+    // Whole and durable once made, its name too, and never used: clean.
+    let made = Overlay::create_backed(file, geo, id, recorded)
+        .and_then(|mut o| o.set_clean(true))
+        .and_then(|_| {
+            crate::engine::storage::sync_name(path)
+                .ctx(|| format!("syncing the directory of {}", path.display()))
+        });
+    match made {
         Ok(_) => Ok(()),
         Err(e) => {
             let _ = std::fs::remove_file(path);
@@ -948,6 +954,45 @@ pub fn check_new_overlay(new: &Path) -> Result<(), Error> {
 pub fn is_frozen(path: &Path) -> Result<bool, Error> {
     let layer = open_layer(path, 0)?;
     Ok(layer.overlay.header().frozen())
+}
+
+/// Removes the overlay at `path` if nothing can be lost with it: one that
+/// no process holds locked (a device holds its overlay so) and whose map
+/// holds no written or zeroed block (copies hold what is below). True when
+/// it is removed or was not there; false when it is left: not an overlay,
+/// in use, or holding blocks. For a file made by a step that may have to
+/// be undone, whose path another command may have taken meanwhile.
+pub(crate) fn remove_unused_empty(path: &Path) -> Result<bool, Error> {
+    let who = name(path, 0);
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e).ctx(|| who.clone()),
+    };
+    if !file.metadata().ctx(|| who.clone())?.is_file()
+        || !looks_like_overlay(&file).ctx(|| who.clone())?
+        || !crate::sys::try_flock(&file, true).ctx(|| format!("locking {who}"))?
+    {
+        return Ok(false);
+    }
+    let overlay = match Overlay::open_unchecked(file) {
+        Ok(o) => o,
+        Err(_) => return Ok(false),
+    };
+    let blocks = overlay.geometry().blocks();
+    let map = BlockMap::new(MapMemory::heap(blocks), blocks);
+    if overlay.read_map(&map).is_err() {
+        return Ok(false);
+    }
+    let c = map.counts();
+    if c.allocated > c.copied || c.zero > 0 {
+        return Ok(false);
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).ctx(|| format!("removing {who}")),
+    }
 }
 
 /// Opens the live overlay at `path` for reading and writing with the
@@ -1307,6 +1352,53 @@ mod tests {
             e.contains("over a remote base (s3://images/golden.img)"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Only an overlay that no one uses and that holds no block is
+    /// removed; anything else is left as it is.
+    #[test]
+    fn only_an_unused_empty_overlay_is_removed() {
+        let dir = std::env::temp_dir().join(format!("ublk-cow-chain-rm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.img");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let over = |n: &str| {
+            let p = dir.join(n);
+            create_overlay(&p, &base, Some(4096)).unwrap();
+            p
+        };
+        let (empty, copied, written, zeroed, used) = (
+            over("empty"),
+            over("copied"),
+            over("written"),
+            over("zeroed"),
+            over("used"),
+        );
+        let dev = open_device(&copied).unwrap();
+        dev.cache(0, 8192, crate::engine::cache::CacheMode::Cow)
+            .unwrap();
+        dev.close().unwrap();
+        let dev = open_device(&written).unwrap();
+        dev.write(4096, &[1u8; 512]).unwrap();
+        dev.close().unwrap();
+        let dev = open_device(&zeroed).unwrap();
+        dev.write_zeroes(0, 4096).unwrap();
+        dev.close().unwrap();
+        let held = open_device(&used).unwrap();
+        let other = dir.join("other");
+        std::fs::write(&other, b"not an overlay").unwrap();
+
+        assert!(remove_unused_empty(&empty).unwrap());
+        assert!(remove_unused_empty(&copied).unwrap());
+        assert!(remove_unused_empty(&dir.join("missing")).unwrap());
+        for kept in [&written, &zeroed, &used, &other] {
+            assert!(!remove_unused_empty(kept).unwrap(), "{}", kept.display());
+            assert!(kept.exists(), "{} removed", kept.display());
+        }
+        assert!(!empty.exists() && !copied.exists());
+        held.close().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

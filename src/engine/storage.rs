@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Mutex;
 
 /// What the engine needs from a base or overlay file.
@@ -42,6 +43,19 @@ pub trait Storage: Send + Sync {
     fn as_file(&self) -> Option<&File> {
         None
     }
+}
+
+/// Makes the name of the file at `path` durable: an `fsync` of the
+/// directory holding it. A new overlay is synced so before it takes a
+/// write, or a power cut could lose its name, and with it every write,
+/// flushed or not (journaling file systems make the name durable with the
+/// file's first sync in practice; this does not rely on it).
+pub fn sync_name(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 impl Storage for File {

@@ -275,7 +275,24 @@ s = json.load(open(p)); s["snapshot_to"] = new
 json.dump(s, open(p, "w"))
 PY
     }
-    interrupt "$id" "$l1"
+    # The new overlay's path taken by another overlay, holding writes, in
+    # the window before the snapshot made it: recover leaves it and says so.
+    local taken=$WORK/intx.cow tsum
+    rm -f "$taken"
+    st=$(add --base "$BASE" --overlay "$taken") || { die "add of the other overlay"; return; }
+    head -c 1M /dev/urandom | dd of="$st" bs=1M seek=2 oflag=direct status=none
+    "$UC" del -n "$(dev_id "$st")"
+    tsum=$(digest "$taken")
+    interrupt "$id" "$taken"
+    expect_fail "recover over another's overlay at the new path" "$UC" recover -n "$id"
+    [ "$(digest "$taken")" = "$tsum" ] || { die "recover removed or changed another's overlay"; return; }
+    rm -f "$taken"
+    python3 - "$UBLK_COW_RUN_DIR/$id.json" "$l1" <<'PY'
+import json, sys
+p, new = sys.argv[1], sys.argv[2]
+s = json.load(open(p)); s["snapshot_to"] = new
+json.dump(s, open(p, "w"))
+PY
     expect_fail "a snapshot's new overlay in use" "$UC" add --base "$BASE" --overlay "$l1"
     "$UC" recover -n "$id" >/dev/null || { die "recover did not finish the snapshot"; return; }
     "$UC" info "$l0" | grep -q frozen || { die "the old overlay is not frozen"; return; }

@@ -212,20 +212,24 @@ case_del_dead_daemon_keeps_writes() {
 
 # A run directory that outlived a restart of the machine: a state file and
 # live map of an earlier boot name a daemon, a ublk device and writes that
-# are gone. `recover` refuses it; `del` removes it without writing its live
-# map into the overlay. Made here from a live device's files, under an id no
-# device has, with the boot id changed.
+# are gone, and a live snapshot under way into a new overlay. `recover`
+# refuses it and changes nothing; `del` removes it without writing its live
+# map into the overlay or removing the new overlay (it may hold flushed
+# writes). Made here from a live device's files, under an id no device has,
+# with the boot id changed.
 case_state_from_an_earlier_boot() {
-    local dev id ov=$WORK/boot.overlay st=77 sum
+    local dev id ov=$WORK/boot.overlay new=$WORK/boot.new st=77 sum newsum
     rm -f "$ov"
     dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
     head -c 1M /dev/urandom > boot1
     dd if=boot1 of="$dev" bs=1M seek=20 oflag=direct conv=fsync status=none
     cp "$UBLK_COW_RUN_DIR/$id.map" "$UBLK_COW_RUN_DIR/$st.map"
-    python3 - "$UBLK_COW_RUN_DIR/$id.json" "$UBLK_COW_RUN_DIR/$st.json" "$st" <<'PY'
+    head -c 64K /dev/urandom > "$new"; newsum=$(digest "$new")
+    python3 - "$UBLK_COW_RUN_DIR/$id.json" "$UBLK_COW_RUN_DIR/$st.json" "$st" "$new" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-s.update(id=int(sys.argv[3]), pid=999999, device="/dev/ublkb" + sys.argv[3], boot_id="an-earlier-boot")
+s.update(id=int(sys.argv[3]), pid=999999, device="/dev/ublkb" + sys.argv[3], boot_id="an-earlier-boot",
+         snapshot_to=sys.argv[4])
 json.dump(s, open(sys.argv[2], "w"))
 PY
     chmod 600 "$UBLK_COW_RUN_DIR/$st.json" "$UBLK_COW_RUN_DIR/$st.map"
@@ -234,13 +238,18 @@ PY
     dd if=boot2 of="$dev" bs=1M seek=40 oflag=direct conv=fsync status=none
     "$UC" del -n "$id"
     "$UC" list -n "$st" | grep -qw dead || die "list does not show the old device dead"
-    expect_fail "recover of a device from an earlier boot" "$UC" recover -n "$st"
     sum=$(digest "$ov")
+    expect_fail "recover of a device from an earlier boot" "$UC" recover -n "$st"
+    [ "$(digest "$ov")" = "$sum" ] || die "recover wrote the old live map into the overlay"
     local err; err=$("$UC" del -n "$st" 2>&1) || die "del of a device from an earlier boot failed: $err"
     [[ $err == *"before the machine restarted"* ]] || die "del did not say why: $err"
+    [[ $err == *"left as it was"* ]] || die "del did not name the snapshot: $err"
     [ ! -e "$UBLK_COW_RUN_DIR/$st.json" ] && [ ! -e "$UBLK_COW_RUN_DIR/$st.map" ] \
         || die "del left the old device's files"
     [ "$(digest "$ov")" = "$sum" ] || die "del wrote the old live map into the overlay"
+    [ -e "$new" ] && [ "$(digest "$new")" = "$newsum" ] \
+        || die "del removed or changed the snapshot's new overlay"
+    rm -f "$new"
     dev=$(add --base "$BASE" --overlay "$ov"); id=$(dev_id "$dev")
     cmp <(dd if="$dev" bs=1M skip=40 count=1 iflag=direct status=none) boot2 \
         || die "a flushed write is lost"
