@@ -36,6 +36,8 @@
 #    prefetch into the base's page cache could give it (not in the
 #    default).
 #    SYSTEMS: loop ublk-cow-ra-auto ublk-cow-ra-off ublk-cow-ra-auto-cow
+#    ublk-cow-ra-auto-copy (`--zero-copy off`: copy mode on a kernel with
+#    zero copy)
 #    ublk-cow-old-ra-auto and ublk-cow-old2-ra-auto (other builds,
 #    UBLK_COW_OLD_BIN and UBLK_COW_OLD2_BIN), ublk-cow-ra-auto-rakb1m and
 #    loop-rakb1m (the device's read_ahead_kb at 1024; not in the default).
@@ -133,6 +135,7 @@ for round in $(seq 1 "$ROUNDS"); do
                 ublk-cow-ra-auto) dev=$("$UC" add --base "$base" --readahead auto) ;;
                 ublk-cow-ra-off) dev=$("$UC" add --base "$base" --readahead off) ;;
                 ublk-cow-ra-auto-cow) dev=$("$UC" add --base "$base" --readahead auto --cache-mode cow) ;;
+                ublk-cow-ra-auto-copy) dev=$("$UC" add --base "$base" --readahead auto --zero-copy off) ;;
                 # The kernel's own readahead window on the device at 1 MiB
                 # instead of 128 KiB (buffered readers only).
                 ublk-cow-ra-auto-rakb1m)
