@@ -250,8 +250,8 @@ pub(crate) fn finish_locked(st: DeviceState) -> Result<()> {
     // taken between its check and the making of NEW): then it is left.
     if !chain::remove_unused_empty(&new)? {
         bail!(
-            "{} exists and is not the snapshot's (in use, or holding blocks): nothing \
-             removed; move it away and run `ublk-cow recover -n {id}` again",
+            "{} exists and may not be the snapshot's (in use, not closed clean, or holding \
+             blocks): nothing removed; move it away and run `ublk-cow recover -n {id}` again",
             new.display()
         );
     }
@@ -281,7 +281,7 @@ pub(crate) fn abandon(st: DeviceState) -> Result<DeviceState> {
         // Left if it is another's by now (see `finish_locked`).
         if !chain::remove_unused_empty(&new).unwrap_or(false) {
             eprintln!(
-                "ublk-cow: {} is left: it is in use or holds blocks, not the snapshot's",
+                "ublk-cow: {} is left: it is in use, not closed clean, or holds blocks",
                 new.display()
             );
         }

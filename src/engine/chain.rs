@@ -957,11 +957,13 @@ pub fn is_frozen(path: &Path) -> Result<bool, Error> {
 }
 
 /// Removes the overlay at `path` if nothing can be lost with it: one that
-/// no process holds locked (a device holds its overlay so) and whose map
-/// holds no written or zeroed block (copies hold what is below). True when
-/// it is removed or was not there; false when it is left: not an overlay,
-/// in use, or holding blocks. For a file made by a step that may have to
-/// be undone, whose path another command may have taken meanwhile.
+/// no process holds locked (a device holds its overlay so), that was
+/// closed clean (a device whose daemon died keeps its writes in its live
+/// map, not in the overlay's), and whose map holds no written or zeroed
+/// block (copies hold what is below). True when it is removed or was not
+/// there; false when it is left: not an overlay, in use, not clean, or
+/// holding blocks. For a file made by a step that may have to be undone,
+/// whose path another command may have taken meanwhile.
 pub(crate) fn remove_unused_empty(path: &Path) -> Result<bool, Error> {
     let who = name(path, 0);
     let file = match File::open(path) {
@@ -976,8 +978,8 @@ pub(crate) fn remove_unused_empty(path: &Path) -> Result<bool, Error> {
         return Ok(false);
     }
     let overlay = match Overlay::open_unchecked(file) {
-        Ok(o) => o,
-        Err(_) => return Ok(false),
+        Ok(o) if o.header().clean() => o,
+        _ => return Ok(false),
     };
     let blocks = overlay.geometry().blocks();
     let map = BlockMap::new(MapMemory::heap(blocks), blocks);
@@ -1369,13 +1371,25 @@ mod tests {
             create_overlay(&p, &base, Some(4096)).unwrap();
             p
         };
-        let (empty, copied, written, zeroed, used) = (
+        let (empty, copied, written, zeroed, used, unclean) = (
             over("empty"),
             over("copied"),
             over("written"),
             over("zeroed"),
             over("used"),
+            over("unclean"),
         );
+        // As a device whose daemon died leaves it: its writes are in the
+        // live map only.
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .open(&unclean)
+            .unwrap();
+        Overlay::open_unchecked(f)
+            .unwrap()
+            .set_clean(false)
+            .unwrap();
         let dev = open_device(&copied).unwrap();
         dev.cache(0, 8192, crate::engine::cache::CacheMode::Cow)
             .unwrap();
@@ -1393,7 +1407,7 @@ mod tests {
         assert!(remove_unused_empty(&empty).unwrap());
         assert!(remove_unused_empty(&copied).unwrap());
         assert!(remove_unused_empty(&dir.join("missing")).unwrap());
-        for kept in [&written, &zeroed, &used, &other] {
+        for kept in [&written, &zeroed, &used, &unclean, &other] {
             assert!(!remove_unused_empty(kept).unwrap(), "{}", kept.display());
             assert!(kept.exists(), "{} removed", kept.display());
         }
