@@ -396,6 +396,7 @@ fn a_layer_a_stopped_commit_was_writing_into_is_refused_until_it_is_run_again() 
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("a commit of the overlay above it"), "{text}");
     sc.refused(&["map", s(&l1)], "stopped midway");
+    sc.refused(&["commit", s(&l1)], "stopped midway");
     sc.refused(
         &["snapshot", s(&l1), "-o", s(&sc.path("fork"))],
         "stopped midway",

@@ -248,11 +248,13 @@ pub(crate) fn finish_locked(st: DeviceState) -> Result<()> {
     // a second run out): whatever a run before left of it is made again.
     // Unless the path is another's by now (the snapshot failed as it was
     // taken between its check and the making of NEW): then it is left.
-    if !chain::remove_unused_empty(&new)? {
+    if !chain::remove_unused_empty(&new, &old)? {
         bail!(
-            "{} exists and may not be the snapshot's (in use, not closed clean, or holding \
-             blocks): nothing removed; move it away and run `ublk-cow recover -n {id}` again",
-            new.display()
+            "{} exists and may not be the snapshot's (in use, holding blocks, or not closed \
+             clean and not made over {}): nothing removed; move it away and run `ublk-cow \
+             recover -n {id}` again",
+            new.display(),
+            old.display()
         );
     }
     chain::create_overlay(&new, &old, None)?;
@@ -279,7 +281,7 @@ pub(crate) fn abandon(st: DeviceState) -> Result<DeviceState> {
     let new = st.snapshot_to.clone().expect("a snapshot in progress");
     if chain::is_frozen(&st.overlay)? {
         // Left if it is another's by now (see `finish_locked`).
-        if !chain::remove_unused_empty(&new).unwrap_or(false) {
+        if !chain::remove_unused_empty(&new, &st.overlay).unwrap_or(false) {
             eprintln!(
                 "ublk-cow: {} is left: it is in use, not closed clean, or holds blocks",
                 new.display()

@@ -959,12 +959,13 @@ pub fn is_frozen(path: &Path) -> Result<bool, Error> {
 /// Removes the overlay at `path` if nothing can be lost with it: one that
 /// no process holds locked (a device holds its overlay so), that was
 /// closed clean (a device whose daemon died keeps its writes in its live
-/// map, not in the overlay's), and whose map holds no written or zeroed
-/// block (copies hold what is below). True when it is removed or was not
-/// there; false when it is left: not an overlay, in use, not clean, or
-/// holding blocks. For a file made by a step that may have to be undone,
-/// whose path another command may have taken meanwhile.
-pub(crate) fn remove_unused_empty(path: &Path) -> Result<bool, Error> {
+/// map, not in the overlay's) or was made over `made_over` (the undone
+/// step's own, opened once and never written), and whose map holds no
+/// written or zeroed block (copies hold what is below). True when it is
+/// removed or was not there; false when it is left: not an overlay, in
+/// use, not clean, or holding blocks. For a file made by a step that may
+/// have to be undone, whose path another command may have taken meanwhile.
+pub(crate) fn remove_unused_empty(path: &Path, made_over: &Path) -> Result<bool, Error> {
     let who = name(path, 0);
     let file = match File::open(path) {
         Ok(f) => f,
@@ -977,8 +978,18 @@ pub(crate) fn remove_unused_empty(path: &Path) -> Result<bool, Error> {
     {
         return Ok(false);
     }
+    let over_it = |o: &Overlay<File>| {
+        let b = &o.header().backing;
+        b.kind == BackingKind::Overlay
+            && b.path.as_deref().is_some_and(|p| {
+                match (std::fs::metadata(p), std::fs::metadata(made_over)) {
+                    (Ok(a), Ok(m)) => same_file(&a, &m),
+                    _ => false,
+                }
+            })
+    };
     let overlay = match Overlay::open_unchecked(file) {
-        Ok(o) if o.header().clean() => o,
+        Ok(o) if o.header().clean() || over_it(&o) => o,
         _ => return Ok(false),
     };
     let blocks = overlay.geometry().blocks();
@@ -1381,15 +1392,23 @@ mod tests {
         );
         // As a device whose daemon died leaves it: its writes are in the
         // live map only.
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .open(&unclean)
-            .unwrap();
-        Overlay::open_unchecked(f)
-            .unwrap()
-            .set_clean(false)
-            .unwrap();
+        let unclean_now = |p: &Path| {
+            let f = File::options().read(true).write(true).open(p).unwrap();
+            Overlay::open_unchecked(f)
+                .unwrap()
+                .set_clean(false)
+                .unwrap();
+        };
+        unclean_now(&unclean);
+        // The same over a layer: as the step that made it over the layer
+        // leaves it (opened once, never written).
+        let layer = over("layer");
+        freeze(&layer).unwrap();
+        let (ours, theirs) = (dir.join("ours"), dir.join("theirs"));
+        for p in [&ours, &theirs] {
+            create_overlay(p, &layer, None).unwrap();
+            unclean_now(p);
+        }
         let dev = open_device(&copied).unwrap();
         dev.cache(0, 8192, crate::engine::cache::CacheMode::Cow)
             .unwrap();
@@ -1404,14 +1423,18 @@ mod tests {
         let other = dir.join("other");
         std::fs::write(&other, b"not an overlay").unwrap();
 
-        assert!(remove_unused_empty(&empty).unwrap());
-        assert!(remove_unused_empty(&copied).unwrap());
-        assert!(remove_unused_empty(&dir.join("missing")).unwrap());
+        let gone = |p: &Path, over: &Path| remove_unused_empty(p, over).unwrap();
+        assert!(gone(&empty, &layer));
+        assert!(gone(&copied, &layer));
+        assert!(gone(&dir.join("missing"), &layer));
+        assert!(gone(&ours, &layer));
         for kept in [&written, &zeroed, &used, &unclean, &other] {
-            assert!(!remove_unused_empty(kept).unwrap(), "{}", kept.display());
+            assert!(!gone(kept, &layer), "{}", kept.display());
             assert!(kept.exists(), "{} removed", kept.display());
         }
-        assert!(!empty.exists() && !copied.exists());
+        assert!(!gone(&theirs, &base), "an unclean overlay over another");
+        assert!(theirs.exists());
+        assert!(!empty.exists() && !copied.exists() && !ours.exists());
         held.close().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

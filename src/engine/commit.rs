@@ -206,6 +206,11 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Merged, Error> {
     let h = layer.header().clone();
+    if h.receiving() {
+        // Half merged from the overlay above: what it would write below
+        // was never its own. That commit's rerun comes first.
+        return Err(Error::invalid(crate::engine::overlay::STOPPED_RECEIVING));
+    }
     let resumed = h.committing();
     if !resumed {
         if let Err(why) = matches(layer, now) {

@@ -55,7 +55,19 @@ pub fn sync_name(path: &Path) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()
+    match File::open(dir)?.sync_all() {
+        // A file system that cannot sync a directory (some network and
+        // FUSE ones) keeps names as it does: nothing more to ask of it.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 impl Storage for File {
