@@ -617,8 +617,15 @@ fn open_overlay(src: &OverlaySource, id: u32) -> Result<(PathBuf, File, bool)> {
         ),
     };
     let file = if create {
-        state::create_private(&path)
-            .with_context(|| format!("creating overlay {}", path.display()))?
+        let f = state::create_private(&path)
+            .with_context(|| format!("creating overlay {}", path.display()))?;
+        // Its name durable before it takes a write (`sync_name`); made
+        // for nothing when that fails.
+        if let Err(e) = crate::engine::storage::sync_name(&path) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e).with_context(|| format!("syncing the directory of {}", path.display()));
+        }
+        f
     } else {
         File::options()
             .read(true)
@@ -888,7 +895,6 @@ fn open_device(
     // Another opener: nothing made here is removed, the overlay is theirs.
     let patience = Duration::from_secs(if recover.is_some() { 10 } else { 0 });
     lock_overlay(&overlay_path, &overlay_file, patience)?;
-    let made_path = overlay_path.clone();
     let made = CreatedFiles {
         overlay: overlay_path,
         created,
@@ -905,8 +911,6 @@ fn open_device(
             // Made with its backing recorded, then opened like any other.
             let made = overlay_file.try_clone().context("the new overlay")?;
             Overlay::create_backed(made, geo, &base.identity, base.backing.clone())?;
-            crate::engine::storage::sync_name(&made_path)
-                .with_context(|| format!("syncing the directory of {}", made_path.display()))?;
             let check = OpenCheck {
                 base: &base.identity,
                 block_size: None,

@@ -270,7 +270,8 @@ pub(crate) fn merge<L: Storage, B: Storage>(
     }
     // A layer below that takes no write (the overlay holds only copies)
     // is left as it is, its modification time included.
-    if let (Target::Layer(o), true) = (target, out.written + out.zeroed > 0) {
+    let receives = out.written + out.zeroed > 0;
+    if let (Target::Layer(o), true) = (target, receives) {
         o.set_receiving(true)
             .map_err(|e| below_err("marking it as receiving the commit", e))?;
     }
@@ -357,7 +358,7 @@ pub(crate) fn merge<L: Storage, B: Storage>(
             }
             // Whole again: its flag cleared, with the file's modification
             // time durable (a header write syncs all).
-            if out.written + out.zeroed > 0 {
+            if receives {
                 o.set_receiving(false)
                     .map_err(|e| below_err("ending its receiving of the commit", e))?;
             }
