@@ -16,3 +16,8 @@ dpkg -s xfsprogs >/dev/null 2>&1 || {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
 }
+# perf, for ci/bench/written-profile-guest.sh.
+command -v perf >/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+}
