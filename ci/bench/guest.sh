@@ -68,27 +68,6 @@ workload_args() {
     esac
 }
 
-# Untimed preparation of a fresh device for a workload. randread-4k-written
-# reads the first 64 MiB after every 4 KiB block of it was written once.
-# The seqread-*-written workloads read the same 64 MiB from its start, in
-# order, after half of its 4 KiB blocks, chosen at random, were written
-# (fio's random map writes each block once): about half of the blocks are
-# in the overlay, scattered among the base's, as on a disk in use, so
-# almost every request spans runs of both.
-prepare() {
-    case $2 in
-        randread-4k-written)
-            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
-                --bs=4k --iodepth=32 --size=64M >/dev/null ;;
-        randwrite-4k-sync-written)
-            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=write \
-                --bs=1m --iodepth=8 --size=64M --end_fsync=1 >/dev/null ;;
-        seqread-*-written)
-            fio --name=fill --filename="$1" --direct=1 --ioengine=io_uring --rw=randwrite \
-                --bs=4k --iodepth=32 --size=64M --io_size=32M >/dev/null ;;
-    esac
-}
-
 # run_workloads SUFFIX: every workload, round and system; SUFFIX names
 # the overlays' file system in the workloads' names.
 run_workloads() {

@@ -1,6 +1,6 @@
 #!/bin/bash
 # What `make bench` needs besides the VM tools: the rublk ublk loop target
-# (the ublk round-trip baseline), matplotlib for the chart, xfsprogs.
+# (the ublk round-trip baseline), matplotlib for the chart, xfsprogs, perf.
 # Idempotent.
 set -eu
 cd "$(dirname "$0")/../.."
@@ -11,13 +11,12 @@ CACHE=${UBLK_COW_CACHE:-/opt/ublk-cow-ci}
     cargo install -q --locked rublk --no-default-features --root "$CACHE/rublk"
 }
 python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
-# mkfs.xfs, for overlays on xfs (OVERLAY_FS).
-dpkg -s xfsprogs >/dev/null 2>&1 || {
+# Debian packages: mkfs.xfs, for overlays on xfs (OVERLAY_FS); perf, for
+# ci/bench/written-profile-guest.sh.
+need=()
+dpkg -s xfsprogs >/dev/null 2>&1 || need+=(xfsprogs)
+command -v perf >/dev/null || need+=(linux-perf)
+[ ${#need[@]} = 0 ] || {
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
-}
-# perf, for ci/bench/written-profile-guest.sh.
-command -v perf >/dev/null || {
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 }

@@ -15,8 +15,7 @@ need_ublk
 BS=${PROFILE_BS:-64k}
 bench_base
 dev=$("$UC" add --base "$BASE" "$@")
-fio --name=fill --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
-    --bs=4k --iodepth=32 --size=64M --io_size=32M >/dev/null
+prepare "$dev" "seqread-$BS-written"
 run() {
     fio --name=r --filename="$dev" --direct=1 --ioengine=io_uring --rw=read --bs="$BS" \
         --iodepth=8 --size=64M --time_based --runtime="$1" --output-format=terse |
