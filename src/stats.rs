@@ -72,6 +72,9 @@ counters!(
     // ... and refused by the file system (EINVAL), then written through
     // the page cache.
     writes_direct_refused,
+    // Durable writes and data syncs made on a queue's thread, for a
+    // request alone on its queue (`exec::SyncsOn::Thread`).
+    syncs_on_thread,
     rmw_blocks,
     lock_waits,
     flushes,

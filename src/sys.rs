@@ -677,6 +677,41 @@ pub(crate) fn pwritev(fd: RawFd, pieces: &[(usize, usize)], pos: u64) -> io::Res
     Ok(r as usize)
 }
 
+/// `pwritev2` of `len` bytes of this process's memory at `from` to `fd` at
+/// `pos`, with `RWF_DSYNC` (durable when it returns) if `dsync`: the bytes
+/// written. For the executor's writes on a queue's thread
+/// (`ops::Op::run_here`), whose memory the caller keeps in place.
+pub(crate) fn pwrite_from(
+    fd: RawFd,
+    from: *const u8,
+    len: usize,
+    pos: u64,
+    dsync: bool,
+) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: from as *mut libc::c_void,
+        iov_len: len,
+    };
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    // SAFETY: the kernel reads the `len` bytes at `from`, which the caller
+    // keeps valid across the call, and writes none of them; an address it
+    // cannot reach is an error return. `iov` lives across the call.
+    let r = unsafe { libc::pwritev2(fd, &iov, 1, pos as libc::off_t, flags) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// `fdatasync(fd)`.
+pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no memory is passed; a closed `fd` is an error return.
+    if unsafe { libc::fdatasync(fd) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `pread` of `len` bytes of `fd` at `pos` into memory at `at` (ublk's user
 /// copy: a WRITE's data into the tag's buffer or the overlay's mapped
 /// pages, as `UBLK_U_IO_NEED_GET_DATA` has ublk do in copy mode): the bytes

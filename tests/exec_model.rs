@@ -51,8 +51,8 @@ use ublk_cow::sys::MappedFile;
 use ublk_cow::ublk::ServedDevice;
 use ublk_cow::ublk::copier::Copier;
 use ublk_cow::ublk::exec::{
-    self, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD, OVERLAY_FD, ReadData, RingFiles,
-    TagScratch, ZeroBlocks,
+    self, Fua, MayLeave, OVERLAY_DIRECT_FD, OVERLAY_DSYNC_FD, OVERLAY_FD, ReadData, RingFiles,
+    SyncsOn, TagScratch, ZeroBlocks,
 };
 use ublk_cow::ublk::ops::{Op as RingOp, Ring, WriteSource};
 use ublk_cow::ublk::plain_ring::{PlainDone, PlainRing};
@@ -71,6 +71,9 @@ enum Step {
         off: u64,
         len: u64,
         seed: u8,
+        /// Its syncs on the calling thread (a request alone on its
+        /// queue), else on the ring.
+        here: bool,
     },
     /// The daemon dies; a new one recovers the device from the live map.
     Crash,
@@ -126,8 +129,8 @@ fn step(sectors: u64) -> impl Strategy<Value = Step> {
         12 => common::op(sectors).prop_map(Step::Common),
         2 => (page_range(sectors), any::<u8>())
             .prop_map(|((off, len), seed)| Step::Common(common::Op::Write { off, len, seed })),
-        2 => (common::range(sectors), any::<u8>())
-            .prop_map(|((off, len), seed)| Step::FuaWrite { off, len, seed }),
+        2 => (common::range(sectors), any::<u8>(), any::<bool>())
+            .prop_map(|((off, len), seed, here)| Step::FuaWrite { off, len, seed, here }),
         1 => Just(Step::Crash),
         1 => Just(Step::FailSync),
         1 => Just(Step::WritebackFails),
@@ -320,12 +323,21 @@ impl std::future::Future for FaultDone {
     }
 }
 
-impl Ring for FaultRing {
-    type Done = FaultDone;
+/// What the disk model makes of an operation before the ring sees it.
+enum Modeled {
+    /// The ring carries it out.
+    Run,
+    /// The ring carries it out, and it then ends with this result instead.
+    RunThen(i32),
+    /// It ends now with this result, without the ring.
+    Now(i32),
+}
 
-    fn push(&self, op: RingOp<'_>) -> FaultDone {
+impl FaultRing {
+    /// Keeps what `op` does to the disk (see `Disk`).
+    fn model(&self, op: &RingOp<'_>) -> Modeled {
         let mut disk = self.disk.borrow_mut();
-        let overlay = match op {
+        let overlay = match *op {
             RingOp::Write(w) => {
                 if w.fd.0 == OVERLAY_DIRECT_FD.0 {
                     count(|c| &c.direct_writes, 1);
@@ -338,20 +350,21 @@ impl Ring for FaultRing {
         if overlay && let Some(n) = disk.power_left {
             if n == 0 {
                 // The power is gone: nothing more reaches the disk.
-                return FaultDone::Now(-libc::EIO);
+                return Modeled::Now(-libc::EIO);
             }
             disk.power_left = Some(n - 1);
         }
         if overlay && matches!(op, RingOp::Write(_)) && std::mem::take(&mut disk.fail_next_write) {
-            return FaultDone::Now(-libc::EIO);
+            return Modeled::Now(-libc::EIO);
         }
-        match op {
+        match *op {
             RingOp::Write(w) if overlay => {
                 let WriteSource::Memory(p) = w.from else {
                     panic!("a fixed buffer in copy mode");
                 };
-                // SAFETY: the rule of `Ring::push`: the write's memory is
-                // valid until it completes, and it has not been submitted.
+                // SAFETY: the rule of `Ring::push` and `Ring::run_here`: the
+                // write's memory is valid until it completes, and it has not
+                // been carried out.
                 let data = unsafe { std::slice::from_raw_parts(p, w.len as usize) };
                 if w.dsync {
                     // Durable when it completes (`RWF_DSYNC`): the sync
@@ -362,8 +375,7 @@ impl Ring for FaultRing {
                     // file, once to this descriptor: the write then fails,
                     // its data written.
                     if disk.sync_reports_error(overlay_fd(w.fd).unwrap()) {
-                        drop(disk);
-                        return FaultDone::RingThen(self.ring.push(op), -libc::EIO);
+                        return Modeled::RunThen(-libc::EIO);
                     }
                 } else {
                     disk.pending.push((w.pos, data.to_vec()));
@@ -388,14 +400,39 @@ impl Ring for FaultRing {
                     disk.synced(n);
                 }
                 return match disk.sync_reports_error(overlay_fd(fd).unwrap()) {
-                    true => FaultDone::Now(-libc::EIO),
-                    false => FaultDone::Now(0),
+                    true => Modeled::Now(-libc::EIO),
+                    false => Modeled::Now(0),
                 };
             }
             _ => {}
         }
-        drop(disk);
-        FaultDone::Ring(self.ring.push(op))
+        Modeled::Run
+    }
+}
+
+impl Ring for FaultRing {
+    type Done = FaultDone;
+
+    fn push(&self, op: RingOp<'_>) -> FaultDone {
+        match self.model(&op) {
+            Modeled::Run => FaultDone::Ring(self.ring.push(op)),
+            Modeled::RunThen(r) => FaultDone::RingThen(self.ring.push(op), r),
+            Modeled::Now(r) => FaultDone::Now(r),
+        }
+    }
+
+    /// The same on the calling thread: the disk model cannot tell one from
+    /// the other.
+    fn run_here(&self, op: RingOp<'_>, fd: std::os::fd::RawFd) -> i32 {
+        count(|c| &c.run_here, 1);
+        match self.model(&op) {
+            Modeled::Run => self.ring.run_here(op, fd),
+            Modeled::RunThen(r) => match self.ring.run_here(op, fd) {
+                n if n < 0 => n,
+                _ => r,
+            },
+            Modeled::Now(r) => r,
+        }
     }
 }
 
@@ -455,6 +492,8 @@ struct Model {
     layers: usize,
     /// Live snapshots taken.
     snapshots: usize,
+    /// FLUSHes sent: every other one makes its syncs on the calling thread.
+    flushes: u32,
 }
 
 fn unique_dir() -> PathBuf {
@@ -571,6 +610,7 @@ impl Model {
             reference: Reference::new(base_image),
             layers,
             snapshots: 0,
+            flushes: 0,
         };
         m.serve(dev);
         m
@@ -748,7 +788,7 @@ impl Model {
 
     /// A WRITE of `data` from page-aligned memory, as a queue's buffers
     /// are, so that the direct write path can take it.
-    fn write(&mut self, off: u64, data: &[u8], fua: bool) -> i32 {
+    fn write(&mut self, off: u64, data: &[u8], fua: Fua) -> i32 {
         let mut buf = vec![0u8; data.len() + 4096];
         let at = buf.as_ptr().align_offset(4096);
         let aligned = &mut buf[at..at + data.len()];
@@ -768,8 +808,13 @@ impl Model {
     }
 
     fn flush(&mut self) -> i32 {
+        self.flushes += 1;
+        let syncs = match self.flushes % 2 {
+            0 => SyncsOn::Thread,
+            _ => SyncsOn::Ring,
+        };
         let s = self.s();
-        let r = s.ring.ring.block_on(exec::flush(&s.ring, &s.sh));
+        let r = s.ring.ring.block_on(exec::flush(&s.ring, &s.sh, syncs));
         r.map_or_else(|e| e.negative(), |()| 0)
     }
 
@@ -819,14 +864,23 @@ impl Model {
             }
             &Step::Common(Op::Write { off, len, seed }) => {
                 let data = pattern(len as usize, seed, off);
-                prop_assert_eq!(self.write(off, &data, false), len as i32);
+                prop_assert_eq!(self.write(off, &data, Fua::No), len as i32);
                 self.reference.record(off, &data);
             }
-            &Step::FuaWrite { off, len, seed } => {
+            &Step::FuaWrite {
+                off,
+                len,
+                seed,
+                here,
+            } => {
                 let data = pattern(len as usize, seed, off);
                 let map_only = |m: &mut Model| m.s().sh.stat("flushes_map_only").unwrap();
                 let before = map_only(self);
-                let r = self.write(off, &data, true);
+                let syncs = match here {
+                    true => SyncsOn::Thread,
+                    false => SyncsOn::Ring,
+                };
+                let r = self.write(off, &data, Fua::Yes(syncs));
                 count(|c| &c.map_only_flushes, map_only(self) - before);
                 // A FUA write fails after a failed sync: its own (the
                 // data's, which reports a writeback error of the file) or
@@ -907,7 +961,7 @@ impl Model {
             &Step::WriteFails { off, len, seed } => {
                 let data = pattern(len as usize, seed, off);
                 self.disk.borrow_mut().fail_next_write = true;
-                let r = self.write(off, &data, false);
+                let r = self.write(off, &data, Fua::No);
                 self.disk.borrow_mut().fail_next_write = false;
                 prop_assert_eq!(r, -libc::EIO, "a WRITE whose overlay write failed");
                 // Each sector holds its old or its new contents: never
@@ -966,6 +1020,8 @@ struct Counts {
     direct_writes: Cell<u64>,
     /// FUA writes whose flush did not sync the overlay's data.
     map_only_flushes: Cell<u64>,
+    /// Writes and syncs carried out on the calling thread.
+    run_here: Cell<u64>,
     /// Writebacks that failed in the background.
     writeback_errors: Cell<u64>,
     /// Crashes of a device whose flush had failed: its live map refused.
@@ -1020,7 +1076,7 @@ fn run_model(name: &str, want: u32) {
     COUNTS.with(|c| {
         let n = c.cases.get();
         println!(
-            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} failed writebacks, {} recoveries refused after a failed flush, {} direct writes, {} FUA flushes without a data sync, {kicks} io-wq kicks, 0 divergences",
+            "{name}: {n} cases ({} with maps of several pages, {} over chains of layers), {} operations, {} live snapshots, {} failed syncs, {} failed writebacks, {} recoveries refused after a failed flush, {} direct writes, {} FUA flushes without a data sync, {} writes and syncs on the calling thread, {kicks} io-wq kicks, 0 divergences",
             c.large.get(),
             c.chains.get(),
             c.steps.get(),
@@ -1030,6 +1086,7 @@ fn run_model(name: &str, want: u32) {
             c.refused_recoveries.get(),
             c.direct_writes.get(),
             c.map_only_flushes.get(),
+            c.run_here.get(),
         );
         assert!(n >= want as u64, "only {n} model cases ran");
         assert!(
@@ -1040,8 +1097,9 @@ fn run_model(name: &str, want: u32) {
                 && c.chains.get() > 0
                 && c.snapshots.get() > 0
                 && c.direct_writes.get() > 0
-                && c.map_only_flushes.get() > 0,
-            "the cases did not reach maps of several pages, failed syncs and writebacks, recoveries refused after a failed flush, chains, live snapshots, direct writes and FUA flushes without a data sync"
+                && c.map_only_flushes.get() > 0
+                && c.run_here.get() > 0,
+            "the cases did not reach maps of several pages, failed syncs and writebacks, recoveries refused after a failed flush, chains, live snapshots, direct writes, FUA flushes without a data sync and syncs on the calling thread"
         );
     });
 }
@@ -1066,37 +1124,41 @@ fn io_uring_executor_matches_reference_model_second_half() {
 #[test]
 fn a_writeback_error_a_fua_write_takes_fails_the_device() {
     use common::Op;
-    let steps = vec![
-        Step::Common(Op::Write {
-            off: 0,
-            len: 512,
-            seed: 1,
-        }),
-        Step::WritebackFails,
-        Step::FuaWrite {
-            off: 8192,
-            len: 512,
-            seed: 2,
-        },
-        Step::Crash,
-        Step::Common(Op::Flush),
-        Step::Common(Op::PowerCut {
-            keep_seed: 0,
-            cut_flush_after: None,
-        }),
-    ];
-    let c = ExecCase {
-        case: Case {
-            block_size: 4096,
-            sectors: 24,
-            ops: Vec::new(),
-        },
-        steps,
-        layers: 0,
-        layer_seed: 0,
-    };
-    if let Err(e) = run_case(c) {
-        panic!("{e}");
+    // With its syncs on the ring's workers and on the calling thread.
+    for here in [false, true] {
+        let steps = vec![
+            Step::Common(Op::Write {
+                off: 0,
+                len: 512,
+                seed: 1,
+            }),
+            Step::WritebackFails,
+            Step::FuaWrite {
+                off: 8192,
+                len: 512,
+                seed: 2,
+                here,
+            },
+            Step::Crash,
+            Step::Common(Op::Flush),
+            Step::Common(Op::PowerCut {
+                keep_seed: 0,
+                cut_flush_after: None,
+            }),
+        ];
+        let c = ExecCase {
+            case: Case {
+                block_size: 4096,
+                sectors: 24,
+                ops: Vec::new(),
+            },
+            steps,
+            layers: 0,
+            layer_seed: 0,
+        };
+        if let Err(e) = run_case(c) {
+            panic!("syncs here {here}: {e}");
+        }
     }
 }
 
@@ -1157,7 +1219,7 @@ fn reads_spanning_many_runs_of_mapped_files() {
                 &mut scratch,
                 off,
                 &mut d,
-                false,
+                Fua::No,
             ))
             .unwrap();
             image[off as usize..][..data.len()].copy_from_slice(&data);

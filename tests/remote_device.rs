@@ -21,7 +21,7 @@ use ublk_cow::engine::device::CowDevice;
 use ublk_cow::engine::map::{BlockState, MapMemory};
 use ublk_cow::remote::{AwsEnv, Params, RemoteBase, RemoteUrl};
 use ublk_cow::ublk::ServedDevice;
-use ublk_cow::ublk::exec::{self, MayLeave, TagScratch, ZeroBlocks};
+use ublk_cow::ublk::exec::{self, Fua, MayLeave, TagScratch, ZeroBlocks};
 use ublk_cow::ublk::plain_ring::PlainRing;
 use ublk_cow::ublk::request_buf::RequestBuf;
 use ublk_cow::ublk::write_data::WriteData;
@@ -145,7 +145,7 @@ impl Served {
             &mut self.scratch,
             off,
             &mut d,
-            false,
+            Fua::No,
         ))
     }
 

@@ -12,6 +12,7 @@
 //! even after another operation of the same request failed (`finish_all`).
 
 use crate::engine::Errno;
+use crate::sys;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::uring_async::UblkUringOpFuture;
@@ -29,6 +30,15 @@ pub trait Ring {
     /// Pushes `op`, to be submitted with the ring's next submission. What
     /// `op` points to must stay valid until `Done` has completed.
     fn push(&self, op: Op<'_>) -> Self::Done;
+
+    /// Carries out `op` on the calling thread, through `fd`, the descriptor
+    /// its fixed file names, and returns what its completion would: for a
+    /// sync that nothing else waits for, where handing it to an io_uring
+    /// worker costs more than the thread's wait (`SyncsOn::Thread`). Only
+    /// writes from memory and data syncs (`Op::run_here`).
+    fn run_here(&self, op: Op<'_>, fd: RawFd) -> i32 {
+        op.run_here(fd)
+    }
 }
 
 impl Ring for UblkQueue<'_> {
@@ -134,6 +144,25 @@ impl Op<'_> {
                 .build(),
         }
     }
+
+    /// The operation as a system call on the calling thread, through `fd`
+    /// (the descriptor its fixed file names): a write from memory
+    /// (`pwritev2`, with `RWF_DSYNC` if it asks) or a data sync; the
+    /// result as its completion gives it. Any other operation is EINVAL.
+    pub(crate) fn run_here(&self, fd: RawFd) -> i32 {
+        let r = match *self {
+            Op::Write(FileWrite {
+                from: WriteSource::Memory(p),
+                len,
+                pos,
+                dsync,
+                ..
+            }) => sys::pwrite_from(fd, p, len as usize, pos, dsync).map(|n| n as i32),
+            Op::DataSync { .. } => sys::fdatasync(fd).map(|()| 0),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        r.unwrap_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+    }
 }
 
 /// A pushed operation.
@@ -237,6 +266,37 @@ pub(crate) async fn finish<R: Ring + ?Sized>(q: &R, op: PendingOp<R>) -> Result<
             Some(w) if r > 0 => op = w.rest(r as u32).push(q),
             _ => return Err(Errno::EIO),
         }
+    }
+}
+
+/// Carries out write `w` on the calling thread (`Ring::run_here`) through
+/// `fd`, the descriptor its fixed file names: all of it, the rest written
+/// again after a short write as `finish` does, or the error.
+pub(crate) fn write_here<R: Ring + ?Sized>(q: &R, w: FileWrite, fd: RawFd) -> Result<(), Errno> {
+    let mut w = w;
+    loop {
+        let r = q.run_here(Op::Write(w), fd);
+        if r < 0 {
+            return Err(Errno::from_negative(r));
+        }
+        match r as u32 {
+            n if n == w.len => return Ok(()),
+            0 => return Err(Errno::EIO),
+            n => w = w.rest(n),
+        }
+    }
+}
+
+/// `fdatasync` of fixed file `fixed` on the calling thread
+/// (`Ring::run_here`), through `fd`, the descriptor it names.
+pub(crate) fn sync_here<R: Ring + ?Sized>(
+    q: &R,
+    fixed: types::Fixed,
+    fd: RawFd,
+) -> Result<(), Errno> {
+    match q.run_here(Op::DataSync { fd: fixed }, fd) {
+        r if r < 0 => Err(Errno::from_negative(r)),
+        _ => Ok(()),
     }
 }
 

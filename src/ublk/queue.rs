@@ -22,7 +22,7 @@ use crate::engine::readahead::Detector;
 use crate::stats::Stats;
 use crate::ublk::background::{Background, Job};
 use crate::ublk::copier::{Copier, Work};
-use crate::ublk::exec::{self, MayLeave, ReadData, ReadDone, TagScratch, ZeroBlocks};
+use crate::ublk::exec::{self, Fua, MayLeave, ReadData, ReadDone, SyncsOn, TagScratch, ZeroBlocks};
 use crate::ublk::ops::{Op, Ring};
 use crate::ublk::params::{self, IoMode};
 use crate::ublk::request_buf::{RequestBuf, TagBuf, UserCopy, UserCopyAt};
@@ -81,6 +81,9 @@ pub(crate) struct QueueState {
     /// READs of this queue being served (for the detector: a reader that
     /// keeps several in flight reads ahead itself).
     reads_in_flight: Cell<u32>,
+    /// Requests of this queue being served (`Serving`): a request alone
+    /// makes its syncs on the queue's thread (`exec::SyncsOn`).
+    serving: Cell<u32>,
     background: Background,
     qid: u16,
     /// The device served now, and its gate (see `current`).
@@ -237,6 +240,35 @@ fn after_read(
     }
 }
 
+/// A request counted in `QueueState::serving` from when its task begins
+/// to serve it until its result is ready.
+struct Serving<'a>(&'a Cell<u32>);
+
+impl<'a> Serving<'a> {
+    fn begin(n: &'a Cell<u32>) -> Serving<'a> {
+        n.set(n.get() + 1);
+        Serving(n)
+    }
+
+    /// Where the request's syncs run: on the queue's thread when no other
+    /// request of the queue is being served as it begins. Requests that
+    /// arrive together begin one after another, so the first of a burst
+    /// after a quiet spell may take the thread: the others then wait for
+    /// one sync.
+    fn syncs(&self) -> SyncsOn {
+        match self.0.get() {
+            1 => SyncsOn::Thread,
+            _ => SyncsOn::Ring,
+        }
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// What a request's commit tells ublk.
 struct Commit {
     /// Bytes done, or a negative errno.
@@ -266,6 +298,7 @@ async fn handle(
     req: Request,
     buf: &mut TagBuf,
 ) -> Result<Commit, UblkError> {
+    let serving = Serving::begin(&qs.serving);
     let qb = &qs.bufs;
     let geo = sh.dev.geometry();
     let in_range = req.op == sys::UBLK_IO_OP_FLUSH || geo.check_range(req.off, req.len).is_ok();
@@ -277,7 +310,10 @@ async fn handle(
             let copied_at = buf.copied_at();
             let buf = buf.request(req.len as usize);
             let mut data = WriteData::request(q, req.tag, buf, req.data_pending, copied_at);
-            let fua = req.flags & sys::UBLK_IO_F_FUA != 0;
+            let fua = match req.flags & sys::UBLK_IO_F_FUA != 0 {
+                true => Fua::Yes(serving.syncs()),
+                false => Fua::No,
+            };
             let r = if in_range {
                 exec::write_request(q, sh, qb, s, req.off, &mut data, fua).await
             } else {
@@ -319,7 +355,7 @@ async fn handle(
                 Err(e) => Commit::of(Err(e), 0),
             }
         }
-        sys::UBLK_IO_OP_FLUSH => Commit::of(exec::flush(q, sh).await, 0),
+        sys::UBLK_IO_OP_FLUSH => Commit::of(exec::flush(q, sh, serving.syncs()).await, 0),
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
             Commit::of(exec::write_zeroes(q, sh, qb, s, req.off, req.len).await, 0)
         }
@@ -525,6 +561,7 @@ pub(crate) fn run_queue(qid: u16, dev: &UblkDev, current: Arc<Current>) {
         copier: copier_for(qid, mode, dev.dev_info.nr_hw_queues),
         detector: RefCell::new(Detector::new(sh.readahead(), bs)),
         reads_in_flight: Cell::new(0),
+        serving: Cell::new(0),
         background: Background::default(),
         qid,
         current,

@@ -13,7 +13,7 @@ use crate::stats::Stats;
 use crate::ublk::exec::{MAX_RING_LAYERS, RingFiles};
 use crate::ublk::inline::MemoryPath;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 /// The engine's device: the overlay file over a raw base or a chain of
@@ -326,15 +326,21 @@ impl ServedDevice {
                 .direct_overlay
                 .as_ref()
                 .map_or(overlay, |d| d.file.as_raw_fd()),
-            overlay_dsync: self
-                .dsync_overlay
-                .as_ref()
-                .map_or(overlay, |f| f.as_raw_fd()),
+            overlay_dsync: self.overlay_dsync_fd(),
             layers: below
                 .layers()
                 .iter()
                 .map(|l| l.overlay.storage().as_raw_fd())
                 .collect(),
+        }
+    }
+
+    /// The overlay's descriptor for FUA writes: `dsync_overlay`'s, else the
+    /// overlay's own (the ring's `OVERLAY_DSYNC_FD`).
+    pub(crate) fn overlay_dsync_fd(&self) -> RawFd {
+        match &self.dsync_overlay {
+            Some(f) => f.as_raw_fd(),
+            None => self.dev.overlay().storage().as_raw_fd(),
         }
     }
 

@@ -4,20 +4,25 @@
 //! ring timeouts, so the queue's thread never blocks.
 
 use super::OVERLAY_FD;
+use super::SyncsOn;
 use crate::engine::Errno;
 use crate::stats::Stats;
 use crate::ublk::ServedDevice;
-use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish, finish_all};
+use crate::ublk::ops::{
+    FileWrite, Op, PendingOp, Ring, WriteSource, finish, finish_all, sync_here, write_here,
+};
 use crate::ublk::served::DeviceFlushTurn;
 use io_uring::types;
+use std::os::fd::AsRawFd;
 
 /// FLUSH: overlay data durable, then the changed map pages, then durable
 /// again (see `FlushTurn`, the same steps; a single page is written with
-/// `RWF_DSYNC`, durable in the same operation). Fails with EIO, writing
-/// nothing, once a flush of the device has failed. A FLUSH that a flush
-/// beginning after it completed covers (`FlushTicket`) is answered at once.
-pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
-    flush_as(q, sh, Owed::Everything).await
+/// `RWF_DSYNC`, durable in the same operation), the syncs on `syncs`' side.
+/// Fails with EIO, writing nothing, once a flush of the device has failed.
+/// A FLUSH that a flush beginning after it completed covers (`FlushTicket`)
+/// is answered at once.
+pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice, syncs: SyncsOn) -> Result<(), Errno> {
+    flush_as(q, sh, Owed::Everything, syncs).await
 }
 
 /// After a FUA WRITE whose data was written durable: its map change made
@@ -25,8 +30,12 @@ pub async fn flush<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
 /// taken may name data that is not durable yet
 /// (`FlushTurn::data_sync_needed`). Other writes are not made durable by
 /// it, as FUA does not ask that, so it answers no FLUSH.
-pub async fn flush_after_durable_write<R: Ring>(q: &R, sh: &ServedDevice) -> Result<(), Errno> {
-    flush_as(q, sh, Owed::DurableWritesMap).await
+pub async fn flush_after_durable_write<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    syncs: SyncsOn,
+) -> Result<(), Errno> {
+    flush_as(q, sh, Owed::DurableWritesMap, syncs).await
 }
 
 /// What a flush owes.
@@ -38,7 +47,12 @@ enum Owed {
     DurableWritesMap,
 }
 
-async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), Errno> {
+async fn flush_as<R: Ring>(
+    q: &R,
+    sh: &ServedDevice,
+    owed: Owed,
+    syncs: SyncsOn,
+) -> Result<(), Errno> {
     let dev = &sh.dev;
     let ticket = dev.flush_ticket();
     let mut turn = loop {
@@ -60,11 +74,18 @@ async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), E
     let pages = turn.take_pages();
     let sync_data = owed == Owed::Everything || turn.data_sync_needed();
     let datasync = || Op::DataSync { fd: OVERLAY_FD };
+    let here = syncs == SyncsOn::Thread;
+    let overlay = sh.dev.overlay().storage().as_raw_fd();
     if sync_data {
         Stats::add(&sh.stats.flushes, 1);
-        finish(q, PendingOp::push(q, datasync(), 0))
-            .await
-            .map_err(|e| fail(&turn, "syncing overlay data", e))?;
+        let synced = match here {
+            true => {
+                Stats::add(&sh.stats.syncs_on_thread, 1);
+                sync_here(q, OVERLAY_FD, overlay)
+            }
+            false => finish(q, PendingOp::push(q, datasync(), 0)).await,
+        };
+        synced.map_err(|e| fail(&turn, "syncing overlay data", e))?;
         turn.data_synced();
     } else {
         Stats::add(&sh.stats.flushes_map_only, 1);
@@ -77,9 +98,25 @@ async fn flush_as<R: Ring>(q: &R, sh: &ServedDevice, owed: Owed) -> Result<(), E
     }
     // One changed page (a FLUSH after one small write, the common case) is
     // written durable in one operation, which saves the queue a second
-    // trip through an io_uring worker; several are written, then synced
-    // once, rather than each synced on its own.
+    // trip through an io_uring worker (on this thread, none); several are
+    // written, then synced once, rather than each synced on its own.
     let one = pages.len() == 1;
+    if one && here {
+        let (page, bytes) = &pages[0];
+        let w = FileWrite {
+            fd: OVERLAY_FD,
+            from: WriteSource::Memory(bytes.as_ptr()),
+            len: bytes.len() as u32,
+            pos: dev.overlay().map_page_pos(*page),
+            dsync: true,
+        };
+        Stats::add(&sh.stats.syncs_on_thread, 1);
+        write_here(q, w, overlay).map_err(|e| fail(&turn, "writing the overlay map", e))?;
+        if sync_data {
+            turn.completed();
+        }
+        return Ok(());
+    }
     let writes = pages
         .iter()
         .map(|(page, bytes)| {

@@ -35,7 +35,7 @@ pub use cache::{cache_range, install, install_from_base};
 pub use flush::{flush, flush_after_durable_write};
 pub use read::{MayLeave, ReadData, ReadDone, read};
 pub use remote::{fetch_below, fetch_edges, prefetch_below};
-pub use write::{write_request, write_zeroes};
+pub use write::{Fua, write_request, write_zeroes};
 
 use crate::engine::Errno;
 use crate::engine::base::DirectAlign;
@@ -48,7 +48,7 @@ use crate::sys::Pipe;
 use crate::ublk::ServedDevice;
 use crate::ublk::copier::{Copier, Finished, HELPER_MIN};
 use crate::ublk::inline::{MemoryPath, Written};
-use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all};
+use crate::ublk::ops::{FileWrite, Op, PendingOp, Ring, WriteSource, finish_all, write_here};
 use io_uring::types;
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -302,30 +302,77 @@ fn read_below<R: Ring>(
     }
 }
 
+/// Where a request's syncs run: chosen by the queue for each request.
+/// A sync (a write with `RWF_DSYNC`, an `fdatasync`) on the ring goes to
+/// an io_uring worker, since it blocks; the hand-off there and back costs
+/// more than the sync itself on a fast disk. A request that is the only
+/// one its queue serves makes its syncs on the queue's thread instead,
+/// which then waits for the disk: a request that arrives meanwhile waits
+/// at most that long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncsOn {
+    /// The queue's thread (`Ring::run_here`): the request is alone.
+    Thread,
+    /// The ring's workers.
+    Ring,
+}
+
+/// Whether a write to the overlay is durable when it completes
+/// (`RWF_DSYNC`), and where it runs then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dsync {
+    /// Through the page cache, durable at the next flush.
+    No,
+    /// `RWF_DSYNC`, on the ring.
+    Ring,
+    /// `RWF_DSYNC`, on the queue's thread (`SyncsOn::Thread`).
+    Here,
+}
+
+impl Dsync {
+    /// Durable writes, on `syncs`' side.
+    fn on(syncs: SyncsOn) -> Dsync {
+        match syncs {
+            SyncsOn::Thread => Dsync::Here,
+            SyncsOn::Ring => Dsync::Ring,
+        }
+    }
+
+    fn durable(self) -> bool {
+        self != Dsync::No
+    }
+}
+
 /// Writes `data` at overlay file offset `pos`: on the queue's thread when the
-/// overlay lives in memory, else as a ring write, pushed onto `pending`,
-/// with `RWF_DSYNC` through `OVERLAY_DSYNC_FD` if `dsync`. Whether the
-/// write is durable when it completes: a ring write with `dsync`.
+/// overlay lives in memory, else with `dsync` as it says (a ring write
+/// pushed onto `pending`, or a durable write on this thread), with
+/// `RWF_DSYNC` through `OVERLAY_DSYNC_FD`. Whether the write is durable
+/// when it completes.
 fn overlay_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     data: &[u8],
     pos: u64,
-    dsync: bool,
+    dsync: Dsync,
     pending: &mut Vec<PendingOp<R>>,
 ) -> Result<bool, Errno> {
     if sh.overlay_io.write(pos, data)? == Written::Here {
         return Ok(false);
     }
     let w = FileWrite {
-        fd: overlay_fd(dsync),
+        fd: overlay_fd(dsync.durable()),
         from: WriteSource::Memory(data.as_ptr()),
         len: data.len() as u32,
         pos,
-        dsync,
+        dsync: dsync.durable(),
     };
+    if dsync == Dsync::Here {
+        Stats::add(&sh.stats.syncs_on_thread, 1);
+        write_here(q, w, sh.overlay_dsync_fd())?;
+        return Ok(true);
+    }
     pending.push(w.push(q));
-    Ok(dsync)
+    Ok(dsync.durable())
 }
 
 /// The overlay's descriptor for a write through the page cache: with
@@ -346,7 +393,7 @@ async fn overlay_write<R: Ring>(
     pos: u64,
 ) -> Result<(), Errno> {
     let mut pending = Vec::new();
-    let started = overlay_write_op(q, sh, data, pos, false, &mut pending);
+    let started = overlay_write_op(q, sh, data, pos, Dsync::No, &mut pending);
     let done = finish_all(q, pending).await;
     started.and(done)
 }

@@ -8,8 +8,8 @@
 //! so that its flush need not sync the overlay's data as well.
 
 use super::{
-    OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, TagScratch, ZeroBlocks, overlay_fd,
-    overlay_write_op, read_below,
+    Dsync, OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, SyncsOn, TagScratch, ZeroBlocks,
+    overlay_fd, overlay_write_op, read_below,
 };
 use crate::engine::Errno;
 use crate::engine::plan::Fill;
@@ -90,49 +90,53 @@ async fn place(sh: &ServedDevice, data: &mut WriteData<'_>, pos: u64) -> Result<
 /// way: user copy into the tag's staging buffer, then `pwrite` on this
 /// thread. The ring would hand a tmpfs write to a worker thread (tmpfs
 /// cannot promise not to block), which costs more than the extra copy
-/// (docs/benchmarks.md).
+/// (docs/benchmarks.md). So does a durable write on this thread
+/// (`Dsync::Here`) that fits the staging buffer and takes no direct write.
 ///
-/// Ring writes carry `RWF_DSYNC` if `dsync`; whether the data is durable
-/// when the write completes.
+/// Writes are durable (`RWF_DSYNC`) as `dsync` says, a fixed-buffer write
+/// on the ring even if `dsync` would have it here; whether the data is
+/// durable when the write completes.
 async fn data_write_op<R: Ring>(
     q: &R,
     sh: &ServedDevice,
     data: &mut WriteData<'_>,
     pos: u64,
     fresh: bool,
-    dsync: bool,
+    dsync: Dsync,
     pending: &mut Vec<PendingOp<R>>,
 ) -> Result<bool, Errno> {
     let len = data.size() as u64;
     let direct = sh.direct_overlay.as_ref().filter(|_| fresh);
-    let staged = data.can_buffer() && sh.overlay_io.writes_inline(data.size());
+    let durable = dsync.durable();
+    let here = dsync == Dsync::Here && !direct.is_some_and(|d| d.fits(pos, len, None));
+    let staged = data.can_buffer() && (sh.overlay_io.writes_inline(data.size()) || here);
     if let Some(index) = data.registered() {
         if !staged {
             let from = WriteSource::Registered { index, at: 0 };
             if let Some(d) = direct
                 && d.fits(pos, len, None)
-                && direct_write(q, sh, from, len, pos, dsync).await?
+                && direct_write(q, sh, from, len, pos, durable).await?
             {
-                return Ok(dsync);
+                return Ok(durable);
             }
             let w = FileWrite {
-                fd: overlay_fd(dsync),
+                fd: overlay_fd(durable),
                 from,
                 len: len as u32,
                 pos,
-                dsync,
+                dsync: durable,
             };
             pending.push(w.push(q));
-            return Ok(dsync);
+            return Ok(durable);
         }
         Stats::add(&sh.stats.writes_staged, 1);
     }
     let d = data.in_buffer().await?;
     if let Some(dir) = direct
         && dir.fits(pos, len, Some(d.as_ptr() as usize))
-        && direct_write(q, sh, WriteSource::Memory(d.as_ptr()), len, pos, dsync).await?
+        && direct_write(q, sh, WriteSource::Memory(d.as_ptr()), len, pos, durable).await?
     {
-        return Ok(dsync);
+        return Ok(durable);
     }
     overlay_write_op(q, sh, d, pos, dsync, pending)
 }
@@ -193,22 +197,14 @@ struct RingWrite<'a, 'd, R: Ring> {
 
 /// Whether a WRITE's data is written durable (`RWF_DSYNC`): a FUA WRITE's,
 /// when the overlay lives on a disk's file system (it then has
-/// `ServedDevice::dsync_overlay`). There one durable write saves the
-/// overlay's data sync that its flush would otherwise make (a second trip
-/// through an io_uring worker); an overlay in memory has nothing to make
-/// durable and its faster ways stay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dsync {
-    Yes,
-    No,
-}
-
-impl Dsync {
-    fn for_request(sh: &ServedDevice, fua: bool) -> Dsync {
-        match fua && sh.dsync_overlay.is_some() {
-            true => Dsync::Yes,
-            false => Dsync::No,
-        }
+/// `ServedDevice::dsync_overlay`), on the side its syncs run. There one
+/// durable write saves the overlay's data sync that its flush would
+/// otherwise make; an overlay in memory has nothing to make durable and
+/// its faster ways stay.
+fn request_dsync(sh: &ServedDevice, fua: Fua) -> Dsync {
+    match fua {
+        Fua::Yes(syncs) if sh.dsync_overlay.is_some() => Dsync::on(syncs),
+        _ => Dsync::No,
     }
 }
 
@@ -260,8 +256,7 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
             Fill::Zeros { off, len } => (&self.zeros[..len as usize], off),
         };
         let pos = self.sh.dev.overlay().data_pos(off);
-        let dsync = self.dsync == Dsync::Yes;
-        let durable = overlay_write_op(self.q, self.sh, src, pos, dsync, &mut self.writes)?;
+        let durable = overlay_write_op(self.q, self.sh, src, pos, self.dsync, &mut self.writes)?;
         self.durable &= durable;
         Ok(())
     }
@@ -274,7 +269,7 @@ impl<R: Ring> WriteIo for RingWrite<'_, '_, R> {
             self.durable = false;
             return Ok(());
         }
-        let (q, sh, dsync) = (self.q, self.sh, self.dsync == Dsync::Yes);
+        let (q, sh, dsync) = (self.q, self.sh, self.dsync);
         let durable =
             data_write_op(q, sh, self.data, pos, behind.fresh, dsync, &mut self.writes).await?;
         self.durable &= durable;
@@ -325,15 +320,24 @@ async fn write<R: Ring>(
         data,
         writes: Vec::new(),
         dsync,
-        durable: dsync == Dsync::Yes,
+        durable: dsync.durable(),
     };
     steps::write(&sh.dev, &mut io, off, len).await?;
     Ok(io.durable)
 }
 
-/// A WRITE request: `write`, then with `fua` (the request must be durable
-/// when it completes) a flush: of the map pages alone when the data was
-/// written durable (`Dsync`), else a whole flush.
+/// Whether a WRITE must be durable when it completes (`UBLK_IO_F_FUA`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fua {
+    /// Durable at the next FLUSH.
+    No,
+    /// Durable when it completes; its syncs run on this side.
+    Yes(SyncsOn),
+}
+
+/// A WRITE request: `write`, then with `Fua::Yes` a flush: of the map
+/// pages alone when the data was written durable (`Dsync`), else a whole
+/// flush.
 pub async fn write_request<R: Ring>(
     q: &R,
     sh: &ServedDevice,
@@ -341,12 +345,12 @@ pub async fn write_request<R: Ring>(
     s: &mut TagScratch,
     off: u64,
     data: &mut WriteData<'_>,
-    fua: bool,
+    fua: Fua,
 ) -> Result<(), Errno> {
-    let dsync = Dsync::for_request(sh, fua);
+    let dsync = request_dsync(sh, fua);
     let durable = match write(q, sh, zb, s, off, data, dsync).await {
         Ok(durable) => durable,
-        Err(e) if dsync == Dsync::Yes => {
+        Err(e) if dsync.durable() => {
             // The sync inside a durable write reports a writeback error of
             // any earlier write, once to each open file: here to the FUA
             // writes' descriptor. A whole flush has the overlay's own
@@ -354,15 +358,17 @@ pub async fn write_request<R: Ring>(
             // the overlay marked failed) as any failed flush does; else a
             // daemon that died before the next FLUSH would leave a
             // successor whose descriptors never see the error.
-            let _ = super::flush(q, sh).await;
+            if let Fua::Yes(syncs) = fua {
+                let _ = super::flush(q, sh, syncs).await;
+            }
             return Err(e);
         }
         Err(e) => return Err(e),
     };
     match (fua, durable) {
-        (false, _) => Ok(()),
-        (true, true) => super::flush_after_durable_write(q, sh).await,
-        (true, false) => super::flush(q, sh).await,
+        (Fua::No, _) => Ok(()),
+        (Fua::Yes(syncs), true) => super::flush_after_durable_write(q, sh, syncs).await,
+        (Fua::Yes(syncs), false) => super::flush(q, sh, syncs).await,
     }
 }
 
