@@ -157,14 +157,18 @@ case_fua() {
     # A FLUSH first: the overlay's creation is durable.
     blockdev --flushbufs "$dev"; sync "$dev"
     local before; before=$(stat_of "$id" flushes_map_only)
+    local th0; th0=$(stat_of "$id" syncs_on_thread)
     head -c 16K /dev/urandom > "$pc/fua.bin"
     # O_DIRECT|O_DSYNC writes reach the device as FUA writes. Each is
-    # written with RWF_DSYNC, and its flush writes the map page alone.
+    # written with RWF_DSYNC, and its flush writes the map page alone;
+    # one at a time, each alone on its queue, so both on the queue's thread.
     dd if="$pc/fua.bin" of="$dev" bs=4k seek=10 oflag=direct,dsync status=none
     local after; after=$(stat_of "$id" flushes_map_only)
+    local th1; th1=$(stat_of "$id" syncs_on_thread)
     dmsetup message ucfua 0 mark fua
-    say "  4 FUA writes: flushes without a data sync $before -> $after"
+    say "  4 FUA writes: flushes without a data sync $before -> $after, syncs on the queue's thread $th0 -> $th1"
     [ "$after" -ge $((before + 4)) ] || die "FUA writes were not made durable on their own"
+    [ "$th1" -ge $((th0 + 8)) ] || die "FUA writes alone on their queue did not sync on its thread"
     "$UC" del -n "$id"
     umount "$pc/mnt"
     dmsetup remove ucfua; losetup -d "$ld" "$ll"

@@ -1,7 +1,9 @@
 //! FLUSH with io_uring: the steps of `engine::device::FlushTurn` as
 //! operations on the queue's ring. The device owns the one flush turn and
 //! the failed state; a turn another flush holds is waited for with short
-//! ring timeouts, so the queue's thread never blocks.
+//! ring timeouts, so the queue's thread never blocks on another queue. The
+//! syncs run on the ring's workers, or on the queue's thread for a request
+//! alone on its queue (`SyncsOn`).
 
 use super::OVERLAY_FD;
 use super::SyncsOn;

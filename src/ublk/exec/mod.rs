@@ -21,7 +21,8 @@
 //! only system calls made on the queue's thread itself are those of
 //! `inline`, of the pipe and of user copy: reads of data already in memory
 //! and writes to a file in memory, none of which starts a device I/O and
-//! waits for it. A READ that lies in one run of a mapped file is not copied
+//! waits for it; and the syncs of a request alone on its queue
+//! (`SyncsOn::Thread`), which do. A READ that lies in one run of a mapped file is not copied
 //! here at all (`ReadData::Mapped`), nor is a WRITE whose overlay pages are
 //! mapped and ready (`write::place`).
 

@@ -5,7 +5,8 @@
 //! (`place`), a fixed-buffer write from the request's registered pages, or
 //! a write from the daemon's memory (`data_write_op`). A FUA WRITE to an
 //! overlay on a disk's file system is written with `RWF_DSYNC` (`Dsync`),
-//! so that its flush need not sync the overlay's data as well.
+//! so that its flush need not sync the overlay's data as well; on the
+//! queue's thread when the request is alone on its queue (`SyncsOn`).
 
 use super::{
     Dsync, OVERLAY_DIRECT_FD, OVERLAY_FD, RingLockWait, SyncsOn, TagScratch, ZeroBlocks,
