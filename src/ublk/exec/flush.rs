@@ -104,14 +104,7 @@ async fn flush_as<R: Ring>(
     // written, then synced once, rather than each synced on its own.
     let one = pages.len() == 1;
     if one && here {
-        let (page, bytes) = &pages[0];
-        let w = FileWrite {
-            fd: OVERLAY_FD,
-            from: WriteSource::Memory(bytes.as_ptr()),
-            len: bytes.len() as u32,
-            pos: dev.overlay().map_page_pos(*page),
-            dsync: true,
-        };
+        let w = page_write(sh, &pages[0], true);
         Stats::add(&sh.stats.syncs_on_thread, 1);
         write_here(q, w, overlay).map_err(|e| fail(&turn, "writing the overlay map", e))?;
         if sync_data {
@@ -121,16 +114,7 @@ async fn flush_as<R: Ring>(
     }
     let writes = pages
         .iter()
-        .map(|(page, bytes)| {
-            let w = FileWrite {
-                fd: OVERLAY_FD,
-                from: WriteSource::Memory(bytes.as_ptr()),
-                len: bytes.len() as u32,
-                pos: dev.overlay().map_page_pos(*page),
-                dsync: one,
-            };
-            w.push(q)
-        })
+        .map(|p| page_write(sh, p, one).push(q))
         .collect();
     finish_all(q, writes)
         .await
@@ -146,6 +130,18 @@ async fn flush_as<R: Ring>(
         turn.completed();
     }
     Ok(())
+}
+
+/// The write of map page `page` (`(page, bytes)`, as `take_pages` gives
+/// it) to the overlay, durable when it completes if `dsync`.
+fn page_write(sh: &ServedDevice, (page, bytes): &(u64, Vec<u8>), dsync: bool) -> FileWrite {
+    FileWrite {
+        fd: OVERLAY_FD,
+        from: WriteSource::Memory(bytes.as_ptr()),
+        len: bytes.len() as u32,
+        pos: sh.dev.overlay().map_page_pos(*page),
+        dsync,
+    }
 }
 
 /// Step 6: the device fails for good after `what` failed with `e`.
