@@ -305,8 +305,8 @@ fn read_below<R: Ring>(
 
 /// Where a request's syncs run: chosen by the queue for each request.
 /// A sync (a write with `RWF_DSYNC`, an `fdatasync`) on the ring goes to
-/// an io_uring worker, since it blocks; the hand-off there and back costs
-/// more than the sync itself on a fast disk. A request that is the only
+/// an io_uring worker, since it blocks; on a fast disk the hand-off there
+/// and back can cost more than the sync itself. A request that is the only
 /// one its queue serves makes its syncs on the queue's thread instead,
 /// which then waits for the disk: a request that arrives meanwhile waits
 /// at most that long.
