@@ -666,15 +666,7 @@ fn iovecs(pieces: &[(usize, usize)]) -> io::Result<Vec<libc::iovec>> {
 /// The kernel only reads the pieces; an address it cannot reach (a hole of
 /// a full tmpfs) is an error return or a short count, never a signal.
 pub(crate) fn pwritev(fd: RawFd, pieces: &[(usize, usize)], pos: u64) -> io::Result<usize> {
-    let iov = iovecs(pieces)?;
-    // SAFETY: the kernel reads the memory the iovecs name and writes none of
-    // it; an address it cannot reach is an error return. The array lives
-    // across the call.
-    let r = unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, pos as libc::off_t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as usize)
+    pwritev2(fd, pieces, pos, 0)
 }
 
 /// `pwritev2` of `len` bytes of this process's memory at `from` to `fd` at
@@ -688,15 +680,25 @@ pub(crate) fn pwrite_from(
     pos: u64,
     dsync: bool,
 ) -> io::Result<usize> {
-    let iov = libc::iovec {
-        iov_base: from as *mut libc::c_void,
-        iov_len: len,
-    };
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-    // SAFETY: the kernel reads the `len` bytes at `from`, which the caller
-    // keeps valid across the call, and writes none of them; an address it
-    // cannot reach is an error return. `iov` lives across the call.
-    let r = unsafe { libc::pwritev2(fd, &iov, 1, pos as libc::off_t, flags) };
+    pwritev2(fd, &[(from as usize, len)], pos, flags)
+}
+
+/// `pwritev2` of `pieces` (as `pwritev`) with `flags` (`RWF_*`).
+fn pwritev2(fd: RawFd, pieces: &[(usize, usize)], pos: u64, flags: i32) -> io::Result<usize> {
+    let iov = iovecs(pieces)?;
+    // SAFETY: the kernel reads the memory the iovecs name and writes none of
+    // it; an address it cannot reach is an error return. The array lives
+    // across the call.
+    let r = unsafe {
+        libc::pwritev2(
+            fd,
+            iov.as_ptr(),
+            iov.len() as i32,
+            pos as libc::off_t,
+            flags,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
