@@ -666,7 +666,7 @@ fn iovecs(pieces: &[(usize, usize)]) -> io::Result<Vec<libc::iovec>> {
 /// The kernel only reads the pieces; an address it cannot reach (a hole of
 /// a full tmpfs) is an error return or a short count, never a signal.
 pub(crate) fn pwritev(fd: RawFd, pieces: &[(usize, usize)], pos: u64) -> io::Result<usize> {
-    pwritev2(fd, pieces, pos, 0)
+    pwritev2(fd, &iovecs(pieces)?, pos, 0)
 }
 
 /// `pwritev2` of `len` bytes of this process's memory at `from` to `fd` at
@@ -681,15 +681,20 @@ pub(crate) fn pwrite_from(
     dsync: bool,
 ) -> io::Result<usize> {
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-    pwritev2(fd, &[(from as usize, len)], pos, flags)
+    // One piece needs no gathering array on the heap.
+    let iov = libc::iovec {
+        iov_base: from as *mut libc::c_void,
+        iov_len: len,
+    };
+    pwritev2(fd, &[iov], pos, flags)
 }
 
-/// `pwritev2` of `pieces` (as `pwritev`) with `flags` (`RWF_*`).
-fn pwritev2(fd: RawFd, pieces: &[(usize, usize)], pos: u64, flags: i32) -> io::Result<usize> {
-    let iov = iovecs(pieces)?;
+/// `pwritev2` of the memory `iov` names (as `pwritev`) with `flags`
+/// (`RWF_*`).
+fn pwritev2(fd: RawFd, iov: &[libc::iovec], pos: u64, flags: i32) -> io::Result<usize> {
     // SAFETY: the kernel reads the memory the iovecs name and writes none of
-    // it; an address it cannot reach is an error return. The array lives
-    // across the call.
+    // it; an address it cannot reach is an error return. The array is
+    // borrowed across the call.
     let r = unsafe {
         libc::pwritev2(
             fd,
