@@ -8,7 +8,8 @@
 RUBLK=${RUBLK:-/opt/ublk-cow-ci/rublk/bin/rublk}
 SYSTEMS_ALL="loop dm-snap-4k dm-snap-64k qemu-nbd nbdkit-cow rublk ublk-cow ublk-cow-q1 ublk-cow-q2 ublk-cow-prealloc"
 # Also: loop-sparse, kernel loop over a fresh sparse file beside the
-# overlays (write workloads only), and rublk-sparse, rublk's loop target
+# overlays (write workloads only), loop-sparse-buffered the same without
+# direct I/O, and rublk-sparse, rublk's loop target
 # over one; rublk-zc, rublk's loop target with zero copy (UBLK_F_AUTO_BUF_REG,
 # kernel 6.16 or later: VM_KERNEL=newest); ublk-cow-copy and
 # ublk-cow-copy-prealloc, ublk-cow in copy mode where zero copy is the
@@ -159,6 +160,11 @@ sys_up() {
             # the base: for write workloads only).
             truncate -s "$(stat -c %s "$BASE_FILE")" $OV/sparse.img
             losetup --find --show --direct-io=on $OV/sparse.img ;;
+        loop-sparse-buffered)
+            # The same through the file's page cache, as ublk-cow writes a
+            # small first write: allocation waits for writeback.
+            truncate -s "$(stat -c %s "$BASE_FILE")" $OV/sparse.img
+            losetup --find --show --direct-io=off $OV/sparse.img ;;
         dm-snap-4k|dm-snap-64k|dm-snap-64k-persistent)
             # N: the exception table lives in memory only; P (the
             # -persistent variant) commits it to the COW device, as a
@@ -217,7 +223,7 @@ sys_up() {
 sys_down() {
     case $1 in
         loop) losetup -d "$2"; rm -f $B/loop.img ;;
-        loop-sparse) losetup -d "$2"; rm -f $OV/sparse.img ;;
+        loop-sparse|loop-sparse-buffered) losetup -d "$2"; rm -f $OV/sparse.img ;;
         dm-snap-*) dmsetup remove ucbsnap; losetup -d "$(cat $B/snap.cowdev)"; rm -f $OV/snap.cow ;;
         qemu-nbd) qemu-nbd -d /dev/nbd0 >/dev/null; rm -f $OV/ov.qcow2 ;;
         nbdkit-cow) nbd-client -d /dev/nbd1 >/dev/null; kill "$(cat $B/nbdkit.pid)"; rm -f $B/nbdkit.pid
