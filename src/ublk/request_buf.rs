@@ -9,10 +9,10 @@
 //! mapping; or, where the overlay has no page for it yet, into the tag's
 //! staging buffer, to be written from there), a READ through the tag's
 //! pipe (`exec::read::pipe_read`; user copy, `pwrite` from the mapping,
-//! when there is no pipe). A READ of several runs all in mappings goes
-//! through the tag's pipe whatever its size (`exec::read::pipe_read_all`);
-//! user copy of each of its runs measured slower than the ring's reads
-//! (docs/benchmarks.md).
+//! when there is no pipe). A larger READ, or one of several runs, all in
+//! mappings goes through the tag's pipe whatever its size
+//! (`exec::read::pipe_read_all`); user copy of each of its runs measured
+//! slower than the ring's reads (docs/benchmarks.md).
 
 use libublk::helpers::IoBuf;
 use libublk::io::BufDesc;
@@ -20,10 +20,11 @@ use libublk::sys;
 use std::io;
 use std::os::fd::RawFd;
 
-/// Largest request whose data is moved by user copy (or, for a READ,
-/// through the tag's pipe) rather than the ring. The ring's worker copies
-/// faster; the system call wins only for small requests (the measurements
-/// are in docs/benchmarks.md).
+/// Largest request whose data is moved by user copy (or, for a READ, the
+/// tag's pipe: `exec::read::pipe_read`) rather than the ring; a larger
+/// READ whose runs all lie in mappings takes the pipe whole
+/// (`exec::read::pipe_read_all`). User copy beats the ring's worker only
+/// for small requests (the measurements are in docs/benchmarks.md).
 pub(crate) const USER_COPY_MAX: usize = 4096;
 
 /// ublk's user copy for one queue: `pread`/`pwrite` on the char device at a

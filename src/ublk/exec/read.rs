@@ -15,7 +15,7 @@ use crate::ublk::ServedDevice;
 use crate::ublk::copier::{Piece, Work};
 use crate::ublk::inline::MemoryPath;
 use crate::ublk::ops::{Op, PendingOp, Ring, finish_all};
-use crate::ublk::request_buf::RequestBuf;
+use crate::ublk::request_buf::{RequestBuf, USER_COPY_MAX};
 use std::cell::OnceCell;
 
 /// A READ done: what its commit and the after-read policy need.
@@ -163,7 +163,7 @@ pub async fn read<R: Ring>(
     };
     let mut aside = Vec::new();
     if let RequestBuf::Registered { index, .. } = buf
-        && !single
+        && (!single || buf.len() > USER_COPY_MAX)
         && let Some(op) = pipe_read_all(q, sh, &s.runs, &s.pipe, index, buf.len() as u32)
     {
         Stats::add(&st.reads_from_mapping, s.runs.len() as u64);
@@ -393,14 +393,15 @@ fn pages_held(pieces: &[(usize, usize)]) -> usize {
         .sum()
 }
 
-/// With zero copy, a READ of several runs that all lie in mappings (no
-/// zeros, every file in memory): the tag's pipe holds every run, in order,
-/// from one `vmsplice`, and one fixed-buffer read takes them all into the
-/// request, pushed and returned. One copy per byte, the kernel's `memcpy`
-/// from the pipe's pages, on this thread, where each run's own fixed-buffer
-/// read from its file would go to an io_uring worker. `None` when a run is
-/// not mapped or the pipe cannot hold them all; each run then takes its
-/// own way.
+/// With zero copy, a READ of several runs, or of one run larger than
+/// `USER_COPY_MAX`, whose runs all lie in mappings (no zeros, every file
+/// in memory): the tag's pipe holds every run, in order, from one
+/// `vmsplice`, and one fixed-buffer read takes them all into the request,
+/// pushed and returned. One copy per byte, the kernel's `memcpy` from the
+/// pipe's pages, on this thread, where each run's own fixed-buffer read
+/// from its file would go to an io_uring worker. `None` when a run is not
+/// mapped or the pipe cannot hold them all; each run then takes its own
+/// way.
 fn pipe_read_all<R: Ring>(
     q: &R,
     sh: &ServedDevice,
