@@ -11,9 +11,10 @@
 #        the base on a device that takes this many ms per I/O), OVERLAY_FS
 #        (tmpfs: the file systems the overlays live on, in turn, each a
 #        fresh one: tmpfs, ext4, xfs; workloads on ext4 or xfs are named
-#        with -ext4 or -xfs). seqread-SIZE and seqread-SIZE-written take
-#        any fio block size (64k, 128k, 512k) besides the default 1m and
-#        the written ones' 64k, 256k and 1m.
+#        with -ext4 or -xfs). seqread-SIZE, randread-SIZE and
+#        seqread-SIZE-written take any fio block size (64k, 128k, 512k)
+#        besides the default 1m and 4k and the written ones' 64k, 256k
+#        and 1m.
 source "$(dirname "$0")/../../tests/e2e/lib.sh"
 source "$(dirname "$0")/systems.sh"
 set -e
@@ -57,6 +58,8 @@ workload_args() {
             echo "--rw=read --bs=$bs --iodepth=8 --size=64M $TIMED" ;;
         # A fresh device read in order: each READ one run of the base.
         seqread-*) echo "--rw=read --bs=${1#seqread-} --iodepth=8 $TIMED" ;;
+        # A fresh device read at random in READs of another size (64k).
+        randread-*) echo "--rw=randread --bs=${1#randread-} --iodepth=32 $TIMED" ;;
         seqwrite-1m-first) echo "--rw=write --bs=1m --iodepth=8 --size=256M" ;;
         randrw-4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 $TIMED" ;;
         # What file systems and databases send: each write FUA (O_SYNC) at
